@@ -1,0 +1,1 @@
+"""Broadprop: manual backprop with tensor broadcasting, checked against PyTorch autograd."""

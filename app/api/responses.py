@@ -1,0 +1,13 @@
+"""Strict, fast JSON: orjson writes numpy arrays natively and NaN/Infinity as null."""
+
+from typing import Any
+
+import orjson
+from fastapi.responses import Response
+
+
+class StrictJSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,433 @@
+"""The pieces every op is made of.
+
+- `Traced`: a tensor paired with the Python expression that made it. Each operation on a
+  `Traced` runs the real torch op and appends one trace step (action, expression, input
+  shapes, output shape, bytes). Run on meta tensors it gives the whole trace from shape
+  arithmetic alone, allocating nothing; run on real tensors it computes. The formula an op
+  writes once is therefore both the computation and the text the API shows.
+- `broadcast_rule` / `unbroadcast`: broadcasting and its adjoint, the sum over the stretched
+  dims. Every op reduces a broadcast gradient back to its operand's shape through
+  `unbroadcast`, so this rule lives in exactly one place.
+- `Op`: the base class, with a registry so that adding an op is one class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+Shape = tuple[int, ...]
+
+# Operator precedence, for parenthesizing generated expressions the way a person would.
+ADD, MUL, UNARY, ATOM = 1, 2, 3, 4
+
+
+# --------------------------------------------------------------------------- broadcasting
+
+
+class BroadcastError(ValueError):
+    """Two shapes that cannot broadcast; the message names the dim and both sizes."""
+
+    def __init__(self, dim: int, a: int, b: int):
+        self.dim, self.a, self.b = dim, a, b
+        super().__init__(f"dim {dim}: a has {a}, b has {b}; sizes must be equal or one of them 1")
+
+
+@dataclass(frozen=True)
+class OperandRule:
+    aligned: Shape  # right-aligned to the result's rank, padded with 1s on the left
+    expanded: list[int]  # dims of the result where this operand is stretched
+    grad_sum_dims: list[int]  # dims to sum a result-shaped gradient over to get this shape
+
+    def as_dict(self) -> dict[str, list[int]]:
+        return {
+            "aligned": list(self.aligned),
+            "expanded": self.expanded,
+            "grad_sum_dims": self.grad_sum_dims,
+        }
+
+
+@dataclass(frozen=True)
+class BroadcastRule:
+    result: Shape
+    a: OperandRule
+    b: OperandRule
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"result": list(self.result), "a": self.a.as_dict(), "b": self.b.as_dict()}
+
+
+def _operand_rule(shape: Shape, result: Shape) -> OperandRule:
+    missing = len(result) - len(shape)
+    aligned = (1,) * missing + tuple(shape)
+    expanded = [d for d, (s, r) in enumerate(zip(aligned, result)) if s == 1 and r > 1]
+    grad_sum = [d for d in range(len(result)) if d < missing or d in expanded]
+    return OperandRule(aligned, expanded, grad_sum)
+
+
+def broadcast_rule(a: Sequence[int], b: Sequence[int]) -> BroadcastRule:
+    """The result shape of `a op b`, and for each operand how it was stretched to get there."""
+    a, b = tuple(a), tuple(b)
+    ndim = max(len(a), len(b))
+    a_aligned = (1,) * (ndim - len(a)) + a
+    b_aligned = (1,) * (ndim - len(b)) + b
+    result = []
+    for d, (sa, sb) in enumerate(zip(a_aligned, b_aligned)):
+        if sa != sb and sa != 1 and sb != 1:
+            raise BroadcastError(d - ndim, sa, sb)
+        result.append(sb if sa == 1 else sa)
+    result_shape = tuple(result)
+    return BroadcastRule(
+        result_shape, _operand_rule(a, result_shape), _operand_rule(b, result_shape)
+    )
+
+
+def unbroadcast(grad: Traced, shape: Sequence[int]) -> Traced:
+    """The adjoint of broadcasting: sum a gradient over the dims its operand was stretched on.
+
+    Leading dims the operand lacks are summed away; dims where it was 1 are summed with
+    keepdim, so the result has exactly `shape`. Each sum is one traced `reduce` step.
+    """
+    shape = tuple(shape)
+    rule = _operand_rule(shape, grad.shape)
+    missing = grad.ndim - len(shape)
+    leading = [d for d in rule.grad_sum_dims if d < missing]
+    stretched = [d - missing for d in rule.grad_sum_dims if d >= missing]
+    if leading:
+        grad = grad.sum(leading[0] if len(leading) == 1 else tuple(leading))
+    if stretched:
+        grad = grad.sum(stretched[0] if len(stretched) == 1 else tuple(stretched), keepdim=True)
+    return grad
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes a tensor of this shape and dtype takes when materialized."""
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class Step:
+    """One traced operation: what it did, the expression so far, and the shapes in and out."""
+
+    action: str  # unsqueeze, squeeze, reshape, broadcast, elementwise, scale, mask, reduce, ...
+    op: str  # the torch operation: mul, sum, unsqueeze, gt, ...
+    expr: str
+    inputs: list[Shape]
+    output: Shape
+    bytes: int
+    detail: dict[str, Any] = field(default_factory=dict)  # e.g. the broadcast rule, reduced dims
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {
+            "action": self.action,
+            "op": self.op,
+            "expr": self.expr,
+            "inputs": [list(s) for s in self.inputs],
+            "output": list(self.output),
+            "bytes": self.bytes,
+        }
+        out.update(self.detail)
+        return out
+
+
+def _fmt_scalar(value: float | int | bool) -> str:
+    if isinstance(value, bool) or isinstance(value, int):
+        return repr(value)
+    return repr(float(value)).removesuffix(".0") if float(value).is_integer() else repr(value)
+
+
+def _merge_steps(*sources: Sequence[Step]) -> list[Step]:
+    """Concatenate step lists, keeping a step shared by two operands only once."""
+    seen: set[int] = set()
+    merged: list[Step] = []
+    for steps in sources:
+        for step in steps:
+            if id(step) not in seen:
+                seen.add(id(step))
+                merged.append(step)
+    return merged
+
+
+class Traced:
+    """A tensor with the expression that made it and the trace steps that led to it.
+
+    Every method runs the torch operation of the same name on `.t`, so a formula written
+    with `Traced` operands reads exactly like the article's code.
+    """
+
+    __slots__ = ("t", "expr", "prec", "steps")
+
+    def __init__(
+        self, t: torch.Tensor, expr: str, prec: int = ATOM, steps: list[Step] | None = None
+    ):
+        self.t = t
+        self.expr = expr
+        self.prec = prec
+        self.steps = steps or []
+
+    # ---- plumbing
+
+    @classmethod
+    def leaf(cls, t: torch.Tensor, name: str) -> Traced:
+        return cls(t, name)
+
+    @property
+    def shape(self) -> Shape:
+        return tuple(self.t.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.t.ndim
+
+    def _wrapped(self, min_prec: int) -> str:
+        return f"({self.expr})" if self.prec < min_prec else self.expr
+
+    def _make(
+        self,
+        t: torch.Tensor,
+        expr: str,
+        prec: int,
+        action: str,
+        op: str,
+        operands: Sequence[Traced],
+        detail: dict[str, Any] | None = None,
+    ) -> Traced:
+        step = Step(
+            action=action,
+            op=op,
+            expr=expr,
+            inputs=[o.shape for o in operands],
+            output=tuple(t.shape),
+            bytes=t.numel() * t.element_size(),
+            detail=detail or {},
+        )
+        steps = _merge_steps(*(o.steps for o in operands), [step])
+        return Traced(t, expr, prec, steps)
+
+    def _method(self, t: torch.Tensor, call: str, action: str, op: str, **detail: Any) -> Traced:
+        return self._make(t, f"{self._wrapped(ATOM)}.{call}", ATOM, action, op, [self], detail)
+
+    # ---- shape ops
+
+    def unsqueeze(self, dim: int) -> Traced:
+        return self._method(self.t.unsqueeze(dim), f"unsqueeze({dim})", "unsqueeze", "unsqueeze")
+
+    def squeeze(self, dim: int) -> Traced:
+        return self._method(self.t.squeeze(dim), f"squeeze({dim})", "squeeze", "squeeze")
+
+    def reshape(self, *shape: int) -> Traced:
+        args = ", ".join(map(str, shape))
+        return self._method(self.t.reshape(shape), f"reshape({args})", "reshape", "reshape")
+
+    # ---- reductions
+
+    def _reduce(self, op: str, dim: int | tuple[int, ...], keepdim: bool) -> Traced:
+        t = getattr(self.t, op)(dim, keepdim=keepdim)
+        if op in ("max", "min"):
+            t = t.values
+        args = f"{dim}, keepdim=True" if keepdim else f"{dim}"
+        call = f"{op}({args})" + (".values" if op in ("max", "min") else "")
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        dims = [d % self.ndim for d in dims]
+        return self._method(t, call, "reduce", op, reduced_dims=dims)
+
+    def sum(self, dim: int | tuple[int, ...], keepdim: bool = False) -> Traced:
+        return self._reduce("sum", dim, keepdim)
+
+    def mean(self, dim: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Traced:
+        if dim is None:  # the mean of everything: a scalar
+            return self._method(
+                self.t.mean(), "mean()", "reduce", "mean", reduced_dims=list(range(self.ndim))
+            )
+        return self._reduce("mean", dim, keepdim)
+
+    def amax(self, dim: int, keepdim: bool = False) -> Traced:
+        return self._reduce("max", dim, keepdim)
+
+    # ---- elementwise
+
+    def _binary(
+        self, other: Traced | float, symbol: str, op: str, prec: int, reverse: bool = False
+    ) -> Traced:
+        if isinstance(other, Traced):
+            lhs, rhs = (other, self) if reverse else (self, other)
+            t = getattr(torch, op)(lhs.t, rhs.t)
+            expr = f"{lhs._wrapped(prec)} {symbol} {rhs._wrapped(prec + 1)}"
+            detail: dict[str, Any] = {}
+            if lhs.shape != rhs.shape:
+                rule = broadcast_rule(lhs.shape, rhs.shape)
+                detail["broadcast"] = rule.as_dict()
+                action = "broadcast"
+            else:
+                action = "elementwise"
+            return self._make(t, expr, prec, action, op, [lhs, rhs], detail)
+        scalar = _fmt_scalar(other)
+        if reverse:
+            t = getattr(torch, op)(torch.as_tensor(other, dtype=self.t.dtype), self.t)
+            expr = f"{scalar} {symbol} {self._wrapped(prec + 1)}"
+        else:
+            t = getattr(torch, op)(self.t, other)
+            expr = f"{self._wrapped(prec)} {symbol} {scalar}"
+        return self._make(t, expr, prec, "scale", op, [self])
+
+    def __mul__(self, other: Traced | float) -> Traced:
+        return self._binary(other, "*", "mul", MUL)
+
+    def __rmul__(self, other: float) -> Traced:
+        return self._binary(other, "*", "mul", MUL, reverse=True)
+
+    def __truediv__(self, other: Traced | float) -> Traced:
+        return self._binary(other, "/", "div", MUL)
+
+    def __rtruediv__(self, other: float) -> Traced:
+        return self._binary(other, "/", "div", MUL, reverse=True)
+
+    def __add__(self, other: Traced | float) -> Traced:
+        return self._binary(other, "+", "add", ADD)
+
+    def __radd__(self, other: float) -> Traced:
+        return self._binary(other, "+", "add", ADD, reverse=True)
+
+    def __sub__(self, other: Traced | float) -> Traced:
+        return self._binary(other, "-", "sub", ADD)
+
+    def __rsub__(self, other: float) -> Traced:
+        return self._binary(other, "-", "sub", ADD, reverse=True)
+
+    def __neg__(self) -> Traced:
+        return self._make(-self.t, f"-{self._wrapped(UNARY)}", UNARY, "elementwise", "neg", [self])
+
+    def __matmul__(self, other: Traced) -> Traced:
+        t = self.t @ other.t
+        expr = f"{self._wrapped(MUL)} @ {other._wrapped(MUL + 1)}"
+        return self._make(t, expr, MUL, "matmul", "matmul", [self, other])
+
+    def __gt__(self, other: float) -> Traced:  # type: ignore[override]
+        return self._make(
+            self.t > other, f"{self.expr} > {_fmt_scalar(other)}", 0, "mask", "gt", [self]
+        )
+
+    def __getitem__(self, index: Any) -> Traced:
+        raise TypeError("index a Traced with .gather or a named helper, so the trace can show it")
+
+    def pow(self, exponent: float) -> Traced:
+        return self._method(
+            self.t.pow(exponent), f"pow({_fmt_scalar(exponent)})", "elementwise", "pow"
+        )
+
+    def exp(self) -> Traced:
+        return self._method(self.t.exp(), "exp()", "elementwise", "exp")
+
+    def log(self) -> Traced:
+        return self._method(self.t.log(), "log()", "elementwise", "log")
+
+    def sqrt(self) -> Traced:
+        return self._method(self.t.sqrt(), "sqrt()", "elementwise", "sqrt")
+
+    def rsqrt(self) -> Traced:
+        return self._method(self.t.rsqrt(), "rsqrt()", "elementwise", "rsqrt")
+
+    def tanh(self) -> Traced:
+        return self._method(self.t.tanh(), "tanh()", "elementwise", "tanh")
+
+    def sigmoid(self) -> Traced:
+        return self._method(self.t.sigmoid(), "sigmoid()", "elementwise", "sigmoid")
+
+    def clamp_min(self, low: float) -> Traced:
+        return self._method(
+            self.t.clamp_min(low), f"clamp_min({_fmt_scalar(low)})", "elementwise", "clamp_min"
+        )
+
+    def float(self) -> Traced:
+        """`.float()` as in the article; a mask becomes 0./1. (exact in every dtype)."""
+        return self._method(self.t.float(), "float()", "mask", "float")
+
+    def to_dtype_of(self, other: Traced) -> Traced:
+        name = str(other.t.dtype).removeprefix("torch.")
+        return self._method(self.t.to(other.t.dtype), f"to(torch.{name})", "mask", "to")
+
+    def gather(self, dim: int, index: Traced) -> Traced:
+        t = self.t.gather(dim, index.t)
+        expr = f"{self._wrapped(ATOM)}.gather({dim}, {index.expr})"
+        return self._make(t, expr, ATOM, "index", "gather", [self, index])
+
+
+def where(cond: Traced, a: Traced, b: Traced) -> Traced:
+    """`torch.where(cond, a, b)`: pick from `a` where `cond` holds, else from `b`."""
+    t = torch.where(cond.t, a.t, b.t)
+    expr = f"torch.where({cond.expr}, {a.expr}, {b.expr})"
+    detail = {}
+    if a.shape != b.shape or cond.shape != a.shape:
+        detail["broadcast"] = broadcast_rule(a.shape, b.shape).as_dict()
+    return cond._make(t, expr, ATOM, "mask", "where", [cond, a, b], detail)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+@dataclass
+class Context:
+    """What an op's backward may need besides its tensors: the strategy and the chunk cap."""
+
+    strategy: str = "broadcast"
+    chunk_bytes: int = 4 << 20
+
+
+class Op:
+    """One operation of the network: its forward, its manual backward, and its trace.
+
+    Subclasses set `kind` (the registry key), write `forward(*inputs)` and
+    `backward(g, *inputs, result=...)` with `Traced` operands, and return from `backward` one
+    gradient formula per input that needs a gradient. The formulas are run on meta tensors
+    for the trace and on real tensors for the numbers; `compute_backward` may override how
+    the numbers are computed (chunked, or by another strategy) as long as they are equal.
+    """
+
+    kind: ClassVar[str]
+    registry: ClassVar[dict[str, type[Op]]] = {}
+    no_grad_inputs: ClassVar[frozenset[int]] = frozenset()  # e.g. a loss's target
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            Op.registry[cls.kind] = cls
+
+    def __init__(self, inputs: Sequence[str], output: str, **options: Any):
+        self.inputs = tuple(inputs)
+        self.output = output
+        self.options = options
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self.inputs)} -> {self.output})"
+
+    @property
+    def grad_inputs(self) -> list[str]:
+        """Names of the inputs this op sends a gradient to, in the order it computes them."""
+        return [n for i, n in enumerate(self.inputs) if i not in self.no_grad_inputs]
+
+    def forward(self, *xs: Traced) -> Traced:
+        raise NotImplementedError
+
+    def backward(
+        self, g: Traced | None, *xs: Traced, result: Traced
+    ) -> dict[str, Callable[[], Traced]]:
+        """Formulas, by input name, each a thunk so each gradient's steps trace separately."""
+        raise NotImplementedError
+
+    def compute_backward(
+        self, g: torch.Tensor | None, xs: Sequence[torch.Tensor], result: torch.Tensor, ctx: Context
+    ) -> dict[str, torch.Tensor]:
+        """The gradients as tensors; by default, the literal formulas on real tensors."""
+        formulas = self.backward(
+            None if g is None else Traced.leaf(g, f"{self.output}.g"),
+            *(Traced.leaf(x, n) for x, n in zip(xs, self.inputs)),
+            result=Traced.leaf(result, self.output),
+        )
+        return {name: formula().t for name, formula in formulas.items()}

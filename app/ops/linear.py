@@ -1,0 +1,77 @@
+"""The linear layer, with the article's broadcasting backward and two faster strategies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from app.ops.base import Context, Op, Traced, unbroadcast
+
+
+class Linear(Op):
+    """out = x @ w + b: (*B, in) @ (in, out) + (out,) -> (*B, out)."""
+
+    kind = "linear"
+
+    def forward(self, x: Traced, w: Traced, b: Traced) -> Traced:
+        return x @ w + b  # (*B, in) @ (in, out) -> (*B, out); + (out,) broadcasts over *B
+
+    def backward(self, g: Traced, x: Traced, w: Traced, b: Traced, *, result: Traced):
+        k = g.ndim - 1  # where the in-dim goes: (*B, out) -> (*B, 1, out)
+        return {
+            # (*B, 1, out) * (in, out) -> (*B, in, out), summed over out -> (*B, in)
+            x.expr: lambda: (g.unsqueeze(k) * w).sum(-1),
+            # (*B, in, 1) * (*B, 1, out) -> (*B, in, out), summed over *B -> (in, out)
+            w.expr: lambda: unbroadcast(x.unsqueeze(-1) * g.unsqueeze(k), w.shape),
+            # b was broadcast over *B in the forward pass: (*B, out) -> (out,)
+            b.expr: lambda: unbroadcast(g, b.shape),
+        }
+
+    def compute_backward(
+        self, g: torch.Tensor, xs: Sequence[torch.Tensor], result: torch.Tensor, ctx: Context
+    ) -> dict[str, torch.Tensor]:
+        x, w, b = xs
+        x_name, w_name, b_name = self.inputs
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in): the leading dims flattened, no copy
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        if ctx.strategy == "broadcast":
+            x_g, w_g = self._broadcast_chunked(g2, x2, w, b, ctx.chunk_bytes)
+        elif ctx.strategy == "einsum":
+            x_g = torch.einsum("no,io->ni", g2, w)  # (N, in)
+            w_g = torch.einsum("ni,no->io", x2, g2)  # (in, out)
+        elif ctx.strategy == "matmul":
+            x_g = g2 @ w.T  # (N, out) @ (out, in) -> (N, in)
+            w_g = x2.T @ g2  # (in, N) @ (N, out) -> (in, out)
+        else:
+            raise ValueError(f"unknown strategy {ctx.strategy!r}")
+        b_g = g2.sum(0)  # (out,)
+        return {x_name: x_g.reshape(x.shape), w_name: w_g, b_name: b_g}
+
+    def _broadcast_chunked(
+        self, g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk_bytes: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The article's formulas, literally, over row chunks whose (rows, in, out) product
+        fits in `chunk_bytes`: the same numbers without the full (N, in, out) intermediate."""
+        n, (fan_in, fan_out) = g2.shape[0], w.shape
+        rows = max(1, chunk_bytes // (fan_in * fan_out * g2.element_size()))
+        x_g = torch.empty_like(x2)  # (N, in)
+        w_g = torch.zeros_like(w)  # (in, out)
+        w_t, b_t = Traced.leaf(w, "w"), Traced.leaf(b, "b")
+        for start in range(0, n, rows):
+            rows_slice = slice(start, start + rows)
+            formulas = self.backward(
+                Traced.leaf(g2[rows_slice], "g"),
+                Traced.leaf(x2[rows_slice], "x"),
+                w_t,
+                b_t,
+                result=Traced.leaf(g2[rows_slice], "out"),
+            )
+            x_g[rows_slice] = formulas["x"]().t  # (rows, in)
+            w_g += formulas["w"]().t  # this chunk's share of the sum over rows
+        return x_g, w_g
+
+    @staticmethod
+    def broadcast_row_bytes(fan_in: int, fan_out: int, itemsize: int) -> int:
+        """Bytes of one row of the (N, in, out) broadcast product."""
+        return fan_in * fan_out * itemsize

@@ -1,0 +1,81 @@
+"""One run, end to end: config -> tensors -> forward -> manual backward -> check -> views."""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from app import budget
+from app.check import autograd_check
+from app.network import Network
+from app.ops import Context
+from app.tensors import DTYPES, input_specs, make_tensors
+from app.views import gradient_view
+
+SHAPE_FIELDS = ("in_features", "out_features", "activation", "norm", "loss", "dtype")
+
+
+@lru_cache(maxsize=256)
+def _cached_trace(batch: int | tuple[int, ...], hidden: tuple[int, ...], **fields) -> tuple:
+    cfg = SimpleNamespace(batch=batch, hidden=list(hidden), **fields)
+    net = Network.from_config(cfg)
+    specs = input_specs(cfg)
+    dtype = DTYPES[cfg.dtype]
+    shapes = {s.name: s.shape for s in specs}
+    dtypes = {s.name: torch.int64 if s.integer else dtype for s in specs}
+    return net.trace(shapes, dtypes)
+
+
+def trace(cfg) -> tuple[list[dict], list[dict]]:
+    """The forward and backward traces, from shapes alone (cached per shape config)."""
+    batch = cfg.batch if isinstance(cfg.batch, int) else tuple(cfg.batch)
+    fields = {name: getattr(cfg, name) for name in SHAPE_FIELDS}
+    return _cached_trace(batch, tuple(cfg.hidden), **fields)
+
+
+def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
+    forward, _ = trace(cfg)
+    return budget.estimate(cfg, [entry["shape"] for entry in forward], chunk_bytes)
+
+
+def run(cfg, chunk_bytes: int) -> dict[str, Any]:
+    forward_trace, backward_trace = trace(cfg)
+    net = Network.from_config(cfg)
+
+    start = time.perf_counter()
+    tensors = make_tensors(cfg)
+    env = net.forward(tensors)
+    after_forward = time.perf_counter()
+    grads = net.backward(env, Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes))
+    after_backward = time.perf_counter()
+    check = autograd_check(cfg, tensors, grads)
+    after_check = time.perf_counter()
+
+    specs = input_specs(cfg)
+    info = {s.name: _info(env[s.name], s.role) for s in specs}
+    for entry in forward_trace:
+        role = "output" if entry["output"] in ("out", "loss") else "activation"
+        info[entry["output"]] = _info(env[entry["output"]], role)
+    leaves = [s.name for s in specs if s.role != "target"]
+    return {
+        "config": cfg.model_dump(),
+        "loss": env["loss"].item(),
+        "tensors": info,
+        "forward": forward_trace,
+        "backward": backward_trace,
+        "gradients": {n: gradient_view(grads[n], cfg.max_cells) for n in leaves},
+        "check": check,
+        "timing": {
+            "forward_ms": (after_forward - start) * 1e3,
+            "backward_ms": (after_backward - after_forward) * 1e3,
+            "check_ms": (after_check - after_backward) * 1e3,
+        },
+    }
+
+
+def _info(t: torch.Tensor, role: str) -> dict[str, Any]:
+    return {"shape": list(t.shape), "role": role, "bytes": t.numel() * t.element_size()}

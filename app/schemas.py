@@ -1,0 +1,262 @@
+"""Request and response models of the HTTP API (../shared/API.md). Limits live here, so they
+show in /openapi.json and the page can copy them into its inputs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Size limits. The memory budget (settings.memory_budget_bytes) is the other, joint limit.
+MAX_BATCH_DIMS = 4
+MAX_BATCH_SIZE = 1_000_000  # per leading dim, and for their product
+MAX_IN_FEATURES = 16_384
+MAX_WIDTH = 4096  # hidden and out widths
+MAX_HIDDEN_LAYERS = 8
+MAX_CELLS = 1_000_000
+MAX_FD_SAMPLES = 64
+MAX_SEED = 2**63 - 1
+MAX_INIT_SCALE = 1e6
+
+# What another issue owns and this build does not do yet; refused with a clear 422.
+NOT_AVAILABLE: dict[str, set[str]] = {
+    "loss": {"cross_entropy"},
+    "norm": {"layernorm", "batchnorm"},
+    "fd_samples": set(),
+}
+
+StrictInt = Annotated[int, Field(strict=True)]
+Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
+Norm = Literal["none", "layernorm", "batchnorm"]
+Loss = Literal["mse", "cross_entropy"]
+Init = Literal["randn", "kaiming", "xavier"]
+DType = Literal["float32", "float64"]
+Strategy = Literal["broadcast", "einsum", "matmul"]
+Shape = list[int]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class RunRequest(BaseModel):
+    """A network, its data and how to check it. Every field is optional; the defaults are the
+    article's example: x (1000, 784) -> linear 50 -> relu -> linear 1 -> mse."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch: (
+        Annotated[int, Field(strict=True, ge=1, le=MAX_BATCH_SIZE)]
+        | Annotated[
+            list[Annotated[int, Field(strict=True, ge=1, le=MAX_BATCH_SIZE)]],
+            Field(min_length=1, max_length=MAX_BATCH_DIMS),
+        ]
+    ) = Field(
+        1000,
+        description="Leading dims of x: 1000 gives x (1000, in); [4, 16] gives x (4, 16, in). "
+        f"Up to {MAX_BATCH_DIMS} dims, each and their product at most {MAX_BATCH_SIZE}.",
+    )
+    in_features: Annotated[int, Field(strict=True, ge=1, le=MAX_IN_FEATURES)] = 784
+    hidden: Annotated[
+        list[Annotated[int, Field(strict=True, ge=1, le=MAX_WIDTH)]],
+        Field(max_length=MAX_HIDDEN_LAYERS),
+    ] = Field(
+        default_factory=lambda: [50], description="Hidden widths; [] is a single linear layer."
+    )
+    out_features: Annotated[int, Field(strict=True, ge=1, le=MAX_WIDTH)] = 1
+    activation: Activation = Field("relu", description="After every hidden linear layer.")
+    norm: Norm = Field(
+        "none",
+        description="Between every hidden linear layer and its activation, "
+        "with parameters gamma{k}, beta{k}.",
+    )
+    loss: Loss = "mse"
+    init: Init = Field(
+        "randn", description="randn is plain unscaled torch.randn, as in the article."
+    )
+    init_scale: float = Field(
+        1.0,
+        ge=-MAX_INIT_SCALE,
+        le=MAX_INIT_SCALE,
+        allow_inf_nan=False,
+        description="Multiplies every weight and bias after init.",
+    )
+    seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)] = 0
+    dtype: DType = "float32"
+    strategy: Strategy = Field(
+        "broadcast",
+        description="How a linear layer's x.g and w.g are computed. broadcast: the article's "
+        "formulas over batch chunks; einsum and matmul: no broadcast intermediate. "
+        "The trace always shows the broadcast formulas.",
+    )
+    max_cells: Annotated[int, Field(strict=True, ge=1, le=MAX_CELLS)] = Field(
+        4096,
+        description="Each gradient heatmap is block-averaged to at most this many cells; "
+        "a value >= the tensor's size returns it exactly.",
+    )
+    fd_samples: Annotated[int, Field(strict=True, ge=0, le=MAX_FD_SAMPLES)] = Field(
+        0,
+        description="Also check this many entries of every gradient by float64 central "
+        "differences (0: off).",
+    )
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch(cls, batch: Any) -> Any:
+        """One clear message for every bad batch, instead of one per branch of the union."""
+        sizes = batch if isinstance(batch, list) else [batch]
+        if not isinstance(batch, list) and not _is_int(batch):
+            raise ValueError(
+                f"batch must be an integer or a list of 1 to {MAX_BATCH_DIMS} integers"
+            )
+        if not 1 <= len(sizes) <= MAX_BATCH_DIMS:
+            raise ValueError(f"batch may have 1 to {MAX_BATCH_DIMS} dims, got {len(sizes)}")
+        product = 1
+        for size in sizes:
+            if not _is_int(size) or not 1 <= size <= MAX_BATCH_SIZE:
+                raise ValueError(
+                    f"each batch dim must be an integer from 1 to {MAX_BATCH_SIZE}, got {size!r}"
+                )
+            product *= size
+        if product > MAX_BATCH_SIZE:
+            raise ValueError(
+                f"the batch dims multiply to {product}, over the limit of {MAX_BATCH_SIZE}"
+            )
+        return batch
+
+    @field_validator("fd_samples")
+    @classmethod
+    def _fd_available(cls, value: int) -> int:
+        if value and "fd_samples" in NOT_AVAILABLE:
+            raise ValueError("fd_samples > 0 is not available yet in this build")
+        return value
+
+    @field_validator("activation", "norm", "loss", "strategy")
+    @classmethod
+    def _available(cls, value: str, info) -> str:
+        if value in NOT_AVAILABLE.get(info.field_name, set()):
+            raise ValueError(f"{info.field_name}={value!r} is not available yet in this build")
+        return value
+
+
+class TensorInfo(BaseModel):
+    shape: Shape
+    role: Literal["input", "target", "param", "activation", "output"]
+    bytes: int
+
+
+class TraceStep(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    action: str = Field(
+        description="unsqueeze, squeeze, reshape, broadcast (a binary op whose operands' shapes "
+        "differ), elementwise, scale (by a constant), mask, reduce, matmul, index"
+    )
+    op: str = Field(description="The torch operation: mul, sum, unsqueeze, gt, ...")
+    expr: str = Field(description="The expression up to and including this step")
+    inputs: list[Shape]
+    output: Shape
+    bytes: int = Field(description="Bytes the output would take if materialized")
+    broadcast: dict[str, Any] | None = Field(
+        None, description="For broadcast steps: the rule, as POST /api/broadcast returns it"
+    )
+    reduced_dims: list[int] | None = Field(None, description="For reduce steps: the summed dims")
+
+
+class ForwardEntry(BaseModel):
+    op: str
+    code: str
+    inputs: list[str]
+    output: str
+    shape: Shape
+    steps: list[TraceStep]
+
+
+class BackwardEntry(BaseModel):
+    op: str
+    grad: str
+    code: str = Field(
+        description='The broadcast formula, e.g. "x.g = (l1.g.unsqueeze(1) * w1).sum(-1)"'
+    )
+    steps: list[TraceStep]
+    shape: Shape
+
+
+class Heatmap(BaseModel):
+    z: list[list[float | None]]
+    row_block: int
+    col_block: int
+    rows: int = Field(description="Rows of the 2-D view before downsampling")
+    cols: int = Field(description="Columns of the 2-D view before downsampling")
+
+
+class Stats(BaseModel):
+    min: float | None
+    max: float | None
+    mean: float | None
+    norm: float | None
+
+
+class GradientView(BaseModel):
+    shape: Shape
+    stats: Stats
+    heatmap: Heatmap
+    nonfinite: int
+
+
+class TensorCheck(BaseModel):
+    max_abs_err: float | None
+    max_rel_err: float | None
+    allclose: bool
+    exact: bool
+    rtol: float
+    atol: float = Field(description="The absolute tolerance used: atol_scale * max|autograd|")
+
+
+class FiniteDifferenceCheck(BaseModel):
+    samples: int
+    max_abs_err: float | None
+    max_rel_err: float | None
+
+
+class Check(BaseModel):
+    reference: Literal["torch.autograd"]
+    all_close: bool
+    tensors: dict[str, TensorCheck]
+    finite_difference: dict[str, FiniteDifferenceCheck] | None = None
+
+
+class Timing(BaseModel):
+    forward_ms: float
+    backward_ms: float
+    check_ms: float
+
+
+class RunResponse(BaseModel):
+    config: RunRequest
+    loss: float | None
+    tensors: dict[str, TensorInfo]
+    forward: list[ForwardEntry]
+    backward: list[BackwardEntry]
+    gradients: dict[str, GradientView]
+    check: Check
+    timing: Timing
+
+
+class BroadcastRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    a: Annotated[list[Annotated[int, Field(strict=True, ge=1, le=2**31)]], Field(max_length=8)]
+    b: Annotated[list[Annotated[int, Field(strict=True, ge=1, le=2**31)]], Field(max_length=8)]
+
+
+class OperandBroadcast(BaseModel):
+    aligned: Shape
+    expanded: list[int]
+    grad_sum_dims: list[int]
+
+
+class BroadcastResponse(BaseModel):
+    result: Shape
+    a: OperandBroadcast
+    b: OperandBroadcast

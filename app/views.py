@@ -1,0 +1,88 @@
+"""Tensors -> what the page draws: exact stats and a block-averaged heatmap.
+
+Downsampling lives here only. A heatmap shows a 1-D tensor as one row, a 2-D tensor as it
+is, and more dims as (product of leading dims, last dim).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def as_2d(t: torch.Tensor) -> torch.Tensor:
+    if t.ndim == 0:
+        return t.reshape(1, 1)
+    if t.ndim == 1:
+        return t.reshape(1, -1)
+    return t.reshape(-1, t.shape[-1])
+
+
+def block_sizes(rows: int, cols: int, max_cells: int) -> tuple[int, int]:
+    """(row_block, col_block) such that ceil(rows/rb) * ceil(cols/cb) <= max_cells.
+
+    Blocks start square (so the picture keeps its aspect) and grow along rows until the
+    columns fit; (1, 1) when the tensor fits as it is.
+    """
+    if rows * cols <= max_cells:
+        return 1, 1
+    row_block = min(rows, max(1, math.floor(math.sqrt(rows * cols / max_cells))))
+    while True:
+        n_rows = math.ceil(rows / row_block)
+        cols_allowed = max_cells // n_rows
+        if cols_allowed >= 1:
+            col_block = math.ceil(cols / cols_allowed)
+            if n_rows * math.ceil(cols / col_block) <= max_cells:
+                return row_block, col_block
+        row_block += 1
+
+
+def block_mean(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Tensor:
+    """Mean over each (row_block, col_block) block; edge blocks average what they hold.
+
+    A block holding a non-finite value is non-finite (sent as null)."""
+    if row_block == col_block == 1:
+        return t2
+    rows, cols = t2.shape
+    n_rows, n_cols = math.ceil(rows / row_block), math.ceil(cols / col_block)
+    pad = (0, n_cols * col_block - cols, 0, n_rows * row_block - rows)
+    x = torch.nn.functional.pad(t2.to(torch.float64), pad)
+    ones = torch.nn.functional.pad(torch.ones_like(t2, dtype=torch.float64), pad)
+    # (n_rows, row_block, n_cols, col_block) summed over the blocks
+    sums = x.reshape(n_rows, row_block, n_cols, col_block).sum((1, 3))
+    counts = ones.reshape(n_rows, row_block, n_cols, col_block).sum((1, 3))
+    return sums / counts
+
+
+def stats(t: torch.Tensor) -> dict[str, float]:
+    """Exact over the whole tensor; computed in float64 so the mean and norm do not round."""
+    t64 = t.detach().to(torch.float64)
+    return {
+        "min": t64.min().item(),
+        "max": t64.max().item(),
+        "mean": t64.mean().item(),
+        "norm": torch.linalg.vector_norm(t64).item(),
+    }
+
+
+def gradient_view(t: torch.Tensor, max_cells: int) -> dict:
+    t2 = as_2d(t.detach())
+    rows, cols = t2.shape
+    row_block, col_block = block_sizes(rows, cols, max_cells)
+    z = block_mean(t2, row_block, col_block)
+    # numpy float32/float64 arrays: orjson writes them fast, and NaN/Infinity as null
+    z_np = z.to(t.dtype).numpy() if t.dtype in (torch.float32, torch.float64) else z.numpy()
+    return {
+        "shape": list(t.shape),
+        "stats": stats(t),
+        "heatmap": {
+            "z": np.ascontiguousarray(z_np),
+            "row_block": row_block,
+            "col_block": col_block,
+            "rows": rows,
+            "cols": cols,
+        },
+        "nonfinite": int((~torch.isfinite(t)).sum().item()),
+    }
