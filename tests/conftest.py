@@ -1,0 +1,35 @@
+"""Shared fixtures: a TestClient on a fresh app, and the article's reference computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+
+
+@pytest.fixture(scope="session")
+def client() -> TestClient:
+    with TestClient(create_app()) as c:
+        yield c
+
+
+def article_reference(seed: int = 0, batch: int = 1000, n_in: int = 784, n_hidden: int = 50):
+    """The article's script, written out independently of app/: tensors made as API.md says,
+    forward with torch ops, gradients by loss.backward()."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n_in, generator=g)
+    target = torch.randn(batch, generator=g)
+    w1 = torch.randn(n_in, n_hidden, generator=g)
+    b1 = torch.randn(n_hidden, generator=g)
+    w2 = torch.randn(n_hidden, 1, generator=g)
+    b2 = torch.randn(1, generator=g)
+    leaves = {
+        n: t.clone().requires_grad_() for n, t in dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2).items()
+    }
+    l1 = leaves["x"] @ leaves["w1"] + leaves["b1"]
+    out = torch.relu(l1) @ leaves["w2"] + leaves["b2"]
+    loss = (out.squeeze(-1) - target).pow(2).mean()
+    loss.backward()
+    return loss.item(), {n: t.grad for n, t in leaves.items()}
