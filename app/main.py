@@ -5,12 +5,15 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from app import hardening
 from app.api import broadcast, docs, pages, run
+from app.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def create_app() -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """`settings`: the server's limits (default: from BROADPROP_* environment variables)."""
     app = FastAPI(
         title="Broadprop",
         version="1.0",
@@ -18,12 +21,13 @@ def create_app() -> FastAPI:
         docs_url=None,  # served by app.api.docs from local assets (no CDN)
         redoc_url=None,
     )
+    hardening.install(app, settings or get_settings())
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     for module in (run, broadcast, pages, docs):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["meta"])
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:  # async: answers on the event loop during load
         return {"status": "ok"}
 
     return app

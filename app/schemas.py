@@ -241,6 +241,11 @@ class RunResponse(BaseModel):
     gradients: dict[str, GradientView]
     check: Check
     timing: Timing
+    warnings: list[str] = Field(
+        default_factory=list,
+        description='What the page should flag, e.g. "overflow in w2.g: 3 of 2500 entries are '
+        'not finite (sent as null)"; empty when the run is clean.',
+    )
 
 
 class BroadcastRequest(BaseModel):

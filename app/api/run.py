@@ -1,11 +1,12 @@
 """POST /api/run: forward pass, manual broadcasting backward pass, check against autograd."""
 
-from fastapi import APIRouter
+import anyio
+from fastapi import APIRouter, Request
 
-from app import budget, pipeline
+from app import budget, hardening, pipeline
 from app.api.responses import StrictJSONResponse
 from app.schemas import RunRequest, RunResponse
-from app.settings import get_settings
+from app.settings import Settings
 
 router = APIRouter(tags=["run"])
 
@@ -15,14 +16,32 @@ router = APIRouter(tags=["run"])
     response_model=RunResponse,
     response_class=StrictJSONResponse,
     summary="Run a network forward, backward by hand, and check against autograd",
-    responses={422: {"description": "A field out of its limits, or over the memory budget"}},
+    responses={
+        413: {"description": "The request body is over BROADPROP_MAX_BODY_BYTES"},
+        422: {"description": "A field out of its limits, or over the memory budget"},
+        503: {"description": "Every run slot stayed busy for the queue wait; see Retry-After"},
+    },
 )
-def run(request: RunRequest | None = None) -> StrictJSONResponse:
+async def run(http: Request, request: RunRequest | None = None) -> StrictJSONResponse:
     cfg = request or RunRequest()
-    settings = get_settings()
+    settings: Settings = http.app.state.settings
+    # shapes only (cheap), but off the event loop; refused before waiting for a run slot
+    await anyio.to_thread.run_sync(check_budget, cfg, settings)
+    execute = hardening.guarded(_execute, settings)
+    return await http.app.state.limiter.run(execute, cfg, settings.chunk_bytes)
+
+
+def check_budget(cfg: RunRequest, settings: Settings) -> None:
+    """422 naming the field and the budget when the run would not fit (nothing allocated)."""
     estimate = pipeline.estimate(cfg, settings.chunk_bytes)
     if estimate.total > settings.memory_budget_bytes:
         one_row = cfg.model_copy(update={"batch": 1})
         per_row = pipeline.estimate(one_row, settings.chunk_bytes)
         budget.refuse_over_budget(cfg, estimate, per_row, settings.memory_budget_bytes)
-    return StrictJSONResponse(pipeline.run(cfg, settings.chunk_bytes))
+
+
+def _execute(cfg: RunRequest, chunk_bytes: int) -> StrictJSONResponse:
+    """The run and its JSON rendering, both in the worker thread."""
+    result = pipeline.run(cfg, chunk_bytes)
+    result["warnings"] = hardening.overflow_warnings(result)
+    return StrictJSONResponse(result)

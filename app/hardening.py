@@ -1,0 +1,305 @@
+"""Keeping the server up under abuse and load: a body-size limit, a bounded run limiter sized
+to the machine, errors mapped to 4xx/503 (never 500), and warnings for overflowing runs.
+
+`install(app)` wires it all into an app built by `create_app()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import weakref
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.responses import StrictJSONResponse
+from app.settings import Settings
+
+log = logging.getLogger("broadprop")
+T = TypeVar("T")
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    runs: int  # heavy runs at once
+    torch_threads: int  # intra-op threads each run may use; runs * threads <= cores
+
+
+def derive_concurrency(settings: Settings, cores: int | None = None) -> Concurrency:
+    """Fill in the 0s (derive) of max_concurrent_runs and torch_threads from the core count,
+    so that runs x threads <= cores. With both derived: a run gets up to 4 threads, and the
+    cores are split into as many runs as that allows (2 cores: 1 run x 2 threads)."""
+    cores = max(1, cores or os.cpu_count() or 1)
+    runs, threads = settings.max_concurrent_runs, settings.torch_threads
+    if not runs and not threads:
+        threads = min(cores, 4)
+        runs = max(1, cores // threads)
+    elif not threads:
+        threads = max(1, cores // runs)
+    elif not runs:
+        runs = max(1, cores // threads)
+    return Concurrency(runs=runs, torch_threads=threads)
+
+
+class Saturated(Exception):
+    """No run slot came free within the queue wait."""
+
+
+class RunLimiter:
+    """At most `slots` heavy runs at once, each in a worker thread so the event loop stays
+    free; a run that cannot start within `wait_s` raises Saturated (-> 503 + Retry-After).
+
+    Semaphores are made per event loop (TestClient may start one loop per request)."""
+
+    def __init__(self, slots: int, wait_s: float) -> None:
+        self.slots = slots
+        self.wait_s = wait_s
+        self._semaphores: weakref.WeakKeyDictionary[Any, anyio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _semaphore(self) -> anyio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if loop not in self._semaphores:
+            self._semaphores[loop] = anyio.Semaphore(self.slots)
+        return self._semaphores[loop]
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        semaphore = self._semaphore()
+        try:
+            semaphore.acquire_nowait()
+        except anyio.WouldBlock:
+            with anyio.move_on_after(self.wait_s) as scope:
+                await semaphore.acquire()
+            if scope.cancelled_caught:
+                raise Saturated from None
+        try:
+            # not abandoned on cancel: the slot stays taken until the thread is done
+            return await anyio.to_thread.run_sync(fn, *args)
+        finally:
+            semaphore.release()
+
+
+def retry_after(settings: Settings) -> str:
+    return str(max(1, math.ceil(settings.queue_wait_s)))
+
+
+# --- request bodies --------------------------------------------------------------------------
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes`, without reading it whole.
+
+    A Content-Length over the limit is refused before reading anything; otherwise (chunked
+    bodies included) the chunks are counted as they arrive and the request is refused as
+    soon as they pass the limit. A body within the limit is handed on unchanged."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                await self._refuse(send, 400, "Content-Length is not a non-negative integer")
+                return
+            if int(length) > self.max_bytes:
+                await self._refuse_size(send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse_size(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+    async def _refuse_size(self, send: Send) -> None:
+        await self._refuse(
+            send,
+            413,
+            f"request body over the limit of {self.max_bytes} bytes (BROADPROP_MAX_BODY_BYTES)",
+        )
+
+    @staticmethod
+    async def _refuse(send: Send, status: int, detail: str) -> None:
+        response = StrictJSONResponse({"detail": detail}, status_code=status)
+        response.headers["connection"] = "close"  # the rest of the body is never read
+        await response({"type": "http"}, _never_receive, send)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive() that gives `messages` first, then defers to the real one."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replay
+
+
+async def _never_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> StrictJSONResponse:
+    """FastAPI's 422 body, written as strict JSON: an input of NaN or Infinity (which Python's
+    json module accepts as literals) is echoed as null, and a deep or long input is echoed
+    clipped, instead of failing the response."""
+    errors = [{**e, "input": _clip(e["input"])} if "input" in e else e for e in exc.errors()]
+    return StrictJSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+def _clip(value: Any, depth: int = 4, items: int = 16, chars: int = 200) -> Any:
+    """`value` cut to `depth` levels, `items` entries per container, `chars` per string."""
+    if isinstance(value, str):
+        return value if len(value) <= chars else value[:chars] + "..."
+    if isinstance(value, (list, tuple, dict)) and depth == 0:
+        return "..."
+    if isinstance(value, (list, tuple)):
+        clipped = [_clip(v, depth - 1) for v in value[:items]]
+        return clipped + ["..."] if len(value) > items else clipped
+    if isinstance(value, dict):
+        pairs = list(value.items())
+        clipped = {str(k)[:chars]: _clip(v, depth - 1) for k, v in pairs[:items]}
+        return {**clipped, "...": "..."} if len(pairs) > items else clipped
+    return value
+
+
+async def saturated(request: Request, exc: Saturated) -> StrictJSONResponse:
+    settings = request.app.state.settings
+    return StrictJSONResponse(
+        {
+            "detail": f"the server is busy: every run slot ({request.app.state.limiter.slots}) "
+            f"stayed taken for {settings.queue_wait_s} s; retry later"
+        },
+        status_code=503,
+        headers={"Retry-After": retry_after(settings)},
+    )
+
+
+async def unexpected(request: Request, exc: Exception) -> StrictJSONResponse:
+    """The last resort: a 503 with the error's kind, never a 500. Logged with its traceback."""
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return StrictJSONResponse(
+        {"detail": f"the server could not complete this request ({type(exc).__name__})"},
+        status_code=503,
+        headers={"Retry-After": retry_after(request.app.state.settings)},
+    )
+
+
+def guarded(fn: Callable[..., T], settings: Settings) -> Callable[..., T]:
+    """`fn` with the errors a run can raise mapped to HTTP errors: out of memory -> 503 with
+    Retry-After; a ValueError (a config the engine cannot run) -> 422."""
+
+    def call(*args: Any) -> T:
+        try:
+            return fn(*args)
+        except MemoryError:
+            raise _out_of_memory(settings) from None
+        except RuntimeError as e:
+            if "memory" in str(e).lower() or "alloc" in str(e).lower():
+                raise _out_of_memory(settings) from e
+            raise
+        except ValueError as e:
+            raise RequestValidationError(
+                [{"type": "value_error", "loc": ("body",), "msg": str(e), "input": None}]
+            ) from e
+
+    return call
+
+
+def _out_of_memory(settings: Settings) -> HTTPException:
+    return HTTPException(
+        503,
+        "the server ran out of memory for this run; retry later or shrink the run "
+        f"(BROADPROP_MEMORY_BUDGET_BYTES is {settings.memory_budget_bytes})",
+        headers={"Retry-After": retry_after(settings)},
+    )
+
+
+# --- overflow --------------------------------------------------------------------------------
+
+
+def overflow_warnings(result: dict[str, Any]) -> list[str]:
+    """Warnings like "overflow in w2.g: ..." for every gradient with non-finite entries (sent as null)."""
+    found = []
+    loss = result.get("loss")
+    if loss is None or not math.isfinite(loss):
+        found.append("overflow in loss: it is not finite (sent as null)")
+    for name, view in result.get("gradients", {}).items():
+        if view["nonfinite"]:
+            total = math.prod(view["shape"])
+            found.append(
+                f"overflow in {name}.g: {view['nonfinite']} of {total} entries are not finite "
+                "(sent as null)"
+            )
+    return found
+
+
+# --- startup ---------------------------------------------------------------------------------
+
+
+def warm_up() -> None:
+    """Pay torch's and the meta tracer's first-call costs (~1 s) at startup, not on the first
+    request; and cache the article's trace."""
+    from app import pipeline
+    from app.schemas import RunRequest
+
+    small = RunRequest(batch=2, in_features=3, hidden=[4], max_cells=16)
+    pipeline.run(small, 1 << 16)
+    pipeline.trace(RunRequest())
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    torch.set_num_threads(app.state.concurrency.torch_threads)
+    try:
+        await anyio.to_thread.run_sync(warm_up)
+    except Exception:  # a failed warm-up only costs the first request its speed
+        log.exception("warm-up failed")
+    yield
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Body limit, run limiter, error handlers and the startup lifespan, on `app`."""
+    concurrency = derive_concurrency(settings)
+    app.state.settings = settings
+    app.state.concurrency = concurrency
+    app.state.limiter = RunLimiter(concurrency.runs, settings.queue_wait_s)
+    app.router.lifespan_context = lifespan
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Saturated, saturated)
+    app.add_exception_handler(Exception, unexpected)
