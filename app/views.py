@@ -42,28 +42,25 @@ def block_sizes(rows: int, cols: int, max_cells: int) -> tuple[int, int]:
 def block_mean(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Tensor:
     """Mean over each (row_block, col_block) block; edge blocks average what they hold.
 
-    A block holding a non-finite value is non-finite (sent as null)."""
+    avg_pool2d with ceil_mode leaves the part of an edge window past the tensor out of its
+    divisor, which is exactly that. A block holding a non-finite value is non-finite (null).
+    """
     if row_block == col_block == 1:
         return t2
-    rows, cols = t2.shape
-    n_rows, n_cols = math.ceil(rows / row_block), math.ceil(cols / col_block)
-    pad = (0, n_cols * col_block - cols, 0, n_rows * row_block - rows)
-    x = torch.nn.functional.pad(t2.to(torch.float64), pad)
-    ones = torch.nn.functional.pad(torch.ones_like(t2, dtype=torch.float64), pad)
-    # (n_rows, row_block, n_cols, col_block) summed over the blocks
-    sums = x.reshape(n_rows, row_block, n_cols, col_block).sum((1, 3))
-    counts = ones.reshape(n_rows, row_block, n_cols, col_block).sum((1, 3))
-    return sums / counts
+    pooled = torch.nn.functional.avg_pool2d(
+        t2[None, None], (row_block, col_block), stride=(row_block, col_block), ceil_mode=True
+    )
+    return pooled[0, 0]  # (ceil(rows / row_block), ceil(cols / col_block))
 
 
 def stats(t: torch.Tensor) -> dict[str, float]:
-    """Exact over the whole tensor; computed in float64 so the mean and norm do not round."""
-    t64 = t.detach().to(torch.float64)
+    """Exact over the whole tensor; sums accumulate in float64 so the mean and norm do not
+    round, without a float64 copy of the tensor."""
     return {
-        "min": t64.min().item(),
-        "max": t64.max().item(),
-        "mean": t64.mean().item(),
-        "norm": torch.linalg.vector_norm(t64).item(),
+        "min": t.min().item(),
+        "max": t.max().item(),
+        "mean": t.sum(dtype=torch.float64).item() / t.numel(),
+        "norm": torch.linalg.vector_norm(t, dtype=torch.float64).item(),
     }
 
 
@@ -73,7 +70,7 @@ def gradient_view(t: torch.Tensor, max_cells: int) -> dict:
     row_block, col_block = block_sizes(rows, cols, max_cells)
     z = block_mean(t2, row_block, col_block)
     # numpy float32/float64 arrays: orjson writes them fast, and NaN/Infinity as null
-    z_np = z.to(t.dtype).numpy() if t.dtype in (torch.float32, torch.float64) else z.numpy()
+    z_np = z.numpy()
     return {
         "shape": list(t.shape),
         "stats": stats(t),
