@@ -45,7 +45,8 @@ def estimate(cfg, forward_shapes: list[list[int]], chunk_bytes: int) -> Estimate
     float_inputs = sum(math.prod(s.shape) * itemsize for s in specs if s.role != "target")
     gradients = float_inputs + activations  # d loss / d every float tensor
     sizes = layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
-    chunk = max(chunk_peak(i, o, itemsize, chunk_bytes, cfg.strategy) for i, o in sizes)
+    strategy = "broadcast" if getattr(cfg, "compare", False) else cfg.strategy  # compare runs all
+    chunk = max(chunk_peak(i, o, itemsize, chunk_bytes, strategy) for i, o in sizes)
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
     views = 3 * 8 * largest_grad  # float64 stats copy, padded copy and counts of one gradient
     # manual pass + autograd check: each holds its activations and gradients

@@ -11,6 +11,7 @@ import torch
 
 from app import budget
 from app.check import autograd_check
+from app.compare import compare_strategies
 from app.network import Network
 from app.ops import Context
 from app.tensors import DTYPES, input_specs, make_tensors
@@ -61,7 +62,7 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         role = "output" if entry["output"] in ("out", "loss") else "activation"
         info[entry["output"]] = _info(env[entry["output"]], role)
     leaves = [s.name for s in specs if s.role != "target"]
-    return {
+    result = {
         "config": cfg.model_dump(),
         "loss": env["loss"].item(),
         "tensors": info,
@@ -75,6 +76,11 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
             "check_ms": (after_check - after_backward) * 1e3,
         },
     }
+    if cfg.compare:
+        result["compare"] = compare_strategies(
+            cfg, net, env, tensors, grads, backward_trace, chunk_bytes
+        )
+    return result
 
 
 def _info(t: torch.Tensor, role: str) -> dict[str, Any]:
