@@ -99,6 +99,12 @@ class RunRequest(BaseModel):
         description="Also check this many entries of every gradient by float64 central "
         "differences (0: off).",
     )
+    compare: bool = Field(
+        False,
+        description="Also time the manual backward under every strategy (broadcast, einsum, "
+        "matmul) and autograd's backward, with the peak extra memory each allocates: the "
+        "fast.ai lesson in numbers. Reported under `compare`.",
+    )
 
     @field_validator("batch", mode="before")
     @classmethod
@@ -232,6 +238,24 @@ class Timing(BaseModel):
     check_ms: float
 
 
+class StrategyCost(BaseModel):
+    backward_ms: float = Field(description="Best of a few timed runs of the backward pass")
+    peak_extra_bytes: int = Field(description="Most bytes alive at once among its allocations")
+    max_abs_diff: float | None = Field(
+        None, description="Largest difference from the run's own manual gradients"
+    )
+
+
+class Comparison(BaseModel):
+    strategies: dict[str, StrategyCost] = Field(
+        description="broadcast, einsum, matmul, and autograd (loss.backward(), forward included)"
+    )
+    literal_broadcast_bytes: int = Field(
+        description="The largest intermediate of the article's formulas if run unchunked"
+    )
+    chunk_bytes: int = Field(description="The cap on one broadcast chunk in this server")
+
+
 class RunResponse(BaseModel):
     config: RunRequest
     loss: float | None
@@ -241,11 +265,18 @@ class RunResponse(BaseModel):
     gradients: dict[str, GradientView]
     check: Check
     timing: Timing
+    compare: Comparison | None = None
     warnings: list[str] = Field(
         default_factory=list,
         description='What the page should flag, e.g. "overflow in w2.g: 3 of 2500 entries are '
         'not finite (sent as null)"; empty when the run is clean.',
     )
+
+
+class ErrorMessage(BaseModel):
+    """The body of a 400, 413 or 503."""
+
+    detail: str
 
 
 class BroadcastRequest(BaseModel):
