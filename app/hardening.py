@@ -20,7 +20,10 @@ import anyio
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.responses import StrictJSONResponse
@@ -175,14 +178,19 @@ async def _never_receive() -> Message:
 
 async def validation_error(request: Request, exc: RequestValidationError) -> StrictJSONResponse:
     """FastAPI's 422 body, written as strict JSON: an input of NaN or Infinity (which Python's
-    json module accepts as literals) is echoed as null, and a deep or long input is echoed
-    clipped, instead of failing the response."""
-    errors = [{**e, "input": _clip(e["input"])} if "input" in e else e for e in exc.errors()]
+    json module accepts as literals) is echoed as null, and a deep, long or huge input is
+    echoed clipped, instead of failing the response."""
+    errors = [
+        {k: _clip(v) if k in ("input", "ctx") else v for k, v in e.items()} for e in exc.errors()
+    ]
     return StrictJSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
 def _clip(value: Any, depth: int = 4, items: int = 16, chars: int = 200) -> Any:
-    """`value` cut to `depth` levels, `items` entries per container, `chars` per string."""
+    """`value` cut to `depth` levels, `items` entries per container, `chars` per string; an
+    integer JSON cannot carry exactly (over 64 bits) as a string."""
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return str(value)
     if isinstance(value, str):
         return value if len(value) <= chars else value[:chars] + "..."
     if isinstance(value, (list, tuple, dict)) and depth == 0:
@@ -195,6 +203,17 @@ def _clip(value: Any, depth: int = 4, items: int = 16, chars: int = 200) -> Any:
         clipped = {str(k)[:chars]: _clip(v, depth - 1) for k, v in pairs[:items]}
         return {**clipped, "...": "..."} if len(pairs) > items else clipped
     return value
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI answers a body it cannot decode (not UTF-8, nested deeper than the parser's
+    recursion limit) with a bare 400; give it the same 422 as any other invalid JSON."""
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, (UnicodeDecodeError, RecursionError)):
+        why = "not UTF-8" if isinstance(cause, UnicodeDecodeError) else "nested too deeply"
+        error = {"type": "json_invalid", "loc": ["body"], "msg": f"JSON decode error: {why}"}
+        return StrictJSONResponse({"detail": [{**error, "input": {}}]}, status_code=422)
+    return await http_exception_handler(request, exc)
 
 
 async def saturated(request: Request, exc: Saturated) -> StrictJSONResponse:
@@ -301,5 +320,6 @@ def install(app: FastAPI, settings: Settings) -> None:
     app.router.lifespan_context = lifespan
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Saturated, saturated)
     app.add_exception_handler(Exception, unexpected)

@@ -3,11 +3,9 @@
 from typing import Any
 
 import orjson
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse
 
 
-class StrictJSONResponse(Response):
-    media_type = "application/json"
-
+class StrictJSONResponse(JSONResponse):  # a JSONResponse, so OpenAPI shows the response_model
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -5,10 +5,11 @@ from fastapi import APIRouter, Request
 
 from app import budget, hardening, pipeline
 from app.api.responses import StrictJSONResponse
-from app.schemas import RunRequest, RunResponse
+from app.schemas import ErrorMessage, RunRequest, RunResponse
 from app.settings import Settings
 
 router = APIRouter(tags=["run"])
+VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"  # FastAPI's own 422 body
 
 
 @router.post(
@@ -17,9 +18,17 @@ router = APIRouter(tags=["run"])
     response_class=StrictJSONResponse,
     summary="Run a network forward, backward by hand, and check against autograd",
     responses={
-        413: {"description": "The request body is over BROADPROP_MAX_BODY_BYTES"},
-        422: {"description": "A field out of its limits, or over the memory budget"},
-        503: {"description": "Every run slot stayed busy for the queue wait; see Retry-After"},
+        413: {"model": ErrorMessage, "description": "A body over BROADPROP_MAX_BODY_BYTES"},
+        422: {
+            "description": "A field out of its limits, or over the memory budget",
+            "content": {"application/json": {"schema": {"$ref": VALIDATION_ERROR}}},
+        },
+        503: {
+            "model": ErrorMessage,
+            "description": "Every run slot stayed busy for the queue wait, or the server ran "
+            "out of memory; retry after Retry-After seconds",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        },
     },
 )
 async def run(http: Request, request: RunRequest | None = None) -> StrictJSONResponse:
