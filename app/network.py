@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from app.ops import Context, Op, Traced
+from app.ops.base import split_variant
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Network:
             forward.append(
                 {
                     "op": op.kind,
-                    "code": f"{op.output} = {out.expr}",
+                    "code": out.code(op.output),
                     "inputs": list(op.inputs),
                     "output": op.output,
                     "shape": list(out.shape),
@@ -90,16 +91,19 @@ class Network:
         for op in reversed(self.ops):
             g = grads.get(op.output)
             formulas = op.backward(g, *(env[n] for n in op.inputs), result=env[op.output])
-            for name, formula in formulas.items():
+            for key, formula in formulas.items():
                 grad = formula()
-                backward.append(
-                    {
-                        "op": op.kind,
-                        "grad": name,
-                        "code": f"{name}.g = {grad.expr}",
-                        "steps": [s.as_dict() for s in grad.steps],
-                        "shape": list(grad.shape),
-                    }
-                )
-                grads[name] = Traced.leaf(grad.t, f"{name}.g")
+                name, label = split_variant(key)
+                entry = {
+                    "op": op.kind,
+                    "grad": name,
+                    "code": grad.code(f"{name}.g"),
+                    "steps": [s.as_dict() for s in grad.steps],
+                    "shape": list(grad.shape),
+                }
+                if label is not None:  # another formula for the same gradient, not propagated
+                    entry["variant"] = label
+                backward.append(entry)
+                if label is None:
+                    grads[name] = Traced.leaf(grad.t, f"{name}.g")
         return forward, backward

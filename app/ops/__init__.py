@@ -1,6 +1,6 @@
 """Ops: each a class with its forward, manual backward and trace; importing registers them."""
 
-from app.ops import activations, linear, losses  # noqa: F401  (registers every op)
+from app.ops import activations, linear, losses, norms  # noqa: F401  (registers every op)
 from app.ops.base import Context, Op, Traced, broadcast_rule, unbroadcast
 
 __all__ = ["Context", "Op", "Traced", "broadcast_rule", "unbroadcast"]

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class Step:
     output: Shape
     bytes: int
     detail: dict[str, Any] = field(default_factory=dict)  # e.g. the broadcast rule, reduced dims
+    seq: int = field(default_factory=lambda: next(_SEQ))  # creation order = execution order
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -143,40 +145,76 @@ def _fmt_scalar(value: float | int | bool) -> str:
     return repr(float(value)).removesuffix(".0") if float(value).is_integer() else repr(value)
 
 
-def _merge_steps(*sources: Sequence[Step]) -> list[Step]:
-    """Concatenate step lists, keeping a step shared by two operands only once."""
+_SEQ = itertools.count()
+
+
+def _merge_steps(*sources: Sequence[Any]) -> list[Any]:
+    """Merge step (or binding) lists in the order they ran, each shared item once."""
     seen: set[int] = set()
-    merged: list[Step] = []
+    merged: list[Any] = []
     for steps in sources:
         for step in steps:
             if id(step) not in seen:
                 seen.add(id(step))
                 merged.append(step)
+    merged.sort(key=lambda item: item.seq)
     return merged
+
+
+@dataclass(eq=False)
+class Binding:
+    """`name = expr`: a named intermediate, so a long formula reads as short statements."""
+
+    name: str
+    expr: str
+    seq: int = field(default_factory=lambda: next(_SEQ))
+
+    def line(self) -> str:
+        return f"{self.name} = {self.expr}"
 
 
 class Traced:
     """A tensor with the expression that made it and the trace steps that led to it.
 
     Every method runs the torch operation of the same name on `.t`, so a formula written
-    with `Traced` operands reads exactly like the article's code.
+    with `Traced` operands reads exactly like the article's code. `named` gives an
+    intermediate a short name; `bindings` are then the statements that define the names an
+    expression uses, in order (`code()` writes them out as runnable Python).
     """
 
-    __slots__ = ("t", "expr", "prec", "steps")
+    __slots__ = ("t", "expr", "prec", "steps", "bindings")
 
     def __init__(
-        self, t: torch.Tensor, expr: str, prec: int = ATOM, steps: list[Step] | None = None
+        self,
+        t: torch.Tensor,
+        expr: str,
+        prec: int = ATOM,
+        steps: list[Step] | None = None,
+        bindings: list[Binding] | None = None,
     ):
         self.t = t
         self.expr = expr
         self.prec = prec
         self.steps = steps or []
+        self.bindings = bindings or []
 
     # ---- plumbing
 
     @classmethod
     def leaf(cls, t: torch.Tensor, name: str) -> Traced:
         return cls(t, name)
+
+    def named(self, name: str) -> Traced:
+        """This value under a short name (`counts`, `xhat.g`): later expressions use the name,
+        and the step that made it is tagged `"name": name` in the trace."""
+        if self.steps:
+            self.steps[-1].detail.setdefault("name", name)
+        binding = Binding(name, self.expr)
+        return Traced(self.t, name, ATOM, list(self.steps), [*self.bindings, binding])
+
+    def code(self, target: str) -> str:
+        """Runnable Python: the bindings this value uses, then `target = expr`."""
+        return "\n".join([*(b.line() for b in self.bindings), f"{target} = {self.expr}"])
 
     @property
     def shape(self) -> Shape:
@@ -209,7 +247,8 @@ class Traced:
             detail=detail or {},
         )
         steps = _merge_steps(*(o.steps for o in operands), [step])
-        return Traced(t, expr, prec, steps)
+        bindings = _merge_steps(*(o.bindings for o in operands))
+        return Traced(t, expr, prec, steps, bindings)
 
     def _method(self, t: torch.Tensor, call: str, action: str, op: str, **detail: Any) -> Traced:
         return self._make(t, f"{self._wrapped(ATOM)}.{call}", ATOM, action, op, [self], detail)
@@ -314,6 +353,15 @@ class Traced:
             self.t > other, f"{self.expr} > {_fmt_scalar(other)}", 0, "mask", "gt", [self]
         )
 
+    def eq(self, other: Traced) -> Traced:
+        """`self == other` as a mask (broadcasting), e.g. where a row's max is."""
+        detail = {}
+        if self.shape != other.shape:
+            detail["broadcast"] = broadcast_rule(self.shape, other.shape).as_dict()
+        return self._make(
+            self.t == other.t, f"{self.expr} == {other.expr}", 0, "mask", "eq", [self, other], detail
+        )
+
     def __getitem__(self, index: Any) -> Traced:
         raise TypeError("index a Traced with .gather or a named helper, so the trace can show it")
 
@@ -359,6 +407,13 @@ class Traced:
         return self._make(t, expr, ATOM, "index", "gather", [self, index])
 
 
+def one_hot(index: Traced, num_classes: int) -> Traced:
+    """`F.one_hot(index, C)`: (*B,) class indices -> (*B, C) int64 rows of 0s with one 1."""
+    t = torch.nn.functional.one_hot(index.t, num_classes)
+    expr = f"F.one_hot({index.expr}, {num_classes})"
+    return index._make(t, expr, ATOM, "index", "one_hot", [index])
+
+
 def where(cond: Traced, a: Traced, b: Traced) -> Traced:
     """`torch.where(cond, a, b)`: pick from `a` where `cond` holds, else from `b`."""
     t = torch.where(cond.t, a.t, b.t)
@@ -370,6 +425,21 @@ def where(cond: Traced, a: Traced, b: Traced) -> Traced:
 
 
 # --------------------------------------------------------------------------- ops
+
+VARIANT_SEP = ":"
+
+
+def variant(name: str, label: str) -> str:
+    """The key of an extra formula for `name`'s gradient (e.g. `out:fused`): traced and
+    checked like the main one, but not propagated."""
+    return f"{name}{VARIANT_SEP}{label}"
+
+
+def split_variant(key: str) -> tuple[str, str | None]:
+    """`"out:fused"` -> `("out", "fused")`; `"out"` -> `("out", None)`."""
+    name, _, label = key.partition(VARIANT_SEP)
+    return name, label or None
+
 
 
 @dataclass
@@ -418,7 +488,10 @@ class Op:
     def backward(
         self, g: Traced | None, *xs: Traced, result: Traced
     ) -> dict[str, Callable[[], Traced]]:
-        """Formulas, by input name, each a thunk so each gradient's steps trace separately."""
+        """Formulas, by input name, each a thunk so each gradient's steps trace separately.
+
+        A key `variant(name, label)` adds another formula for the same gradient: it is
+        traced and checked, and the main formula is the one that propagates."""
         raise NotImplementedError
 
     def compute_backward(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from app.ops.base import Op, Traced
+from app.ops.base import Op, Traced, one_hot, unbroadcast, variant
 
 
 class MSE(Op):
@@ -27,3 +27,62 @@ class MSE(Op):
             # (*B, 1) -> (*B,), minus target (*B,), then back to (*B, 1)
             return {out.expr: lambda: 2 * (out.squeeze(-1) - target).unsqueeze(-1) / n}
         return {out.expr: lambda: 2 * (out - target) / n}
+
+
+class CrossEntropy(Op):
+    """loss = mean over *B of -log_softmax(out)[target]: out (*B, C), target (*B,) int64 -> ().
+
+    The forward is the numerically stable log-softmax, each step named. The backward walks
+    those steps in reverse (makemore's "backprop ninja"), every broadcast undone by
+    `unbroadcast`; the fused form `(probs - one_hot) / N` is a second, checked formula.
+    """
+
+    kind = "cross_entropy"
+    no_grad_inputs = frozenset({1})  # the target
+
+    @staticmethod
+    def _softmax_steps(out: Traced) -> dict[str, Traced]:
+        """The forward's named intermediates, each (*B, C) or (*B, 1)."""
+        m = out.amax(-1, keepdim=True).named("m")  # (*B, 1): each row's max
+        shifted = (out - m).named("shifted")  # (*B, C) - (*B, 1): broadcast over C
+        counts = shifted.exp().named("counts")  # (*B, C), each in (0, 1]
+        counts_sum = counts.sum(-1, keepdim=True).named("counts_sum")  # (*B, 1)
+        logprobs = (shifted - counts_sum.log()).named("logprobs")  # (*B, C) - (*B, 1)
+        return dict(m=m, shifted=shifted, counts=counts, counts_sum=counts_sum, logprobs=logprobs)
+
+    @staticmethod
+    def _one_hot(target: Traced, like: Traced) -> Traced:
+        """(*B,) class indices -> (*B, C) 0./1. rows, in `like`'s dtype."""
+        return one_hot(target, like.shape[-1]).to_dtype_of(like)
+
+    def forward(self, out: Traced, target: Traced) -> Traced:
+        logprobs = self._softmax_steps(out)["logprobs"]
+        picked = logprobs.gather(-1, target.unsqueeze(-1))  # (*B, 1): log p of each target
+        return -picked.mean()
+
+    def backward(self, g: Traced | None, out: Traced, target: Traced, *, result: Traced):
+        n = math.prod(target.shape)  # the mean's count: every leading position
+
+        def step_by_step() -> Traced:
+            s = self._softmax_steps(out)
+            # mean then gather, undone: -1/n scattered to each row's target column
+            logprobs_g = (-self._one_hot(target, out) / n).named("logprobs.g")  # (*B, C)
+            # logprobs = shifted - counts_sum.log(): counts_sum.log() (*B, 1) was broadcast
+            # over C, so its gradient sums back over C; d log(u) = 1 / u
+            counts_sum_g = (
+                unbroadcast(-logprobs_g, s["counts_sum"].shape) / s["counts_sum"]
+            ).named("counts_sum.g")  # (*B, 1)
+            # counts_sum = counts.sum(-1): its gradient broadcasts back over C; d exp = exp
+            shifted_g = (logprobs_g + s["counts"] * counts_sum_g).named("shifted.g")  # (*B, C)
+            # shifted = out - m: m (*B, 1) was broadcast over C (its gradient is ~0: softmax
+            # does not change when a row is shifted)
+            m_g = unbroadcast(-shifted_g, s["m"].shape).named("m.g")  # (*B, 1)
+            # m = out.max(-1): the gradient goes to where each row's max is
+            return shifted_g + out.eq(s["m"]).to_dtype_of(out) * m_g  # (*B, C)
+
+        def fused() -> Traced:
+            s = self._softmax_steps(out)
+            probs = (s["counts"] / s["counts_sum"]).named("probs")  # softmax: (*B, C) / (*B, 1)
+            return (probs - self._one_hot(target, out)) / n  # (*B, C)
+
+        return {out.expr: step_by_step, variant(out.expr, "fused"): fused}
