@@ -1,0 +1,63 @@
+// The two API calls the page makes, and FastAPI's 422 detail sorted by the field it names.
+
+export class ApiError extends Error {
+  constructor(status, body, retryAfter) {
+    super(`HTTP ${status}`);
+    this.status = status;
+    this.body = body;
+    this.retryAfter = retryAfter;
+  }
+}
+
+async function postJSON(url, body, signal) {
+  const res = await fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+    signal,
+  });
+  let data = null;
+  try {
+    data = await res.json();
+  } catch {
+    data = null;
+  }
+  if (!res.ok) throw new ApiError(res.status, data, res.headers.get("Retry-After"));
+  return data;
+}
+
+export const run = (config, signal) => postJSON("/api/run", config, signal);
+export const broadcast = (a, b, signal) => postJSON("/api/broadcast", { a, b }, signal);
+
+/**
+ * Error messages keyed by the request field they name: detail loc ["body", field, ...rest]
+ * goes under field (rest, e.g. a list index, prefixes the message); anything else under "".
+ */
+export function errorsByField(err) {
+  const out = {};
+  const add = (key, msg) => (out[key] ||= []).push(msg);
+  if (!(err instanceof ApiError)) {
+    add("", err.name === "TypeError" ? "The server could not be reached." : String(err.message || err));
+    return out;
+  }
+  const detail = err.body && err.body.detail;
+  if (Array.isArray(detail)) {
+    for (const d of detail) {
+      const loc = Array.isArray(d.loc) ? d.loc : [];
+      const msg = String(d.msg || "invalid").replace(/^Value error, /, "");
+      if (loc[0] === "body" && loc.length > 1) {
+        const rest = loc.slice(2);
+        add(String(loc[1]), rest.length ? `item ${rest.join(".")}: ${msg}` : msg);
+      } else add("", msg);
+    }
+  } else if (typeof detail === "string") {
+    add("", detail);
+  } else if (err.status === 503) {
+    add("", `The server is busy; try again${err.retryAfter ? ` in ${err.retryAfter} s` : ""}.`);
+  } else if (err.status === 413) {
+    add("", "The request is too large.");
+  } else {
+    add("", `The server answered ${err.status}.`);
+  }
+  return out;
+}

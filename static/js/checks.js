@@ -1,0 +1,38 @@
+// The check table: every gradient against torch.autograd, with the tolerances used.
+import { h, num, shape } from "./format.js";
+
+export function drawChecks(el, data) {
+  const check = data.check;
+  const fd = check.finite_difference || null;
+  const mark = (ok) => h("span", { class: ok ? "yes" : "no" }, ok ? "✓ yes" : "✗ no");
+  const head = ["tensor", "shape", "max abs err", "max rel err", "rtol", "atol", "allclose", "exact", "result"];
+  if (fd) head.push("fd samples", "fd max abs err", "fd max rel err");
+  const rows = Object.entries(check.tensors).map(([name, c]) => {
+    const shp = (data.gradients[name] || data.tensors[name] || {}).shape;
+    const cells = [
+      h("th", { scope: "row" }, h("code", {}, `${name}.g`)),
+      h("td", {}, shp ? shape(shp) : "–"),
+      h("td", { class: "n" }, num(c.max_abs_err)),
+      h("td", { class: "n" }, num(c.max_rel_err)),
+      h("td", { class: "n" }, num(c.rtol)),
+      h("td", { class: "n" }, num(c.atol)),
+      h("td", {}, mark(c.allclose)),
+      h("td", {}, mark(c.exact)),
+      h("td", {}, h("span", { class: `verdict ${c.allclose ? "pass" : "fail"}` }, c.allclose ? "pass" : "FAIL")),
+    ];
+    if (fd) {
+      const f = fd[name] || {};
+      cells.push(h("td", { class: "n" }, f.samples ?? "–"), h("td", { class: "n" }, num(f.max_abs_err)), h("td", { class: "n" }, num(f.max_rel_err)));
+    }
+    return h("tr", { class: c.allclose ? "pass" : "fail", "data-name": name }, ...cells);
+  });
+  el.replaceChildren(
+    h("p", { class: `check-summary ${check.all_close ? "pass" : "fail"}` },
+      check.all_close ? "✓ Every manual gradient matches " : "✗ Some manual gradients differ from ",
+      h("code", {}, check.reference),
+      ` (allclose: |manual − autograd| ≤ atol + rtol·|autograd|, with atol scaled by max|autograd|; exact: bit for bit equal).`),
+    h("table", { class: "check", id: "check-table" },
+      h("thead", {}, h("tr", {}, ...head.map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, ...rows)),
+  );
+}

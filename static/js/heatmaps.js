@@ -1,0 +1,112 @@
+// One Plotly heatmap per gradient, each in its own chart: a diverging scale centred at zero,
+// 1-D tensors as a strip, and a notice with the true shape when the view is block-averaged.
+import { h, num, shape } from "./format.js";
+
+export const VIEWS = {
+  manual: { label: "manual", title: (n) => `${n}.g (manual)` },
+  autograd: { label: "autograd", title: (n) => `${n}.grad (autograd)` },
+  difference: { label: "manual − autograd", title: (n) => `${n}.g − ${n}.grad` },
+};
+
+// Blue for negative, white at zero, red for positive.
+const DIVERGING = [
+  [0, "#2166ac"], [0.25, "#67a9cf"], [0.45, "#d1e5f0"], [0.5, "#f7f7f7"],
+  [0.55, "#fddbc7"], [0.75, "#ef8a62"], [1, "#b2182b"],
+];
+
+/** The heatmap a view needs from one gradient entry, or null when the response lacks it. */
+export function viewHeatmap(g, view) {
+  if (view === "manual") return g.heatmap;
+  if (view === "autograd") return g.reference_heatmap || null;
+  if (g.diff_heatmap) return g.diff_heatmap;
+  if (!g.reference_heatmap) return null;
+  // Block means are linear, so the difference of the two views is the view of the difference.
+  const z = g.heatmap.z.map((row, i) => row.map((v, j) => {
+    const r = g.reference_heatmap.z[i][j];
+    return v == null || r == null ? null : v - r;
+  }));
+  return { ...g.heatmap, z };
+}
+
+/** Which views a response can show. */
+export function availableViews(data) {
+  const grads = Object.values(data.gradients);
+  return Object.keys(VIEWS).filter((v) => grads.every((g) => viewHeatmap(g, v)));
+}
+
+function axisTitles(shp) {
+  if (shp.length <= 1) return { x: `index (0 … ${(shp[0] ?? 1) - 1})`, y: "" };
+  const last = shp.length - 1;
+  const lead = last === 1 ? "dim 0" : `dims 0–${last - 1} flattened`;
+  return { x: `dim ${last} (0 … ${shp[last] - 1})`, y: `${lead} (0 … ${shp.slice(0, last).reduce((a, b) => a * b, 1) - 1})` };
+}
+
+/** Chart size from the true aspect ratio, within bounds that keep every chart readable. */
+function chartSize(rows, cols, oneD) {
+  if (oneD) return { width: Math.round(Math.min(600, Math.max(150, cols * 14)) + 130), height: 132 };
+  const height = 330;
+  const plot = Math.min(560, Math.max(60, (height - 60) * (cols / rows)));
+  return { width: Math.round(plot + 200), height };
+}
+
+/** Integer ticks in the tensor's index units: every index when few, else about 6 round steps. */
+function ticks(n) {
+  if (n <= 12) return { tickvals: [...Array(n).keys()] };
+  const raw = n / 6;
+  const p = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * p).find((v) => v >= raw);
+  return { tickmode: "linear", tick0: 0, dtick: step };
+}
+
+export function drawHeatmaps(container, data, view) {
+  for (const el of container.querySelectorAll(".chart")) Plotly.purge(el);
+  const cards = [];
+  for (const [name, g] of Object.entries(data.gradients)) {
+    const hm = viewHeatmap(g, view) || g.heatmap;
+    const oneD = g.shape.length <= 1;
+    const rows = hm.rows ?? hm.z.length * hm.row_block;
+    const cols = hm.cols ?? hm.z[0].length * hm.col_block;
+    const down = hm.row_block > 1 || hm.col_block > 1;
+    const s = g.stats;
+    const chart = h("div", { class: "chart heatmap", id: `heatmap-${name}`, "data-name": name, role: "img", "aria-label": `Heatmap of the gradient of ${name}, shape ${shape(g.shape)}` });
+    const card = h("figure", { class: "heatmap-card", "data-name": name },
+      h("figcaption", {},
+        h("b", {}, `${name}.g`), ` ${shape(g.shape)}`,
+        h("span", { class: "stats" }, ` min ${num(s.min)} · max ${num(s.max)} · mean ${num(s.mean)} · ‖·‖ ${num(s.norm)}`)),
+      down ? h("p", { class: "notice downsampled" },
+        `Downsampled: true shape ${shape(g.shape)}; each cell is the mean of a ${hm.row_block} × ${hm.col_block} block (${hm.z.length} × ${hm.z[0].length} cells shown).`) : null,
+      g.nonfinite ? h("p", { class: "notice bad" }, `${g.nonfinite} entries are not finite (NaN or ±inf); drawn as gaps.`) : null,
+      chart);
+    cards.push([card, chart, name, g, hm, oneD, rows, cols]);
+  }
+  container.replaceChildren(...cards.map((c) => c[0]));
+  for (const [, chart, name, g, hm, oneD, rows, cols] of cards) {
+    const { width, height } = chartSize(rows, cols, oneD);
+    chart.closest("figure").style.width = `${width + 18}px`;
+    const titles = axisTitles(g.shape);
+    // Cell centres in the tensor's own index units, so hover and ticks give true positions.
+    const xs = hm.z[0].map((_, j) => j * hm.col_block + (hm.col_block - 1) / 2);
+    const ys = hm.z.map((_, i) => i * hm.row_block + (hm.row_block - 1) / 2);
+    const blocky = hm.row_block > 1 || hm.col_block > 1;
+    const zmax = Math.max(1e-30, ...hm.z.flat().filter((v) => v != null).map(Math.abs));
+    const trace = {
+      type: "heatmap", z: hm.z, x: xs, y: oneD ? [0] : ys,
+      colorscale: DIVERGING, zmid: 0, zmin: -zmax, zmax,
+      colorbar: { title: { text: VIEWS[view].title(name), side: "right" }, thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g" },
+      hoverongaps: false,
+      hovertemplate: oneD
+        ? `${name}.g[%{x}]${blocky ? " (block mean)" : ""} = %{z:.4g}<extra></extra>`
+        : `row %{y}, col %{x}${blocky ? " (block mean)" : ""}<br>%{z:.4g}<extra></extra>`,
+    };
+    const layout = {
+      width, height, margin: { l: oneD ? 20 : 64, r: 10, t: 8, b: 44 },
+      xaxis: { title: { text: titles.x, font: { size: 11 } }, range: [-0.5, cols - 0.5], ...ticks(cols), tickfont: { size: 10 }, showgrid: false, zeroline: false },
+      yaxis: oneD
+        ? { visible: false }
+        : { title: { text: titles.y, font: { size: 11 } }, range: [rows - 0.5, -0.5], ...ticks(rows), tickfont: { size: 10 }, showgrid: false, zeroline: false },
+      plot_bgcolor: "#e9ecef", paper_bgcolor: "#fff",
+    };
+    Plotly.newPlot(chart, [trace], layout, { displayModeBar: false, responsive: false });
+    chart.dataset.view = view;
+  }
+}

@@ -1,0 +1,141 @@
+// Wires the page: URL -> form -> POST /api/run -> diagram, step-through, heatmaps, checks.
+import { errorsByField, run } from "./api.js";
+import { drawChecks } from "./checks.js";
+import { Diagram } from "./diagram.js";
+import { Explainer } from "./explainer.js";
+import { bytes, h, num } from "./format.js";
+import { availableViews, drawHeatmaps, VIEWS } from "./heatmaps.js";
+import { configFromForm, configFromQuery, configToForm, FIELDS, queryFromConfig } from "./state.js";
+import { Stepper } from "./stepper.js";
+
+const $ = (id) => document.getElementById(id);
+const form = $("run-form");
+const main = $("main");
+let current = null; // the last response drawn
+let controller = null;
+let view = "manual";
+
+const diagram = new Diagram($("diagram"), (i) => stepper.select(i));
+const explainer = new Explainer($("explainer-form"), $("explainer-out"));
+const stepper = new Stepper({
+  codeEl: $("code-lines"), detailEl: $("step-detail"), posEl: $("step-pos"),
+  prevBtn: $("step-prev"), nextBtn: $("step-next"),
+  onSelect: (i) => diagram.highlight(i),
+  onExplain: (a, b) => explainer.show(a, b),
+});
+
+function showErrors(errs) {
+  for (const f of FIELDS) {
+    const msgs = errs[f.name];
+    $(`err-${f.name}`).textContent = msgs ? msgs.join("; ") : "";
+    form.elements[f.name].setAttribute("aria-invalid", msgs ? "true" : "false");
+    form.elements[f.name].closest(".field").classList.toggle("invalid", !!msgs);
+  }
+  const banner = $("run-error");
+  banner.hidden = !errs[""];
+  banner.textContent = errs[""] ? errs[""].join(" ") : "";
+}
+
+function setLoading(on) {
+  $("loading").hidden = !on;
+  main.classList.toggle("busy", on);
+  main.setAttribute("aria-busy", on ? "true" : "false");
+  document.body.dataset.state = on ? "loading" : current ? "ready" : "empty";
+}
+
+function summary(data) {
+  const biggest = Math.max(0, ...data.backward.flatMap((b) => b.steps.filter((s) => s.broadcast).map((s) => s.bytes)));
+  const t = data.timing;
+  $("summary").replaceChildren(
+    h("span", {}, "loss ", h("b", {}, num(data.loss, 6))),
+    h("span", { class: data.check.all_close ? "ok" : "bad" }, data.check.all_close ? "✓ all gradients match autograd" : "✗ a gradient differs from autograd"),
+    biggest ? h("span", {}, "largest broadcast intermediate ", h("b", {}, bytes(biggest))) : null,
+    h("span", { class: "muted" }, `forward ${t.forward_ms.toFixed(0)} ms · backward ${t.backward_ms.toFixed(0)} ms · check ${t.check_ms.toFixed(0)} ms`),
+  );
+}
+
+function setView(next, data) {
+  const avail = availableViews(data);
+  for (const input of document.querySelectorAll('input[name="grad-view"]')) {
+    input.disabled = !avail.includes(input.value);
+    input.closest("label").title = input.disabled ? "This server does not send this view yet (needs reference_heatmap)." : "";
+  }
+  view = avail.includes(next) ? next : "manual";
+  document.querySelector(`input[name="grad-view"][value="${view}"]`).checked = true;
+  $("view-note").textContent = avail.length < Object.keys(VIEWS).length
+    ? "Showing the manual gradients. The autograd and difference views appear when the server sends the autograd heatmaps; the check table below compares every entry already."
+    : "";
+}
+
+function draw(data) {
+  current = data;
+  summary(data);
+  diagram.draw(data);
+  stepper.load(data, diagram.steps);
+  setView(view, data);
+  drawHeatmaps($("heatmaps"), data, view);
+  drawChecks($("check"), data);
+}
+
+/** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */
+async function go(config) {
+  controller?.abort();
+  const mine = (controller = new AbortController());
+  showErrors({});
+  setLoading(true);
+  try {
+    const data = await run(config, mine.signal);
+    configToForm(form, data.config);
+    draw(data);
+  } catch (err) {
+    if (err.name === "AbortError") return;
+    showErrors(errorsByField(err));
+  } finally {
+    if (controller === mine) setLoading(false);
+  }
+}
+
+function fromForm() {
+  const { config, unreadable } = configFromForm(form);
+  const query = queryFromConfig(config);
+  if (query !== location.search) history.pushState(null, "", `${location.pathname}${query}`);
+  if (unreadable.length) {
+    showErrors(Object.fromEntries(unreadable.map((n) => [n, ["not a number"]])));
+    return;
+  }
+  go(config);
+}
+
+function fromUrl() {
+  const config = configFromQuery(location.search);
+  configToForm(form, config);
+  go(config);
+}
+
+form.addEventListener("submit", (ev) => (ev.preventDefault(), fromForm()));
+form.addEventListener("change", () => fromForm());
+$("reset-button").addEventListener("click", () => (configToForm(form, {}), fromForm()));
+window.addEventListener("popstate", fromUrl);
+for (const input of document.querySelectorAll('input[name="grad-view"]')) {
+  input.addEventListener("change", () => {
+    if (!current) return;
+    setView(input.value, current);
+    drawHeatmaps($("heatmaps"), current, view);
+  });
+}
+document.addEventListener("keydown", (ev) => {
+  if (ev.altKey || ev.ctrlKey || ev.metaKey) return;
+  if (ev.target.closest("input, select, textarea")) return;
+  if (ev.key === "ArrowRight" || ev.key === "ArrowLeft") {
+    ev.preventDefault();
+    stepper.move(ev.key === "ArrowRight" ? 1 : -1);
+  }
+});
+let resizeTimer = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resizeTimer);
+  resizeTimer = setTimeout(() => current && (diagram.draw(current), diagram.highlight(stepper.index)), 200);
+});
+
+fromUrl();
+explainer.update();

@@ -1,0 +1,82 @@
+// The whole config lives in the URL: query string <-> config object <-> form.
+// Field kinds and limits come from the server (RunRequest's schema), handed over once as JSON.
+
+export const FIELDS = JSON.parse(document.getElementById("run-fields").textContent);
+export const DEFAULTS = Object.fromEntries(FIELDS.map((f) => [f.name, f.default]));
+
+const INT = /^\s*-?\d+\s*$/;
+
+/** Text from a URL or an input -> the value the API expects; unparsable text is sent as it is,
+ * so that the server's 422 names the field. */
+export function parseValue(field, text) {
+  const t = String(text).trim();
+  switch (field.kind) {
+    case "int":
+      return INT.test(t) && Number.isSafeInteger(Number(t)) ? Number(t) : t;
+    case "float":
+      return t !== "" && Number.isFinite(Number(t)) ? Number(t) : t;
+    case "list":
+    case "int_or_list": {
+      if (field.kind === "list" && t === "") return [];
+      const parts = t.replace(/^[([]|[)\]]$/g, "").split(",").map((s) => s.trim());
+      if (parts[parts.length - 1] === "" && parts.length > 1) parts.pop(); // "50," is (50,)
+      if (!parts.every((p) => INT.test(p))) return t;
+      const sizes = parts.map(Number);
+      return field.kind === "int_or_list" && sizes.length === 1 && !t.includes(",") ? sizes[0] : sizes;
+    }
+    default:
+      return t;
+  }
+}
+
+/** A value -> its text in the URL and in the form: lists as "4,3", [] as "". */
+export function formatValue(value) {
+  return Array.isArray(value) ? value.join(",") : String(value);
+}
+
+const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+
+/** The config a query string asks for: only the fields it names (the server fills the rest). */
+export function configFromQuery(search) {
+  const params = new URLSearchParams(search);
+  const config = {};
+  for (const f of FIELDS) if (params.has(f.name)) config[f.name] = parseValue(f, params.get(f.name));
+  return config;
+}
+
+/** The query string for a config: the fields that differ from the defaults, commas kept. */
+export function queryFromConfig(config) {
+  const parts = [];
+  for (const f of FIELDS) {
+    if (!(f.name in config) || same(config[f.name], DEFAULTS[f.name])) continue;
+    const enc = encodeURIComponent(formatValue(config[f.name])).replace(/%2C/gi, ",");
+    parts.push(`${f.name}=${enc}`);
+  }
+  return parts.length ? `?${parts.join("&")}` : "";
+}
+
+/** The config the form shows, and the fields whose text the browser could not read. */
+export function configFromForm(form) {
+  const config = {};
+  const unreadable = [];
+  for (const f of FIELDS) {
+    const input = form.elements[f.name];
+    if (!input) continue;
+    if (input.validity && input.validity.badInput) {
+      unreadable.push(f.name);
+      continue;
+    }
+    config[f.name] = parseValue(f, input.value);
+  }
+  return { config, unreadable };
+}
+
+/** Show a config in the form; fields it lacks show their defaults. */
+export function configToForm(form, config) {
+  for (const f of FIELDS) {
+    const input = form.elements[f.name];
+    if (!input) continue;
+    const value = f.name in config ? config[f.name] : DEFAULTS[f.name];
+    input.value = formatValue(value);
+  }
+}

@@ -1,0 +1,110 @@
+"""Browser-test fixtures: a real uvicorn server on a free loopback port, and Debian's Chromium
+driven by Playwright (never `playwright install`)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("BROADPROP_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server() -> str:
+    """Base URL of a live server, started for the session and stopped after it."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.2)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (scripts/test installs Debian's)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Watched:
+    """A page plus everything it asked for and every console error or page error it raised."""
+
+    def __init__(self, page, base: str):
+        self.page = page
+        self.base = base
+        self.requests: list[str] = []
+        self.errors: list[str] = []
+        page.on("request", lambda r: self.requests.append(r.url))
+        page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def open(self, query: str = "") -> None:
+        self.page.goto(f"{self.base}/{query}")
+        self.wait_drawn()
+
+    def wait_drawn(self) -> None:
+        """Until a run has been drawn and nothing is in flight."""
+        self.page.wait_for_function(
+            "['ready', 'empty'].includes(document.body.dataset.state)"
+            " && document.querySelector('#loading').hidden",
+            timeout=30_000,
+        )
+
+    def foreign(self) -> list[str]:
+        return [u for u in self.requests if not (u.startswith(self.base + "/") or u.startswith("data:"))]
+
+
+@pytest.fixture
+def watched(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    # Anything bound elsewhere is refused (and recorded), so a stray request cannot hang a test.
+    context.route(
+        lambda url: not url.startswith(server + "/"), lambda route: route.abort()
+    )
+    page = context.new_page()
+    w = Watched(page, server)
+    yield w
+    context.close()

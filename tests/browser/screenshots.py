@@ -1,0 +1,52 @@
+"""Screenshots of the page's states for review and the README:
+`.venv/bin/python tests/browser/screenshots.py [outdir]` (default docs/screenshots)."""
+
+import sys
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import CHROMIUM, CHROMIUM_ARGS, ROOT, server  # noqa: E402
+
+STATES = {  # name: (query, what to do after load)
+    "default": ("", None),
+    "small": ("?batch=8&in_features=6&hidden=4,3&seed=3", None),
+    "step": ("?batch=8&in_features=6&hidden=4,3&seed=3", "step"),
+    "lead-dims": ("?batch=4,16&in_features=12&hidden=8&activation=tanh", None),
+    "error": ("?batch=0&hidden=4,-1", None),
+    "budget": ("?batch=20000&hidden=4096", None),
+}
+
+
+def main() -> None:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "screenshots"
+    out.mkdir(parents=True, exist_ok=True)
+    gen = server.__wrapped__() if hasattr(server, "__wrapped__") else server()
+    base = next(gen)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("console", lambda m: m.type == "error" and print("console:", m.text))
+            for name, (query, action) in STATES.items():
+                page.goto(f"{base}/{query}")
+                page.wait_for_function(
+                    "['ready', 'empty'].includes(document.body.dataset.state)"
+                    " && document.querySelector('#loading').hidden",
+                    timeout=60_000,
+                )
+                if action == "step":
+                    for _ in range(3):
+                        page.keyboard.press("ArrowRight")
+                page.wait_for_timeout(300)
+                page.screenshot(path=out / f"{name}.png")
+                page.screenshot(path=out / f"{name}-full.png", full_page=True)
+                print("wrote", name)
+            browser.close()
+    finally:
+        next(gen, None)
+
+
+if __name__ == "__main__":
+    main()
