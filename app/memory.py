@@ -33,12 +33,18 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
         self._collect_freed()
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {  # a view or in-place result shares its input's storage: nothing new
+            t.untyped_storage()._cdata
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"
+        }
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 key = storage._cdata
-                if key not in self.live:
+                if key not in self.live and key not in inputs:
                     ref = StorageWeakRef(storage)
                     nbytes = storage.nbytes()
                     self.live[key] = (ref, nbytes)

@@ -1,0 +1,75 @@
+"""Memory and payload properties of issue 5 (no timings here: those live in benchmarks/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.memory import PeakMemory
+from app.network import Network
+from app.ops import Context
+from app.schemas import RunRequest
+from app.tensors import make_tensors
+
+
+def test_peak_memory_counts_live_storages_and_frees():
+    with PeakMemory() as memory:
+        a = torch.empty(1_000_000, dtype=torch.uint8)
+        del a
+        b = torch.empty(2_000_000, dtype=torch.uint8)
+        view = b[10:]  # a view allocates nothing
+        c = torch.empty(500_000, dtype=torch.uint8)
+    assert memory.peak_bytes == 2_500_000
+    del view, b, c
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 4 << 20])
+def test_chunked_broadcast_never_holds_the_literal_product(chunk_bytes):
+    cfg = RunRequest()  # the article: the literal (1000, 784, 50) product is 156.8 MB
+    net = Network.from_config(cfg)
+    env = net.forward(make_tensors(cfg))
+    with PeakMemory() as memory:
+        grads = net.backward(env, Context("broadcast", chunk_bytes))
+    outputs = sum(g.numel() * g.element_size() for g in grads.values())
+    assert memory.peak_bytes <= outputs + 2 * chunk_bytes + (1 << 20)
+    assert memory.peak_bytes < 156_800_000 / 5
+
+
+def test_compare_reports_every_strategy_and_autograd(client):
+    response = client.post(
+        "/api/run", json={"batch": 64, "in_features": 32, "hidden": [16], "compare": True}
+    )
+    assert response.status_code == 200
+    compare = response.json()["compare"]
+    assert set(compare["strategies"]) == {"broadcast", "einsum", "matmul", "autograd"}
+    for name, row in compare["strategies"].items():
+        assert row["backward_ms"] > 0, name
+        assert row["peak_extra_bytes"] > 0, name
+        assert row["max_abs_diff"] < 1e-3, name
+    assert compare["strategies"]["broadcast"]["max_abs_diff"] == 0  # the run's own strategy
+    assert compare["literal_broadcast_bytes"] == 64 * 32 * 16 * 4
+
+
+def test_compare_is_absent_unless_asked(client):
+    response = client.post("/api/run", json={"batch": 4, "in_features": 3, "hidden": [2]})
+    assert response.status_code == 200
+    assert response.json().get("compare") is None
+
+
+def test_article_payload_is_compact(client):
+    response = client.post("/api/run", json={})
+    assert response.status_code == 200
+    assert len(response.content) < 300_000
+
+
+def test_budget_counts_the_chunk_not_the_literal_product():
+    """batch 20000 at the article's widths: the literal product would be 3.1 GB, the run is not."""
+    from app import pipeline
+
+    estimate = pipeline.estimate(RunRequest(batch=20000), chunk_bytes=4 << 20)
+    assert estimate.broadcast_chunk <= 4 << 20
+    assert estimate.total < 1 << 30
+    matmul = pipeline.estimate(RunRequest(batch=20000, strategy="matmul"), chunk_bytes=4 << 20)
+    assert matmul.broadcast_chunk == 0
+    compare = pipeline.estimate(RunRequest(strategy="matmul", compare=True), chunk_bytes=4 << 20)
+    assert compare.broadcast_chunk > 0  # compare runs the broadcast strategy too
