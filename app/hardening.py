@@ -22,10 +22,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import schemas
 from app.api.responses import StrictJSONResponse
 from app.settings import Settings
 
@@ -287,6 +289,45 @@ def overflow_warnings(result: dict[str, Any]) -> list[str]:
     return found
 
 
+# --- OpenAPI -------------------------------------------------------------------------------
+
+
+def exact_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """app.openapi, with the integer limits pydantic wrote restored exactly: FastAPI's OpenAPI
+    model stores `maximum` as a float, which turns the seed's 2^63 - 1 into 2^63."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        schema = generate()
+        if fresh:
+            components = schema.get("components", {}).get("schemas", {})
+            for name, component in components.items():
+                model = getattr(schemas, name.removesuffix("-Input").removesuffix("-Output"), None)
+                if isinstance(model, type) and issubclass(model, BaseModel):
+                    mode = "serialization" if name.endswith("-Output") else "validation"
+                    components[name] = _exact_ints(component, model.model_json_schema(mode=mode))
+        return schema
+
+    return openapi
+
+
+def _exact_ints(generated: Any, source: Any) -> Any:
+    """`generated`, with each float that stands for an int of `source` at the same place
+    replaced by that int."""
+    if isinstance(generated, dict) and isinstance(source, dict):
+        return {k: _exact_ints(v, source[k]) if k in source else v for k, v in generated.items()}
+    if isinstance(generated, list) and isinstance(source, list) and len(generated) == len(source):
+        return [_exact_ints(g, s) for g, s in zip(generated, source)]
+    if isinstance(generated, float) and _is_int(source) and float(source) == generated:
+        return source
+    return generated
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # --- startup ---------------------------------------------------------------------------------
 
 
@@ -318,6 +359,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     app.state.concurrency = concurrency
     app.state.limiter = RunLimiter(concurrency.runs, settings.queue_wait_s)
     app.router.lifespan_context = lifespan
+    app.openapi = exact_openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

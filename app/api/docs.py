@@ -20,6 +20,8 @@ def swagger_ui() -> HTMLResponse:
         swagger_js_url="/docs/assets/swagger-ui-bundle.js",
         swagger_css_url="/docs/assets/swagger-ui.css",
         swagger_favicon_url="/docs/assets/favicon.png",
+        # no badge from validator.swagger.io: the page asks nothing of any other origin
+        swagger_ui_parameters={"validatorUrl": None},
     )
 
 
