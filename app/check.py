@@ -11,12 +11,14 @@ wrong) manual gradient still fails on the large entries. Both are reported per t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from app.ops.activations import LEAKY_SLOPE
+from app.ops.base import split_variant
 
 NORM_EPS = 1e-5
 # rtol, atol_scale. float32 sums over a batch round at ~1e-7 relative; 1e-4/1e-5 leaves a wide
@@ -27,12 +29,20 @@ TOLERANCES = {
 }
 
 
-def reference_loss(cfg, leaves: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The loss, computed with torch's own ops so autograd can differentiate it."""
+def reference_loss(
+    cfg, leaves: Mapping[str, torch.Tensor], keep: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The loss, computed with torch's own ops so autograd can differentiate it.
+
+    With `keep`, the pre-norm linear outputs `l{k}` and `out` are stored there with
+    `retain_grad()`, so their gradients can be checked too."""
     n_layers = len(cfg.hidden) + 1
     a = leaves["x"]
     for k in range(1, n_layers + 1):
         z = torch.matmul(a, leaves[f"w{k}"]) + leaves[f"b{k}"]
+        if keep is not None and z.requires_grad:
+            z.retain_grad()
+            keep["out" if k == n_layers else f"l{k}"] = z
         if k == n_layers:
             out = z
             break
@@ -65,29 +75,42 @@ def activation_reference(name: str, z: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def autograd_gradients(cfg, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def autograd_gradients(
+    cfg,
+    tensors: Mapping[str, torch.Tensor],
+    intermediates: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """d loss / d every float input, by loss.backward() on fresh leaves.
 
     `detach()` makes new leaves that share storage with the run's tensors: nothing is copied.
+    With `intermediates`, d loss / d `out` and each pre-norm `l{k}` are put there too.
     """
     leaves = {
         n: t.detach().requires_grad_(t.is_floating_point()) if n != "target" else t
         for n, t in tensors.items()
     }
+    keep: dict[str, torch.Tensor] | None = {} if intermediates is not None else None
     with torch.enable_grad():
-        reference_loss(cfg, leaves).backward()
+        reference_loss(cfg, leaves, keep).backward()
+    if intermediates is not None and keep:
+        intermediates.update({n: t.grad for n, t in keep.items()})
     return {n: t.grad for n, t in leaves.items() if n != "target"}
 
 
-def compare(manual: torch.Tensor, reference: torch.Tensor) -> dict[str, float | bool | None]:
+def compare(
+    manual: torch.Tensor, reference: torch.Tensor, atol_floor: float = 0.0
+) -> dict[str, float | bool | None]:
     """max abs error, max relative error (to max|reference|), allclose and exact.
 
     One pass each over |diff| and |reference|. NaN compares false, so a non-finite entry on
-    either side fails allclose (inf - inf is NaN too).
+    either side fails allclose (inf - inf is NaN too). `atol_floor` raises the scale of atol
+    for a gradient that cancels to ~0 (see `cancelling_scale`).
     """
     rtol, atol_scale = TOLERANCES[reference.dtype]
     if reference.numel() == 0:
-        return dict(max_abs_err=0.0, max_rel_err=0.0, allclose=True, exact=True, rtol=rtol, atol=0.0)
+        return dict(
+            max_abs_err=0.0, max_rel_err=0.0, allclose=True, exact=True, rtol=rtol, atol=0.0
+        )
     diff = (manual - reference).abs()
     ref_abs = reference.abs()
     scale = ref_abs.max().item()
@@ -96,7 +119,7 @@ def compare(manual: torch.Tensor, reference: torch.Tensor) -> dict[str, float | 
         max_rel = max_abs / scale
     else:
         max_rel = 0.0 if max_abs == 0 else float("inf")
-    atol = atol_scale * scale
+    atol = atol_scale * max(scale, atol_floor)
     allclose = bool((diff <= ref_abs.mul_(rtol).add_(atol)).all())
     return {
         "max_abs_err": max_abs,
@@ -108,13 +131,236 @@ def compare(manual: torch.Tensor, reference: torch.Tensor) -> dict[str, float | 
     }
 
 
+def cancelling_scale(cfg, name: str, intermediates: Mapping[str, torch.Tensor]) -> float:
+    """The scale of the terms a gradient sums, where the sum itself cancels to ~0.
+
+    Before a batchnorm, `b{k}.g = l{k}.g.sum(over *B)` is exactly 0 in exact arithmetic (the
+    norm removes any shift), so both sides are rounding noise and max|autograd| is no scale
+    for atol. The noise is bounded by eps * sum|terms|, so atol scales with that instead;
+    max_rel_err still divides by max|autograd|, as the contract says.
+    """
+    if cfg.norm != "batchnorm" or not name.startswith("b") or not name[1:].isdigit():
+        return 0.0
+    terms = intermediates.get(f"l{name[1:]}")
+    if terms is None:
+        return 0.0
+    return terms.abs().reshape(-1, terms.shape[-1]).sum(0).max().item()
+
+
 def autograd_check(
     cfg, tensors: Mapping[str, torch.Tensor], manual: Mapping[str, torch.Tensor]
 ) -> dict:
-    reference = autograd_gradients(cfg, tensors)
-    per_tensor = {name: compare(manual[name], reference[name]) for name in reference}
+    """Every leaf's manual gradient against autograd, and in `intermediates` the gradients of
+    `out` and each pre-norm `l{k}`, with every other formula for them (e.g. `out:fused`)."""
+    inter: dict[str, torch.Tensor] = {}
+    reference = autograd_gradients(cfg, tensors, inter)
+    per_tensor = {
+        name: compare(manual[name], reference[name], cancelling_scale(cfg, name, inter))
+        for name in reference
+    }
+    intermediates = {
+        key: compare(manual[key], inter[split_variant(key)[0]])
+        for key in manual
+        if split_variant(key)[0] in inter
+    }
     return {
         "reference": "torch.autograd",
-        "all_close": all(c["allclose"] for c in per_tensor.values()),
+        "all_close": all(c["allclose"] for c in [*per_tensor.values(), *intermediates.values()]),
         "tensors": per_tensor,
+        "intermediates": intermediates,
     }
+
+
+# --------------------------------------------------------------------------- finite differences
+
+FD_REL_STEP = 1e-6  # h = 1e-6 * max(1, |entry|): near the float64 optimum for central differences
+FD_MAX_FLOPS = 1e9  # float64 work all the samples may take together (~2 s); more is refused (422)
+FD_SEED_OFFSET = 0x5EED  # the samples' own generator: seed + this, apart from the run's tensors
+FD_CANDIDATES = 4  # entries drawn per requested sample, so kinks can be skipped
+
+
+def _fd_norm(norm: str, z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """z (R, h) normalized as the contract says (rows = every leading position)."""
+    dim = -1 if norm == "layernorm" else 0
+    xc = z - z.mean(dim, keepdim=True)
+    xhat = xc * (xc.pow(2).mean(dim, keepdim=True) + NORM_EPS).rsqrt()
+    return xhat * gamma + beta
+
+
+class _FDNet:
+    """The contract's network in float64 on (rows, features) views, run from any stage.
+
+    A sample perturbs one entry; by linearity its effect on the first stage it reaches is
+    exact and cheap (`w{k}[i, j]` adds h * a[:, i] to column j of l{k}), so each of the two
+    passes runs only the layers after it, and for x (without batchnorm) only its own row.
+    """
+
+    def __init__(self, cfg, tensors: Mapping[str, torch.Tensor]):
+        self.cfg = cfg
+        self.L = len(cfg.hidden) + 1
+        self.norm = cfg.norm
+        self.kinked = cfg.activation in ("relu", "leaky_relu")
+        p = {n: t.detach().to(torch.float64) for n, t in tensors.items() if n != "target"}
+        p["x"] = p["x"].reshape(-1, cfg.in_features)
+        target = tensors["target"]
+        if cfg.loss == "cross_entropy":
+            self.target = target.reshape(-1)
+            self.count = self.target.numel()
+        else:
+            self.target = target.detach().to(torch.float64).reshape(p["x"].shape[0], -1)
+            self.count = target.numel()
+        self.p = p
+        self.a, self.l, self.xhat = {0: p["x"]}, {}, {}  # the unperturbed pass, per stage
+        self.n: dict[int, torch.Tensor] = {}  # normalized l{k}, made when first needed
+        for k in range(1, self.L + 1):
+            self.l[k] = self.a[k - 1] @ p[f"w{k}"] + p[f"b{k}"]
+            if k < self.L:
+                if self.norm != "none":
+                    ones, zeros = torch.ones_like(p[f"b{k}"]), torch.zeros_like(p[f"b{k}"])
+                    self.xhat[k] = _fd_norm(self.norm, self.l[k], ones, zeros)
+                self.a[k] = activation_reference(cfg.activation, self._norm(k, self.l[k]))
+
+    def _norm(self, k: int, z: torch.Tensor) -> torch.Tensor:
+        if self.norm == "none":
+            return z
+        return _fd_norm(self.norm, z, self.p[f"gamma{k}"], self.p[f"beta{k}"])
+
+    def tail(
+        self, k: int, z: torch.Tensor, normed: bool, rows: slice
+    ) -> tuple[float, list[torch.Tensor]]:
+        """Loss summed over `rows` / the loss's count, from layer k's `z` (l{k}, or its
+        normalized value when `normed`), and the sign masks of every kinked pre-activation."""
+        masks = []
+        while True:
+            if k == self.L:
+                return self._loss(z, rows), masks
+            if not normed:
+                z = self._norm(k, z)
+            if self.kinked:
+                masks.append(z > 0)
+            a = activation_reference(self.cfg.activation, z)
+            k, normed = k + 1, False
+            z = a @ self.p[f"w{k}"] + self.p[f"b{k}"]
+
+    def _loss(self, out: torch.Tensor, rows: slice) -> float:
+        target = self.target[rows]
+        if self.cfg.loss == "cross_entropy":
+            total = F.cross_entropy(out, target, reduction="sum")
+        else:
+            total = (out - target).pow(2).sum()
+        return total.item() / self.count
+
+    def perturbed(self, name: str, index: int, h: float):
+        """How one entry's +-h reaches its first stage: (k, add(z, sign), normed, rows)."""
+        kind, k = _split_name(name)
+        every = slice(None)
+        if kind == "x":
+            r, i = divmod(index, self.p["x"].shape[1])
+            w = self.p["w1"][i]  # (h1,): x[r, i] moves row r of l1 by h * w1[i, :]
+            if self.norm == "batchnorm":  # rows are coupled through the batch statistics
+                return (
+                    1,
+                    lambda z, s: z.index_add(0, torch.tensor([r]), s * h * w[None]),
+                    False,
+                    every,
+                )
+            return 1, lambda z, s: z[r : r + 1] + s * h * w, False, slice(r, r + 1)
+        if kind == "w":  # w[i, j] moves column j of l{k} by h * a{k-1}[:, i]
+            i, j = divmod(index, self.p[name].shape[1])
+            col = self.a[k - 1][:, i : i + 1]
+            return k, lambda z, s: z.index_add(1, torch.tensor([j]), s * h * col), False, every
+        # b[j], beta[j] move column j by h (of l{k}, of n{k}); gamma[j] by h * xhat[:, j]
+        col = (
+            self.xhat[k][:, index : index + 1]
+            if kind == "gamma"
+            else torch.ones_like(self.l[k][:, :1])
+        )
+        return (
+            k,
+            lambda z, s: z.index_add(1, torch.tensor([index]), s * h * col),
+            kind != "b",
+            every,
+        )
+
+    def difference(self, name: str, index: int) -> float | None:
+        """The central difference at one entry; None when a kink lies within +-h."""
+        value = self.p[name].reshape(-1)[index].item()
+        h = FD_REL_STEP * max(1.0, abs(value))
+        k, add, normed, rows = self.perturbed(name, index, h)
+        if normed and k not in self.n:
+            self.n[k] = self._norm(k, self.l[k])
+        base = self.n[k] if normed else self.l[k]
+        plus, plus_masks = self.tail(k, add(base, 1), normed, rows)
+        minus, minus_masks = self.tail(k, add(base, -1), normed, rows)
+        if any(not torch.equal(p, m) for p, m in zip(plus_masks, minus_masks)):
+            return None
+        return (plus - minus) / (2 * h)
+
+
+def _split_name(name: str) -> tuple[str, int]:
+    """`"gamma2"` -> `("gamma", 2)`; `"x"` -> `("x", 1)` (x enters layer 1)."""
+    kind = name.rstrip("0123456789")
+    return kind, int(name[len(kind) :] or 1)
+
+
+def _fd_layout(cfg) -> tuple[int, list[tuple[str, int, int]]]:
+    """(rows, [(gradient name, numel, first layer its perturbation reaches)])."""
+    from app.tensors import input_specs
+
+    specs = [s for s in input_specs(cfg) if s.role != "target"]
+    rows = math.prod(specs[0].shape[:-1])
+    return rows, [(s.name, math.prod(s.shape), _split_name(s.name)[1]) for s in specs]
+
+
+def fd_cost_flops(cfg) -> float:
+    """About how much float64 work `finite_difference_check` does: two passes per sample,
+    each over the layers after the one the sample perturbs (x without batchnorm: one row)."""
+    if not cfg.fd_samples:
+        return 0.0
+    widths = [cfg.in_features, *cfg.hidden, cfg.out_features]
+    rows, layout = _fd_layout(cfg)
+    total = 0.0
+    for name, numel, k in layout:
+        r = 1 if name == "x" and cfg.norm != "batchnorm" else rows
+        after = sum(widths[j - 1] * widths[j] for j in range(k + 1, len(widths)))
+        per_pass = r * (2 * after + 16 * sum(widths[k:]))  # matmuls + elementwise, norms, loss
+        total += min(cfg.fd_samples, numel) * 2 * per_pass
+    return total
+
+
+def finite_difference_check(
+    cfg, tensors: Mapping[str, torch.Tensor], manual: Mapping[str, torch.Tensor]
+) -> dict[str, dict[str, float | int | None]]:
+    """Float64 central differences at `cfg.fd_samples` entries of every gradient.
+
+    Entries are drawn by a generator seeded from the run's seed (+ FD_SEED_OFFSET). With
+    relu/leaky_relu, an entry whose +-h passes change any pre-activation's sign (a kink
+    within reach) is skipped for the next candidate, so `samples` may come out smaller.
+    max_abs_err is over the samples; max_rel_err divides it by max|manual gradient| over the
+    whole tensor (the gradient's scale; a sampled entry may itself be ~0), or for a gradient
+    that cancels to ~0 by the scale of the terms it sums (`cancelling_scale`).
+    """
+    net = _FDNet(cfg, tensors)
+    gen = torch.Generator().manual_seed((cfg.seed + FD_SEED_OFFSET) % 2**63)
+    _, layout = _fd_layout(cfg)
+    report: dict[str, dict[str, float | int | None]] = {}
+    for name, numel, _ in layout:
+        want = min(cfg.fd_samples, numel)
+        if numel <= FD_CANDIDATES * want:
+            candidates = torch.randperm(numel, generator=gen).tolist()
+        else:
+            drawn = torch.randint(numel, (FD_CANDIDATES * want,), generator=gen).tolist()
+            candidates = list(dict.fromkeys(drawn))
+        grad = manual[name].detach().reshape(-1)
+        errors = []
+        for index in candidates:
+            if len(errors) == want:
+                break
+            fd = net.difference(name, index)
+            if fd is not None:
+                errors.append(abs(grad[index].item() - fd))
+        max_abs = max(errors, default=0.0)
+        scale = max(grad.abs().max().item(), cancelling_scale(cfg, name, manual))
+        rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else None)
+        report[name] = {"samples": len(errors), "max_abs_err": max_abs, "max_rel_err": rel}
+    return report

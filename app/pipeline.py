@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from app import budget
-from app.check import autograd_check
+from app.check import autograd_check, finite_difference_check
 from app.compare import compare_strategies
 from app.network import Network
 from app.ops import Context
@@ -54,6 +54,8 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     grads = net.backward(env, Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes))
     after_backward = time.perf_counter()
     check = autograd_check(cfg, tensors, grads)
+    if cfg.fd_samples > 0:  # cost bounded by the schema (check.FD_MAX_FLOPS)
+        check["finite_difference"] = finite_difference_check(cfg, tensors, grads)
     after_check = time.perf_counter()
 
     specs = input_specs(cfg)

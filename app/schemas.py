@@ -3,9 +3,10 @@ show in /openapi.json and the page can copy them into its inputs."""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Size limits. The memory budget (settings.memory_budget_bytes) is the other, joint limit.
 MAX_BATCH_DIMS = 4
@@ -19,11 +20,7 @@ MAX_SEED = 2**63 - 1
 MAX_INIT_SCALE = 1e6
 
 # What another issue owns and this build does not do yet; refused with a clear 422.
-NOT_AVAILABLE: dict[str, set[str]] = {
-    "loss": {"cross_entropy"},
-    "norm": {"layernorm", "batchnorm"},
-    "fd_samples": set(),
-}
+NOT_AVAILABLE: dict[str, set[str]] = {}
 
 StrictInt = Annotated[int, Field(strict=True)]
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
@@ -132,10 +129,33 @@ class RunRequest(BaseModel):
 
     @field_validator("fd_samples")
     @classmethod
-    def _fd_available(cls, value: int) -> int:
+    def _fd_available(cls, value: int, info) -> int:
         if value and "fd_samples" in NOT_AVAILABLE:
             raise ValueError("fd_samples > 0 is not available yet in this build")
+        needed = ("batch", "in_features", "hidden", "out_features", "norm")
+        if value and all(name in info.data for name in needed):  # fd_samples comes last
+            from types import SimpleNamespace
+
+            from app.check import FD_MAX_FLOPS, fd_cost_flops
+
+            cost = fd_cost_flops(SimpleNamespace(**info.data, fd_samples=value))
+            if cost > FD_MAX_FLOPS:
+                raise ValueError(
+                    f"fd_samples={value} would take about {cost:.2g} float64 flops of forward "
+                    f"passes, over the limit of {FD_MAX_FLOPS:.0g}; reduce fd_samples, batch "
+                    "or the widths"
+                )
         return value
+
+    @model_validator(mode="after")
+    def _batchnorm_needs_a_batch(self) -> RunRequest:
+        lead = [self.batch] if isinstance(self.batch, int) else self.batch
+        if self.norm == "batchnorm" and self.hidden and math.prod(lead) < 2:
+            raise ValueError(
+                "norm='batchnorm' takes statistics over the batch: batch must have at least "
+                "2 positions in all (it has 1)"
+            )
+        return self
 
     @field_validator("activation", "norm", "loss", "strategy")
     @classmethod
@@ -186,6 +206,11 @@ class BackwardEntry(BaseModel):
     )
     steps: list[TraceStep]
     shape: Shape
+    variant: str | None = Field(
+        None,
+        description="Set on another formula for the same gradient (e.g. cross_entropy's "
+        '"fused" (probs - one_hot) / N): traced and checked, not propagated',
+    )
 
 
 class Heatmap(BaseModel):
@@ -220,9 +245,14 @@ class TensorCheck(BaseModel):
 
 
 class FiniteDifferenceCheck(BaseModel):
-    samples: int
-    max_abs_err: float | None
-    max_rel_err: float | None
+    samples: int = Field(
+        description="Entries checked: fd_samples, or fewer for a small tensor or where entries "
+        "next to a relu kink were skipped"
+    )
+    max_abs_err: float | None = Field(description="max |manual - central difference|")
+    max_rel_err: float | None = Field(
+        description="max_abs_err / max|manual gradient| over the whole tensor"
+    )
 
 
 class Check(BaseModel):
@@ -230,6 +260,11 @@ class Check(BaseModel):
     all_close: bool
     tensors: dict[str, TensorCheck]
     finite_difference: dict[str, FiniteDifferenceCheck] | None = None
+    intermediates: dict[str, TensorCheck] | None = Field(
+        None,
+        description="d loss / d out and each pre-norm l{k}, manual against autograd, with every "
+        'other formula for them (e.g. "out:fused"); all_close covers them too',
+    )
 
 
 class Timing(BaseModel):
