@@ -73,3 +73,26 @@ def test_budget_counts_the_chunk_not_the_literal_product():
     assert matmul.broadcast_chunk == 0
     compare = pipeline.estimate(RunRequest(strategy="matmul", compare=True), chunk_bytes=4 << 20)
     assert compare.broadcast_chunk > 0  # compare runs the broadcast strategy too
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"strategy": "matmul"},
+        {"batch": [8, 50], "in_features": 300, "hidden": [200, 100], "out_features": 10},
+        {"batch": 3000, "in_features": 100, "hidden": [400], "dtype": "float64"},
+        {"batch": 2, "in_features": 2000, "hidden": [1000], "compare": True},
+    ],
+)
+def test_budget_estimate_bounds_what_a_run_allocates(fields):
+    """The estimate refuses runs before allocating, so it must be an upper bound of the real
+    peak (measured allocation by allocation), and not so loose that it refuses fair runs."""
+    from app import pipeline
+
+    cfg = RunRequest(**fields)
+    estimate = pipeline.estimate(cfg, chunk_bytes=4 << 20)
+    with PeakMemory() as memory:
+        pipeline.run(cfg, chunk_bytes=4 << 20)
+    assert memory.peak_bytes <= estimate.total
+    assert estimate.total <= 6 * memory.peak_bytes
