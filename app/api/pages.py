@@ -18,7 +18,9 @@ PLOTLY_URL = f"/vendor/plotly-{plotly.__version__}.min.js"  # versioned: safe to
 
 
 def _num(value: Any) -> str:
-    return "2^63-1" if value == 2**63 - 1 else f"{value:,}" if isinstance(value, int) else f"{value:g}"
+    return (
+        "2^63-1" if value == 2**63 - 1 else f"{value:,}" if isinstance(value, int) else f"{value:g}"
+    )
 
 
 def _hint(spec: dict[str, Any]) -> str:
@@ -26,7 +28,9 @@ def _hint(spec: dict[str, Any]) -> str:
     if spec["kind"] in ("int", "float") and spec.get("max") is not None:
         return f"{_num(spec['min'])} … {_num(spec['max'])}"
     if spec["kind"] == "int_or_list":
-        return f"a size or {spec['max_items']} sizes, each {_num(spec['min'])} … {_num(spec['max'])}"
+        return (
+            f"a size or {spec['max_items']} sizes, each {_num(spec['min'])} … {_num(spec['max'])}"
+        )
     if spec["kind"] == "list":
         return f"{spec['min_items']}–{spec['max_items']} sizes, each {_num(spec['min'])} … {_num(spec['max'])}"
     return ""
@@ -46,8 +50,7 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
     if "enum" in prop:
         spec["kind"] = "choice"
         spec["options"] = [
-            {"value": v, "available": v not in NOT_AVAILABLE.get(name, set())}
-            for v in prop["enum"]
+            {"value": v, "available": v not in NOT_AVAILABLE.get(name, set())} for v in prop["enum"]
         ]
     elif array is not None:
         items = array.get("items", {})

@@ -184,7 +184,10 @@ export class Diagram {
     });
 
     const container = this.el.parentElement.clientWidth || 900;
-    const width = Math.max(container, Math.round(span * COL_WIDTH + 30));
+    // Column width from the longest shape label, so small runs fit without scrolling.
+    const longest = Math.max(8, ...steps.map((p) => shape(p.step.output).length), ...names.map((n) => shape(data.tensors[n].shape).length));
+    const colWidth = Math.min(COL_WIDTH, Math.max(64, longest * 6.6 + 12));
+    const width = Math.max(container, Math.round(span * colWidth + 30));
     const height = Math.round((yTop - yBottom) * ROW + 40);
     this.el.style.width = `${width}px`;
     const layoutSpec = {

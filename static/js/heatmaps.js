@@ -45,14 +45,15 @@ function axisTitles(shp) {
 function chartSize(rows, cols, oneD) {
   if (oneD) return { width: Math.round(Math.min(600, Math.max(150, cols * 14)) + 130), height: 132 };
   const height = 330;
-  const plot = Math.min(560, Math.max(60, (height - 60) * (cols / rows)));
+  const plot = Math.min(560, Math.max(90, (height - 60) * (cols / rows)));
   return { width: Math.round(plot + 200), height };
 }
 
 /** Integer ticks in the tensor's index units: every index when few, else about 6 round steps. */
-function ticks(n) {
-  if (n <= 12) return { tickvals: [...Array(n).keys()] };
-  const raw = n / 6;
+function ticks(n, px) {
+  const most = Math.max(2, Math.floor(px / 30));
+  if (n <= most) return { tickvals: [...Array(n).keys()] };
+  const raw = n / Math.min(6, most);
   const p = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 5, 10].map((m) => m * p).find((v) => v >= raw);
   return { tickmode: "linear", tick0: 0, dtick: step };
@@ -100,10 +101,10 @@ export function drawHeatmaps(container, data, view) {
     };
     const layout = {
       width, height, margin: { l: oneD ? 20 : 64, r: 10, t: 8, b: 44 },
-      xaxis: { title: { text: titles.x, font: { size: 11 } }, range: [-0.5, cols - 0.5], ...ticks(cols), tickfont: { size: 10 }, showgrid: false, zeroline: false },
+      xaxis: { title: { text: titles.x, font: { size: 11 } }, range: [-0.5, cols - 0.5], ...ticks(cols, width - (oneD ? 130 : 200)), tickfont: { size: 10 }, showgrid: false, zeroline: false },
       yaxis: oneD
         ? { visible: false }
-        : { title: { text: titles.y, font: { size: 11 } }, range: [rows - 0.5, -0.5], ...ticks(rows), tickfont: { size: 10 }, showgrid: false, zeroline: false },
+        : { title: { text: titles.y, font: { size: 11 } }, range: [rows - 0.5, -0.5], ...ticks(rows, height - 60), tickfont: { size: 10 }, showgrid: false, zeroline: false },
       plot_bgcolor: "#e9ecef", paper_bgcolor: "#fff",
     };
     Plotly.newPlot(chart, [trace], layout, { displayModeBar: false, responsive: false });

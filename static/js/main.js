@@ -32,8 +32,11 @@ function showErrors(errs) {
     form.elements[f.name].closest(".field").classList.toggle("invalid", !!msgs);
   }
   const banner = $("run-error");
-  banner.hidden = !errs[""];
-  banner.textContent = errs[""] ? errs[""].join(" ") : "";
+  const named = FIELDS.filter((f) => errs[f.name]).map((f) => f.name);
+  const lines = [...(errs[""] || [])];
+  if (named.length) lines.push(`The server refused this config: see ${named.join(", ")} in the form.${current ? " The charts show the last run that worked." : ""}`);
+  banner.hidden = !lines.length;
+  banner.textContent = lines.join(" ");
 }
 
 function setLoading(on) {
@@ -78,7 +81,11 @@ function draw(data) {
 }
 
 /** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */
+let lastSent = null;
 async function go(config) {
+  const key = JSON.stringify(config);
+  if (key === lastSent && controller && !controller.signal.aborted && document.body.dataset.state === "loading") return;
+  lastSent = key;
   controller?.abort();
   const mine = (controller = new AbortController());
   showErrors({});

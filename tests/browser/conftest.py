@@ -33,7 +33,16 @@ def server() -> str:
     """Base URL of a live server, started for the session and stopped after it."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -47,7 +56,9 @@ def server() -> str:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}") from None
+                raise RuntimeError(
+                    f"server did not start: {proc.stderr.read().decode()[-2000:]}"
+                ) from None
             time.sleep(0.2)
     yield base
     proc.terminate()
@@ -94,16 +105,16 @@ class Watched:
         )
 
     def foreign(self) -> list[str]:
-        return [u for u in self.requests if not (u.startswith(self.base + "/") or u.startswith("data:"))]
+        return [
+            u for u in self.requests if not (u.startswith(self.base + "/") or u.startswith("data:"))
+        ]
 
 
 @pytest.fixture
 def watched(browser, server):
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     # Anything bound elsewhere is refused (and recorded), so a stray request cannot hang a test.
-    context.route(
-        lambda url: not url.startswith(server + "/"), lambda route: route.abort()
-    )
+    context.route(lambda url: not url.startswith(server + "/"), lambda route: route.abort())
     page = context.new_page()
     w = Watched(page, server)
     yield w

@@ -1,0 +1,195 @@
+"""The visualizer page in a real browser (Playwright driving Debian's Chromium) against a live
+uvicorn server: it draws on load, follows its URL, re-runs on change, steps, shows errors in
+place, and asks nothing of any other origin."""
+
+import re
+
+import plotly
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+
+SMALL = "?batch=8&in_features=6&hidden=4,3&seed=3"
+ARTICLE_GRADS = {"x", "w1", "b1", "w2", "b2"}
+
+
+def diagram_text(page) -> str:
+    return page.eval_on_selector("#diagram", "e => e.textContent")
+
+
+def drawn_heatmaps(page) -> dict[str, str]:
+    """name -> caption, for every heatmap card whose Plotly chart holds a heatmap trace."""
+    return page.evaluate(
+        """() => Object.fromEntries([...document.querySelectorAll('.heatmap-card')]
+            .filter(c => { const d = c.querySelector('.chart').data;
+                           return d && d[0].type === 'heatmap' && d[0].zmid === 0; })
+            .map(c => [c.dataset.name, c.querySelector('figcaption').textContent]))"""
+    )
+
+
+def assert_clean(w, allowed=()) -> None:
+    errors = [e for e in w.errors if not any(re.search(a, e) for a in allowed)]
+    assert errors == [], errors
+    assert w.foreign() == [], w.foreign()
+
+
+@pytest.mark.browser
+def test_default_load_draws_the_article_run_with_no_click(watched):
+    w = watched
+    w.open()
+    page = w.page
+    text = diagram_text(page)
+    for shp in ("(1000, 784)", "(1000, 1, 50)", "(1000, 784, 50)", "(784, 50)", "(50,)"):
+        assert shp in text, shp
+    assert "156.8 MB" in text  # the broadcast intermediate, annotated by its memory
+    assert int(page.get_attribute("#diagram", "data-steps")) > 10
+    maps = drawn_heatmaps(page)
+    assert set(maps) >= ARTICLE_GRADS
+    assert "(1000, 784)" in maps["x"]
+    notice = page.locator('.heatmap-card[data-name="x"] .notice.downsampled')
+    assert notice.is_visible() and "(1000, 784)" in notice.inner_text()
+    rows = page.locator("#check-table tbody tr")
+    assert {rows.nth(i).get_attribute("data-name") for i in range(rows.count())} == set(maps)
+    assert page.locator("#check-table .verdict.pass").count() == rows.count()
+    # The selected step starts on the article's broadcast, with its aligned table.
+    assert "(1000, 784, 50)" in page.inner_text("#step-detail")
+    assert page.locator("#step-detail td.stretched").count() >= 2
+    assert page.url.endswith("/")  # the default config keeps the URL bare
+    assert_clean(w)
+
+
+@pytest.mark.browser
+def test_url_opens_that_run(watched):
+    w = watched
+    w.open(SMALL)
+    page = w.page
+    assert "(8, 6, 4)" in diagram_text(page)
+    assert page.input_value("#f-batch") == "8"
+    assert page.input_value("#f-hidden") == "4,3"
+    assert page.input_value("#f-seed") == "3"
+    assert set(drawn_heatmaps(page)) == {"x", "w1", "b1", "w2", "b2", "w3", "b3"}
+    assert_clean(w)
+
+
+@pytest.mark.browser
+def test_changing_a_field_updates_url_and_charts_and_back_works(watched):
+    w = watched
+    w.open(SMALL)
+    page = w.page
+    page.fill("#f-hidden", "5")
+    page.press("#f-hidden", "Tab")  # change event
+    page.wait_for_url(re.compile(r"hidden=5(&|$)"))
+    w.wait_drawn()
+    page.wait_for_function("document.querySelector('#diagram').textContent.includes('(8, 6, 5)')")
+    maps = drawn_heatmaps(page)
+    assert set(maps) == {"x", "w1", "b1", "w2", "b2"}
+    assert "(5, 1)" in maps["w2"]
+    page.select_option("#f-activation", "tanh")
+    page.wait_for_url(re.compile(r"activation=tanh"))
+    w.wait_drawn()
+    assert "tanh" in page.inner_text("#code-lines")
+    page.go_back()  # popstate: the previous URL's run comes back
+    page.wait_for_function("!location.search.includes('activation')")
+    w.wait_drawn()
+    assert page.input_value("#f-activation") == "relu"
+    assert "tanh" not in page.inner_text("#code-lines")
+    page.go_back()
+    page.wait_for_function("document.querySelector('#diagram').textContent.includes('(8, 6, 4)')")
+    assert page.input_value("#f-hidden") == "4,3"
+    assert_clean(w)
+
+
+@pytest.mark.browser
+def test_stepping_moves_the_highlight(watched):
+    w = watched
+    w.open(SMALL)
+    page = w.page
+
+    def where():
+        return (
+            page.get_attribute("#diagram", "data-selected"),
+            page.get_attribute("#diagram", "data-selected-xy"),
+            page.inner_text("#step-pos"),
+            page.inner_text("#code-lines li.current"),
+        )
+
+    start = where()
+    page.click("#step-next")
+    after = where()
+    assert int(after[0]) == int(start[0]) + 1
+    assert after[1] != start[1] and after[2] != start[2]
+    # The ring is drawn where the diagram says the selected step is.
+    ring = page.evaluate(
+        "(() => { const d = document.querySelector('#diagram').data; "
+        "const t = d[d.length - 1]; return `${t.x[0]},${t.y[0]}`; })()"
+    )
+    assert ring == after[1]
+    page.locator("body").press("ArrowLeft")
+    assert where()[:3] == start[:3]
+    page.locator("body").press("ArrowLeft")
+    assert int(where()[0]) == int(start[0]) - 1
+    # The first step: prev is disabled; the highlighted code line is the first backward formula.
+    page.locator("#code-lines li.bwd button").first.click()
+    assert page.get_attribute("#diagram", "data-selected") == "0"
+    assert page.is_disabled("#step-prev")
+    assert page.inner_text("#code-lines li.current").startswith("out.g")
+    assert_clean(w)
+
+
+@pytest.mark.browser
+def test_a_bad_field_shows_its_error_next_to_it(watched):
+    w = watched
+    dialogs = []
+    w.page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    w.open(SMALL)
+    page = w.page
+    page.fill("#f-in_features", "0")
+    page.press("#f-in_features", "Tab")
+    page.wait_for_function("document.querySelector('#err-in_features').textContent !== ''")
+    assert "greater than or equal to 1" in page.inner_text("#err-in_features")
+    assert page.get_attribute("#f-in_features", "aria-invalid") == "true"
+    assert page.is_visible("#run-error") and "in_features" in page.inner_text("#run-error")
+    assert page.inner_text("#err-batch") == ""
+    assert "(8, 6, 4)" in diagram_text(page)  # the last good run stays drawn
+    page.fill("#f-in_features", "7")
+    page.press("#f-in_features", "Tab")
+    page.wait_for_function("document.querySelector('#diagram').textContent.includes('(8, 7, 4)')")
+    assert page.inner_text("#err-in_features") == ""
+    assert dialogs == []
+    assert_clean(w, allowed=[r"status of 422"])  # Chromium logs the refused request itself
+
+
+@pytest.mark.browser
+def test_explainer_shows_the_rule_and_the_clash(watched):
+    w = watched
+    w.open(SMALL)
+    page = w.page
+    page.fill("#bx-a", "8, 1, 4")
+    page.fill("#bx-b", "3, 1")
+    page.click("#explainer-form button[type=submit]")
+    page.wait_for_function(
+        "document.querySelector('#explainer-out').textContent.includes('(8, 3, 4)')"
+    )
+    out = page.locator("#explainer-out")
+    assert out.locator("td.stretched").count() == 3  # a: dim 1; b: dims 0 and 2
+    assert "g.sum(1, keepdim=True).reshape(8, 1, 4)" in out.inner_text()
+    page.fill("#bx-b", "5")
+    page.click("#explainer-form button[type=submit]")
+    page.wait_for_function("document.querySelector('#bx-err').textContent !== ''")
+    assert "dim -1: a has 4, b has 5" in page.inner_text("#bx-err")
+    assert_clean(w, allowed=[r"status of 422"])
+
+
+def test_page_serves_limits_and_local_plotly():
+    """No browser: the form carries the schema's limits, and Plotly comes from the package."""
+    client = TestClient(create_app())
+    html = client.get("/").text
+    assert re.search(r'id="f-in_features"[^>]*min="1"[^>]*max="16384"', html, re.S)
+    assert re.search(r'id="f-max_cells"[^>]*max="1000000"', html, re.S)
+    src = f"/vendor/plotly-{plotly.__version__}.min.js"
+    assert f'src="{src}"' in html
+    assert "https://" not in html and "http://" not in html
+    js = client.get(src)
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert client.get("/vendor/plotly-0.0.0.min.js").status_code == 404
