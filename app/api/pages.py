@@ -28,9 +28,7 @@ def _hint(spec: dict[str, Any]) -> str:
     if spec["kind"] in ("int", "float") and spec.get("max") is not None:
         return f"{_num(spec['min'])} … {_num(spec['max'])}"
     if spec["kind"] == "int_or_list":
-        return (
-            f"a size or {spec['max_items']} sizes, each {_num(spec['min'])} … {_num(spec['max'])}"
-        )
+        return f"1 to {spec['max_items']} sizes, each {_num(spec['min'])} … {_num(spec['max'])}"
     if spec["kind"] == "list":
         return f"{spec['min_items']}–{spec['max_items']} sizes, each {_num(spec['min'])} … {_num(spec['max'])}"
     return ""
@@ -52,6 +50,8 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
         spec["options"] = [
             {"value": v, "available": v not in NOT_AVAILABLE.get(name, set())} for v in prop["enum"]
         ]
+    elif prop.get("type") == "boolean":
+        spec["kind"] = "bool"
     elif array is not None:
         items = array.get("items", {})
         spec["kind"] = "int_or_list" if scalar is not None else "list"
@@ -66,6 +66,8 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
     else:
         spec["kind"] = "text"
     spec["value"] = ",".join(map(str, default)) if isinstance(default, list) else default
+    if isinstance(default, bool):
+        spec["value"] = "true" if default else "false"
     spec["hint"] = _hint(spec)
     if name == "fd_samples" and "fd_samples" in NOT_AVAILABLE:
         spec["max"] = 0  # the server refuses anything else in this build

@@ -1,5 +1,5 @@
 // The check table: every gradient against torch.autograd, with the tolerances used.
-import { h, num, shape } from "./format.js";
+import { bytes, h, num, shape } from "./format.js";
 
 export function drawChecks(el, data) {
   const check = data.check;
@@ -27,6 +27,7 @@ export function drawChecks(el, data) {
     return h("tr", { class: c.allclose ? "pass" : "fail", "data-name": name }, ...cells);
   });
   el.replaceChildren(
+    ...warnings(data),
     h("p", { class: `check-summary ${check.all_close ? "pass" : "fail"}` },
       check.all_close ? "✓ Every manual gradient matches " : "✗ Some manual gradients differ from ",
       h("code", {}, check.reference),
@@ -34,5 +35,25 @@ export function drawChecks(el, data) {
     h("table", { class: "check", id: "check-table" },
       h("thead", {}, h("tr", {}, ...head.map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, ...rows)),
+    ...comparison(data.compare),
   );
+}
+
+function warnings(data) {
+  return (data.warnings || []).map((w) => h("p", { class: "notice bad" }, w));
+}
+
+/** With compare=true: each strategy's backward time and peak extra memory. */
+function comparison(cmp) {
+  if (!cmp || !cmp.strategies) return [];
+  const rows = Object.entries(cmp.strategies).map(([name, c]) =>
+    h("tr", {}, h("th", { scope: "row" }, name), h("td", { class: "n" }, `${num(c.backward_ms)} ms`),
+      h("td", { class: "n" }, bytes(c.peak_extra_bytes)), h("td", { class: "n" }, num(c.max_abs_diff))));
+  return [
+    h("h3", { class: "compare-head" }, "Strategies compared"),
+    h("p", { class: "note" }, `The article's formulas run unchunked would materialize ${bytes(cmp.literal_broadcast_bytes)}; this server caps one broadcast chunk at ${bytes(cmp.chunk_bytes)}.`),
+    h("table", { class: "check compare", id: "compare-table" },
+      h("thead", {}, h("tr", {}, ...["strategy", "backward", "peak extra memory", "max |diff| from manual"].map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, ...rows)),
+  ];
 }

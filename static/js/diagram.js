@@ -14,7 +14,7 @@ const OTHER_COLOURS = ["#5c940d", "#862e9c", "#e67700", "#495057"];
 const ROLE_COLOURS = { param: "#868e96", target: "#868e96", input: "#343a40", activation: "#343a40", output: "#343a40" };
 const GRAD_COLOUR = "#2f9e44";
 const COL_WIDTH = 104; // px per column: fits "(1000, 784, 50)" in 11 px type
-const ROW = 58; // px per backward step
+const ROW = 58; // px per backward step (44 when a formula has many steps)
 
 function colourOf(action) {
   if (action in ACTION_COLOURS) return ACTION_COLOURS[action];
@@ -188,7 +188,7 @@ export class Diagram {
     const longest = Math.max(8, ...steps.map((p) => shape(p.step.output).length), ...names.map((n) => shape(data.tensors[n].shape).length));
     const colWidth = Math.min(COL_WIDTH, Math.max(64, longest * 6.6 + 12));
     const width = Math.max(container, Math.round(span * colWidth + 30));
-    const height = Math.round((yTop - yBottom) * ROW + 40);
+    const height = Math.round((yTop - yBottom) * (maxSteps > 10 ? 44 : ROW) + 40);
     this.el.style.width = `${width}px`;
     const layoutSpec = {
       width, height, margin: { l: 10, r: 10, t: 10, b: 30 },

@@ -72,6 +72,7 @@ function setView(next, data) {
 
 function draw(data) {
   current = data;
+  main.classList.remove("empty");
   summary(data);
   diagram.draw(data);
   stepper.load(data, diagram.steps);

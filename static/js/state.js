@@ -15,6 +15,8 @@ export function parseValue(field, text) {
       return INT.test(t) && Number.isSafeInteger(Number(t)) ? Number(t) : t;
     case "float":
       return t !== "" && Number.isFinite(Number(t)) ? Number(t) : t;
+    case "bool":
+      return t === "true" || t === "1" || t === "on" ? true : t === "false" || t === "0" || t === "" ? false : t;
     case "list":
     case "int_or_list": {
       if (field.kind === "list" && t === "") return [];
@@ -66,7 +68,7 @@ export function configFromForm(form) {
       unreadable.push(f.name);
       continue;
     }
-    config[f.name] = parseValue(f, input.value);
+    config[f.name] = f.kind === "bool" ? input.checked : parseValue(f, input.value);
   }
   return { config, unreadable };
 }
@@ -77,6 +79,7 @@ export function configToForm(form, config) {
     const input = form.elements[f.name];
     if (!input) continue;
     const value = f.name in config ? config[f.name] : DEFAULTS[f.name];
-    input.value = formatValue(value);
+    if (f.kind === "bool") input.checked = value === true;
+    else input.value = formatValue(value);
   }
 }

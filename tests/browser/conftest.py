@@ -101,7 +101,7 @@ class Watched:
         self.page.wait_for_function(
             "['ready', 'empty'].includes(document.body.dataset.state)"
             " && document.querySelector('#loading').hidden",
-            timeout=30_000,
+            timeout=60_000,
         )
 
     def foreign(self) -> list[str]:
@@ -115,6 +115,7 @@ def watched(browser, server):
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     # Anything bound elsewhere is refused (and recorded), so a stray request cannot hang a test.
     context.route(lambda url: not url.startswith(server + "/"), lambda route: route.abort())
+    context.set_default_timeout(60_000)  # the machine is shared; a slow run is not a failure
     page = context.new_page()
     w = Watched(page, server)
     yield w

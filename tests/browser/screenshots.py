@@ -14,6 +14,10 @@ STATES = {  # name: (query, what to do after load)
     "small": ("?batch=8&in_features=6&hidden=4,3&seed=3", None),
     "step": ("?batch=8&in_features=6&hidden=4,3&seed=3", "step"),
     "lead-dims": ("?batch=4,16&in_features=12&hidden=8&activation=tanh", None),
+    "new-ops": (
+        "?batch=16&in_features=10&hidden=8&out_features=4&norm=layernorm&loss=cross_entropy",
+        None,
+    ),
     "error": ("?batch=0&hidden=4,-1", None),
     "budget": ("?batch=20000&hidden=4096", None),
 }
@@ -41,6 +45,8 @@ def main() -> None:
                         page.keyboard.press("ArrowRight")
                 page.wait_for_timeout(300)
                 page.screenshot(path=out / f"{name}.png")
+                if name == "default":
+                    page.screenshot(path=out / "page.png")  # the README's picture
                 page.screenshot(path=out / f"{name}-full.png", full_page=True)
                 print("wrote", name)
             browser.close()
