@@ -129,6 +129,17 @@ def test_stepping_moves_the_highlight(watched):
     assert where()[:3] == start[:3]
     page.locator("body").press("ArrowLeft")
     assert int(where()[0]) == int(start[0]) - 1
+    # Clicking a step's node in the diagram selects it.
+    x, y = page.evaluate(
+        """() => { const el = document.querySelector('#diagram'), L = el._fullLayout;
+                   const t = el.data.find(t => t.customdata && t.customdata.includes(2));
+                   const k = t.customdata.indexOf(2), r = el.getBoundingClientRect();
+                   return [r.left + L.margin.l + L.xaxis.l2p(t.x[k]),
+                           r.top + L.margin.t + L.yaxis.l2p(t.y[k])]; }"""
+    )
+    page.mouse.click(x, y)
+    page.wait_for_function("document.querySelector('#diagram').dataset.selected === '2'")
+    assert page.inner_text("#step-pos").startswith("step 3 of")
     # The first step: prev is disabled; the highlighted code line is the first backward formula.
     page.locator("#code-lines li.bwd button").first.click()
     assert page.get_attribute("#diagram", "data-selected") == "0"
