@@ -261,9 +261,9 @@ class Blocker:
 
 def test_saturated_server_gives_503_with_retry_after_and_healthz_answers(monkeypatch):
     blocker = Blocker()
-    monkeypatch.setattr(pipeline, "run", blocker)
     app = create_app(Settings(max_concurrent_runs=1, queue_wait_s=0.2))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False) as client:  # warm-up: the real run
+        monkeypatch.setattr(pipeline, "run", blocker)
         first: list = []
         worker = threading.Thread(target=lambda: first.append(client.post("/api/run", json={})))
         worker.start()

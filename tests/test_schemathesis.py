@@ -16,7 +16,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
 @schema.parametrize()
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_schema(case):
     # Valid-by-schema input may still be refused with 422 (memory budget, features that
     # another issue owns), so positive_data_acceptance does not hold here by design.
