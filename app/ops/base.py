@@ -204,13 +204,18 @@ class Traced:
     def leaf(cls, t: torch.Tensor, name: str) -> Traced:
         return cls(t, name)
 
-    def named(self, name: str) -> Traced:
+    def named(self, name: str, grad_of: Traced | None = None) -> Traced:
         """This value under a short name (`counts`, `xhat.g`): later expressions use the name,
-        and the step that made it is tagged `"name": name` in the trace."""
+        and the step that made it is tagged `"name": name` in the trace. A gradient named
+        `xhat.g` passes `grad_of=xhat`, so the code defines `xhat` before setting `xhat.g`."""
         if self.steps:
             self.steps[-1].detail.setdefault("name", name)
+        steps, bindings = self.steps, self.bindings
+        if grad_of is not None:
+            steps = _merge_steps(grad_of.steps, steps)
+            bindings = _merge_steps(grad_of.bindings, bindings)
         binding = Binding(name, self.expr)
-        return Traced(self.t, name, ATOM, list(self.steps), [*self.bindings, binding])
+        return Traced(self.t, name, ATOM, list(steps), [*bindings, binding])
 
     def code(self, target: str) -> str:
         """Runnable Python: the bindings this value uses, then `target = expr`."""
@@ -359,7 +364,13 @@ class Traced:
         if self.shape != other.shape:
             detail["broadcast"] = broadcast_rule(self.shape, other.shape).as_dict()
         return self._make(
-            self.t == other.t, f"{self.expr} == {other.expr}", 0, "mask", "eq", [self, other], detail
+            self.t == other.t,
+            f"{self.expr} == {other.expr}",
+            0,
+            "mask",
+            "eq",
+            [self, other],
+            detail,
         )
 
     def __getitem__(self, index: Any) -> Traced:
@@ -439,7 +450,6 @@ def split_variant(key: str) -> tuple[str, str | None]:
     """`"out:fused"` -> `("out", "fused")`; `"out"` -> `("out", None)`."""
     name, _, label = key.partition(VARIANT_SEP)
     return name, label or None
-
 
 
 @dataclass

@@ -66,17 +66,21 @@ class CrossEntropy(Op):
         def step_by_step() -> Traced:
             s = self._softmax_steps(out)
             # mean then gather, undone: -1/n scattered to each row's target column
-            logprobs_g = (-self._one_hot(target, out) / n).named("logprobs.g")  # (*B, C)
+            logprobs_g = (-self._one_hot(target, out) / n).named(
+                "logprobs.g", grad_of=s["logprobs"]
+            )  # (*B, C)
             # logprobs = shifted - counts_sum.log(): counts_sum.log() (*B, 1) was broadcast
             # over C, so its gradient sums back over C; d log(u) = 1 / u
             counts_sum_g = (
                 unbroadcast(-logprobs_g, s["counts_sum"].shape) / s["counts_sum"]
-            ).named("counts_sum.g")  # (*B, 1)
+            ).named("counts_sum.g", grad_of=s["counts_sum"])  # (*B, 1)
             # counts_sum = counts.sum(-1): its gradient broadcasts back over C; d exp = exp
-            shifted_g = (logprobs_g + s["counts"] * counts_sum_g).named("shifted.g")  # (*B, C)
+            shifted_g = (logprobs_g + s["counts"] * counts_sum_g).named(
+                "shifted.g", grad_of=s["shifted"]
+            )  # (*B, C)
             # shifted = out - m: m (*B, 1) was broadcast over C (its gradient is ~0: softmax
             # does not change when a row is shifted)
-            m_g = unbroadcast(-shifted_g, s["m"].shape).named("m.g")  # (*B, 1)
+            m_g = unbroadcast(-shifted_g, s["m"].shape).named("m.g", grad_of=s["m"])  # (*B, 1)
             # m = out.max(-1): the gradient goes to where each row's max is
             return shifted_g + out.eq(s["m"]).to_dtype_of(out) * m_g  # (*B, C)
 

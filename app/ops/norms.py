@@ -45,15 +45,19 @@ class _Norm(Op):
         s = self._normalize(l)
 
         def l_grad() -> Traced:
-            xhat_g = (g * gamma).named("xhat.g")  # (*B, h) * (h,): gamma was broadcast over *B
+            xhat_g = (g * gamma).named(
+                "xhat.g", grad_of=s["xhat"]
+            )  # (*B, h) * (h,): gamma was broadcast over *B
             # xhat = xc * rstd: rstd was broadcast, so its gradient sums back to its shape
-            rstd_g = unbroadcast(xhat_g * s["xc"], s["rstd"].shape).named("rstd.g")
+            rstd_g = unbroadcast(xhat_g * s["xc"], s["rstd"].shape).named(
+                "rstd.g", grad_of=s["rstd"]
+            )
             # rstd = (var + eps) ** -1/2: d rstd / d var = -rstd^3 / 2
-            var_g = (-0.5 * s["rstd"].pow(3) * rstd_g).named("var.g")
+            var_g = (-0.5 * s["rstd"].pow(3) * rstd_g).named("var.g", grad_of=s["var"])
             # var = mean(xc^2): the mean's gradient broadcasts back, / n; d xc^2 = 2 xc
-            xc_g = (xhat_g * s["rstd"] + 2 * s["xc"] * var_g / n).named("xc.g")
+            xc_g = (xhat_g * s["rstd"] + 2 * s["xc"] * var_g / n).named("xc.g", grad_of=s["xc"])
             # xc = l - mu: mu was broadcast over the reduced dims
-            mu_g = unbroadcast(-xc_g, s["mu"].shape).named("mu.g")
+            mu_g = unbroadcast(-xc_g, s["mu"].shape).named("mu.g", grad_of=s["mu"])
             # mu = mean(l): its gradient broadcasts back, / n
             return xc_g + mu_g / n  # (*B, h) + stat
 
