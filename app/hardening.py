@@ -319,13 +319,9 @@ def _exact_ints(generated: Any, source: Any) -> Any:
         return {k: _exact_ints(v, source[k]) if k in source else v for k, v in generated.items()}
     if isinstance(generated, list) and isinstance(source, list) and len(generated) == len(source):
         return [_exact_ints(g, s) for g, s in zip(generated, source)]
-    if isinstance(generated, float) and _is_int(source) and float(source) == generated:
+    if isinstance(generated, float) and schemas._is_int(source) and float(source) == generated:
         return source
     return generated
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- startup ---------------------------------------------------------------------------------
