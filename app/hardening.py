@@ -48,7 +48,7 @@ def derive_concurrency(settings: Settings, cores: int | None = None) -> Concurre
     """Fill in the 0s (derive) of max_concurrent_runs and torch_threads from the core count,
     so that runs x threads <= cores. With both derived: a run gets up to 4 threads, and the
     cores are split into as many runs as that allows (2 cores: 1 run x 2 threads)."""
-    cores = max(1, cores or os.cpu_count() or 1)
+    cores = max(1, cores or usable_cores())
     runs, threads = settings.max_concurrent_runs, settings.torch_threads
     if not runs and not threads:
         threads = min(cores, 4)
@@ -58,6 +58,13 @@ def derive_concurrency(settings: Settings, cores: int | None = None) -> Concurre
     elif not runs:
         runs = max(1, cores // threads)
     return Concurrency(runs=runs, torch_threads=threads)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else os.cpu_count()."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class Saturated(Exception):
