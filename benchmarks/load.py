@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
+import httpx2 as httpx  # the dev extra's HTTP client (an httpx fork with its API)
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
