@@ -1,0 +1,171 @@
+"""A property test over random small architectures (manual vs autograd, end to end through
+POST /api/run), and the float64 finite-difference check."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.check import FD_MAX_FLOPS, fd_cost_flops, finite_difference_check
+from app.network import Network
+from app.ops import Context
+from app.schemas import RunRequest
+from app.tensors import make_tensors
+
+CONFIGS = st.fixed_dictionaries(
+    {
+        "batch": st.one_of(st.integers(2, 6), st.lists(st.integers(1, 3), min_size=1, max_size=3)),
+        "in_features": st.integers(1, 5),
+        "hidden": st.lists(st.integers(1, 5), max_size=3),
+        "out_features": st.integers(1, 4),
+        "activation": st.sampled_from(["relu", "leaky_relu", "tanh", "sigmoid"]),
+        "norm": st.sampled_from(["none", "layernorm", "batchnorm"]),
+        "loss": st.sampled_from(["mse", "cross_entropy"]),
+        "init": st.sampled_from(["randn", "kaiming", "xavier"]),
+        "strategy": st.sampled_from(["broadcast", "einsum", "matmul"]),
+        "dtype": st.sampled_from(["float32", "float64"]),
+        "seed": st.integers(0, 2**31),
+    }
+)
+
+
+def _valid(fields: dict) -> bool:
+    """Well-conditioned norms only: a layernorm over 1 or 2 features, or a batchnorm over 2
+    or 3 positions (or a batchnorm of a 1-feature input, scale-invariant in w1), outputs (almost) constants, so every gradient upstream cancels to ~0
+    and both sides are rounding noise (see the report: not a formula error)."""
+    lead = [fields["batch"]] if isinstance(fields["batch"], int) else fields["batch"]
+    if fields["norm"] == "none" or not fields["hidden"]:
+        return True
+    return min(fields["hidden"]) >= 3 and math.prod(lead) >= 4 and fields["in_features"] >= 2
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(CONFIGS.filter(_valid))
+def test_random_architectures_match_autograd(client, fields):
+    response = client.post("/api/run", json={**fields, "fd_samples": 4})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    check = body["check"]
+    bad = {
+        n: c for n, c in {**check["tensors"], **check["intermediates"]}.items() if not c["allclose"]
+    }
+    assert check["all_close"], bad
+    expected = {"x", *(f"{p}{k}" for k in range(1, len(fields["hidden"]) + 2) for p in "wb")}
+    if fields["norm"] != "none":
+        expected |= {
+            f"{p}{k}" for k in range(1, len(fields["hidden"]) + 1) for p in ("gamma", "beta")
+        }
+    assert set(check["tensors"]) == expected <= set(body["gradients"])
+    fd = check["finite_difference"]
+    assert set(fd) == expected
+    tol = 1e-3 if fields["dtype"] == "float32" else 1e-4  # central differences: ~1e-6 own error
+    for name, entry in fd.items():
+        assert entry["max_rel_err"] is not None and entry["max_rel_err"] < tol, (name, entry)
+
+
+def _cfg(**fields):
+    return RunRequest(**{"batch": 6, "in_features": 4, "hidden": [5], "out_features": 3, **fields})
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(activation="relu", loss="cross_entropy", batch=[4, 3]),
+        dict(activation="leaky_relu", norm="batchnorm", dtype="float64"),
+        dict(activation="tanh", norm="layernorm", hidden=[5, 4]),
+        dict(activation="sigmoid", loss="mse", out_features=1, batch=[2, 2, 2]),
+    ],
+)
+def test_fd_reports_small_errors_on_a_correct_run(fields):
+    cfg = _cfg(fd_samples=12, **fields)
+    tensors = make_tensors(cfg)
+    net = Network.from_config(cfg)
+    grads = net.backward(net.forward(tensors), Context())
+    report = finite_difference_check(cfg, tensors, grads)
+    assert set(report) == {n for n in tensors if n != "target"}
+    tol = 1e-4 if cfg.dtype == "float32" else 1e-7
+    for name, entry in report.items():
+        assert 1 <= entry["samples"] <= min(12, tensors[name].numel())
+        assert entry["max_rel_err"] < tol, (name, entry)
+    assert finite_difference_check(cfg, tensors, grads) == report  # deterministic from the seed
+
+
+def test_fd_catches_a_wrong_gradient():
+    cfg = _cfg(fd_samples=8, activation="tanh")
+    tensors = make_tensors(cfg)
+    net = Network.from_config(cfg)
+    grads = net.backward(net.forward(tensors), Context())
+    grads["w1"] = grads["w1"] * 1.01
+    report = finite_difference_check(cfg, tensors, grads)
+    assert report["w1"]["max_rel_err"] > 1e-3
+    assert report["x"]["max_rel_err"] < 1e-4
+
+
+def test_fd_skips_entries_next_to_a_relu_kink():
+    """A pre-activation exactly at 0 that an entry moves is never sampled: with b1 set so
+    that l1 == 0 in one column for every row, no sample of b1 lands on that column."""
+    cfg = _cfg(fd_samples=5, activation="relu", hidden=[5], batch=3)
+    tensors = make_tensors(cfg)
+    tensors["w1"][:, 2] = 0.0
+    tensors["b1"][2] = 0.0  # l1[:, 2] == 0: relu's kink, for every row
+    net = Network.from_config(cfg)
+    grads = net.backward(net.forward(tensors), Context())
+    report = finite_difference_check(cfg, tensors, grads)
+    assert report["b1"]["samples"] == 4  # 5 entries, the kinked one skipped
+    assert report["b1"]["max_rel_err"] < 1e-4
+
+
+def test_fd_cost_is_bounded_by_the_schema(client):
+    assert fd_cost_flops(SimpleNamespace(**_cfg(fd_samples=0).model_dump())) == 0
+    article = RunRequest(fd_samples=64)
+    assert fd_cost_flops(article) < FD_MAX_FLOPS
+    response = client.post("/api/run", json={"batch": 20000, "fd_samples": 64})
+    assert response.status_code == 422
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == ["body", "fd_samples"]
+    assert "reduce fd_samples" in detail["msg"]
+
+
+def test_batchnorm_needs_two_positions(client):
+    response = client.post("/api/run", json={"batch": 1, "hidden": [3], "norm": "batchnorm"})
+    assert response.status_code == 422
+    assert "batchnorm" in response.json()["detail"][0]["msg"]
+    assert (
+        client.post(
+            "/api/run", json={"batch": [1, 2], "in_features": 3, "hidden": [3], "norm": "batchnorm"}
+        ).status_code
+        == 200
+    )
+
+
+def test_fd_in_the_run_response(client):
+    response = client.post(
+        "/api/run",
+        json={
+            "batch": [4, 3],
+            "in_features": 5,
+            "hidden": [4],
+            "out_features": 3,
+            "loss": "cross_entropy",
+            "norm": "layernorm",
+            "fd_samples": 6,
+        },
+    )
+    assert response.status_code == 200
+    fd = response.json()["check"]["finite_difference"]
+    assert set(fd) == {"x", "w1", "b1", "gamma1", "beta1", "w2", "b2"}
+    assert all(v["samples"] >= 1 and v["max_rel_err"] < 1e-4 for v in fd.values())
+    assert "finite_difference" not in client.post(
+        "/api/run", json={"batch": 4, "in_features": 3}
+    ).json()["check"] or (
+        client.post("/api/run", json={"batch": 4, "in_features": 3}).json()["check"][
+            "finite_difference"
+        ]
+        is None
+    )
