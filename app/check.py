@@ -150,10 +150,21 @@ def cancelling_scale(cfg, name: str, intermediates: Mapping[str, torch.Tensor]) 
 def autograd_check(
     cfg, tensors: Mapping[str, torch.Tensor], manual: Mapping[str, torch.Tensor]
 ) -> dict:
-    """Every leaf's manual gradient against autograd, and in `intermediates` the gradients of
-    `out` and each pre-norm `l{k}`, with every other formula for them (e.g. `out:fused`)."""
+    """Every leaf's manual gradient against autograd (computed here); see `check_against`."""
     inter: dict[str, torch.Tensor] = {}
     reference = autograd_gradients(cfg, tensors, inter)
+    return check_against(cfg, manual, reference, inter)
+
+
+def check_against(
+    cfg,
+    manual: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    inter: Mapping[str, torch.Tensor],
+) -> dict:
+    """Every leaf's manual gradient against its autograd `reference`, and in `intermediates`
+    the gradients of `out` and each pre-norm `l{k}` (`inter`), with every other formula for
+    them (e.g. `out:fused`)."""
     per_tensor = {
         name: compare(manual[name], reference[name], cancelling_scale(cfg, name, inter))
         for name in reference

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from app import budget
-from app.check import autograd_check, finite_difference_check
+from app.check import autograd_gradients, check_against, finite_difference_check
 from app.compare import compare_strategies
 from app.network import Network
 from app.ops import Context
@@ -53,7 +53,9 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     after_forward = time.perf_counter()
     grads = net.backward(env, Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes))
     after_backward = time.perf_counter()
-    check = autograd_check(cfg, tensors, grads)
+    inter: dict[str, torch.Tensor] = {}
+    reference = autograd_gradients(cfg, tensors, inter)
+    check = check_against(cfg, grads, reference, inter)
     if cfg.fd_samples > 0:  # cost bounded by the schema (check.FD_MAX_FLOPS)
         check["finite_difference"] = finite_difference_check(cfg, tensors, grads)
     after_check = time.perf_counter()
@@ -70,7 +72,12 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         "tensors": info,
         "forward": forward_trace,
         "backward": backward_trace,
-        "gradients": {n: gradient_view(grads[n], cfg.max_cells) for n in leaves},
+        "gradients": {
+            n: gradient_view(
+                grads[n], cfg.max_cells, reference[n] if cfg.reference_heatmaps else None
+            )
+            for n in leaves
+        },
         "check": check,
         "timing": {
             "forward_ms": (after_forward - start) * 1e3,

@@ -96,6 +96,12 @@ class RunRequest(BaseModel):
         description="Also check this many entries of every gradient by float64 central "
         "differences (0: off).",
     )
+    reference_heatmaps: bool = Field(
+        False,
+        description="Also send, for every gradient, autograd's on the same blocks "
+        "(`reference_heatmap`) and the difference (`diff_heatmap`: in each block, the entry "
+        "of largest |manual - autograd|, with its sign, so no error averages away).",
+    )
     compare: bool = Field(
         False,
         description="Also time the manual backward under every strategy (broadcast, einsum, "
@@ -233,6 +239,14 @@ class GradientView(BaseModel):
     stats: Stats
     heatmap: Heatmap
     nonfinite: int
+    reference_heatmap: Heatmap | None = Field(
+        None, description="autograd's gradient, same blocks (with reference_heatmaps: true)"
+    )
+    diff_heatmap: Heatmap | None = Field(
+        None,
+        description="manual - autograd: each block's entry of largest magnitude, with its sign "
+        "(with reference_heatmaps: true)",
+    )
 
 
 class TensorCheck(BaseModel):

@@ -64,22 +64,42 @@ def stats(t: torch.Tensor) -> dict[str, float]:
     }
 
 
-def gradient_view(t: torch.Tensor, max_cells: int) -> dict:
+def block_extreme(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Tensor:
+    """Each block's entry of largest magnitude, sign kept: a difference map where no error
+    can average away against another."""
+    if row_block == col_block == 1:
+        return t2
+    pool = dict(kernel_size=(row_block, col_block), stride=(row_block, col_block), ceil_mode=True)
+    high = torch.nn.functional.max_pool2d(t2[None, None], **pool)[0, 0]
+    low = -torch.nn.functional.max_pool2d(-t2[None, None], **pool)[0, 0]
+    return torch.where(low.abs() > high.abs(), low, high)
+
+
+def _heatmap(z: torch.Tensor, row_block: int, col_block: int, rows: int, cols: int) -> dict:
+    # a numpy array: orjson writes it fast, and NaN/Infinity as null
+    return {
+        "z": np.ascontiguousarray(z.numpy()),
+        "row_block": row_block,
+        "col_block": col_block,
+        "rows": rows,
+        "cols": cols,
+    }
+
+
+def gradient_view(t: torch.Tensor, max_cells: int, reference: torch.Tensor | None = None) -> dict:
+    """Stats and heatmap of a gradient; with `reference` (autograd's), its heatmap on the
+    same blocks and the difference's."""
     t2 = as_2d(t.detach())
     rows, cols = t2.shape
-    row_block, col_block = block_sizes(rows, cols, max_cells)
-    z = block_mean(t2, row_block, col_block)
-    # numpy float32/float64 arrays: orjson writes them fast, and NaN/Infinity as null
-    z_np = z.numpy()
-    return {
+    blocks = block_sizes(rows, cols, max_cells)
+    view = {
         "shape": list(t.shape),
         "stats": stats(t),
-        "heatmap": {
-            "z": np.ascontiguousarray(z_np),
-            "row_block": row_block,
-            "col_block": col_block,
-            "rows": rows,
-            "cols": cols,
-        },
+        "heatmap": _heatmap(block_mean(t2, *blocks), *blocks, rows, cols),
         "nonfinite": int((~torch.isfinite(t)).sum().item()),
     }
+    if reference is not None:
+        r2 = as_2d(reference.detach())
+        view["reference_heatmap"] = _heatmap(block_mean(r2, *blocks), *blocks, rows, cols)
+        view["diff_heatmap"] = _heatmap(block_extreme(t2 - r2, *blocks), *blocks, rows, cols)
+    return view

@@ -8,6 +8,7 @@ import copy
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import anyio
 import pytest
@@ -220,7 +221,9 @@ def test_body_limit_stops_reading_early():
 
         scope = {"type": "http", "method": "POST", "path": "/api/run", "headers": headers}
         limited = hardening.BodyLimitMiddleware(app, max_bytes=4096)
-        anyio.run(limited, scope, receive, send)
+        # a thread of its own: the browser tests' sync Playwright keeps a loop on this one
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(anyio.run, limited, scope, receive, send).result()
         return sent[0]["status"], reads
 
     assert drive([(b"content-length", b"1000000000")]) == (413, 0)

@@ -75,11 +75,17 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
     return spec
 
 
+# Fields the page sets itself (static/js/api.js), not the user: no input, not in the URL.
+PAGE_OWNED = frozenset({"reference_heatmaps"})
+
+
 def run_fields() -> list[dict[str, Any]]:
     """Every POST /api/run field with the limits from its schema, in the schema's order."""
     props = RunRequest.model_json_schema()["properties"]
     defaults = RunRequest().model_dump()
-    return [_field(name, prop, defaults[name]) for name, prop in props.items()]
+    return [
+        _field(name, prop, defaults[name]) for name, prop in props.items() if name not in PAGE_OWNED
+    ]
 
 
 @router.get("/", response_class=HTMLResponse)

@@ -26,7 +26,8 @@ async function postJSON(url, body, signal) {
   return data;
 }
 
-export const run = (config, signal) => postJSON("/api/run", config, signal);
+// The page always asks for autograd's heatmaps too, for the manual / autograd / difference switch.
+export const run = (config, signal) => postJSON("/api/run", { ...config, reference_heatmaps: true }, signal);
 export const broadcast = (a, b, signal) => postJSON("/api/broadcast", { a, b }, signal);
 
 /**

@@ -5,7 +5,7 @@ import { h, num, shape } from "./format.js";
 export const VIEWS = {
   manual: { label: "manual", title: (n) => `${n}.g (manual)` },
   autograd: { label: "autograd", title: (n) => `${n}.grad (autograd)` },
-  difference: { label: "manual − autograd", title: (n) => `${n}.g − ${n}.grad` },
+  difference: { label: "manual − autograd", title: (n) => `${n}.g − ${n}.grad`, cell: "the entry of largest |difference|" },
 };
 
 // Blue for negative, white at zero, red for positive.
@@ -75,7 +75,7 @@ export function drawHeatmaps(container, data, view) {
         h("b", {}, `${name}.g`), ` ${shape(g.shape)}`,
         h("span", { class: "stats" }, ` min ${num(s.min)} · max ${num(s.max)} · mean ${num(s.mean)} · ‖·‖ ${num(s.norm)}`)),
       down ? h("p", { class: "notice downsampled" },
-        `Downsampled: true shape ${shape(g.shape)}; each cell is the mean of a ${hm.row_block} × ${hm.col_block} block (${hm.z.length} × ${hm.z[0].length} cells shown).`) : null,
+        `Downsampled: true shape ${shape(g.shape)}; each cell is ${VIEWS[view].cell || "the mean"} of a ${hm.row_block} × ${hm.col_block} block (${hm.z.length} × ${hm.z[0].length} cells shown).`) : null,
       g.nonfinite ? h("p", { class: "notice bad" }, `${g.nonfinite} entries are not finite (NaN or ±inf); drawn as gaps.`) : null,
       chart);
     cards.push([card, chart, name, g, hm, oneD, rows, cols]);
@@ -89,6 +89,7 @@ export function drawHeatmaps(container, data, view) {
     const xs = hm.z[0].map((_, j) => j * hm.col_block + (hm.col_block - 1) / 2);
     const ys = hm.z.map((_, i) => i * hm.row_block + (hm.row_block - 1) / 2);
     const blocky = hm.row_block > 1 || hm.col_block > 1;
+    const blockWord = view === "difference" ? "largest |diff| in block" : "block mean";
     const zmax = Math.max(1e-30, ...hm.z.flat().filter((v) => v != null).map(Math.abs));
     const trace = {
       type: "heatmap", z: hm.z, x: xs, y: oneD ? [0] : ys,
@@ -96,8 +97,8 @@ export function drawHeatmaps(container, data, view) {
       colorbar: { title: { text: VIEWS[view].title(name), side: "right" }, thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g" },
       hoverongaps: false,
       hovertemplate: oneD
-        ? `${name}.g[%{x}]${blocky ? " (block mean)" : ""} = %{z:.4g}<extra></extra>`
-        : `row %{y}, col %{x}${blocky ? " (block mean)" : ""}<br>%{z:.4g}<extra></extra>`,
+        ? `${name}.g[%{x}]${blocky ? ` (${blockWord})` : ""} = %{z:.4g}<extra></extra>`
+        : `row %{y}, col %{x}${blocky ? ` (${blockWord})` : ""}<br>%{z:.4g}<extra></extra>`,
     };
     const layout = {
       width, height, margin: { l: oneD ? 20 : 64, r: 10, t: 8, b: 44 },

@@ -13,6 +13,7 @@ STATES = {  # name: (query, what to do after load)
     "default": ("", None),
     "small": ("?batch=8&in_features=6&hidden=4,3&seed=3", None),
     "step": ("?batch=8&in_features=6&hidden=4,3&seed=3", "step"),
+    "difference": ("?batch=64&in_features=20&hidden=16", "difference"),
     "lead-dims": ("?batch=4,16&in_features=12&hidden=8&activation=tanh", None),
     "new-ops": (
         "?batch=16&in_features=10&hidden=8&out_features=4&norm=layernorm&loss=cross_entropy",
@@ -40,6 +41,8 @@ def main() -> None:
                     " && document.querySelector('#loading').hidden",
                     timeout=60_000,
                 )
+                if action == "difference":
+                    page.check('input[name="grad-view"][value="difference"]')
                 if action == "step":
                     for _ in range(3):
                         page.keyboard.press("ArrowRight")

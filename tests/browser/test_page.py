@@ -101,6 +101,35 @@ def test_changing_a_field_updates_url_and_charts_and_back_works(watched):
 
 
 @pytest.mark.browser
+def test_heatmaps_switch_between_manual_autograd_and_difference(watched):
+    w = watched
+    w.open(SMALL)
+    page = w.page
+
+    def shown(name: str) -> dict:
+        return page.evaluate(
+            f"""() => {{ const c = document.querySelector('#heatmap-{name}');
+                return {{view: c.dataset.view, z: c.data[0].z, title: c.data[0].colorbar.title.text}}; }}"""
+        )
+
+    manual = shown("w1")
+    assert manual["view"] == "manual" and "manual" in manual["title"]
+    page.check('input[name="grad-view"][value="autograd"]')
+    autograd = shown("w1")
+    assert autograd["view"] == "autograd" and "autograd" in autograd["title"]
+    flat = lambda z: [v for row in z for v in row]  # noqa: E731
+    # the same gradient by two routes: equal up to float32 rounding, but really drawn again
+    assert len(flat(autograd["z"])) == len(flat(manual["z"]))
+    for m, a in zip(flat(manual["z"]), flat(autograd["z"])):
+        assert abs(m - a) <= 1e-4 * (1 + abs(a))
+    page.check('input[name="grad-view"][value="difference"]')
+    diff = shown("w1")
+    assert diff["view"] == "difference" and "−" in diff["title"]
+    assert max(abs(v) for v in flat(diff["z"])) < 1e-4  # rounding, not a wrong formula
+    assert_clean(w)
+
+
+@pytest.mark.browser
 def test_stepping_moves_the_highlight(watched):
     w = watched
     w.open(SMALL)

@@ -1,0 +1,86 @@
+"""Heatmap downsampling and stats: the only place the page's numbers are reduced."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from app.views import block_extreme, block_mean, block_sizes, gradient_view
+
+
+@pytest.mark.parametrize(
+    "rows, cols, max_cells",
+    [
+        (1000, 784, 4096),
+        (1, 100_000, 4096),
+        (100_000, 1, 100),
+        (784, 50, 4096),
+        (7, 3, 1),
+        (5, 5, 25),
+    ],
+)
+def test_block_sizes_fit_max_cells_and_cover_the_tensor(rows, cols, max_cells):
+    rb, cb = block_sizes(rows, cols, max_cells)
+    assert math.ceil(rows / rb) * math.ceil(cols / cb) <= max_cells
+    assert 1 <= rb <= rows and 1 <= cb <= cols
+    if rows * cols <= max_cells:
+        assert (rb, cb) == (1, 1)
+
+
+def test_block_mean_averages_what_each_edge_block_holds():
+    t = torch.arange(15.0).reshape(3, 5)
+    z = block_mean(t, 2, 2)
+    expected = torch.tensor(
+        [
+            [(0 + 1 + 5 + 6) / 4, (2 + 3 + 7 + 8) / 4, (4 + 9) / 2],
+            [(10 + 11) / 2, (12 + 13) / 2, 14],
+        ]
+    )
+    torch.testing.assert_close(z, expected)
+
+
+def test_block_extreme_keeps_the_largest_difference_with_its_sign():
+    t = torch.tensor([[0.1, -3.0, 0.0], [2.0, 0.5, -0.1]])
+    torch.testing.assert_close(block_extreme(t, 2, 2), torch.tensor([[-3.0, -0.1]]))
+    # a mean would have hidden these: +1 and -1 in one block average to 0
+    assert block_extreme(torch.tensor([[1.0, -1.0]]), 1, 2).item() == 1.0
+
+
+def test_gradient_view_stats_are_exact_and_nonfinite_counted():
+    t = torch.randn(300, 40, dtype=torch.float64)
+    t[5, 6] = float("nan")
+    view = gradient_view(t, max_cells=100)
+    assert view["nonfinite"] == 1
+    assert view["heatmap"]["z"].shape[0] * view["heatmap"]["z"].shape[1] <= 100
+    clean = torch.randn(30, 20, dtype=torch.float32)
+    stats = gradient_view(clean, max_cells=10)["stats"]
+    assert stats["min"] == clean.min().item() and stats["max"] == clean.max().item()
+    assert stats["mean"] == pytest.approx(clean.double().mean().item(), rel=1e-12)
+    assert stats["norm"] == pytest.approx(clean.double().norm().item(), rel=1e-12)
+
+
+def test_reference_and_difference_heatmaps_share_the_blocks(client):
+    response = client.post(
+        "/api/run",
+        json={
+            "batch": 300,
+            "in_features": 40,
+            "hidden": [8],
+            "reference_heatmaps": True,
+            "max_cells": 200,
+        },
+    )
+    assert response.status_code == 200
+    x = response.json()["gradients"]["x"]
+    for key in ("reference_heatmap", "diff_heatmap"):
+        assert (x[key]["row_block"], x[key]["col_block"]) == (
+            x["heatmap"]["row_block"],
+            x["heatmap"]["col_block"],
+        )
+        assert len(x[key]["z"]) == len(x["heatmap"]["z"])
+    scale = max(abs(v) for row in x["reference_heatmap"]["z"] for v in row)
+    assert max(abs(v) for row in x["diff_heatmap"]["z"] for v in row) <= 1e-5 * scale
+    plain = client.post("/api/run", json={"batch": 3, "in_features": 4, "hidden": [2]}).json()
+    assert "reference_heatmap" not in plain["gradients"]["x"]
