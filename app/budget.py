@@ -2,7 +2,9 @@
 
 A run holds: the inputs; every forward output; the manual gradients; the autograd check's
 saved activations and gradients (its leaves share the inputs' storage); the largest
-broadcast chunk a linear backward materializes; and the float64 copies the views make.
+broadcast chunk a linear backward materializes; the intermediates of the op whose formulas
+hold the most at once (a softmax's counts and probs, a norm's xhat and rstd, ...); the
+finite-difference check's float64 copies; and what the views make.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class Estimate:
     activations: int
     gradients: int
     broadcast_chunk: int
+    transient: int  # the largest op's own intermediates, forward or backward
+    finite_difference: int
     views: int
     parameters: int  # the part that does not grow with the batch
 
@@ -36,22 +40,42 @@ def chunk_peak(fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int, strat
     return max(row, (chunk_bytes // row) * row) if row <= chunk_bytes else row
 
 
-def estimate(cfg, forward_shapes: list[list[int]], chunk_bytes: int) -> Estimate:
+VIEW_ACTIONS = frozenset({"unsqueeze", "squeeze", "reshape"})  # views: no new memory
+
+
+def formula_bytes(entry: dict) -> int:
+    """What one traced formula allocates if each step's result is kept, except the linear
+    layer's broadcast products, which run chunked (counted by `chunk_peak`)."""
+    return sum(
+        step["bytes"]
+        for step in entry["steps"]
+        if step["action"] not in VIEW_ACTIONS
+        and not (entry["op"] == "linear" and step["action"] == "broadcast")
+    )
+
+
+def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -> Estimate:
+    """An upper bound of a run's peak bytes, from its traces (shapes only)."""
     itemsize = ITEMSIZE[cfg.dtype]
     specs = input_specs(cfg)
     inputs = sum(math.prod(s.shape) * (8 if s.integer else itemsize) for s in specs)
     params = sum(math.prod(s.shape) * itemsize for s in specs if s.role == "param")
-    activations = sum(math.prod(shape) * itemsize for shape in forward_shapes)
+    activations = sum(math.prod(entry["shape"]) * itemsize for entry in forward)
     float_inputs = sum(math.prod(s.shape) * itemsize for s in specs if s.role != "target")
     gradients = float_inputs + activations  # d loss / d every float tensor
     sizes = layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
     strategy = "broadcast" if getattr(cfg, "compare", False) else cfg.strategy  # compare runs all
     chunk = max(chunk_peak(i, o, itemsize, chunk_bytes, strategy) for i, o in sizes)
+    transient = max(map(formula_bytes, forward), default=0) + max(
+        map(formula_bytes, backward), default=0
+    )
+    # float64 copies of the inputs and of the activations the perturbed passes rebuild
+    fd = (float_inputs + activations) * 8 // itemsize * 2 if cfg.fd_samples else 0
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
-    views = 3 * 8 * largest_grad  # float64 stats copy, padded copy and counts of one gradient
+    views = 3 * 8 * largest_grad  # block means, the reference's and the difference's
     # manual pass + autograd check: each holds its activations and gradients
-    total = inputs + 2 * activations + 2 * gradients + 2 * chunk + views
-    return Estimate(total, inputs, activations, gradients, chunk, views, params)
+    total = inputs + 2 * activations + 2 * gradients + 2 * chunk + transient + fd + views
+    return Estimate(total, inputs, activations, gradients, chunk, transient, fd, views, params)
 
 
 def human_bytes(n: float) -> str:

@@ -39,8 +39,8 @@ def trace(cfg) -> tuple[list[dict], list[dict]]:
 
 
 def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
-    forward, _ = trace(cfg)
-    return budget.estimate(cfg, [entry["shape"] for entry in forward], chunk_bytes)
+    forward, backward = trace(cfg)
+    return budget.estimate(cfg, forward, backward, chunk_bytes)
 
 
 def run(cfg, chunk_bytes: int) -> dict[str, Any]:

@@ -83,6 +83,23 @@ def test_budget_counts_the_chunk_not_the_literal_product():
         {"batch": [8, 50], "in_features": 300, "hidden": [200, 100], "out_features": 10},
         {"batch": 3000, "in_features": 100, "hidden": [400], "dtype": "float64"},
         {"batch": 2, "in_features": 2000, "hidden": [1000], "compare": True},
+        {"batch": 3000, "in_features": 100, "hidden": [400, 400], "norm": "batchnorm"},
+        {"batch": [4, 500], "in_features": 50, "hidden": [300], "norm": "layernorm"},
+        {
+            "batch": 3000,
+            "in_features": 100,
+            "hidden": [400],
+            "loss": "cross_entropy",
+            "out_features": 1000,
+        },
+        {"batch": 500, "in_features": 200, "hidden": [400], "fd_samples": 64},
+        {
+            "batch": 300,
+            "in_features": 60,
+            "hidden": [80],
+            "reference_heatmaps": True,
+            "max_cells": 10**6,
+        },
     ],
 )
 def test_budget_estimate_bounds_what_a_run_allocates(fields):
