@@ -10,7 +10,12 @@ from typing import Any
 import torch
 
 from app import budget
-from app.check import autograd_gradients, check_against, finite_difference_check
+from app.check import (
+    autograd_gradients,
+    check_against,
+    finite_difference_check,
+    recheck_against_float64,
+)
 from app.compare import compare_strategies
 from app.network import Network
 from app.ops import Context
@@ -56,6 +61,7 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     inter: dict[str, torch.Tensor] = {}
     reference = autograd_gradients(cfg, tensors, inter)
     check = check_against(cfg, grads, reference, inter)
+    check = recheck_against_float64(cfg, tensors, grads, reference, inter, check)
     if cfg.fd_samples > 0:  # cost bounded by the schema (check.FD_MAX_FLOPS)
         check["finite_difference"] = finite_difference_check(cfg, tensors, grads)
     after_check = time.perf_counter()

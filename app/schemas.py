@@ -255,7 +255,15 @@ class TensorCheck(BaseModel):
     allclose: bool
     exact: bool
     rtol: float
-    atol: float = Field(description="The absolute tolerance used: atol_scale * max|autograd|")
+    atol: float = Field(
+        description="The absolute tolerance used: atol_scale * max|autograd|, or, for a float32 "
+        "gradient that cancels to ~0, 4x autograd's own error (see reference_noise)"
+    )
+    reference_noise: float | None = Field(
+        None,
+        description="Only where the float32 check first failed: max|autograd32 - autograd64|, "
+        "autograd's own rounding error, computed to tell rounding from a wrong formula",
+    )
 
 
 class FiniteDifferenceCheck(BaseModel):
