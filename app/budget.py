@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from fastapi.exceptions import RequestValidationError
 
-from app.tensors import DTYPES, input_specs, layer_sizes
+from app.check import FD_MAX_FLOPS, fd_cost_flops
+from app.ops.linear import chunk_rows
+from app.tensors import DTYPES, input_specs, layer_sizes, lead_shape
 
 ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
@@ -33,11 +35,10 @@ class Estimate:
 
 
 def chunk_peak(fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int, strategy: str) -> int:
-    """Peak bytes of one linear layer's backward intermediates under `strategy`."""
+    """Peak bytes of one linear layer's broadcast product under `strategy`: one chunk."""
     if strategy != "broadcast":
         return 0
-    row = fan_in * fan_out * itemsize  # one row of the (N, in, out) product
-    return max(row, (chunk_bytes // row) * row) if row <= chunk_bytes else row
+    return chunk_rows(fan_in, fan_out, itemsize, chunk_bytes) * fan_in * fan_out * itemsize
 
 
 VIEW_ACTIONS = frozenset({"unsqueeze", "squeeze", "reshape"})  # views: no new memory
@@ -87,6 +88,32 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
+def _refuse(kind: str, field: str, msg: str, cfg, **ctx) -> None:
+    """FastAPI's own 422 shape, naming the field to change."""
+    raise RequestValidationError(
+        [
+            {
+                "type": kind,
+                "loc": ("body", field),
+                "msg": msg,
+                "input": getattr(cfg, field),
+                "ctx": ctx,
+            }
+        ]
+    )
+
+
+def widest_field(cfg) -> str:
+    """The width field whose weight matrices hold the most parameters."""
+    widths = [cfg.in_features, *cfg.hidden, cfg.out_features]
+    owners = ["in_features", *["hidden"] * len(cfg.hidden), "out_features"]
+    share = dict.fromkeys(owners, 0)
+    for k in range(len(widths) - 1):  # each matrix counts for the wider of its two sides
+        owner = owners[k] if widths[k] >= widths[k + 1] else owners[k + 1]
+        share[owner] += widths[k] * widths[k + 1]
+    return max(share, key=share.get)
+
+
 def refuse_over_budget(cfg, est: Estimate, per_row: Estimate, budget: int) -> None:
     """422 naming the field to shrink when the estimate is over the budget.
 
@@ -95,25 +122,60 @@ def refuse_over_budget(cfg, est: Estimate, per_row: Estimate, budget: int) -> No
     """
     if est.total <= budget:
         return
-    if per_row.total > budget:
-        widths = {"in_features": cfg.in_features, "out_features": cfg.out_features}
-        if cfg.hidden:
-            widths["hidden"] = max(cfg.hidden)
-        field = max(widths, key=widths.get)
-    else:
-        field = "batch"
-    raise RequestValidationError(
-        [
-            {
-                "type": "memory_budget",
-                "loc": ("body", field),
-                "msg": (
-                    f"this run would need about {human_bytes(est.total)}, over the server's "
-                    f"memory budget of {human_bytes(budget)} per run "
-                    f"(BROADPROP_MEMORY_BUDGET_BYTES); reduce {field}"
-                ),
-                "input": getattr(cfg, field),
-                "ctx": {"estimated_bytes": est.total, "budget_bytes": budget},
-            }
-        ]
+    field = widest_field(cfg) if per_row.total > budget else "batch"
+    _refuse(
+        "memory_budget",
+        field,
+        f"this run would need about {human_bytes(est.total)}, over the server's memory budget "
+        f"of {human_bytes(budget)} per run (BROADPROP_MEMORY_BUDGET_BYTES); reduce {field}",
+        cfg,
+        estimated_bytes=est.total,
+        budget_bytes=budget,
     )
+
+
+# The literal broadcast backward materializes N * in * out elements twice per linear layer
+# (x.g's product and w.g's), chunk by chunk: about 1 s per 5e9 on this 2-core machine.
+MAX_BROADCAST_ELEMENTS = 5e9
+
+
+def broadcast_elements(cfg) -> int:
+    """Elements the broadcast strategy's products take in all, over every chunk and layer."""
+    rows = math.prod(lead_shape(cfg.batch))
+    sizes = layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
+    # the run itself, and compare's measured run and (when slow) single timed run
+    runs = (cfg.strategy == "broadcast") + 2 * bool(getattr(cfg, "compare", False))
+    return runs * sum(2 * rows * fan_in * fan_out for fan_in, fan_out in sizes)
+
+
+def refuse_too_much_work(cfg) -> None:
+    """422 for runs whose time, not memory, is out of bounds: they would hold a run slot
+    for minutes. Named fields: `strategy` (the literal broadcast form) and `fd_samples`."""
+    elements = broadcast_elements(cfg)
+    if elements > MAX_BROADCAST_ELEMENTS:
+        alone = broadcast_elements(cfg.model_copy(update={"compare": False}))
+        field = "compare" if cfg.compare and alone <= MAX_BROADCAST_ELEMENTS else "strategy"
+        _refuse(
+            "work_limit",
+            field,
+            f"the literal broadcast backward would materialize {elements:.2g} elements "
+            f"(chunk by chunk), over the limit of {MAX_BROADCAST_ELEMENTS:.0g}; use "
+            "strategy einsum or matmul (same gradients, no broadcast intermediate), "
+            "or reduce batch or the widths",
+            cfg,
+            elements=elements,
+            limit=MAX_BROADCAST_ELEMENTS,
+        )
+    if cfg.fd_samples:
+        cost = fd_cost_flops(cfg)
+        if cost > FD_MAX_FLOPS:
+            _refuse(
+                "work_limit",
+                "fd_samples",
+                f"fd_samples={cfg.fd_samples} would take about {cost:.2g} float64 flops of "
+                f"forward passes, over the limit of {FD_MAX_FLOPS:.0g}; reduce fd_samples, "
+                "batch or the widths",
+                cfg,
+                flops=cost,
+                limit=FD_MAX_FLOPS,
+            )

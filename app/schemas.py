@@ -19,9 +19,6 @@ MAX_FD_SAMPLES = 64
 MAX_SEED = 2**63 - 1
 MAX_INIT_SCALE = 1e6
 
-# What another issue owns and this build does not do yet; refused with a clear 422.
-NOT_AVAILABLE: dict[str, set[str]] = {}
-
 StrictInt = Annotated[int, Field(strict=True)]
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
 Norm = Literal["none", "layernorm", "batchnorm"]
@@ -133,26 +130,6 @@ class RunRequest(BaseModel):
             )
         return batch
 
-    @field_validator("fd_samples")
-    @classmethod
-    def _fd_available(cls, value: int, info) -> int:
-        if value and "fd_samples" in NOT_AVAILABLE:
-            raise ValueError("fd_samples > 0 is not available yet in this build")
-        needed = ("batch", "in_features", "hidden", "out_features", "norm")
-        if value and all(name in info.data for name in needed):  # fd_samples comes last
-            from types import SimpleNamespace
-
-            from app.check import FD_MAX_FLOPS, fd_cost_flops
-
-            cost = fd_cost_flops(SimpleNamespace(**info.data, fd_samples=value))
-            if cost > FD_MAX_FLOPS:
-                raise ValueError(
-                    f"fd_samples={value} would take about {cost:.2g} float64 flops of forward "
-                    f"passes, over the limit of {FD_MAX_FLOPS:.0g}; reduce fd_samples, batch "
-                    "or the widths"
-                )
-        return value
-
     @model_validator(mode="after")
     def _batchnorm_needs_a_batch(self) -> RunRequest:
         lead = [self.batch] if isinstance(self.batch, int) else self.batch
@@ -162,13 +139,6 @@ class RunRequest(BaseModel):
                 "2 positions in all (it has 1)"
             )
         return self
-
-    @field_validator("activation", "norm", "loss", "strategy")
-    @classmethod
-    def _available(cls, value: str, info) -> str:
-        if value in NOT_AVAILABLE.get(info.field_name, set()):
-            raise ValueError(f"{info.field_name}={value!r} is not available yet in this build")
-        return value
 
 
 class TensorInfo(BaseModel):

@@ -56,7 +56,8 @@ def test_linear_backward_matches_autograd(lead, strategy):
     op = Op.registry["linear"](["x", "w", "b"], "out")
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     (leaves[0] @ leaves[1] + leaves[2]).backward(g)
-    manual = op.compute_backward(g, [x, w, b], None, Context(strategy, chunk_bytes=5 * 4 * 4))
+    out = x @ w + b
+    manual = op.compute_backward(g, [x, w, b], out, Context(strategy, chunk_bytes=5 * 4 * 4))
     for name, leaf in zip("xwb", leaves):
         torch.testing.assert_close(manual[name], leaf.grad)
 

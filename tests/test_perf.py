@@ -113,3 +113,41 @@ def test_budget_estimate_bounds_what_a_run_allocates(fields):
         pipeline.run(cfg, chunk_bytes=4 << 20)
     assert memory.peak_bytes <= estimate.total
     assert estimate.total <= 6 * memory.peak_bytes
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"batch": 1000, "in_features": 4096, "hidden": [4096]}, "strategy"),
+        ({"batch": 20000, "hidden": [400], "strategy": "matmul", "compare": True}, "compare"),
+        ({"fd_samples": 64, "batch": 20000}, "fd_samples"),
+    ],
+)
+def test_runs_that_would_hold_a_slot_for_minutes_are_refused(fields, field):
+    """Within the memory budget but not the work limits: a 422 naming what to change."""
+    from fastapi.exceptions import RequestValidationError
+
+    from app.api.run import check_budget
+    from app.settings import Settings
+
+    with pytest.raises(RequestValidationError) as refused:
+        check_budget(RunRequest(**fields), Settings())
+    detail = refused.value.errors()[0]
+    assert detail["loc"] == ("body", field)
+    assert "over the limit" in detail["msg"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"batch": 20000},
+        {"batch": 20000, "compare": True},
+        {"batch": 1000, "in_features": 4096, "hidden": [4096], "strategy": "matmul"},
+        {"fd_samples": 64},
+    ],
+)
+def test_the_contracts_sizes_stay_within_the_work_limits(fields):
+    from app.api.run import check_budget
+    from app.settings import Settings
+
+    check_budget(RunRequest(**fields), Settings())  # raises if refused

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from app.schemas import NOT_AVAILABLE, RunRequest
+from app.schemas import RunRequest
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).resolve().parents[2] / "templates")
@@ -47,9 +47,7 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
     array = next((v for v in variants if v.get("type") == "array"), None)
     if "enum" in prop:
         spec["kind"] = "choice"
-        spec["options"] = [
-            {"value": v, "available": v not in NOT_AVAILABLE.get(name, set())} for v in prop["enum"]
-        ]
+        spec["options"] = list(prop["enum"])
     elif prop.get("type") == "boolean":
         spec["kind"] = "bool"
     elif array is not None:
@@ -69,9 +67,6 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
     if isinstance(default, bool):
         spec["value"] = "true" if default else "false"
     spec["hint"] = _hint(spec)
-    if name == "fd_samples" and "fd_samples" in NOT_AVAILABLE:
-        spec["max"] = 0  # the server refuses anything else in this build
-        spec["description"] += " Not available yet in this build."
     return spec
 
 

@@ -20,7 +20,8 @@ VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"  # FastAPI's own 4
     responses={
         413: {"model": ErrorMessage, "description": "A body over BROADPROP_MAX_BODY_BYTES"},
         422: {
-            "description": "A field out of its limits, or over the memory budget",
+            "description": "A field out of its limits, or a config over the memory budget or "
+            "the work limits (the literal broadcast form, finite differences)",
             "content": {"application/json": {"schema": {"$ref": VALIDATION_ERROR}}},
         },
         503: {
@@ -41,12 +42,14 @@ async def run(http: Request, request: RunRequest | None = None) -> StrictJSONRes
 
 
 def check_budget(cfg: RunRequest, settings: Settings) -> None:
-    """422 naming the field and the budget when the run would not fit (nothing allocated)."""
+    """422 naming the field and the limit when the run would not fit in memory or would hold
+    a run slot for too long (decided from shapes: nothing allocated)."""
     estimate = pipeline.estimate(cfg, settings.chunk_bytes)
     if estimate.total > settings.memory_budget_bytes:
         one_row = cfg.model_copy(update={"batch": 1})
         per_row = pipeline.estimate(one_row, settings.chunk_bytes)
         budget.refuse_over_budget(cfg, estimate, per_row, settings.memory_budget_bytes)
+    budget.refuse_too_much_work(cfg)
 
 
 def _execute(cfg: RunRequest, chunk_bytes: int) -> StrictJSONResponse:

@@ -242,6 +242,8 @@ class Traced:
         operands: Sequence[Traced],
         detail: dict[str, Any] | None = None,
     ) -> Traced:
+        if not t.is_meta:  # computing, not tracing: the numbers need no steps
+            return Traced(t, expr, prec, None, _merge_steps(*(o.bindings for o in operands)))
         step = Step(
             action=action,
             op=op,
@@ -306,8 +308,8 @@ class Traced:
             expr = f"{lhs._wrapped(prec)} {symbol} {rhs._wrapped(prec + 1)}"
             detail: dict[str, Any] = {}
             if lhs.shape != rhs.shape:
-                rule = broadcast_rule(lhs.shape, rhs.shape)
-                detail["broadcast"] = rule.as_dict()
+                if t.is_meta:  # the rule is for the trace only
+                    detail["broadcast"] = broadcast_rule(lhs.shape, rhs.shape).as_dict()
                 action = "broadcast"
             else:
                 action = "elementwise"

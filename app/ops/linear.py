@@ -36,7 +36,8 @@ class Linear(Op):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in): the leading dims flattened, no copy
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         if ctx.strategy == "broadcast":
-            x_g, w_g = self._broadcast_chunked(g2, x2, w, b, ctx.chunk_bytes)
+            out2 = result.reshape(-1, result.shape[-1])  # (N, out)
+            x_g, w_g = self._broadcast_chunked(g2, x2, w, b, out2, ctx.chunk_bytes)
         elif ctx.strategy == "einsum":
             x_g = torch.einsum("no,io->ni", g2, w)  # (N, in)
             w_g = torch.einsum("ni,no->io", x2, g2)  # (in, out)
@@ -49,29 +50,36 @@ class Linear(Op):
         return {x_name: x_g.reshape(x.shape), w_name: w_g, b_name: b_g}
 
     def _broadcast_chunked(
-        self, g2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor, chunk_bytes: int
+        self,
+        g2: torch.Tensor,
+        x2: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor,
+        out2: torch.Tensor,
+        chunk_bytes: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The article's formulas, literally, over row chunks whose (rows, in, out) product
         fits in `chunk_bytes`: the same numbers without the full (N, in, out) intermediate."""
         n, (fan_in, fan_out) = g2.shape[0], w.shape
-        rows = max(1, chunk_bytes // (fan_in * fan_out * g2.element_size()))
+        rows = chunk_rows(fan_in, fan_out, g2.element_size(), chunk_bytes)
         x_g = torch.empty_like(x2)  # (N, in)
         w_g = torch.zeros_like(w)  # (in, out)
-        w_t, b_t = Traced.leaf(w, "w"), Traced.leaf(b, "b")
+        x_name, w_name, b_name = self.inputs
+        w_t, b_t = Traced.leaf(w, w_name), Traced.leaf(b, b_name)
         for start in range(0, n, rows):
-            rows_slice = slice(start, start + rows)
+            chunk = slice(start, start + rows)
             formulas = self.backward(
-                Traced.leaf(g2[rows_slice], "g"),
-                Traced.leaf(x2[rows_slice], "x"),
+                Traced.leaf(g2[chunk], f"{self.output}.g"),
+                Traced.leaf(x2[chunk], x_name),
                 w_t,
                 b_t,
-                result=Traced.leaf(g2[rows_slice], "out"),
+                result=Traced.leaf(out2[chunk], self.output),
             )
-            x_g[rows_slice] = formulas["x"]().t  # (rows, in)
-            w_g += formulas["w"]().t  # this chunk's share of the sum over rows
+            x_g[chunk] = formulas[x_name]().t  # (rows, in)
+            w_g += formulas[w_name]().t  # this chunk's share of the sum over rows
         return x_g, w_g
 
-    @staticmethod
-    def broadcast_row_bytes(fan_in: int, fan_out: int, itemsize: int) -> int:
-        """Bytes of one row of the (N, in, out) broadcast product."""
-        return fan_in * fan_out * itemsize
+
+def chunk_rows(fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int) -> int:
+    """Rows per chunk: as many (in, out) product rows as fit in `chunk_bytes`, at least one."""
+    return max(1, chunk_bytes // (fan_in * fan_out * itemsize))
