@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fastapi.exceptions import RequestValidationError
 
-from app.check import FD_MAX_FLOPS, fd_cost_flops
+from app.check import FD_MAX_FLOPS, RECHECK_MAX_BYTES, fd_cost_flops
 from app.ops.linear import chunk_rows
 from app.tensors import DTYPES, input_specs, layer_sizes, lead_shape
 
@@ -30,15 +30,19 @@ class Estimate:
     broadcast_chunk: int
     transient: int  # the largest op's own intermediates, forward or backward
     finite_difference: int
+    recheck: int  # the rounding recheck of a small run whose check failed
     views: int
     parameters: int  # the part that does not grow with the batch
 
 
-def chunk_peak(fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int, strategy: str) -> int:
+def chunk_peak(
+    n_rows: int, fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int, strategy: str
+) -> int:
     """Peak bytes of one linear layer's broadcast product under `strategy`: one chunk."""
     if strategy != "broadcast":
         return 0
-    return chunk_rows(fan_in, fan_out, itemsize, chunk_bytes) * fan_in * fan_out * itemsize
+    rows = min(n_rows, chunk_rows(fan_in, fan_out, itemsize, chunk_bytes))
+    return rows * fan_in * fan_out * itemsize
 
 
 VIEW_ACTIONS = frozenset({"unsqueeze", "squeeze", "reshape"})  # views: no new memory
@@ -66,7 +70,8 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     gradients = float_inputs + activations  # d loss / d every float tensor
     sizes = layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
     strategy = "broadcast" if getattr(cfg, "compare", False) else cfg.strategy  # compare runs all
-    chunk = max(chunk_peak(i, o, itemsize, chunk_bytes, strategy) for i, o in sizes)
+    n_rows = math.prod(lead_shape(cfg.batch))
+    chunk = max(chunk_peak(n_rows, i, o, itemsize, chunk_bytes, strategy) for i, o in sizes)
     transient = max(map(formula_bytes, forward), default=0) + max(
         map(formula_bytes, backward), default=0
     )
@@ -75,8 +80,14 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
     views = 3 * 8 * largest_grad  # block means, the reference's and the difference's
     # manual pass + autograd check: each holds its activations and gradients
-    total = inputs + 2 * activations + 2 * gradients + 2 * chunk + transient + fd + views
-    return Estimate(total, inputs, activations, gradients, chunk, transient, fd, views, params)
+    run = inputs + 2 * activations + 2 * gradients + transient
+    # a small run that fails its check runs again in the other precision (check.py)
+    small = inputs + gradients <= RECHECK_MAX_BYTES
+    recheck = run * (12 - itemsize) // itemsize if small else 0
+    total = run + 2 * chunk + fd + views + recheck
+    return Estimate(
+        total, inputs, activations, gradients, chunk, transient, fd, recheck, views, params
+    )
 
 
 def human_bytes(n: float) -> str:

@@ -14,7 +14,7 @@ from app.check import (
     autograd_gradients,
     check_against,
     finite_difference_check,
-    recheck_against_float64,
+    recheck_rounding,
 )
 from app.compare import compare_strategies
 from app.network import Network
@@ -61,7 +61,10 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     inter: dict[str, torch.Tensor] = {}
     reference = autograd_gradients(cfg, tensors, inter)
     check = check_against(cfg, grads, reference, inter)
-    check = recheck_against_float64(cfg, tensors, grads, reference, inter, check)
+    ctx = Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes)
+    check = recheck_rounding(
+        cfg, tensors, grads, reference, inter, check, lambda t: net.backward(net.forward(t), ctx)
+    )
     if cfg.fd_samples > 0:  # cost bounded by the schema (check.FD_MAX_FLOPS)
         check["finite_difference"] = finite_difference_check(cfg, tensors, grads)
     after_check = time.perf_counter()

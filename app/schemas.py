@@ -225,14 +225,16 @@ class TensorCheck(BaseModel):
     allclose: bool
     exact: bool
     rtol: float
-    atol: float = Field(
-        description="The absolute tolerance used: atol_scale * max|autograd|, or, for a float32 "
-        "gradient that cancels to ~0, 4x autograd's own error (see reference_noise)"
+    atol: float | None = Field(
+        description="The absolute tolerance used: atol_scale * max|autograd|, or, for a "
+        "gradient that cancels to ~0, 4x the rounding both sides carry (see rounding_noise); "
+        "null when autograd's gradient is not finite"
     )
-    reference_noise: float | None = Field(
+    rounding_noise: float | None = Field(
         None,
-        description="Only where the float32 check first failed: max|autograd32 - autograd64|, "
-        "autograd's own rounding error, computed to tell rounding from a wrong formula",
+        description="Only where the check first failed: |autograd - autograd'| + "
+        "|manual - manual'| (' = the same run in the other precision): how much rounding "
+        "moves each side, which tells a gradient that cancels to ~0 from a wrong formula",
     )
 
 
