@@ -41,7 +41,8 @@ MALFORMED = [
     b"not json",
     b"\xff\xfe",
     b"[" * 20_000 + b"]" * 20_000,
-    b'{"batch": 1000000, "hidden": [4096]}',  # over the memory budget
+    b'{"batch": 1000000, "hidden": [4096]}',  # over the memory budget (batch)
+    b'{"batch": 1, "in_features": 16384, "hidden": [4096, 4096, 4096, 4096]}',  # (widths)
 ]
 
 
@@ -175,6 +176,25 @@ def chunked_oversize(port: int, total: int = 64 << 20) -> dict:
     }
 
 
+def malformed_report(results: list[tuple[int, float, bytes]]) -> dict:
+    """Statuses of the malformed battery and its slowest request (the < 3 s target)."""
+    slowest = max(range(len(results)), key=lambda i: results[i][1])
+    body = MALFORMED[slowest]
+    return {
+        "statuses": [s for s, _, _ in results],
+        "max_ms": round(results[slowest][1] * 1e3, 1),
+        "slowest": {
+            "body": body[:60].decode("utf-8", "replace") + ("..." if len(body) > 60 else ""),
+            "status": results[slowest][0],
+        },
+        "over_limit": [
+            MALFORMED[i][:60].decode("utf-8", "replace")
+            for i, (_, t, _) in enumerate(results)
+            if t >= MALFORMED_LIMIT_S
+        ],
+    }
+
+
 async def load(base: str, n: int) -> dict:
     limits = httpx.Limits(max_connections=n + 32, max_keepalive_connections=n + 32)
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:
@@ -211,10 +231,7 @@ async def load(base: str, n: int) -> dict:
             "statuses": sorted({s for s, _, _ in health_results}),
             **percentiles([t for _, t, _ in health_results]),
         },
-        "malformed": {
-            "statuses": [s for s, _, _ in bad_results],
-            "max_ms": round(max(t for _, t, _ in bad_results) * 1e3, 1),
-        },
+        "malformed": malformed_report(bad_results),
     }
 
 

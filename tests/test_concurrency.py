@@ -6,6 +6,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -33,9 +34,22 @@ def answer(response) -> dict:
 def client() -> TestClient:
     # several runs at once, each on one thread, and a long queue wait: no 503 is expected,
     # but one is allowed (the limiter may refuse); a 200 must never differ.
+    # The app's lifespan sets torch's thread count for every thread started after it: give
+    # later tests theirs back.
+    threads = torch.get_num_threads()
     app = create_app(Settings(max_concurrent_runs=4, torch_threads=1, queue_wait_s=60))
-    with TestClient(app, raise_server_exceptions=False) as c:
-        yield c
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            yield c
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fixture_runs_on_one_thread(client):
+    """The premise of restoring the count afterwards: the lifespan (run in TestClient's own
+    thread) changed it for every thread started since, the app's workers and pytest's alike."""
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(torch.get_num_threads).result() == 1
 
 
 def test_simultaneous_runs_are_bit_identical_to_sequential(client):

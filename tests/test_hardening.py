@@ -1,4 +1,5 @@
-"""Hardening (issue 6): malformed requests get 4xx fast and never 5xx; the body limit; the run
+"""Hardening (issue 6): malformed requests get 4xx and never 5xx (their speed is measured in
+benchmarks/load.py); the body limit; the run
 limiter (503 + Retry-After, /healthz free during load); errors mapped, never 500; strict JSON
 for exploding runs; offline /docs; settings from the environment."""
 
@@ -7,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import anyio
@@ -16,11 +16,10 @@ from fastapi.testclient import TestClient
 
 from app import hardening, pipeline
 from app.main import create_app
-from app.schemas import RunRequest
+from app.schemas import RunRequest, RunResponse
 from app.settings import Settings
 
 JSON = {"content-type": "application/json"}
-BATTERY_LIMIT_S = 3.0  # the issue's target; these take milliseconds, so the margin is huge
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +108,10 @@ MALFORMED: dict[str, tuple[bytes, dict[str, str]]] = {
 
 @pytest.mark.parametrize("route", ["/api/run", "/api/broadcast"])
 @pytest.mark.parametrize("name", list(MALFORMED))
-def test_malformed_request_gets_4xx_fast(raw_client, route, name):
+def test_malformed_request_gets_4xx(raw_client, route, name):
     body, headers = MALFORMED[name]
-    start = time.perf_counter()
     r = raw_client.post(route, content=body, headers=headers)
-    elapsed = time.perf_counter() - start
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
-    assert elapsed < BATTERY_LIMIT_S
     assert r.headers["content-type"].startswith("application/json")
     json.loads(r.text, parse_constant=_refuse_constant)  # strict JSON, even echoing NaN
     assert "detail" in r.json()
@@ -131,6 +127,13 @@ def test_nan_literal_is_422_naming_the_field(raw_client):
     (error,) = r.json()["detail"]
     assert error["loc"] == ["body", "init_scale"]
     assert error["input"] is None  # NaN echoed as null
+
+
+def test_invalid_enum_with_fd_samples_is_422_naming_the_field(raw_client):
+    r = raw_client.post("/api/run", json={"loss": "bogus", "fd_samples": 1})
+    assert r.status_code == 422, r.text[:300]
+    locs = [error["loc"] for error in r.json()["detail"]]
+    assert ["body", "loss"] in locs, locs
 
 
 def test_huge_seed_is_422_with_the_limit(raw_client):
@@ -324,6 +327,14 @@ def test_exploding_run_is_strict_json_with_counts_and_warnings(raw_client):
             assert any(w.startswith(f"overflow in {name}.g") for w in body["warnings"])
     assert "overflow in loss: it is not finite (sent as null)" in body["warnings"]
     assert body["check"]["all_close"] in (True, False)
+
+
+def test_overflow_response_matches_the_response_schema(raw_client):
+    body = {"hidden": [50] * 8, "init_scale": 1e6, "batch": 16, "in_features": 8}
+    r = raw_client.post("/api/run", json=body)
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["warnings"]  # it did overflow: the nulls below are really exercised
+    RunResponse.model_validate(r.json())
 
 
 def test_clean_run_has_no_warnings(raw_client):

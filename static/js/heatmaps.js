@@ -14,24 +14,12 @@ const DIVERGING = [
   [0.55, "#fddbc7"], [0.75, "#ef8a62"], [1, "#b2182b"],
 ];
 
-/** The heatmap a view needs from one gradient entry, or null when the response lacks it. */
+/** The heatmap a view needs from one gradient entry: the page always asks for autograd's
+ * heatmaps too (api.js), so every response carries all three. */
 export function viewHeatmap(g, view) {
-  if (view === "manual") return g.heatmap;
-  if (view === "autograd") return g.reference_heatmap || null;
-  if (g.diff_heatmap) return g.diff_heatmap;
-  if (!g.reference_heatmap) return null;
-  // Block means are linear, so the difference of the two views is the view of the difference.
-  const z = g.heatmap.z.map((row, i) => row.map((v, j) => {
-    const r = g.reference_heatmap.z[i][j];
-    return v == null || r == null ? null : v - r;
-  }));
-  return { ...g.heatmap, z };
-}
-
-/** Which views a response can show. */
-export function availableViews(data) {
-  const grads = Object.values(data.gradients);
-  return Object.keys(VIEWS).filter((v) => grads.every((g) => viewHeatmap(g, v)));
+  if (view === "autograd") return g.reference_heatmap;
+  if (view === "difference") return g.diff_heatmap;
+  return g.heatmap;
 }
 
 function axisTitles(shp) {
@@ -63,7 +51,7 @@ export function drawHeatmaps(container, data, view) {
   for (const el of container.querySelectorAll(".chart")) Plotly.purge(el);
   const cards = [];
   for (const [name, g] of Object.entries(data.gradients)) {
-    const hm = viewHeatmap(g, view) || g.heatmap;
+    const hm = viewHeatmap(g, view);
     const oneD = g.shape.length <= 1;
     const rows = hm.rows ?? hm.z.length * hm.row_block;
     const cols = hm.cols ?? hm.z[0].length * hm.col_block;

@@ -4,7 +4,7 @@ import { drawChecks } from "./checks.js";
 import { Diagram } from "./diagram.js";
 import { Explainer } from "./explainer.js";
 import { bytes, h, num } from "./format.js";
-import { availableViews, drawHeatmaps, VIEWS } from "./heatmaps.js";
+import { drawHeatmaps, VIEWS } from "./heatmaps.js";
 import { configFromForm, configFromQuery, configToForm, FIELDS, queryFromConfig } from "./state.js";
 import { Stepper } from "./stepper.js";
 
@@ -57,17 +57,9 @@ function summary(data) {
   );
 }
 
-function setView(next, data) {
-  const avail = availableViews(data);
-  for (const input of document.querySelectorAll('input[name="grad-view"]')) {
-    input.disabled = !avail.includes(input.value);
-    input.closest("label").title = input.disabled ? "This server does not send this view yet (needs reference_heatmap)." : "";
-  }
-  view = avail.includes(next) ? next : "manual";
+function setView(next) {
+  view = Object.hasOwn(VIEWS, next) ? next : "manual";
   document.querySelector(`input[name="grad-view"][value="${view}"]`).checked = true;
-  $("view-note").textContent = avail.length < Object.keys(VIEWS).length
-    ? "Showing the manual gradients. The autograd and difference views appear when the server sends the autograd heatmaps; the check table below compares every entry already."
-    : "";
 }
 
 function draw(data) {
@@ -76,7 +68,7 @@ function draw(data) {
   summary(data);
   diagram.draw(data);
   stepper.load(data, diagram.steps);
-  setView(view, data);
+  setView(view);
   drawHeatmaps($("heatmaps"), data, view);
   drawChecks($("check"), data);
 }
@@ -127,7 +119,7 @@ window.addEventListener("popstate", fromUrl);
 for (const input of document.querySelectorAll('input[name="grad-view"]')) {
   input.addEventListener("change", () => {
     if (!current) return;
-    setView(input.value, current);
+    setView(input.value);
     drawHeatmaps($("heatmaps"), current, view);
   });
 }
