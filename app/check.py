@@ -248,6 +248,8 @@ def check_against(
 FD_REL_STEP = 1e-6  # h = 1e-6 * max(1, |entry|): near the float64 optimum for central differences
 FD_MAX_FLOPS = 1e9  # float64 work all the samples may take together (~2 s); more is refused (422)
 FD_SEED_OFFSET = 0x5EED  # the samples' own generator: seed + this, apart from the run's tensors
+FD_RTOL = {torch.float32: 1e-3, torch.float64: 1e-4}  # plus the differences' own rounding
+FD_EPS = 8 * torch.finfo(torch.float64).eps  # per loss evaluation, with a margin
 FD_CANDIDATES = 4  # entries drawn per requested sample, so kinks can be skipped
 
 
@@ -354,8 +356,9 @@ class _FDNet:
             every,
         )
 
-    def difference(self, name: str, index: int) -> float | None:
-        """The central difference at one entry; None when a kink lies within +-h."""
+    def difference(self, name: str, index: int) -> tuple[float, float] | None:
+        """The central difference at one entry and the rounding it carries (float64's eps
+        on the two losses, over 2h); None when a kink lies within +-h."""
         value = self.p[name].reshape(-1)[index].item()
         h = FD_REL_STEP * max(1.0, abs(value))
         k, add, normed, rows = self.perturbed(name, index, h)
@@ -366,7 +369,8 @@ class _FDNet:
         minus, minus_masks = self.tail(k, add(base, -1), normed, rows)
         if any(not torch.equal(p, m) for p, m in zip(plus_masks, minus_masks)):
             return None
-        return (plus - minus) / (2 * h)
+        rounding = FD_EPS * (abs(plus) + abs(minus)) / (2 * h)
+        return (plus - minus) / (2 * h), rounding
 
 
 def _split_name(name: str) -> tuple[str, int]:
@@ -401,16 +405,23 @@ def fd_cost_flops(cfg) -> float:
 
 
 def finite_difference_check(
-    cfg, tensors: Mapping[str, torch.Tensor], manual: Mapping[str, torch.Tensor]
+    cfg,
+    tensors: Mapping[str, torch.Tensor],
+    manual: Mapping[str, torch.Tensor],
+    rounding_noise: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """Float64 central differences at `cfg.fd_samples` entries of every gradient.
 
     Entries are drawn by a generator seeded from the run's seed (+ FD_SEED_OFFSET). With
     relu/leaky_relu, an entry whose +-h passes change any pre-activation's sign (a kink
     within reach) is skipped for the next candidate, so `samples` may come out smaller.
-    max_abs_err is over the samples; max_rel_err divides it by max|manual gradient| over the
-    whole tensor (the gradient's scale; a sampled entry may itself be ~0), or for a gradient
-    that cancels to ~0 by the scale of the terms it sums (`cancelling_scale`).
+    max_abs_err is over the samples; max_rel_err divides it by the gradient's scale: the
+    larger of max|manual gradient| over the whole tensor and max|difference| over the samples
+    (so an all-zero or shrunken manual gradient shows an error near 1), or for a gradient
+    that cancels to ~0 by the scale of the terms it sums (`cancelling_scale`). `allclose`:
+    max_abs_err <= FD_RTOL * scale, plus the differences' own rounding (float64's eps on the
+    two losses over 2h: large when the loss is large and the gradient small), plus
+    NOISE_FACTOR times the gradient's `rounding_noise` where the autograd check measured it.
     """
     net = _FDNet(cfg, tensors)
     gen = torch.Generator().manual_seed((cfg.seed + FD_SEED_OFFSET) % 2**63)
@@ -424,15 +435,29 @@ def finite_difference_check(
             drawn = torch.randint(numel, (FD_CANDIDATES * want,), generator=gen).tolist()
             candidates = list(dict.fromkeys(drawn))
         grad = manual[name].detach().reshape(-1)
-        errors = []
+        errors, sampled, own = [], [], 0.0
         for index in candidates:
             if len(errors) == want:
                 break
-            fd = net.difference(name, index)
-            if fd is not None:
+            found = net.difference(name, index)
+            if found is not None:
+                fd, rounding = found
                 errors.append(abs(grad[index].item() - fd))
+                sampled.append(abs(fd))
+                own = max(own, rounding)
         max_abs = max(errors, default=0.0)
-        scale = max(grad.abs().max().item(), cancelling_scale(cfg, name, manual))
+        scale = max(
+            grad.abs().max().item(), max(sampled, default=0.0), cancelling_scale(cfg, name, manual)
+        )
         rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else None)
-        report[name] = {"samples": len(errors), "max_abs_err": max_abs, "max_rel_err": rel}
+        rtol = FD_RTOL[grad.dtype]
+        report[name] = {
+            "samples": len(errors),
+            "max_abs_err": max_abs,
+            "max_rel_err": rel,
+            "allclose": math.isfinite(max_abs)
+            and max_abs
+            <= rtol * scale + own + NOISE_FACTOR * (rounding_noise or {}).get(name, 0.0),
+            "rtol": rtol,
+        }
     return report

@@ -66,7 +66,8 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         cfg, tensors, grads, reference, inter, check, lambda t: net.backward(net.forward(t), ctx)
     )
     if cfg.fd_samples > 0:  # cost bounded by the schema (check.FD_MAX_FLOPS)
-        check["finite_difference"] = finite_difference_check(cfg, tensors, grads)
+        noise = {n: c.get("rounding_noise", 0.0) for n, c in check["tensors"].items()}
+        check["finite_difference"] = finite_difference_check(cfg, tensors, grads, noise)
     after_check = time.perf_counter()
 
     specs = input_specs(cfg)

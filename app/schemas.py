@@ -239,14 +239,13 @@ class TensorCheck(BaseModel):
 
 
 class FiniteDifferenceCheck(BaseModel):
-    samples: int = Field(
-        description="Entries checked: fd_samples, or fewer for a small tensor or where entries "
-        "next to a relu kink were skipped"
-    )
-    max_abs_err: float | None = Field(description="max |manual - central difference|")
+    samples: int = Field(description="Entries checked (kinks of relu within reach skipped)")
+    max_abs_err: float | None
     max_rel_err: float | None = Field(
-        description="max_abs_err / max|manual gradient| over the whole tensor"
+        description="max_abs_err / max(max|manual gradient|, max|difference| sampled)"
     )
+    allclose: bool = Field(description="max_rel_err <= rtol")
+    rtol: float
 
 
 class Check(BaseModel):

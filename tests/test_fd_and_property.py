@@ -33,18 +33,27 @@ CONFIGS = st.fixed_dictionaries(
 )
 
 
-def _valid(fields: dict) -> bool:
-    """Well-conditioned norms only: a layernorm over 1 or 2 features, or a batchnorm over 2
-    or 3 positions (or a batchnorm of a 1-feature input, scale-invariant in w1), outputs (almost) constants, so every gradient upstream cancels to ~0
-    and both sides are rounding noise (see the report: not a formula error)."""
+def _well_conditioned(fields: dict) -> bool:
+    """No norm whose output is (almost) constant: a layernorm over 1-2 features, a batchnorm
+    over 2-3 positions or of a 1-feature input makes every gradient upstream cancel to ~0,
+    where a float32 gradient is rounding noise next to float64 differences. (The autograd
+    check handles that case with its rounding recheck; the spot check has no such rerun.)"""
     lead = [fields["batch"]] if isinstance(fields["batch"], int) else fields["batch"]
     if fields["norm"] == "none" or not fields["hidden"]:
         return True
     return min(fields["hidden"]) >= 3 and math.prod(lead) >= 4 and fields["in_features"] >= 2
 
 
+def _valid(fields: dict) -> bool:
+    """What the schema accepts: a batchnorm needs 2 or more batch positions. Degenerate norms
+    (1-2 features, 2-3 rows), whose upstream gradients cancel to rounding noise, are in:
+    the check's rounding recheck must judge them right."""
+    lead = [fields["batch"]] if isinstance(fields["batch"], int) else fields["batch"]
+    return not (fields["norm"] == "batchnorm" and fields["hidden"] and math.prod(lead) < 2)
+
+
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(CONFIGS.filter(_valid))
 def test_random_architectures_match_autograd(client, fields):
@@ -64,9 +73,9 @@ def test_random_architectures_match_autograd(client, fields):
     assert set(check["tensors"]) == expected <= set(body["gradients"])
     fd = check["finite_difference"]
     assert set(fd) == expected
-    tol = 1e-3 if fields["dtype"] == "float32" else 1e-4  # central differences: ~1e-6 own error
-    for name, entry in fd.items():
-        assert entry["max_rel_err"] is not None and entry["max_rel_err"] < tol, (name, entry)
+    if _well_conditioned(fields):  # else float32 noise may dwarf a gradient that cancels
+        for name, entry in fd.items():
+            assert entry["allclose"], (name, entry)
 
 
 def _cfg(**fields):
@@ -105,6 +114,10 @@ def test_fd_catches_a_wrong_gradient():
     report = finite_difference_check(cfg, tensors, grads)
     assert report["w1"]["max_rel_err"] > 1e-3
     assert report["x"]["max_rel_err"] < 1e-4
+    assert report["w1"]["allclose"] is False and report["x"]["allclose"] is True
+    grads["b1"] = grads["b1"] * 0  # an all-zero gradient: the differences set the scale
+    zero = finite_difference_check(cfg, tensors, grads)["b1"]
+    assert zero["allclose"] is False and zero["max_rel_err"] == pytest.approx(1.0, rel=0.5)
 
 
 def test_fd_skips_entries_next_to_a_relu_kink():
