@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from fastapi.exceptions import RequestValidationError
 
-from app.check import FD_MAX_FLOPS, RECHECK_MAX_BYTES, fd_cost_flops
+from app.check import RECHECK_MAX_BYTES
+from app.fd import FD_MAX_FLOPS, fd_cost_flops
 from app.ops.linear import chunk_rows
 from app.tensors import DTYPES, input_specs, layer_sizes, lead_shape
 

@@ -277,25 +277,6 @@ def _out_of_memory(settings: Settings) -> HTTPException:
     )
 
 
-# --- overflow --------------------------------------------------------------------------------
-
-
-def overflow_warnings(result: dict[str, Any]) -> list[str]:
-    """Warnings like "overflow in w2.g: ..." for every gradient with non-finite entries (sent as null)."""
-    found = []
-    loss = result.get("loss")
-    if loss is None or not math.isfinite(loss):
-        found.append("overflow in loss: it is not finite (sent as null)")
-    for name, view in result.get("gradients", {}).items():
-        if view["nonfinite"]:
-            total = math.prod(view["shape"])
-            found.append(
-                f"overflow in {name}.g: {view['nonfinite']} of {total} entries are not finite "
-                "(sent as null)"
-            )
-    return found
-
-
 # --- OpenAPI -------------------------------------------------------------------------------
 
 

@@ -10,17 +10,13 @@ from typing import Any
 import torch
 
 from app import budget
-from app.check import (
-    autograd_gradients,
-    check_against,
-    finite_difference_check,
-    recheck_rounding,
-)
+from app.check import autograd_gradients, check_against, recheck_rounding
 from app.compare import compare_strategies
+from app.fd import finite_difference_check
 from app.network import Network
 from app.ops import Context
 from app.tensors import DTYPES, input_specs, make_tensors
-from app.views import gradient_view
+from app.views import gradient_view, overflow_warnings
 
 SHAPE_FIELDS = ("in_features", "out_features", "activation", "norm", "loss", "dtype")
 
@@ -65,7 +61,7 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     check = recheck_rounding(
         cfg, tensors, grads, reference, inter, check, lambda t: net.backward(net.forward(t), ctx)
     )
-    if cfg.fd_samples > 0:  # cost bounded by the schema (check.FD_MAX_FLOPS)
+    if cfg.fd_samples > 0:  # cost bounded before the run (budget.refuse_too_much_work)
         noise = {n: c.get("rounding_noise", 0.0) for n, c in check["tensors"].items()}
         check["finite_difference"] = finite_difference_check(cfg, tensors, grads, noise)
     after_check = time.perf_counter()
@@ -99,6 +95,7 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         result["compare"] = compare_strategies(
             cfg, net, env, tensors, grads, backward_trace, chunk_bytes
         )
+    result["warnings"] = overflow_warnings(result)
     return result
 
 

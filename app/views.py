@@ -7,6 +7,7 @@ is, and more dims as (product of leading dims, last dim).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,3 +104,19 @@ def gradient_view(t: torch.Tensor, max_cells: int, reference: torch.Tensor | Non
         view["reference_heatmap"] = _heatmap(block_mean(r2, *blocks), *blocks, rows, cols)
         view["diff_heatmap"] = _heatmap(block_extreme(t2 - r2, *blocks), *blocks, rows, cols)
     return view
+
+
+def overflow_warnings(result: dict[str, Any]) -> list[str]:
+    """Warnings like "overflow in w2.g: ..." for every gradient with non-finite entries (sent as null)."""
+    found = []
+    loss = result.get("loss")
+    if loss is None or not math.isfinite(loss):
+        found.append("overflow in loss: it is not finite (sent as null)")
+    for name, view in result.get("gradients", {}).items():
+        if view["nonfinite"]:
+            total = math.prod(view["shape"])
+            found.append(
+                f"overflow in {name}.g: {view['nonfinite']} of {total} entries are not finite "
+                "(sent as null)"
+            )
+    return found

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.check import FD_MAX_FLOPS, fd_cost_flops, finite_difference_check
+from app.fd import FD_MAX_FLOPS, fd_cost_flops, finite_difference_check
 from app.network import Network
 from app.ops import Context
 from app.schemas import RunRequest

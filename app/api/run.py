@@ -54,6 +54,4 @@ def check_budget(cfg: RunRequest, settings: Settings) -> None:
 
 def _execute(cfg: RunRequest, chunk_bytes: int) -> StrictJSONResponse:
     """The run and its JSON rendering, both in the worker thread."""
-    result = pipeline.run(cfg, chunk_bytes)
-    result["warnings"] = hardening.overflow_warnings(result)
-    return StrictJSONResponse(result)
+    return StrictJSONResponse(pipeline.run(cfg, chunk_bytes))
