@@ -1,5 +1,5 @@
 """Keeping the server up under abuse and load: a body-size limit, a bounded run limiter sized
-to the machine, errors mapped to 4xx/503 (never 500), and warnings for overflowing runs.
+to the machine, and errors mapped to 4xx/503 (never 500).
 
 `install(app)` wires it all into an app built by `create_app()`.
 """
