@@ -6,7 +6,7 @@ export function drawChecks(el, data) {
   const fd = check.finite_difference || null;
   const mark = (ok) => h("span", { class: ok ? "yes" : "no" }, ok ? "✓ yes" : "✗ no");
   const head = ["tensor", "shape", "max abs err", "max rel err", "rtol", "atol", "allclose", "exact", "result"];
-  if (fd) head.push("fd samples", "fd max abs err", "fd max rel err");
+  if (fd) head.push("fd samples", "fd max abs err", "fd max rel err", "fd result");
   const rows = Object.entries(check.tensors).map(([name, c]) => {
     const shp = (data.gradients[name] || data.tensors[name] || {}).shape;
     const cells = [
@@ -22,7 +22,9 @@ export function drawChecks(el, data) {
     ];
     if (fd) {
       const f = fd[name] || {};
-      cells.push(h("td", { class: "n" }, f.samples ?? "–"), h("td", { class: "n" }, num(f.max_abs_err)), h("td", { class: "n" }, num(f.max_rel_err)));
+      cells.push(h("td", { class: "n" }, f.samples ?? "–"), h("td", { class: "n" }, num(f.max_abs_err)), h("td", { class: "n" }, num(f.max_rel_err)),
+        h("td", { title: f.rtol != null ? `max rel err ≤ ${num(f.rtol)}, plus the differences' own rounding` : "" },
+          "allclose" in f ? h("span", { class: `verdict ${f.allclose ? "pass" : "fail"}` }, f.allclose ? "pass" : "FAIL") : "–"));
     }
     return h("tr", { class: c.allclose ? "pass" : "fail", "data-name": name }, ...cells);
   });
@@ -31,7 +33,8 @@ export function drawChecks(el, data) {
     h("p", { class: `check-summary ${check.all_close ? "pass" : "fail"}` },
       check.all_close ? "✓ Every manual gradient matches " : "✗ Some manual gradients differ from ",
       h("code", {}, check.reference),
-      ` (allclose: |manual − autograd| ≤ atol + rtol·|autograd|, with atol scaled by max|autograd|; exact: bit for bit equal).`),
+      ` (allclose: |manual − autograd| ≤ atol + rtol·|autograd|, with atol scaled by max|autograd|; exact: bit for bit equal).`,
+      fd ? " The fd columns check sampled entries again against float64 central differences." : ""),
     h("table", { class: "check", id: "check-table" },
       h("thead", {}, h("tr", {}, ...head.map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, ...rows)),

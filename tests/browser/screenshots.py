@@ -14,6 +14,7 @@ STATES = {  # name: (query, what to do after load)
     "small": ("?batch=8&in_features=6&hidden=4,3&seed=3", None),
     "step": ("?batch=8&in_features=6&hidden=4,3&seed=3", "step"),
     "difference": ("?batch=64&in_features=20&hidden=16", "difference"),
+    "compare-fd": ("?compare=true&fd_samples=8", None),
     "lead-dims": ("?batch=4,16&in_features=12&hidden=8&activation=tanh", None),
     "new-ops": (
         "?batch=16&in_features=10&hidden=8&out_features=4&norm=layernorm&loss=cross_entropy",

@@ -233,3 +233,21 @@ def test_page_serves_limits_and_local_plotly():
     js = client.get(src)
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
     assert client.get("/vendor/plotly-0.0.0.min.js").status_code == 404
+
+
+@pytest.mark.browser
+def test_compare_and_finite_differences_show_in_the_check_panel(watched):
+    w = watched
+    w.open("?batch=64&in_features=20&hidden=16&compare=true&fd_samples=4")
+    page = w.page
+    assert page.is_checked("#f-compare")
+    strategies = page.locator("#compare-table tbody th")
+    assert [strategies.nth(i).inner_text() for i in range(strategies.count())] == [
+        "broadcast", "einsum", "matmul", "autograd",
+    ]  # fmt: skip
+    assert "fd result" in page.inner_text("#check-table thead")
+    rows = page.locator("#check-table tbody tr")
+    # each row: the autograd verdict and the finite-difference verdict, both passing
+    for i in range(rows.count()):
+        assert rows.nth(i).locator(".verdict.pass").count() == 2, rows.nth(i).inner_text()
+    assert_clean(w)
