@@ -65,6 +65,14 @@ def stats(t: torch.Tensor) -> dict[str, float]:
     }
 
 
+def count_nonfinite(t: torch.Tensor, st: dict[str, float]) -> int:
+    """NaN and +-inf entries. min and max already tell whether there are any (NaN spreads
+    through both); only then count, as isfinite() takes several copies' worth of memory."""
+    if math.isfinite(st["min"]) and math.isfinite(st["max"]):
+        return 0
+    return int((~torch.isfinite(t)).sum().item())
+
+
 def block_extreme(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Tensor:
     """Each block's entry of largest magnitude, sign kept: a difference map where no error
     can average away against another."""
@@ -93,11 +101,12 @@ def gradient_view(t: torch.Tensor, max_cells: int, reference: torch.Tensor | Non
     t2 = as_2d(t.detach())
     rows, cols = t2.shape
     blocks = block_sizes(rows, cols, max_cells)
+    st = stats(t)
     view = {
         "shape": list(t.shape),
-        "stats": stats(t),
+        "stats": st,
         "heatmap": _heatmap(block_mean(t2, *blocks), *blocks, rows, cols),
-        "nonfinite": int((~torch.isfinite(t)).sum().item()),
+        "nonfinite": count_nonfinite(t, st),
     }
     if reference is not None:
         r2 = as_2d(reference.detach())

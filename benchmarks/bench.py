@@ -6,8 +6,8 @@ Starts the app with uvicorn on a free loopback port and prints, as ratios measur
 run (the machine is shared and noisy, so only ratios within one run mean anything):
 - the API round trip for the article's run, per strategy, against the article's script done
   in-process (randn, forward, the literal broadcast backward, autograd, compare);
-- the server's peak extra memory per request (VmHWM over VmRSS, /proc), and the article
-  script's own, measured in a fresh process;
+- the server's peak extra memory per request (VmHWM over VmRSS, /proc), each on a fresh
+  server, and the article script's own, measured in a fresh process;
 - the response payload;
 - batch 1k / 5k / 20k, to show how time and memory grow.
 """
@@ -137,6 +137,17 @@ class Server:
         self.proc.wait(10)
 
 
+def fresh_server_peak_extra(body: dict) -> int | None:
+    """Peak extra memory of one request on a server that has served nothing else (but its
+    start-up warm-up): on a warm server the allocator reuses what earlier requests freed,
+    and the growth of the resident set says little."""
+    server = Server()
+    try:
+        return server.peak_extra(body)
+    finally:
+        server.close()
+
+
 def article_script_peak_extra() -> int | None:
     """The article script's peak extra memory, in a fresh process of its own."""
     code = (
@@ -205,7 +216,7 @@ def main() -> int:
             results[s] = ratio
             print(f"  API round trip, {s:<9}         {t * 1e3:8.1f} ms   {ratio:.2f}x {verdict}")
 
-        server_peak = server.peak_extra({})
+        server_peak = fresh_server_peak_extra({})
         script_peak = article_script_peak_extra()
         verdict = (
             ""
@@ -226,7 +237,7 @@ def main() -> int:
                 body = {"batch": batch, "strategy": s}
                 server.post(body)  # warm
                 t = min(server.post(body)[0] for _ in range(3))
-                peak = server.peak_extra(body)
+                peak = fresh_server_peak_extra(body)
                 print(
                     f"  {batch:>6} {s:<10} {t * 1e3:7.1f}ms {t / script:8.2f}x {fmt_bytes(peak):>11}"
                 )
