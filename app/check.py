@@ -20,6 +20,9 @@ from app.ops.activations import LEAKY_SLOPE
 from app.ops.base import split_variant
 
 NORM_EPS = 1e-5
+NOISE_FACTOR = 4  # a gradient may differ from autograd by 4x their rounding errors together
+COMPARE_CHUNK = 1 << 20  # elements per comparison pass
+
 # rtol, atol_scale. float32 sums over a batch round at ~1e-7 relative; 1e-4/1e-5 leaves a wide
 # margin for deep nets while any real error in a formula is orders of magnitude larger.
 TOLERANCES = {
@@ -104,27 +107,32 @@ def compare(
 ) -> dict[str, float | bool | None]:
     """max abs error, max relative error (to max|reference|), allclose and exact.
 
-    One pass each over |diff| and |reference|. NaN compares false, so a non-finite entry on
-    either side fails allclose (inf - inf is NaN too). `atol_floor` raises the scale of atol
-    for a gradient that cancels to ~0 (see `cancelling_scale`); `rounding_noise` is
-    the rounding error both sides carry (see `recheck_rounding`).
+    Chunk by chunk, so the temporaries stay a few MB however large the gradient. NaN
+    compares false, so a non-finite entry on either side fails allclose (inf - inf is NaN
+    too). `atol_floor` raises the scale of atol for a gradient that cancels to ~0 (see
+    `cancelling_scale`); `rounding_noise` is the rounding error both sides carry (see
+    `recheck_rounding`).
     """
     rtol, atol_scale = TOLERANCES[reference.dtype]
     if reference.numel() == 0:
         return dict(
             max_abs_err=0.0, max_rel_err=0.0, allclose=True, exact=True, rtol=rtol, atol=0.0
         )
-    diff = (manual - reference).abs_()  # in place: one tensor-sized temporary, not two
-    ref_abs = reference.abs()
-    scale = ref_abs.max().item()
-    max_abs = diff.max().item()
+    flat_m, flat_r = manual.reshape(-1), reference.reshape(-1)
+    scale = torch.maximum(flat_r.max(), -flat_r.min()).item()  # max|reference|, NaN kept
+    # never stricter than the rounding both sides carry, where that is known (recheck_rounding)
+    atol = max(atol_scale * max(scale, atol_floor), NOISE_FACTOR * rounding_noise)
+    chunk_max, allclose = [], True
+    for start in range(0, flat_r.numel(), COMPARE_CHUNK):
+        m, r = flat_m[start : start + COMPARE_CHUNK], flat_r[start : start + COMPARE_CHUNK]
+        diff = (m - r).abs_()
+        chunk_max.append(diff.max())
+        allclose &= bool((diff <= r.abs().mul_(rtol).add_(atol)).all())
+    max_abs = torch.stack(chunk_max).max().item()
     if scale > 0:
         max_rel = max_abs / scale
     else:
         max_rel = 0.0 if max_abs == 0 else float("inf")
-    # never stricter than the rounding both sides carry, where that is known (recheck_rounding)
-    atol = max(atol_scale * max(scale, atol_floor), NOISE_FACTOR * rounding_noise)
-    allclose = bool((diff <= ref_abs.mul_(rtol).add_(atol)).all())
     return {
         "max_abs_err": max_abs,
         "max_rel_err": max_rel,
@@ -160,7 +168,6 @@ def autograd_check(
     return check_against(cfg, manual, reference, inter)
 
 
-NOISE_FACTOR = 4  # a gradient may differ from autograd by 4x their rounding errors together
 RECHECK_MAX_BYTES = 2 << 20  # runs whose inputs and gradients fit in this get the recheck
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -185,3 +186,16 @@ def test_a_wrong_formula_stays_wrong_through_the_rounding_recheck(monkeypatch, d
     assert result["check"]["all_close"] is False
     x = result["check"]["tensors"]["x"]
     assert x["allclose"] is False and "rounding_noise" in x  # rechecked, still wrong
+
+
+def test_check_compares_large_gradients_chunk_by_chunk_without_missing_an_entry():
+    n = 2 * check.COMPARE_CHUNK + 5  # three chunks, the last one short
+    ref = torch.randn(n, dtype=torch.float64)
+    assert check.compare(ref * (1 + 1e-12), ref)["allclose"]
+    wrong = ref.clone()
+    wrong[-1] += 1.0  # in the last, short chunk
+    result = check.compare(wrong, ref)
+    assert not result["allclose"] and result["max_abs_err"] == pytest.approx(1.0)
+    wrong[-1] = float("nan")
+    result = check.compare(wrong, ref)
+    assert not result["allclose"] and math.isnan(result["max_abs_err"])
