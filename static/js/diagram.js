@@ -2,7 +2,9 @@
 // backward lane below, one column per gradient formula with its steps stacked in order.
 // A tensor sits right above the column that computes its gradient. Nothing here knows any op:
 // steps are drawn by their `action`, and broadcast steps (those carrying a `broadcast` rule)
-// are drawn as diamonds sized by the memory they would take.
+// are drawn as diamonds sized by the memory they would take (monotone, capped so a diamond is
+// never taller than its own label; the label states the bytes). Layout is computed in px from
+// measured label widths so no label meets a marker or another label and nothing is clipped.
 import { bytes, esc, shape } from "./format.js";
 
 const ACTION_COLOURS = {
@@ -13,9 +15,19 @@ const ACTION_COLOURS = {
 const OTHER_COLOURS = ["#5c940d", "#862e9c", "#e67700", "#495057"];
 const ROLE_COLOURS = { param: "#868e96", target: "#868e96", input: "#343a40", activation: "#343a40", output: "#343a40" };
 const GRAD_COLOUR = "#2f9e44";
-const COL_WIDTH = 104; // px per column: fits "(1000, 784, 50)" in 11 px type
-const ROW = 58; // px per backward step (44 when a formula has many steps)
-
+// Geometry, in px: the axes run in px (x right, y up from the top edge, so steps sit at y < 0),
+// so marker sizes, label widths and spacing are all measured in the same unit.
+const FONT = '"Open Sans", verdana, arial, sans-serif';
+const STEP_FONT = 10; // step labels
+const FWD_FONT = 11; // forward-lane labels
+const HEAD_FONT = 12; // column heads ("x.g")
+const LINE = 1.3; // Plotly's line spacing, in ems
+const GAP = 8; // px between neighbouring labels / markers
+const DOT = 12; // px, a plain step marker
+const DIAMOND_MIN = 11; // px, marker size of the smallest broadcast
+const DIAMOND_MAX = 26; // px, of the largest: a diamond spans 1.3 x its size, less than its 3-line label
+const DIAMOND_SPAN = 1.3; // Plotly draws a diamond of size s 1.3 s tall and wide
+const MAX_STRETCH = 70; // px a column may widen to fill a wide container
 function colourOf(action) {
   if (action in ACTION_COLOURS) return ACTION_COLOURS[action];
   let hash = 0;
@@ -37,38 +49,136 @@ export function layout(data) {
   const entriesOf = {};
   data.backward.forEach((b, i) => (entriesOf[b.grad] ||= []).push(i));
   const columns = [];
-  const tensorX = {};
+  const tensorCols = {};
   for (const name of order) {
     const entries = entriesOf[name] || [];
-    const start = columns.length;
-    if (!entries.length) columns.push({ tensor: name, entry: null });
-    for (const e of entries) columns.push({ tensor: name, entry: e });
-    tensorX[name] = start + (Math.max(entries.length, 1) - 1) / 2;
+    tensorCols[name] = [];
+    if (!entries.length) entries.push(null);
+    for (const e of entries) tensorCols[name].push(columns.length), columns.push({ tensor: name, entry: e });
     delete entriesOf[name];
   }
   for (const list of Object.values(entriesOf)) for (const e of list) columns.push({ tensor: null, entry: e });
-  // Positions: a column with a backward formula is 1 wide, a forward-only one 0.6.
-  let at = -0.5;
-  for (const c of columns) {
-    const w = c.entry == null ? 0.6 : 1;
-    c.x = at + w / 2;
-    at += w;
+  return { columns, tensorCols };
+}
+
+let measurer = null;
+/** Width in px of one line of label text as Plotly draws it (tags stripped; <b> measured bold). */
+function textWidth(line, size) {
+  measurer ||= document.createElement("canvas").getContext("2d");
+  measurer.font = `${/<b>/.test(line) ? "bold " : ""}${size}px ${FONT}`;
+  const plain = line.replace(/<[^>]+>/g, "").replace(/&lt;/g, "<").replace(/&gt;/g, ">").replace(/&amp;/g, "&").replace(/&quot;/g, '"').replace(/&#39;/g, "'");
+  return measurer.measureText(plain).width;
+}
+const labelWidth = (text, size) => Math.max(0, ...text.split("<br>").map((l) => textWidth(l, size)));
+const labelHeight = (text, size) => text.split("<br>").length * size * LINE;
+
+/** Where everything goes, in px. Steps of a column are spaced by their own label and marker
+ * heights; columns are spaced so that no step label, column head or forward label meets the
+ * next one, then widened (up to MAX_STRETCH each) to fill `minWidth`. */
+export function geometry(data, lay, minWidth = 0) {
+  const maxBytes = Math.max(1, ...data.backward.flatMap((b) => b.steps.filter((st) => st.broadcast).map((st) => st.bytes)));
+  const diamond = (b) => DIAMOND_MIN + (DIAMOND_MAX - DIAMOND_MIN) * Math.sqrt(Math.min(1, b / maxBytes));
+  const isParam = (name) => isParamLike(data.tensors[name]?.role);
+  // Vertical lanes (px below the top edge).
+  const fwdLabelH = 2 * FWD_FONT * LINE;
+  const paramY = 18 + fwdLabelH + 4 + 7;
+  const actY = paramY + 7 + GAP + fwdLabelH + 4 + 7;
+  const sepY = actY + 7 + 12;
+  const backY = sepY + 11;
+  const headY = backY + 20;
+  const firstTop = headY + HEAD_FONT * 0.7 + GAP;
+  const fwdLabel = (n) => `<b>${esc(n)}</b><br>${shape(data.tensors[n].shape)}`;
+  const fwdHalf = (n) => Math.max(7, labelWidth(fwdLabel(n), FWD_FONT) / 2);
+  const names = Object.keys(lay.tensorCols).filter((n) => n in data.tensors);
+
+  // Labels go beside (right of) their markers; where that is too wide for the container,
+  // below them (narrower columns, taller rows); where that is too wide too, it scrolls.
+  let placed = place(false);
+  if (placed.natural > minWidth) {
+    const stacked = place(true);
+    if (stacked.natural < placed.natural) placed = stacked;
   }
-  const entryX = {};
-  columns.forEach((c) => c.entry != null && (entryX[c.entry] = c.x));
-  for (const [name, x] of Object.entries(tensorX)) {
-    const lo = columns[Math.floor(x)], hi = columns[Math.ceil(x)];
-    tensorX[name] = (lo.x + hi.x) / 2;
+  const { cols, tensorX, natural } = placed;
+  // Spread the slack of a wide container between the columns.
+  const slack = minWidth - natural;
+  if (slack > 0 && cols.length > 1) {
+    const each = Math.min(MAX_STRETCH, slack / cols.length);
+    cols.forEach((c, i) => (c.x += each * (i + 0.5)));
   }
-  return { columns, tensorX, entryX, width: at + 0.5 };
+  const height = Math.max(sepY + 60, ...cols.map((c) => c.bottom)) + 6;
+  const tx = Object.fromEntries(names.map((n) => [n, tensorX(n)]));
+  const ty = Object.fromEntries(names.map((n) => [n, -(isParam(n) ? paramY : actY)]));
+  return { cols, names, tensorX: tx, tensorY: ty, fwdLabel, width: Math.max(minWidth, natural), height, sepY, backY, headY, stacked: placed.stacked };
+
+  function place(stacked) {
+    // Each column: its steps (marker size, label, vertical place) and its extents about its x.
+    const cols = lay.columns.map((c) => {
+      const head = c.entry == null ? null : `<b>${esc(data.backward[c.entry].grad)}.g</b>`;
+      const steps = c.entry == null ? [] : data.backward[c.entry].steps.map((st, s, all) => {
+        const isB = !!st.broadcast, last = s === all.length - 1;
+        const size = isB ? diamond(st.bytes) : DOT;
+        const out = `${last ? "<b>" : ""}${shape(st.output)}${last ? "</b>" : ""}`;
+        const label = isB ? `${esc(st.action)}<br>${out}<br><b>${bytes(st.bytes)}</b>` : `${esc(st.action)}<br>${out}`;
+        const extent = isB ? size * DIAMOND_SPAN : size;
+        const lh = labelHeight(label, STEP_FONT);
+        return { step: st, s, last, isB, size, extent, label, lh, w: labelWidth(label, STEP_FONT), h: stacked ? extent + 2 + lh : Math.max(extent, lh) };
+      });
+      let y = firstTop;
+      for (const p of steps) {
+        p.y = -(y + (stacked ? p.extent / 2 : p.h / 2));
+        // The label: beside the marker, vertically centred; or under it, top at labelY.
+        p.labelY = stacked ? p.y - p.extent / 2 - 1 : p.y;
+        p.edgeFrom = stacked ? -(y + p.h) : p.y; // where the edge to the next step may start
+        y += p.h + GAP * 0.75;
+      }
+      const half = Math.max(DOT / 2, ...steps.map((p) => p.extent / 2));
+      let left = steps.length ? half : 0, right = left;
+      if (stacked) {
+        for (const p of steps) p.dx = 0;
+        right = left = Math.max(left, ...steps.map((p) => p.w / 2));
+      } else if (steps.length) {
+        // A label starts just right of its own marker (of the column's widest marker, when
+        // that costs no width), so it never touches a diamond.
+        for (const p of steps) p.dx = p.extent / 2 + 5;
+        right = Math.max(...steps.map((p) => p.dx + p.w));
+        for (const p of steps) if (half + 5 + p.w <= right) p.dx = half + 5;
+      }
+      return { ...c, head, steps, bottom: y, left, right, headHalf: head ? labelWidth(head, HEAD_FONT) / 2 : 0 };
+    });
+
+    // Columns left to right, each as far left as its neighbours allow.
+    cols.forEach((c, i) => {
+      const p = cols[i - 1];
+      let x = Math.max(c.left, c.headHalf) + GAP;
+      if (p) x = Math.max(x, p.x + p.right + GAP * 1.25 + c.left, p.x + p.headHalf + GAP + c.headHalf, p.x + 7 + GAP + c.left);
+      c.x = x;
+    });
+    // Forward labels on one lane must not meet: shift a tensor's columns (and all after) right.
+    const tensorX = (n) => { const idx = lay.tensorCols[n]; return (cols[idx[0]].x + cols[idx[idx.length - 1]].x) / 2; };
+    const lastOnLane = {};
+    for (const n of names) {
+      const lane = isParam(n) ? "param" : "act";
+      const prev = lastOnLane[lane];
+      if (prev) {
+        const need = tensorX(prev) + fwdHalf(prev) + GAP + fwdHalf(n) - tensorX(n);
+        if (need > 0) for (let i = lay.tensorCols[n][0]; i < cols.length; i++) cols[i].x += need;
+      }
+      lastOnLane[lane] = n;
+    }
+    const first = names.length ? fwdHalf(names[0]) + GAP - tensorX(names[0]) : 0;
+    if (first > 0) cols.forEach((c) => (c.x += first));
+    const natural = Math.max(0, ...cols.map((c) => c.x + Math.max(c.right, c.headHalf, 7)), ...names.map((n) => tensorX(n) + fwdHalf(n))) + GAP;
+    return { cols, tensorX, natural, stacked };
+  }
 }
 
 /** Flat list of backward steps in execution order, with where each is drawn. */
-export function flatSteps(data, lay = layout(data)) {
+export function flatSteps(data, geo) {
+  const byEntry = {};
+  for (const c of geo.cols) if (c.entry != null) byEntry[c.entry] = c;
   const out = [];
   data.backward.forEach((entry, e) =>
-    entry.steps.forEach((step, s) =>
-      out.push({ entry, e, s, step, x: lay.entryX[e], y: -1.6 - s, last: s === entry.steps.length - 1 })),
+    byEntry[e].steps.forEach((p) => out.push({ ...p, entry, e, col: byEntry[e], x: Math.round(byEntry[e].x * 10) / 10, y: Math.round(p.y * 10) / 10 })),
   );
   return out;
 }
@@ -84,46 +194,46 @@ export class Diagram {
 
   draw(data) {
     const lay = layout(data);
-    const steps = flatSteps(data, lay);
+    const margin = { l: 6, r: 6, t: 6, b: 34 };
+    const container = (this.el.parentElement.clientWidth || 900) - margin.l - margin.r;
+    const geo = geometry(data, lay, container);
+    const steps = flatSteps(data, geo);
     this.steps = steps;
-    const span = lay.width;
-    const maxSteps = Math.max(1, ...data.backward.map((b) => b.steps.length));
-    const yTop = 2.3;
-    const yBottom = -1.6 - maxSteps + 0.35;
     const traces = [];
     const annotations = [];
-    const tensorY = (name) => (isParamLike(data.tensors[name]?.role) ? 1.25 : 0);
+    const { tensorX, tensorY } = geo;
 
     // Edges: forward op inputs -> output; tensor -> its gradient column; step -> next step.
     const edge = { x: [], y: [] };
     const dotted = { x: [], y: [] };
     for (const f of data.forward) {
       for (const i of f.inputs) {
-        if (!(i in lay.tensorX) || !(f.output in lay.tensorX)) continue;
-        edge.x.push(lay.tensorX[i], lay.tensorX[f.output], null);
-        edge.y.push(tensorY(i), tensorY(f.output), null);
+        if (!(i in tensorX) || !(f.output in tensorX)) continue;
+        edge.x.push(tensorX[i], tensorX[f.output], null);
+        edge.y.push(tensorY[i], tensorY[f.output], null);
       }
     }
-    for (const [e, x] of Object.entries(lay.entryX)) {
-      const name = data.backward[e].grad;
-      if (name in lay.tensorX) dotted.x.push(lay.tensorX[name], x, null), dotted.y.push(tensorY(name), -1.6, null);
+    for (const c of geo.cols) {
+      if (c.entry == null || !(c.tensor in tensorX)) continue;
+      dotted.x.push(tensorX[c.tensor], c.x, null);
+      dotted.y.push(tensorY[c.tensor], -(geo.headY - HEAD_FONT * 0.7), null);
     }
     for (let i = 1; i < steps.length; i++) {
       if (steps[i].e !== steps[i - 1].e) continue;
       edge.x.push(steps[i - 1].x, steps[i].x, null);
-      edge.y.push(steps[i - 1].y, steps[i].y, null);
+      edge.y.push(steps[i - 1].edgeFrom, steps[i].y, null);
     }
     traces.push({ type: "scatter", mode: "lines", ...edge, line: { color: "#adb5bd", width: 1.5 }, hoverinfo: "skip", showlegend: false });
     traces.push({ type: "scatter", mode: "lines", ...dotted, line: { color: "#ced4da", width: 1, dash: "dot" }, hoverinfo: "skip", showlegend: false });
 
     // Forward lane: one node per tensor, labelled "name" over "(shape)".
-    const names = Object.keys(lay.tensorX).filter((n) => n in data.tensors);
+    const names = geo.names;
     const producer = Object.fromEntries(data.forward.map((f) => [f.output, f.code]));
     traces.push({
       type: "scatter", mode: "markers+text", name: "tensor (forward)", showlegend: false,
-      x: names.map((n) => lay.tensorX[n]), y: names.map(tensorY),
-      text: names.map((n) => `<b>${esc(n)}</b><br>${shape(data.tensors[n].shape)}`),
-      textposition: "top center", textfont: { size: 11 },
+      x: names.map((n) => tensorX[n]), y: names.map((n) => tensorY[n]),
+      text: names.map(geo.fwdLabel),
+      textposition: "top center", textfont: { size: FWD_FONT },
       marker: { size: 13, color: names.map((n) => ROLE_COLOURS[data.tensors[n].role] || "#343a40"), symbol: names.map((n) => (isParamLike(data.tensors[n].role) ? "square" : "circle")) },
       hovertext: names.map((n) => {
         const t = data.tensors[n];
@@ -133,10 +243,10 @@ export class Diagram {
     });
 
     // Backward lane: one trace per action, so the legend lists whatever actions the trace has.
-    const maxBytes = Math.max(1, ...steps.filter((p) => p.step.broadcast).map((p) => p.step.bytes));
+    // Labels sit right of the markers, aligned per column, in one text-only trace.
     const byAction = new Map();
     steps.forEach((p, i) => {
-      const key = p.step.broadcast ? "broadcast" : p.step.action;
+      const key = p.isB ? "broadcast" : p.step.action;
       if (!byAction.has(key)) byAction.set(key, []);
       byAction.get(key).push(i);
     });
@@ -144,59 +254,51 @@ export class Diagram {
       const pts = idx.map((i) => steps[i]);
       const isB = action === "broadcast";
       traces.push({
-        type: "scatter", mode: "markers+text", name: action, legendgroup: action,
+        type: "scatter", mode: "markers", name: action, legendgroup: action,
         x: pts.map((p) => p.x), y: pts.map((p) => p.y), customdata: idx,
-        text: pts.map((p) => `${esc(p.step.action)}<br>${p.last ? "<b>" : ""}${shape(p.step.output)}${p.last ? "</b>" : ""}`),
-        textposition: "bottom center", textfont: { size: 10.5, color: isB ? "#c92a2a" : "#212529" },
         marker: {
           symbol: isB ? "diamond" : action === "reduce" ? "triangle-down" : "circle",
-          size: pts.map((p) => (isB ? 16 + 26 * Math.sqrt(p.step.bytes / maxBytes) : 12)),
+          size: pts.map((p) => p.size),
           color: colourOf(action),
           line: { width: pts.map((p) => (p.last ? 3 : 0)), color: GRAD_COLOUR },
         },
         hovertext: pts.map((p) => stepHover(p)),
         hoverinfo: "text", hoverlabel: { align: "left" },
       });
-      if (isB) {
-        for (const p of pts) {
-          annotations.push({
-            x: p.x, y: p.y, xshift: 24, yshift: 9, xanchor: "left", showarrow: false,
-            text: `<b>${bytes(p.step.bytes)}</b>`, font: { size: 11, color: "#c92a2a" },
-          });
-        }
-      }
     }
+    traces.push({
+      type: "scatter", mode: "text", showlegend: false, hoverinfo: "skip", name: "labels",
+      x: steps.map((p) => p.x + p.dx), y: steps.map((p) => p.labelY),
+      text: steps.map((p) => p.label), textposition: geo.stacked ? "bottom center" : "middle right",
+      textfont: { size: STEP_FONT, color: steps.map((p) => (p.isB ? "#c92a2a" : "#212529")) },
+    });
 
     // Column heads of the backward lane: "x.g", the gradient each column computes.
-    for (const [e, x] of Object.entries(lay.entryX)) {
-      annotations.push({ x, y: -0.95, text: `<b>${esc(data.backward[e].grad)}.g</b>`, showarrow: false, font: { size: 12, color: GRAD_COLOUR } });
+    for (const c of geo.cols) {
+      if (c.head) annotations.push({ x: c.x, y: -geo.headY, text: c.head, showarrow: false, font: { size: HEAD_FONT, color: GRAD_COLOUR } });
     }
     annotations.push(
-      { xref: "paper", x: 0, xanchor: "left", y: yTop - 0.05, yanchor: "top", text: "FORWARD  →", showarrow: false, font: { size: 11, color: "#868e96" } },
-      { xref: "paper", x: 0, xanchor: "left", y: -0.55, text: "←  BACKWARD (columns run right to left; each runs top to bottom)", showarrow: false, font: { size: 11, color: "#868e96" } },
+      { xref: "paper", x: 0, xanchor: "left", y: -2, yanchor: "top", text: "FORWARD  →", showarrow: false, font: { size: 11, color: "#868e96" } },
+      { xref: "paper", x: 0, xanchor: "left", y: -geo.backY, text: "←  BACKWARD (columns run right to left; each runs top to bottom)", showarrow: false, font: { size: 11, color: "#868e96" } },
     );
 
     // The selected step: a ring drawn over it.
     this.highlightTrace = traces.length;
     traces.push({
       type: "scatter", mode: "markers", x: [null], y: [null], hoverinfo: "skip", showlegend: false, name: "selected",
-      marker: { symbol: "circle-open", size: 44, color: "#fab005", line: { width: 4 } },
+      marker: { symbol: "circle-open", size: 30, color: "#fab005", line: { width: 4 } },
     });
 
-    const container = this.el.parentElement.clientWidth || 900;
-    // Column width from the longest shape label, so small runs fit without scrolling.
-    const longest = Math.max(8, ...steps.map((p) => shape(p.step.output).length), ...names.map((n) => shape(data.tensors[n].shape).length));
-    const colWidth = Math.min(COL_WIDTH, Math.max(64, longest * 6.6 + 12));
-    const width = Math.max(container, Math.round(span * colWidth + 30));
-    const height = Math.round((yTop - yBottom) * (maxSteps > 10 ? 44 : ROW) + 40);
+    const width = Math.ceil(geo.width) + margin.l + margin.r;
+    const height = Math.ceil(geo.height) + margin.t + margin.b;
     this.el.style.width = `${width}px`;
     const layoutSpec = {
-      width, height, margin: { l: 10, r: 10, t: 10, b: 30 },
-      xaxis: { visible: false, range: [-0.55, span - 0.45], fixedrange: true },
-      yaxis: { visible: false, range: [yBottom, yTop], fixedrange: true },
+      width, height, margin, font: { family: FONT },
+      xaxis: { visible: false, range: [0, width - margin.l - margin.r], fixedrange: true },
+      yaxis: { visible: false, range: [-(height - margin.t - margin.b), 0], fixedrange: true },
       showlegend: true, legend: { orientation: "h", x: 0, y: 0, yanchor: "top", font: { size: 11 } },
       annotations, hovermode: "closest", plot_bgcolor: "#fff", paper_bgcolor: "#fff",
-      shapes: [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: -0.45, y1: -0.45, line: { color: "#e9ecef", width: 1 } }],
+      shapes: [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: -geo.sepY, y1: -geo.sepY, line: { color: "#e9ecef", width: 1 } }],
     };
     Plotly.react(this.el, traces, layoutSpec, { displayModeBar: false, responsive: false });
     if (!this.bound) {
@@ -212,7 +314,7 @@ export class Diagram {
   highlight(i) {
     const p = this.steps && this.steps[i];
     if (!p) return;
-    Plotly.restyle(this.el, { x: [[p.x]], y: [[p.y]] }, [this.highlightTrace]);
+    Plotly.restyle(this.el, { x: [[p.x]], y: [[p.y]], "marker.size": Math.max(22, p.extent + 8) }, [this.highlightTrace]);
     this.el.dataset.selected = String(i);
     this.el.dataset.selectedXy = `${p.x},${p.y}`;
   }
