@@ -79,7 +79,10 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     # float64 copies of the inputs and of the activations the perturbed passes rebuild
     fd = (float_inputs + activations) * 8 // itemsize * 2 if cfg.fd_samples else 0
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
-    views = 3 * 8 * largest_grad  # block means, the reference's and the difference's
+    # the views' temporaries, and the heatmaps themselves: numpy cells and their JSON text
+    maps = 3 if getattr(cfg, "reference_heatmaps", False) else 1
+    cells = sum(min(math.prod(s.shape), cfg.max_cells) for s in specs if s.role != "target")
+    views = 3 * 8 * largest_grad + maps * cells * (8 + 24)
     # manual pass + autograd check: each holds its activations and gradients
     run = inputs + 2 * activations + 2 * gradients + transient
     # a small run that fails its check runs again in the other precision (check.py)
@@ -147,8 +150,9 @@ def refuse_over_budget(cfg, est: Estimate, per_row: Estimate, budget: int) -> No
 
 
 # The literal broadcast backward materializes N * in * out elements twice per linear layer
-# (x.g's product and w.g's), chunk by chunk: about 1 s per 5e9 on this 2-core machine.
-MAX_BROADCAST_ELEMENTS = 5e9
+# (x.g's product and w.g's), chunk by chunk: ~1 s per 2.5e9 on this 2-core machine when the
+# rows are wide (one 64 MB row at in = out = 4096), faster when many rows share a chunk.
+MAX_BROADCAST_ELEMENTS = 2.5e9
 
 
 def broadcast_elements(cfg) -> int:

@@ -124,9 +124,13 @@ def test_budget_estimate_bounds_what_a_run_allocates(fields):
     cfg = RunRequest(**fields)
     estimate = pipeline.estimate(cfg, chunk_bytes=4 << 20)
     with PeakMemory() as memory:
-        pipeline.run(cfg, chunk_bytes=4 << 20)
+        result = pipeline.run(cfg, chunk_bytes=4 << 20)
     assert memory.peak_bytes <= estimate.total
-    assert estimate.total <= 6 * memory.peak_bytes
+    checks = [*result["check"]["tensors"].values(), *result["check"]["intermediates"].values()]
+    rechecked = any("rounding_noise" in c for c in checks)
+    # the estimate holds room for the rounding recheck, which only a failing check runs
+    expected = estimate.total if rechecked else estimate.total - estimate.recheck
+    assert expected <= 6 * memory.peak_bytes
 
 
 @pytest.mark.parametrize(
@@ -135,6 +139,7 @@ def test_budget_estimate_bounds_what_a_run_allocates(fields):
         ({"batch": 1000, "in_features": 4096, "hidden": [4096]}, "strategy"),
         ({"batch": 20000, "hidden": [400], "strategy": "matmul", "compare": True}, "compare"),
         ({"fd_samples": 64, "batch": 20000}, "fd_samples"),
+        ({"batch": 20000, "compare": True}, "compare"),  # 3 broadcast backwards of 1.6e9
     ],
 )
 def test_runs_that_would_hold_a_slot_for_minutes_are_refused(fields, field):
@@ -155,7 +160,7 @@ def test_runs_that_would_hold_a_slot_for_minutes_are_refused(fields, field):
     "fields",
     [
         {"batch": 20000},
-        {"batch": 20000, "compare": True},
+        {"batch": 5000, "compare": True},
         {"batch": 1000, "in_features": 4096, "hidden": [4096], "strategy": "matmul"},
         {"fd_samples": 64},
     ],

@@ -63,7 +63,9 @@ class Linear(Op):
         n, (fan_in, fan_out) = g2.shape[0], w.shape
         rows = chunk_rows(fan_in, fan_out, g2.element_size(), chunk_bytes)
         x_g = torch.empty_like(x2)  # (N, in)
-        w_g = torch.zeros_like(w)  # (in, out)
+        # the chunks' partial sums add up in float64: one float32 sum over a million rows
+        # would round far more than autograd's matmul does
+        w_g = torch.zeros_like(w, dtype=torch.float64)  # (in, out)
         x_name, w_name, b_name = self.inputs
         w_t, b_t = Traced.leaf(w, w_name), Traced.leaf(b, b_name)
         for start in range(0, n, rows):
@@ -77,9 +79,13 @@ class Linear(Op):
             )
             x_g[chunk] = formulas[x_name]().t  # (rows, in)
             w_g += formulas[w_name]().t  # this chunk's share of the sum over rows
-        return x_g, w_g
+        return x_g, w_g.to(w.dtype)
+
+
+MAX_CHUNK_ROWS = 4096  # a chunk's own sum over rows stays short, so it rounds little
 
 
 def chunk_rows(fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int) -> int:
-    """Rows per chunk: as many (in, out) product rows as fit in `chunk_bytes`, at least one."""
-    return max(1, chunk_bytes // (fan_in * fan_out * itemsize))
+    """Rows per chunk: as many (in, out) product rows as fit in `chunk_bytes`, at least one
+    and at most MAX_CHUNK_ROWS."""
+    return min(MAX_CHUNK_ROWS, max(1, chunk_bytes // (fan_in * fan_out * itemsize)))
