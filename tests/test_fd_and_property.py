@@ -33,17 +33,6 @@ CONFIGS = st.fixed_dictionaries(
 )
 
 
-def _well_conditioned(fields: dict) -> bool:
-    """No norm whose output is (almost) constant: a layernorm over 1-2 features, a batchnorm
-    over 2-3 positions or of a 1-feature input makes every gradient upstream cancel to ~0,
-    where a float32 gradient is rounding noise next to float64 differences. (The autograd
-    check handles that case with its rounding recheck; the spot check has no such rerun.)"""
-    lead = [fields["batch"]] if isinstance(fields["batch"], int) else fields["batch"]
-    if fields["norm"] == "none" or not fields["hidden"]:
-        return True
-    return min(fields["hidden"]) >= 3 and math.prod(lead) >= 4 and fields["in_features"] >= 2
-
-
 def _valid(fields: dict) -> bool:
     """What the schema accepts: a batchnorm needs 2 or more batch positions. Degenerate norms
     (1-2 features, 2-3 rows), whose upstream gradients cancel to rounding noise, are in:
@@ -73,9 +62,8 @@ def test_random_architectures_match_autograd(client, fields):
     assert set(check["tensors"]) == expected <= set(body["gradients"])
     fd = check["finite_difference"]
     assert set(fd) == expected
-    if _well_conditioned(fields):  # else float32 noise may dwarf a gradient that cancels
-        for name, entry in fd.items():
-            assert entry["allclose"], (name, entry)
+    for name, entry in fd.items():  # degenerate norms included: their noise is accounted for
+        assert entry["allclose"], (name, entry, fields)
 
 
 def _cfg(**fields):
