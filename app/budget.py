@@ -70,7 +70,7 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     float_inputs = sum(math.prod(s.shape) * itemsize for s in specs if s.role != "target")
     gradients = float_inputs + activations  # d loss / d every float tensor
     sizes = layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
-    strategy = "broadcast" if getattr(cfg, "compare", False) else cfg.strategy  # compare runs all
+    strategy = "broadcast" if cfg.compare else cfg.strategy  # compare runs all three
     n_rows = math.prod(lead_shape(cfg.batch))
     chunk = max(chunk_peak(n_rows, i, o, itemsize, chunk_bytes, strategy) for i, o in sizes)
     transient = max(map(formula_bytes, forward), default=0) + max(
@@ -80,7 +80,7 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     fd = (float_inputs + activations) * 8 // itemsize * 2 if cfg.fd_samples else 0
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
     # the views' temporaries, and the heatmaps themselves: numpy cells and their JSON text
-    maps = 3 if getattr(cfg, "reference_heatmaps", False) else 1
+    maps = 3 if cfg.reference_heatmaps else 1
     cells = sum(min(math.prod(s.shape), cfg.max_cells) for s in specs if s.role != "target")
     views = 3 * 8 * largest_grad + maps * cells * (8 + 24)
     # manual pass + autograd check: each holds its activations and gradients
@@ -160,7 +160,7 @@ def broadcast_elements(cfg) -> int:
     rows = math.prod(lead_shape(cfg.batch))
     sizes = layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
     # the run itself, and compare's measured run and (when slow) single timed run
-    runs = (cfg.strategy == "broadcast") + 2 * bool(getattr(cfg, "compare", False))
+    runs = (cfg.strategy == "broadcast") + 2 * cfg.compare
     return runs * sum(2 * rows * fan_in * fan_out for fan_in, fan_out in sizes)
 
 

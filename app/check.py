@@ -173,6 +173,11 @@ def autograd_check(
 RECHECK_MAX_BYTES = 64 << 20  # runs whose inputs and gradients fit in this get the recheck
 
 
+def cast_floats(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """The run's tensors in another precision (the integer target as it is)."""
+    return {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+
+
 def recheck_rounding(
     cfg,
     tensors: Mapping[str, torch.Tensor],
@@ -180,7 +185,7 @@ def recheck_rounding(
     reference: Mapping[str, torch.Tensor],
     inter: Mapping[str, torch.Tensor],
     check: dict,
-    manual_at: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]],
+    manual_at: Callable[[torch.dtype], Mapping[str, torch.Tensor]],
 ) -> dict:
     """Judge the failures again, knowing how much rounding each side carries.
 
@@ -203,10 +208,9 @@ def recheck_rounding(
     if sum(t.numel() * t.element_size() for t in held) > RECHECK_MAX_BYTES:
         return check
     other = torch.float64 if tensors["x"].dtype == torch.float32 else torch.float32
-    cast = {n: t.to(other) if t.is_floating_point() else t for n, t in tensors.items()}
     inter_other: dict[str, torch.Tensor] = {}
-    reference_other = autograd_gradients(cfg, cast, inter_other)
-    manual_other = manual_at(cast)
+    reference_other = autograd_gradients(cfg, cast_floats(tensors, other), inter_other)
+    manual_other = manual_at(other)
     for results, ref, ref_other in (
         (check["tensors"], reference, reference_other),
         (check["intermediates"], inter, inter_other),

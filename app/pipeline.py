@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from app import budget
-from app.check import autograd_gradients, check_against, recheck_rounding
+from app.check import autograd_gradients, cast_floats, check_against, recheck_rounding
 from app.compare import compare_strategies
 from app.fd import finite_difference_check
 from app.network import Network
@@ -52,22 +52,28 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     tensors = make_tensors(cfg)
     env = net.forward(tensors)
     after_forward = time.perf_counter()
-    grads = net.backward(env, Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes))
+    ctx = Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes)
+    grads = net.backward(env, ctx)
     after_backward = time.perf_counter()
+
+    other_precision: dict[torch.dtype, dict[str, torch.Tensor]] = {}
+
+    def manual_at(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The same formulas on the tensors in another precision, computed once each."""
+        if dtype not in other_precision:
+            other_precision[dtype] = net.backward(net.forward(cast_floats(tensors, dtype)), ctx)
+        return other_precision[dtype]
+
     inter: dict[str, torch.Tensor] = {}
     reference = autograd_gradients(cfg, tensors, inter)
     check = check_against(cfg, grads, reference, inter)
-    ctx = Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes)
-    check = recheck_rounding(
-        cfg, tensors, grads, reference, inter, check, lambda t: net.backward(net.forward(t), ctx)
-    )
+    check = recheck_rounding(cfg, tensors, grads, reference, inter, check, manual_at)
     if cfg.fd_samples > 0:  # cost bounded before the run (budget.refuse_too_much_work)
         noise = {n: c.get("rounding_noise", 0.0) for n, c in check["tensors"].items()}
         if tensors["x"].dtype == torch.float32:
             # float64 differences judge a float32 gradient: measure its own rounding (the
             # same formulas in float64) rather than guess it
-            wide = {n: t.double() if t.is_floating_point() else t for n, t in tensors.items()}
-            grads64 = net.backward(net.forward(wide), ctx)
+            grads64 = manual_at(torch.float64)
             for n in noise:
                 noise[n] = max(noise[n], (grads[n].double() - grads64[n]).abs().max().item())
         check["finite_difference"] = finite_difference_check(cfg, tensors, grads, noise)
