@@ -6,7 +6,14 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 # Size limits. The memory budget (settings.memory_budget_bytes) is the other, joint limit.
 MAX_BATCH_DIMS = 4
@@ -68,7 +75,7 @@ class RunRequest(BaseModel):
     init: Init = Field(
         "randn", description="randn is plain unscaled torch.randn, as in the article."
     )
-    init_scale: float = Field(
+    init_scale: Annotated[float, Field(strict=True)] = Field(
         1.0,
         ge=-MAX_INIT_SCALE,
         le=MAX_INIT_SCALE,
@@ -93,13 +100,13 @@ class RunRequest(BaseModel):
         description="Also check this many entries of every gradient by float64 central "
         "differences (0: off).",
     )
-    reference_heatmaps: bool = Field(
+    reference_heatmaps: StrictBool = Field(
         False,
         description="Also send, for every gradient, autograd's on the same blocks "
         "(`reference_heatmap`) and the difference (`diff_heatmap`: in each block, the entry "
         "of largest |manual - autograd|, with its sign, so no error averages away).",
     )
-    compare: bool = Field(
+    compare: StrictBool = Field(
         False,
         description="Also time the manual backward under every strategy (broadcast, einsum, "
         "matmul) and autograd's backward, with the peak extra memory each allocates: the "
