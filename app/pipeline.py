@@ -108,7 +108,8 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         info[entry["output"]] = _info(env[entry["output"]], role)
     leaves = [s.name for s in specs if s.role != "target"]
     result = {
-        "config": cfg.model_dump(),
+        # formulas only when given: the v1 config echo stays exactly as it was
+        "config": cfg.model_dump(exclude=set() if cfg.formulas else {"formulas"}),
         "loss": env["loss"].item(),
         "tensors": info,
         "forward": forward_trace,
