@@ -375,3 +375,17 @@ class BroadcastResponse(BaseModel):
     result: Shape
     a: OperandBroadcast
     b: OperandBroadcast
+
+
+class Bug(BaseModel):
+    """One classic mistake: send {"formulas": {grad: formula}} with the article's defaults."""
+
+    id: str
+    title: str
+    grad: str = Field(description='The gradient it computes, e.g. "x.g"')
+    formula: str
+    kind: Literal["shape", "value", "silent"] = Field(
+        description="shape: refused with a shape error; value: runs and fails the check; "
+        "silent: fails the check but passes the article's is_same (no abs())"
+    )
+    lesson: str
