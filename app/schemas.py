@@ -28,6 +28,8 @@ MAX_CELLS = 1_000_000
 MAX_FD_SAMPLES = 64
 MAX_SEED = 2**63 - 1
 MAX_INIT_SCALE = 1e6
+MAX_FORMULA_CHARS = 2000  # app.lab.evaluator.MAX_SOURCE_CHARS
+MAX_FORMULAS = 64
 
 StrictInt = Annotated[int, Field(strict=True)]
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
@@ -125,6 +127,23 @@ class RunRequest(BaseModel):
         "prod(batch) images, normalized in float64 then cast to dtype. Target: the digit "
         "(a float for mse with out_features 1; int64 for cross_entropy with out_features "
         "10). in_features (and, for cross_entropy, out_features) default to the data's.",
+    )
+
+    formulas: Annotated[
+        dict[
+            Annotated[str, Field(max_length=32)],
+            Annotated[str, Field(max_length=MAX_FORMULA_CHARS)],
+        ],
+        Field(max_length=MAX_FORMULAS),
+    ] = Field(
+        default_factory=dict,
+        description='The learner\'s own backward formulas: {"<name>.g": "<source>"}, e.g. '
+        '{"x.g": "(l1.g.unsqueeze(1) * w1).sum(-1)"}. Each replaces the built-in gradient, '
+        "and every gradient computed after it uses it. One expression, or lines of "
+        "`local = expression` then a final expression; tensors by their trace names, earlier "
+        "gradients as `<name>.g`, tensor methods and torch functions from an allowlist. "
+        "Evaluated on meta tensors first (shapes, bytes, work); a formula that cannot run is "
+        "a 422 at formulas.<name>.g.",
     )
 
     @field_validator("batch", mode="before")
@@ -320,6 +339,26 @@ class BackwardEntry(BaseModel):
         description="Set on another formula for the same gradient (e.g. cross_entropy's "
         '"fused" (probs - one_hot) / N): traced and checked, not propagated',
     )
+    source: Literal["user", "reference"] = Field(
+        "reference", description='"user" where the learner\'s formula computed this gradient'
+    )
+    reference_code: str | None = Field(
+        None, description="On a user entry: the built-in formula it replaces"
+    )
+    bytes: int | None = Field(
+        None, description="On a user entry: bytes its materialized intermediates take in all"
+    )
+    work: int | None = Field(
+        None, description="On a user entry: elements its steps read or write (the work limit)"
+    )
+
+
+class FormulaTrace(BaseModel):
+    code: str = Field(description="The learner's formula as traced, runnable Python")
+    steps: list[TraceStep]
+    shape: Shape
+    bytes: int = Field(description="Bytes its materialized intermediates take in all")
+    work: int = Field(description="Elements its steps read or write")
 
 
 class Heatmap(BaseModel):
@@ -439,6 +478,11 @@ class RunResponse(BaseModel):
     backward: list[BackwardEntry]
     gradients: dict[str, GradientView]
     check: Check
+    formulas: dict[str, FormulaTrace] = Field(
+        default_factory=dict,
+        description="The learner's formulas, each traced in the same step format as "
+        "backward[i].steps",
+    )
     timing: Timing
     compare: Comparison | None = None
     data: DataView | None = Field(None, description="With image data (data mnist or digits)")
@@ -472,3 +516,17 @@ class BroadcastResponse(BaseModel):
     result: Shape
     a: OperandBroadcast
     b: OperandBroadcast
+
+
+class Bug(BaseModel):
+    """One classic mistake: send {"formulas": {grad: formula}} with the article's defaults."""
+
+    id: str
+    title: str
+    grad: str = Field(description='The gradient it computes, e.g. "x.g"')
+    formula: str
+    kind: Literal["shape", "value", "silent"] = Field(
+        description="shape: refused with a shape error; value: runs and fails the check; "
+        "silent: fails the check but passes the article's is_same (no abs())"
+    )
+    lesson: str
