@@ -20,6 +20,7 @@ from app import data
 from app.check import autograd_gradients, cancelling_scale, compare
 from app.network import Network
 from app.ops import Context
+from app.pipeline import learner_formulas
 from app.tensors import data_name, examples, input_specs, make_tensors
 from app.views import gradient_view, unit_images
 
@@ -109,6 +110,7 @@ def train(
     # the manual backward with the request's strategy; training needs no x.g, and no second
     # formula (cross_entropy's fused form) for a gradient
     ctx = Context(cfg.strategy, chunk_bytes, variants=False, skip=frozenset({"x"}))
+    formulas = learner_formulas(cfg, net)  # the learner's, replacing the built-in ones
     optimizer = SGD(params, cfg.lr, cfg.momentum)
     batches = minibatches(parts.x_train.shape[0], cfg.train_batch, cfg.seed)
 
@@ -123,7 +125,7 @@ def train(
         idx = next(batches)
         batch = {"x": parts.x_train[idx], "target": parts.t_train[idx], **params}
         env = net.forward(batch)
-        grads = net.backward(env, ctx)  # the manual gradients
+        grads = net.backward(env, ctx, formulas)  # the manual gradients
         step += 1
         loss = env["loss"].item()
         loss_sum, since = loss_sum + loss, since + 1

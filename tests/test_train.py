@@ -167,6 +167,24 @@ def test_done_gives_w1_as_one_image_per_hidden_unit():
     assert not (done["weights"]["w1"]["images"] == done["weights_before"]["w1"]["images"]).all()
 
 
+def test_a_learners_correct_formula_trains_exactly_like_the_built_in_one():
+    built_in = events_of(TrainRequest(**DIGITS, steps=30, eval_every=10))
+    learner = events_of(TrainRequest(**DIGITS, steps=30, eval_every=10,
+                                     formulas={"w1.g": "x.t() @ l1.g"}))  # fmt: skip
+    losses = [[e["loss"] for k, e in run if k == "progress"] for run in (built_in, learner)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert all(e["all_close"] for k, e in learner if k == "progress")
+
+
+def test_a_learners_wrong_sign_fails_the_check_and_does_not_learn():
+    good = events_of(TrainRequest(**DIGITS, steps=100, eval_every=50))[-1][1]
+    events = events_of(TrainRequest(**DIGITS, steps=100, eval_every=50,
+                                    formulas={"w1.g": "-(x.t() @ l1.g)"}))  # fmt: skip
+    progress = [e for k, e in events if k == "progress"]
+    assert all(e["all_close"] is False and e["max_rel_err"] > 1 for e in progress)
+    assert events[-1][1]["val_accuracy"] < good["val_accuracy"] - 0.3
+
+
 # --- POST /api/train ----------------------------------------------------------------------
 
 
@@ -225,6 +243,9 @@ def test_a_different_seed_gives_different_losses(client):
         ({"data": "digits", "in_features": 784}, "in_features"),
         ({"norm": "batchnorm", "train_batch": 1}, "train_batch"),
         ({"learning_rate": 0.1}, "learning_rate"),
+        ({"formulas": {"w1.g": "x.t() @@ l1.g"}}, "formulas"),
+        ({"formulas": {"w1.g": "x @ l1.g"}}, "formulas"),  # shapes that do not multiply
+        ({"formulas": {"w9.g": "x"}}, "formulas"),
     ],
 )
 def test_a_bad_train_config_is_a_422_before_the_stream(client, body, field):
