@@ -1,6 +1,7 @@
 // Wires the page: URL -> form -> POST /api/run -> diagram, step-through, heatmaps, checks.
 import { errorsByField, run } from "./api.js";
 import { drawChecks } from "./checks.js";
+import { drawDataPanel, dropDataOwned } from "./digits.js";
 import { Diagram } from "./diagram.js";
 import { Explainer } from "./explainer.js";
 import { bytes, h, num } from "./format.js";
@@ -71,6 +72,7 @@ function draw(data) {
   setView(view);
   drawHeatmaps($("heatmaps"), data, view);
   drawChecks($("check"), data);
+  drawDataPanel($("data-panel"), data);
 }
 
 /** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */
@@ -97,6 +99,7 @@ async function go(config) {
 
 function fromForm() {
   const { config, unreadable } = configFromForm(form);
+  dropDataOwned(config);
   const query = queryFromConfig(config);
   if (query !== location.search) history.pushState(null, "", `${location.pathname}${query}`);
   if (unreadable.length) {
