@@ -674,6 +674,10 @@ class Op:
         traced and checked, and the main formula is the one that propagates."""
         raise NotImplementedError
 
+    def compute_forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The output as a tensor; by default the formula of `forward` on real tensors."""
+        return self.forward(*(Traced.leaf(x, n) for x, n in zip(xs, self.inputs))).t
+
     def compute_backward(
         self, g: torch.Tensor | None, xs: Sequence[torch.Tensor], result: torch.Tensor, ctx: Context
     ) -> dict[str, torch.Tensor]:

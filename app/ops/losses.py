@@ -95,6 +95,13 @@ class CrossEntropy(Op):
 
         return {out.expr: step_by_step, variant(out.expr, "fused"): fused}
 
+    def compute_forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`forward` op for op on plain tensors (the same numbers, no Traced bookkeeping)."""
+        out, target = xs
+        shifted = out - out.amax(-1, keepdim=True)  # (*B, C)
+        logprobs = shifted - shifted.exp().sum(-1, keepdim=True).log()  # (*B, C)
+        return -logprobs.gather(-1, target.unsqueeze(-1)).mean()
+
     def compute_backward(
         self, g: torch.Tensor | None, xs: Sequence[torch.Tensor], result: torch.Tensor, ctx: Context
     ) -> dict[str, torch.Tensor]:
