@@ -22,16 +22,16 @@ export function dropDataOwned(config) {
 
 /** Flat images (n, h*w) -> one z matrix of `cols` tiles a row, null between tiles, and the
  * hover text of every cell (which tile, which pixel). */
-export function mosaic(images, [rows, cols], perRow, label) {
+export function mosaic(images, [rows, cols], perRow, label, rowGap = GAP) {
   const n = images.length;
   const across = Math.min(n, perRow);
   const down = Math.ceil(n / across);
-  const H = down * (rows + GAP) - GAP;
+  const H = down * (rows + rowGap) - rowGap;
   const W = across * (cols + GAP) - GAP;
   const z = Array.from({ length: H }, () => new Array(W).fill(null));
   const text = Array.from({ length: H }, () => new Array(W).fill(""));
   images.forEach((img, k) => {
-    const top = Math.floor(k / across) * (rows + GAP);
+    const top = Math.floor(k / across) * (rows + rowGap);
     const left = (k % across) * (cols + GAP);
     for (let r = 0; r < rows; r++) {
       for (let c = 0; c < cols; c++) {
@@ -65,22 +65,23 @@ export function drawDigits(el, view, count = 20) {
   const images = view.images.slice(0, count);
   const [rows, cols] = view.image_shape;
   const perRow = 10;
-  const m = mosaic(images, view.image_shape, perRow, (k) => `image ${k}: label ${view.labels[k]}`);
+  const rowGap = Math.ceil(rows / 2);  // room for the labels above each row of tiles
+  const m = mosaic(images, view.image_shape, perRow, (k) => `image ${k}: label ${view.labels[k]}`, rowGap);
   const px = Math.max(2, Math.round(30 / cols));
-  const labelRow = 14;  // screen pixels for the labels above each row of tiles
+  const labelRow = 2;
   const annotations = images.map((_, k) => ({
     x: (k % m.across) * (cols + GAP) + (cols - 1) / 2,
-    y: Math.floor(k / m.across) * (rows + GAP) - 0.5,
+    y: Math.floor(k / m.across) * (rows + rowGap) - 0.5,
     text: String(view.labels[k]), showarrow: false, yanchor: "bottom", font: { size: 11, color: "#1864ab" },
   }));
   Plotly.newPlot(el, [{
     type: "heatmap", z: m.z, text: m.text, colorscale: INK, zmin: 0, zmax: Math.max(1, ...images.flat()),
     showscale: false, hoverongaps: false, hovertemplate: "%{text}<br>pixel value %{z}<extra></extra>",
   }], {
-    width: m.W * px + 8, height: m.H * px + labelRow * m.down + 8,
+    width: m.W * px + 8, height: (m.H + rowGap) * px + 8,
     margin: { l: 4, r: 4, t: labelRow, b: 4 },
     xaxis: { visible: false, range: [-0.5, m.W - 0.5] },
-    yaxis: { visible: false, range: [m.H - 0.5, -0.5 - 0.45 * rows] },
+    yaxis: { visible: false, range: [m.H - 0.5, -0.5 - rowGap] },
     annotations, plot_bgcolor: "#fff", paper_bgcolor: "#fff",
   }, { displayModeBar: false, responsive: false });
 }
