@@ -10,8 +10,9 @@ from schemathesis import checks
 from app.main import create_app
 from app.settings import Settings
 
-# A small memory budget keeps every generated run quick (bigger ones get the budget's 422).
-APP = create_app(Settings(memory_budget_bytes=32 << 20))
+# A small memory budget keeps every generated run quick (bigger ones get the budget's 422);
+# a short time limit, every generated training (which stops with "time_limit").
+APP = create_app(Settings(memory_budget_bytes=32 << 20, train_time_limit_s=0.5))
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 

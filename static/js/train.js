@@ -16,11 +16,16 @@ const statusEl = $("train-status");
 const curves = $("train-curves");
 const TRAIN_FIELDS = [...form.querySelectorAll("input")].map((i) => i.name);
 let controller = null;
+// The learner's formulas, as the formula lab last announced them: the lab dispatches
+// `new CustomEvent("broadprop:formulas", { detail: { "w1.g": "..." } })` on document.
+let formulas = {};
+document.addEventListener("broadprop:formulas", (ev) => (formulas = { ...(ev.detail || {}) }));
 
 /** The request: the run form's config (what the page shows) plus the panel's fields. */
 function request() {
   const { config } = configFromForm(document.getElementById("run-form"));
   dropDataOwned(config);
+  if (Object.keys(formulas).length) config.formulas = formulas;
   for (const name of TRAIN_FIELDS) {
     const text = form.elements[name].value.trim();
     config[name] = text !== "" && Number.isFinite(Number(text)) ? Number(text) : text;
@@ -139,6 +144,7 @@ async function start() {
       throw new ApiError(res.status, body, res.headers.get("Retry-After"));
     }
     let accuracy = null;
+    let differed = 0;  // progress events whose manual gradients failed the check
     for await (const { event, data } of events(res.body)) {
       if (event === "progress") {
         if (accuracy === null) (accuracy = data.val_accuracy != null, newCurves(accuracy));
@@ -146,11 +152,14 @@ async function start() {
         bar.value = data.step;
         statusEl.textContent = progressText(data, bar.max);
         panel.dataset.step = data.step;
+        differed += data.all_close ? 0 : 1;
         last = data;
       } else if (event === "done") {
         const why = data.stopped ? ` (stopped: ${data.stopped.replace("_", " ")})` : "";
         const acc = data.val_accuracy == null ? "" : ` · val accuracy ${(100 * data.val_accuracy).toFixed(1)}%`;
-        statusEl.textContent = `Done: ${data.steps} steps in ${data.seconds.toFixed(1)} s${acc}${why}.`;
+        const bad = differed ? ` ✗ The manual gradients differed from autograd at ${differed} of the checked steps.` : "";
+        statusEl.textContent = `Done: ${data.steps} steps in ${data.seconds.toFixed(1)} s${acc}${why}.${bad}`;
+        panel.dataset.differed = differed;
         drawWeights(data);
         panel.dataset.state = "done";
       } else if (event === "error") {

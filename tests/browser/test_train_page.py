@@ -96,3 +96,35 @@ def test_a_bad_train_field_is_shown_at_the_field(watched):
     page.wait_for_function("() => document.getElementById('terr-momentum').textContent !== ''")
     assert "1" in page.inner_text("#terr-momentum")
     assert state(page) == "error"
+
+
+@pytest.mark.browser
+def test_a_learners_wrong_formula_from_the_lab_visibly_fails_the_check(watched):
+    """The lab announces its formulas with a `broadprop:formulas` event; training uses them."""
+    w = watched
+    w.open(DIGITS)
+    page = w.page
+    page.evaluate(
+        """() => document.dispatchEvent(new CustomEvent("broadprop:formulas",
+             { detail: { "w1.g": "-(x.t() @ l1.g)" } }))"""
+    )
+    page.fill("#t-steps", "40")
+    page.fill("#t-eval_every", "20")
+    page.click("#train-start")
+    page.wait_for_function("() => document.getElementById('train-panel').dataset.state === 'done'")
+    assert "differed from autograd at 3 of the checked steps" in page.inner_text("#train-status")
+    assert page.get_attribute("#train-panel", "data-differed") == "3"  # steps 1, 20, 40
+    curve = page.evaluate("() => document.getElementById('train-curves').data[0].y")
+    assert curve[-1] > curve[0] * 0.8  # the loss does not fall as it should
+
+
+@pytest.mark.browser
+def test_the_built_in_gradients_pass_every_check(watched):
+    w = watched
+    w.open(DIGITS)
+    page = w.page
+    page.fill("#t-steps", "40")
+    page.click("#train-start")
+    page.wait_for_function("() => document.getElementById('train-panel').dataset.state === 'done'")
+    assert page.get_attribute("#train-panel", "data-differed") == "0"
+    assert "differed" not in page.inner_text("#train-status")
