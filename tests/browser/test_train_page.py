@@ -21,7 +21,7 @@ def test_the_train_panel_runs_the_curves_grow_and_stop_stops(watched):
     w.open(DIGITS)
     page = w.page
     page.fill("#t-steps", "20000")
-    page.fill("#t-eval_every", "20")
+    page.fill("#t-eval_every", "5")
     page.click("#train-start")
     page.wait_for_function(
         "() => (document.getElementById('train-curves').data?.[0].x.length ?? 0) >= 3"
