@@ -263,6 +263,12 @@ class GradientView(BaseModel):
         description="manual - autograd: each block's entry of largest magnitude, with its sign "
         "(with reference_heatmaps: true)",
     )
+    tolerance_heatmap: Heatmap | None = Field(
+        None,
+        description="|manual - autograd| / (atol + rtol * |autograd|) with the check's rtol "
+        "and atol: each block's largest; at most 1 everywhere exactly when allclose "
+        "(with reference_heatmaps: true)",
+    )
 
 
 class TensorCheck(BaseModel):
