@@ -111,7 +111,7 @@ def tolerance_ratio(diff: torch.Tensor, r2: torch.Tensor, rtol: float, atol: flo
     for i in range(0, diff.shape[0], 4096):
         rows = slice(i, i + 4096)
         diff[rows].div_(r2[rows].abs().mul_(rtol).add_(atol).clamp_min_(tiny))
-    return diff
+    return diff.clamp_(max=torch.finfo(diff.dtype).max)  # huge, but finite: drawn, not a gap
 
 
 def gradient_view(
