@@ -6,10 +6,9 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
+from test_page import assert_clean
 
 from app.main import create_app
-
-from test_page import assert_clean
 
 NET = "?batch=8&in_features=6&hidden=4"
 CONFIG = {"batch": 8, "in_features": 6, "hidden": [4]}
@@ -58,7 +57,10 @@ def test_a_shape_error_shows_at_the_formula_then_the_fix_passes(watched):
     assert "unsqueeze(1)" in err.locator(".lab-hint").inner_text()  # the hint, apart
     # the alignment table: right-aligned operand shapes, the clashing dim marked in both rows
     rows = err.locator("table.lab-align tbody tr")
-    assert [rows.nth(i).locator("td").all_inner_texts() for i in range(2)] == [["8", "4"], ["6", "4"]]
+    assert [rows.nth(i).locator("td").all_inner_texts() for i in range(2)] == [
+        ["8", "4"],
+        ["6", "4"],
+    ]
     assert err.locator("td.clash").all_inner_texts() == ["8", "6"]
     assert page.locator(".lab-error").count() == 1  # at x.g's line, nowhere else
     assert "f.x.g=" in page.url
