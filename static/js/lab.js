@@ -132,7 +132,7 @@ export class Lab {
     }
     if (!this.hidden.size) return data;
     const backward = data.backward.map((b) => (this.hidden.has(`${b.grad}.g`) && b.source !== "user"
-      ? { ...b, code: `${b.grad}.g = …   # ${shape(b.shape)}: write it`, steps: [], reference_code: undefined, hidden: true }
+      ? { ...b, code: `${b.grad}.g = …   # ${shape(b.shape)}`, steps: [], reference_code: undefined, hidden: true }
       : b));
     return { ...data, backward };
   }
@@ -211,7 +211,7 @@ export class Lab {
     });
     const err = this.error?.key === key ? formulaError(this.error.detail) : null;
     return h("div", { class: "lab-panel" },
-      blank ? h("p", { class: "lab-task" }, "Write ", h("code", {}, key), ` ${shape(entry?.shape || [])}: it may use every tensor of the run and the gradients listed above it.`) : null,
+      blank ? h("p", { class: "lab-task" }, "Your formula for ", h("code", {}, key), ` ${shape(entry?.shape || [])}: any tensor of the run, and the gradients above this line.`) : null,
       area,
       h("div", { class: "lab-actions" },
         h("button", { type: "button", class: "small lab-check", onclick: () => this.submit() }, "Check"),
