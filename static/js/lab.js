@@ -296,10 +296,33 @@ export class Lab {
         h("p", {}, ...ticks(b.lesson))));
     }
     if (this.hidden.size) items.push(this.exercise());
+    if (this.data) items.push(this.maker());
     if (this.error && !this.lines.has(this.error.key)) {
       items.push(h("div", { class: "lab-error", role: "alert" }, h("p", { class: "lab-msg" }, h("b", {}, `✗ formulas.${this.error.key ?? ""}: `), ...ticks(this.error.detail.msg))));
     }
     bar.replaceChildren(...items);
+  }
+
+  /** For a teacher: tick the formulas to hide; the URL (shown to copy) is the exercise. */
+  maker() {
+    const keys = this.data.backward.map((b) => `${b.grad}.g`);
+    const box = h("details", { class: "lab-make", id: "lab-make", open: this.makerOpen || null },
+      h("summary", {}, "Make an exercise: hide formulas"),
+      h("div", { class: "lab-row" }, ...keys.map((k) => {
+        const input = h("input", { type: "checkbox", value: k, checked: this.hidden.has(k) || null });
+        input.addEventListener("change", () => this.toggleHidden(k, input.checked));
+        return h("label", {}, input, " ", h("code", {}, k));
+      })),
+      h("label", { class: "lab-link" }, "Link: ", h("input", { type: "text", readonly: true, value: location.href, "aria-label": "Link to this exercise", onfocus: (ev) => ev.target.select() })));
+    box.addEventListener("toggle", () => (this.makerOpen = box.open));
+    return box;
+  }
+
+  toggleHidden(key, on) {
+    if (on) (this.hidden.add(key), this.open.add(key));
+    else (this.hidden.delete(key), this.formulas[key] || this.open.delete(key));
+    delete this.drafts[key];
+    this.onCheck();
   }
 
   exercise() {

@@ -179,3 +179,21 @@ def test_a_formula_link_that_cannot_run_still_draws_the_page(watched):
     assert line(page, "x.g").locator("textarea").input_value() == "l1.g @ w1"
     assert parse_qs(urlsplit(page.url).query)["f.x.g"] == ["l1.g @ w1"]
     assert_clean(w, allowed=[REFUSED])
+
+
+@pytest.mark.browser
+def test_a_teacher_makes_an_exercise_by_ticking_the_formulas_to_hide(watched):
+    w = watched
+    w.open(NET)
+    page = w.page
+    page.click("#lab-make summary")
+    page.check('#lab-make input[value="b1.g"]')
+    w.wait_drawn()
+    assert parse_qs(urlsplit(page.url).query)["hide"] == ["b1.g"]
+    assert page.input_value("#lab-make .lab-link input") == page.url
+    assert line(page, "b1.g").locator("textarea").input_value() == ""
+    assert "l1.g.sum(0)" not in page.inner_text("#code-lines")
+    page.uncheck('#lab-make input[value="b1.g"]')
+    w.wait_drawn()
+    assert "hide" not in page.url and "l1.g.sum(0)" in page.inner_text("#code-lines")
+    assert_clean(w)
