@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app import hardening
-from app.api import broadcast, docs, pages, run
+from app.api import broadcast, docs, export, pages, run
 from app.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     hardening.install(app, settings or get_settings())
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
-    for module in (run, broadcast, pages, docs):
+    for module in (run, broadcast, export, pages, docs):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["meta"])

@@ -1,0 +1,638 @@
+"""A run to take home: a Python script or a Jupyter notebook that needs only torch.
+
+The file is written from the run's trace (`pipeline.trace(cfg)`): every forward and backward
+statement is the `code` of a trace entry, i.e. the text the same `Traced` formulas wrote while
+the server computed with them, so the exported formulas are exactly the ones that were
+checked. Nothing here knows a formula; it only lays the trace out:
+
+- the tensors, drawn as `app/tensors.py` draws them (`tensor_statements`, tested bit for bit
+  against `make_tensors`);
+- the forward pass, then `loss <value>`;
+- the manual backward, one statement per line, each gradient in `.g` as in the article, with
+  each line's shapes as a comment made from its trace steps (`shape_comment`); another
+  formula for the same gradient (a trace `variant`) goes into its own name and is checked,
+  never propagated;
+- autograd on fresh leaves (`detach().requires_grad_()`), with the reference forward written
+  with torch.nn.functional, as app/check.py's `reference_loss`;
+- a check table, `abs()` on both sides, rtol plus atol scaled as app/check.py scales it, and
+  exit status 0 exactly when every gradient matches (1 naming the ones that differ).
+
+The article's printed script has three slips that this file must not repeat: `back_mse`'s
+result never stored in `out.g`, `is_same` without `abs()`, and `b1` never compared.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nbformat
+import torch
+
+from app import pipeline
+from app.check import NORM_EPS, REFERENCE_LEAKY_SLOPE, TOLERANCES
+from app.network import Network
+from app.tensors import DTYPES, init_gain, input_specs, layer_sizes, lead_shape
+
+FORMATS = ("py", "ipynb")
+MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipynb+json"}
+
+# how a binary step's operator is written in a shape comment
+SYMBOLS = {"mul": "*", "div": "/", "add": "+", "sub": "-", "matmul": "@", "eq": "==", "gt": ">"}
+SHAPE_ONLY = ("unsqueeze", "squeeze", "reshape")
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """As the article writes shapes: `(1000, 784, 50)`, `(50,)`, `()`."""
+    return repr(tuple(shape))
+
+
+@dataclass
+class Section:
+    """One notebook cell's worth: a heading and explanation, and the code (with comments)."""
+
+    title: str
+    markdown: str = ""
+    code: list[str] = field(default_factory=list)
+
+
+def _with_comment(code: str, comment: str) -> str:
+    return f"{code}  # {comment}" if comment else code
+
+
+def _call_suffix(expr: str) -> str:
+    """The method call that ends an expression: `(a * b).sum(-1)` -> `sum(-1)`."""
+    expr = expr.removesuffix(".values")
+    if not expr.endswith(")"):
+        return ""
+    depth = 0
+    for i in range(len(expr) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(expr[i], 0)
+        if depth == 0:
+            head = re.search(r"\.?([A-Za-z_][A-Za-z_0-9]*)$", expr[:i])
+            return f"{head.group(1)}{expr[i:]}" if head else ""
+    return ""
+
+
+def _feeds_binary(steps: Sequence[dict[str, Any]], i: int) -> bool:
+    """Whether step i's output is an operand of the next op that is not a shape change."""
+    for step in steps[i + 1 :]:
+        if step["action"] not in SHAPE_ONLY:
+            return len(step["inputs"]) >= 2 and steps[i]["output"] in step["inputs"]
+    return False
+
+
+def shape_comment(steps: Sequence[dict[str, Any]], result: Sequence[int]) -> str:
+    """A statement's shapes from its trace steps, in the article's style:
+    `(1000, 1, 50) * (784, 50) -> (1000, 784, 50) -> sum(-1) -> (1000, 784)`.
+
+    Broadcasts and other binary ops show both operands; reductions and shape changes chain
+    on; an unsqueeze that only feeds the next binary op shows as that op's operand; ops that
+    keep the shape (scales, masks, exp, ...) are left out."""
+    segments: list[str] = []
+    last: list[int] | None = None
+    for i, step in enumerate(steps):
+        inputs, out, op = step["inputs"], step["output"], step["op"]
+        if len(inputs) >= 2:
+            if op in SYMBOLS and len(inputs) == 2:
+                text = f"{shape_text(inputs[0])} {SYMBOLS[op]} {shape_text(inputs[1])}"
+            else:
+                text = f"{op}({', '.join(map(shape_text, inputs))})"
+            segments.append(f"{text} -> {shape_text(out)}")
+        elif step["action"] == "reduce" or step["action"] in SHAPE_ONLY or inputs[0] != out:
+            if step["action"] in SHAPE_ONLY and _feeds_binary(steps, i):
+                continue  # shown as the next binary op's operand
+            call = _call_suffix(step["expr"]) or op
+            if last is not None and segments and last == inputs[0]:
+                segments[-1] += f" -> {call} -> {shape_text(out)}"
+            else:
+                segments.append(f"{shape_text(inputs[0])} -> {call} -> {shape_text(out)}")
+        else:
+            continue
+        last = out
+    if not segments:
+        return shape_text(result)
+    if last != list(result):
+        segments[-1] += f" -> {shape_text(result)}"
+    return "; ".join(segments)
+
+
+@dataclass
+class Stmt:
+    """One statement of a trace entry's code, with the trace steps it ran."""
+
+    target: str  # `xc`, `x.g`
+    expr: str
+    steps: list[dict[str, Any]]
+    result: list[int] | None  # its shape (None: a binding whose steps the trace lacks)
+
+    @property
+    def line(self) -> str:
+        return f"{self.target} = {self.expr}"
+
+    def commented(self, target: str | None = None) -> str:
+        """The statement with its shapes as a comment, optionally into another target."""
+        code = f"{target or self.target} = {self.expr}"
+        if self.result is None:
+            return code
+        return _with_comment(code, shape_comment(self.steps, self.result))
+
+
+def statements(code: str, steps: Sequence[dict[str, Any]], shape: Sequence[int]) -> list[Stmt]:
+    """A trace entry's code as statements, each with its own steps.
+
+    The code is the bindings (`name = expr`, whose last step the trace tags with the name)
+    and then the entry's own `target = expr`; the steps, in execution order, are split at
+    each binding's named step, the rest belonging to the last statement."""
+    lines = code.split("\n")
+    parsed = [tuple(part.strip() for part in line.split(" = ", 1)) for line in lines]
+    names = [target for target, _ in parsed[:-1]]
+    groups: list[list[dict]] = [[] for _ in lines]
+    results: list[list[int] | None] = [None for _ in lines]
+    current = 0
+    for step in steps:
+        groups[current].append(step)
+        named = step.get("name")
+        if named in names[current:]:
+            index = names.index(named, current)
+            if index != current:  # steps before it belong to it too
+                groups[index].extend(groups[current])
+                groups[current] = []
+            results[index] = step["output"]
+            current = index + 1
+    results[-1] = list(shape)
+    return [
+        Stmt(target, expr, group, result)
+        for (target, expr), group, result in zip(parsed, groups, results)
+    ]
+
+
+NAME = re.compile(r"[A-Za-z_]\w*(?:\.g\b)?")
+
+
+class Emitter:
+    """Writes statements in order, leaving out a binding whose name already holds the same
+    expression of the same values (the backward recomputes the forward's intermediates;
+    the script reuses them, as the article does)."""
+
+    def __init__(self) -> None:
+        self.holds: dict[str, str] = {}  # name -> the expression it holds now
+
+    def fresh(self, stmt: Stmt) -> bool:
+        return self.holds.get(stmt.target) != stmt.expr
+
+    def assigned(self, target: str, expr: str) -> None:
+        base = target.removesuffix(".g")
+        for name, held in list(self.holds.items()):
+            uses = set(NAME.findall(held))
+            if (
+                name == target
+                or target in uses
+                or (base == target and (name == f"{base}.g" or f"{base}.g" in uses))
+            ):
+                del self.holds[name]
+        self.holds[target] = expr
+
+
+# --------------------------------------------------------------------------- the tensors
+
+
+def tensor_statements(cfg) -> list[str]:
+    """`make_tensors` as statements for this config: the same draws from the same generator
+    in the same order, then the same cast, so the numbers are equal bit for bit."""
+    lead = lead_shape(cfg.batch)
+    dtype = DTYPES[cfg.dtype]
+    cast = "" if dtype == torch.float32 else ".double()"
+    specs = {s.name: s for s in input_specs(cfg)}
+
+    def randn(shape: Sequence[int]) -> str:
+        return f"torch.randn({', '.join(map(str, shape))}, generator=g)"
+
+    lines = [_with_comment(f"g = torch.Generator().manual_seed({cfg.seed})", "the run's seed")]
+    lines.append(
+        _with_comment(f"x = {randn(specs['x'].shape)}{cast}", shape_text(specs["x"].shape))
+    )
+    target = specs["target"]
+    if target.integer:
+        draw = f"torch.randint({cfg.out_features}, {shape_text(lead)}, generator=g)"
+        lines.append(_with_comment(f"target = {draw}", f"{shape_text(target.shape)} class indices"))
+    else:
+        lines.append(
+            _with_comment(f"target = {randn(target.shape)}{cast}", shape_text(target.shape))
+        )
+    sizes = layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
+    for k, (fan_in, fan_out) in enumerate(sizes, start=1):
+        gain = init_gain(cfg.init, fan_in, fan_out)
+        scale = gain * cfg.init_scale
+        why = {
+            "randn": "plain randn",
+            "kaiming": f"kaiming gain sqrt(2 / {fan_in})",
+            "xavier": f"xavier gain sqrt(2 / ({fan_in} + {fan_out}))",
+        }[cfg.init]
+        why += f" * init_scale {cfg.init_scale!r}" if cfg.init_scale != 1.0 else ""
+        for name, shape in ((f"w{k}", (fan_in, fan_out)), (f"b{k}", (fan_out,))):
+            draw = randn(shape)
+            if scale != 1.0:  # times 1.0 changes no bit: left out
+                draw = f"{draw} * {scale!r}"
+            if cast:
+                draw = f"({draw}){cast}" if scale != 1.0 else f"{draw}{cast}"
+            lines.append(_with_comment(f"{name} = {draw}", f"{shape_text(shape)}, {why}"))
+        if f"gamma{k}" in specs:
+            for name, form in ((f"gamma{k}", "1 + 0.1 * {}"), (f"beta{k}", "0.1 * {}")):
+                draw = form.format(randn((fan_out,)))
+                draw = f"({draw}){cast}" if cast else draw
+                lines.append(_with_comment(f"{name} = {draw}", shape_text((fan_out,))))
+    return lines
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def reference_statements(cfg) -> list[str]:
+    """The reference forward as a function, written with torch.nn.functional (as
+    app/check.py's `reference_loss`): autograd differentiates it on fresh leaves."""
+    n_layers = len(cfg.hidden) + 1
+    params = [s.name for s in input_specs(cfg) if s.role == "param"]
+    lines = [
+        f"def reference_loss(x, target, {', '.join(params)}, keep):",
+        '    """The same network with torch\'s own ops, for autograd; `keep` gets `out` and '
+        'each l{k}."""',
+    ]
+    a = "x"
+    for k in range(1, n_layers + 1):
+        z = "out" if k == n_layers else f"l{k}"
+        lines += [
+            f"    {z} = torch.matmul({a}, w{k}) + b{k}",
+            f"    {z}.retain_grad()  # keep its gradient, to check {z}.g too",
+            f'    keep["{z}"] = {z}',
+        ]
+        if k == n_layers:
+            break
+        if cfg.norm == "layernorm":
+            lines.append(
+                f"    {z} = F.layer_norm({z}, {z}.shape[-1:], gamma{k}, beta{k}, {NORM_EPS!r})"
+            )
+        elif cfg.norm == "batchnorm":  # batch statistics over every leading dim
+            width = cfg.hidden[k - 1]
+            lines.append(
+                f"    {z} = F.batch_norm({z}.reshape(-1, {width}), None, None, gamma{k}, "
+                f"beta{k}, True, 0.0, {NORM_EPS!r}).reshape({z}.shape)"
+            )
+        act = {
+            "relu": f"torch.relu({z})",
+            "leaky_relu": f"F.leaky_relu({z}, {REFERENCE_LEAKY_SLOPE!r})",
+            "tanh": f"torch.tanh({z})",
+            "sigmoid": f"torch.sigmoid({z})",
+        }[cfg.activation]
+        a = f"a{k}"
+        lines.append(f"    {a} = {act}")
+    if cfg.loss == "mse":
+        out = "out.squeeze(-1)" if cfg.out_features == 1 else "out"
+        lines.append(f"    return F.mse_loss({out}, target)")
+    else:
+        lines.append(
+            f"    return F.cross_entropy(out.reshape(-1, {cfg.out_features}), target.reshape(-1))"
+        )
+    return lines
+
+
+def autograd_statements(cfg) -> list[str]:
+    names = ["x", *(s.name for s in input_specs(cfg) if s.role == "param")]
+    lines = ["leaves = {  # fresh leaves: the same numbers, none of the history above"]
+    lines += [f'    "{n}": {n}.detach().requires_grad_(),' for n in names]
+    lines += [
+        "}",
+        "keep = {}  # out and each l{k}, whose gradients are checked too",
+        "reference_loss(**leaves, target=target, keep=keep).backward()",
+    ]
+    return lines
+
+
+# --------------------------------------------------------------------------- the check
+
+
+@dataclass
+class Checked:
+    name: str  # as in the API's check: "w1", "out", "out:fused"
+    manual: str  # the expression holding the manual gradient
+    reference: str  # autograd's
+    floor: str = "0.0"  # atol's scale floor (a gradient that cancels to ~0)
+
+
+def check_statements(cfg, checks: list[Checked], script: bool) -> list[str]:
+    dtype = DTYPES[cfg.dtype]
+    rtol, atol_scale = TOLERANCES[dtype]
+    lines = [
+        f"RTOL, ATOL_SCALE = {rtol!r}, {atol_scale!r}  # {cfg.dtype}, as Broadprop's check",
+        "",
+        "",
+        "def compare(manual, reference, atol_floor=0.0):",
+        '    """max|manual - autograd|, max relative error, and allclose: every entry within',
+        "    atol + RTOL * |autograd|, atol = ATOL_SCALE * max|autograd| (abs() on both sides,",
+        '    which the article\'s is_same forgot; NaN never passes)."""',
+        "    scale = reference.abs().max().item()",
+        "    atol = ATOL_SCALE * max(scale, atol_floor)",
+        "    diff = (manual - reference).abs()",
+        "    allclose = bool((diff <= atol + RTOL * reference.abs()).all())",
+        "    err = diff.max().item()",
+        "    rel = err / scale if scale > 0 else (0.0 if err == 0 else float('inf'))",
+        "    return err, rel, allclose",
+        "",
+        "",
+    ]
+    if cfg.norm == "batchnorm":
+        lines.append(
+            "# before a batchnorm, b{k}.g sums l{k}.g over the batch, which is 0 in exact "
+            "arithmetic: both sides are"
+        )
+        lines.append(
+            "# rounding noise, so atol scales with the terms summed (as Broadprop's check does)"
+        )
+    lines.append("checks = [  # (gradient, manual, autograd, atol floor)")
+    for c in checks:
+        lines.append(f'    ("{c.name}", {c.manual}, {c.reference}, {c.floor}),')
+    lines += [
+        "]",
+        "differ = []",
+        "print(f\"{'gradient':<12}{'shape':<20}{'max_abs_err':>12}{'max_rel_err':>12}  allclose\")",
+        "for name, manual, reference, floor in checks:",
+        "    err, rel, allclose = compare(manual, reference, floor)",
+        "    shape = str(tuple(manual.shape))",
+        '    print(f"{name:<12}{shape:<20}{err:>12.3e}{rel:>12.3e}  {allclose}")',
+        "    if not allclose:",
+        "        differ.append(name)",
+    ]
+    if script:
+        lines += [
+            "if differ:",
+            '    print("differ from autograd:", ", ".join(differ))',
+            "    sys.exit(1)",
+            'print("every gradient matches autograd")',
+        ]
+    else:
+        lines += [
+            'assert not differ, "differ from autograd: " + ", ".join(differ)',
+            'print("every gradient matches autograd")',
+        ]
+    return lines
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:,.0f} {unit}" if unit == "B" else f"{nbytes:,.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError
+
+
+def _explain(stmt: Stmt) -> list[str]:
+    """A statement's broadcasts (who is stretched along which dims) and reductions, from its
+    trace steps, as markdown bullets."""
+    out = []
+    for step in stmt.steps:
+        rule = step.get("broadcast")
+        if rule:
+            sym = SYMBOLS.get(step["op"], step["op"])
+            shapes = " ".join([shape_text(step["inputs"][0]), sym, shape_text(step["inputs"][-1])])
+            stretched = []
+            for side, r in (("left", rule["a"]), ("right", rule["b"])):
+                if r["grad_sum_dims"]:
+                    dims = ", ".join(str(d) for d in r["grad_sum_dims"])
+                    sizes = ", ".join(str(rule["result"][d]) for d in r["grad_sum_dims"])
+                    stretched.append(
+                        f"the {side} operand (aligned as `{shape_text(r['aligned'])}`) is "
+                        f"stretched along dim{'s' if len(r['grad_sum_dims']) > 1 else ''} "
+                        f"{dims} (to {sizes})"
+                    )
+            out.append(
+                f"  - `{shapes} -> {shape_text(step['output'])}`: "
+                + "; ".join(stretched)
+                + f"; {_size(step['bytes'])} if materialized"
+            )
+        elif step["action"] == "reduce":
+            dims = ", ".join(map(str, step.get("reduced_dims", [])))
+            out.append(
+                f"  - `.{_call_suffix(step['expr'])}`: `{shape_text(step['inputs'][0])} -> "
+                f"{shape_text(step['output'])}`, dim {dims} reduced"
+            )
+        elif step["action"] == "index":  # one_hot, gather: a new shape from an index
+            shapes = ", ".join(map(shape_text, step["inputs"]))
+            out.append(f"  - `{step['op']}`: `{shapes} -> {shape_text(step['output'])}`")
+    return out
+
+
+def _layer_markdown(given: str, stmts: Sequence[tuple[Stmt, str]]) -> str:
+    lines = [
+        f"Given {given}, this layer's gradients. Where an operand was stretched by a "
+        "broadcast, its gradient is summed back over the stretched dims.",
+        "",
+    ]
+    for stmt, note in stmts:
+        lines.append(f"- `{stmt.line}`{note}")
+        lines += _explain(stmt) or [
+            f"  - elementwise: `{shape_text(stmt.result or [])}` throughout"
+        ]
+    return "\n".join(lines)
+
+
+def config_json(cfg) -> str:
+    """The run request, one field a line: paste it into POST /api/run to see the same run."""
+    fields = cfg.model_dump(mode="json", exclude_none=True)
+    return "{\n" + ",\n".join(f'  "{k}": {json.dumps(v)}' for k, v in fields.items()) + "\n}"
+
+
+def _op_title(op, forward: Sequence[dict[str, Any]]) -> str:
+    entry = next(e for e in forward if e["output"] == op.output)
+    return f"{op.kind}: {entry['code'].splitlines()[-1]}"
+
+
+def _forward_section(forward: Sequence[dict[str, Any]], emitter: Emitter) -> Section:
+    lines = []
+    for entry in forward:
+        for stmt in statements(entry["code"], entry["steps"], entry["shape"]):
+            lines.append(stmt.commented())
+            emitter.assigned(stmt.target, stmt.expr)
+    lines.append('print("loss", loss.item())')
+    return Section("Forward", "Every op's forward, as the trace shows it.", lines)
+
+
+def _backward_section(op, entries, forward, emitter: Emitter, done: set[str]) -> Section:
+    """One op's backward entries as statements. A variant goes into `<name>_g_<variant>`:
+    checked, never propagated."""
+    lines, shown = [], []
+    for entry in entries:
+        grad, variant = entry["grad"], entry.get("variant")
+        *bindings, last = statements(entry["code"], entry["steps"], entry["shape"])
+        for stmt in bindings:
+            if emitter.fresh(stmt):
+                lines.append(stmt.commented())
+                emitter.assigned(stmt.target, stmt.expr)
+                shown.append((stmt, ""))
+        note = " (your formula)" if entry.get("source") == "user" else ""
+        if variant:
+            target = f"{grad}_g_{variant}"
+            lines.append(f"# another formula for {grad}.g ({variant}): checked, not propagated")
+            note += f" ({variant}: another formula for `{grad}.g`, checked, not propagated)"
+        else:
+            if grad in done:  # no op of a Network sends two gradients to one tensor
+                raise ValueError(f"{grad}.g is computed twice; the export would not add them")
+            done.add(grad)
+            target = last.target
+        lines.append(last.commented(target))
+        emitter.assigned(target, last.expr)
+        shown.append((last, note))
+    given = "the loss" if op.output == "loss" else f"`{op.output}.g`"
+    title = f"Backward through {_op_title(op, forward)}"
+    return Section(title, _layer_markdown(given, shown), lines)
+
+
+def _backward_sections(cfg, forward, backward, emitter: Emitter) -> list[Section]:
+    """One section per op, walked in reverse as the trace is."""
+    entries = list(backward)
+    done: set[str] = set()
+    out = []
+    for op in reversed(Network.from_config(cfg).ops):
+        mine = []
+        while entries and entries[0]["grad"] in op.inputs:
+            mine.append(entries.pop(0))
+        if mine:
+            out.append(_backward_section(op, mine, forward, emitter, done))
+    if entries:
+        raise ValueError(f"backward entries of no op: {[e['grad'] for e in entries]}")
+    return out
+
+
+def _checks(cfg, backward: Sequence[dict[str, Any]]) -> list[Checked]:
+    """What the API's check compares, in its order: every leaf (x and the parameters, as they
+    were made), then `out` and each pre-norm `l{k}`, with every variant formula."""
+    leaves = [s.name for s in input_specs(cfg) if s.role != "target"]
+    kept = {"out", *(f"l{k}" for k in range(1, len(cfg.hidden) + 1))}
+    checks = []
+    for name in leaves:
+        floor = "0.0"
+        k = name[1:]
+        if (
+            cfg.norm == "batchnorm"
+            and name.startswith("b")
+            and k.isdigit()
+            and int(k) <= len(cfg.hidden)
+        ):
+            floor = (
+                f'keep["l{k}"].grad.abs().reshape(-1, {cfg.hidden[int(k) - 1]}).sum(0).max().item()'
+            )
+        checks.append(Checked(name, f"{name}.g", f'leaves["{name}"].grad', floor))
+        for e in backward:
+            if e["grad"] == name and e.get("variant"):
+                v = e["variant"]
+                checks.append(Checked(f"{name}:{v}", f"{name}_g_{v}", f'leaves["{name}"].grad'))
+    for e in backward:
+        if e["grad"] in kept:
+            v = e.get("variant")
+            key, manual = (
+                (f"{e['grad']}:{v}", f"{e['grad']}_g_{v}") if v else (e["grad"], f"{e['grad']}.g")
+            )
+            checks.append(Checked(key, manual, f'keep["{e["grad"]}"].grad'))
+    return checks
+
+
+def sections(cfg, script: bool = True) -> list[Section]:
+    """The whole file as sections, one notebook cell pair (markdown, code) each. `script`:
+    the check ends in `sys.exit(1)` on a mismatch; in a notebook, in an AssertionError."""
+    forward, backward = pipeline.trace(cfg)
+    biggest = max((s["bytes"], s["output"]) for e in backward for s in e["steps"])
+    intro = (
+        "The article's manual backward pass with broadcasting, checked against "
+        f"`torch.autograd`, for this run:\n\n```json\n{config_json(cfg)}\n```\n\n"
+        "Each gradient is stored in `.g`; each backward statement is the formula Broadprop "
+        "traced and checked, with its shapes as a comment. The largest intermediate is "
+        f"`{shape_text(biggest[1])}` ({_size(biggest[0])}): the broadcast formulas "
+        "are written out literally, as in the article."
+    )
+    imports = ["import sys", "", "import torch", "import torch.nn.functional as F"]
+    emitter = Emitter()
+    return [
+        Section("Broadprop run", intro, imports),
+        Section(
+            "The tensors",
+            "Made exactly as Broadprop makes them (one seeded generator, in this order), so "
+            "the numbers are the run's.",
+            tensor_statements(cfg),
+        ),
+        _forward_section(forward, emitter),
+        *_backward_sections(cfg, forward, backward, emitter),
+        Section(
+            "Autograd",
+            "The same network with `torch.nn.functional`, differentiated by autograd on fresh "
+            "leaves (`detach().requires_grad_()`).",
+            [*reference_statements(cfg), "", "", *autograd_statements(cfg)],
+        ),
+        Section(
+            "Check",
+            "Every manual gradient against autograd's: `allclose` with `abs()`, rtol plus an "
+            "atol scaled by the gradient's largest entry, per dtype as Broadprop checks.",
+            check_statements(cfg, _checks(cfg, backward), script=script),
+        ),
+    ]
+
+
+def to_script(parts: list[Section], name: str) -> str:
+    """A plain script: the intro as its docstring, each section under a `# ----` heading."""
+    head, *rest = parts
+    paragraphs = head.markdown.replace("```json\n", "").replace("\n```", "").split("\n\n")
+    paragraphs.append(
+        f"Run: python {name}  (needs torch). It prints the loss and a check table, and exits "
+        "0 when every gradient matches autograd, 1 otherwise."
+    )
+    doc = "\n\n".join(p if p.startswith("{") else textwrap.fill(p, 95) for p in paragraphs)
+    lines = [f'"""{head.title}, exported: {name}\n\n{doc}\n"""', "", *head.code]
+    for section in rest:
+        lines += ["", "", f"# ---- {section.title}", *section.code]
+    return "\n".join(lines) + "\n"
+
+
+def to_notebook(parts: list[Section]) -> str:
+    """nbformat v4, validated, no outputs: a markdown cell before each code cell."""
+    nb = nbformat.v4.new_notebook()
+    for i, section in enumerate(parts):
+        heading = "#" if i == 0 else "##"
+        text = f"{heading} {section.title}\n\n{section.markdown}"
+        nb.cells.append(nbformat.v4.new_markdown_cell(text))
+        nb.cells.append(nbformat.v4.new_code_cell("\n".join(section.code)))
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.metadata["language_info"] = {"name": "python"}
+    nbformat.validate(nb)
+    return nbformat.writes(nb)
+
+
+def export(cfg, fmt: str) -> tuple[str, str]:
+    """The file's text and its name: `fmt` is "py" or "ipynb"."""
+    if fmt == "py":
+        name = filename(cfg, fmt)
+        return to_script(sections(cfg, script=True), name), name
+    if fmt == "ipynb":
+        return to_notebook(sections(cfg, script=False)), filename(cfg, fmt)
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+
+
+def filename(cfg, fmt: str) -> str:
+    """`broadprop_784-50-1_relu_mse_seed0.py`: the architecture at a glance, safe anywhere."""
+    widths = "-".join(map(str, [cfg.in_features, *cfg.hidden, cfg.out_features]))
+    parts = [widths, cfg.activation]
+    if cfg.norm != "none":
+        parts.append(cfg.norm)
+    parts += [cfg.loss, cfg.dtype, f"seed{cfg.seed}"]
+    return f"broadprop_{'_'.join(parts)}.{fmt}"
