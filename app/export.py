@@ -439,9 +439,9 @@ def _layer_markdown(given: str, stmts: Sequence[tuple[Stmt, str]]) -> str:
     ]
     for stmt, note in stmts:
         lines.append(f"- `{stmt.line}`{note}")
-        lines += _explain(stmt) or [
-            f"  - elementwise: `{shape_text(stmt.result or [])}` throughout"
-        ]
+        if stmt.result is not None:
+            shapes = shape_comment(stmt.steps, stmt.result)
+            lines += _explain(stmt) or [f"  - `{shapes}`: no broadcast"]
     return "\n".join(lines)
 
 

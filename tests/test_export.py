@@ -1,0 +1,260 @@
+"""POST /api/export: every exported script runs in a fresh Python process, prints the API's loss
+and exits 0 exactly when every gradient matches; every notebook validates and its cells
+reproduce the same loss and gradients."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from app import export, pipeline
+from app.check import autograd_gradients
+from app.network import Network
+from app.ops import Context
+from app.schemas import RunRequest
+from app.tensors import make_tensors
+
+SMALL = dict(batch=6, in_features=5, hidden=[4], out_features=1)
+CONFIGS = {
+    "article": {},  # the article's default, at full size
+    "layernorm_ce": dict(
+        batch=[3, 4], in_features=6, hidden=[5, 4], out_features=4, norm="layernorm",
+        loss="cross_entropy", init="kaiming", seed=3,
+    ),
+    "list_batch": dict(
+        batch=[2, 3, 2], in_features=4, hidden=[3], out_features=2, activation="tanh", seed=5
+    ),
+    "float64": dict(
+        batch=8, in_features=5, hidden=[4, 3], out_features=3, dtype="float64",
+        norm="batchnorm", activation="sigmoid", init="xavier", init_scale=0.5, seed=7,
+    ),
+    "leaky_batchnorm_ce": dict(
+        batch=[4, 2], in_features=3, hidden=[6], out_features=5, activation="leaky_relu",
+        norm="batchnorm", loss="cross_entropy", seed=11,
+    ),
+    "single_linear": dict(batch=5, in_features=4, hidden=[], out_features=1, seed=2),
+}  # fmt: skip
+LOSS_LINE = re.compile(r"^loss (\S+)$", re.M)
+
+
+def _export(client, config: dict, fmt: str):
+    response = client.post("/api/export", json={"config": config, "format": fmt})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _run_script(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, path.name], cwd=path.parent, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(client):
+    """Each config's API response (its loss and check)."""
+    out = {}
+    for name, config in CONFIGS.items():
+        response = client.post("/api/run", json=config)
+        assert response.status_code == 200, response.text
+        out[name] = response.json()
+    return out
+
+
+@pytest.fixture(scope="module")
+def scripts(client, tmp_path_factory):
+    """Each config's script, run in a fresh Python process (all at once)."""
+    folder = tmp_path_factory.mktemp("scripts")
+    procs = {}
+    for name, config in CONFIGS.items():
+        response = _export(client, config, "py")
+        path = folder / f"{name}.py"
+        path.write_text(response.text)
+        procs[name] = subprocess.Popen(
+            [sys.executable, path.name],
+            cwd=folder,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    done = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return done
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_script_prints_the_api_loss_and_exits_0(name, runs, scripts):
+    result = scripts[name]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert runs[name]["check"]["all_close"] is True
+    losses = LOSS_LINE.findall(result.stdout)
+    assert len(losses) == 1, result.stdout
+    assert float(losses[0]) == pytest.approx(runs[name]["loss"], rel=1e-6)
+    # one table line per gradient the API checks, each with its max abs error and allclose
+    checked = {**runs[name]["check"]["tensors"], **runs[name]["check"]["intermediates"]}
+    for grad in checked:
+        line = re.search(
+            rf"^{re.escape(grad)}\s+\(.*\)\s+(\S+)\s+(\S+)\s+(\w+)$", result.stdout, re.M
+        )
+        assert line, f"no check line for {grad}:\n{result.stdout}"
+        assert line.group(3) == "True"
+        assert float(line.group(1)) <= 1e-3 * max(1.0, abs(float(losses[0])))
+    assert "every gradient matches autograd" in result.stdout
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_notebook_validates_and_reproduces_loss_and_gradients(name, client, runs):
+    response = _export(client, CONFIGS[name], "ipynb")
+    nb = nbformat.reads(response.text, as_version=4)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    # a markdown cell before each layer's backward, with the broadcast shapes
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown" and cell.source.startswith("## Backward"):
+            assert nb.cells[i + 1].cell_type == "code"
+            assert re.search(r"\(\d+[^`\n]* -> \(\d+[^`\n]*`", cell.source), cell.source
+    namespace: dict = {"__name__": "__main__"}
+    for cell in code:
+        exec(compile(cell.source, f"<{name} cell>", "exec"), namespace)  # our own generated code
+    assert namespace["loss"].item() == pytest.approx(runs[name]["loss"], rel=1e-6)
+
+    # the same tensors and gradients as the API's: manual (the run's formulas, by any
+    # strategy) and autograd (bit for bit: the same functional ops)
+    cfg = RunRequest(**CONFIGS[name])
+    tensors = make_tensors(cfg)
+    net = Network.from_config(cfg)
+    manual = net.backward(net.forward(tensors), Context(strategy="matmul"))
+    reference = autograd_gradients(cfg, tensors)
+    for grad, value in reference.items():
+        assert torch.equal(namespace[grad], tensors[grad])
+        assert torch.equal(namespace["leaves"][grad].grad, value), grad
+        torch.testing.assert_close(namespace[grad].g, manual[grad], rtol=1e-4, atol=1e-5)
+
+
+def test_export_headers_and_default(client):
+    response = client.post("/api/export", json={})
+    assert response.status_code == 200
+    disposition = response.headers["content-disposition"]
+    assert disposition == 'attachment; filename="broadprop_784-50-1_relu_mse_float32_seed0.py"'
+    assert response.headers["content-type"].startswith("text/x-python")
+    response = _export(client, {"hidden": [8], "batch": 4}, "ipynb")
+    assert response.headers["content-type"] == "application/x-ipynb+json"
+    assert re.fullmatch(
+        r'attachment; filename="broadprop_784-8-1_relu_mse_float32_seed0\.ipynb"',
+        response.headers["content-disposition"],
+    )
+
+
+@pytest.mark.parametrize(
+    "body, loc",
+    [
+        ({"format": "pdf"}, ["body", "format"]),
+        ({"config": {"batch": 0}, "format": "py"}, ["body", "config", "batch"]),
+        ({"config": {"activation": "gelu"}}, ["body", "config", "activation"]),
+        ({"config": {"colour": "red"}}, ["body", "config", "colour"]),
+        ({"config": {}, "extra": 1}, ["body", "extra"]),
+        ({"config": [1, 2]}, ["body", "config"]),
+    ],
+)
+def test_bad_config_or_format_is_422(client, body, loc):
+    response = client.post("/api/export", json=body)
+    assert response.status_code == 422
+    assert any(d["loc"] == loc for d in response.json()["detail"]), response.json()
+
+
+def test_the_formulas_are_the_traces(client):
+    """Every forward and backward statement of the file is a statement of the trace's code."""
+    cfg = RunRequest(**CONFIGS["layernorm_ce"])
+    text = _export(client, CONFIGS["layernorm_ce"], "py").text
+    code = {line.split("  # ")[0] for line in text.splitlines()}
+    forward, backward = pipeline.trace(cfg)
+    for entry in [*forward, *backward]:
+        last = entry["code"].splitlines()[-1]
+        if entry.get("variant"):
+            last = last.replace(f"{entry['grad']}.g = ", f"{entry['grad']}_g_{entry['variant']} = ")
+        assert last in code, last
+    # the article's slips: out.g stored, abs() in the check, b1 compared
+    assert re.search(r"^out\.g = ", text, re.M)
+    assert "(manual - reference).abs()" in text
+    assert '("b1", b1.g, leaves["b1"].grad' in text
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_each_statement_owns_its_steps(name):
+    """The shape comment of a statement comes from its own trace steps: each step's
+    expression is (part of) that statement's expression."""
+    cfg = RunRequest(**CONFIGS[name])
+    forward, backward = pipeline.trace(cfg)
+    for entry in [*forward, *backward]:
+        stmts = export.statements(entry["code"], entry["steps"], entry["shape"])
+        assert sum(len(s.steps) for s in stmts) == len(entry["steps"])
+        for stmt in stmts:
+            for step in stmt.steps:
+                assert step["expr"] in stmt.expr, (step["expr"], stmt.line)
+
+
+def test_shape_comment_reads_like_the_article():
+    cfg = RunRequest()
+    _, backward = pipeline.trace(cfg)
+    x_g = next(e for e in backward if e["grad"] == "x")
+    (stmt,) = export.statements(x_g["code"], x_g["steps"], x_g["shape"])
+    assert stmt.commented() == (
+        "x.g = (l1.g.unsqueeze(1) * w1).sum(-1)"
+        "  # (1000, 1, 50) * (784, 50) -> (1000, 784, 50) -> sum(-1) -> (1000, 784)"
+    )
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_tensor_statements_make_the_runs_tensors_bit_for_bit(name):
+    cfg = RunRequest(**CONFIGS[name])
+    namespace: dict = {"torch": torch}
+    exec("\n".join(export.tensor_statements(cfg)), namespace)
+    for tensor_name, tensor in make_tensors(cfg).items():
+        assert namespace[tensor_name].dtype == tensor.dtype
+        assert torch.equal(namespace[tensor_name], tensor), tensor_name
+
+
+@pytest.mark.parametrize("init", ["randn", "kaiming", "xavier"])
+@pytest.mark.parametrize("init_scale", [1.0, 0.3, -2.0])
+def test_tensor_statements_every_init(init, init_scale):
+    cfg = RunRequest(batch=[2, 2], in_features=3, hidden=[4], out_features=2, init=init,
+                     init_scale=init_scale, norm="layernorm", dtype="float64")  # fmt: skip
+    namespace: dict = {"torch": torch}
+    exec("\n".join(export.tensor_statements(cfg)), namespace)
+    for tensor_name, tensor in make_tensors(cfg).items():
+        assert torch.equal(namespace[tensor_name], tensor), tensor_name
+
+
+@pytest.mark.parametrize(
+    "old, new, differ",
+    [
+        # b1 is compared (the article never did)
+        ("b1.g = l1.g.sum(0)", "b1.g = l1.g.sum(0) * 1.01", "b1"),
+        # abs(): a manual gradient smaller than autograd's fails too (is_same without abs
+        # would have passed it)
+        (
+            "x.g = (l1.g.unsqueeze(1) * w1).sum(-1)",
+            "x.g = (l1.g.unsqueeze(1) * w1).sum(-1) - 1",
+            "x",
+        ),
+        # a wrong upstream gradient fails itself and everything downstream
+        ("l1.g = (l1 > 0).float() * a1.g", "l1.g = a1.g", "x, w1, b1, l1"),
+    ],
+)
+def test_a_wrong_formula_exits_1_naming_what_differs(client, tmp_path, old, new, differ):
+    text = _export(client, SMALL, "py").text
+    assert old in text
+    path = tmp_path / "wrong.py"
+    path.write_text(text.replace(old, new))
+    result = _run_script(path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"differ from autograd: {differ}" in result.stdout
