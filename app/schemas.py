@@ -25,6 +25,8 @@ MAX_CELLS = 1_000_000
 MAX_FD_SAMPLES = 64
 MAX_SEED = 2**63 - 1
 MAX_INIT_SCALE = 1e6
+MAX_FORMULA_CHARS = 2000  # app.lab.evaluator.MAX_SOURCE_CHARS
+MAX_FORMULAS = 64
 
 StrictInt = Annotated[int, Field(strict=True)]
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
@@ -113,6 +115,23 @@ class RunRequest(BaseModel):
         "fast.ai lesson in numbers. Reported under `compare`.",
     )
 
+    formulas: Annotated[
+        dict[
+            Annotated[str, Field(max_length=32)],
+            Annotated[str, Field(max_length=MAX_FORMULA_CHARS)],
+        ],
+        Field(max_length=MAX_FORMULAS),
+    ] = Field(
+        default_factory=dict,
+        description='The learner\'s own backward formulas: {"<name>.g": "<source>"}, e.g. '
+        '{"x.g": "(l1.g.unsqueeze(1) * w1).sum(-1)"}. Each replaces the built-in gradient, '
+        "and every gradient computed after it uses it. One expression, or lines of "
+        "`local = expression` then a final expression; tensors by their trace names, earlier "
+        "gradients as `<name>.g`, tensor methods and torch functions from an allowlist. "
+        "Evaluated on meta tensors first (shapes, bytes, work); a formula that cannot run is "
+        "a 422 at formulas.<name>.g.",
+    )
+
     @field_validator("batch", mode="before")
     @classmethod
     def _batch(cls, batch: Any) -> Any:
@@ -194,6 +213,26 @@ class BackwardEntry(BaseModel):
         description="Set on another formula for the same gradient (e.g. cross_entropy's "
         '"fused" (probs - one_hot) / N): traced and checked, not propagated',
     )
+    source: Literal["user", "reference"] = Field(
+        "reference", description='"user" where the learner\'s formula computed this gradient'
+    )
+    reference_code: str | None = Field(
+        None, description="On a user entry: the built-in formula it replaces"
+    )
+    bytes: int | None = Field(
+        None, description="On a user entry: bytes its materialized intermediates take in all"
+    )
+    work: int | None = Field(
+        None, description="On a user entry: elements its steps read or write (the work limit)"
+    )
+
+
+class FormulaTrace(BaseModel):
+    code: str = Field(description="The learner's formula as traced, runnable Python")
+    steps: list[TraceStep]
+    shape: Shape
+    bytes: int = Field(description="Bytes its materialized intermediates take in all")
+    work: int = Field(description="Elements its steps read or write")
 
 
 class Heatmap(BaseModel):
@@ -299,6 +338,11 @@ class RunResponse(BaseModel):
     backward: list[BackwardEntry]
     gradients: dict[str, GradientView]
     check: Check
+    formulas: dict[str, FormulaTrace] = Field(
+        default_factory=dict,
+        description="The learner's formulas, each traced in the same step format as "
+        "backward[i].steps",
+    )
     timing: Timing
     compare: Comparison | None = None
     warnings: list[str] = Field(
