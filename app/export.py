@@ -257,42 +257,48 @@ def tensor_statements(cfg) -> list[str]:
 
 def reference_statements(cfg) -> list[str]:
     """The reference forward as a function, written with torch.nn.functional (as
-    app/check.py's `reference_loss`): autograd differentiates it on fresh leaves."""
+    app/check.py's `reference_loss`): autograd differentiates it on fresh leaves, and every
+    intermediate whose gradient the API checks is kept (`retain_grad`)."""
     n_layers = len(cfg.hidden) + 1
     params = [s.name for s in input_specs(cfg) if s.role == "param"]
     lines = [
         f"def reference_loss(x, target, {', '.join(params)}, keep):",
         '    """The same network with torch\'s own ops, for autograd; `keep` gets `out` and '
-        'each l{k}."""',
+        'each l{k}, n{k}, a{k}."""',
     ]
+
+    def kept(name: str, expr: str) -> None:
+        lines.extend(
+            [f"    {name} = {expr}", f"    {name}.retain_grad()", f'    keep["{name}"] = {name}']
+        )
+
     a = "x"
     for k in range(1, n_layers + 1):
         z = "out" if k == n_layers else f"l{k}"
-        lines += [
-            f"    {z} = torch.matmul({a}, w{k}) + b{k}",
-            f"    {z}.retain_grad()  # keep its gradient, to check {z}.g too",
-            f'    keep["{z}"] = {z}',
-        ]
+        kept(z, f"torch.matmul({a}, w{k}) + b{k}")
         if k == n_layers:
             break
         if cfg.norm == "layernorm":
-            lines.append(
-                f"    {z} = F.layer_norm({z}, {z}.shape[-1:], gamma{k}, beta{k}, {NORM_EPS!r})"
-            )
+            kept(f"n{k}", f"F.layer_norm({z}, {z}.shape[-1:], gamma{k}, beta{k}, {NORM_EPS!r})")
+            z = f"n{k}"
         elif cfg.norm == "batchnorm":  # batch statistics over every leading dim
             width = cfg.hidden[k - 1]
-            lines.append(
-                f"    {z} = F.batch_norm({z}.reshape(-1, {width}), None, None, gamma{k}, "
-                f"beta{k}, True, 0.0, {NORM_EPS!r}).reshape({z}.shape)"
+            kept(
+                f"n{k}",
+                f"F.batch_norm({z}.reshape(-1, {width}), None, None, gamma{k}, beta{k}, True, "
+                f"0.0, {NORM_EPS!r}).reshape({z}.shape)",
             )
-        act = {
-            "relu": f"torch.relu({z})",
-            "leaky_relu": f"F.leaky_relu({z}, {REFERENCE_LEAKY_SLOPE!r})",
-            "tanh": f"torch.tanh({z})",
-            "sigmoid": f"torch.sigmoid({z})",
-        }[cfg.activation]
+            z = f"n{k}"
         a = f"a{k}"
-        lines.append(f"    {a} = {act}")
+        kept(
+            a,
+            {
+                "relu": f"torch.relu({z})",
+                "leaky_relu": f"F.leaky_relu({z}, {REFERENCE_LEAKY_SLOPE!r})",
+                "tanh": f"torch.tanh({z})",
+                "sigmoid": f"torch.sigmoid({z})",
+            }[cfg.activation],
+        )
     if cfg.loss == "mse":
         out = "out.squeeze(-1)" if cfg.out_features == 1 else "out"
         lines.append(f"    return F.mse_loss({out}, target)")
@@ -303,13 +309,21 @@ def reference_statements(cfg) -> list[str]:
     return lines
 
 
+def kept_names(cfg) -> list[str]:
+    """The intermediates whose gradients the check compares too (as app/check.py keeps)."""
+    names = ["out"]
+    for k in range(1, len(cfg.hidden) + 1):
+        names += [f"l{k}", *([f"n{k}"] if cfg.norm != "none" else []), f"a{k}"]
+    return names
+
+
 def autograd_statements(cfg) -> list[str]:
     names = ["x", *(s.name for s in input_specs(cfg) if s.role == "param")]
     lines = ["leaves = {  # fresh leaves: the same numbers, none of the history above"]
     lines += [f'    "{n}": {n}.detach().requires_grad_(),' for n in names]
     lines += [
         "}",
-        "keep = {}  # out and each l{k}, whose gradients are checked too",
+        "keep = {}  # out and each l{k}, n{k}, a{k}, whose gradients are checked too",
         "reference_loss(**leaves, target=target, keep=keep).backward()",
     ]
     return lines
@@ -441,7 +455,7 @@ def _layer_markdown(given: str, stmts: Sequence[tuple[Stmt, str]]) -> str:
         lines.append(f"- `{stmt.line}`{note}")
         if stmt.result is not None:
             shapes = shape_comment(stmt.steps, stmt.result)
-            lines += _explain(stmt) or [f"  - `{shapes}`: no broadcast"]
+            lines += _explain(stmt) or [f"  - `{shapes}`: elementwise, no broadcast"]
     return "\n".join(lines)
 
 
@@ -466,19 +480,42 @@ def _forward_section(forward: Sequence[dict[str, Any]], emitter: Emitter) -> Sec
     return Section("Forward", "Every op's forward, as the trace shows it.", lines)
 
 
+SCRIPT_NAMES = ("F", "sys")  # imported above the backward, used below it
+
+
+def _own_locals(stmts: list[Stmt]) -> list[Stmt]:
+    """A learner's formula with any local that would hide one of the script's imports
+    renamed (`F` -> `F_local`); the run's tensors and `torch` cannot be locals."""
+    for name in SCRIPT_NAMES:
+        if any(s.target == name for s in stmts):
+            pattern = re.compile(rf"(?<![\w.]){name}(?!\w)")
+            for s in stmts:
+                s.target = pattern.sub(f"{name}_local", s.target)
+                s.expr = pattern.sub(f"{name}_local", s.expr)
+    return stmts
+
+
 def _backward_section(op, entries, forward, emitter: Emitter, done: set[str]) -> Section:
     """One op's backward entries as statements. A variant goes into `<name>_g_<variant>`:
     checked, never propagated."""
     lines, shown = [], []
     for entry in entries:
         grad, variant = entry["grad"], entry.get("variant")
-        *bindings, last = statements(entry["code"], entry["steps"], entry["shape"])
+        user = entry.get("source") == "user"
+        stmts = statements(entry["code"], entry["steps"], entry["shape"])
+        *bindings, last = _own_locals(stmts) if user else stmts
+        if user:
+            builtin = entry.get("reference_code", "").splitlines()[-1:]
+            lines.append(
+                f"# {grad}.g: your formula"
+                + (f", in place of Broadprop's `{builtin[0]}`" if builtin else "")
+            )
         for stmt in bindings:
             if emitter.fresh(stmt):
                 lines.append(stmt.commented())
                 emitter.assigned(stmt.target, stmt.expr)
                 shown.append((stmt, ""))
-        note = " (your formula)" if entry.get("source") == "user" else ""
+        note = " (your formula)" if user else ""
         if variant:
             target = f"{grad}_g_{variant}"
             lines.append(f"# another formula for {grad}.g ({variant}): checked, not propagated")
@@ -512,36 +549,33 @@ def _backward_sections(cfg, forward, backward, emitter: Emitter) -> list[Section
     return out
 
 
+def _cancelling_floor(cfg, name: str) -> str:
+    """Before a batchnorm, b{k}.g sums l{k}.g over the batch, which is 0 in exact arithmetic:
+    atol scales with the terms summed instead (as app/check.py's `cancelling_scale`)."""
+    k = name[1:]
+    if cfg.norm != "batchnorm" or name[0] != "b" or not k.isdigit() or int(k) > len(cfg.hidden):
+        return "0.0"
+    return f'keep["l{k}"].grad.abs().reshape(-1, {cfg.hidden[int(k) - 1]}).sum(0).max().item()'
+
+
 def _checks(cfg, backward: Sequence[dict[str, Any]]) -> list[Checked]:
     """What the API's check compares, in its order: every leaf (x and the parameters, as they
-    were made), then `out` and each pre-norm `l{k}`, with every variant formula."""
-    leaves = [s.name for s in input_specs(cfg) if s.role != "target"]
-    kept = {"out", *(f"l{k}" for k in range(1, len(cfg.hidden) + 1))}
+    were made), then the kept intermediates, each with its variant formulas."""
+
+    def checked(entry: dict[str, Any], reference: str, floor: str = "0.0") -> Checked:
+        grad, variant = entry["grad"], entry.get("variant")
+        if variant:
+            return Checked(f"{grad}:{variant}", f"{grad}_g_{variant}", reference)
+        return Checked(grad, f"{grad}.g", reference, floor)
+
     checks = []
-    for name in leaves:
-        floor = "0.0"
-        k = name[1:]
-        if (
-            cfg.norm == "batchnorm"
-            and name.startswith("b")
-            and k.isdigit()
-            and int(k) <= len(cfg.hidden)
-        ):
-            floor = (
-                f'keep["l{k}"].grad.abs().reshape(-1, {cfg.hidden[int(k) - 1]}).sum(0).max().item()'
-            )
-        checks.append(Checked(name, f"{name}.g", f'leaves["{name}"].grad', floor))
-        for e in backward:
-            if e["grad"] == name and e.get("variant"):
-                v = e["variant"]
-                checks.append(Checked(f"{name}:{v}", f"{name}_g_{v}", f'leaves["{name}"].grad'))
-    for e in backward:
-        if e["grad"] in kept:
-            v = e.get("variant")
-            key, manual = (
-                (f"{e['grad']}:{v}", f"{e['grad']}_g_{v}") if v else (e["grad"], f"{e['grad']}.g")
-            )
-            checks.append(Checked(key, manual, f'keep["{e["grad"]}"].grad'))
+    for spec in input_specs(cfg):
+        for entry in (e for e in backward if e["grad"] == spec.name):
+            reference = f'leaves["{spec.name}"].grad'
+            checks.append(checked(entry, reference, _cancelling_floor(cfg, spec.name)))
+    kept = set(kept_names(cfg))
+    for entry in (e for e in backward if e["grad"] in kept):
+        checks.append(checked(entry, f'keep["{entry["grad"]}"].grad'))
     return checks
 
 
