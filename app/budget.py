@@ -222,7 +222,11 @@ def refuse_formula_cost(cfg, backward: list[dict], budget: int) -> None:
             continue
         key = f"{entry['grad']}.g"
         biggest = max(entry["steps"], key=lambda s: s["bytes"], default=None)
-        where = f" (the largest, `{biggest['expr']}`, is {human_bytes(biggest['bytes'])})"
+        where = (
+            f" (the largest, `{biggest['expr']}`, is {human_bytes(biggest['bytes'])})"
+            if biggest
+            else ""
+        )
         advice = (
             "; the same gradient without the broadcast intermediate: torch.einsum or @ "
             "(e.g. l1.g @ w1.T for x.g, x.T @ l1.g for w1.g)"

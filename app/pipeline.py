@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from functools import lru_cache
 from types import SimpleNamespace
@@ -9,15 +10,15 @@ from typing import Any
 
 import torch
 
-from app import budget
+from app import budget, data
 from app.check import autograd_gradients, cast_floats, check_against, recheck_rounding
 from app.compare import compare_strategies
 from app.fd import finite_difference_check
 from app.lab.formulas import LearnerFormula, bind
 from app.network import Network
 from app.ops import Context
-from app.tensors import DTYPES, input_specs, make_tensors
-from app.views import gradient_view, overflow_warnings
+from app.tensors import DTYPES, data_name, input_specs, lead_shape, make_tensors
+from app.views import MAX_IMAGES, data_view, gradient_view, overflow_warnings
 
 SHAPE_FIELDS = ("in_features", "out_features", "activation", "norm", "loss", "dtype")
 
@@ -135,6 +136,17 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     if cfg.compare:
         result["compare"] = compare_strategies(
             cfg, net, env, tensors, grads, backward_trace, chunk_bytes
+        )
+    if data_name(cfg) != "random":
+        ds = data.load(cfg.data)
+        first = min(MAX_IMAGES, math.prod(lead_shape(cfg.batch)))
+        result["data"] = data_view(
+            ds.name,
+            ds.info.image_shape,
+            ds.pixels[:first],
+            ds.labels[:first],
+            tensors["w1"],
+            grads["w1"],
         )
     result["warnings"] = overflow_warnings(result)
     return result

@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from app.lab import hints
 from app.ops.base import (
     COMPARISONS,
@@ -31,6 +33,7 @@ from app.ops.base import (
     broadcast_rule,
     einsum,
     filled_like,
+    one_hot,
     where,
 )
 
@@ -139,6 +142,8 @@ METHODS: dict[str, Method] = {
     "double": Method(Traced.double),
     "softmax": Method(Traced.softmax, _kw("dim")),
     "log_softmax": Method(Traced.log_softmax, _kw("dim")),
+    "to": Method(lambda x, dtype: x.to(dtype), _kw("dtype")),
+    "gather": Method(lambda x, dim, index: x.gather(dim, index), _kw("dim", "index")),
     "size": Method(lambda x, dim=None: x.shape if dim is None else x.shape[dim], _kw("dim")),
     "dim": Method(lambda x: x.ndim),
     "numel": Method(lambda x: math.prod(x.shape)),
@@ -170,6 +175,16 @@ TORCH_FUNCTIONS: dict[str, Method] = {
     "mean": Method(Traced.mean, _REDUCE),
     "clamp": Method(Traced.clamp, _kw("min", "max")),
 }
+
+
+# torch.nn.functional, as the built-in code writes it (`F.one_hot(target, 10)`)
+FUNCTIONAL: dict[str, Method] = {
+    "one_hot": Method(lambda index, num_classes: one_hot(index, num_classes), _kw("num_classes")),
+    "softmax": Method(Traced.softmax, _kw("dim")),
+    "log_softmax": Method(Traced.log_softmax, _kw("dim")),
+}
+NAMESPACES = {"torch": TORCH_FUNCTIONS, "F": FUNCTIONAL}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _flat_ints(args: tuple) -> tuple[int, ...]:
@@ -246,13 +261,17 @@ def parse(key: str, source: str) -> Formula:
         raise FormulaError(f"at most {MAX_STATEMENTS} lines, got {len(body)}", "too_long")
     local_lines: list[tuple[str, ast.expr]] = []
     for stmt in body[:-1]:
-        if not (isinstance(stmt, ast.Assign) and _single_name_target(stmt)):
+        if isinstance(stmt, ast.Assign) and _single_name_target(stmt):
+            local_lines.append((stmt.targets[0].id, stmt.value))
+        elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and _is_grad(stmt.targets[0]):
+            # `xhat.g = ...`: a local's gradient, as the built-in formulas write them
+            local_lines.append((f"{stmt.targets[0].value.id}.g", stmt.value))
+        else:
             raise FormulaError(
                 f"`{_segment(source, stmt)}`: every line but the last must be "
-                "`name = expression`",
+                "`name = expression` (or `local.g = expression`)",
                 "not_allowed",
             )
-        local_lines.append((stmt.targets[0].id, stmt.value))
     last = body[-1]
     if isinstance(last, ast.Expr):
         result = last.value
@@ -307,7 +326,7 @@ def _check_node(node: ast.AST, source: str) -> None:
                 f"`{_segment(source, node)}`: private and dunder attributes are not allowed",
                 "not_allowed",
             )
-        allowed = {"g", *METHODS, *ATTRIBUTES, *TORCH_FUNCTIONS}
+        allowed = {"g", *METHODS, *ATTRIBUTES, *TORCH_FUNCTIONS, *FUNCTIONAL, *DTYPES}
         if node.attr not in allowed:
             raise FormulaError(_unknown_attribute(node, source), "not_allowed")
     if isinstance(node, ast.Constant) and not (
@@ -389,12 +408,22 @@ class _Evaluation:
 
     def run(self) -> Traced:
         for name, node in self.formula.locals:
-            if name in self.tensors or name == "torch":
+            base = name.removesuffix(".g")
+            if base in self.tensors or base in NAMESPACES:
                 raise FormulaError(
-                    f"`{name} = ...`: {name} is the run's own; choose another local name", "name"
+                    f"`{name} = ...`: {base} is the run's own; choose another local name", "name"
+                )
+            if name != base and base not in self.locals:
+                raise FormulaError(
+                    f"`{name} = ...`: define the local {base} before its gradient", "name"
                 )
             value = self.eval(node)
-            self.locals[name] = value.named(name) if isinstance(value, Traced) else value
+            if not isinstance(value, Traced):
+                self.locals[name] = value
+            elif name != base:  # a local's gradient: defined after the local, as in the code
+                self.locals[name] = value.named(name, grad_of=self.locals[base])
+            else:
+                self.locals[name] = value.named(name)
         value = self.eval(self.formula.result)
         if not isinstance(value, Traced):
             raise FormulaError(
@@ -425,14 +454,16 @@ class _Evaluation:
             return self.locals[node.id]
         if node.id in self.tensors:
             return self.tensors[node.id]
-        if node.id == "torch":
-            self.fail(node, "torch is only for calls such as torch.einsum(...)", "not_allowed")
+        if node.id in NAMESPACES:
+            self.fail(node, f"{node.id} is only for calls such as torch.einsum(...)", "not_allowed")
         names = ", ".join(self.tensors)
         self.fail(node, f"the run has no tensor or local named {node.id}; it has: {names}", "name")
 
     def _Attribute(self, node: ast.Attribute) -> Any:
         if node.attr == "g":
             return self._gradient(node)
+        if isinstance(node.value, ast.Name) and node.value.id == "torch" and node.attr in DTYPES:
+            return DTYPES[node.attr]
         value = self.eval(node.value)
         if node.attr not in ATTRIBUTES or not isinstance(value, Traced):
             self.fail(node, f".{node.attr} must be called, on a tensor", "not_allowed")
@@ -442,6 +473,8 @@ class _Evaluation:
         if not isinstance(node.value, ast.Name):
             self.fail(node, ".g is read on a tensor's name, as in l1.g", "not_allowed")
         name = node.value.id
+        if f"{name}.g" in self.locals:
+            return self.locals[f"{name}.g"]
         if name in self.grads:
             return self.grads[name]
         if name in self.pending:
@@ -588,11 +621,13 @@ class _Evaluation:
         func = node.func
         if not isinstance(func, ast.Attribute):
             self.fail(node, "only tensor methods and torch.<function> can be called", "not_allowed")
-        if isinstance(func.value, ast.Name) and func.value.id == "torch":
-            method = TORCH_FUNCTIONS.get(func.attr)
+        if isinstance(func.value, ast.Name) and func.value.id in NAMESPACES:
+            space = func.value.id
+            method = NAMESPACES[space].get(func.attr)
             if method is None:
-                allowed = ", ".join(f"torch.{n}" for n in TORCH_FUNCTIONS)
-                self.fail(node, f"torch.{func.attr} is not allowed; allowed: {allowed}", "not_allowed")
+                allowed = ", ".join(f"{space}.{n}" for n in NAMESPACES[space])
+                self.fail(node, f"{space}.{func.attr} is not allowed; allowed: {allowed}",
+                          "not_allowed")  # fmt: skip
             receiver: tuple = ()
         else:
             method = METHODS.get(func.attr)

@@ -524,8 +524,13 @@ class Traced:
         return self._method(self.t.float(), "float()", "mask", "float")
 
     def to_dtype_of(self, other: Traced) -> Traced:
-        name = str(other.t.dtype).removeprefix("torch.")
-        return self._method(self.t.to(other.t.dtype), f"to(torch.{name})", "mask", "to")
+        return self.to(other.t.dtype)
+
+    def to(self, dtype: torch.dtype) -> Traced:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(".to() takes torch.float32 or torch.float64")
+        name = str(dtype).removeprefix("torch.")
+        return self._method(self.t.to(dtype), f"to(torch.{name})", "mask", "to")
 
     def gather(self, dim: int, index: Traced) -> Traced:
         t = self.t.gather(dim, index.t)
