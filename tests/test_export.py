@@ -40,12 +40,17 @@ CONFIGS = {
         norm="batchnorm", loss="cross_entropy", seed=11,
     ),
     "single_linear": dict(batch=5, in_features=4, hidden=[], out_features=1, seed=2),
+    "mnist": dict(
+        data="mnist", batch=64, hidden=[16], out_features=10, loss="cross_entropy",
+        init="kaiming", seed=1,
+    ),
+    "digits_mse_list_batch": dict(data="digits", batch=[4, 8], hidden=[8], dtype="float64"),
     "formulas_right": dict(
         batch=[3, 4], in_features=5, hidden=[4], formulas={
             "l1.g": "torch.where(l1 > 0, a1.g, torch.zeros_like(a1.g))",
             "x.g": "l1.g @ w1.T",
             "w1.g": 'torch.einsum("abi,abo->io", x, l1.g)',
-            "b1.g": "F = l1.g * 1\nF.sum((0, 1))",  # a local that would hide F in the script
+            "b1.g": "sys = l1.g * 1\nsys.sum((0, 1))",  # a local that would hide sys
         },
     ),
     "formulas_wrong": dict(  # the mask forgotten: l1.g and everything after it is wrong
@@ -244,8 +249,11 @@ def test_shape_comment_reads_like_the_article():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_tensor_statements_make_the_runs_tensors_bit_for_bit(name):
     cfg = RunRequest(**CONFIGS[name])
-    namespace: dict = {"torch": torch}
-    exec("\n".join(export.tensor_statements(cfg)), namespace)
+    namespace: dict = {}
+    exec(
+        "\n".join([*export.data_imports(cfg), "import torch", *export.tensor_statements(cfg)]),
+        namespace,
+    )
     for tensor_name, tensor in make_tensors(cfg).items():
         assert namespace[tensor_name].dtype == tensor.dtype
         assert torch.equal(namespace[tensor_name], tensor), tensor_name
@@ -256,8 +264,11 @@ def test_tensor_statements_make_the_runs_tensors_bit_for_bit(name):
 def test_tensor_statements_every_init(init, init_scale):
     cfg = RunRequest(batch=[2, 2], in_features=3, hidden=[4], out_features=2, init=init,
                      init_scale=init_scale, norm="layernorm", dtype="float64")  # fmt: skip
-    namespace: dict = {"torch": torch}
-    exec("\n".join(export.tensor_statements(cfg)), namespace)
+    namespace: dict = {}
+    exec(
+        "\n".join([*export.data_imports(cfg), "import torch", *export.tensor_statements(cfg)]),
+        namespace,
+    )
     for tensor_name, tensor in make_tensors(cfg).items():
         assert torch.equal(namespace[tensor_name], tensor), tensor_name
 
