@@ -532,9 +532,17 @@ def _layer_markdown(given: str, stmts: Sequence[tuple[Stmt, str]]) -> str:
     return "\n".join(lines)
 
 
+# how the server computes or shows a run, not what the run is: left out of the file's config
+VIEW_FIELDS = frozenset({"strategy", "max_cells", "fd_samples", "reference_heatmaps", "compare"})
+
+
 def config_json(cfg) -> str:
     """The run request, one field a line: paste it into POST /api/run to see the same run."""
-    fields = cfg.model_dump(mode="json", exclude_none=True)
+    fields = {
+        k: v
+        for k, v in cfg.model_dump(mode="json", exclude_none=True).items()
+        if k not in VIEW_FIELDS and v != {}
+    }
     return "{\n" + ",\n".join(f'  "{k}": {json.dumps(v)}' for k, v in fields.items()) + "\n}"
 
 
