@@ -35,7 +35,13 @@ import nbformat
 import torch
 
 from app import pipeline
-from app.check import NORM_EPS, REFERENCE_LEAKY_SLOPE, TOLERANCES
+from app.check import (
+    NOISE_FACTOR,
+    NORM_EPS,
+    RECHECK_MAX_BYTES,
+    REFERENCE_LEAKY_SLOPE,
+    TOLERANCES,
+)
 from app.data import INFO as DATA_INFO
 from app.network import Network
 from app.tensors import DTYPES, data_name, init_gain, input_specs, layer_sizes, lead_shape
@@ -186,6 +192,7 @@ class Emitter:
 
     def __init__(self) -> None:
         self.holds: dict[str, str] = {}  # name -> the expression it holds now
+        self.written: list[str] = []  # every statement, in order, without its comment
 
     def fresh(self, stmt: Stmt) -> bool:
         return self.holds.get(stmt.target) != stmt.expr
@@ -201,6 +208,7 @@ class Emitter:
             ):
                 del self.holds[name]
         self.holds[target] = expr
+        self.written.append(f"{target} = {expr}")
 
 
 # --------------------------------------------------------------------------- the tensors
@@ -409,23 +417,27 @@ def autograd_statements(cfg) -> list[str]:
 class Checked:
     name: str  # as in the API's check: "w1", "out", "out:fused"
     manual: str  # the expression holding the manual gradient
-    reference: str  # autograd's
     floor: str = "0.0"  # atol's scale floor (a gradient that cancels to ~0)
 
 
-def check_statements(cfg, checks: list[Checked], script: bool) -> list[str]:
-    dtype = DTYPES[cfg.dtype]
-    rtol, atol_scale = TOLERANCES[dtype]
+def check_statements(cfg, checks: list[Checked], manual_pass: list[str], script: bool) -> list[str]:
+    """The check as app/check.py makes it: allclose per gradient, then, for a failed one, the
+    rounding recheck (the same formulas and autograd again in the other precision)."""
+    rtol, atol_scale = TOLERANCES[DTYPES[cfg.dtype]]
+    names = [s.name for s in input_specs(cfg)]
     lines = [
         f"RTOL, ATOL_SCALE = {rtol!r}, {atol_scale!r}  # {cfg.dtype}, as Broadprop's check",
+        f"NOISE_FACTOR = {NOISE_FACTOR}  # a gradient may differ by 4x the rounding both sides carry",
+        f"RECHECK_MAX_BYTES = {RECHECK_MAX_BYTES}  # runs up to this size get the rounding recheck",
         "",
         "",
-        "def compare(manual, reference, atol_floor=0.0):",
+        "def compare(manual, reference, atol_floor=0.0, noise=0.0):",
         '    """max|manual - autograd|, max relative error, and allclose: every entry within',
         "    atol + RTOL * |autograd|, atol = ATOL_SCALE * max|autograd| (abs() on both sides,",
-        '    which the article\'s is_same forgot; NaN never passes)."""',
+        "    which the article's is_same forgot; NaN never passes), never below NOISE_FACTOR",
+        '    times the rounding `noise` measured by the recheck."""',
         "    scale = reference.abs().max().item()",
-        "    atol = ATOL_SCALE * max(scale, atol_floor)",
+        "    atol = max(ATOL_SCALE * max(scale, atol_floor), NOISE_FACTOR * noise)",
         "    diff = (manual - reference).abs()",
         "    allclose = bool((diff <= atol + RTOL * reference.abs()).all())",
         "    err = diff.max().item()",
@@ -433,29 +445,70 @@ def check_statements(cfg, checks: list[Checked], script: bool) -> list[str]:
         "    return err, rel, allclose",
         "",
         "",
-    ]
-    if cfg.norm == "batchnorm":
-        lines.append(
-            "# before a batchnorm, b{k}.g sums l{k}.g over the batch, which is 0 in exact "
-            "arithmetic: both sides are"
-        )
-        lines.append(
-            "# rounding noise, so atol scales with the terms summed (as Broadprop's check does)"
-        )
-    lines.append("checks = [  # (gradient, manual, autograd, atol floor)")
-    for c in checks:
-        lines.append(f'    ("{c.name}", {c.manual}, {c.reference}, {c.floor}),')
-    lines += [
-        "]",
-        "differ = []",
+        f"def manual_gradients({', '.join(names)}):",
+        '    """The forward and backward statements above, again, as a function: the rounding',
+        '    recheck runs them on the tensors in the other precision."""',
+        *(f"    {line}" for line in manual_pass),
+        "    return {",
+        *(f'        "{c.name}": {c.manual},' for c in checks),
+        "    }",
+        "",
+        "",
+        "manual = {",
+        *(f'    "{c.name}": {c.manual},' for c in checks),
+        "}",
+        "autograd = {n: t.grad for n, t in [*leaves.items(), *keep.items()]}",
+        "results = {",
+        '    key: compare(m, autograd[key.split(":")[0]], atol_floor=floors.get(key, 0.0))',
+        "    for key, m in manual.items()",
+        "}",
+        "noise = {}",
+        f"held = sum(t.numel() * t.element_size() for t in [{', '.join(names)}, *manual.values()])",
+        "if not all(ok for _, _, ok in results.values()) and held <= RECHECK_MAX_BYTES:",
+        "    # Where a gradient cancels to ~0 (a norm over 1 or 2 features or rows), both sides",
+        "    # are rounding noise. Run both again in the other precision: rounding moves, a wrong",
+        "    # formula does not. noise = |autograd - autograd'| + |manual - manual'|.",
+        "    other = torch.float64 if x.dtype == torch.float32 else torch.float32",
+        "    cast = {",
+        "        n: t.to(other) if t.is_floating_point() else t",
+        f"        for n, t in dict({', '.join(f'{n}={n}' for n in names)}).items()",
+        "    }",
+        '    leaves_o = {n: t.detach().requires_grad_() for n, t in cast.items() if n != "target"}',
+        "    keep_o = {}",
+        '    reference_loss(**leaves_o, target=cast["target"], keep=keep_o).backward()',
+        "    autograd_o = {n: t.grad for n, t in [*leaves_o.items(), *keep_o.items()]}",
+        "    manual_o = manual_gradients(**cast)",
+        "    for key, (_, _, ok) in results.items():",
+        '        name = key.split(":")[0]',
+        "        pairs = [(autograd[name], autograd_o[name]), (manual[key], manual_o[key])]",
+        "        if ok or not all(torch.isfinite(t).all() for pair in pairs for t in pair):",
+        "            continue",
+        "        noise[key] = sum((a.double() - b.double()).abs().max().item() for a, b in pairs)",
+        "        floor = floors.get(key, 0.0)",
+        "        results[key] = compare(manual[key], autograd[name], floor, noise[key])",
+        "",
+        "differ = [key for key, (_, _, ok) in results.items() if not ok]",
         "print(f\"{'gradient':<12}{'shape':<20}{'max_abs_err':>12}{'max_rel_err':>12}  allclose\")",
-        "for name, manual, reference, floor in checks:",
-        "    err, rel, allclose = compare(manual, reference, floor)",
-        "    shape = str(tuple(manual.shape))",
-        '    print(f"{name:<12}{shape:<20}{err:>12.3e}{rel:>12.3e}  {allclose}")',
-        "    if not allclose:",
-        "        differ.append(name)",
+        "for key, (err, rel, ok) in results.items():",
+        "    shape = str(tuple(manual[key].shape))",
+        '    note = f"  (rounding noise {noise[key]:.1e})" if key in noise else ""',
+        '    print(f"{key:<12}{shape:<20}{err:>12.3e}{rel:>12.3e}  {ok}{note}")',
     ]
+    floors = [c for c in checks if c.floor != "0.0"]
+    if floors:
+        comment = [
+            "# before a batchnorm, b{k}.g sums l{k}.g over the batch, which is 0 in exact",
+            "# arithmetic: both sides are rounding noise, so atol scales with the terms summed",
+        ]
+        body = [f'    "{c.name}": {c.floor},' for c in floors]
+        lines[lines.index("manual = {") : lines.index("manual = {")] = [
+            *comment,
+            "floors = {",
+            *body,
+            "}",
+        ]
+    else:
+        lines.insert(lines.index("manual = {"), "floors = {}  # atol floors: none in this run")
     if script:
         lines += [
             "if differ:",
@@ -643,20 +696,18 @@ def _checks(cfg, backward: Sequence[dict[str, Any]]) -> list[Checked]:
     """What the API's check compares, in its order: every leaf (x and the parameters, as they
     were made), then the kept intermediates, each with its variant formulas."""
 
-    def checked(entry: dict[str, Any], reference: str, floor: str = "0.0") -> Checked:
+    def checked(entry: dict[str, Any], floor: str = "0.0") -> Checked:
         grad, variant = entry["grad"], entry.get("variant")
         if variant:
-            return Checked(f"{grad}:{variant}", f"{grad}_g_{variant}", reference)
-        return Checked(grad, f"{grad}.g", reference, floor)
+            return Checked(f"{grad}:{variant}", f"{grad}_g_{variant}")
+        return Checked(grad, f"{grad}.g", floor)
 
     checks = []
     for spec in input_specs(cfg):
         for entry in (e for e in backward if e["grad"] == spec.name):
-            reference = f'leaves["{spec.name}"].grad'
-            checks.append(checked(entry, reference, _cancelling_floor(cfg, spec.name)))
+            checks.append(checked(entry, _cancelling_floor(cfg, spec.name)))
     kept = set(kept_names(cfg))
-    for entry in (e for e in backward if e["grad"] in kept):
-        checks.append(checked(entry, f'keep["{entry["grad"]}"].grad'))
+    checks += [checked(entry) for entry in backward if entry["grad"] in kept]
     return checks
 
 
@@ -699,9 +750,12 @@ def sections(cfg, script: bool = True) -> list[Section]:
         ),
         Section(
             "Check",
-            "Every manual gradient against autograd's: `allclose` with `abs()`, rtol plus an "
-            "atol scaled by the gradient's largest entry, per dtype as Broadprop checks.",
-            check_statements(cfg, _checks(cfg, backward), script=script),
+            "Every manual gradient against autograd's, as Broadprop checks: `allclose` with "
+            "`abs()`, rtol plus an atol scaled by the gradient's largest entry, per dtype. A "
+            "gradient that fails is checked again knowing the rounding both sides carry (the "
+            "same formulas and autograd in the other precision): one that cancels to ~0 passes, "
+            "a wrong formula does not.",
+            check_statements(cfg, _checks(cfg, backward), emitter.written, script=script),
         ),
     ]
 

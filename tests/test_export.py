@@ -5,6 +5,8 @@ reproduce the same loss and gradients."""
 from __future__ import annotations
 
 import io
+import math
+import random
 import re
 import subprocess
 import sys
@@ -59,6 +61,9 @@ CONFIGS = {
     "formula_wrong_leaf": dict(  # mean for sum: only b1.g is wrong
         batch=[3, 4], in_features=5, hidden=[4], formulas={"b1.g": "l1.g.mean((0, 1))"}
     ),
+    # gradients that cancel to ~0: the API passes them by its rounding recheck, so must the file
+    "cancelling_layernorm": dict(batch=4, in_features=3, hidden=[1], norm="layernorm"),
+    "cancelling_batchnorm": dict(batch=2, in_features=3, hidden=[4], norm="batchnorm"),
 }  # fmt: skip
 WRONG = {"formulas_wrong": ["x", "w1", "b1", "l1"], "formula_wrong_leaf": ["b1"]}
 LOSS_LINE = re.compile(r"^loss (\S+)$", re.M)
@@ -119,7 +124,7 @@ def test_script_prints_the_api_loss_and_check(name, runs, scripts):
     # one table line per gradient the API checks, with its max abs error and allclose
     for grad, verdict in {**check["tensors"], **check["intermediates"]}.items():
         line = re.search(
-            rf"^{re.escape(grad)}\s+\(.*\)\s+(\S+)\s+(\S+)\s+(\w+)$", result.stdout, re.M
+            rf"^{re.escape(grad)}\s+\(.*?\)\s+(\S+)\s+(\S+)\s+(True|False)\b", result.stdout, re.M
         )
         assert line, f"no check line for {grad}:\n{result.stdout}"
         assert line.group(3) == str(verdict["allclose"]), grad
@@ -297,3 +302,51 @@ def test_a_wrong_formula_exits_1_naming_what_differs(client, old, new, differ):
         exec(compile(text.replace(old, new), "<tampered>", "exec"), {"__name__": "__main__"})
     assert exit_.value.code == 1
     assert f"differ from autograd: {differ}" in out.getvalue()
+
+
+def _run_in_process(text: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = 0
+    with redirect_stdout(out):
+        try:
+            exec(compile(text, "<export>", "exec"), {"__name__": "__main__"})
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue()
+
+
+def _random_config(rng: random.Random) -> dict:
+    loss = rng.choice(["mse", "cross_entropy"])
+    batch = rng.choice([rng.randint(1, 6), [rng.randint(1, 3), rng.randint(1, 3)]])
+    norm = rng.choice(["none", "layernorm", "batchnorm"])
+    if norm == "batchnorm" and math.prod([batch] if isinstance(batch, int) else batch) < 2:
+        batch = 2
+    return dict(
+        batch=batch,
+        in_features=rng.randint(1, 5),
+        hidden=[rng.randint(1, 4) for _ in range(rng.randint(0, 2))],
+        out_features=rng.randint(2, 4) if loss == "cross_entropy" else rng.randint(1, 3),
+        activation=rng.choice(["relu", "leaky_relu", "tanh", "sigmoid"]),
+        norm=norm,
+        loss=loss,
+        init=rng.choice(["randn", "kaiming", "xavier"]),
+        init_scale=rng.choice([1.0, 0.5, 3.0]),
+        dtype=rng.choice(["float32", "float64"]),
+        seed=rng.randint(0, 1000),
+    )
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_the_files_verdict_is_the_apis(client, seed):
+    """Random small architectures (degenerate norms included): every gradient's allclose in
+    the file's table is the API's, and the exit status follows."""
+    config = _random_config(random.Random(seed))
+    response = client.post("/api/run", json=config)
+    assert response.status_code == 200, response.text
+    check = response.json()["check"]
+    code, out = _run_in_process(_export(client, config, "py").text)
+    verdicts = {**check["tensors"], **check["intermediates"]}
+    for grad, verdict in verdicts.items():
+        line = re.search(rf"^{re.escape(grad)}\s+\(.*?\)\s+\S+\s+\S+\s+(True|False)\b", out, re.M)
+        assert line and line.group(1) == str(verdict["allclose"]), (grad, config, out)
+    assert code == (0 if check["all_close"] else 1), (config, out)
