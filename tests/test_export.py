@@ -201,6 +201,11 @@ def test_export_headers_and_default(client):
         ({"config": {"colour": "red"}}, ["body", "config", "colour"]),
         ({"config": {}, "extra": 1}, ["body", "extra"]),
         ({"config": [1, 2]}, ["body", "config"]),
+        # what POST /api/run refuses, located under config
+        ({"config": {"formulas": {"x.g": "l1.g.sum("}}}, ["body", "config", "formulas", "x.g"]),
+        ({"config": {"formulas": {"x.g": "l1.g * w1"}}}, ["body", "config", "formulas", "x.g"]),
+        ({"config": {"formulas": {"q.g": "l1.g"}}}, ["body", "config", "formulas", "q.g"]),
+        ({"config": {"batch": 20000, "hidden": [4096]}}, ["body", "config", "batch"]),
     ],
 )
 def test_bad_config_or_format_is_422(client, body, loc):
