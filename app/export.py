@@ -35,6 +35,7 @@ import nbformat
 import torch
 
 from app import pipeline
+from app.budget import human_bytes
 from app.check import (
     NOISE_FACTOR,
     NORM_EPS,
@@ -527,14 +528,6 @@ def check_statements(cfg, checks: list[Checked], manual_pass: list[str], script:
 # --------------------------------------------------------------------------- the file
 
 
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:,.0f} {unit}" if unit == "B" else f"{nbytes:,.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError
-
-
 def _explain(stmt: Stmt) -> list[str]:
     """A statement's broadcasts (who is stretched along which dims) and reductions, from its
     trace steps, as markdown bullets."""
@@ -557,7 +550,7 @@ def _explain(stmt: Stmt) -> list[str]:
             out.append(
                 f"  - `{shapes} -> {shape_text(step['output'])}`: "
                 + "; ".join(stretched)
-                + f"; {_size(step['bytes'])} if materialized"
+                + f"; {human_bytes(step['bytes'])} if materialized"
             )
         elif step["action"] == "reduce":
             dims = ", ".join(map(str, step.get("reduced_dims", [])))
@@ -721,7 +714,7 @@ def sections(cfg, script: bool = True) -> list[Section]:
         f"`torch.autograd`, for this run:\n\n```json\n{config_json(cfg)}\n```\n\n"
         "Each gradient is stored in `.g`; each backward statement is the formula Broadprop "
         "traced and checked, with its shapes as a comment. The largest intermediate is "
-        f"`{shape_text(biggest[1])}` ({_size(biggest[0])}): the broadcast formulas "
+        f"`{shape_text(biggest[1])}` ({human_bytes(biggest[0])}): the broadcast formulas "
         "are written out literally, as in the article."
     )
     imports = [
