@@ -226,26 +226,18 @@ def tensor_statements(cfg) -> list[str]:
     def randn(shape: Sequence[int]) -> str:
         return f"torch.randn({', '.join(map(str, shape))}, generator=g)"
 
-    lines = []
-    if data_name(cfg) != "random":
-        lines += data_statements(cfg)
+    random_data = data_name(cfg) == "random"
+    lines = [] if random_data else data_statements(cfg)  # image data draws nothing
     lines.append(_with_comment(f"g = torch.Generator().manual_seed({cfg.seed})", "the run's seed"))
-    target = specs["target"]
-    if data_name(cfg) != "random":
-        pass  # x and target came from the data: nothing drawn
-    elif target.integer:
-        lines.append(
-            _with_comment(f"x = {randn(specs['x'].shape)}{cast}", shape_text(specs["x"].shape))
-        )
-        draw = f"torch.randint({cfg.out_features}, {shape_text(lead)}, generator=g)"
-        lines.append(_with_comment(f"target = {draw}", f"{shape_text(target.shape)} class indices"))
-    else:
-        lines.append(
-            _with_comment(f"x = {randn(specs['x'].shape)}{cast}", shape_text(specs["x"].shape))
-        )
-        lines.append(
-            _with_comment(f"target = {randn(target.shape)}{cast}", shape_text(target.shape))
-        )
+    x, target = specs["x"], specs["target"]
+    if random_data:
+        lines.append(_with_comment(f"x = {randn(x.shape)}{cast}", shape_text(x.shape)))
+        if target.integer:
+            draw = f"torch.randint({cfg.out_features}, {shape_text(lead)}, generator=g)"
+            why = f"{shape_text(target.shape)} class indices"
+        else:
+            draw, why = f"{randn(target.shape)}{cast}", shape_text(target.shape)
+        lines.append(_with_comment(f"target = {draw}", why))
     sizes = layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
     for k, (fan_in, fan_out) in enumerate(sizes, start=1):
         gain = init_gain(cfg.init, fan_in, fan_out)
