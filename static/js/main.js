@@ -3,6 +3,7 @@ import { errorsByField, run } from "./api.js";
 import { drawChecks } from "./checks.js";
 import { Diagram } from "./diagram.js";
 import { Explainer } from "./explainer.js";
+import { ExportButtons } from "./export.js";
 import { bytes, h, num } from "./format.js";
 import { drawHeatmaps, VIEWS } from "./heatmaps.js";
 import { Lab } from "./lab.js";
@@ -18,6 +19,7 @@ let view = "manual";
 
 const diagram = new Diagram($("diagram"), (i) => stepper.select(i));
 const explainer = new Explainer($("explainer-form"), $("explainer-out"));
+const exporter = new ExportButtons(document.querySelectorAll("#export-actions button"), $("export-status"));
 const stepper = new Stepper({
   codeEl: $("code-lines"), detailEl: $("step-detail"), posEl: $("step-pos"),
   prevBtn: $("step-prev"), nextBtn: $("step-next"),
@@ -76,6 +78,7 @@ function draw(response) {
   drawHeatmaps($("heatmaps"), data, view);
   drawChecks($("check"), data);
   lab.drawn();
+  exporter.load(data.config);
 }
 
 /** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */
