@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -91,6 +91,13 @@ class RunLimiter:
         return self._semaphores[loop]
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self.slot():
+            # not abandoned on cancel: the slot stays taken until the thread is done
+            return await anyio.to_thread.run_sync(fn, *args)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one run slot for the body (a training holds it for its whole stream)."""
         semaphore = self._semaphore()
         try:
             semaphore.acquire_nowait()
@@ -100,8 +107,7 @@ class RunLimiter:
             if scope.cancelled_caught:
                 raise Saturated from None
         try:
-            # not abandoned on cancel: the slot stays taken until the thread is done
-            return await anyio.to_thread.run_sync(fn, *args)
+            yield
         finally:
             semaphore.release()
 

@@ -51,8 +51,7 @@ class Network:
         env = dict(tensors)
         with torch.no_grad():
             for op in self.ops:
-                args = [Traced.leaf(env[n], n) for n in op.inputs]
-                env[op.output] = op.forward(*args).t
+                env[op.output] = op.compute_forward([env[n] for n in op.inputs])
         return env
 
     @property

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from app.schemas import RunRequest
+from app.schemas import RunRequest, TrainRequest
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).resolve().parents[2] / "templates")
@@ -71,7 +71,8 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
 
 
 # Fields the page sets itself (static/js/api.js), not the user: no input, not in the URL.
-PAGE_OWNED = frozenset({"reference_heatmaps", "formulas"})  # formulas: lab.js
+# formulas: a dict, edited by the formula lab, not a text input of the form.
+PAGE_OWNED = frozenset({"reference_heatmaps", "formulas"})
 
 
 def run_fields() -> list[dict[str, Any]]:
@@ -83,11 +84,20 @@ def run_fields() -> list[dict[str, Any]]:
     ]
 
 
+def train_fields() -> list[dict[str, Any]]:
+    """The fields POST /api/train adds to a run's (steps, lr, ...), with their limits."""
+    props = TrainRequest.model_json_schema()["properties"]
+    defaults = TrainRequest().model_dump()
+    for prop in props.values():  # lr > 0, momentum < 1: the input's bounds (the 422 is exact)
+        prop.setdefault("minimum", prop.get("exclusiveMinimum"))
+        prop.setdefault("maximum", prop.get("exclusiveMaximum"))
+    return [_field(n, props[n], defaults[n]) for n in props if n not in RunRequest.model_fields]
+
+
 @router.get("/", response_class=HTMLResponse)
 def index(request: Request) -> HTMLResponse:
-    return templates.TemplateResponse(
-        request, "index.html", {"fields": run_fields(), "plotly_url": PLOTLY_URL}
-    )
+    context = {"fields": run_fields(), "train_fields": train_fields(), "plotly_url": PLOTLY_URL}
+    return templates.TemplateResponse(request, "index.html", context)
 
 
 @router.get("/vendor/plotly-{version}.min.js")

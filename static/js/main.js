@@ -1,6 +1,7 @@
 // Wires the page: URL -> form -> POST /api/run -> diagram, step-through, heatmaps, checks.
 import { errorsByField, run } from "./api.js";
 import { drawChecks } from "./checks.js";
+import { drawDataPanel, dropDataOwned } from "./digits.js";
 import { Diagram } from "./diagram.js";
 import { Explainer } from "./explainer.js";
 import { ExportButtons } from "./export.js";
@@ -79,6 +80,7 @@ function draw(response) {
   drawChecks($("check"), data);
   lab.drawn();
   exporter.load(data.config);
+  drawDataPanel($("data-panel"), data);
 }
 
 /** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */
@@ -111,6 +113,7 @@ async function go(config, withLab = true) {
 
 function fromForm() {
   const { config, unreadable } = configFromForm(form);
+  dropDataOwned(config);
   const query = lab.query(queryFromConfig(config));
   if (query !== location.search) history.pushState(null, "", `${location.pathname}${query}`);
   if (unreadable.length) {

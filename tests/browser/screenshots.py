@@ -24,7 +24,14 @@ STATES = {  # name: (query, what to do after load)
     "budget": ("?batch=20000&hidden=4096", None),
     "lab-exercise": ("?hide=x.g,w1.g", "lab"),  # its code card is the README's lab.png
     "lab-break": ("?batch=32&in_features=24&hidden=16", "lab-break"),
+    # image data, then 2,000 steps of training: the panels themselves are the pictures
+    "data": ("?data=mnist&loss=cross_entropy&init=kaiming&hidden=50&batch=64", "data"),
+    "train": (
+        "?data=mnist&loss=cross_entropy&init=kaiming&init_scale=0.1&hidden=20&batch=64",
+        "train",
+    ),
 }
+PANELS = {"data": "#data-panel", "train": "#train-panel"}
 
 
 def wait_drawn(page) -> None:
@@ -82,7 +89,17 @@ def main() -> None:
                 if action == "step":
                     for _ in range(3):
                         page.keyboard.press("ArrowRight")
+                if action == "train":
+                    page.fill("#t-steps", "2000")
+                    page.click("#train-start")
+                    page.wait_for_function(
+                        "document.getElementById('train-panel').dataset.state === 'done'",
+                        timeout=600_000,
+                    )
                 page.wait_for_timeout(300)
+                if action in PANELS:  # the panel alone, without the sticky header over it
+                    page.add_style_tag(content=".top { position: static; }")
+                    page.locator(PANELS[action]).screenshot(path=out / f"{name}-panel.png")
                 page.screenshot(path=out / f"{name}.png")
                 if name == "default":
                     page.screenshot(path=out / "page.png")  # the README's picture
