@@ -696,10 +696,19 @@ def _checks(cfg, backward: Sequence[dict[str, Any]]) -> list[Checked]:
     return checks
 
 
-def sections(cfg, script: bool = True) -> list[Section]:
+def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section]:
     """The whole file as sections, one notebook cell pair (markdown, code) each. `script`:
-    the check ends in `sys.exit(1)` on a mismatch; in a notebook, in an AssertionError."""
+    the check ends in `sys.exit(1)` on a mismatch; in a notebook, in an AssertionError.
+    `hide`: gradients (`"x.g"`) whose built-in formulas the file must not show (an exercise):
+    each is the learner's formula, shown without Broadprop's, and their variants are left
+    out."""
     forward, backward = pipeline.trace(cfg)
+    hidden = {key.removesuffix(".g") for key in hide}
+    backward = [
+        {k: v for k, v in e.items() if k != "reference_code"} if e["grad"] in hidden else e
+        for e in backward
+        if not (e["grad"] in hidden and (e.get("variant") or e.get("source") != "user"))
+    ]
     biggest = max((s["bytes"], s["output"]) for e in backward for s in e["steps"])
     intro = (
         "The article's manual backward pass with broadcasting, checked against "
@@ -781,13 +790,13 @@ def to_notebook(parts: list[Section]) -> str:
     return nbformat.writes(nb)
 
 
-def export(cfg, fmt: str) -> tuple[str, str]:
-    """The file's text and its name: `fmt` is "py" or "ipynb"."""
+def export(cfg, fmt: str, hide: Sequence[str] = ()) -> tuple[str, str]:
+    """The file's text and its name: `fmt` is "py" or "ipynb"; `hide` as in `sections`."""
+    name = filename(cfg, fmt)
     if fmt == "py":
-        name = filename(cfg, fmt)
-        return to_script(sections(cfg, script=True), name, NEEDS[data_name(cfg)]), name
+        return to_script(sections(cfg, True, hide), name, NEEDS[data_name(cfg)]), name
     if fmt == "ipynb":
-        return to_notebook(sections(cfg, script=False)), filename(cfg, fmt)
+        return to_notebook(sections(cfg, False, hide)), name
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
 
 
