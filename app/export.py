@@ -709,14 +709,16 @@ def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section
         for e in backward
         if not (e["grad"] in hidden and (e.get("variant") or e.get("source") != "user"))
     ]
-    biggest = max((s["bytes"], s["output"]) for e in backward for s in e["steps"])
+    size, shape = max(
+        ((s["bytes"], s["output"]) for e in backward for s in e["steps"]), default=(0, [])
+    )
     intro = (
         "The article's manual backward pass with broadcasting, checked against "
         f"`torch.autograd`, for this run:\n\n```json\n{config_json(cfg)}\n```\n\n"
         "Each gradient is stored in `.g`; each backward statement is the formula Broadprop "
         "traced and checked, with its shapes as a comment. The largest intermediate is "
-        f"`{shape_text(biggest[1])}` ({human_bytes(biggest[0])}): the broadcast formulas "
-        "are written out literally, as in the article."
+        f"`{shape_text(shape)}` ({human_bytes(size)}): the broadcast formulas are written "
+        "out literally, as in the article."
     )
     imports = [
         "import sys",
