@@ -491,6 +491,8 @@ class _Evaluation:
         left, right = self.eval(node.left), self.eval(node.right)
         if symbol == "**":
             return self._power(node, left, right)
+        if symbol == "@" and not (isinstance(left, Traced) and isinstance(right, Traced)):
+            self.fail(node, "@ multiplies two tensors", "not_allowed")
         if _is_number(left) and _is_number(right):
             return self._number(node, symbol, left, right)
         if not all(isinstance(v, Traced) or _is_number(v) for v in (left, right)):
