@@ -696,18 +696,29 @@ def _checks(cfg, backward: Sequence[dict[str, Any]]) -> list[Checked]:
     return checks
 
 
-def sections(cfg, script: bool = True) -> list[Section]:
+def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section]:
     """The whole file as sections, one notebook cell pair (markdown, code) each. `script`:
-    the check ends in `sys.exit(1)` on a mismatch; in a notebook, in an AssertionError."""
+    the check ends in `sys.exit(1)` on a mismatch; in a notebook, in an AssertionError.
+    `hide`: gradients (`"x.g"`) whose built-in formulas the file must not show (an exercise):
+    each is the learner's formula, shown without Broadprop's, and their variants are left
+    out."""
     forward, backward = pipeline.trace(cfg)
-    biggest = max((s["bytes"], s["output"]) for e in backward for s in e["steps"])
+    hidden = {key.removesuffix(".g") for key in hide}
+    backward = [
+        {k: v for k, v in e.items() if k != "reference_code"} if e["grad"] in hidden else e
+        for e in backward
+        if not (e["grad"] in hidden and (e.get("variant") or e.get("source") != "user"))
+    ]
+    size, shape = max(
+        ((s["bytes"], s["output"]) for e in backward for s in e["steps"]), default=(0, [])
+    )
     intro = (
         "The article's manual backward pass with broadcasting, checked against "
         f"`torch.autograd`, for this run:\n\n```json\n{config_json(cfg)}\n```\n\n"
         "Each gradient is stored in `.g`; each backward statement is the formula Broadprop "
         "traced and checked, with its shapes as a comment. The largest intermediate is "
-        f"`{shape_text(biggest[1])}` ({human_bytes(biggest[0])}): the broadcast formulas "
-        "are written out literally, as in the article."
+        f"`{shape_text(shape)}` ({human_bytes(size)}): the broadcast formulas are written "
+        "out literally, as in the article."
     )
     imports = [
         "import sys",
@@ -781,13 +792,13 @@ def to_notebook(parts: list[Section]) -> str:
     return nbformat.writes(nb)
 
 
-def export(cfg, fmt: str) -> tuple[str, str]:
-    """The file's text and its name: `fmt` is "py" or "ipynb"."""
+def export(cfg, fmt: str, hide: Sequence[str] = ()) -> tuple[str, str]:
+    """The file's text and its name: `fmt` is "py" or "ipynb"; `hide` as in `sections`."""
+    name = filename(cfg, fmt)
     if fmt == "py":
-        name = filename(cfg, fmt)
-        return to_script(sections(cfg, script=True), name, NEEDS[data_name(cfg)]), name
+        return to_script(sections(cfg, True, hide), name, NEEDS[data_name(cfg)]), name
     if fmt == "ipynb":
-        return to_notebook(sections(cfg, script=False)), filename(cfg, fmt)
+        return to_notebook(sections(cfg, False, hide)), name
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
 
 

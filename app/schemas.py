@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -552,3 +553,22 @@ class ExportRequest(BaseModel):
         description="py: a script that exits 0 exactly when every gradient matches autograd; "
         "ipynb: a Jupyter notebook (nbformat v4, no outputs) with the same code in cells",
     )
+    hide: Annotated[list[str], Field(max_length=64)] = Field(
+        default_factory=list,
+        description='Gradients ("x.g") whose built-in formulas the file must not show, as in an '
+        "exercise: each must have the learner's formula in config.formulas, which the file "
+        "shows alone; other built-in formulas for it (e.g. cross-entropy's fused out.g) are "
+        "left out.",
+    )
+
+    @field_validator("hide")
+    @classmethod
+    def _hidden_need_formulas(cls, hide: list[str], info: ValidationInfo) -> list[str]:
+        config = info.data.get("config")
+        missing = [key for key in hide if config is not None and key not in config.formulas]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)} would need Broadprop's own formula in the file; "
+                "write it in config.formulas first"
+            )
+        return hide

@@ -355,3 +355,33 @@ def test_the_files_verdict_is_the_apis(client, seed):
         line = re.search(rf"^{re.escape(grad)}\s+\(.*?\)\s+\S+\s+\S+\s+(True|False)\b", out, re.M)
         assert line and line.group(1) == str(verdict["allclose"]), (grad, config, out)
     assert code == (0 if check["all_close"] else 1), (config, out)
+
+
+def test_an_exercise_hides_the_builtin_formulas(client):
+    """`hide`: the file shows the learner's formula for a hidden gradient, never Broadprop's
+    (neither as a comment nor as cross-entropy's fused variant), and still checks itself."""
+    config = dict(
+        batch=6, in_features=4, hidden=[3], out_features=3, loss="cross_entropy",
+        formulas={"out.g": "probs = out.softmax(-1)\n(probs - F.one_hot(target, 3).float()) / 6",
+                  "x.g": "l1.g @ w1.T"},
+    )  # fmt: skip
+    response = client.post("/api/export", json={"config": config, "hide": ["out.g", "x.g"]})
+    assert response.status_code == 200, response.text
+    text = response.text
+    assert "out_g_fused" not in text and "fused" not in text
+    assert "in place of Broadprop's" not in text
+    assert "(l1.g.unsqueeze(1) * w1).sum(-1)" not in text
+    assert "x.g = l1.g @ w1.T" in text
+    code, out = _run_in_process(text)
+    assert code == 0, out
+    # without hide, the same run shows Broadprop's own formulas beside the learner's
+    shown = _export(client, config, "py").text
+    assert "out_g_fused" in shown and "in place of Broadprop's `x.g = " in shown
+
+
+def test_hiding_a_gradient_the_learner_has_not_written_is_422(client):
+    response = client.post("/api/export", json={"config": {}, "hide": ["x.g"]})
+    assert response.status_code == 422
+    (detail,) = response.json()["detail"]
+    assert detail["loc"] == ["body", "hide"]
+    assert "x.g" in detail["msg"] and "config.formulas" in detail["msg"]

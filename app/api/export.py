@@ -46,7 +46,9 @@ async def export_run(http: Request, request: ExportRequest | None = None) -> Res
     except RequestValidationError as exc:
         errors = [{**e, "loc": ("body", "config", *e["loc"][1:])} for e in exc.errors()]
         raise RequestValidationError(errors) from None
-    text, name = await anyio.to_thread.run_sync(export.export, request.config, request.format)
+    text, name = await anyio.to_thread.run_sync(
+        export.export, request.config, request.format, request.hide
+    )
     return Response(
         text,
         media_type=export.MEDIA_TYPES[request.format],

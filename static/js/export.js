@@ -1,5 +1,5 @@
 // "Download script" and "Download notebook": the run on screen as a file (POST /api/export),
-// the learner's formulas included. main.js hands over each drawn run's config.
+// the learner's formulas included. main.js hands over each drawn run.
 
 export class ExportButtons {
   /** `buttons`: each with data-format "py" or "ipynb"; `statusEl`: where a failure is said. */
@@ -10,11 +10,19 @@ export class ExportButtons {
     for (const btn of this.buttons) btn.addEventListener("click", () => this.download(btn));
   }
 
-  /** The config of the run now on screen (the response's, every default filled in). */
-  load(config) {
-    const { reference_heatmaps, ...run } = config; // the page's own view option, not the run's
+  /** The run now on screen (the response as drawn): its config, every default filled in. An
+   * exercise's hidden formulas must not leave the page: the file shows the learner's own
+   * formula for each (`hide`), and until the learner has written them the buttons stay off.
+   * `hidden`: the lab's hidden gradients ("x.g"). */
+  load(data, hidden = []) {
+    const { reference_heatmaps, ...run } = data.config; // the page's view option, not the run's
+    const formulas = run.formulas || {};
+    hidden = [...new Set([...hidden, ...data.backward.filter((b) => b.hidden).map((b) => `${b.grad}.g`)])];
+    const unwritten = hidden.filter((key) => !(key in formulas));
     this.config = run;
-    for (const btn of this.buttons) btn.disabled = false;
+    this.hide = hidden.filter((key) => key in formulas);
+    for (const btn of this.buttons) btn.disabled = unwritten.length > 0;
+    this.statusEl.textContent = unwritten.length ? `Write ${unwritten.join(", ")} to download this exercise.` : "";
   }
 
   async download(btn) {
@@ -26,7 +34,7 @@ export class ExportButtons {
       const res = await fetch("/api/export", {
         method: "POST",
         headers: { "content-type": "application/json" },
-        body: JSON.stringify({ config: this.config, format }),
+        body: JSON.stringify({ config: this.config, format, hide: this.hide }),
       });
       if (!res.ok) throw new Error(await failure(res));
       save(await res.blob(), filename(res.headers.get("content-disposition"), format));

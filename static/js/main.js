@@ -79,7 +79,7 @@ function draw(response) {
   drawHeatmaps($("heatmaps"), data, view);
   drawChecks($("check"), data);
   lab.drawn();
-  exporter.load(data.config);
+  exporter.load(data, lab.hidden);
   drawDataPanel($("data-panel"), data);
 }
 
