@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app import data, hardening
-from app.api import broadcast, bugs, docs, pages, run, train
+from app.api import broadcast, bugs, docs, export, pages, run, train
 from app.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     hardening.install(app, settings or get_settings())
     data.warm()  # the shipped datasets, parsed in a background thread (once per process)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
-    for module in (run, train, broadcast, bugs, pages, docs):
+    for module in (run, train, broadcast, bugs, export, pages, docs):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["meta"])

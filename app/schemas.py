@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -389,6 +390,12 @@ class GradientView(BaseModel):
         description="manual - autograd: each block's entry of largest magnitude, with its sign "
         "(with reference_heatmaps: true)",
     )
+    tolerance_heatmap: Heatmap | None = Field(
+        None,
+        description="|manual - autograd| / (atol + rtol * |autograd|) with the check's rtol "
+        "and atol: each block's largest; at most 1 everywhere exactly when allclose "
+        "(with reference_heatmaps: true)",
+    )
 
 
 class TensorCheck(BaseModel):
@@ -530,3 +537,38 @@ class Bug(BaseModel):
         "silent: fails the check but passes the article's is_same (no abs())"
     )
     lesson: str
+
+
+class ExportRequest(BaseModel):
+    """A run to take home as a file that needs only torch (POST /api/export)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: RunRequest = Field(
+        default_factory=RunRequest,
+        description="The run, as POST /api/run takes it (default: the article's)",
+    )
+    format: Literal["py", "ipynb"] = Field(
+        "py",
+        description="py: a script that exits 0 exactly when every gradient matches autograd; "
+        "ipynb: a Jupyter notebook (nbformat v4, no outputs) with the same code in cells",
+    )
+    hide: Annotated[list[str], Field(max_length=64)] = Field(
+        default_factory=list,
+        description='Gradients ("x.g") whose built-in formulas the file must not show, as in an '
+        "exercise: each must have the learner's formula in config.formulas, which the file "
+        "shows alone; other built-in formulas for it (e.g. cross-entropy's fused out.g) are "
+        "left out.",
+    )
+
+    @field_validator("hide")
+    @classmethod
+    def _hidden_need_formulas(cls, hide: list[str], info: ValidationInfo) -> list[str]:
+        config = info.data.get("config")
+        missing = [key for key in hide if config is not None and key not in config.formulas]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)} would need Broadprop's own formula in the file; "
+                "write it in config.formulas first"
+            )
+        return hide
