@@ -1,9 +1,11 @@
-// The Train panel: POST /api/train with the form's config and the panel's SGD fields, read as
-// server-sent events; live curves appended with Plotly.extendTraces; Stop aborts the request
-// (the server stops at the next step); at the end, w1 before and after training.
+// The Train panel: POST /api/train with the form's config, the formula lab's formulas and the
+// panel's SGD fields, read as server-sent events; live curves appended with
+// Plotly.extendTraces; Stop aborts the request (the server stops at the next step); at the
+// end, w1 before and after training.
 import { ApiError, errorsByField } from "./api.js";
 import { dropDataOwned, drawUnitImages } from "./digits.js";
 import { num } from "./format.js";
+import { labFromQuery } from "./lab.js";
 import { configFromForm } from "./state.js";
 
 const $ = (id) => document.getElementById(id);
@@ -16,15 +18,13 @@ const statusEl = $("train-status");
 const curves = $("train-curves");
 const TRAIN_FIELDS = [...form.querySelectorAll("input")].map((i) => i.name);
 let controller = null;
-// The learner's formulas, as the formula lab last announced them: the lab dispatches
-// `new CustomEvent("broadprop:formulas", { detail: { "w1.g": "..." } })` on document.
-let formulas = {};
-document.addEventListener("broadprop:formulas", (ev) => (formulas = { ...(ev.detail || {}) }));
 
 /** The request: the run form's config (what the page shows) plus the panel's fields. */
 function request() {
   const { config } = configFromForm(document.getElementById("run-form"));
   dropDataOwned(config);
+  // the learner's formulas, as the formula lab keeps them in the URL: training uses them
+  const { formulas } = labFromQuery(location.search);
   if (Object.keys(formulas).length) config.formulas = formulas;
   for (const name of TRAIN_FIELDS) {
     const text = form.elements[name].value.trim();

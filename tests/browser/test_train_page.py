@@ -1,6 +1,8 @@
 """The Train panel and the image panel in a real browser: training runs with live curves,
 Stop stops it (the server frees the run slot), and image data is drawn as images."""
 
+from urllib.parse import quote
+
 import pytest
 
 DIGITS = "?data=digits&loss=cross_entropy&init=kaiming&hidden=16&batch=64"
@@ -100,14 +102,10 @@ def test_a_bad_train_field_is_shown_at_the_field(watched):
 
 @pytest.mark.browser
 def test_a_learners_wrong_formula_from_the_lab_visibly_fails_the_check(watched):
-    """The lab announces its formulas with a `broadprop:formulas` event; training uses them."""
+    """The lab keeps the learner's formulas in the URL; training uses them."""
     w = watched
-    w.open(DIGITS)
+    w.open(DIGITS + "&f.w1.g=" + quote("-(x.t() @ l1.g)"))
     page = w.page
-    page.evaluate(
-        """() => document.dispatchEvent(new CustomEvent("broadprop:formulas",
-             { detail: { "w1.g": "-(x.t() @ l1.g)" } }))"""
-    )
     page.fill("#t-steps", "40")
     page.fill("#t-eval_every", "20")
     page.click("#train-start")
