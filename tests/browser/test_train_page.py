@@ -29,8 +29,9 @@ def test_the_train_panel_runs_the_curves_grow_and_stop_stops(watched):
         "() => (document.getElementById('train-curves').data?.[0].x.length ?? 0) >= 3"
     )
     first = points(page)
-    page.wait_for_function(
-        f"() => document.getElementById('train-curves').data[0].x.length > {first}"
+    page.wait_for_function(  # a loaded machine may take a while between events
+        f"() => document.getElementById('train-curves').data[0].x.length > {first}",
+        timeout=180_000,
     )
     assert state(page) == "running"
     assert page.is_enabled("#train-stop") and not page.is_enabled("#train-start")
