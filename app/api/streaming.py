@@ -28,9 +28,15 @@ async def iterate_in_threads(items: Iterator[T], stop: threading.Event) -> Async
 
 
 async def _next_in_thread(items: Iterator[T], stop: threading.Event) -> object:
+    lock = threading.Lock()
+    started, abandoned = threading.Event(), threading.Event()
     finished = threading.Event()
 
     def step() -> object:
+        with lock:  # either it starts, or the stream has given it up: never both
+            if abandoned.is_set():
+                return _END
+            started.set()
         try:
             return next(items, _END)
         finally:
@@ -40,6 +46,10 @@ async def _next_in_thread(items: Iterator[T], stop: threading.Event) -> object:
         return await anyio.to_thread.run_sync(step, abandon_on_cancel=True)
     except anyio.get_cancelled_exc_class():
         stop.set()  # the generator returns at its next step
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(finished.wait)
+        with lock:
+            abandoned.set()
+            running = started.is_set()
+        if running:  # wait for its step to end (a cancelled call may never have started)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(finished.wait)
         raise

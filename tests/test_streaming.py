@@ -1,0 +1,56 @@
+"""iterate_in_threads: a blocking generator stepped in worker threads, stopped on cancel."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+
+from app.api.streaming import iterate_in_threads
+
+
+def counting(stop: threading.Event, steps: list[int]):
+    while not stop.is_set():
+        steps.append(1)
+        if len(steps) % 1000 == 0:
+            yield len(steps)
+
+
+def test_cancelling_a_running_step_stops_the_generator_and_waits_for_it():
+    steps: list[int] = []
+    stop = threading.Event()
+
+    async def main():
+        with anyio.move_on_after(0.2):
+            async for _ in iterate_in_threads(counting(stop, steps), stop):
+                pass
+
+    anyio.run(main)
+    assert stop.is_set()
+    done = len(steps)
+    threading.Event().wait(0.1)
+    assert len(steps) == done  # nothing ran after the cancel returned
+
+
+def test_cancelled_before_its_thread_starts_does_not_hang():
+    """With every worker thread busy, the step never starts: the cancel must not wait for it."""
+    stop, release = threading.Event(), threading.Event()
+
+    async def main():
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = 1
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, release.wait)  # holds the only thread
+            await anyio.sleep(0.05)
+            with anyio.move_on_after(0.1) as scope:
+                async for _ in iterate_in_threads(counting(stop, []), stop):
+                    pass
+            release.set()
+        return scope.cancelled_caught
+
+    result: list[bool] = []
+    runner = threading.Thread(target=lambda: result.append(anyio.run(main)), daemon=True)
+    runner.start()
+    runner.join(timeout=20)
+    assert result == [True], "the cancelled stream hung waiting for a step that never started"
+    assert stop.is_set()
