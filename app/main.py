@@ -8,6 +8,7 @@ from fastapi.staticfiles import StaticFiles
 from app import hardening
 from app.api import broadcast, docs, pages, run
 from app.settings import Settings, get_settings
+from app.timing import ServerTimingMiddleware
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     hardening.install(app, settings or get_settings())
+    app.add_middleware(ServerTimingMiddleware)  # the server's share of a wait, for the browser
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     for module in (run, broadcast, pages, docs):
         app.include_router(module.router)
