@@ -3,9 +3,10 @@
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
+from starlette.middleware.gzip import GZipMiddleware
 
 from app import hardening
+from app.assets import VersionedStatic
 from app.api import broadcast, docs, pages, run
 from app.settings import Settings, get_settings
 from app.timing import ServerTimingMiddleware
@@ -24,7 +25,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     hardening.install(app, settings or get_settings())
     app.add_middleware(ServerTimingMiddleware)  # the server's share of a wait, for the browser
-    app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
+    # outermost: compresses JSON and HTML over 1 KB (the run's ~290 KB JSON to ~100 KB);
+    # level 4: most of level 9's gain at a fraction of its time
+    app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=4)
+    app.mount("/static", VersionedStatic(directory=ROOT / "static"), name="static")
     for module in (run, broadcast, pages, docs):
         app.include_router(module.router)
 

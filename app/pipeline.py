@@ -16,7 +16,7 @@ from app.fd import finite_difference_check
 from app.network import Network
 from app.ops import Context
 from app.tensors import DTYPES, input_specs, make_tensors
-from app.views import gradient_view, overflow_warnings
+from app.views import gradient_view, overflow_warnings, small_values
 
 SHAPE_FIELDS = ("in_features", "out_features", "activation", "norm", "loss", "dtype")
 
@@ -109,6 +109,9 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
             cfg, net, env, tensors, grads, backward_trace, chunk_bytes
         )
     result["warnings"] = overflow_warnings(result)
+    values = small_values(env, grads)
+    if values is not None:
+        result["values"] = values
     return result
 
 

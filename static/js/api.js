@@ -1,4 +1,5 @@
 // The two API calls the page makes, and FastAPI's 422 detail sorted by the field it names.
+import { toJSON } from "./state.js";
 
 export class ApiError extends Error {
   constructor(status, body, retryAfter) {
@@ -13,7 +14,7 @@ async function postJSON(url, body, signal) {
   const res = await fetch(url, {
     method: "POST",
     headers: { "content-type": "application/json" },
-    body: JSON.stringify(body),
+    body: toJSON(body), // BigInt seeds as exact JSON numbers
     signal,
   });
   let data = null;
@@ -49,6 +50,7 @@ export function errorsByField(err) {
       if (loc[0] === "body" && loc.length > 1) {
         const rest = loc.slice(2);
         add(String(loc[1]), rest.length ? `item ${rest.join(".")}: ${msg}` : msg);
+        if (d.type === "memory_budget" || d.type === "work_limit") (out["@limits"] ||= []).push(msg);
       } else add("", msg);
     }
   } else if (typeof detail === "string") {
