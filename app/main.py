@@ -6,8 +6,8 @@ from fastapi import FastAPI
 from starlette.middleware.gzip import GZipMiddleware
 
 from app import hardening
-from app.assets import VersionedStatic
 from app.api import broadcast, docs, pages, run
+from app.assets import VersionedStatic
 from app.settings import Settings, get_settings
 from app.timing import ServerTimingMiddleware
 
