@@ -24,10 +24,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     hardening.install(app, settings or get_settings())
-    app.add_middleware(ServerTimingMiddleware)  # the server's share of a wait, for the browser
-    # outermost: compresses JSON and HTML over 1 KB (the run's ~290 KB JSON to ~100 KB);
-    # level 4: most of level 9's gain at a fraction of its time
-    app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=4)
+    # compresses JSON and HTML over 1 KB (the article run's 450 KB JSON to 180 KB); level 1:
+    # 10 ms where level 6 takes 45 ms, for 12% more bytes
+    app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)
+    # outermost: the server's share of a wait, compression included, for the browser
+    app.add_middleware(ServerTimingMiddleware)
     app.mount("/static", VersionedStatic(directory=ROOT / "static"), name="static")
     for module in (run, broadcast, pages, docs):
         app.include_router(module.router)

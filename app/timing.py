@@ -8,7 +8,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 class ServerTimingMiddleware:
     """Adds `Server-Timing: app;dur=<ms>` to every HTTP response: the time from the request
-    reaching the app to its response starting (validation, queueing, the run, JSON rendering)."""
+    reaching the app to its response starting (validation, queueing, the run, JSON rendering,
+    and compression: GZipMiddleware starts a response once its body is compressed)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -7,7 +7,7 @@
 // downsampled map's colours agree with its stats), and the difference, shown scaled by the
 // check's own tolerance, (manual − autograd) / (atol + rtol·|autograd|): within ±1 it passes
 // and looks calm, beyond ±1 it is saturated.
-import { plotlyReady } from "./plotly-ready.js";
+import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 import { h, num, shape } from "./format.js";
 
 export const VIEWS = {
@@ -159,7 +159,8 @@ export class Heatmaps {
   /** Draw what is on screen now; the rest one chart per idle period. */
   flush(fromObserver) {
     if (!window.Plotly) {
-      plotlyReady.then(() => this.flush(false));
+      if (!this.waiting) (this.waiting = true), plotlyReady.then(() => this.flush(false));
+      loadPlotly();
       return this.report();
     }
     for (const [name, c] of this.cards) if (!c.drawn && this.visible.has(name)) this.drawOne(c);

@@ -1,9 +1,21 @@
-// Plotly is loaded by a deferred <script id="plotly-js"> after the page's modules, so the run's
-// request starts before Plotly's bundle is parsed; charts wait on this promise.
-export const plotlyReady = new Promise((resolve) => {
-  if (window.Plotly) return resolve(window.Plotly);
-  const el = document.getElementById("plotly-js");
-  const done = () => window.Plotly && resolve(window.Plotly);
-  el?.addEventListener("load", done);
-  window.addEventListener("load", done);
-});
+// Plotly (~1.5 MB to parse) is needed only by the heatmaps, which sit below the fold: the page
+// draws everything else first, then runs Plotly's script, which <link rel="preload"
+// id="plotly-js"> has already downloaded. Charts wait on `plotlyReady`; `loadPlotly()` starts it
+// after the next paint (calling it again does nothing).
+let resolveReady;
+export const plotlyReady = new Promise((resolve) => (resolveReady = resolve));
+let started = false;
+
+export function loadPlotly() {
+  if (window.Plotly) return resolveReady(window.Plotly);
+  if (started) return;
+  started = true;
+  const href = document.getElementById("plotly-js").href;
+  // after the next frame is painted, so Plotly's parse never delays the first picture
+  requestAnimationFrame(() => setTimeout(() => {
+    const script = document.createElement("script");
+    script.src = href;
+    script.addEventListener("load", () => resolveReady(window.Plotly));
+    document.head.append(script);
+  }, 0));
+}

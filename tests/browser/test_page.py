@@ -229,7 +229,7 @@ def test_page_serves_limits_and_local_plotly():
     assert re.search(r'id="f-in_features"[^>]*min="1"[^>]*max="16384"', html, re.S)
     assert re.search(r'id="f-max_cells"[^>]*max="1000000"', html, re.S)
     version = assets.bundled_plotly_version()
-    src = re.search(r'<script src="(/vendor/plotly[^"]+)" id="plotly-js" defer>', html)[1]
+    src = re.search(r'<link rel="preload" as="script" href="(/vendor/plotly[^"]+)" id="plotly-js">', html)[1]
     assert src in (
         f"/vendor/plotly-cartesian-{version}.min.js",
         f"/vendor/plotly-{version}.min.js",
@@ -247,7 +247,7 @@ def test_without_the_npm_bundle_the_page_serves_the_full_one(tmp_path, monkeypat
     monkeypatch.setattr(assets, "VENDOR", tmp_path)  # set-up could not reach npm
     client = TestClient(create_app())
     name = f"plotly-{assets.bundled_plotly_version()}.min.js"
-    assert f'src="/vendor/{name}"' in client.get("/").text
+    assert f'href="/vendor/{name}"' in client.get("/").text
     assert client.get(f"/vendor/{name}").status_code == 200
 
 
