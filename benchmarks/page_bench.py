@@ -130,7 +130,9 @@ def main() -> int:
                 ("hidden=256,256,256", "?hidden=256,256,256"),
             ]:
                 t, s = changes(browser, base, query, args.n)
-                rows.append((f"change, {label}", med(x[0] for x in t), med(s), med(x[1] for x in t)))
+                rows.append(
+                    (f"change, {label}", med(x[0] for x in t), med(s), med(x[1] for x in t))
+                )
             t, s = first_loads(browser, base, args.loads)
             rows.append(("first load of /", med(x[0] for x in t), med(s), med(x[1] for x in t)))
             browser.close()

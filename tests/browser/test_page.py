@@ -229,7 +229,9 @@ def test_page_serves_limits_and_local_plotly():
     assert re.search(r'id="f-in_features"[^>]*min="1"[^>]*max="16384"', html, re.S)
     assert re.search(r'id="f-max_cells"[^>]*max="1000000"', html, re.S)
     version = assets.bundled_plotly_version()
-    src = re.search(r'<link rel="preload" as="script" href="(/vendor/plotly[^"]+)" id="plotly-js">', html)[1]
+    src = re.search(
+        r'<link rel="preload" as="script" href="(/vendor/plotly[^"]+)" id="plotly-js">', html
+    )[1]
     assert src in (
         f"/vendor/plotly-cartesian-{version}.min.js",
         f"/vendor/plotly-{version}.min.js",
