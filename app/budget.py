@@ -51,7 +51,10 @@ VIEW_ACTIONS = frozenset({"unsqueeze", "squeeze", "reshape"})  # views: no new m
 
 def formula_bytes(entry: dict) -> int:
     """What one traced formula allocates if each step's result is kept, except the linear
-    layer's broadcast products, which run chunked (counted by `chunk_peak`)."""
+    layer's broadcast products, which run chunked (counted by `chunk_peak`). A learner's
+    formula runs as written, unchunked: its own count (`bytes`) holds."""
+    if entry.get("source") == "user":
+        return entry["bytes"]
     return sum(
         step["bytes"]
         for step in entry["steps"]
@@ -195,3 +198,71 @@ def refuse_too_much_work(cfg) -> None:
                 flops=cost,
                 limit=FD_MAX_FLOPS,
             )
+
+
+# A learner's formula runs as written: its work (elements read or written, a stretched view
+# counting in full) is bounded like the literal broadcast backward's.
+MAX_FORMULA_ELEMENTS = MAX_BROADCAST_ELEMENTS
+
+
+def formula_passes(cfg) -> int:
+    """How often a learner's formula may run in one request: the run itself, and the rerun
+    in the other precision (the rounding recheck of a small run, or fd_samples' float64)."""
+    return 2 if cfg.fd_samples or sum(
+        math.prod(s.shape) for s in input_specs(cfg)
+    ) * ITEMSIZE[cfg.dtype] * 2 <= RECHECK_MAX_BYTES else 1
+
+
+def refuse_formula_cost(cfg, backward: list[dict], budget: int) -> None:
+    """422 at formulas.<name>.g when a learner's formula would hold more than the memory
+    budget or do more work than the limit (from its meta trace: nothing allocated)."""
+    passes = formula_passes(cfg)
+    for entry in backward:
+        if entry.get("source") != "user":
+            continue
+        key = f"{entry['grad']}.g"
+        biggest = max(entry["steps"], key=lambda s: s["bytes"], default=None)
+        where = (
+            f" (the largest, `{biggest['expr']}`, is {human_bytes(biggest['bytes'])})"
+            if biggest
+            else ""
+        )
+        advice = (
+            "; the same gradient without the broadcast intermediate: torch.einsum or @ "
+            "(e.g. l1.g @ w1.T for x.g, x.T @ l1.g for w1.g)"
+        )
+        if entry["bytes"] > budget:
+            _refuse_formula(
+                key,
+                f"its intermediates would take {human_bytes(entry['bytes'])}{where}, over the "
+                f"server's memory budget of {human_bytes(budget)} per run{advice}",
+                cfg,
+                "budget",
+                bytes=entry["bytes"],
+                budget_bytes=budget,
+            )
+        work = entry["work"] * passes
+        if work > MAX_FORMULA_ELEMENTS:
+            _refuse_formula(
+                key,
+                f"it would read or write {work:.2g} elements ({passes} pass(es)), over the "
+                f"work limit of {MAX_FORMULA_ELEMENTS:.2g}{where}{advice}",
+                cfg,
+                "work",
+                elements=work,
+                limit=MAX_FORMULA_ELEMENTS,
+            )
+
+
+def _refuse_formula(key: str, msg: str, cfg, kind: str, **ctx) -> None:
+    raise RequestValidationError(
+        [
+            {
+                "type": f"formula_{kind}",
+                "loc": ("body", "formulas", key),
+                "msg": f"`{key}`: {msg}",
+                "input": cfg.formulas.get(key, ""),
+                "ctx": {"kind": kind, **ctx},
+            }
+        ]
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from functools import lru_cache
 from types import SimpleNamespace
@@ -9,34 +10,53 @@ from typing import Any
 
 import torch
 
-from app import budget
+from app import budget, data
 from app.check import autograd_gradients, cast_floats, check_against, recheck_rounding
 from app.compare import compare_strategies
 from app.fd import finite_difference_check
+from app.lab.formulas import LearnerFormula, bind
 from app.network import Network
 from app.ops import Context
-from app.tensors import DTYPES, input_specs, make_tensors
-from app.views import gradient_view, overflow_warnings, small_values
+from app.tensors import DTYPES, data_name, input_specs, lead_shape, make_tensors
+from app.views import MAX_IMAGES, data_view, gradient_view, overflow_warnings, small_values
 
 SHAPE_FIELDS = ("in_features", "out_features", "activation", "norm", "loss", "dtype")
 
 
 @lru_cache(maxsize=256)
-def _cached_trace(batch: int | tuple[int, ...], hidden: tuple[int, ...], **fields) -> tuple:
+def _cached_trace(
+    batch: int | tuple[int, ...],
+    hidden: tuple[int, ...],
+    formulas: tuple[tuple[str, str], ...],
+    **fields,
+) -> tuple:
     cfg = SimpleNamespace(batch=batch, hidden=list(hidden), **fields)
     net = Network.from_config(cfg)
     specs = input_specs(cfg)
     dtype = DTYPES[cfg.dtype]
     shapes = {s.name: s.shape for s in specs}
     dtypes = {s.name: torch.int64 if s.integer else dtype for s in specs}
-    return net.trace(shapes, dtypes)
+    return net.trace(shapes, dtypes, bind(dict(formulas), net.grad_order))
 
 
 def trace(cfg) -> tuple[list[dict], list[dict]]:
-    """The forward and backward traces, from shapes alone (cached per shape config)."""
+    """The forward and backward traces, from shapes alone (cached per shape config and
+    formulas). The learner's formulas are dry-run here: FormulaError or UnknownGradient
+    if one cannot run (`app.lab.formulas.refuse` makes that a 422)."""
     batch = cfg.batch if isinstance(cfg.batch, int) else tuple(cfg.batch)
     fields = {name: getattr(cfg, name) for name in SHAPE_FIELDS}
-    return _cached_trace(batch, tuple(cfg.hidden), **fields)
+    formulas = tuple(sorted(learner_sources(cfg).items()))
+    return _cached_trace(batch, tuple(cfg.hidden), formulas, **fields)
+
+
+def learner_sources(cfg) -> dict[str, str]:
+    return dict(getattr(cfg, "formulas", None) or {})
+
+
+def learner_formulas(cfg, net: Network) -> dict[str, LearnerFormula]:
+    """The learner's formulas bound to `net`, for Network.backward (already dry-run by
+    `trace`)."""
+    return bind(learner_sources(cfg), net.grad_order)
 
 
 def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
@@ -53,7 +73,8 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     env = net.forward(tensors)
     after_forward = time.perf_counter()
     ctx = Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes)
-    grads = net.backward(env, ctx)
+    formulas = learner_formulas(cfg, net)
+    grads = net.backward(env, ctx, formulas)
     after_backward = time.perf_counter()
 
     other_precision: dict[torch.dtype, dict[str, torch.Tensor]] = {}
@@ -61,7 +82,9 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     def manual_at(dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The same formulas on the tensors in another precision, computed once each."""
         if dtype not in other_precision:
-            other_precision[dtype] = net.backward(net.forward(cast_floats(tensors, dtype)), ctx)
+            other_precision[dtype] = net.backward(
+                net.forward(cast_floats(tensors, dtype)), ctx, formulas
+            )
         return other_precision[dtype]
 
     inter: dict[str, torch.Tensor] = {}
@@ -86,7 +109,8 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         info[entry["output"]] = _info(env[entry["output"]], role)
     leaves = [s.name for s in specs if s.role != "target"]
     result = {
-        "config": cfg.model_dump(),
+        # formulas only when given: the v1 config echo stays exactly as it was
+        "config": cfg.model_dump(exclude=set() if cfg.formulas else {"formulas"}),
         "loss": env["loss"].item(),
         "tensors": info,
         "forward": forward_trace,
@@ -98,6 +122,11 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
             for n in leaves
         },
         "check": check,
+        "formulas": {
+            f"{e['grad']}.g": {k: e[k] for k in ("code", "steps", "shape", "bytes", "work")}
+            for e in backward_trace
+            if e["source"] == "user"
+        },
         "timing": {
             "forward_ms": (after_forward - start) * 1e3,
             "backward_ms": (after_backward - after_forward) * 1e3,
@@ -107,6 +136,17 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     if cfg.compare:
         result["compare"] = compare_strategies(
             cfg, net, env, tensors, grads, backward_trace, chunk_bytes
+        )
+    if data_name(cfg) != "random":
+        ds = data.load(cfg.data)
+        first = min(MAX_IMAGES, math.prod(lead_shape(cfg.batch)))
+        result["data"] = data_view(
+            ds.name,
+            ds.info.image_shape,
+            ds.pixels[:first],
+            ds.labels[:first],
+            tensors["w1"],
+            grads["w1"],
         )
     result["warnings"] = overflow_warnings(result)
     values = small_values(env, grads)

@@ -158,3 +158,34 @@ def overflow_warnings(result: dict[str, Any]) -> list[str]:
                 "(sent as null)"
             )
     return found
+
+
+MAX_IMAGES = 64  # digits, and hidden units drawn as images, sent at most
+
+
+def unit_images(w: torch.Tensor, limit: int = MAX_IMAGES) -> np.ndarray:
+    """A first layer's weights (pixels, units) as one flat image per unit: (units, pixels),
+    the first `limit` units. What each unit looks at (or, for w1.g, how it would change)."""
+    return np.ascontiguousarray(w.detach()[:, :limit].T.numpy())
+
+
+def data_view(
+    name: str,
+    image_shape: tuple[int, int],
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    w1: torch.Tensor,
+    w1_grad: torch.Tensor | None,
+) -> dict[str, Any]:
+    """The run's first digits (raw pixels) with their labels, and w1 / w1.g per unit."""
+    view: dict[str, Any] = {
+        "name": name,
+        "image_shape": list(image_shape),
+        "labels": labels[:MAX_IMAGES].tolist(),
+        "images": np.ascontiguousarray(pixels[:MAX_IMAGES].numpy()),
+        "units": w1.shape[1],
+        "w1": unit_images(w1),
+    }
+    if w1_grad is not None:
+        view["w1_grad"] = unit_images(w1_grad)
+    return view

@@ -27,8 +27,11 @@ async function postJSON(url, body, signal) {
   return data;
 }
 
+/** Fields a panel adds to every run (e.g. the formula lab's `formulas`), beside the form's. */
+export const extras = {};
+
 // The page always asks for autograd's heatmaps too, for the manual / autograd / difference switch.
-export const run = (config, signal) => postJSON("/api/run", { ...config, reference_heatmaps: true }, signal);
+export const run = (config, signal) => postJSON("/api/run", { ...config, ...extras, reference_heatmaps: true }, signal);
 export const broadcast = (a, b, signal) => postJSON("/api/broadcast", { a, b }, signal);
 
 /**
