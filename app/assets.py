@@ -69,6 +69,11 @@ class _Gzipped:
 GZIPPED = _Gzipped()
 
 
+def warm() -> None:
+    """Gzip the Plotly bundle in a background thread, so the first visitor does not wait."""
+    threading.Thread(target=lambda: GZIPPED.get(plotly_bundle()[1]), daemon=True).start()
+
+
 def serve_file(path: Path, accept_encoding: str, cache_control: str = IMMUTABLE) -> Response:
     """A JS file, gzipped when the client takes gzip (compressed once, not per request)."""
     raw, packed = GZIPPED.get(path)

@@ -5,9 +5,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.middleware.gzip import GZipMiddleware
 
-from app import data, hardening
+from app import assets, data, hardening
 from app.api import broadcast, bugs, docs, pages, run
-from app.assets import VersionedStatic
 from app.settings import Settings, get_settings
 from app.timing import ServerTimingMiddleware
 
@@ -30,7 +29,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # outermost: the server's share of a wait, compression included, for the browser
     app.add_middleware(ServerTimingMiddleware)
     data.warm()  # the shipped datasets, parsed in a background thread (once per process)
-    app.mount("/static", VersionedStatic(directory=ROOT / "static"), name="static")
+    assets.warm()  # the Plotly bundle's gzip, made once in the background
+    app.mount("/static", assets.VersionedStatic(directory=ROOT / "static"), name="static")
     for module in (run, broadcast, bugs, pages, docs):
         app.include_router(module.router)
 

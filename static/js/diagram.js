@@ -225,6 +225,21 @@ const OP_LABELS = { linear: "@ +", mse: "mse", cross_entropy: "cross-entropy", l
 const OP_FONT = 10;
 const MARGIN = 6;
 
+/** A note for every gradient computed by more than one formula (cross-entropy's out.g:
+ * step by step, and fused), or null. */
+export function repeatsNote(data) {
+  const count = {};
+  for (const b of data.backward) count[b.grad] = (count[b.grad] || 0) + 1;
+  const twice = Object.entries(count).filter(([, n]) => n > 1);
+  if (!twice.length) return null;
+  const fused = (g) => Object.hasOwn(data.check.intermediates || {}, `${g}:fused`);
+  return h("p", { class: "note repeats" }, ...twice.map(([g, n]) => [
+    h("code", {}, `${g}.g`), ` has ${n} columns: the same gradient by ${n} formulas`,
+    fused(g) ? " (step by step through every op, then the fused form in one line)" : "",
+    "; the check table compares each with autograd. ",
+  ]));
+}
+
 /** The legend: one key per kind of step this run has, drawn as the diagram draws it. */
 export function legend(data) {
   const keys = [...new Set(data.backward.flatMap((b) => b.steps.map(actionKey)))];

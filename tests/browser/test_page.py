@@ -49,8 +49,11 @@ def test_default_load_draws_the_article_run_with_no_click(watched):
     assert "(1000, 784)" in maps["x"]
     notice = page.locator('.heatmap-card[data-name="x"] .notice.downsampled')
     assert notice.is_visible() and "(1000, 784)" in notice.inner_text()
-    rows = page.locator("#check-table tbody tr")
+    rows = page.locator("#check-table tbody tr:not(.intermediate)")
     assert {rows.nth(i).get_attribute("data-name") for i in range(rows.count())} == set(maps)
+    inter = page.locator("#check-table tbody tr.intermediate")
+    assert {inter.nth(i).get_attribute("data-name") for i in range(inter.count())} >= {"out", "l1"}
+    rows = page.locator("#check-table tbody tr")
     assert page.locator("#check-table .verdict.pass").count() == rows.count()
     # The selected step starts on the article's broadcast, with its aligned table.
     assert "(1000, 784, 50)" in page.inner_text("#step-detail")
@@ -264,7 +267,7 @@ def test_compare_and_finite_differences_show_in_the_check_panel(watched):
         "broadcast", "einsum", "matmul", "autograd",
     ]  # fmt: skip
     assert "fd result" in page.inner_text("#check-table thead")
-    rows = page.locator("#check-table tbody tr")
+    rows = page.locator("#check-table tbody tr:not(.intermediate)")
     # each row: the autograd verdict and the finite-difference verdict, both passing
     for i in range(rows.count()):
         assert rows.nth(i).locator(".verdict.pass").count() == 2, rows.nth(i).inner_text()
