@@ -215,6 +215,7 @@ window.addEventListener("resize", () => {
 });
 
 presenter.set(initial.page.present === "1");
+diagram.scale = presenter.on ? 1.6 : 1;
 configToForm(form, initial.config);
 go(initial.config, early);
 explainer.update();
