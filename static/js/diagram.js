@@ -240,6 +240,15 @@ export function repeatsNote(data) {
   ]));
 }
 
+/** With strategy matmul or einsum, the diagram still draws the broadcast formulas (the
+ * lesson); say that the run did not materialize them. */
+export function strategyNote(data) {
+  const s = data.config.strategy;
+  if (s === "broadcast") return null;
+  return h("p", { class: "note strategy-note" },
+    `Strategy ${s}: the diamonds are the broadcast formulas' picture; this run computed each linear layer's x.g and w.g with ${s === "matmul" ? "@" : "torch.einsum"} and materialized no broadcast intermediate (the step-through shows the code that ran).`);
+}
+
 /** The legend: one key per kind of step this run has, drawn as the diagram draws it. */
 export function legend(data) {
   const keys = [...new Set(data.backward.flatMap((b) => b.steps.map(actionKey)))];

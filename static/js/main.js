@@ -9,7 +9,7 @@ let controller = new AbortController();
 performance.mark("bp:run-start");
 const early = run(initial.config, controller.signal); // in flight while the rest loads
 
-const [{ drawChecks }, { Diagram, legend, repeatsNote }, { Explainer }, { bytes, h, num }, { Heatmaps, VIEWS }, { Stepper }, { Presenter }] =
+const [{ drawChecks }, { Diagram, legend, repeatsNote, strategyNote }, { Explainer }, { bytes, h, num }, { Heatmaps, VIEWS }, { Stepper }, { Presenter }] =
   await Promise.all([import("./checks.js"), import("./diagram.js"), import("./explainer.js"), import("./format.js"),
     import("./heatmaps.js"), import("./stepper.js"), import("./present.js")]);
 
@@ -125,7 +125,7 @@ function draw(data) {
   summary(data);
   diagram.draw(data);
   $("diagram-legend").replaceChildren(...legend(data));
-  $("diagram-notes").replaceChildren(...[repeatsNote(data)].filter(Boolean));
+  $("diagram-notes").replaceChildren(...[strategyNote(data), repeatsNote(data)].filter(Boolean));
   stepper.load(data, diagram.steps, wantedStep);
   setView(view);
   heatmaps.update(data, view, cells);

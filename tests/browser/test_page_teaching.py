@@ -243,6 +243,7 @@ def test_other_strategies_show_the_code_that_ran(watched, strategy):
     assert ("x.g = l1.g @ w1.T" if strategy == "matmul" else "torch.einsum(") in ran
     summary = page.inner_text("#summary")
     assert "largest broadcast intermediate" not in summary and strategy in summary
+    assert "materialized no broadcast intermediate" in page.inner_text("#diagram-notes")
     assert_clean(w)
 
 
