@@ -415,7 +415,7 @@ export class Diagram {
     const x = +(p.x + MARGIN).toFixed(1), y = +(-p.y + MARGIN).toFixed(1);
     this.ring.setAttribute("cx", x);
     this.ring.setAttribute("cy", y);
-    this.ring.setAttribute("r", Math.max(11, p.extent / 2 + 5));
+    this.ring.setAttribute("r", Math.max(9, p.extent / 2 + 3)); // clear of the label (at extent/2 + 5)
     for (const el of this.el.querySelectorAll(".step-node.selected")) el.classList.remove("selected");
     this.el.querySelector(`.step-node[data-step="${i}"]`)?.classList.add("selected");
     this.el.dataset.selected = String(i);

@@ -40,6 +40,10 @@ def main() -> None:
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            warm = browser.new_page()  # the server's first run is slow: not the one to show
+            warm.goto(f"{base}/")
+            warm.wait_for_function("document.body.dataset.state === 'ready'", timeout=60_000)
+            warm.close()
             for name, (query, action, *size) in STATES.items():
                 width, height = size[0] if size else (1280, 800)
                 page = browser.new_page(viewport={"width": width, "height": height})
