@@ -83,7 +83,7 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     fd = (float_inputs + activations) * 8 // itemsize * 2 if cfg.fd_samples else 0
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
     # the views' temporaries, and the heatmaps themselves: numpy cells and their JSON text
-    maps = 3 if cfg.reference_heatmaps else 1
+    maps = 4 if cfg.reference_heatmaps else 1  # manual; autograd, difference, tolerance
     cells = sum(min(math.prod(s.shape), cfg.max_cells) for s in specs if s.role != "target")
     views = 3 * 8 * largest_grad + maps * cells * (8 + 24)
     # manual pass + autograd check: each holds its activations and gradients

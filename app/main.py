@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from starlette.middleware.gzip import GZipMiddleware
 
 from app import assets, data, hardening
-from app.api import broadcast, bugs, docs, pages, run
+from app.api import broadcast, bugs, docs, export, pages, run
 from app.settings import Settings, get_settings
 from app.timing import ServerTimingMiddleware
 
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     data.warm()  # the shipped datasets, parsed in a background thread (once per process)
     assets.warm()  # the Plotly bundle's gzip, made once in the background
     app.mount("/static", assets.VersionedStatic(directory=ROOT / "static"), name="static")
-    for module in (run, broadcast, bugs, pages, docs):
+    for module in (run, broadcast, bugs, export, pages, docs):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["meta"])

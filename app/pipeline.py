@@ -117,7 +117,10 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         "backward": backward_trace,
         "gradients": {
             n: gradient_view(
-                grads[n], cfg.max_cells, reference[n] if cfg.reference_heatmaps else None
+                grads[n],
+                cfg.max_cells,
+                reference[n] if cfg.reference_heatmaps else None,
+                _tolerance(check["tensors"].get(n)),
             )
             for n in leaves
         },
@@ -153,6 +156,11 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     if values is not None:
         result["values"] = values
     return result
+
+
+def _tolerance(c: dict[str, Any] | None) -> tuple[float, float] | None:
+    """A gradient's (rtol, atol) from the check; None when autograd's is not finite."""
+    return None if c is None or c.get("atol") is None else (c["rtol"], c["atol"])
 
 
 def _info(t: torch.Tensor, role: str) -> dict[str, Any]:

@@ -332,6 +332,12 @@ class GradientView(BaseModel):
         description="manual - autograd: each block's entry of largest magnitude, with its sign "
         "(with reference_heatmaps: true)",
     )
+    tolerance_heatmap: Heatmap | None = Field(
+        None,
+        description="|manual - autograd| / (atol + rtol * |autograd|) with the check's rtol "
+        "and atol: each block's largest; at most 1 everywhere exactly when allclose "
+        "(with reference_heatmaps: true)",
+    )
 
 
 class TensorCheck(BaseModel):
@@ -483,3 +489,19 @@ class Bug(BaseModel):
         "silent: fails the check but passes the article's is_same (no abs())"
     )
     lesson: str
+
+
+class ExportRequest(BaseModel):
+    """A run to take home as a file that needs only torch (POST /api/export)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: RunRequest = Field(
+        default_factory=RunRequest,
+        description="The run, as POST /api/run takes it (default: the article's)",
+    )
+    format: Literal["py", "ipynb"] = Field(
+        "py",
+        description="py: a script that exits 0 exactly when every gradient matches autograd; "
+        "ipynb: a Jupyter notebook (nbformat v4, no outputs) with the same code in cells",
+    )

@@ -84,6 +84,14 @@ def block_extreme(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Ten
     return torch.where(low.abs() > high.abs(), low, high)
 
 
+def block_max(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Tensor:
+    """Each block's largest entry (NaN wins: a non-finite entry is never hidden)."""
+    if row_block == col_block == 1:
+        return t2
+    pool = dict(kernel_size=(row_block, col_block), stride=(row_block, col_block), ceil_mode=True)
+    return torch.nn.functional.max_pool2d(t2[None, None], **pool)[0, 0]
+
+
 def _heatmap(
     z: torch.Tensor,
     row_block: int,
@@ -105,9 +113,26 @@ def _heatmap(
     return out
 
 
-def gradient_view(t: torch.Tensor, max_cells: int, reference: torch.Tensor | None = None) -> dict:
+def tolerance_ratio(diff: torch.Tensor, r2: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+    """|manual - autograd| / (atol + rtol * |autograd|), in place over `diff` (a fresh copy),
+    a few thousand rows at a time: <= 1 is exactly the check's allclose, entry by entry."""
+    tiny = torch.finfo(diff.dtype).tiny  # 0 / (atol = 0) is 0, not NaN
+    diff.abs_()
+    for i in range(0, diff.shape[0], 4096):
+        rows = slice(i, i + 4096)
+        diff[rows].div_(r2[rows].abs().mul_(rtol).add_(atol).clamp_min_(tiny))
+    return diff.clamp_(max=torch.finfo(diff.dtype).max)  # huge, but finite: drawn, not a gap
+
+
+def gradient_view(
+    t: torch.Tensor,
+    max_cells: int,
+    reference: torch.Tensor | None = None,
+    tolerance: tuple[float, float] | None = None,
+) -> dict:
     """Stats and heatmap of a gradient; with `reference` (autograd's), its heatmap on the
-    same blocks and the difference's."""
+    same blocks and the difference's; with the check's `tolerance` (rtol, atol) too, the
+    difference in units of the tolerance (each block's largest)."""
     t2 = as_2d(t.detach())
     rows, cols = t2.shape
     blocks = block_sizes(rows, cols, max_cells)
@@ -125,7 +150,11 @@ def gradient_view(t: torch.Tensor, max_cells: int, reference: torch.Tensor | Non
         view["reference_heatmap"] = _heatmap(
             block_mean(r2, *blocks), *blocks, rows, cols, block_extreme(r2, *blocks)
         )
-        view["diff_heatmap"] = _heatmap(block_extreme(t2 - r2, *blocks), *blocks, rows, cols)
+        diff = t2 - r2
+        view["diff_heatmap"] = _heatmap(block_extreme(diff, *blocks), *blocks, rows, cols)
+        if tolerance is not None:
+            ratio = tolerance_ratio(diff, r2, *tolerance)
+            view["tolerance_heatmap"] = _heatmap(block_max(ratio, *blocks), *blocks, rows, cols)
     return view
 
 

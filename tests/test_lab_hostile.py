@@ -104,6 +104,8 @@ HOSTILE = [
     "b'x'",
     "1j * x",
     "x.__class__ == x",
+    "2 @ 3",
+    "1 @ x",
     "del x",
     "assert x",
     "while True: pass",

@@ -68,9 +68,8 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
     return spec
 
 
-# Fields the page sets itself (static/js/api.js), not the form: no input, not in the URL.
-# `formulas` is the formula lab's (it sets api.js's `extras.formulas`).
-PAGE_OWNED = frozenset({"reference_heatmaps", "formulas"})
+# Fields the page sets itself (static/js/api.js), not the user: no input, not in the URL.
+PAGE_OWNED = frozenset({"reference_heatmaps", "formulas"})  # formulas: lab.js
 
 
 def run_fields() -> list[dict[str, Any]]:

@@ -156,32 +156,24 @@ ATTRIBUTES: dict[str, Callable[[Traced], Any]] = {
     "ndim": lambda x: x.ndim,
     "values": lambda x: x,  # `.max(dim).values`: our max(dim) already gives the values
 }
+# `torch.exp(x)` is `x.exp()`: these functions are the methods of the same name
+_AS_FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "softmax",
+                 "log_softmax", "sum", "mean", "clamp")  # fmt: skip
 TORCH_FUNCTIONS: dict[str, Method] = {
     "where": Method(where),
     "einsum": Method(lambda equation, *ops: einsum(equation, *_flat_traced(ops))),
     "matmul": Method(lambda a, b: a @ b),
     "ones_like": Method(lambda x: filled_like(x, 1.0)),
     "zeros_like": Method(lambda x: filled_like(x, 0.0)),
-    "exp": Method(Traced.exp),
-    "log": Method(Traced.log),
-    "sqrt": Method(Traced.sqrt),
-    "rsqrt": Method(Traced.rsqrt),
-    "tanh": Method(Traced.tanh),
-    "sigmoid": Method(Traced.sigmoid),
-    "abs": Method(Traced.abs),
-    "softmax": Method(Traced.softmax, _kw("dim")),
-    "log_softmax": Method(Traced.log_softmax, _kw("dim")),
-    "sum": Method(Traced.sum, _REDUCE),
-    "mean": Method(Traced.mean, _REDUCE),
-    "clamp": Method(Traced.clamp, _kw("min", "max")),
+    **{name: METHODS[name] for name in _AS_FUNCTIONS},
 }
 
 
 # torch.nn.functional, as the built-in code writes it (`F.one_hot(target, 10)`)
 FUNCTIONAL: dict[str, Method] = {
     "one_hot": Method(lambda index, num_classes: one_hot(index, num_classes), _kw("num_classes")),
-    "softmax": Method(Traced.softmax, _kw("dim")),
-    "log_softmax": Method(Traced.log_softmax, _kw("dim")),
+    "softmax": METHODS["softmax"],
+    "log_softmax": METHODS["log_softmax"],
 }
 NAMESPACES = {"torch": TORCH_FUNCTIONS, "F": FUNCTIONAL}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -499,6 +491,8 @@ class _Evaluation:
         left, right = self.eval(node.left), self.eval(node.right)
         if symbol == "**":
             return self._power(node, left, right)
+        if symbol == "@" and not (isinstance(left, Traced) and isinstance(right, Traced)):
+            self.fail(node, "@ multiplies two tensors", "not_allowed")
         if _is_number(left) and _is_number(right):
             return self._number(node, symbol, left, right)
         if not all(isinstance(v, Traced) or _is_number(v) for v in (left, right)):

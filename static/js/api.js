@@ -1,4 +1,4 @@
-// The two API calls the page makes, and FastAPI's 422 detail sorted by the field it names.
+// The API calls the page makes, and FastAPI's 422 detail sorted by the field it names.
 import { toJSON } from "./state.js";
 
 export class ApiError extends Error {
@@ -33,6 +33,13 @@ export const extras = {};
 // The page always asks for autograd's heatmaps too, for the manual / autograd / difference switch.
 export const run = (config, signal) => postJSON("/api/run", { ...config, ...extras, reference_heatmaps: true }, signal);
 export const broadcast = (a, b, signal) => postJSON("/api/broadcast", { a, b }, signal);
+
+/** The bug gallery (GET /api/bugs), for the lab's "Break it" menu. */
+export async function bugs(signal) {
+  const res = await fetch("/api/bugs", { signal });
+  if (!res.ok) throw new ApiError(res.status, null, null);
+  return res.json();
+}
 
 /**
  * Error messages keyed by the request field they name: detail loc ["body", field, ...rest]

@@ -4,16 +4,17 @@
 // when it comes near the viewport or when the browser is idle, whichever comes first.
 //
 // Views: manual, autograd (the same scale: the true max |value| of the tensor, so a
-// downsampled map's colours agree with its stats), and the difference, shown scaled by the
-// check's own tolerance, (manual − autograd) / (atol + rtol·|autograd|): within ±1 it passes
-// and looks calm, beyond ±1 it is saturated.
+// downsampled map's colours agree with its stats), and the difference in units of the check's
+// own tolerance, |manual − autograd| / (atol + rtol·|autograd|) (the server's
+// tolerance_heatmap, each block's largest): up to 1 passes and stays pale, over 1 turns red,
+// deeper on a log scale, so rounding noise never looks saturated and a wrong formula lights up.
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 import { h, num, shape } from "./format.js";
 
 export const VIEWS = {
   manual: { label: "manual", title: (n) => `${n}.g (manual)` },
   autograd: { label: "autograd", title: (n) => `${n}.grad (autograd)` },
-  difference: { label: "manual − autograd", title: (n) => `(${n}.g − ${n}.grad) / tolerance` },
+  difference: { label: "manual − autograd", title: (n) => `|${n}.g − ${n}.grad| ÷ tolerance` },
 };
 
 // Blue for negative, white at zero, red for positive.
@@ -31,7 +32,7 @@ const TOL_RANGE = 3;
 /** Which cells a view draws: downsampled maps draw each block's entry of largest magnitude
  * (`extreme`, sign kept) so that no extreme averages away; `cells: "mean"` draws block means. */
 export function viewHeatmap(g, view, cells = "extreme") {
-  const hm = view === "autograd" ? g.reference_heatmap : view === "difference" ? g.diff_heatmap : g.heatmap;
+  const hm = view === "autograd" ? g.reference_heatmap : view === "difference" ? g.tolerance_heatmap || g.diff_heatmap : g.heatmap;
   if (view !== "difference" && cells === "extreme" && hm.extreme) return { ...hm, z: hm.extreme, kind: "extreme" };
   return { ...hm, kind: view === "difference" ? "extreme" : "mean" };
 }
@@ -89,7 +90,7 @@ function caption(name, g, view, hm, data) {
   const notices = [];
   if (down) {
     const what = hm.kind === "extreme"
-      ? (view === "difference" ? "the block's largest |difference|" : "the block's entry of largest magnitude (sign kept)")
+      ? (view === "difference" ? "the block's largest |difference| ÷ tolerance" : "the block's entry of largest magnitude (sign kept)")
       : "the block mean";
     notices.push(h("p", { class: "notice downsampled" },
       `Downsampled: true shape ${shape(g.shape)}; each cell is ${what} of a ${hm.row_block} × ${hm.col_block} block (${hm.z.length} × ${hm.z[0].length} cells shown).`));
@@ -214,7 +215,20 @@ function spec(name, g, view, hm, data, room) {
   let z = hm.z;
   let colour = { colorscale: DIVERGING, zmid: 0 };
   let what = view === "difference" ? "difference" : "value";
-  if (view === "difference") {
+  if (view === "difference" && g.tolerance_heatmap) {
+    // <= 1 as it is (pale), above 1 as 1 + log10 (red, deeper by the decade)
+    z = hm.z.map((row) => row.map((r) => (r == null ? null : r <= 1 ? r : 1 + Math.log10(r))));
+    const top = Math.max(TOL_RANGE, ...z.flat().filter((v) => v != null));
+    const edge = 1 / top;
+    const tickvals = [0, 0.5, 1];
+    for (let v = 2; v <= top; v += Math.max(1, Math.ceil((top - 1) / 5))) tickvals.push(v);
+    colour = {
+      customdata: hm.z, zmin: 0, zmax: top,
+      colorscale: [[0, "#f8f9fa"], [edge, "#ced4da"], [Math.min(1, edge + 1e-6), "#fcbba1"], [Math.min(1, edge + (1 - edge) / 3), "#fb6a4a"], [1, "#99000d"]],
+      colorbar: { tickvals, ticktext: tickvals.map((v) => (v <= 1 ? String(v) : `1e${v - 1}`)) },
+    };
+    what = "|difference| ÷ tolerance";
+  } else if (view === "difference") {
     const check = data.check.tensors[name] || { rtol: 0, atol: 0 };
     z = toleranceScaled(hm, g.reference_heatmap, check);
     colour = { colorscale: TOLERANCE, zmin: -TOL_RANGE, zmax: TOL_RANGE, zmid: 0 };
@@ -227,12 +241,13 @@ function spec(name, g, view, hm, data, room) {
   const blockWord = hm.kind === "extreme" ? "largest |·| in block" : "block mean";
   const trace = {
     type: "heatmap", z, x: xs, y: oneD ? [-0.5, 0.5] : ys, ...colour,
-    colorbar: { thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g" },
+    colorbar: { thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g", ...colour.colorbar },
     hoverongaps: false,
     hovertemplate: oneD
       ? `${name}[%{x:.0f}]${blocky ? ` (${blockWord})` : ""}: ${what} %{z:.4g}<extra></extra>`
       : `row %{y:.0f}, col %{x:.0f}${blocky ? ` (${blockWord})` : ""}<br>${what} %{z:.4g}<extra></extra>`,
   };
+  if (colour.customdata) trace.hovertemplate = trace.hovertemplate.replace("%{z:.4g}", "%{customdata:.3g}");
   const layout = {
     width, height, margin: { l: oneD ? 12 : 58, r: 8, t: 6, b: 40 },
     xaxis: { title: { text: titles.x, font: { size: 11 } }, range: [-0.5, cols - 0.5], ...ticks(cols, width - (oneD ? 100 : 150)), tickfont: { size: 10 }, showgrid: false, zeroline: false },

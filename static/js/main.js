@@ -7,11 +7,13 @@ import { configFromForm, configFromQuery, configToForm, FIELDS, pageFromQuery, q
 const initial = { config: configFromQuery(location.search), page: pageFromQuery(location.search) };
 let controller = new AbortController();
 performance.mark("bp:run-start");
-const early = run(initial.config, controller.signal); // in flight while the rest loads
+// in flight while the rest loads (a link with lab formulas waits for the lab to read them)
+const early = /(^|[?&])(f\.[^=&]+\.g|hide)=/.test(location.search) ? null : run(initial.config, controller.signal);
 
-const [{ drawChecks }, { Diagram, legend, repeatsNote, strategyNote }, { Explainer }, { bytes, h, num }, { Heatmaps, VIEWS }, { Stepper }, { Presenter }] =
+const [{ drawChecks }, { Diagram, legend, repeatsNote, strategyNote }, { Explainer }, { bytes, h, num }, { Heatmaps, VIEWS },
+  { Stepper }, { Presenter }, { ExportButtons }, { Lab }] =
   await Promise.all([import("./checks.js"), import("./diagram.js"), import("./explainer.js"), import("./format.js"),
-    import("./heatmaps.js"), import("./stepper.js"), import("./present.js")]);
+    import("./heatmaps.js"), import("./stepper.js"), import("./present.js"), import("./export.js"), import("./lab.js")]);
 
 const $ = (id) => document.getElementById(id);
 const form = $("run-form");
@@ -24,6 +26,7 @@ let wantedStep = initial.page.step || null; // "x:3": the step the URL asks for
 
 const diagram = new Diagram($("diagram"), (i) => stepper.select(i), $("diagram-tip"));
 const explainer = new Explainer($("explainer-form"), $("explainer-out"));
+const exporter = new ExportButtons(document.querySelectorAll("#export-actions button"), $("export-status"));
 const stepper = new Stepper({
   codeEl: $("code-lines"), detailEl: $("step-detail"), posEl: $("step-pos"),
   prevBtn: $("step-prev"), nextBtn: $("step-next"), mathEl: $("step-math"),
@@ -34,8 +37,10 @@ const stepper = new Stepper({
     syncUrl(true);
   },
   onExplain: (a, b) => explainer.show(a, b),
+  decorate: (li, entry) => lab.decorate(li, entry), // the formula lab's tools on each line
   numbers: initial.page.numbers !== "0",
 });
+const lab = new Lab({ barEl: $("lab-bar"), onCheck: () => fromForm() });
 const heatmaps = new Heatmaps($("heatmaps"), (onScreen, all) => {
   document.body.dataset.pending = String(onScreen);
   document.body.dataset.pendingAll = String(all);
@@ -65,7 +70,7 @@ function pageState() {
 /** Keep the URL in step with what is shown (replace: no history entry for a step). */
 function syncUrl(replace) {
   const { config } = configFromForm(form);
-  const query = queryFromConfig(currentSent || config, pageState());
+  const query = lab.query(queryFromConfig(currentSent || config, pageState()));
   if (query === location.search) return;
   history[replace ? "replaceState" : "pushState"](null, "", `${location.pathname}${query}`);
 }
@@ -119,7 +124,8 @@ function setView(next) {
   document.querySelector(`input[name="grad-cells"][value="${cells}"]`).checked = true;
 }
 
-function draw(data) {
+function draw(response) {
+  const data = lab.redact(response); // an exercise's hidden formulas never reach the DOM
   current = data;
   main.classList.remove("empty");
   summary(data);
@@ -130,11 +136,14 @@ function draw(data) {
   setView(view);
   heatmaps.update(data, view, cells);
   drawChecks($("check"), data);
+  lab.drawn();
+  exporter.load(data.config);
 }
 
 /** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */
 let lastSent = null;
-async function go(config, pending = null) {
+async function go(config, pending = null, withLab = true) {
+  if (withLab) (config = { ...config, ...lab.request() }), lab.clearError();
   const key = toJSON(config);
   if (!pending && key === lastSent && document.body.dataset.state === "loading") return;
   const changed = currentSent ? FIELDS.map((f) => f.name).filter((n) => toJSON(config[n]) !== toJSON(currentSent[n])) : [];
@@ -158,6 +167,11 @@ async function go(config, pending = null) {
     syncUrl(true);
   } catch (err) {
     if (err.name === "AbortError") return;
+    // a formula's 422 is shown at the formula; with nothing drawn yet, draw the reference run
+    if (withLab && lab.failed(err)) {
+      if (!current) go({ ...config, formulas: undefined }, null, false);
+      return;
+    }
     showErrors(errorsByField(err), changed);
   } finally {
     if (controller === mine) setLoading(false);
@@ -166,7 +180,7 @@ async function go(config, pending = null) {
 
 function fromForm() {
   const { config, unreadable } = configFromForm(form);
-  const query = queryFromConfig(config, pageState());
+  const query = lab.query(queryFromConfig(config, pageState()));
   if (query !== location.search) history.pushState(null, "", `${location.pathname}${query}`);
   if (unreadable.length) {
     showErrors(Object.fromEntries(unreadable.map((n) => [n, ["not a number"]])));
@@ -180,6 +194,7 @@ function fromUrl() {
   const page = pageFromQuery(location.search);
   wantedStep = page.step || null;
   view = VIEWS[page.view] ? page.view : "manual";
+  lab.fromQuery(location.search);
   configToForm(form, config);
   go(config);
 }
@@ -216,6 +231,7 @@ window.addEventListener("resize", () => {
 
 presenter.set(initial.page.present === "1");
 diagram.scale = presenter.on ? 1.6 : 1;
+lab.fromQuery(location.search);
 configToForm(form, initial.config);
 go(initial.config, early);
 explainer.update();

@@ -9,8 +9,8 @@ import { mathsFor } from "./maths.js";
 import { operands, stepNumbers } from "./numbers.js";
 
 export class Stepper {
-  constructor({ codeEl, detailEl, posEl, prevBtn, nextBtn, mathEl, onSelect, onExplain, numbers = true }) {
-    Object.assign(this, { codeEl, detailEl, posEl, prevBtn, nextBtn, mathEl, onSelect, onExplain, numbers });
+  constructor({ codeEl, detailEl, posEl, prevBtn, nextBtn, mathEl, onSelect, onExplain, decorate, numbers = true }) {
+    Object.assign(this, { codeEl, detailEl, posEl, prevBtn, nextBtn, mathEl, onSelect, onExplain, decorate, numbers });
     this.steps = [];
     this.index = -1;
     prevBtn.addEventListener("click", () => this.move(-1));
@@ -34,10 +34,13 @@ export class Stepper {
     this.codeEl.replaceChildren(
       // forward code may hold several statements, one per line (white-space: pre-wrap)
       ...data.forward.map((f) => h("li", { class: "fwd" }, h("code", {}, f.code))),
-      ...data.backward.map((b, e) =>
-        h("li", { class: "bwd", "data-entry": String(e) },
+      ...data.backward.map((b, e) => {
+        const li = h("li", { class: "bwd", "data-entry": String(e) },
           h("button", { type: "button", class: "code-line", onclick: () => this.select(steps.findIndex((p) => p.e === e)) },
-            h("code", {}, b.code)))),
+            h("code", {}, b.code)));
+        this.decorate?.(li, b, e); // the formula lab's tools (lab.js)
+        return li;
+      }),
     );
     let pick = wanted ? steps.findIndex((_, i) => this.id(i) === wanted) : -1;
     if (pick < 0) {
@@ -65,7 +68,7 @@ export class Stepper {
     for (const li of this.codeEl.querySelectorAll("li.bwd")) {
       const on = Number(li.dataset.entry) === p.e;
       li.classList.toggle("current", on);
-      const code = li.querySelector("code");
+      const code = li.querySelector(".code-line code");
       const text = this.data.backward[Number(li.dataset.entry)].code;
       const at = on ? text.lastIndexOf(st.expr) : -1;
       code.innerHTML = at < 0 ? esc(text) : `${esc(text.slice(0, at))}<mark>${esc(st.expr)}</mark>${esc(text.slice(at + st.expr.length))}`;
