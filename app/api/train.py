@@ -14,10 +14,12 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from app import train as training
 from app.api.run import VALIDATION_ERROR, check_budget
 from app.api.streaming import iterate_in_threads
-from app.schemas import ErrorMessage, TrainRequest
+from app.schemas import TrainRequest
 from app.settings import Settings
 
 router = APIRouter(tags=["train"])
+# errors are JSON, whatever the stream's media type
+JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorMessage"}}}
 
 
 async def checked(http: Request, request: TrainRequest | None = None) -> TrainRequest:
@@ -48,14 +50,14 @@ async def run_slot(http: Request) -> AsyncIterator[None]:
     '(BROADPROP_TRAIN_TIME_LIMIT_S) or "diverged" (a loss that is not finite). An error '
     "after the stream started is an `error` event ({detail}).",
     responses={
-        413: {"model": ErrorMessage, "description": "A body over BROADPROP_MAX_BODY_BYTES"},
+        413: {"description": "A body over BROADPROP_MAX_BODY_BYTES", "content": JSON_ERROR},
         422: {
             "description": "A field out of its limits, or a step over the memory budget",
             "content": {"application/json": {"schema": {"$ref": VALIDATION_ERROR}}},
         },
         503: {
-            "model": ErrorMessage,
             "description": "Every run slot stayed busy for the queue wait",
+            "content": JSON_ERROR,
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
         },
     },

@@ -1,9 +1,11 @@
-// The Train panel: POST /api/train with the form's config and the panel's SGD fields, read as
-// server-sent events; live curves appended with Plotly.extendTraces; Stop aborts the request
-// (the server stops at the next step); at the end, w1 before and after training.
+// The Train panel: POST /api/train with the form's config, the formula lab's formulas and the
+// panel's SGD fields, read as server-sent events; live curves appended with
+// Plotly.extendTraces; Stop aborts the request (the server stops at the next step); at the
+// end, w1 before and after training.
 import { ApiError, errorsByField } from "./api.js";
 import { dropDataOwned, drawUnitImages } from "./digits.js";
 import { num } from "./format.js";
+import { labFromQuery } from "./lab.js";
 import { configFromForm } from "./state.js";
 
 const $ = (id) => document.getElementById(id);
@@ -21,6 +23,9 @@ let controller = null;
 function request() {
   const { config } = configFromForm(document.getElementById("run-form"));
   dropDataOwned(config);
+  // the learner's formulas, as the formula lab keeps them in the URL: training uses them
+  const { formulas } = labFromQuery(location.search);
+  if (Object.keys(formulas).length) config.formulas = formulas;
   for (const name of TRAIN_FIELDS) {
     const text = form.elements[name].value.trim();
     config[name] = text !== "" && Number.isFinite(Number(text)) ? Number(text) : text;
@@ -139,6 +144,7 @@ async function start() {
       throw new ApiError(res.status, body, res.headers.get("Retry-After"));
     }
     let accuracy = null;
+    let differed = 0;  // progress events whose manual gradients failed the check
     for await (const { event, data } of events(res.body)) {
       if (event === "progress") {
         if (accuracy === null) (accuracy = data.val_accuracy != null, newCurves(accuracy));
@@ -146,11 +152,14 @@ async function start() {
         bar.value = data.step;
         statusEl.textContent = progressText(data, bar.max);
         panel.dataset.step = data.step;
+        differed += data.all_close ? 0 : 1;
         last = data;
       } else if (event === "done") {
         const why = data.stopped ? ` (stopped: ${data.stopped.replace("_", " ")})` : "";
         const acc = data.val_accuracy == null ? "" : ` · val accuracy ${(100 * data.val_accuracy).toFixed(1)}%`;
-        statusEl.textContent = `Done: ${data.steps} steps in ${data.seconds.toFixed(1)} s${acc}${why}.`;
+        const bad = differed ? ` ✗ The manual gradients differed from autograd at ${differed} of the checked steps.` : "";
+        statusEl.textContent = `Done: ${data.steps} steps in ${data.seconds.toFixed(1)} s${acc}${why}.${bad}`;
+        panel.dataset.differed = differed;
         drawWeights(data);
         panel.dataset.state = "done";
       } else if (event === "error") {

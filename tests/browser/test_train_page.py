@@ -1,6 +1,8 @@
 """The Train panel and the image panel in a real browser: training runs with live curves,
 Stop stops it (the server frees the run slot), and image data is drawn as images."""
 
+from urllib.parse import quote
+
 import pytest
 
 DIGITS = "?data=digits&loss=cross_entropy&init=kaiming&hidden=16&batch=64"
@@ -21,7 +23,7 @@ def test_the_train_panel_runs_the_curves_grow_and_stop_stops(watched):
     w.open(DIGITS)
     page = w.page
     page.fill("#t-steps", "20000")
-    page.fill("#t-eval_every", "20")
+    page.fill("#t-eval_every", "5")
     page.click("#train-start")
     page.wait_for_function(
         "() => (document.getElementById('train-curves').data?.[0].x.length ?? 0) >= 3"
@@ -96,3 +98,31 @@ def test_a_bad_train_field_is_shown_at_the_field(watched):
     page.wait_for_function("() => document.getElementById('terr-momentum').textContent !== ''")
     assert "1" in page.inner_text("#terr-momentum")
     assert state(page) == "error"
+
+
+@pytest.mark.browser
+def test_a_learners_wrong_formula_from_the_lab_visibly_fails_the_check(watched):
+    """The lab keeps the learner's formulas in the URL; training uses them."""
+    w = watched
+    w.open(DIGITS + "&f.w1.g=" + quote("-(x.t() @ l1.g)"))
+    page = w.page
+    page.fill("#t-steps", "40")
+    page.fill("#t-eval_every", "20")
+    page.click("#train-start")
+    page.wait_for_function("() => document.getElementById('train-panel').dataset.state === 'done'")
+    assert "differed from autograd at 3 of the checked steps" in page.inner_text("#train-status")
+    assert page.get_attribute("#train-panel", "data-differed") == "3"  # steps 1, 20, 40
+    curve = page.evaluate("() => document.getElementById('train-curves').data[0].y")
+    assert curve[-1] > curve[0] * 0.8  # the loss does not fall as it should
+
+
+@pytest.mark.browser
+def test_the_built_in_gradients_pass_every_check(watched):
+    w = watched
+    w.open(DIGITS)
+    page = w.page
+    page.fill("#t-steps", "40")
+    page.click("#train-start")
+    page.wait_for_function("() => document.getElementById('train-panel').dataset.state === 'done'")
+    assert page.get_attribute("#train-panel", "data-differed") == "0"
+    assert "differed" not in page.inner_text("#train-status")
