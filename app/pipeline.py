@@ -18,7 +18,7 @@ from app.lab.formulas import LearnerFormula, bind
 from app.network import Network
 from app.ops import Context
 from app.tensors import DTYPES, data_name, input_specs, lead_shape, make_tensors
-from app.views import MAX_IMAGES, data_view, gradient_view, overflow_warnings
+from app.views import MAX_IMAGES, data_view, gradient_view, overflow_warnings, small_values
 
 SHAPE_FIELDS = ("in_features", "out_features", "activation", "norm", "loss", "dtype")
 
@@ -152,6 +152,9 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
             grads["w1"],
         )
     result["warnings"] = overflow_warnings(result)
+    values = small_values(env, grads)
+    if values is not None:
+        result["values"] = values
     return result
 
 

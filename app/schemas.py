@@ -368,6 +368,11 @@ class Heatmap(BaseModel):
     col_block: int
     rows: int = Field(description="Rows of the 2-D view before downsampling")
     cols: int = Field(description="Columns of the 2-D view before downsampling")
+    extreme: list[list[float | None]] | None = Field(
+        None,
+        description="Only when downsampled: each block's entry of largest magnitude, sign kept "
+        "(block means can hide the extremes)",
+    )
 
 
 class Stats(BaseModel):
@@ -463,6 +468,11 @@ class Comparison(BaseModel):
     chunk_bytes: int = Field(description="The cap on one broadcast chunk in this server")
 
 
+class SmallValues(BaseModel):
+    tensors: dict[str, Any] = Field(description="Every forward tensor's values (nested lists)")
+    grads: dict[str, Any] = Field(description="Every manual gradient's values (nested lists)")
+
+
 class DataView(BaseModel):
     name: Literal["mnist", "digits"]
     image_shape: Shape = Field(description="[h, w] of one image")
@@ -497,6 +507,11 @@ class RunResponse(BaseModel):
         default_factory=list,
         description='What the page should flag, e.g. "overflow in w2.g: 3 of 2500 entries are '
         'not finite (sent as null)"; empty when the run is clean.',
+    )
+    values: SmallValues | None = Field(
+        None,
+        description="Only for small runs (every tensor at most 64 entries, e.g. batch 2, "
+        "in_features 3, hidden [4]): the values, so a step's numbers can be shown",
     )
 
 

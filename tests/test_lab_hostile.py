@@ -78,6 +78,20 @@ HOSTILE = [
     "x.reshape(2**40, -1)",
     "torch.ones_like(x.expand(10**5, 10**5, 4, 3)).sum((0, 1))",
     "x ** 1e9",
+    # found in review: work hidden in unused locals, tuples, copying reshapes, einsum temps
+    "a = x.unsqueeze(0).expand(3*10**7, 4, 3) * 2.0\nx * 0",
+    "s = x.sum().reshape(1, 1)\na = s.expand(10**5, 10**5) @ s.expand(10**5, 10**5)\nx",
+    "(x.unsqueeze(0).expand(10**9, 4, 3) * 2.0, x)[1]",
+    "x.unsqueeze(0).expand(5*10**7, 4, 3).reshape(-1)[0:12].view(4, 3)",
+    "s = x.sum().reshape(1, 1, 1)\na = s.expand(3000, 1, 30000)\nb = s.expand(1, 3000, 30000)\n"
+    "torch.einsum('...i,...i->...', a, b).sum() * 0 + x",
+    "s = x.sum().reshape(1, 1)\na = s.expand(150, 150)\ntorch.einsum('ab,cd,ac,bd->', a, a, a, a) * 0 + x",
+    "x.gather(0, 'a')",
+    "torch.matmul(x, 2)",
+    "torch.exp(1)",
+    "torch.ones_like(1)",
+    "torch.where('a', x, x)",
+    "F.one_hot('a', 3)",
     "x.pow(10**10)",
     "(x.unsqueeze(-1) * x.unsqueeze(1) * x.unsqueeze(0).unsqueeze(0)).sum()",
     # parser bombs
@@ -119,6 +133,13 @@ HOSTILE = [
 ]
 
 
+def _imported(code) -> bool:
+    """A module's code being imported (from a file, or importlib's frozen modules): not code
+    made from a string, which is what a sandbox escape would execute."""
+    filename = getattr(code, "co_filename", "")
+    return filename.startswith("<frozen") or os.path.isfile(filename)
+
+
 @pytest.fixture(scope="module")
 def watch():
     """Audit events seen while `watch.on` is set: file opens for writing, code executed."""
@@ -138,11 +159,18 @@ def watch():
                 m in args[1] for m in "wax+"
             ):
                 events.append((event, args[0], args[1]))
-            elif event in ("exec", "os.system", "subprocess.Popen", "os.exec", "os.spawn"):
+            elif event == "exec" and not _imported(args[0]):
+                events.append((event, getattr(args[0], "co_filename", "?")))
+            elif event in ("os.system", "subprocess.Popen", "os.exec", "os.spawn"):
                 events.append((event,))
         finally:
             state.inside = False
 
+    # the app warms its datasets in a background thread (imports that create dataclasses by
+    # exec): let it finish, so what the watch sees comes from the formulas alone
+    for thread in threading.enumerate():
+        if thread.name == "broadprop-data-warm":
+            thread.join(timeout=300)
     sys.addaudithook(hook)  # cannot be removed: it only records while Watch.on
     return Watch
 
@@ -180,6 +208,25 @@ def test_hostile_battery(client, watch, tmp_path, monkeypatch):
     assert not os.path.exists("/tmp/pwned")
     assert client.get("/healthz").status_code == 200
     assert article_run(client) == before  # bit-identical (as parsed JSON) after the battery
+
+
+@pytest.mark.parametrize(
+    "grad, source",
+    [
+        ("out.g", "F.one_hot(target, 5*10**7)[:, 0:3] * 1.0"),
+        ("out.g", "out.gather(1, target.unsqueeze(1).expand(4, 10**8))[:, 0:3] * 1.0"),
+        ("x.g", "a = x.unsqueeze(0).expand(3*10**7, 4, 3) * 2.0\nx * 0"),
+        ("x.g", "x.unsqueeze(0).expand(5*10**7, 4, 3).reshape(-1)[0:12].view(4, 3)"),
+    ],
+)
+def test_hidden_allocations_count_against_the_budget(client, grad, source):
+    """Memory a formula makes anywhere (an unused local, a copying reshape, one_hot, gather)
+    is counted on meta tensors and refused before it runs."""
+    config = {**SMALL, "loss": "cross_entropy", "out_features": 3}
+    response = client.post("/api/run", json={**config, "formulas": {grad: source}})
+    assert response.status_code == 422, response.text[:300]
+    (detail,) = response.json()["detail"]
+    assert detail["ctx"]["kind"] in ("budget", "work"), detail
 
 
 def test_a_megabyte_of_formula_is_refused_at_the_door(client):
@@ -236,12 +283,14 @@ def test_fuzz_never_crashes_the_server(client, source):
         assert response.json()["formulas"]["x.g"]["shape"] == [4, 3]
 
 
-def test_the_watch_would_see_a_write(watch, tmp_path):
-    """The audit hook is not blind: a real write while watching is recorded."""
+def test_the_watch_would_see_a_write_and_an_exec(watch, tmp_path):
+    """The audit hook is not blind: a real write and code run from a string are recorded."""
     watch.on = True
     try:
         (tmp_path / "probe").write_text("x")
+        exec("probe = 1", {})  # noqa: S102 (the test's own string, to prove the hook sees it)
     finally:
         watch.on = False
     assert any(event[0] == "open" and "probe" in str(event[1]) for event in watch.seen)
+    assert ("exec", "<string>") in watch.seen
     watch.seen.clear()

@@ -1,20 +1,18 @@
-"""GET /: the visualizer page, and Plotly.js served from the installed plotly package."""
+"""GET /: the visualizer page, and Plotly.js (the cartesian bundle, or the plotly package's)."""
 
 from pathlib import Path
 from typing import Any
 
-import plotly
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from app import assets
 from app.schemas import RunRequest, TrainRequest
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).resolve().parents[2] / "templates")
-
-PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-PLOTLY_URL = f"/vendor/plotly-{plotly.__version__}.min.js"  # versioned: safe to cache forever
+templates.env.globals["asset"] = assets.asset_url  # {{ asset('js/main.js') }}: a versioned URL
 
 
 def _num(value: Any) -> str:
@@ -96,16 +94,19 @@ def train_fields() -> list[dict[str, Any]]:
 
 @router.get("/", response_class=HTMLResponse)
 def index(request: Request) -> HTMLResponse:
-    context = {"fields": run_fields(), "train_fields": train_fields(), "plotly_url": PLOTLY_URL}
+    name, _ = assets.plotly_bundle()
+    context = {
+        "fields": run_fields(),
+        "train_fields": train_fields(),
+        "plotly_url": f"/vendor/{name}",
+    }
     return templates.TemplateResponse(request, "index.html", context)
 
 
-@router.get("/vendor/plotly-{version}.min.js")
-def plotly_js(version: str) -> FileResponse:
-    if version != plotly.__version__:
+@router.get("/vendor/{name}")
+def plotly_js(name: str, request: Request) -> Response:
+    """The Plotly bundle; its name carries its version, so it is cached for good."""
+    served, path = assets.plotly_bundle()
+    if name != served:
         raise HTTPException(status_code=404)
-    return FileResponse(
-        PLOTLY_JS,
-        media_type="text/javascript",
-        headers={"Cache-Control": "public, max-age=31536000, immutable"},
-    )
+    return assets.serve_file(path, request.headers.get("accept-encoding", ""))

@@ -30,6 +30,7 @@ from app.ops.base import (
     COMPARISONS,
     BroadcastError,
     Traced,
+    _merge_steps,
     broadcast_rule,
     einsum,
     filled_like,
@@ -422,7 +423,10 @@ class _Evaluation:
                 f"the formula gives the number {value!r}, not a tensor of the gradient's shape",
                 "result_shape",
             )
-        return value
+        # every line runs, used or not: its steps are the formula's cost and its trace
+        made = [v.steps for v in self.locals.values() if isinstance(v, Traced)]
+        steps = _merge_steps(*made, value.steps)
+        return Traced(value.t, value.expr, value.prec, steps, value.bindings)
 
     def eval(self, node: ast.AST) -> Any:
         handler = _HANDLERS.get(type(node))
@@ -607,7 +611,10 @@ class _Evaluation:
         return slice(*parts)
 
     def _Tuple(self, node: ast.Tuple) -> tuple:
-        return tuple(self.eval(e) for e in node.elts)
+        values = tuple(self.eval(e) for e in node.elts)
+        if any(isinstance(v, Traced) for v in values):  # tuples are for sizes, dims, indices
+            self.fail(node, "tuples hold sizes, dims or indices, not tensors", "not_allowed")
+        return values
 
     # ---- calls
 
@@ -658,7 +665,7 @@ class _Evaluation:
             if err.details.get("expr"):
                 raise
             self.fail(node, str(err), err.kind)
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             self.fail(node, first_line, "shape" if "size" in first_line else "formula")
 

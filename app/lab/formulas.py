@@ -101,18 +101,22 @@ class UnknownGradient(KeyError):
 # --------------------------------------------------------------------------- cost
 
 
-VIEW_ACTIONS = frozenset({"unsqueeze", "squeeze", "reshape", "index"})
+VIEW_ACTIONS = frozenset({"unsqueeze", "squeeze", "reshape"})  # a reshape that copies: "copy"
+
+
+def is_view(step: dict) -> bool:
+    """A step that makes no new memory: a view (unsqueeze, transpose, expand, basic index)."""
+    return step["action"] in VIEW_ACTIONS or step["op"] == "getitem" or bool(step.get("view"))
 
 
 def step_work(step: dict) -> int:
     """Elements one step reads or writes: a reduction reads its whole (maybe stretched)
     input, a matmul or einsum does one multiply-add per index combination."""
-    if step["action"] in VIEW_ACTIONS or step.get("view"):
+    if is_view(step):
         return 0
     if step["action"] == "matmul":
-        a, b = step["inputs"]
-        inner = a[-1]
-        return math.prod(step["output"]) * inner
+        a, _ = step["inputs"]
+        return math.prod(step["output"]) * (a[-1] if a else 1)
     if step["action"] == "einsum":
         return step.get("index_product", math.prod(step["output"]))
     if step["action"] == "reduce":
@@ -122,10 +126,9 @@ def step_work(step: dict) -> int:
 
 def formula_cost(steps: list[dict]) -> tuple[int, int]:
     """(bytes, elements of work) of a traced learner formula: every materialized step kept
-    (an upper bound of its peak), every step's work."""
-    held = sum(
-        s["bytes"] for s in steps if s["action"] not in VIEW_ACTIONS and not s.get("view")
-    )
+    (an upper bound of its peak), with the temporaries torch makes inside a step (a batched
+    matmul's stretched operands, a many-operand einsum's outer product); every step's work."""
+    held = sum(s["bytes"] + s.get("temp_bytes", 0) for s in steps if not is_view(s))
     return held, sum(step_work(s) for s in steps)
 
 

@@ -79,9 +79,9 @@ def _broadcast_hint(ea: str, eb: str, sa: Shape, sb: Shape) -> str:
         )
     # a transposed operand
     if len(sb) == 2 and _fits(sa, sb[::-1]):
-        return f"{eb} looks transposed: `{eb}.T` is {fmt_shape(sb[::-1])}"
+        return f"{eb} looks transposed: `{_transposed(eb)}` is {fmt_shape(sb[::-1])}"
     if len(sa) == 2 and _fits(sa[::-1], sb):
-        return f"{ea} looks transposed: `{ea}.T` is {fmt_shape(sa[::-1])}"
+        return f"{ea} looks transposed: `{_transposed(ea)}` is {fmt_shape(sa[::-1])}"
     # a missing size-1 dim on one side
     for expr, shape, other in ((ea, sa, sb), (eb, sb, sa)):
         fix = _unsqueeze_fix(expr, shape, other)
@@ -91,6 +91,11 @@ def _broadcast_hint(ea: str, eb: str, sa: Shape, sb: Shape) -> str:
         "sizes must be equal or one of them 1, compared from the right; "
         "unsqueeze, transpose or sum one side until they line up"
     )
+
+
+def _transposed(expr: str) -> str:
+    """`w1` -> `w1.T`; `w1.T` -> `w1` (never `w1.T.T`)."""
+    return expr[:-2] if expr.endswith(".T") else f"{expr}.T"
 
 
 def matmul_problem(sa: Shape, sb: Shape) -> str | None:
@@ -111,11 +116,11 @@ def matmul_clash(exprs: Sequence[str], shapes: Sequence[Shape], problem: str) ->
     head = f"{fmt_shape(sa)} @ {fmt_shape(sb)}: {problem}"
     hint = ""
     if len(sb) == 2 and not matmul_problem(sa, sb[::-1]):
-        hint = f"; `{ea} @ {eb}.T` is {fmt_shape((*sa[:-1], sb[0]))}"
+        hint = f"; `{ea} @ {_transposed(eb)}` is {fmt_shape((*sa[:-1], sb[0]))}"
     elif len(sa) == 2 and not matmul_problem(sa[::-1], sb):
-        hint = f"; `{ea}.T @ {eb}` is {fmt_shape((sa[1], *sb[1:]))}"
+        hint = f"; `{_transposed(ea)} @ {eb}` is {fmt_shape((sa[1], *sb[1:]))}"
     elif len(sa) == 2 and len(sb) == 2 and sa[0] == sb[0]:
-        hint = f"; to sum over their shared first dim, `{ea}.T @ {eb}`"
+        hint = f"; to sum over their shared first dim, `{_transposed(ea)} @ {eb}`"
     return f"{head}{hint}\n{aligned_table([ea, eb], [sa, sb])}"
 
 

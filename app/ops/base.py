@@ -322,7 +322,11 @@ class Traced:
 
     def reshape(self, *shape: int) -> Traced:
         args = ", ".join(map(str, shape))
-        return self._method(self.t.reshape(shape), f"reshape({args})", "reshape", "reshape")
+        t = self.t.reshape(shape)
+        # reshape copies when no view can give the shape (a transposed or stretched operand):
+        # then it is a new tensor, and its bytes count
+        action = "reshape" if not t.is_meta or t._is_view() else "copy"
+        return self._method(t, f"reshape({args})", action, "reshape")
 
     # ---- reductions
 
@@ -430,7 +434,17 @@ class Traced:
     def __matmul__(self, other: Traced) -> Traced:
         t = self.t @ other.t
         expr = f"{self._wrapped(MUL)} @ {other._wrapped(MUL + 1)}"
-        return self._make(t, expr, MUL, "matmul", "matmul", [self, other])
+        detail = {}
+        if t.is_meta and t.ndim > 2:  # batched: operands stretched over the batch are copied
+            batch = t.shape[:-2]
+            copies = [
+                math.prod(batch) * math.prod(o.shape[-2:]) * o.t.element_size()
+                for o in (self, other)
+                if o.ndim >= 2 and tuple(o.shape[:-2]) != tuple(batch)
+            ]
+            if copies:
+                detail["temp_bytes"] = sum(copies)
+        return self._make(t, expr, MUL, "matmul", "matmul", [self, other], detail)
 
     def __gt__(self, other: float) -> Traced:  # type: ignore[override]
         return self.compare("gt", other)
@@ -547,7 +561,11 @@ def einsum(equation: str, *operands: Traced) -> Traced:
     t = torch.einsum(equation, *(o.t for o in operands))
     args = ", ".join([repr(equation), *(o.expr for o in operands)])
     first = operands[0]
-    detail = {"index_product": _einsum_work(equation, operands)} if t.is_meta else {}
+    detail = {}
+    if t.is_meta:
+        detail["index_product"] = _einsum_work(equation, operands)
+        if len(operands) > 2:  # torch may build the outer product of the operands first
+            detail["temp_bytes"] = detail["index_product"] * t.element_size()
     return first._make(t, f"torch.einsum({args})", ATOM, "einsum", "einsum", operands, detail)
 
 
@@ -555,17 +573,15 @@ def _einsum_work(equation: str, operands: Sequence[Traced]) -> int:
     """Multiply-adds of an einsum: the product of every index's size (`...` dims included)."""
     terms = equation.replace(" ", "").split("->")[0].split(",")
     sizes: dict[str, int] = {}
-    ellipsis = 1
+    ellipses = []  # the `...` dims of each operand that has them: they broadcast together
     for term, operand in zip(terms, operands):
         letters = term.replace("...", "")
-        named = operand.shape[len(operand.shape) - len(letters) :] if letters else ()
+        lead = len(operand.shape) - len(letters)
         if "..." in term:
-            ellipsis = max(ellipsis, math.prod(operand.shape[: len(operand.shape) - len(letters)]))
-            letters_dims = zip(letters, named)
-        else:
-            letters_dims = zip(letters, operand.shape)
-        for letter, size in letters_dims:
+            ellipses.append(operand.shape[:lead])
+        for letter, size in zip(letters, operand.shape[lead:]):
             sizes[letter] = max(sizes.get(letter, 1), size)
+    ellipsis = math.prod(torch.broadcast_shapes(*ellipses)) if ellipses else 1
     return math.prod(sizes.values()) * ellipsis
 
 
