@@ -6,6 +6,7 @@ import { ApiError, errorsByField } from "./api.js";
 import { dropDataOwned, drawUnitImages } from "./digits.js";
 import { num } from "./format.js";
 import { labFromQuery } from "./lab.js";
+import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 import { configFromForm } from "./state.js";
 
 const $ = (id) => document.getElementById(id);
@@ -132,6 +133,8 @@ async function start() {
   bar.value = 0;
   statusEl.textContent = "Starting…";
   $("train-weights").hidden = true;
+  loadPlotly(); // the curves need Plotly, which the page loads after its first picture
+  await plotlyReady;
   let last = null;
   try {
     const res = await fetch("/api/train", {
