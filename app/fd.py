@@ -8,7 +8,7 @@ perturbed entry re-runs only the layers after it (see `_FDNet`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +190,7 @@ def finite_difference_check(
     tensors: Mapping[str, torch.Tensor],
     manual: Mapping[str, torch.Tensor],
     rounding_noise: Mapping[str, float] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """Float64 central differences at `cfg.fd_samples` entries of every gradient.
 
@@ -226,6 +227,8 @@ def finite_difference_check(
         for index in candidates:
             if len(errors) == want:
                 break
+            if check is not None:
+                check()  # raises when the run is to stop
             found = net.difference(name, index)
             if found is not None:
                 fd, rounding = found

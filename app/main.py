@@ -5,11 +5,21 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from app import hardening
+from app import schemas, server
 from app.api import broadcast, docs, pages, run
 from app.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def warm_up() -> None:
+    """Pay torch's and the meta tracer's first-call costs (~1 s) at startup, not on the first
+    request; and cache the article's trace."""
+    from app import pipeline
+
+    small = schemas.RunRequest(batch=2, in_features=3, hidden=[4], max_cells=16)
+    pipeline.run(small, 1 << 16)
+    pipeline.trace(schemas.RunRequest())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -21,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # served by app.api.docs from local assets (no CDN)
         redoc_url=None,
     )
-    hardening.install(app, settings or get_settings())
+    server.install(app, settings or get_settings(), models=schemas, warm_up=warm_up)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     for module in (run, broadcast, pages, docs):
         app.include_router(module.router)

@@ -16,7 +16,7 @@ from app.fd import finite_difference_check
 from app.network import Network
 from app.ops import Context
 from app.tensors import DTYPES, input_specs, make_tensors
-from app.views import gradient_view, overflow_warnings
+from app.views import gradient_view, heatmap_cap, overflow_warnings
 
 SHAPE_FIELDS = ("in_features", "out_features", "activation", "norm", "loss", "dtype")
 
@@ -44,15 +44,17 @@ def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
     return budget.estimate(cfg, forward, backward, chunk_bytes)
 
 
-def run(cfg, chunk_bytes: int) -> dict[str, Any]:
+def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
+    """`cancel`: a token (anything with `is_set()`) checked between ops and chunks; once set,
+    the run raises app.ops.base.RunCancelled there."""
     forward_trace, backward_trace = trace(cfg)
     net = Network.from_config(cfg)
 
     start = time.perf_counter()
     tensors = make_tensors(cfg)
-    env = net.forward(tensors)
+    ctx = Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes, cancel=cancel)
+    env = net.forward(tensors, ctx)
     after_forward = time.perf_counter()
-    ctx = Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes)
     grads = net.backward(env, ctx)
     after_backward = time.perf_counter()
 
@@ -61,13 +63,17 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
     def manual_at(dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The same formulas on the tensors in another precision, computed once each."""
         if dtype not in other_precision:
-            other_precision[dtype] = net.backward(net.forward(cast_floats(tensors, dtype)), ctx)
+            other_precision[dtype] = net.backward(
+                net.forward(cast_floats(tensors, dtype), ctx), ctx
+            )
         return other_precision[dtype]
 
     inter: dict[str, torch.Tensor] = {}
     reference = autograd_gradients(cfg, tensors, inter)
+    ctx.check()
     check = check_against(cfg, grads, reference, inter)
     check = recheck_rounding(cfg, tensors, grads, reference, inter, check, manual_at)
+    ctx.check()
     if cfg.fd_samples > 0:  # cost bounded before the run (budget.refuse_too_much_work)
         noise = {n: c.get("rounding_noise", 0.0) for n, c in check["tensors"].items()}
         if tensors["x"].dtype == torch.float32:
@@ -76,8 +82,9 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
             grads64 = manual_at(torch.float64)
             for n in noise:
                 noise[n] = max(noise[n], (grads[n].double() - grads64[n]).abs().max().item())
-        check["finite_difference"] = finite_difference_check(cfg, tensors, grads, noise)
+        check["finite_difference"] = finite_difference_check(cfg, tensors, grads, noise, ctx.check)
     after_check = time.perf_counter()
+    ctx.check()
 
     specs = input_specs(cfg)
     info = {s.name: _info(env[s.name], s.role) for s in specs}
@@ -85,6 +92,7 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         role = "output" if entry["output"] in ("out", "loss") else "activation"
         info[entry["output"]] = _info(env[entry["output"]], role)
     leaves = [s.name for s in specs if s.role != "target"]
+    cells = heatmap_cap(cfg)  # max_cells, or fewer where the response would pass its bound
     result = {
         "config": cfg.model_dump(),
         "loss": env["loss"].item(),
@@ -92,9 +100,7 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         "forward": forward_trace,
         "backward": backward_trace,
         "gradients": {
-            n: gradient_view(
-                grads[n], cfg.max_cells, reference[n] if cfg.reference_heatmaps else None
-            )
+            n: gradient_view(grads[n], cells, reference[n] if cfg.reference_heatmaps else None)
             for n in leaves
         },
         "check": check,
@@ -105,8 +111,9 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         },
     }
     if cfg.compare:
+        ctx.check()
         result["compare"] = compare_strategies(
-            cfg, net, env, tensors, grads, backward_trace, chunk_bytes
+            cfg, net, env, tensors, grads, backward_trace, chunk_bytes, cancel
         )
     result["warnings"] = overflow_warnings(result)
     return result
