@@ -31,18 +31,18 @@ from app.tensors import input_specs, layer_sizes, lead_shape
 # float32 rates; float64 takes twice as long per element (and half the flops per second)
 MATMUL_FLOPS = 40e9  # flops/s of a large matmul on 2 threads
 ELEMENTWISE_BYTES = 2e9  # bytes/s written by elementwise ops and reductions
-CACHED_PRODUCT_S = 1.0e-9  # per element of a broadcast product whose chunk stays in cache
-STREAMED_PRODUCT_S = 10e-9  # per element when one chunk is bigger than the cache (wide rows)
+CACHED_PRODUCT_S = 0.4e-9  # per element of a broadcast product whose chunk stays in cache
+STREAMED_PRODUCT_S = 4.5e-9  # per element when one chunk is bigger than the cache (wide rows)
 CACHE_BYTES = 6 << 20  # a chunk up to this stays in cache (4 MiB chunks do, 8 MiB do not)
 ROW_S = 5e-9  # per row entry (N * (in + out)) of a broadcast layer: unsqueeze, mask, copies
 ACCUMULATE_S = 1e-9  # per w.g entry per chunk: the float64 sum of the chunks' shares
-OP_S = 30e-6  # per torch call from Python (dispatch, small tensors)
+OP_S = 20e-6  # per torch call from Python (dispatch, small tensors)
 FD_FLOPS = 2e9  # flops/s of the finite differences' small float64 passes
 COMPARE_SLOW_S = 0.25  # compare times one run above this (app/compare.py), else up to three
 
 # What an accepted run may be estimated to take. The deadline (3 s by default) is the hard
-# bound; the margin covers a busy machine.
-WORK_LIMIT_S = 2.0
+# bound; the model errs on the slow side by about 1.5-2x for most runs.
+WORK_LIMIT_S = 2.5
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def broadcast_layer_s(n: int, fan_in: int, fan_out: int, itemsize: int, chunk_by
     return (
         2 * n * fan_in * fan_out * per_product * scale
         + n * (fan_in + fan_out) * ROW_S * scale
-        + chunks * (fan_in * fan_out * ACCUMULATE_S + 12 * OP_S)
+        + chunks * (fan_in * fan_out * ACCUMULATE_S + 8 * OP_S)
     )
 
 

@@ -15,6 +15,7 @@ from app.server.limits import refuse, replay
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "[::1]"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+COMPUTE_PREFIX = "/api/"  # the compute routes: POST with a JSON body
 
 # Plotly.js writes its own stylesheet at run time (a <style> element it fills through CSSOM)
 # and sets style attributes on the SVG it draws; see README "Security headers" for why
@@ -78,6 +79,11 @@ class HostAllowlist:
         return any(name == n and port_ok(p) for n, p in self.entries)
 
 
+def _compute(scope: Scope) -> bool:
+    """A POST to a compute route (elsewhere a POST gets the router's 404 or 405)."""
+    return scope["method"] == "POST" and scope["path"].startswith(COMPUTE_PREFIX)
+
+
 def _headers(scope: Scope) -> dict[bytes, bytes]:
     return {k.lower(): v for k, v in scope["headers"]}
 
@@ -85,8 +91,8 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
 class GuardMiddleware:
     """Outermost: security headers on every response; 400 for a Host not allowed; HEAD
     served as GET without the body; for any other method than GET/HEAD/OPTIONS, 403 when
-    the browser says the request comes from another origin (Origin, Sec-Fetch-Site) and 415
-    for a body that is not declared application/json."""
+    the browser says the request comes from another origin (Origin, Sec-Fetch-Site); for a
+    POST to /api/, 415 for a body that is not declared application/json."""
 
     def __init__(self, app: ASGIApp, allowed_hosts: str = "") -> None:
         self.app = app
@@ -118,6 +124,7 @@ class GuardMiddleware:
             ):
                 await refuse(send, 403, "cross-origin requests may not start runs")
                 return
+        if _compute(scope):
             media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if media != b"application/json":
                 detail = "the body must be JSON, sent with Content-Type: application/json"
@@ -155,14 +162,16 @@ def lone_surrogate(value: Any, path: tuple = ()) -> tuple | None:
                 return found
     if isinstance(value, dict):
         for key, item in value.items():
-            found = lone_surrogate(key, path) or lone_surrogate(item, (*path, key))
+            if lone_surrogate(key) is not None:
+                return path
+            found = lone_surrogate(item, (*path, key))
             if found is not None:
                 return found
     return None
 
 
 class JsonBodyMiddleware:
-    """Inside the body limit (the body is whole): a POST body must be a JSON object; an empty
+    """Inside the body limit (the body is whole): a POST body to /api/ must be a JSON object; an empty
     body, `null`, a list or a scalar is a 422, and so is a string or key holding a lone
     surrogate (valid JSON escapes, but no text: it could not even be echoed back)."""
 
@@ -170,7 +179,7 @@ class JsonBodyMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
+        if scope["type"] != "http" or not _compute(scope):
             await self.app(scope, receive, send)
             return
         message = await receive()

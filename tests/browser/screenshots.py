@@ -38,7 +38,7 @@ def main() -> None:
             for name, (query, action) in STATES.items():
                 page.goto(f"{base}/{query}")
                 page.wait_for_function(
-                    "['ready', 'empty'].includes(document.body.dataset.state)"
+                    "() => ['ready', 'empty'].includes(document.body.dataset.state)"
                     " && document.querySelector('#loading').hidden",
                     timeout=60_000,
                 )
