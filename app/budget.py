@@ -53,7 +53,10 @@ VIEW_ACTIONS = frozenset({"unsqueeze", "squeeze", "reshape"})  # views: no new m
 
 def formula_bytes(entry: dict) -> int:
     """What one traced formula allocates if each step's result is kept, except the linear
-    layer's broadcast products, which run chunked (counted by `chunk_peak`)."""
+    layer's broadcast products, which run chunked (counted by `chunk_peak`). A learner's
+    formula runs as written, unchunked: its own count (`bytes`) holds."""
+    if entry.get("source") == "user":
+        return entry["bytes"]
     return sum(
         step["bytes"]
         for step in entry["steps"]
@@ -83,7 +86,7 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
     # the views' temporaries, and the heatmaps themselves: numpy cells, and the response's
     # JSON text twice (the rendered body, and the server's copy of it as it sends)
-    maps = 3 if cfg.reference_heatmaps else 1
+    maps = 4 if cfg.reference_heatmaps else 1  # manual; autograd, difference, tolerance
     cap = heatmap_cap(cfg)
     cells = sum(min(math.prod(s.shape), cap) for s in specs if s.role != "target")
     views = 3 * 8 * largest_grad + maps * cells * (8 + 2 * JSON_BYTES_PER_CELL)
@@ -169,6 +172,8 @@ def refuse_too_much_work(cfg, chunk_bytes: int = 4 << 20) -> None:
         field, change = "compare", "turn compare off"
     elif cfg.fd_samples and fits(fd_samples=0, compare=False):
         field, change = "fd_samples", "reduce fd_samples, batch or the widths"
+    elif getattr(cfg, "formulas", None) and fits(formulas={}, fd_samples=0, compare=False):
+        field, change = "formulas", "write the formulas without a broadcast intermediate"
     elif cfg.strategy == "broadcast" and fits(strategy="matmul", compare=False, fd_samples=0):
         field, change = (
             "strategy",
@@ -187,9 +192,82 @@ def refuse_too_much_work(cfg, chunk_bytes: int = 4 << 20) -> None:
         field,
         f"this run would hold the server for about {work.total:.1f} s (every pass counted: "
         f"backward {work.backward:.1f} s, check {work.check + work.recheck:.1f} s, finite "
-        f"differences {work.finite_difference:.1f} s, compare {work.compare:.1f} s), over "
+        f"differences {work.finite_difference:.1f} s, compare {work.compare:.1f} s, your "
+        f"formulas {work.formulas:.1f} s), over "
         f"the limit of {WORK_LIMIT_S:g} s; {change}",
         cfg,
         estimated_s=round(work.total, 3),
         limit_s=WORK_LIMIT_S,
+    )
+
+
+# A learner's formula runs as written: its work (elements read or written, a stretched view
+# counting in full) is bounded here on its own (and counted in app/work.py with the rest).
+MAX_FORMULA_ELEMENTS = 2.5e9
+
+
+def formula_passes(cfg) -> int:
+    """How often a learner's formula may run in one request: the run itself, and the rerun
+    in the other precision (the rounding recheck of a small run, or fd_samples' float64)."""
+    return (
+        2
+        if cfg.fd_samples
+        or sum(math.prod(s.shape) for s in input_specs(cfg)) * ITEMSIZE[cfg.dtype] * 2
+        <= RECHECK_MAX_BYTES
+        else 1
+    )
+
+
+def refuse_formula_cost(cfg, backward: list[dict], budget: int) -> None:
+    """422 at formulas.<name>.g when a learner's formula would hold more than the memory
+    budget or do more work than the limit (from its meta trace: nothing allocated)."""
+    passes = formula_passes(cfg)
+    for entry in backward:
+        if entry.get("source") != "user":
+            continue
+        key = f"{entry['grad']}.g"
+        biggest = max(entry["steps"], key=lambda s: s["bytes"], default=None)
+        where = (
+            f" (the largest, `{biggest['expr']}`, is {human_bytes(biggest['bytes'])})"
+            if biggest
+            else ""
+        )
+        advice = (
+            "; the same gradient without the broadcast intermediate: torch.einsum or @ "
+            "(e.g. l1.g @ w1.T for x.g, x.T @ l1.g for w1.g)"
+        )
+        if entry["bytes"] > budget:
+            _refuse_formula(
+                key,
+                f"its intermediates would take {human_bytes(entry['bytes'])}{where}, over the "
+                f"server's memory budget of {human_bytes(budget)} per run{advice}",
+                cfg,
+                "budget",
+                bytes=entry["bytes"],
+                budget_bytes=budget,
+            )
+        work = entry["work"] * passes
+        if work > MAX_FORMULA_ELEMENTS:
+            _refuse_formula(
+                key,
+                f"it would read or write {work:.2g} elements ({passes} pass(es)), over the "
+                f"work limit of {MAX_FORMULA_ELEMENTS:.2g}{where}{advice}",
+                cfg,
+                "work",
+                elements=work,
+                limit=MAX_FORMULA_ELEMENTS,
+            )
+
+
+def _refuse_formula(key: str, msg: str, cfg, kind: str, **ctx) -> None:
+    raise RequestValidationError(
+        [
+            {
+                "type": f"formula_{kind}",
+                "loc": ("body", "formulas", key),
+                "msg": f"`{key}`: {msg}",
+                "input": cfg.formulas.get(key, ""),
+                "ctx": {"kind": kind, **ctx},
+            }
+        ]
     )

@@ -44,9 +44,7 @@ def reference_loss(
     a = leaves["x"]
     for k in range(1, n_layers + 1):
         z = torch.matmul(a, leaves[f"w{k}"]) + leaves[f"b{k}"]
-        if keep is not None and z.requires_grad:
-            z.retain_grad()
-            keep["out" if k == n_layers else f"l{k}"] = z
+        _keep(keep, "out" if k == n_layers else f"l{k}", z)
         if k == n_layers:
             out = z
             break
@@ -58,13 +56,23 @@ def reference_loss(
                 flat, None, None, leaves[f"gamma{k}"], leaves[f"beta{k}"], True, 0.0, NORM_EPS
             )
             z = flat.reshape(z.shape)
+        if cfg.norm != "none":
+            _keep(keep, f"n{k}", z)
         a = activation_reference(cfg.activation, z)
+        _keep(keep, f"a{k}", a)
     target = leaves["target"]
     if cfg.loss == "mse":
         if cfg.out_features == 1:
             return F.mse_loss(out.squeeze(-1), target)
         return F.mse_loss(out, target)
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+
+def _keep(keep: dict[str, torch.Tensor] | None, name: str, t: torch.Tensor) -> None:
+    """Keep an intermediate (retain_grad) so its gradient can be checked by name."""
+    if keep is not None and t.requires_grad:
+        t.retain_grad()
+        keep[name] = t
 
 
 def activation_reference(name: str, z: torch.Tensor) -> torch.Tensor:
@@ -87,7 +95,7 @@ def autograd_gradients(
     """d loss / d every float input, by loss.backward() on fresh leaves.
 
     `detach()` makes new leaves that share storage with the run's tensors: nothing is copied.
-    With `intermediates`, d loss / d `out` and each pre-norm `l{k}` are put there too.
+    With `intermediates`, d loss / d `out` and each `l{k}`, `n{k}`, `a{k}` are put there too.
     """
     leaves = {
         n: t.detach().requires_grad_(t.is_floating_point()) if n != "target" else t

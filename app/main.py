@@ -5,8 +5,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from app import schemas, server
-from app.api import broadcast, docs, pages, run
+from app import data, schemas, server
+from app.api import broadcast, bugs, docs, pages, run
 from app.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +32,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     server.install(app, settings or get_settings(), models=schemas, warm_up=warm_up)
+    data.warm()  # the shipped datasets, parsed in a background thread (once per process)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
-    for module in (run, broadcast, pages, docs):
+    for module in (run, broadcast, bugs, pages, docs):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["meta"])

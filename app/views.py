@@ -87,6 +87,14 @@ def block_extreme(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Ten
     return torch.where(low.abs() > high.abs(), low, high)
 
 
+def block_max(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Tensor:
+    """Each block's largest entry (NaN wins: a non-finite entry is never hidden)."""
+    if row_block == col_block == 1:
+        return t2
+    pool = dict(kernel_size=(row_block, col_block), stride=(row_block, col_block), ceil_mode=True)
+    return torch.nn.functional.max_pool2d(t2[None, None], **pool)[0, 0]
+
+
 def _heatmap(z: torch.Tensor, row_block: int, col_block: int, rows: int, cols: int) -> dict:
     # a numpy array: orjson writes it fast, and NaN/Infinity as null
     return {
@@ -123,13 +131,30 @@ def heatmap_cap(cfg) -> int:
     """The cap on each heatmap's cells for a run of `cfg`: max_cells, lowered where all the
     response's heatmaps together would pass MAX_RESPONSE_CELLS."""
     sizes = [math.prod(s.shape) for s in input_specs(cfg) if s.role != "target"]
-    maps = 3 if cfg.reference_heatmaps else 1
+    maps = 4 if cfg.reference_heatmaps else 1  # manual; autograd, difference, tolerance
     return response_max_cells(sizes, cfg.max_cells, maps, MAX_RESPONSE_CELLS)
 
 
-def gradient_view(t: torch.Tensor, max_cells: int, reference: torch.Tensor | None = None) -> dict:
+def tolerance_ratio(diff: torch.Tensor, r2: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+    """|manual - autograd| / (atol + rtol * |autograd|), in place over `diff` (a fresh copy),
+    a few thousand rows at a time: <= 1 is exactly the check's allclose, entry by entry."""
+    tiny = torch.finfo(diff.dtype).tiny  # 0 / (atol = 0) is 0, not NaN
+    diff.abs_()
+    for i in range(0, diff.shape[0], 4096):
+        rows = slice(i, i + 4096)
+        diff[rows].div_(r2[rows].abs().mul_(rtol).add_(atol).clamp_min_(tiny))
+    return diff.clamp_(max=torch.finfo(diff.dtype).max)  # huge, but finite: drawn, not a gap
+
+
+def gradient_view(
+    t: torch.Tensor,
+    max_cells: int,
+    reference: torch.Tensor | None = None,
+    tolerance: tuple[float, float] | None = None,
+) -> dict:
     """Stats and heatmap of a gradient; with `reference` (autograd's), its heatmap on the
-    same blocks and the difference's."""
+    same blocks and the difference's; with the check's `tolerance` (rtol, atol) too, the
+    difference in units of the tolerance (each block's largest)."""
     t2 = as_2d(t.detach())
     rows, cols = t2.shape
     blocks = block_sizes(rows, cols, max_cells)
@@ -143,7 +168,11 @@ def gradient_view(t: torch.Tensor, max_cells: int, reference: torch.Tensor | Non
     if reference is not None:
         r2 = as_2d(reference.detach())
         view["reference_heatmap"] = _heatmap(block_mean(r2, *blocks), *blocks, rows, cols)
-        view["diff_heatmap"] = _heatmap(block_extreme(t2 - r2, *blocks), *blocks, rows, cols)
+        diff = t2 - r2
+        view["diff_heatmap"] = _heatmap(block_extreme(diff, *blocks), *blocks, rows, cols)
+        if tolerance is not None:
+            ratio = tolerance_ratio(diff, r2, *tolerance)
+            view["tolerance_heatmap"] = _heatmap(block_max(ratio, *blocks), *blocks, rows, cols)
     return view
 
 
@@ -161,3 +190,34 @@ def overflow_warnings(result: dict[str, Any]) -> list[str]:
                 "(sent as null)"
             )
     return found
+
+
+MAX_IMAGES = 64  # digits, and hidden units drawn as images, sent at most
+
+
+def unit_images(w: torch.Tensor, limit: int = MAX_IMAGES) -> np.ndarray:
+    """A first layer's weights (pixels, units) as one flat image per unit: (units, pixels),
+    the first `limit` units. What each unit looks at (or, for w1.g, how it would change)."""
+    return np.ascontiguousarray(w.detach()[:, :limit].T.numpy())
+
+
+def data_view(
+    name: str,
+    image_shape: tuple[int, int],
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    w1: torch.Tensor,
+    w1_grad: torch.Tensor | None,
+) -> dict[str, Any]:
+    """The run's first digits (raw pixels) with their labels, and w1 / w1.g per unit."""
+    view: dict[str, Any] = {
+        "name": name,
+        "image_shape": list(image_shape),
+        "labels": labels[:MAX_IMAGES].tolist(),
+        "images": np.ascontiguousarray(pixels[:MAX_IMAGES].numpy()),
+        "units": w1.shape[1],
+        "w1": unit_images(w1),
+    }
+    if w1_grad is not None:
+        view["w1_grad"] = unit_images(w1_grad)
+    return view

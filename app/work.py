@@ -60,9 +60,14 @@ class Work:
 
 
 def formula_elements(cfg) -> int:
-    """Elements the learner's own formulas materialize in one run (their meta-traced steps).
-    The hook where that work is added; nothing until a run can carry formulas."""
-    return 0
+    """Elements the learner's own formulas read or write in one backward pass: the `work` of
+    their meta-traced entries (app/lab); 0 without formulas."""
+    if not getattr(cfg, "formulas", None):
+        return 0
+    from app import pipeline  # the traces are cached there (and it imports this module's users)
+
+    _, backward = pipeline.trace(cfg)
+    return sum(entry.get("work", 0) for entry in backward if entry.get("source") == "user")
 
 
 def _matmul_s(flops: float, itemsize: int) -> float:
@@ -142,6 +147,9 @@ def estimate(cfg, chunk_bytes: int) -> Work:
         for name in ("broadcast", "einsum", "matmul", "autograd"):
             once = here[name]
             compare += once * (2 if once > COMPARE_SLOW_S else 4)
-    formulas = _elementwise_s(formula_elements(cfg) * itemsize)
+    # the learner's formulas run as written (no chunks), in every manual backward but
+    # compare's: the run's, and the rerun in the other precision (recheck or fd's float64)
+    passes = 1 + (small or (cfg.fd_samples > 0 and itemsize == 4))
+    formulas = _elementwise_s(formula_elements(cfg) * itemsize) * passes
     total = forward + backward + check + recheck + fd + compare + formulas
     return Work(total, forward, backward, check, recheck, fd, compare, formulas)

@@ -48,6 +48,7 @@ def test_article_config_has_every_default_filled_in(article):
         "activation": "relu", "norm": "none", "loss": "mse", "init": "randn",
         "init_scale": 1.0, "seed": 0, "dtype": "float32", "strategy": "broadcast",
         "max_cells": 4096, "fd_samples": 0, "reference_heatmaps": False, "compare": False,
+        "data": "random",
     }  # fmt: skip
 
 

@@ -84,3 +84,47 @@ def test_reference_and_difference_heatmaps_share_the_blocks(client):
     assert max(abs(v) for row in x["diff_heatmap"]["z"] for v in row) <= 1e-5 * scale
     plain = client.post("/api/run", json={"batch": 3, "in_features": 4, "hidden": [2]}).json()
     assert "reference_heatmap" not in plain["gradients"]["x"]
+
+
+TOL_NET = {"batch": 64, "in_features": 12, "hidden": [6], "reference_heatmaps": True}
+
+
+def _cells(hm):
+    return [v for row in hm["z"] for v in row]
+
+
+@pytest.mark.parametrize("max_cells", [1_000_000, 40])
+def test_tolerance_heatmap_is_at_most_one_exactly_when_the_check_passes(client, max_cells):
+    body = {**TOL_NET, "max_cells": max_cells}
+    good = client.post("/api/run", json=body).json()
+    # wrong wherever x <= 0: the gradient is zeroed there
+    bad = client.post(
+        "/api/run", json={**body, "formulas": {"x.g": "(l1.g @ w1.T) * (x > 0).float()"}}
+    ).json()
+    for data in (good, bad):
+        for name, g in data["gradients"].items():
+            hm = g["tolerance_heatmap"]
+            assert (hm["row_block"], hm["col_block"]) == (
+                g["heatmap"]["row_block"],
+                g["heatmap"]["col_block"],
+            )
+            worst = max(_cells(hm))
+            assert (worst <= 1) == data["check"]["tensors"][name]["allclose"], (name, worst)
+    assert good["check"]["all_close"] and not bad["check"]["tensors"]["x"]["allclose"]
+
+
+def test_tolerance_heatmap_lights_up_exactly_where_the_formula_is_wrong(client):
+    body = {**TOL_NET, "max_cells": 1_000_000}  # every cell is one entry
+    bad = client.post(
+        "/api/run", json={**body, "formulas": {"x.g": "(l1.g @ w1.T) * (x > 0).float()"}}
+    ).json()
+    x = bad["gradients"]["x"]
+    c = bad["check"]["tensors"]["x"]
+    manual, ref, ratio = (
+        _cells(x[k]) for k in ("heatmap", "reference_heatmap", "tolerance_heatmap")
+    )
+    wrong = [abs(m - r) > c["atol"] + c["rtol"] * abs(r) for m, r in zip(manual, ref)]
+    assert any(wrong) and not all(wrong)
+    assert [q > 1 for q in ratio] == wrong
+    zeroed = [m == 0 and r != 0 for m, r in zip(manual, ref)]
+    assert all(z or q <= 1 for z, q in zip(zeroed, ratio))  # only the zeroed entries light up

@@ -71,7 +71,7 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
 
 
 # Fields the page sets itself (static/js/api.js), not the user: no input, not in the URL.
-PAGE_OWNED = frozenset({"reference_heatmaps"})
+PAGE_OWNED = frozenset({"reference_heatmaps", "formulas"})  # formulas: lab.js
 
 
 def run_fields() -> list[dict[str, Any]]:

@@ -5,6 +5,9 @@ from fastapi import APIRouter, Request
 
 from app import budget, pipeline, work
 from app.api.responses import StrictJSONResponse
+from app.lab import formulas
+from app.lab.evaluator import FormulaError
+from app.lab.formulas import UnknownGradient
 from app.schemas import ErrorMessage, RunRequest, RunResponse
 from app.server.limits import CancelToken, guarded
 from app.settings import Settings
@@ -56,9 +59,14 @@ async def run(http: Request, request: RunRequest) -> StrictJSONResponse:
 
 def check_budget(cfg: RunRequest, settings: Settings) -> tuple[float, int]:
     """422 naming the field and the limit when the run would not fit in memory or would hold
-    a run slot for too long (decided from shapes: nothing allocated). Returns the estimated
-    seconds (without the rounding recheck, which only a failing check runs: they choose the
-    run's lane) and bytes."""
+    a run slot for too long (decided from shapes: nothing allocated). The learner's formulas
+    are dry-run here, on meta tensors. Returns the estimated seconds (without the rounding
+    recheck, which only a failing check runs: they choose the run's lane) and bytes."""
+    try:
+        _, backward = pipeline.trace(cfg)
+    except (FormulaError, UnknownGradient) as err:
+        formulas.refuse(err, cfg.formulas)
+    budget.refuse_formula_cost(cfg, backward, settings.memory_budget_bytes)
     estimate = pipeline.estimate(cfg, settings.chunk_bytes)
     if estimate.total > settings.memory_budget_bytes:
         one_row = cfg.model_copy(update={"batch": 1})

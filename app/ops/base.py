@@ -147,6 +147,23 @@ def _fmt_scalar(value: float | int | bool) -> str:
 
 _SEQ = itertools.count()
 
+COMPARISONS = {"gt": ">", "lt": "<", "ge": ">=", "le": "<=", "eq": "==", "ne": "!="}
+
+
+def _is_basic_index(part: Any) -> bool:
+    return part is None or part is Ellipsis or isinstance(part, (int, slice))
+
+
+def _fmt_index(part: Any) -> str:
+    if part is None:
+        return "None"
+    if part is Ellipsis:
+        return "..."
+    if isinstance(part, slice):
+        pieces = ["" if v is None else str(v) for v in (part.start, part.stop, part.step)]
+        return ":".join(pieces[:2]) + (f":{pieces[2]}" if part.step is not None else "")
+    return str(part)
+
 
 def _merge_steps(*sources: Sequence[Any]) -> list[Any]:
     """Merge step (or binding) lists in the order they ran, each shared item once."""
@@ -265,8 +282,39 @@ class Traced:
     def unsqueeze(self, dim: int) -> Traced:
         return self._method(self.t.unsqueeze(dim), f"unsqueeze({dim})", "unsqueeze", "unsqueeze")
 
-    def squeeze(self, dim: int) -> Traced:
+    def squeeze(self, dim: int | None = None) -> Traced:
+        if dim is None:
+            return self._method(self.t.squeeze(), "squeeze()", "squeeze", "squeeze")
         return self._method(self.t.squeeze(dim), f"squeeze({dim})", "squeeze", "squeeze")
+
+    def view(self, *shape: int) -> Traced:
+        args = ", ".join(map(str, shape))
+        return self._method(self.t.view(shape), f"view({args})", "reshape", "view")
+
+    def transpose(self, dim0: int, dim1: int) -> Traced:
+        t = self.t.transpose(dim0, dim1)
+        return self._method(t, f"transpose({dim0}, {dim1})", "reshape", "transpose")
+
+    def permute(self, *dims: int) -> Traced:
+        args = ", ".join(map(str, dims))
+        return self._method(self.t.permute(dims), f"permute({args})", "reshape", "permute")
+
+    def transpose2d(self) -> Traced:  # `.t()`; the name `t` holds the tensor itself
+        if self.ndim > 2:
+            raise ValueError(f".t() expects a tensor of at most 2 dims, got {self.ndim}")
+        return self._method(self.t.t(), "t()", "reshape", "t")
+
+    @property
+    def T(self) -> Traced:  # noqa: N802 (torch's name)
+        if self.ndim != 2:
+            raise ValueError(f".T expects a 2-D tensor here, got {self.ndim} dims")
+        return self._make(self.t.T, f"{self._wrapped(ATOM)}.T", ATOM, "reshape", "T", [self])
+
+    def expand(self, *sizes: int) -> Traced:
+        """A stretched view: no memory, but whatever reads it does the full work."""
+        args = ", ".join(map(str, sizes))
+        t = self.t.expand(*sizes)
+        return self._method(t, f"expand({args})", "broadcast", "expand", view=True)
 
     def reshape(self, *shape: int) -> Traced:
         args = ", ".join(map(str, shape))
@@ -284,7 +332,11 @@ class Traced:
         dims = [d % self.ndim for d in dims]
         return self._method(t, call, "reduce", op, reduced_dims=dims)
 
-    def sum(self, dim: int | tuple[int, ...], keepdim: bool = False) -> Traced:
+    def sum(self, dim: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Traced:
+        if dim is None:  # the sum of everything: a scalar
+            return self._method(
+                self.t.sum(), "sum()", "reduce", "sum", reduced_dims=list(range(self.ndim))
+            )
         return self._reduce("sum", dim, keepdim)
 
     def mean(self, dim: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Traced:
@@ -296,6 +348,27 @@ class Traced:
 
     def amax(self, dim: int, keepdim: bool = False) -> Traced:
         return self._reduce("max", dim, keepdim)
+
+    def amin(self, dim: int, keepdim: bool = False) -> Traced:
+        return self._reduce("min", dim, keepdim)
+
+    def max(self, dim: int | None = None, keepdim: bool = False) -> Traced:
+        """With a dim, the values (as `.max(dim).values`); without, the largest entry."""
+        if dim is None:
+            return self._method(self.t.max(), "max()", "reduce", "max")
+        return self._reduce("max", dim, keepdim)
+
+    def min(self, dim: int | None = None, keepdim: bool = False) -> Traced:
+        if dim is None:
+            return self._method(self.t.min(), "min()", "reduce", "min")
+        return self._reduce("min", dim, keepdim)
+
+    def softmax(self, dim: int) -> Traced:
+        return self._method(self.t.softmax(dim), f"softmax({dim})", "elementwise", "softmax")
+
+    def log_softmax(self, dim: int) -> Traced:
+        t = self.t.log_softmax(dim)
+        return self._method(t, f"log_softmax({dim})", "elementwise", "log_softmax")
 
     # ---- elementwise
 
@@ -356,9 +429,21 @@ class Traced:
         return self._make(t, expr, MUL, "matmul", "matmul", [self, other])
 
     def __gt__(self, other: float) -> Traced:  # type: ignore[override]
-        return self._make(
-            self.t > other, f"{self.expr} > {_fmt_scalar(other)}", 0, "mask", "gt", [self]
-        )
+        return self.compare("gt", other)
+
+    def compare(self, op: str, other: Traced | float) -> Traced:
+        """`self > other` (op gt, lt, ge, le, eq, ne) as a mask; `other` may broadcast."""
+        symbol = COMPARISONS[op]
+        if isinstance(other, Traced):
+            detail = {}
+            if self.shape != other.shape and self.t.is_meta:
+                detail["broadcast"] = broadcast_rule(self.shape, other.shape).as_dict()
+            t = getattr(torch, op)(self.t, other.t)
+            expr = f"{self._wrapped(ADD)} {symbol} {other._wrapped(ADD)}"
+            return self._make(t, expr, 0, "mask", op, [self, other], detail)
+        t = getattr(torch, op)(self.t, other)
+        expr = f"{self._wrapped(ADD)} {symbol} {_fmt_scalar(other)}"
+        return self._make(t, expr, 0, "mask", op, [self])
 
     def eq(self, other: Traced) -> Traced:
         """`self == other` as a mask (broadcasting), e.g. where a row's max is."""
@@ -376,7 +461,18 @@ class Traced:
         )
 
     def __getitem__(self, index: Any) -> Traced:
-        raise TypeError("index a Traced with .gather or a named helper, so the trace can show it")
+        """Basic indexing only (ints, slices, None, ...): a view, traced as `index`."""
+        parts = index if isinstance(index, tuple) else (index,)
+        if not all(_is_basic_index(p) for p in parts):
+            raise TypeError("only ints, slices, None and ... can index a tensor here")
+        text = ", ".join(_fmt_index(p) for p in parts) if parts else "()"
+        expr = f"{self._wrapped(ATOM)}[{text}]"
+        return self._make(self.t[index], expr, ATOM, "index", "getitem", [self])
+
+    def __pow__(self, exponent: float) -> Traced:
+        t = self.t.pow(exponent)
+        expr = f"{self._wrapped(ATOM)} ** {_fmt_scalar(exponent)}"
+        return self._make(t, expr, UNARY, "elementwise", "pow", [self])
 
     def pow(self, exponent: float) -> Traced:
         return self._method(
@@ -401,6 +497,23 @@ class Traced:
     def sigmoid(self) -> Traced:
         return self._method(self.t.sigmoid(), "sigmoid()", "elementwise", "sigmoid")
 
+    def abs(self) -> Traced:
+        return self._method(self.t.abs(), "abs()", "elementwise", "abs")
+
+    def clamp(self, min: float | None = None, max: float | None = None) -> Traced:  # noqa: A002
+        args = ", ".join(
+            f"{k}={_fmt_scalar(v)}" for k, v in (("min", min), ("max", max)) if v is not None
+        )
+        return self._method(self.t.clamp(min, max), f"clamp({args})", "elementwise", "clamp")
+
+    def clamp_max(self, high: float) -> Traced:
+        return self._method(
+            self.t.clamp_max(high), f"clamp_max({_fmt_scalar(high)})", "elementwise", "clamp_max"
+        )
+
+    def double(self) -> Traced:
+        return self._method(self.t.double(), "double()", "elementwise", "double")
+
     def clamp_min(self, low: float) -> Traced:
         return self._method(
             self.t.clamp_min(low), f"clamp_min({_fmt_scalar(low)})", "elementwise", "clamp_min"
@@ -411,13 +524,52 @@ class Traced:
         return self._method(self.t.float(), "float()", "mask", "float")
 
     def to_dtype_of(self, other: Traced) -> Traced:
-        name = str(other.t.dtype).removeprefix("torch.")
-        return self._method(self.t.to(other.t.dtype), f"to(torch.{name})", "mask", "to")
+        return self.to(other.t.dtype)
+
+    def to(self, dtype: torch.dtype) -> Traced:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(".to() takes torch.float32 or torch.float64")
+        name = str(dtype).removeprefix("torch.")
+        return self._method(self.t.to(dtype), f"to(torch.{name})", "mask", "to")
 
     def gather(self, dim: int, index: Traced) -> Traced:
         t = self.t.gather(dim, index.t)
         expr = f"{self._wrapped(ATOM)}.gather({dim}, {index.expr})"
         return self._make(t, expr, ATOM, "index", "gather", [self, index])
+
+
+def einsum(equation: str, *operands: Traced) -> Traced:
+    """`torch.einsum(equation, ...)`: every index's product, summed over the ones not kept."""
+    t = torch.einsum(equation, *(o.t for o in operands))
+    args = ", ".join([repr(equation), *(o.expr for o in operands)])
+    first = operands[0]
+    detail = {"index_product": _einsum_work(equation, operands)} if t.is_meta else {}
+    return first._make(t, f"torch.einsum({args})", ATOM, "einsum", "einsum", operands, detail)
+
+
+def _einsum_work(equation: str, operands: Sequence[Traced]) -> int:
+    """Multiply-adds of an einsum: the product of every index's size (`...` dims included)."""
+    terms = equation.replace(" ", "").split("->")[0].split(",")
+    sizes: dict[str, int] = {}
+    ellipsis = 1
+    for term, operand in zip(terms, operands):
+        letters = term.replace("...", "")
+        named = operand.shape[len(operand.shape) - len(letters) :] if letters else ()
+        if "..." in term:
+            ellipsis = max(ellipsis, math.prod(operand.shape[: len(operand.shape) - len(letters)]))
+            letters_dims = zip(letters, named)
+        else:
+            letters_dims = zip(letters, operand.shape)
+        for letter, size in letters_dims:
+            sizes[letter] = max(sizes.get(letter, 1), size)
+    return math.prod(sizes.values()) * ellipsis
+
+
+def filled_like(other: Traced, value: float) -> Traced:
+    """`torch.ones_like` / `torch.zeros_like`."""
+    name = {0.0: "zeros_like", 1.0: "ones_like"}[float(value)]
+    t = torch.full_like(other.t, value)
+    return other._make(t, f"torch.{name}({other.expr})", ATOM, "fill", name, [other])
 
 
 def one_hot(index: Traced, num_classes: int) -> Traced:
@@ -427,14 +579,20 @@ def one_hot(index: Traced, num_classes: int) -> Traced:
     return index._make(t, expr, ATOM, "index", "one_hot", [index])
 
 
-def where(cond: Traced, a: Traced, b: Traced) -> Traced:
+def where(cond: Traced, a: Traced | float, b: Traced | float) -> Traced:
     """`torch.where(cond, a, b)`: pick from `a` where `cond` holds, else from `b`."""
-    t = torch.where(cond.t, a.t, b.t)
-    expr = f"torch.where({cond.expr}, {a.expr}, {b.expr})"
+    values = [v.t if isinstance(v, Traced) else v for v in (a, b)]
+    t = torch.where(cond.t, *values)
+    exprs = [v.expr if isinstance(v, Traced) else _fmt_scalar(v) for v in (a, b)]
+    expr = f"torch.where({cond.expr}, {exprs[0]}, {exprs[1]})"
+    operands = [cond, *(v for v in (a, b) if isinstance(v, Traced))]
     detail = {}
-    if a.shape != b.shape or cond.shape != a.shape:
-        detail["broadcast"] = broadcast_rule(a.shape, b.shape).as_dict()
-    return cond._make(t, expr, ATOM, "mask", "where", [cond, a, b], detail)
+    shapes = [o.shape for o in operands]
+    if len(set(shapes)) > 1 and t.is_meta:
+        rule = broadcast_rule(shapes[1], shapes[-1]) if len(shapes) == 3 else None
+        if rule is not None:
+            detail["broadcast"] = rule.as_dict()
+    return cond._make(t, expr, ATOM, "mask", "where", operands, detail)
 
 
 # --------------------------------------------------------------------------- ops

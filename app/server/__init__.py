@@ -21,7 +21,7 @@ from app.server.limits import (
     derive_concurrency,
 )
 from app.server.openapi import exact_openapi
-from app.server.security import GuardMiddleware, JsonBodyMiddleware
+from app.server.security import ComputeRoutes, GuardMiddleware, JsonBodyMiddleware
 from app.server.startup import lifespan_with
 from app.settings import Settings
 
@@ -42,9 +42,10 @@ def install(
     if models is not None:
         app.openapi = exact_openapi(app, models)  # type: ignore[method-assign]
     # the last added runs first: guard (headers, host, origin, type) -> body limit -> JSON
-    app.add_middleware(JsonBodyMiddleware)
+    compute = ComputeRoutes(lambda: app.routes)
+    app.add_middleware(JsonBodyMiddleware, compute=compute)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(GuardMiddleware, compute=compute, allowed_hosts=settings.allowed_hosts)
     app.add_exception_handler(RequestValidationError, errors.validation_error)
     app.add_exception_handler(StarletteHTTPException, errors.http_error)
     app.add_exception_handler(Saturated, errors.saturated)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,7 +16,7 @@ from app.server.limits import refuse, replay
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "[::1]"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-COMPUTE_PREFIX = "/api/"  # the compute routes: POST with a JSON body
+
 
 # Plotly.js writes its own stylesheet at run time (a <style> element it fills through CSSOM)
 # and sets style attributes on the SVG it draws; see README "Security headers" for why
@@ -79,9 +80,34 @@ class HostAllowlist:
         return any(name == n and port_ok(p) for n, p in self.entries)
 
 
-def _compute(scope: Scope) -> bool:
-    """A POST to a compute route (elsewhere a POST gets the router's 404 or 405)."""
-    return scope["method"] == "POST" and scope["path"].startswith(COMPUTE_PREFIX)
+class ComputeRoutes:
+    """The routes that take a POST (the compute routes), read from the app's routes the first
+    time they are needed (routers are included after the middleware is installed). A POST
+    elsewhere is left to the router (404, 405)."""
+
+    def __init__(self, routes: Callable[[], list[Any]]) -> None:
+        self._routes = routes
+        self._patterns: list[Any] | None = None
+
+    def __call__(self, scope: Scope) -> bool:
+        if scope["method"] != "POST":
+            return False
+        if self._patterns is None:
+            found = list(_post_routes(self._routes()))
+            # nothing found means routes this code cannot read: then every POST is checked
+            self._patterns = found or [re.compile(".*")]
+        return any(p.match(scope["path"]) for p in self._patterns)
+
+
+def _post_routes(routes: list[Any]):
+    """Path patterns of the routes that take POST, nested routers included (FastAPI keeps an
+    included router as one entry whose `effective_candidates()` lists its routes)."""
+    for route in routes:
+        nested = getattr(route, "effective_candidates", None)
+        if callable(nested):
+            yield from _post_routes(nested())
+        elif "POST" in (getattr(route, "methods", None) or ()) and hasattr(route, "path_regex"):
+            yield route.path_regex
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
@@ -92,10 +118,11 @@ class GuardMiddleware:
     """Outermost: security headers on every response; 400 for a Host not allowed; HEAD
     served as GET without the body; for any other method than GET/HEAD/OPTIONS, 403 when
     the browser says the request comes from another origin (Origin, Sec-Fetch-Site); for a
-    POST to /api/, 415 for a body that is not declared application/json."""
+    POST to a compute route, 415 for a body that is not declared application/json."""
 
-    def __init__(self, app: ASGIApp, allowed_hosts: str = "") -> None:
+    def __init__(self, app: ASGIApp, compute: ComputeRoutes, allowed_hosts: str = "") -> None:
         self.app = app
+        self.compute = compute
         self.hosts = HostAllowlist(allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -124,7 +151,7 @@ class GuardMiddleware:
             ):
                 await refuse(send, 403, "cross-origin requests may not start runs")
                 return
-        if _compute(scope):
+        if self.compute(scope):
             media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if media != b"application/json":
                 detail = "the body must be JSON, sent with Content-Type: application/json"
@@ -171,15 +198,16 @@ def lone_surrogate(value: Any, path: tuple = ()) -> tuple | None:
 
 
 class JsonBodyMiddleware:
-    """Inside the body limit (the body is whole): a POST body to /api/ must be a JSON object; an empty
+    """Inside the body limit (the body is whole): a POST body to a compute route must be a JSON object; an empty
     body, `null`, a list or a scalar is a 422, and so is a string or key holding a lone
     surrogate (valid JSON escapes, but no text: it could not even be echoed back)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, compute: ComputeRoutes) -> None:
         self.app = app
+        self.compute = compute
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _compute(scope):
+        if scope["type"] != "http" or not self.compute(scope):
             await self.app(scope, receive, send)
             return
         message = await receive()

@@ -1,4 +1,4 @@
-// The two API calls the page makes, and FastAPI's 422 detail sorted by the field it names.
+// The API calls the page makes, and FastAPI's 422 detail sorted by the field it names.
 
 export class ApiError extends Error {
   constructor(status, body, retryAfter) {
@@ -71,6 +71,13 @@ async function postJSON(url, body, signal) {
 // The page always asks for autograd's heatmaps too, for the manual / autograd / difference switch.
 export const run = (config, signal) => postJSON("/api/run", { ...config, reference_heatmaps: true }, signal);
 export const broadcast = (a, b, signal) => postJSON("/api/broadcast", { a, b }, signal);
+
+/** The bug gallery (GET /api/bugs), for the lab's "Break it" menu. */
+export async function bugs(signal) {
+  const res = await fetch("/api/bugs", { signal });
+  if (!res.ok) throw new ApiError(res.status, null, null);
+  return res.json();
+}
 
 /**
  * Error messages keyed by the request field they name: detail loc ["body", field, ...rest]

@@ -5,7 +5,7 @@ import { h, num, shape } from "./format.js";
 export const VIEWS = {
   manual: { label: "manual", title: (n) => `${n}.g (manual)` },
   autograd: { label: "autograd", title: (n) => `${n}.grad (autograd)` },
-  difference: { label: "manual − autograd", title: (n) => `${n}.g − ${n}.grad`, cell: "the entry of largest |difference|" },
+  difference: { label: "difference ÷ tolerance", title: (n) => `|${n}.g − ${n}.grad| ÷ tol`, cell: "the largest |difference| ÷ tolerance" },
 };
 
 // Blue for negative, white at zero, red for positive.
@@ -18,7 +18,7 @@ const DIVERGING = [
  * heatmaps too (api.js), so every response carries all three. */
 export function viewHeatmap(g, view) {
   if (view === "autograd") return g.reference_heatmap;
-  if (view === "difference") return g.diff_heatmap;
+  if (view === "difference") return g.tolerance_heatmap || g.diff_heatmap;
   return g.heatmap;
 }
 
@@ -45,6 +45,29 @@ function ticks(n, px) {
   const p = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 5, 10].map((m) => m * p).find((v) => v >= raw);
   return { tickmode: "linear", tick0: 0, dtick: step };
+}
+
+/** The difference in units of the check's tolerance, |manual − autograd| / (atol + rtol·|autograd|):
+ * up to 1 passes and stays pale grey; over 1 fails and turns red, deeper on a log scale (1 + log10),
+ * so a wrong formula lights up exactly where it is wrong and rounding noise never does. */
+function toleranceTrace(hm, name, oneD, xs, ys, blocky) {
+  const shown = (r) => (r == null ? null : r <= 1 ? r : 1 + Math.log10(r));
+  const z = hm.z.map((row) => row.map(shown));
+  const top = Math.max(2, ...z.flat().filter((v) => v != null));
+  const edge = 1 / top; // where the scale crosses 1
+  const step = Math.max(1, Math.ceil((top - 1) / 5)); // decades per tick, at most ~5 above 1
+  const tickvals = [0, 0.5, 1];
+  for (let v = 1 + step; v <= top; v += step) tickvals.push(v);
+  return {
+    type: "heatmap", z, customdata: hm.z, x: xs, y: oneD ? [0] : ys, zmin: 0, zmax: top,
+    colorscale: [[0, "#f8f9fa"], [edge, "#ced4da"], [Math.min(1, edge + 1e-6), "#fcbba1"], [Math.min(1, edge + (1 - edge) / 3), "#fb6a4a"], [1, "#99000d"]],
+    colorbar: {
+      title: { text: "|diff| ÷ tol", side: "right" }, thickness: 12, len: 1, outlinewidth: 0,
+      tickvals, ticktext: tickvals.map((v) => (v <= 1 ? String(v) : `${10 ** (v - 1)}`.replace(/^(1)(0{3,})$/, (_, a, zs) => `1e${zs.length}`))),
+    },
+    hoverongaps: false,
+    hovertemplate: `${oneD ? `${name}.g[%{x}]` : "row %{y}, col %{x}"}${blocky ? " (largest in block)" : ""}<br>|diff| ÷ tolerance = %{customdata:.3g}<extra></extra>`,
+  };
 }
 
 export function drawHeatmaps(container, data, view) {
@@ -79,7 +102,7 @@ export function drawHeatmaps(container, data, view) {
     const blocky = hm.row_block > 1 || hm.col_block > 1;
     const blockWord = view === "difference" ? "largest |diff| in block" : "block mean";
     const zmax = Math.max(1e-30, ...hm.z.flat().filter((v) => v != null).map(Math.abs));
-    const trace = {
+    const trace = view === "difference" && g.tolerance_heatmap ? toleranceTrace(hm, name, oneD, xs, ys, blocky) : {
       type: "heatmap", z: hm.z, x: xs, y: oneD ? [0] : ys,
       colorscale: DIVERGING, zmid: 0, zmin: -zmax, zmax,
       colorbar: { title: { text: VIEWS[view].title(name), side: "right" }, thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g" },

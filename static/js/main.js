@@ -5,6 +5,7 @@ import { Diagram } from "./diagram.js";
 import { Explainer } from "./explainer.js";
 import { bytes, h, num } from "./format.js";
 import { drawHeatmaps, VIEWS } from "./heatmaps.js";
+import { Lab } from "./lab.js";
 import { configFromForm, configFromQuery, configToForm, FIELDS, queryFromConfig } from "./state.js";
 import { Stepper } from "./stepper.js";
 
@@ -22,7 +23,9 @@ const stepper = new Stepper({
   prevBtn: $("step-prev"), nextBtn: $("step-next"),
   onSelect: (i) => diagram.highlight(i),
   onExplain: (a, b) => explainer.show(a, b),
+  decorate: (li, entry) => lab.decorate(li, entry),
 });
+const lab = new Lab({ barEl: $("lab-bar"), onCheck: () => fromForm() });
 
 function showErrors(errs) {
   for (const f of FIELDS) {
@@ -62,7 +65,8 @@ function setView(next) {
   document.querySelector(`input[name="grad-view"][value="${view}"]`).checked = true;
 }
 
-function draw(data) {
+function draw(response) {
+  const data = lab.redact(response); // an exercise's hidden formulas never reach the DOM
   current = data;
   main.classList.remove("empty");
   summary(data);
@@ -71,11 +75,13 @@ function draw(data) {
   setView(view);
   drawHeatmaps($("heatmaps"), data, view);
   drawChecks($("check"), data);
+  lab.drawn();
 }
 
 /** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */
 let lastSent = null;
-async function go(config) {
+async function go(config, withLab = true) {
+  if (withLab) (config = { ...config, ...lab.request() }), lab.clearError();
   const key = JSON.stringify(config);
   if (key === lastSent && controller && !controller.signal.aborted && document.body.dataset.state === "loading") return;
   lastSent = key;
@@ -89,6 +95,11 @@ async function go(config) {
     draw(data);
   } catch (err) {
     if (err.name === "AbortError") return;
+    // a formula's 422 is shown at the formula; with nothing drawn yet, draw the reference run
+    if (withLab && lab.failed(err)) {
+      if (!current) go({ ...config, formulas: undefined }, false);
+      return;
+    }
     showErrors(errorsByField(err));
   } finally {
     if (controller === mine) setLoading(false);
@@ -97,7 +108,7 @@ async function go(config) {
 
 function fromForm() {
   const { config, unreadable } = configFromForm(form);
-  const query = queryFromConfig(config);
+  const query = lab.query(queryFromConfig(config));
   if (query !== location.search) history.pushState(null, "", `${location.pathname}${query}`);
   if (unreadable.length) {
     showErrors(Object.fromEntries(unreadable.map((n) => [n, ["not a number"]])));
@@ -108,6 +119,7 @@ function fromForm() {
 
 function fromUrl() {
   const config = configFromQuery(location.search);
+  lab.fromQuery(location.search);
   configToForm(form, config);
   go(config);
 }

@@ -4,8 +4,8 @@ import { reduceTable, reductionText, ruleTable } from "./align.js";
 import { bytes, esc, h, shape } from "./format.js";
 
 export class Stepper {
-  constructor({ codeEl, detailEl, posEl, prevBtn, nextBtn, onSelect, onExplain }) {
-    Object.assign(this, { codeEl, detailEl, posEl, prevBtn, nextBtn, onSelect, onExplain });
+  constructor({ codeEl, detailEl, posEl, prevBtn, nextBtn, onSelect, onExplain, decorate }) {
+    Object.assign(this, { codeEl, detailEl, posEl, prevBtn, nextBtn, onSelect, onExplain, decorate });
     this.steps = [];
     this.index = -1;
     prevBtn.addEventListener("click", () => this.move(-1));
@@ -18,10 +18,13 @@ export class Stepper {
     this.steps = steps;
     this.codeEl.replaceChildren(
       ...data.forward.map((f) => h("li", { class: "fwd" }, h("code", {}, f.code))),
-      ...data.backward.map((b, e) =>
-        h("li", { class: "bwd", "data-entry": String(e) },
+      ...data.backward.map((b, e) => {
+        const li = h("li", { class: "bwd", "data-entry": String(e) },
           h("button", { type: "button", class: "code-line", onclick: () => this.select(steps.findIndex((p) => p.e === e)) },
-            h("code", {}, b.code)))),
+            h("code", {}, b.code)));
+        this.decorate?.(li, b, e); // the formula lab's tools (lab.js)
+        return li;
+      }),
     );
     let best = -1;
     steps.forEach((p, i) => {
@@ -46,7 +49,7 @@ export class Stepper {
     for (const li of this.codeEl.querySelectorAll("li.bwd")) {
       const on = Number(li.dataset.entry) === p.e;
       li.classList.toggle("current", on);
-      const code = li.querySelector("code");
+      const code = li.querySelector(".code-line code");
       const text = this.data.backward[Number(li.dataset.entry)].code;
       const at = on ? text.lastIndexOf(st.expr) : -1;
       code.innerHTML = at < 0 ? esc(text) : `${esc(text.slice(0, at))}<mark>${esc(st.expr)}</mark>${esc(text.slice(at + st.expr.length))}`;

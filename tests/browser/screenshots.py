@@ -22,7 +22,40 @@ STATES = {  # name: (query, what to do after load)
     ),
     "error": ("?batch=0&hidden=4,-1", None),
     "budget": ("?batch=20000&hidden=4096", None),
+    "lab-exercise": ("?hide=x.g,w1.g", "lab"),  # its code card is the README's lab.png
+    "lab-break": ("?batch=32&in_features=24&hidden=16", "lab-break"),
 }
+
+
+def wait_drawn(page) -> None:
+    page.wait_for_function(
+        "['ready', 'empty'].includes(document.body.dataset.state)"
+        " && document.querySelector('#loading').hidden",
+        timeout=60_000,
+    )
+
+
+def lab(page, action: str, out: Path) -> None:
+    """An exercise half done (w1.g written and passing, x.g refused at its formula), or a
+    gallery bug applied, with the difference map scaled to the tolerance."""
+    if action == "lab":
+        for key, text in (("w1.g", "x.T @ l1.g"), ("x.g", "(l1.g.unsqueeze(-1) * w1).sum(-1)")):
+            page.fill(f'li[data-key="{key}"] textarea', text)
+            page.click(f'li[data-key="{key}"] button.lab-check')
+            wait_drawn(page)
+        page.evaluate(
+            "window.scrollTo(0, document.querySelector('#h-step').closest('section').offsetTop - 96)"
+        )
+        page.evaluate("document.querySelector('.top').style.position = 'static'")
+        page.locator("section:has(#h-step)").screenshot(path=out / "lab.png")
+        page.evaluate("document.querySelector('.top').style.position = ''")
+    else:
+        page.select_option("#lab-bugs", "x-abs-in-the-wrong-place")
+        wait_drawn(page)
+        page.check('input[name="grad-view"][value="difference"]')
+        page.evaluate(
+            "window.scrollTo(0, document.querySelector('#h-grads').closest('section').offsetTop - 96)"
+        )
 
 
 def main() -> None:
@@ -44,6 +77,8 @@ def main() -> None:
                 )
                 if action == "difference":
                     page.check('input[name="grad-view"][value="difference"]')
+                if action and action.startswith("lab"):
+                    lab(page, action, out)
                 if action == "step":
                     for _ in range(3):
                         page.keyboard.press("ArrowRight")

