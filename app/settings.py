@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     send_timeout_s: float = Field(10.0, gt=0)
     keep_alive_s: float = Field(5.0, gt=0)
     max_connections: int = Field(256, ge=1)
+    # after a big run, once idle, hand the allocator's free memory back (glibc malloc_trim)
+    release_memory: bool = True
 
 
 @lru_cache

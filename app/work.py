@@ -29,7 +29,7 @@ from app.ops.linear import chunk_rows
 from app.tensors import input_specs, layer_sizes, lead_shape
 
 # float32 rates; float64 takes twice as long per element (and half the flops per second)
-MATMUL_FLOPS = 40e9  # flops/s of a large matmul on 2 threads
+MATMUL_FLOPS = 25e9  # flops/s of the runs' matmuls on 2 threads (~50 at best, less for few rows)
 ELEMENTWISE_BYTES = 2e9  # bytes/s written by elementwise ops and reductions
 CACHED_PRODUCT_S = 0.4e-9  # per element of a broadcast product whose chunk stays in cache
 STREAMED_PRODUCT_S = 4.5e-9  # per element when one chunk is bigger than the cache (wide rows)
@@ -129,8 +129,10 @@ def estimate(cfg, chunk_bytes: int) -> Work:
 
     forward = here["forward"]
     backward = here[cfg.strategy]
-    # autograd, then the comparison and the views over every gradient (a few passes each)
-    check = here["autograd"] + _elementwise_s(8 * gradients) + len(specs) * 20 * OP_S
+    # autograd, then the comparison and the views over every gradient: a few passes each, some
+    # 20 more with reference_heatmaps (autograd's map, the difference's, the tolerance's)
+    passes = 8 + (24 if cfg.reference_heatmaps else 0)
+    check = here["autograd"] + _elementwise_s(passes * gradients) + len(specs) * 20 * OP_S
     manual_other = there["forward"] + there[cfg.strategy]
     small = float_bytes + gradients <= RECHECK_MAX_BYTES
     recheck = manual_other + there["autograd"] if small else 0.0

@@ -37,7 +37,9 @@ def install(
     concurrency = derive_concurrency(settings)
     app.state.settings = settings
     app.state.concurrency = concurrency
-    app.state.limiter = RunLimiter(concurrency.runs, settings.queue_wait_s, settings.run_deadline_s)
+    app.state.limiter = RunLimiter(
+        concurrency.runs, settings.queue_wait_s, settings.run_deadline_s, settings.release_memory
+    )
     app.router.lifespan_context = lifespan_with(warm_up)
     if models is not None:
         app.openapi = exact_openapi(app, models)  # type: ignore[method-assign]

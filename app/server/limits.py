@@ -106,8 +106,11 @@ class RunLimiter:
 
     Semaphores are made per event loop (TestClient may start one loop per request)."""
 
-    def __init__(self, slots: int, wait_s: float, deadline_s: float = math.inf) -> None:
+    def __init__(
+        self, slots: int, wait_s: float, deadline_s: float = math.inf, trim: bool = True
+    ) -> None:
         self.slots = slots
+        self.trim = trim
         self.wait_s = wait_s
         self.deadline_s = deadline_s
         self.in_flight = 0
@@ -155,7 +158,7 @@ class RunLimiter:
         finally:
             self.in_flight -= 1
             semaphore.release()
-            if not self.in_flight and memory_bytes >= TRIM_MIN_BYTES:
+            if self.trim and not self.in_flight and memory_bytes >= TRIM_MIN_BYTES:
                 await anyio.to_thread.run_sync(release_memory)
 
     async def _watched(
