@@ -175,7 +175,7 @@ def lanes(repeats: int = 5) -> dict:
         beside, giant_times = [], []
         for _ in range(repeats):
             result: list = []
-            giant = threading.Thread(target=lambda: result.append(server.post(GIANT)))
+            giant = threading.Thread(target=lambda out=result: out.append(server.post(GIANT)))
             giant.start()
             time.sleep(0.3)  # the giant has its slot
             status, took, _ = server.post({})
@@ -311,7 +311,9 @@ def main() -> None:
         report[name] = steps[name]()
         print(json.dumps({name: report[name]}, indent=2), flush=True)
     report["load_average_1m_after"] = os.getloadavg()[0]
-    print(json.dumps({"load_average": [report["load_average_1m"], report["load_average_1m_after"]]}))
+    print(
+        json.dumps({"load_average": [report["load_average_1m"], report["load_average_1m_after"]]})
+    )
 
 
 if __name__ == "__main__":
