@@ -135,7 +135,7 @@ def unread(n: int) -> dict:
             s.sendall(head + data)
             clients.append(s)
         ports = {s.getsockname()[1] for s in clients}
-        peak, start = idle, time.monotonic()
+        peak, start, seen = idle, time.monotonic(), 0
         while time.monotonic() - start < 600:
             peak = max(peak, server.rss())
             held = [
@@ -143,7 +143,8 @@ def unread(n: int) -> dict:
                 for c in psutil.Process(server.proc.pid).net_connections()
                 if c.raddr and c.raddr.port in ports
             ]
-            if not held:
+            seen = max(seen, len(held))
+            if seen and not held:  # all accepted, then all dropped
                 break
             time.sleep(0.05)
         dropped_after = time.monotonic() - start
@@ -158,6 +159,7 @@ def unread(n: int) -> dict:
             "issue_config_answer": {"status": heavy[0], "bytes": heavy[2], "ms": ms(heavy[1])},
             "rss_idle_mb": round(idle / 1e6, 1),
             "rss_peak_mb": round(peak / 1e6, 1),
+            "most_held_at_once": seen,
             "all_dropped_after_s": round(dropped_after, 1),
             "rss_after_mb": round(after / 1e6, 1),
             "server_alive": alive,
