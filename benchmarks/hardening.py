@@ -183,13 +183,14 @@ def lanes(repeats: int = 5) -> dict:
             status, took, _ = server.post({})
             beside.append((status, took, giant.is_alive()))
             giant.join()
-            giant_times.append(result[0][1])
+            giant_times.append(result[0][:2])
         return {
             "small_alone_ms": ms(alone),
             "small_beside_giant_ms": [ms(t) for _, t, _ in beside],
             "small_statuses": [s for s, _, _ in beside],
             "giant_still_running_when_small_done": [a for _, _, a in beside],
-            "giant_ms": [ms(t) for t in giant_times],
+            "giant_ms": [ms(t) for _, t in giant_times],
+            "giant_statuses": [s for s, _ in giant_times],
         }
     finally:
         server.stop()

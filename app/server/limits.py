@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import logging
 import math
 import os
@@ -114,6 +115,8 @@ class RunLimiter:
         self.wait_s = wait_s
         self.deadline_s = deadline_s
         self.in_flight = 0
+        self._release_pending = False
+        self._tasks: set[asyncio.Task] = set()
         self._semaphores: weakref.WeakKeyDictionary[Any, dict[str, anyio.Semaphore]] = (
             weakref.WeakKeyDictionary()
         )
@@ -158,8 +161,27 @@ class RunLimiter:
         finally:
             self.in_flight -= 1
             semaphore.release()
-            if self.trim and not self.in_flight and memory_bytes >= TRIM_MIN_BYTES:
-                await anyio.to_thread.run_sync(release_memory)
+            if self.trim and memory_bytes >= TRIM_MIN_BYTES:
+                self._release_soon()
+
+    def _release_soon(self) -> None:
+        """Give memory back once the answer has gone out (TRIM_DELAY_S later) and no run is
+        in flight; one pending release at a time."""
+        if self._release_pending:
+            return
+        self._release_pending = True
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(TRIM_DELAY_S)
+                if not self.in_flight:
+                    await anyio.to_thread.run_sync(release_memory)
+            finally:
+                self._release_pending = False
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._tasks.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._tasks.discard)
 
     async def _watched(
         self,
@@ -234,6 +256,7 @@ def _out_of_memory(settings: Settings) -> HTTPException:
 # --- memory ----------------------------------------------------------------------------------
 
 TRIM_MIN_BYTES = 32 << 20  # runs estimated at least this big give their memory back after
+TRIM_DELAY_S = 0.5  # after the run: its answer is sent, its last tensors collected
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -255,6 +278,7 @@ def release_memory() -> bool:
     releases free pages inside every thread's arena). False where there is no malloc_trim."""
     if _TRIM is None:
         return False
+    gc.collect()  # tensors a reference cycle still holds are freed first
     _TRIM(0)
     return True
 
