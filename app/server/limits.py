@@ -5,6 +5,7 @@ memory back to the system after big runs."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import ctypes.util
 import gc
@@ -14,6 +15,7 @@ import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -115,6 +117,10 @@ class RunLimiter:
         self.wait_s = wait_s
         self.deadline_s = deadline_s
         self.in_flight = 0
+        # the runs' own threads, kept for the life of the server: a thread that idles out
+        # (anyio's do after 10 s) takes its warm allocator arena and OpenMP team with it, and
+        # the next run on a new one pays for fresh ones
+        self._threads = ThreadPoolExecutor(2 * slots + 2, thread_name_prefix="run")
         self._release_pending = False
         self._tasks: set[asyncio.Task] = set()
         self._semaphores: weakref.WeakKeyDictionary[Any, dict[str, anyio.Semaphore]] = (
@@ -155,14 +161,26 @@ class RunLimiter:
         self.in_flight += 1
         try:
             if cancel is None:
-                # not abandoned on cancel: the slot stays taken until the thread is done
-                return await anyio.to_thread.run_sync(fn, *args)
+                return await self._in_thread(fn, args)
             return await self._watched(fn, args, cancel, receive)
         finally:
             self.in_flight -= 1
             semaphore.release()
             if self.trim and memory_bytes >= TRIM_MIN_BYTES:
                 self._release_soon()
+
+    async def _in_thread(self, fn: Callable[..., T], args: tuple) -> T:
+        """`fn(*args)` on one of the runs' threads (with this task's context variables). Not
+        abandoned on cancel: the slot stays taken until the thread is done."""
+        future = asyncio.get_running_loop().run_in_executor(
+            self._threads, contextvars.copy_context().run, fn, *args
+        )
+        try:
+            return await asyncio.shield(future)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([future])
+            raise
 
     def _release_soon(self) -> None:
         """Give memory back once the answer has gone out (TRIM_DELAY_S later) and no run is
@@ -194,7 +212,7 @@ class RunLimiter:
 
         async def work() -> None:
             try:
-                outcome["value"] = await anyio.to_thread.run_sync(fn, *args)
+                outcome["value"] = await self._in_thread(fn, args)
             except Exception as e:  # re-raised below, outside the task group
                 outcome["error"] = e
             finally:
