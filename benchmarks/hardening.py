@@ -245,6 +245,7 @@ async def _pages(base: str, n: int) -> dict:
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=args)
         busy = 0
+        errors: list[str] = []
 
         def count(response) -> None:
             nonlocal busy
@@ -254,15 +255,16 @@ async def _pages(base: str, n: int) -> dict:
             page = await context.new_page()
             page.on("response", count)
             start = time.perf_counter()
-            await page.goto(base + "/")
+            await page.goto(base + "/", timeout=300_000, wait_until="commit")
             try:
                 await page.wait_for_function(
-                    "() => document.body.dataset.state === 'ready'"
+                    "() => document.body && document.body.dataset.state === 'ready'"
                     " && document.querySelector('#loading').hidden"
                     " && document.querySelectorAll('.heatmap-card .main-svg').length > 0",
                     timeout=300_000,
                 )
-            except Exception:
+            except Exception as e:  # not drawn in time: say what the page showed
+                errors.append(f"{type(e).__name__}: {str(e)[:200]}")
                 return None
             return time.perf_counter() - start
 
@@ -277,6 +279,7 @@ async def _pages(base: str, n: int) -> dict:
     return {
         "pages": n,
         "drawn": len(drawn),
+        "errors": sorted(set(errors))[:5],
         "503s_waited_out": busy,
         "p50_ms": pick(0.5),
         "p95_ms": pick(0.95),
