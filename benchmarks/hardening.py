@@ -247,9 +247,13 @@ async def _pages(base: str, n: int) -> dict:
         busy = 0
         errors: list[str] = []
 
+        statuses: dict[int, int] = {}
+
         def count(response) -> None:
             nonlocal busy
-            busy += response.status == 503 and response.url.endswith("/api/run")
+            if response.url.endswith("/api/run"):
+                busy += response.status == 503
+                statuses[response.status] = statuses.get(response.status, 0) + 1
 
         async def one(context) -> float | None:
             page = await context.new_page()
@@ -281,6 +285,7 @@ async def _pages(base: str, n: int) -> dict:
         "drawn": len(drawn),
         "errors": sorted(set(errors))[:5],
         "503s_waited_out": busy,
+        "api_run_statuses": statuses,
         "p50_ms": pick(0.5),
         "p95_ms": pick(0.95),
         "max_ms": ms(drawn[-1]) if drawn else None,

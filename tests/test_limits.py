@@ -120,12 +120,29 @@ def test_the_deadline_stops_a_run():
     assert done.is_set()
 
 
+def test_the_deadline_counts_the_runs_own_cpu_time():
+    """A run that computes stops once its thread has used the deadline's CPU time; a run that
+    waits (a machine busy elsewhere) is stopped only by the wall-clock net, 4x later."""
+    token = CancelToken()
+    token.arm(0.05)
+    assert not token.is_set()  # the first poll starts the clock
+    end = time.monotonic() + 30
+    while not token.is_set() and time.monotonic() < end:
+        sum(range(10_000))  # CPU work
+    assert token.is_set() and token.reason == "deadline"
+    idle = CancelToken()
+    idle.arm(0.05)
+    idle.is_set()
+    time.sleep(0.2)  # wall time passes, CPU time does not
+    assert not idle.is_set()
+
+
 def test_a_stopped_run_is_a_422_naming_the_deadline(monkeypatch):
     def slow(cfg, chunk_bytes, cancel):
         polling_run(cancel, threading.Event())
 
     monkeypatch.setattr(pipeline, "run", slow)
-    app = create_app(Settings(run_deadline_s=0.3))
+    app = create_app(Settings(run_deadline_s=0.1))
     with TestClient(app, raise_server_exceptions=False) as client:
         r = client.post("/api/run", json={"batch": 2, "in_features": 3})
     assert r.status_code == 422

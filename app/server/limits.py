@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -78,11 +79,21 @@ class Stopped(Exception):
 
 class CancelToken:
     """Set by the limiter when a run should stop; the run polls `is_set()` between its ops and
-    chunks (app.ops.Context.cancel) and raises there."""
+    chunks (app.ops.Context.cancel) and raises there.
+
+    Armed with a deadline (`arm`), the token also turns set once the polling thread has used
+    that much CPU time since its first poll: the run's own work, what it would take on a quiet
+    machine, so that a machine busy with other work (a room of browsers on the same laptop)
+    does not stop runs that are within bounds."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason: str | None = None
+        self.cpu_deadline_s = math.inf
+        self._cpu_start: float | None = None
+
+    def arm(self, cpu_deadline_s: float) -> None:
+        self.cpu_deadline_s = cpu_deadline_s
 
     def set(self, reason: str) -> None:
         if not self._event.is_set():
@@ -90,8 +101,21 @@ class CancelToken:
             self._event.set()
 
     def is_set(self) -> bool:
-        return self._event.is_set()
+        if self._event.is_set():
+            return True
+        if self.cpu_deadline_s < math.inf:
+            now = time.thread_time()
+            if self._cpu_start is None:
+                self._cpu_start = now
+            elif now - self._cpu_start > self.cpu_deadline_s:
+                self.set("deadline")
+                return True
+        return False
 
+
+# The wall-clock bound on a run, as a multiple of its CPU-time deadline: a safety net for a
+# starved machine (or a run stuck outside the checks)
+WALL_DEADLINE_FACTOR = 4
 
 # Runs estimated to take at most this long go to the small lane: they never queue behind a
 # run in the large lane (a small run beside a giant one takes about twice its time alone).
@@ -105,7 +129,8 @@ class RunLimiter:
     Retry-After). A run estimated at most SMALL_RUN_S (`work_s`) takes a free slot of either
     lane, else waits for the small lane; any other run (or one of unknown work) waits for the
     large lane. With a `cancel` token, the run is stopped (Stopped) when the client hangs up
-    (`receive` gives http.disconnect) or after `deadline_s`, between two of its ops or chunks.
+    (`receive` gives http.disconnect), once it has used `deadline_s` of CPU time, or after
+    WALL_DEADLINE_FACTOR x `deadline_s` of wall time, between two of its ops or chunks.
 
     Semaphores are made per event loop (TestClient may start one loop per request)."""
 
@@ -218,8 +243,10 @@ class RunLimiter:
             finally:
                 group.cancel_scope.cancel()
 
+        cancel.arm(self.deadline_s)
+
         async def watch() -> None:
-            with anyio.move_on_after(self.deadline_s):
+            with anyio.move_on_after(self.deadline_s * WALL_DEADLINE_FACTOR):
                 while receive is not None:
                     if (await receive())["type"] == "http.disconnect":
                         cancel.set("disconnect")
