@@ -3,11 +3,12 @@
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
+from starlette.middleware.gzip import GZipMiddleware
 
-from app import data, schemas, server
-from app.api import broadcast, bugs, docs, pages, run
+from app import assets, data, schemas, server
+from app.api import broadcast, bugs, docs, export, pages, run, train
 from app.settings import Settings, get_settings
+from app.timing import ServerTimingMiddleware
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,9 +33,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     server.install(app, settings or get_settings(), models=schemas, warm_up=warm_up)
+    # compresses JSON and HTML over 1 KB (the article run's 450 KB JSON to 180 KB); level 1:
+    # 10 ms where level 6 takes 45 ms, for 12% more bytes
+    app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)
+    # outermost: the server's share of a wait, compression included, for the browser
+    app.add_middleware(ServerTimingMiddleware)
     data.warm()  # the shipped datasets, parsed in a background thread (once per process)
-    app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
-    for module in (run, broadcast, bugs, pages, docs):
+    assets.warm()  # the Plotly bundle's gzip, made once in the background
+    app.mount("/static", assets.VersionedStatic(directory=ROOT / "static"), name="static")
+    for module in (run, train, broadcast, bugs, export, pages, docs):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["meta"])

@@ -56,8 +56,7 @@ class Network:
             for op in self.ops:
                 if ctx is not None:
                     ctx.check()
-                args = [Traced.leaf(env[n], n) for n in op.inputs]
-                env[op.output] = op.forward(*args).t
+                env[op.output] = op.compute_forward([env[n] for n in op.inputs])
         return env
 
     @property

@@ -18,7 +18,14 @@ from app.lab.formulas import LearnerFormula, bind
 from app.network import Network
 from app.ops import Context
 from app.tensors import DTYPES, data_name, input_specs, lead_shape, make_tensors
-from app.views import MAX_IMAGES, data_view, gradient_view, heatmap_cap, overflow_warnings
+from app.views import (
+    MAX_IMAGES,
+    data_view,
+    gradient_view,
+    heatmap_cap,
+    overflow_warnings,
+    small_values,
+)
 
 SHAPE_FIELDS = ("in_features", "out_features", "activation", "norm", "loss", "dtype")
 
@@ -159,6 +166,9 @@ def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
             grads["w1"],
         )
     result["warnings"] = overflow_warnings(result)
+    values = small_values(env, grads)
+    if values is not None:
+        result["values"] = values
     return result
 
 

@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -237,6 +238,68 @@ def _refuse_field(field: str, value: Any, msg: str) -> None:
     )
 
 
+MAX_TRAIN_STEPS = 20_000
+MAX_TRAIN_BATCH = 4096
+MAX_LR = 100.0
+
+
+class TrainRequest(RunRequest):
+    """A run's config (data, architecture, init, seed, dtype, strategy) plus SGD's. Training
+    takes minibatches of `train_batch` from the data's training part (image data: the
+    first n - n // 5 images in the fixed order; random: the first prod(batch) - prod(batch)
+    // 5 of the run's own x and target) and validates on the rest. fd_samples, compare and
+    reference_heatmaps do not apply to training (accepted, ignored); max_cells sizes the
+    w1 heatmaps of the done event."""
+
+    steps: Annotated[int, Field(strict=True, ge=1, le=MAX_TRAIN_STEPS)] = Field(
+        500, description=f"Optimizer steps, at most {MAX_TRAIN_STEPS}"
+    )
+    lr: Annotated[float, Field(strict=True)] = Field(
+        0.1, gt=0, le=MAX_LR, allow_inf_nan=False, description="Learning rate"
+    )
+    momentum: Annotated[float, Field(strict=True)] = Field(
+        0.0, ge=0, lt=1, allow_inf_nan=False, description="SGD momentum, as torch.optim.SGD"
+    )
+    train_batch: Annotated[int, Field(strict=True, ge=1, le=MAX_TRAIN_BATCH)] = Field(
+        64, description="Minibatch size; at most the training part's size"
+    )
+    eval_every: Annotated[int, Field(strict=True, ge=1, le=MAX_TRAIN_STEPS)] = Field(
+        25,
+        description="Steps between progress events; each also checks that step's manual "
+        "gradients against autograd and evaluates the held-out part",
+    )
+
+    @model_validator(mode="after")
+    def _fits_the_training_part(self) -> TrainRequest:
+        if self.data == "random":
+            n = math.prod([self.batch] if isinstance(self.batch, int) else self.batch)
+            if n < 5:
+                _refuse_field(
+                    "batch",
+                    self.batch,
+                    "training on random data uses the run's prod(batch) examples, 4/5 to "
+                    f"train and 1/5 to validate: batch must give at least 5, got {n}",
+                )
+        else:
+            n = DATA_INFO[self.data].n
+        n_train = n - n // 5
+        if self.train_batch > n_train:
+            _refuse_field(
+                "train_batch",
+                self.train_batch,
+                f"the training part has {n_train} examples (data={self.data!r}); "
+                f"train_batch={self.train_batch} is larger",
+            )
+        if self.norm == "batchnorm" and self.hidden and self.train_batch < 2:
+            _refuse_field(
+                "train_batch",
+                self.train_batch,
+                "norm='batchnorm' takes statistics over the minibatch: train_batch must be "
+                "at least 2",
+            )
+        return self
+
+
 class TensorInfo(BaseModel):
     shape: Shape
     role: Literal["input", "target", "param", "activation", "output"]
@@ -311,6 +374,11 @@ class Heatmap(BaseModel):
     col_block: int
     rows: int = Field(description="Rows of the 2-D view before downsampling")
     cols: int = Field(description="Columns of the 2-D view before downsampling")
+    extreme: list[list[float | None]] | None = Field(
+        None,
+        description="Only when downsampled: each block's entry of largest magnitude, sign kept "
+        "(block means can hide the extremes)",
+    )
 
 
 class Stats(BaseModel):
@@ -406,6 +474,11 @@ class Comparison(BaseModel):
     chunk_bytes: int = Field(description="The cap on one broadcast chunk in this server")
 
 
+class SmallValues(BaseModel):
+    tensors: dict[str, Any] = Field(description="Every forward tensor's values (nested lists)")
+    grads: dict[str, Any] = Field(description="Every manual gradient's values (nested lists)")
+
+
 class DataView(BaseModel):
     name: Literal["mnist", "digits"]
     image_shape: Shape = Field(description="[h, w] of one image")
@@ -440,6 +513,11 @@ class RunResponse(BaseModel):
         default_factory=list,
         description='What the page should flag, e.g. "overflow in w2.g: 3 of 2500 entries are '
         'not finite (sent as null)"; empty when the run is clean.',
+    )
+    values: SmallValues | None = Field(
+        None,
+        description="Only for small runs (every tensor at most 64 entries, e.g. batch 2, "
+        "in_features 3, hidden [4]): the values, so a step's numbers can be shown",
     )
 
 
@@ -480,3 +558,38 @@ class Bug(BaseModel):
         "silent: fails the check but passes the article's is_same (no abs())"
     )
     lesson: str
+
+
+class ExportRequest(BaseModel):
+    """A run to take home as a file that needs only torch (POST /api/export)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: RunRequest = Field(
+        default_factory=RunRequest,
+        description="The run, as POST /api/run takes it (default: the article's)",
+    )
+    format: Literal["py", "ipynb"] = Field(
+        "py",
+        description="py: a script that exits 0 exactly when every gradient matches autograd; "
+        "ipynb: a Jupyter notebook (nbformat v4, no outputs) with the same code in cells",
+    )
+    hide: Annotated[list[str], Field(max_length=64)] = Field(
+        default_factory=list,
+        description='Gradients ("x.g") whose built-in formulas the file must not show, as in an '
+        "exercise: each must have the learner's formula in config.formulas, which the file "
+        "shows alone; other built-in formulas for it (e.g. cross-entropy's fused out.g) are "
+        "left out.",
+    )
+
+    @field_validator("hide")
+    @classmethod
+    def _hidden_need_formulas(cls, hide: list[str], info: ValidationInfo) -> list[str]:
+        config = info.data.get("config")
+        missing = [key for key in hide if config is not None and key not in config.formulas]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)} would need Broadprop's own formula in the file; "
+                "write it in config.formulas first"
+            )
+        return hide

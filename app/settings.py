@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     max_concurrent_runs: int = Field(0, ge=0)  # 0: derived from the cores
     torch_threads: int = Field(0, ge=0)  # per run; 0: derived from the cores
     queue_wait_s: float = Field(2.0, ge=0)  # a run that cannot start within this gets 503
+    train_time_limit_s: float = Field(300.0, gt=0)  # a training stops (done) after this
     # a run that has used this much CPU time (its own thread) is stopped between two ops or
     # chunks (422); 4x this of wall time stops it whatever the machine's load
     run_deadline_s: float = Field(3.0, gt=0)

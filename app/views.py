@@ -95,15 +95,25 @@ def block_max(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(t2[None, None], **pool)[0, 0]
 
 
-def _heatmap(z: torch.Tensor, row_block: int, col_block: int, rows: int, cols: int) -> dict:
+def _heatmap(
+    z: torch.Tensor,
+    row_block: int,
+    col_block: int,
+    rows: int,
+    cols: int,
+    extreme: torch.Tensor | None = None,
+) -> dict:
     # a numpy array: orjson writes it fast, and NaN/Infinity as null
-    return {
+    out = {
         "z": np.ascontiguousarray(z.numpy()),
         "row_block": row_block,
         "col_block": col_block,
         "rows": rows,
         "cols": cols,
     }
+    if extreme is not None and (row_block > 1 or col_block > 1):
+        out["extreme"] = np.ascontiguousarray(extreme.numpy())  # block means hide the extremes
+    return out
 
 
 def response_max_cells(sizes: list[int], max_cells: int, maps: int, total: int) -> int:
@@ -162,18 +172,37 @@ def gradient_view(
     view = {
         "shape": list(t.shape),
         "stats": st,
-        "heatmap": _heatmap(block_mean(t2, *blocks), *blocks, rows, cols),
+        "heatmap": _heatmap(
+            block_mean(t2, *blocks), *blocks, rows, cols, block_extreme(t2, *blocks)
+        ),
         "nonfinite": count_nonfinite(t, st),
     }
     if reference is not None:
         r2 = as_2d(reference.detach())
-        view["reference_heatmap"] = _heatmap(block_mean(r2, *blocks), *blocks, rows, cols)
+        view["reference_heatmap"] = _heatmap(
+            block_mean(r2, *blocks), *blocks, rows, cols, block_extreme(r2, *blocks)
+        )
         diff = t2 - r2
         view["diff_heatmap"] = _heatmap(block_extreme(diff, *blocks), *blocks, rows, cols)
         if tolerance is not None:
             ratio = tolerance_ratio(diff, r2, *tolerance)
             view["tolerance_heatmap"] = _heatmap(block_max(ratio, *blocks), *blocks, rows, cols)
     return view
+
+
+SMALL_VALUES_MAX = 64  # entries per tensor (8 x 8): a run small enough to show its numbers
+
+
+def small_values(env: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> dict | None:
+    """Every forward tensor's and every manual gradient's values, when each has at most
+    SMALL_VALUES_MAX entries (`batch=2, in_features=3, hidden=4`), so the page can show a
+    step's numbers; None for anything larger (the response stays small and bounded)."""
+    if any(t.numel() > SMALL_VALUES_MAX for t in (*env.values(), *grads.values())):
+        return None
+    return {
+        "tensors": {n: t.detach().tolist() for n, t in env.items()},
+        "grads": {n: t.detach().tolist() for n, t in grads.items()},
+    }
 
 
 def overflow_warnings(result: dict[str, Any]) -> list[str]:

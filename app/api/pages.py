@@ -1,20 +1,18 @@
-"""GET /: the visualizer page, and Plotly.js served from the installed plotly package."""
+"""GET /: the visualizer page, and Plotly.js (the cartesian bundle, or the plotly package's)."""
 
 from pathlib import Path
 from typing import Any
 
-import plotly
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from app.schemas import RunRequest
+from app import assets
+from app.schemas import RunRequest, TrainRequest
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).resolve().parents[2] / "templates")
-
-PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-PLOTLY_URL = f"/vendor/plotly-{plotly.__version__}.min.js"  # versioned: safe to cache forever
+templates.env.globals["asset"] = assets.asset_url  # {{ asset('js/main.js') }}: a versioned URL
 
 
 def _num(value: Any) -> str:
@@ -71,7 +69,8 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
 
 
 # Fields the page sets itself (static/js/api.js), not the user: no input, not in the URL.
-PAGE_OWNED = frozenset({"reference_heatmaps", "formulas"})  # formulas: lab.js
+# formulas: a dict, edited by the formula lab, not a text input of the form.
+PAGE_OWNED = frozenset({"reference_heatmaps", "formulas"})
 
 
 def run_fields() -> list[dict[str, Any]]:
@@ -83,19 +82,31 @@ def run_fields() -> list[dict[str, Any]]:
     ]
 
 
+def train_fields() -> list[dict[str, Any]]:
+    """The fields POST /api/train adds to a run's (steps, lr, ...), with their limits."""
+    props = TrainRequest.model_json_schema()["properties"]
+    defaults = TrainRequest().model_dump()
+    for prop in props.values():  # lr > 0, momentum < 1: the input's bounds (the 422 is exact)
+        prop.setdefault("minimum", prop.get("exclusiveMinimum"))
+        prop.setdefault("maximum", prop.get("exclusiveMaximum"))
+    return [_field(n, props[n], defaults[n]) for n in props if n not in RunRequest.model_fields]
+
+
 @router.get("/", response_class=HTMLResponse)
 def index(request: Request) -> HTMLResponse:
-    return templates.TemplateResponse(
-        request, "index.html", {"fields": run_fields(), "plotly_url": PLOTLY_URL}
-    )
+    name, _ = assets.plotly_bundle()
+    context = {
+        "fields": run_fields(),
+        "train_fields": train_fields(),
+        "plotly_url": f"/vendor/{name}",
+    }
+    return templates.TemplateResponse(request, "index.html", context)
 
 
-@router.get("/vendor/plotly-{version}.min.js")
-def plotly_js(version: str) -> FileResponse:
-    if version != plotly.__version__:
+@router.get("/vendor/{name}")
+def plotly_js(name: str, request: Request) -> Response:
+    """The Plotly bundle; its name carries its version, so it is cached for good."""
+    served, path = assets.plotly_bundle()
+    if name != served:
         raise HTTPException(status_code=404)
-    return FileResponse(
-        PLOTLY_JS,
-        media_type="text/javascript",
-        headers={"Cache-Control": "public, max-age=31536000, immutable"},
-    )
+    return assets.serve_file(path, request.headers.get("accept-encoding", ""))

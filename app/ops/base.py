@@ -167,6 +167,9 @@ def _fmt_index(part: Any) -> str:
 
 def _merge_steps(*sources: Sequence[Any]) -> list[Any]:
     """Merge step (or binding) lists in the order they ran, each shared item once."""
+    nonempty = [steps for steps in sources if steps]
+    if len(nonempty) <= 1 or all(steps is nonempty[0] for steps in nonempty):
+        return list(nonempty[0]) if nonempty else []  # each list is merged already
     seen: set[int] = set()
     merged: list[Any] = []
     for steps in sources:
@@ -260,7 +263,8 @@ class Traced:
         detail: dict[str, Any] | None = None,
     ) -> Traced:
         if not t.is_meta:  # computing, not tracing: the numbers need no steps
-            return Traced(t, expr, prec, None, _merge_steps(*(o.bindings for o in operands)))
+            named = [o.bindings for o in operands if o.bindings]
+            return Traced(t, expr, prec, None, _merge_steps(*named) if named else [])
         step = Step(
             action=action,
             op=op,
@@ -623,7 +627,13 @@ class Context:
 
     strategy: str = "broadcast"
     chunk_bytes: int = 4 << 20
-    cancel: Any = None
+    variants: bool = True  # also compute the other formulas (out:fused); training does not
+    skip: frozenset[str] = frozenset()  # gradients nobody needs (training: the data's x.g)
+    cancel: Any = None  # anything with is_set(): the run stops at its next check
+
+    def wants(self, key: str) -> bool:
+        name, label = split_variant(key)
+        return name not in self.skip and (self.variants or label is None)
 
     def check(self) -> None:
         """Raise RunCancelled if the run should stop (its client left, its deadline passed)."""
@@ -675,6 +685,10 @@ class Op:
         traced and checked, and the main formula is the one that propagates."""
         raise NotImplementedError
 
+    def compute_forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The output as a tensor; by default the formula of `forward` on real tensors."""
+        return self.forward(*(Traced.leaf(x, n) for x, n in zip(xs, self.inputs))).t
+
     def compute_backward(
         self, g: torch.Tensor | None, xs: Sequence[torch.Tensor], result: torch.Tensor, ctx: Context
     ) -> dict[str, torch.Tensor]:
@@ -684,4 +698,4 @@ class Op:
             *(Traced.leaf(x, n) for x, n in zip(xs, self.inputs)),
             result=Traced.leaf(result, self.output),
         )
-        return {name: formula().t for name, formula in formulas.items()}
+        return {name: formula().t for name, formula in formulas.items() if ctx.wants(name)}

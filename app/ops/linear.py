@@ -28,6 +28,10 @@ class Linear(Op):
             b.expr: lambda: unbroadcast(g, b.shape),
         }
 
+    def compute_forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        x, w, b = xs
+        return x @ w + b  # `forward` on plain tensors
+
     def compute_backward(
         self, g: torch.Tensor, xs: Sequence[torch.Tensor], result: torch.Tensor, ctx: Context
     ) -> dict[str, torch.Tensor]:
@@ -35,19 +39,23 @@ class Linear(Op):
         x_name, w_name, b_name = self.inputs
         x2 = x.reshape(-1, x.shape[-1])  # (N, in): the leading dims flattened, no copy
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        want_x = x_name not in ctx.skip
         if ctx.strategy == "broadcast":
             out2 = result.reshape(-1, result.shape[-1])  # (N, out)
-            x_g, w_g = self._broadcast_chunked(g2, x2, w, b, out2, ctx)
+            x_g, w_g = self._broadcast_chunked(g2, x2, w, b, out2, ctx, want_x)
         elif ctx.strategy == "einsum":
-            x_g = torch.einsum("no,io->ni", g2, w)  # (N, in)
+            x_g = torch.einsum("no,io->ni", g2, w) if want_x else None  # (N, in)
             w_g = torch.einsum("ni,no->io", x2, g2)  # (in, out)
         elif ctx.strategy == "matmul":
-            x_g = g2 @ w.T  # (N, out) @ (out, in) -> (N, in)
+            x_g = g2 @ w.T if want_x else None  # (N, out) @ (out, in) -> (N, in)
             w_g = x2.T @ g2  # (in, N) @ (N, out) -> (in, out)
         else:
             raise ValueError(f"unknown strategy {ctx.strategy!r}")
         b_g = g2.sum(0)  # (out,)
-        return {x_name: x_g.reshape(x.shape), w_name: w_g, b_name: b_g}
+        grads = {w_name: w_g, b_name: b_g}
+        if x_g is not None:
+            grads[x_name] = x_g.reshape(x.shape)
+        return grads
 
     def _broadcast_chunked(
         self,
@@ -57,13 +65,14 @@ class Linear(Op):
         b: torch.Tensor,
         out2: torch.Tensor,
         ctx: Context,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        want_x: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The article's formulas, literally, over row chunks whose (rows, in, out) product
         fits in `ctx.chunk_bytes`: the same numbers without the full (N, in, out)
         intermediate. The cancel token is checked before each chunk."""
         n, (fan_in, fan_out) = g2.shape[0], w.shape
         rows = chunk_rows(fan_in, fan_out, g2.element_size(), ctx.chunk_bytes)
-        x_g = torch.empty_like(x2)  # (N, in)
+        x_g = torch.empty_like(x2) if want_x else None  # (N, in)
         # the chunks' partial sums add up in float64: one float32 sum over a million rows
         # would round far more than autograd's matmul does
         w_g = torch.zeros_like(w, dtype=torch.float64)  # (in, out)
@@ -79,7 +88,8 @@ class Linear(Op):
                 b_t,
                 result=Traced.leaf(out2[chunk], self.output),
             )
-            x_g[chunk] = formulas[x_name]().t  # (rows, in)
+            if x_g is not None:
+                x_g[chunk] = formulas[x_name]().t  # (rows, in)
             w_g += formulas[w_name]().t  # this chunk's share of the sum over rows
         return x_g, w_g.to(w.dtype)
 

@@ -15,8 +15,9 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -182,17 +183,26 @@ class RunLimiter:
         receive: Callable[[], Awaitable[Message]] | None = None,
         memory_bytes: int = 0,
     ) -> T:
+        try:
+            async with self.slot(work_s):
+                if cancel is None:
+                    return await self._in_thread(fn, args)
+                return await self._watched(fn, args, cancel, receive)
+        finally:
+            if self.trim and memory_bytes >= TRIM_MIN_BYTES:
+                self._release_soon()
+
+    @asynccontextmanager
+    async def slot(self, work_s: float | None = None) -> AsyncIterator[None]:
+        """Hold one run slot for the body (a training holds one for its whole stream); the
+        lane as for `run` (large unless `work_s` is small)."""
         semaphore = await self._acquire(work_s is not None and work_s <= SMALL_RUN_S)
         self.in_flight += 1
         try:
-            if cancel is None:
-                return await self._in_thread(fn, args)
-            return await self._watched(fn, args, cancel, receive)
+            yield
         finally:
             self.in_flight -= 1
             semaphore.release()
-            if self.trim and memory_bytes >= TRIM_MIN_BYTES:
-                self._release_soon()
 
     async def _in_thread(self, fn: Callable[..., T], args: tuple) -> T:
         """`fn(*args)` on one of the runs' threads (with this task's context variables). Not

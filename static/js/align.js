@@ -2,14 +2,16 @@
 // right-aligned in a table, stretched dims marked, the result, and the dims a gradient sums over.
 import { h, shape } from "./format.js";
 
-/** The table for rule = {result, a: {aligned, expanded, grad_sum_dims}, b: {...}} of shapes a, b. */
-export function ruleTable(a, b, rule, names = ["a", "b"]) {
+/** The table for rule = {result, a: {aligned, expanded, grad_sum_dims}, b: {...}} of shapes a, b,
+ * the operands labelled `names`. The last rows: with `then` ({label, dims}: the reduction the
+ * formula applies next), that reduction; without, each operand's gradient sums (the adjoint). */
+export function ruleTable(a, b, rule, names = ["a", "b"], then = null) {
   const n = rule.result.length;
   const head = h("tr", {}, h("th", {}, ""), ...rule.result.map((_, i) => h("th", { scope: "col" }, `dim ${i}`, h("small", {}, ` (${i - n})`))));
   const operandRow = (label, orig, side) => {
     const missing = n - orig.length;
     return h("tr", {},
-      h("th", { scope: "row" }, label, h("small", {}, ` ${shape(orig)}`)),
+      h("th", { scope: "row" }, h("code", {}, label), h("small", {}, ` ${shape(orig)}`)),
       ...rule.result.map((size, i) => {
         const stretched = side.expanded.includes(i);
         if (i < missing) return h("td", { class: "missing stretched", title: `${label} has no dim ${i}: repeated ${size} times` }, `· → ${size}`);
@@ -28,8 +30,10 @@ export function ruleTable(a, b, rule, names = ["a", "b"]) {
       operandRow(names[0], a, rule.a),
       operandRow(names[1], b, rule.b),
       h("tr", { class: "result-row" }, h("th", { scope: "row" }, "result", h("small", {}, ` ${shape(rule.result)}`)), ...rule.result.map((s) => h("td", {}, String(s)))),
-      sumRow(names[0], rule.a),
-      sumRow(names[1], rule.b)));
+      ...(then
+        ? [h("tr", { class: "sum-row then-row" }, h("th", { scope: "row" }, then.label),
+            ...rule.result.map((_, i) => h("td", { class: then.dims.includes(i) ? "summed" : "" }, then.dims.includes(i) ? "Σ" : "")))]
+        : [sumRow(names[0], rule.a), sumRow(names[1], rule.b)])));
   return table;
 }
 

@@ -1,4 +1,5 @@
 // The API calls the page makes, and FastAPI's 422 detail sorted by the field it names.
+import { toJSON } from "./state.js";
 
 export class ApiError extends Error {
   constructor(status, body, retryAfter) {
@@ -45,7 +46,7 @@ async function postJSON(url, body, signal) {
     res = await fetch(url, {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify(body),
+      body: toJSON(body), // BigInt seeds as exact JSON numbers
       signal,
     });
     const after = Number.parseInt(res.headers.get("Retry-After"), 10);
@@ -68,8 +69,11 @@ async function postJSON(url, body, signal) {
   return data;
 }
 
+/** Fields a panel adds to every run (e.g. the formula lab's `formulas`), beside the form's. */
+export const extras = {};
+
 // The page always asks for autograd's heatmaps too, for the manual / autograd / difference switch.
-export const run = (config, signal) => postJSON("/api/run", { ...config, reference_heatmaps: true }, signal);
+export const run = (config, signal) => postJSON("/api/run", { ...config, ...extras, reference_heatmaps: true }, signal);
 export const broadcast = (a, b, signal) => postJSON("/api/broadcast", { a, b }, signal);
 
 /** The bug gallery (GET /api/bugs), for the lab's "Break it" menu. */
@@ -98,6 +102,7 @@ export function errorsByField(err) {
       if (loc[0] === "body" && loc.length > 1) {
         const rest = loc.slice(2);
         add(String(loc[1]), rest.length ? `item ${rest.join(".")}: ${msg}` : msg);
+        if (d.type === "memory_budget" || d.type === "work_limit") (out["@limits"] ||= []).push(msg);
       } else add("", msg);
     }
   } else if (typeof detail === "string") {

@@ -7,10 +7,17 @@ export function drawChecks(el, data) {
   const mark = (ok) => h("span", { class: ok ? "yes" : "no" }, ok ? "✓ yes" : "✗ no");
   const head = ["tensor", "shape", "max abs err", "max rel err", "rtol", "atol", "allclose", "exact", "result"];
   if (fd) head.push("fd samples", "fd max abs err", "fd max rel err", "fd result");
-  const rows = Object.entries(check.tensors).map(([name, c]) => {
+  // leaves first, then the intermediates the check also covers (out, l{k}, a{k}, n{k}, and a
+  // second formula of one gradient, e.g. cross-entropy's fused out.g)
+  const entries = [
+    ...Object.entries(check.tensors).map(([name, c]) => [name, c, false]),
+    ...Object.entries(check.intermediates || {}).map(([name, c]) => [name, c, true]),
+  ];
+  const rows = entries.map(([key, c, inter]) => {
+    const [name, variant] = key.split(":");
     const shp = (data.gradients[name] || data.tensors[name] || {}).shape;
     const cells = [
-      h("th", { scope: "row" }, h("code", {}, `${name}.g`)),
+      h("th", { scope: "row" }, h("code", {}, `${name}.g`), variant ? ` (${variant})` : "", inter ? h("small", { class: "muted" }, " intermediate") : ""),
       h("td", {}, shp ? shape(shp) : "–"),
       h("td", { class: "n" }, num(c.max_abs_err)),
       h("td", { class: "n" }, num(c.max_rel_err)),
@@ -21,12 +28,12 @@ export function drawChecks(el, data) {
       h("td", {}, h("span", { class: `verdict ${c.allclose ? "pass" : "fail"}` }, c.allclose ? "pass" : "FAIL")),
     ];
     if (fd) {
-      const f = fd[name] || {};
+      const f = (inter ? {} : fd[name]) || {};
       cells.push(h("td", { class: "n" }, f.samples ?? "–"), h("td", { class: "n" }, num(f.max_abs_err)), h("td", { class: "n" }, num(f.max_rel_err)),
         h("td", { title: f.rtol != null ? `max rel err ≤ ${num(f.rtol)}, plus the differences' own rounding` : "" },
           "allclose" in f ? h("span", { class: `verdict ${f.allclose ? "pass" : "fail"}` }, f.allclose ? "pass" : "FAIL") : "–"));
     }
-    return h("tr", { class: c.allclose ? "pass" : "fail", "data-name": name }, ...cells);
+    return h("tr", { class: `${c.allclose ? "pass" : "fail"}${inter ? " intermediate" : ""}`, "data-name": key }, ...cells);
   });
   el.replaceChildren(
     ...warnings(data),

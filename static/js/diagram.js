@@ -1,20 +1,15 @@
-// The shape-flow diagram: the forward lane (tensors, labelled with their shapes) above, the
-// backward lane below, one column per gradient formula with its steps stacked in order.
-// A tensor sits right above the column that computes its gradient. Nothing here knows any op:
+// The shape-flow diagram, drawn as plain SVG (no Plotly: a redraw takes a few ms): the forward
+// lane (tensors, labelled with their shapes, joined through op nodes: @ +, relu, mse) above,
+// the backward lane below, one column per gradient formula with its steps stacked in order.
+// A tensor sits right above the column that computes its gradient; columns are numbered in the
+// order they run (the backward pass starts at the right). Nothing here knows any op's maths:
 // steps are drawn by their `action`, and broadcast steps (those carrying a `broadcast` rule)
 // are drawn as diamonds sized by the memory they would take (monotone, capped so a diamond is
 // never taller than its own label; the label states the bytes). Layout is computed in px from
 // measured label widths so no label meets a marker or another label and nothing is clipped.
-import { bytes, esc, shape } from "./format.js";
+import { actionColour, actionKey, actionLabel, actionSymbol, ROLE_COLOURS } from "./colours.js";
+import { bytes, esc, h, shape } from "./format.js";
 
-const ACTION_COLOURS = {
-  unsqueeze: "#6c8ebf", squeeze: "#6c8ebf", reshape: "#6c8ebf", index: "#8c6d31",
-  broadcast: "#d9480f", reduce: "#7048e8", elementwise: "#0b7285", scale: "#2b8a3e",
-  mask: "#a61e4d", matmul: "#1864ab",
-};
-const OTHER_COLOURS = ["#5c940d", "#862e9c", "#e67700", "#495057"];
-const ROLE_COLOURS = { param: "#868e96", target: "#868e96", input: "#343a40", activation: "#343a40", output: "#343a40" };
-const GRAD_COLOUR = "#2f9e44";
 // Geometry, in px: the axes run in px (x right, y up from the top edge, so steps sit at y < 0),
 // so marker sizes, label widths and spacing are all measured in the same unit.
 const FONT = '"Open Sans", verdana, arial, sans-serif';
@@ -28,12 +23,6 @@ const DIAMOND_MIN = 11; // px, marker size of the smallest broadcast
 const DIAMOND_MAX = 26; // px, of the largest: a diamond spans 1.3 x its size, less than its 3-line label
 const DIAMOND_SPAN = 1.3; // Plotly draws a diamond of size s 1.3 s tall and wide
 const MAX_STRETCH = 70; // px a column may widen to fill a wide container
-function colourOf(action) {
-  if (action in ACTION_COLOURS) return ACTION_COLOURS[action];
-  let hash = 0;
-  for (const c of action) hash = (hash * 31 + c.charCodeAt(0)) >>> 0;
-  return OTHER_COLOURS[hash % OTHER_COLOURS.length];
-}
 
 /** Columns: tensors in order of first use in the forward pass; each tensor gets one column
  * per backward entry computing its gradient (or one, if none). Leftover entries go last. */
@@ -113,7 +102,7 @@ export function geometry(data, lay, minWidth = 0) {
   function place(stacked) {
     // Each column: its steps (marker size, label, vertical place) and its extents about its x.
     const cols = lay.columns.map((c) => {
-      const head = c.entry == null ? null : `<b>${esc(data.backward[c.entry].grad)}.g</b>`;
+      const head = c.entry == null ? null : `${c.entry + 1} <b>${esc(data.backward[c.entry].grad)}.g</b>`;
       const steps = c.entry == null ? [] : data.backward[c.entry].steps.map((st, s, all) => {
         const isB = !!st.broadcast, last = s === all.length - 1;
         const size = isB ? diamond(st.bytes) : DOT;
@@ -185,152 +174,272 @@ export function flatSteps(data, geo) {
 
 const isParamLike = (role) => role === "param" || role === "target";
 
+const NS = "http://www.w3.org/2000/svg";
+/** An SVG element from a tag, attributes and children. */
+function svg(tag, attrs = {}, ...children) {
+  const el = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) if (v != null && v !== false) el.setAttribute(k, v);
+  for (const c of children.flat()) if (c != null) el.append(c);
+  return el;
+}
+
+const unescape = (t) => t.replace(/&lt;/g, "<").replace(/&gt;/g, ">").replace(/&quot;/g, '"').replace(/&#39;/g, "'").replace(/&amp;/g, "&");
+
+/** Label markup ("a<br><b>(2, 3)</b>") as an SVG <text> of tspans, its block placed at (x, y):
+ * `v` = "middle" (centred on y), "top" (top edge at y) or "bottom" (bottom edge at y). */
+function text(x, y, markup, size, { anchor = "start", v = "middle", fill = null, cls = null } = {}) {
+  const lines = markup.split("<br>");
+  const lh = size * LINE;
+  const top = v === "middle" ? y - (lines.length * lh) / 2 : v === "bottom" ? y - lines.length * lh : y;
+  const t = svg("text", { x, "font-size": size, "text-anchor": anchor, fill, class: cls });
+  lines.forEach((line, i) => {
+    let bold = false;
+    let first = true;
+    for (const part of line.split(/(<\/?b>)/)) {
+      if (part === "<b>") bold = true;
+      else if (part === "</b>") bold = false;
+      else if (part) {
+        const attrs = { "font-weight": bold ? "bold" : null };
+        if (first) Object.assign(attrs, { x, y: (top + i * lh + lh / 2 + size * 0.35).toFixed(1) });
+        t.append(svg("tspan", attrs, unescape(part)));
+        first = false;
+      }
+    }
+  });
+  return t;
+}
+
+/** A marker of `size` px (Plotly's sense: a diamond spans 1.3 x size) centred at (x, y). */
+function marker(symbol, x, y, size, fill) {
+  const r = size / 2;
+  if (symbol === "square") return svg("rect", { x: x - r, y: y - r, width: size, height: size, fill });
+  if (symbol === "diamond") {
+    const d = (size * DIAMOND_SPAN) / 2;
+    return svg("polygon", { points: `${x},${y - d} ${x + d},${y} ${x},${y + d} ${x - d},${y}`, fill });
+  }
+  if (symbol === "triangle") return svg("polygon", { points: `${x - r * 1.1},${y - r * 0.8} ${x + r * 1.1},${y - r * 0.8} ${x},${y + r * 1.1}`, fill });
+  return svg("circle", { cx: x, cy: y, r, fill });
+}
+
+const OP_LABELS = { linear: "@ +", mse: "mse", cross_entropy: "cross-entropy", layernorm: "layernorm", batchnorm: "batchnorm" };
+const OP_FONT = 10;
+const MARGIN = 6;
+
+/** A note for every gradient computed by more than one formula (cross-entropy's out.g:
+ * step by step, and fused), or null. */
+export function repeatsNote(data) {
+  const count = {};
+  for (const b of data.backward) count[b.grad] = (count[b.grad] || 0) + 1;
+  const twice = Object.entries(count).filter(([, n]) => n > 1);
+  if (!twice.length) return null;
+  const fused = (g) => Object.hasOwn(data.check.intermediates || {}, `${g}:fused`);
+  return h("p", { class: "note repeats" }, ...twice.map(([g, n]) => [
+    h("code", {}, `${g}.g`), ` has ${n} columns: the same gradient by ${n} formulas`,
+    fused(g) ? " (step by step through every op, then the fused form in one line)" : "",
+    "; the check table compares each with autograd. ",
+  ]));
+}
+
+/** With strategy matmul or einsum, the diagram still draws the broadcast formulas (the
+ * lesson); say that the run did not materialize them. */
+export function strategyNote(data) {
+  const s = data.config.strategy;
+  if (s === "broadcast") return null;
+  return h("p", { class: "note strategy-note" },
+    `Strategy ${s}: the diamonds are the broadcast formulas' picture; this run computed each linear layer's x.g and w.g with ${s === "matmul" ? "@" : "torch.einsum"} and materialized no broadcast intermediate (the step-through shows the code that ran).`);
+}
+
+/** The legend: one key per kind of step this run has, drawn as the diagram draws it. */
+export function legend(data) {
+  const keys = [...new Set(data.backward.flatMap((b) => b.steps.map(actionKey)))];
+  const key = (symbol, fill, label, cls = null) =>
+    h("span", { class: "key" }, svgKey(symbol, fill, cls), label);
+  return [
+    key("circle", ROLE_COLOURS.activation, "tensor"),
+    key("square", ROLE_COLOURS.param, "parameter / target"),
+    key("op", null, "op (forward)"),
+    ...keys.map((k) => key(actionSymbol(k), actionColour(k), actionLabel(k))),
+    h("span", { class: "key done" }, "bold green shape: the finished gradient"),
+  ];
+}
+
+function svgKey(symbol, fill) {
+  const root = svg("svg", { width: 14, height: 14, viewBox: "0 0 14 14", "aria-hidden": "true" });
+  if (symbol === "op") root.append(svg("rect", { class: "op-key", x: 1, y: 3, width: 12, height: 8, rx: 4 }));
+  else root.append(marker(symbol, 7, 7, symbol === "diamond" ? 9 : 10, fill));
+  return root;
+}
+
 export class Diagram {
-  constructor(el, onSelect) {
+  /** el: the diagram's box (inside a horizontally scrolling parent); tip: the tooltip box. */
+  constructor(el, onSelect, tip) {
     this.el = el;
     this.onSelect = onSelect;
-    this.highlightTrace = null;
+    this.tip = tip;
+    this.scale = 1; // presentation mode draws everything larger
+    this.tips = [];
+    el.addEventListener("click", (ev) => {
+      const node = ev.target.closest("[data-step]");
+      if (node) this.onSelect(Number(node.dataset.step));
+    });
+    el.addEventListener("mouseover", (ev) => {
+      const node = ev.target.closest("[data-tip]");
+      if (node) this.showTip(node, this.tips[Number(node.dataset.tip)]);
+    });
+    el.addEventListener("mouseout", (ev) => {
+      if (ev.target.closest("[data-tip]") && !ev.relatedTarget?.closest?.("[data-tip]")) this.tip.hidden = true;
+    });
+  }
+
+  /** Tooltip content: an array of lines, each an array of strings and ["code", text] parts. */
+  showTip(node, lines) {
+    if (!lines || !this.tip) return;
+    this.tip.replaceChildren(...lines.map((parts) => h("div", {}, ...parts.map((p) => (Array.isArray(p) ? h(p[0], {}, p[1]) : p)))));
+    const box = node.getBoundingClientRect();
+    const host = this.tip.offsetParent?.getBoundingClientRect() || { left: 0, top: 0 };
+    this.tip.hidden = false;
+    this.tip.style.left = `${Math.max(0, box.right - host.left + 8)}px`;
+    this.tip.style.top = `${Math.max(0, box.top - host.top)}px`;
   }
 
   draw(data) {
     const lay = layout(data);
-    const margin = { l: 6, r: 6, t: 6, b: 34 };
-    const container = (this.el.parentElement.clientWidth || 900) - margin.l - margin.r;
+    const margin = { l: MARGIN, r: MARGIN, t: MARGIN, b: MARGIN };
+    const scroller = this.el.parentElement;
+    const container = (scroller.clientWidth || 900) / this.scale - margin.l - margin.r;
     const geo = geometry(data, lay, container);
     const steps = flatSteps(data, geo);
     this.steps = steps;
-    const traces = [];
-    const annotations = [];
+    this.tips = [];
+    const tipIndex = (lines) => String(this.tips.push(lines) - 1);
+    const X = (x) => +(x + margin.l).toFixed(1);
+    const Y = (y) => +(-y + margin.t).toFixed(1); // y < 0 below the top edge
     const { tensorX, tensorY } = geo;
+    const names = geo.names;
+    const width = Math.ceil(geo.width) + margin.l + margin.r;
+    const height = Math.ceil(geo.height) + margin.t + margin.b;
+    const edges = [];
+    const dotted = [];
+    const nodes = [];
+    const labels = [];
+    const line = (list, x0, y0, x1, y1) => list.push(`M${X(x0)},${Y(y0)}L${X(x1)},${Y(y1)}`);
 
-    // Edges: forward op inputs -> output; tensor -> its gradient column; step -> next step.
-    const edge = { x: [], y: [] };
-    const dotted = { x: [], y: [] };
+    // Forward lane: inputs -> an op node (@ +, relu, mse ...) -> output, on the activations lane.
+    const actNames = names.filter((n) => !isParamLike(data.tensors[n].role));
     for (const f of data.forward) {
-      for (const i of f.inputs) {
-        if (!(i in tensorX) || !(f.output in tensorX)) continue;
-        edge.x.push(tensorX[i], tensorX[f.output], null);
-        edge.y.push(tensorY[i], tensorY[f.output], null);
-      }
+      if (!(f.output in tensorX)) continue;
+      const ins = f.inputs.filter((i) => i in tensorX);
+      const main = ins.find((i) => !isParamLike(data.tensors[i].role));
+      const xo = tensorX[f.output], yo = tensorY[f.output];
+      const xi = main != null ? tensorX[main] : Math.min(...ins.map((i) => tensorX[i]), xo - 40);
+      const label = OP_LABELS[f.op] || f.op;
+      const w = textWidth(label, OP_FONT) + 10;
+      // the op sits midway along its lane, never over a tensor's marker
+      const prevAct = actNames.filter((n) => tensorX[n] < xo).pop();
+      const lo = prevAct != null ? tensorX[prevAct] : xi;
+      let xop = (Math.max(lo, xi) + xo) / 2;
+      if (xo - xop < w / 2 + 9) xop = xo - w / 2 - 9;
+      for (const i of ins) line(edges, tensorX[i], tensorY[i], xop, yo);
+      line(edges, xop, yo, xo, yo);
+      nodes.push(svg("g", { class: "op-node", "data-tip": tipIndex([[["b", f.op]], [["code", f.code]]]) },
+        svg("rect", { x: X(xop) - w / 2, y: Y(yo) - 8, width: w, height: 16, rx: 8 }),
+        text(X(xop), Y(yo), esc(label), OP_FONT, { anchor: "middle", cls: "op-label" })));
     }
+    // tensor -> the column computing its gradient; step -> next step
     for (const c of geo.cols) {
       if (c.entry == null || !(c.tensor in tensorX)) continue;
-      dotted.x.push(tensorX[c.tensor], c.x, null);
-      dotted.y.push(tensorY[c.tensor], -(geo.headY - HEAD_FONT * 0.7), null);
+      line(dotted, tensorX[c.tensor], tensorY[c.tensor], c.x, -(geo.headY - HEAD_FONT * 0.7));
     }
     for (let i = 1; i < steps.length; i++) {
       if (steps[i].e !== steps[i - 1].e) continue;
-      edge.x.push(steps[i - 1].x, steps[i].x, null);
-      edge.y.push(steps[i - 1].edgeFrom, steps[i].y, null);
+      line(edges, steps[i - 1].x, steps[i - 1].edgeFrom, steps[i].x, steps[i].y);
     }
-    traces.push({ type: "scatter", mode: "lines", ...edge, line: { color: "#adb5bd", width: 1.5 }, hoverinfo: "skip", showlegend: false });
-    traces.push({ type: "scatter", mode: "lines", ...dotted, line: { color: "#ced4da", width: 1, dash: "dot" }, hoverinfo: "skip", showlegend: false });
 
-    // Forward lane: one node per tensor, labelled "name" over "(shape)".
-    const names = geo.names;
+    // Forward tensors: "name" over "(shape)", above the marker.
     const producer = Object.fromEntries(data.forward.map((f) => [f.output, f.code]));
-    traces.push({
-      type: "scatter", mode: "markers+text", name: "tensor (forward)", showlegend: false,
-      x: names.map((n) => tensorX[n]), y: names.map((n) => tensorY[n]),
-      text: names.map(geo.fwdLabel),
-      textposition: "top center", textfont: { size: FWD_FONT },
-      marker: { size: 13, color: names.map((n) => ROLE_COLOURS[data.tensors[n].role] || "#343a40"), symbol: names.map((n) => (isParamLike(data.tensors[n].role) ? "square" : "circle")) },
-      hovertext: names.map((n) => {
-        const t = data.tensors[n];
-        return `<b>${esc(n)}</b> ${shape(t.shape)} · ${t.role} · ${bytes(t.bytes)}` + (producer[n] ? `<br><code>${esc(producer[n])}</code>` : "");
-      }),
-      hoverinfo: "text",
-    });
+    for (const n of names) {
+      const t = data.tensors[n];
+      const x = X(tensorX[n]), y = Y(tensorY[n]);
+      const tip = [[["b", n], ` ${shape(t.shape)} · ${t.role} · ${bytes(t.bytes)}`]];
+      if (producer[n]) tip.push([["code", producer[n]]]);
+      nodes.push(svg("g", { class: "tensor-node", "data-tip": tipIndex(tip), "data-name": n },
+        marker(isParamLike(t.role) ? "square" : "circle", x, y, 13, ROLE_COLOURS[t.role] || "#343a40")));
+      labels.push(text(x, y - 9, geo.fwdLabel(n), FWD_FONT, { anchor: "middle", v: "bottom" }));
+    }
 
-    // Backward lane: one trace per action, so the legend lists whatever actions the trace has.
-    // Labels sit right of the markers, aligned per column, in one text-only trace.
-    const byAction = new Map();
+    // Backward steps: marker by kind; the step that completes a gradient has its shape in green.
     steps.forEach((p, i) => {
-      const key = p.isB ? "broadcast" : p.step.action;
-      if (!byAction.has(key)) byAction.set(key, []);
-      byAction.get(key).push(i);
+      const key = actionKey(p.step);
+      const x = X(p.x), y = Y(p.y);
+      nodes.push(svg("g", { class: "step-node", "data-step": String(i), "data-action": key, "data-tip": tipIndex(stepTip(p)) },
+        marker(actionSymbol(key), x, y, p.size, actionColour(key))));
+      const lx = X(p.x + p.dx), ly = Y(p.labelY);
+      labels.push(text(lx, ly, p.label, STEP_FONT, {
+        anchor: geo.stacked ? "middle" : "start", v: geo.stacked ? "top" : "middle",
+        cls: p.isB ? "step-label bcast" : p.last ? "step-label done" : "step-label",
+      }));
     });
-    for (const [action, idx] of byAction) {
-      const pts = idx.map((i) => steps[i]);
-      const isB = action === "broadcast";
-      traces.push({
-        type: "scatter", mode: "markers", name: action, legendgroup: action,
-        x: pts.map((p) => p.x), y: pts.map((p) => p.y), customdata: idx,
-        marker: {
-          symbol: isB ? "diamond" : action === "reduce" ? "triangle-down" : "circle",
-          size: pts.map((p) => p.size),
-          color: colourOf(action),
-          line: { width: pts.map((p) => (p.last ? 3 : 0)), color: GRAD_COLOUR },
-        },
-        hovertext: pts.map((p) => stepHover(p)),
-        hoverinfo: "text", hoverlabel: { align: "left" },
-      });
-    }
-    traces.push({
-      type: "scatter", mode: "text", showlegend: false, hoverinfo: "skip", name: "labels",
-      x: steps.map((p) => p.x + p.dx), y: steps.map((p) => p.labelY),
-      text: steps.map((p) => p.label), textposition: geo.stacked ? "bottom center" : "middle right",
-      textfont: { size: STEP_FONT, color: steps.map((p) => (p.isB ? "#c92a2a" : "#212529")) },
-    });
-
-    // Column heads of the backward lane: "x.g", the gradient each column computes.
     for (const c of geo.cols) {
-      if (c.head) annotations.push({ x: c.x, y: -geo.headY, text: c.head, showarrow: false, font: { size: HEAD_FONT, color: GRAD_COLOUR } });
+      if (c.head) labels.push(text(X(c.x), Y(-geo.headY), c.head, HEAD_FONT, { anchor: "middle", cls: "col-head" }));
     }
-    annotations.push(
-      { xref: "paper", x: 0, xanchor: "left", y: -2, yanchor: "top", text: "FORWARD  →", showarrow: false, font: { size: 11, color: "#868e96" } },
-      { xref: "paper", x: 0, xanchor: "left", y: -geo.backY, text: "←  BACKWARD (columns run right to left; each runs top to bottom)", showarrow: false, font: { size: 11, color: "#868e96" } },
+    labels.push(
+      text(X(0), Y(-2), "FORWARD  →", 11, { v: "top", cls: "lane" }),
+      text(X(0), Y(-geo.backY), "←  BACKWARD: starts at the right; columns are numbered in the order they run, each runs top to bottom", 11, { cls: "lane" }),
     );
 
-    // The selected step: a ring drawn over it.
-    this.highlightTrace = traces.length;
-    traces.push({
-      type: "scatter", mode: "markers", x: [null], y: [null], hoverinfo: "skip", showlegend: false, name: "selected",
-      marker: { symbol: "circle-open", size: 30, color: "#fab005", line: { width: 4 } },
-    });
-
-    const width = Math.ceil(geo.width) + margin.l + margin.r;
-    const height = Math.ceil(geo.height) + margin.t + margin.b;
-    this.el.style.width = `${width}px`;
-    const layoutSpec = {
-      width, height, margin, font: { family: FONT },
-      xaxis: { visible: false, range: [0, width - margin.l - margin.r], fixedrange: true },
-      yaxis: { visible: false, range: [-(height - margin.t - margin.b), 0], fixedrange: true },
-      showlegend: true, legend: { orientation: "h", x: 0, y: 0, yanchor: "top", font: { size: 11 } },
-      annotations, hovermode: "closest", plot_bgcolor: "#fff", paper_bgcolor: "#fff",
-      shapes: [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: -geo.sepY, y1: -geo.sepY, line: { color: "#e9ecef", width: 1 } }],
-    };
-    Plotly.react(this.el, traces, layoutSpec, { displayModeBar: false, responsive: false });
-    if (!this.bound) {
-      this.el.on("plotly_click", (ev) => {
-        const pt = ev.points && ev.points[0];
-        if (pt && typeof pt.customdata === "number") this.onSelect(pt.customdata);
-      });
-      this.bound = true;
-    }
+    const ring = svg("circle", { class: "ring", r: 0, cx: -100, cy: -100 });
+    const root = svg("svg", {
+      width: Math.round(width * this.scale), height: Math.round(height * this.scale), viewBox: `0 0 ${width} ${height}`,
+      "font-family": FONT, role: "img", "aria-label": "Shape-flow diagram",
+    },
+      svg("line", { class: "sep", x1: 0, x2: width, y1: Y(-geo.sepY), y2: Y(-geo.sepY) }),
+      svg("path", { class: "edges", d: edges.join("") }),
+      svg("path", { class: "edges dotted", d: dotted.join("") }),
+      ...nodes, ...labels, ring);
+    this.ring = ring;
+    this.el.replaceChildren(root);
+    this.el.style.width = `${Math.round(width * this.scale)}px`;
     this.el.dataset.steps = String(steps.length);
+    this.el.dataset.width = String(width);
+    // Wider than its box (deep nets): the backward pass starts at the right, so show that end.
+    const overflow = root.getBoundingClientRect().width > scroller.clientWidth + 1;
+    scroller.classList.toggle("overflowing", overflow);
+    const key = JSON.stringify(data.config);
+    if (overflow && key !== this.lastConfig) scroller.scrollLeft = scroller.scrollWidth;
+    this.lastConfig = key;
   }
 
   highlight(i) {
     const p = this.steps && this.steps[i];
-    if (!p) return;
-    Plotly.restyle(this.el, { x: [[p.x]], y: [[p.y]], "marker.size": Math.max(22, p.extent + 8) }, [this.highlightTrace]);
+    if (!p || !this.ring) return;
+    const x = +(p.x + MARGIN).toFixed(1), y = +(-p.y + MARGIN).toFixed(1);
+    this.ring.setAttribute("cx", x);
+    this.ring.setAttribute("cy", y);
+    this.ring.setAttribute("r", Math.max(9, p.extent / 2 + 3)); // clear of the label (at extent/2 + 5)
+    for (const el of this.el.querySelectorAll(".step-node.selected")) el.classList.remove("selected");
+    this.el.querySelector(`.step-node[data-step="${i}"]`)?.classList.add("selected");
     this.el.dataset.selected = String(i);
     this.el.dataset.selectedXy = `${p.x},${p.y}`;
+    // keep the selected step in view when the diagram scrolls sideways
+    const scroller = this.el.parentElement;
+    const px = x * this.scale;
+    if (px < scroller.scrollLeft + 30 || px > scroller.scrollLeft + scroller.clientWidth - 30) {
+      scroller.scrollLeft = px - scroller.clientWidth / 2;
+    }
   }
 }
 
-function stepHover(p) {
+function stepTip(p) {
   const st = p.step;
   const lines = [
-    `<b>${esc(p.entry.grad)}.g</b>, step ${p.s + 1} of ${p.entry.steps.length}: <b>${esc(st.action)}</b> (${esc(st.op)})`,
-    `<code>${esc(st.expr)}</code>`,
-    `${st.inputs.map(shape).join(" · ")} → <b>${shape(st.output)}</b>, ${bytes(st.bytes)} if materialized`,
+    [["b", `${p.entry.grad}.g`], `, step ${p.s + 1} of ${p.entry.steps.length}: `, ["b", st.action], ` (${st.op})`],
+    [["code", st.expr]],
+    [`${st.inputs.map(shape).join(" · ")} → `, ["b", shape(st.output)], `, ${bytes(st.bytes)} if materialized`],
   ];
-  if (st.reduced_dims) lines.push(`sums over dims ${st.reduced_dims.join(", ")}`);
+  if (st.reduced_dims) lines.push([`sums over dims ${st.reduced_dims.join(", ")}`]);
   if (st.broadcast) {
     const r = st.broadcast;
-    lines.push(`stretches a along dims [${r.a.expanded}], b along dims [${r.b.expanded}]`);
+    lines.push([`stretches ${st.inputs.length === 2 ? "the first operand" : "a"} along dims [${r.a.expanded}], the second along dims [${r.b.expanded}]`]);
   }
-  return lines.join("<br>");
+  return lines;
 }

@@ -25,7 +25,8 @@ export class Explainer {
     this.form.elements.a.value = shape(a).replace(/,\)$/, ")");
     this.form.elements.b.value = shape(b).replace(/,\)$/, ")");
     this.update();
-    this.form.scrollIntoView({ behavior: "smooth", block: "start" });
+    this.form.scrollIntoView({ block: "start" });
+    this.form.elements.a.focus({ preventScroll: true }); // the keyboard follows the eye
   }
 
   setErrors(errs) {

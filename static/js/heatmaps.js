@@ -1,11 +1,20 @@
 // One Plotly heatmap per gradient, each in its own chart: a diverging scale centred at zero,
-// 1-D tensors as a strip, and a notice with the true shape when the view is block-averaged.
+// 1-D tensors as a strip, and a notice with the true shape when the view is downsampled.
+// Charts are kept between runs and updated with Plotly.react; a chart off screen is drawn
+// when it comes near the viewport or when the browser is idle, whichever comes first.
+//
+// Views: manual, autograd (the same scale: the true max |value| of the tensor, so a
+// downsampled map's colours agree with its stats), and the difference in units of the check's
+// own tolerance, |manual − autograd| / (atol + rtol·|autograd|) (the server's
+// tolerance_heatmap, each block's largest): up to 1 passes and stays pale, over 1 turns red,
+// deeper on a log scale, so rounding noise never looks saturated and a wrong formula lights up.
+import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 import { h, num, shape } from "./format.js";
 
 export const VIEWS = {
   manual: { label: "manual", title: (n) => `${n}.g (manual)` },
   autograd: { label: "autograd", title: (n) => `${n}.grad (autograd)` },
-  difference: { label: "difference ÷ tolerance", title: (n) => `|${n}.g − ${n}.grad| ÷ tol`, cell: "the largest |difference| ÷ tolerance" },
+  difference: { label: "manual − autograd", title: (n) => `|${n}.g − ${n}.grad| ÷ tolerance` },
 };
 
 // Blue for negative, white at zero, red for positive.
@@ -13,13 +22,19 @@ const DIVERGING = [
   [0, "#2166ac"], [0.25, "#67a9cf"], [0.45, "#d1e5f0"], [0.5, "#f7f7f7"],
   [0.55, "#fddbc7"], [0.75, "#ef8a62"], [1, "#b2182b"],
 ];
+// The tolerance-scaled difference on [-3, 3]: pale within ±1 (passes), strong beyond.
+const TOLERANCE = [
+  [0, "#2166ac"], [1 / 3 - 0.001, "#92c5de"], [1 / 3, "#e7ecf2"], [0.5, "#ffffff"],
+  [2 / 3, "#f2ece7"], [2 / 3 + 0.001, "#f4a582"], [1, "#b2182b"],
+];
+const TOL_RANGE = 3;
 
-/** The heatmap a view needs from one gradient entry: the page always asks for autograd's
- * heatmaps too (api.js), so every response carries all three. */
-export function viewHeatmap(g, view) {
-  if (view === "autograd") return g.reference_heatmap;
-  if (view === "difference") return g.tolerance_heatmap || g.diff_heatmap;
-  return g.heatmap;
+/** Which cells a view draws: downsampled maps draw each block's entry of largest magnitude
+ * (`extreme`, sign kept) so that no extreme averages away; `cells: "mean"` draws block means. */
+export function viewHeatmap(g, view, cells = "extreme") {
+  const hm = view === "autograd" ? g.reference_heatmap : view === "difference" ? g.tolerance_heatmap || g.diff_heatmap : g.heatmap;
+  if (view !== "difference" && cells === "extreme" && hm.extreme) return { ...hm, z: hm.extreme, kind: "extreme" };
+  return { ...hm, kind: view === "difference" ? "extreme" : "mean" };
 }
 
 function axisTitles(shp) {
@@ -29,12 +44,13 @@ function axisTitles(shp) {
   return { x: `dim ${last} (0 … ${shp[last] - 1})`, y: `${lead} (0 … ${shp.slice(0, last).reduce((a, b) => a * b, 1) - 1})` };
 }
 
-/** Chart size from the true aspect ratio, within bounds that keep every chart readable. */
-function chartSize(rows, cols, oneD) {
-  if (oneD) return { width: Math.round(Math.min(600, Math.max(150, cols * 14)) + 130), height: 132 };
+/** Chart size from the true aspect ratio, within bounds that keep every chart readable and
+ * never wider than `room` (the container, on a phone). */
+function chartSize(rows, cols, oneD, room) {
+  if (oneD) return { width: Math.round(Math.min(room, Math.min(600, Math.max(150, cols * 14)) + 90)), height: 110 };
   const height = 330;
   const plot = Math.min(560, Math.max(90, (height - 60) * (cols / rows)));
-  return { width: Math.round(plot + 200), height };
+  return { width: Math.round(Math.min(room, plot + 150)), height };
 }
 
 /** Integer ticks in the tensor's index units: every index when few, else about 6 round steps. */
@@ -47,79 +63,198 @@ function ticks(n, px) {
   return { tickmode: "linear", tick0: 0, dtick: step };
 }
 
-/** The difference in units of the check's tolerance, |manual − autograd| / (atol + rtol·|autograd|):
- * up to 1 passes and stays pale grey; over 1 fails and turns red, deeper on a log scale (1 + log10),
- * so a wrong formula lights up exactly where it is wrong and rounding noise never does. */
-function toleranceTrace(hm, name, oneD, xs, ys, blocky) {
-  const shown = (r) => (r == null ? null : r <= 1 ? r : 1 + Math.log10(r));
-  const z = hm.z.map((row) => row.map(shown));
-  const top = Math.max(2, ...z.flat().filter((v) => v != null));
-  const edge = 1 / top; // where the scale crosses 1
-  const step = Math.max(1, Math.ceil((top - 1) / 5)); // decades per tick, at most ~5 above 1
-  const tickvals = [0, 0.5, 1];
-  for (let v = 1 + step; v <= top; v += step) tickvals.push(v);
-  return {
-    type: "heatmap", z, customdata: hm.z, x: xs, y: oneD ? [0] : ys, zmin: 0, zmax: top,
-    colorscale: [[0, "#f8f9fa"], [edge, "#ced4da"], [Math.min(1, edge + 1e-6), "#fcbba1"], [Math.min(1, edge + (1 - edge) / 3), "#fb6a4a"], [1, "#99000d"]],
-    colorbar: {
-      title: { text: "|diff| ÷ tol", side: "right" }, thickness: 12, len: 1, outlinewidth: 0,
-      tickvals, ticktext: tickvals.map((v) => (v <= 1 ? String(v) : `${10 ** (v - 1)}`.replace(/^(1)(0{3,})$/, (_, a, zs) => `1e${zs.length}`))),
-    },
-    hoverongaps: false,
-    hovertemplate: `${oneD ? `${name}.g[%{x}]` : "row %{y}, col %{x}"}${blocky ? " (largest in block)" : ""}<br>|diff| ÷ tolerance = %{customdata:.3g}<extra></extra>`,
-  };
+const maxAbs = (...xs) => Math.max(1e-30, ...xs.filter((v) => v != null && Number.isFinite(v)).map(Math.abs));
+
+/** The difference divided by the check's tolerance, cell by cell: atol + rtol·|autograd|,
+ * with autograd's value of the same cell (its block mean where downsampled: approximate). */
+function toleranceScaled(diff, ref, check) {
+  return diff.z.map((row, i) => row.map((d, j) => {
+    if (d == null) return null;
+    const a = ref ? Math.abs(ref.z[i][j] ?? 0) : 0;
+    return d / ((check.atol ?? 0) + check.rtol * a || 1e-30);
+  }));
 }
 
-export function drawHeatmaps(container, data, view) {
-  for (const el of container.querySelectorAll(".chart")) Plotly.purge(el);
-  const cards = [];
-  for (const [name, g] of Object.entries(data.gradients)) {
-    const hm = viewHeatmap(g, view);
-    const oneD = g.shape.length <= 1;
-    const rows = hm.rows ?? hm.z.length * hm.row_block;
-    const cols = hm.cols ?? hm.z[0].length * hm.col_block;
-    const down = hm.row_block > 1 || hm.col_block > 1;
+function caption(name, g, view, hm, data) {
+  const s = g.stats;
+  const down = hm.row_block > 1 || hm.col_block > 1;
+  const parts = [h("b", {}, VIEWS[view].title(name)), ` ${shape(g.shape)}`];
+  const check = data.check.tensors[name];
+  if (view === "difference" && check) {
+    parts.push(h("span", { class: "stats" },
+      `max |manual − autograd| ${num(check.max_abs_err)} · tolerance ${num(check.atol)} + ${num(check.rtol)}·|autograd| · `,
+      h("b", { class: check.allclose ? "ok" : "bad" }, check.allclose ? "within it (|cell| ≤ 1)" : "beyond it")));
+  } else {
+    parts.push(h("span", { class: "stats" }, `min ${num(s.min)} · max ${num(s.max)} · mean ${num(s.mean)} · ‖·‖ ${num(s.norm)}`));
+  }
+  const notices = [];
+  if (down) {
+    const what = hm.kind === "extreme"
+      ? (view === "difference" ? "the block's largest |difference| ÷ tolerance" : "the block's entry of largest magnitude (sign kept)")
+      : "the block mean";
+    notices.push(h("p", { class: "notice downsampled" },
+      `Downsampled: true shape ${shape(g.shape)}; each cell is ${what} of a ${hm.row_block} × ${hm.col_block} block (${hm.z.length} × ${hm.z[0].length} cells shown).`));
+  }
+  if (g.nonfinite) notices.push(h("p", { class: "notice bad" }, `${g.nonfinite} entries are not finite (NaN or ±inf); drawn as gaps.`));
+  return { parts, notices };
+}
+
+/** Every gradient's card; charts drawn now when on screen, later when not. */
+export class Heatmaps {
+  constructor(container, onPending) {
+    this.container = container;
+    this.onPending = onPending; // (on screen left, all left) -> void
+    this.cards = new Map(); // name -> {card, chart, head, notes, spec, drawn}
+    this.visible = new Set();
+    this.idle = null;
+    this.observer = new IntersectionObserver((entries) => {
+      for (const e of entries) {
+        const name = e.target.dataset.name;
+        if (e.isIntersecting) this.visible.add(name);
+        else this.visible.delete(name);
+      }
+      this.flush(true);
+    }, { rootMargin: "150px" });
+  }
+
+  /** Show `data` in `view`; `cells`: "extreme" or "mean" for downsampled maps. */
+  update(data, view, cells = "extreme") {
+    const names = Object.keys(data.gradients);
+    if (names.join() !== [...this.cards.keys()].join()) this.rebuild(names);
+    const room = Math.max(160, this.container.clientWidth - 20);
+    for (const name of names) {
+      const g = data.gradients[name];
+      const hm = viewHeatmap(g, view, cells);
+      const c = this.cards.get(name);
+      const { parts, notices } = caption(name, g, view, hm, data);
+      c.head.replaceChildren(...parts);
+      c.notes.replaceChildren(...notices);
+      c.spec = spec(name, g, view, hm, data, room);
+      c.card.style.width = `${c.spec.layout.width + 18}px`;
+      c.chart.style.height = `${c.spec.layout.height}px`;
+      c.drawn = false;
+      c.chart.dataset.view = view;
+      c.chart.dataset.kind = hm.kind;
+    }
+    this.flush(false);
+  }
+
+  rebuild(names) {
+    for (const c of this.cards.values()) {
+      this.observer.unobserve(c.card);
+      if (window.Plotly) Plotly.purge(c.chart);
+    }
+    this.cards.clear();
+    this.visible.clear();
+    for (const name of names) {
+      const chart = h("div", { class: "chart heatmap", id: `heatmap-${name}`, "data-name": name, role: "img", "aria-label": `Heatmap of the gradient of ${name}` });
+      const head = h("figcaption", {});
+      const notes = h("div", { class: "notes" });
+      const card = h("figure", { class: "heatmap-card", "data-name": name }, head, notes, chart);
+      this.cards.set(name, { card, chart, head, notes, spec: null, drawn: false });
+    }
+    this.container.replaceChildren(...[...this.cards.values()].map((c) => c.card));
+    for (const c of this.cards.values()) this.observer.observe(c.card);
+  }
+
+  /** Draw what is on screen now; the rest one chart per idle period. */
+  flush(fromObserver) {
+    if (!window.Plotly) {
+      if (!this.waiting) (this.waiting = true), plotlyReady.then(() => this.flush(false));
+      loadPlotly();
+      return this.report();
+    }
+    for (const [name, c] of this.cards) if (!c.drawn && this.visible.has(name)) this.drawOne(c);
+    if (!fromObserver || this.pendingAll()) this.scheduleIdle();
+    this.report();
+  }
+
+  drawOne(c) {
+    Plotly.react(c.chart, c.spec.data, c.spec.layout, { displayModeBar: false, responsive: false });
+    c.drawn = true;
+  }
+
+  scheduleIdle() {
+    if (this.idle != null) return;
+    const idle = window.requestIdleCallback || ((fn) => setTimeout(() => fn({ timeRemaining: () => 8 }), 30));
+    this.idle = idle((deadline) => {
+      this.idle = null;
+      for (const c of this.cards.values()) {
+        if (c.drawn) continue;
+        this.drawOne(c);
+        if (deadline.timeRemaining() < 8) break;
+      }
+      if (this.pendingAll()) this.scheduleIdle();
+      this.report();
+    }, { timeout: 1000 });
+  }
+
+  pendingAll() {
+    return [...this.cards.values()].filter((c) => !c.drawn).length;
+  }
+
+  report() {
+    const onScreen = [...this.cards].filter(([name, c]) => !c.drawn && this.visible.has(name)).length;
+    this.onPending(onScreen, this.pendingAll());
+  }
+}
+
+/** Plotly's data and layout for one chart. */
+function spec(name, g, view, hm, data, room) {
+  const oneD = g.shape.length <= 1;
+  const rows = hm.rows;
+  const cols = hm.cols;
+  const { width, height } = chartSize(rows, cols, oneD, room);
+  const titles = axisTitles(g.shape);
+  // Cell edges in the tensor's own index units (n + 1 of them), so a single cell spans the
+  // whole tensor (max_cells=1 draws), and hover and ticks give true positions.
+  const nr = hm.z.length, nc = hm.z[0].length;
+  const xs = [...Array(nc + 1).keys()].map((j) => Math.min(cols, j * hm.col_block) - 0.5);
+  const ys = [...Array(nr + 1).keys()].map((i) => Math.min(rows, i * hm.row_block) - 0.5);
+  const blocky = hm.row_block > 1 || hm.col_block > 1;
+  let z = hm.z;
+  let colour = { colorscale: DIVERGING, zmid: 0 };
+  let what = view === "difference" ? "difference" : "value";
+  if (view === "difference" && g.tolerance_heatmap) {
+    // <= 1 as it is (pale), above 1 as 1 + log10 (red, deeper by the decade)
+    z = hm.z.map((row) => row.map((r) => (r == null ? null : r <= 1 ? r : 1 + Math.log10(r))));
+    const top = Math.max(TOL_RANGE, ...z.flat().filter((v) => v != null));
+    const edge = 1 / top;
+    const tickvals = [0, 0.5, 1];
+    for (let v = 2; v <= top; v += Math.max(1, Math.ceil((top - 1) / 5))) tickvals.push(v);
+    colour = {
+      customdata: hm.z, zmin: 0, zmax: top,
+      colorscale: [[0, "#f8f9fa"], [edge, "#ced4da"], [Math.min(1, edge + 1e-6), "#fcbba1"], [Math.min(1, edge + (1 - edge) / 3), "#fb6a4a"], [1, "#99000d"]],
+      colorbar: { tickvals, ticktext: tickvals.map((v) => (v <= 1 ? String(v) : `1e${v - 1}`)) },
+    };
+    what = "|difference| ÷ tolerance";
+  } else if (view === "difference") {
+    const check = data.check.tensors[name] || { rtol: 0, atol: 0 };
+    z = toleranceScaled(hm, g.reference_heatmap, check);
+    colour = { colorscale: TOLERANCE, zmin: -TOL_RANGE, zmax: TOL_RANGE, zmid: 0 };
+    what = "difference / tolerance";
+  } else {
     const s = g.stats;
-    const chart = h("div", { class: "chart heatmap", id: `heatmap-${name}`, "data-name": name, role: "img", "aria-label": `Heatmap of the gradient of ${name}, shape ${shape(g.shape)}` });
-    const card = h("figure", { class: "heatmap-card", "data-name": name },
-      h("figcaption", {},
-        h("b", {}, `${name}.g`), ` ${shape(g.shape)}`,
-        h("span", { class: "stats" }, ` min ${num(s.min)} · max ${num(s.max)} · mean ${num(s.mean)} · ‖·‖ ${num(s.norm)}`)),
-      down ? h("p", { class: "notice downsampled" },
-        `Downsampled: true shape ${shape(g.shape)}; each cell is ${VIEWS[view].cell || "the mean"} of a ${hm.row_block} × ${hm.col_block} block (${hm.z.length} × ${hm.z[0].length} cells shown).`) : null,
-      g.nonfinite ? h("p", { class: "notice bad" }, `${g.nonfinite} entries are not finite (NaN or ±inf); drawn as gaps.`) : null,
-      chart);
-    cards.push([card, chart, name, g, hm, oneD, rows, cols]);
+    const zmax = maxAbs(s.min, s.max, ...hm.z.flat());
+    colour = { ...colour, zmin: -zmax, zmax };
   }
-  container.replaceChildren(...cards.map((c) => c[0]));
-  for (const [, chart, name, g, hm, oneD, rows, cols] of cards) {
-    const { width, height } = chartSize(rows, cols, oneD);
-    chart.closest("figure").style.width = `${width + 18}px`;
-    const titles = axisTitles(g.shape);
-    // Cell centres in the tensor's own index units, so hover and ticks give true positions.
-    const xs = hm.z[0].map((_, j) => j * hm.col_block + (hm.col_block - 1) / 2);
-    const ys = hm.z.map((_, i) => i * hm.row_block + (hm.row_block - 1) / 2);
-    const blocky = hm.row_block > 1 || hm.col_block > 1;
-    const blockWord = view === "difference" ? "largest |diff| in block" : "block mean";
-    const zmax = Math.max(1e-30, ...hm.z.flat().filter((v) => v != null).map(Math.abs));
-    const trace = view === "difference" && g.tolerance_heatmap ? toleranceTrace(hm, name, oneD, xs, ys, blocky) : {
-      type: "heatmap", z: hm.z, x: xs, y: oneD ? [0] : ys,
-      colorscale: DIVERGING, zmid: 0, zmin: -zmax, zmax,
-      colorbar: { title: { text: VIEWS[view].title(name), side: "right" }, thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g" },
-      hoverongaps: false,
-      hovertemplate: oneD
-        ? `${name}.g[%{x}]${blocky ? ` (${blockWord})` : ""} = %{z:.4g}<extra></extra>`
-        : `row %{y}, col %{x}${blocky ? ` (${blockWord})` : ""}<br>%{z:.4g}<extra></extra>`,
-    };
-    const layout = {
-      width, height, margin: { l: oneD ? 20 : 64, r: 10, t: 8, b: 44 },
-      xaxis: { title: { text: titles.x, font: { size: 11 } }, range: [-0.5, cols - 0.5], ...ticks(cols, width - (oneD ? 130 : 200)), tickfont: { size: 10 }, showgrid: false, zeroline: false },
-      yaxis: oneD
-        ? { visible: false }
-        : { title: { text: titles.y, font: { size: 11 } }, range: [rows - 0.5, -0.5], ...ticks(rows, height - 60), tickfont: { size: 10 }, showgrid: false, zeroline: false },
-      plot_bgcolor: "#e9ecef", paper_bgcolor: "#fff",
-    };
-    Plotly.newPlot(chart, [trace], layout, { displayModeBar: false, responsive: false });
-    chart.dataset.view = view;
-  }
+  const blockWord = hm.kind === "extreme" ? "largest |·| in block" : "block mean";
+  const trace = {
+    type: "heatmap", z, x: xs, y: oneD ? [-0.5, 0.5] : ys, ...colour,
+    colorbar: { thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g", ...colour.colorbar },
+    hoverongaps: false,
+    hovertemplate: oneD
+      ? `${name}[%{x:.0f}]${blocky ? ` (${blockWord})` : ""}: ${what} %{z:.4g}<extra></extra>`
+      : `row %{y:.0f}, col %{x:.0f}${blocky ? ` (${blockWord})` : ""}<br>${what} %{z:.4g}<extra></extra>`,
+  };
+  if (colour.customdata) trace.hovertemplate = trace.hovertemplate.replace("%{z:.4g}", "%{customdata:.3g}");
+  const layout = {
+    width, height, margin: { l: oneD ? 12 : 58, r: 8, t: 6, b: 40 },
+    xaxis: { title: { text: titles.x, font: { size: 11 } }, range: [-0.5, cols - 0.5], ...ticks(cols, width - (oneD ? 100 : 150)), tickfont: { size: 10 }, showgrid: false, zeroline: false },
+    yaxis: oneD
+      ? { visible: false, range: [0.5, -0.5] }
+      : { title: { text: titles.y, font: { size: 11 } }, range: [rows - 0.5, -0.5], ...ticks(rows, height - 60), tickfont: { size: 10 }, showgrid: false, zeroline: false },
+    plot_bgcolor: "#e9ecef", paper_bgcolor: "#fff",
+  };
+  return { data: [trace], layout };
 }

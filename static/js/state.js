@@ -1,5 +1,7 @@
-// The whole config lives in the URL: query string <-> config object <-> form.
-// Field kinds and limits come from the server (RunRequest's schema), handed over once as JSON.
+// The whole config lives in the URL: query string <-> config object <-> form. So does what the
+// page shows of it (the selected step, the heatmap view, presentation mode), so a link can
+// point at a step. Field kinds and limits come from the server (RunRequest's schema), handed
+// over once as JSON.
 
 export const FIELDS = JSON.parse(document.getElementById("run-fields").textContent);
 export const DEFAULTS = Object.fromEntries(FIELDS.map((f) => [f.name, f.default]));
@@ -12,7 +14,9 @@ export function parseValue(field, text) {
   const t = String(text).trim();
   switch (field.kind) {
     case "int":
-      return INT.test(t) && Number.isSafeInteger(Number(t)) ? Number(t) : t;
+      // beyond 2^53 a JS number would round: a BigInt, sent as a JSON number (api.js)
+      if (!INT.test(t)) return t;
+      return Number.isSafeInteger(Number(t)) ? Number(t) : BigInt(t);
     case "float":
       return t !== "" && Number.isFinite(Number(t)) ? Number(t) : t;
     case "bool":
@@ -36,7 +40,13 @@ export function formatValue(value) {
   return Array.isArray(value) ? value.join(",") : String(value);
 }
 
-const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+/** JSON.stringify, with BigInts written as plain JSON numbers (exact, any size). */
+export function toJSON(value) {
+  const marked = JSON.stringify(value, (_, v) => (typeof v === "bigint" ? `\u0000big${v}` : v));
+  return marked === undefined ? "undefined" : marked.replace(/"\\u0000big(-?\d+)"/g, "$1");
+}
+
+const same = (a, b) => toJSON(a) === toJSON(b);
 
 /** The config a query string asks for: only the fields it names (the server fills the rest). */
 export function configFromQuery(search) {
@@ -46,14 +56,31 @@ export function configFromQuery(search) {
   return config;
 }
 
-/** The query string for a config: the fields that differ from the defaults, commas kept. */
-export function queryFromConfig(config) {
+// What the page shows, beside the config: `step` (gradient:step, e.g. "x:3"), `view`
+// (manual, autograd, difference), `cells` (extreme, mean), `present` (1: presentation mode),
+// `numbers` (0: hide the values of a small run's step).
+export const PAGE_PARAMS = ["step", "view", "cells", "present", "numbers"];
+
+/** The page state a query string asks for (strings; absent ones are left out). */
+export function pageFromQuery(search) {
+  const params = new URLSearchParams(search);
+  return Object.fromEntries(PAGE_PARAMS.filter((k) => params.has(k)).map((k) => [k, params.get(k)]));
+}
+
+/** The query string for a config (the fields that differ from the defaults, commas kept),
+ * then the page state (`page`: values that are null or "" are left out). */
+export function queryFromConfig(config, page = {}) {
   const parts = [];
+  for (const k of PAGE_PARAMS) {
+    if (page[k] != null && page[k] !== "") parts.push(`${k}=${encodeURIComponent(page[k]).replace(/%3A/gi, ":")}`);
+  }
+  const tail = parts.splice(0);
   for (const f of FIELDS) {
     if (!(f.name in config) || same(config[f.name], DEFAULTS[f.name])) continue;
     const enc = encodeURIComponent(formatValue(config[f.name])).replace(/%2C/gi, ",");
     parts.push(`${f.name}=${enc}`);
   }
+  parts.push(...tail);
   return parts.length ? `?${parts.join("&")}` : "";
 }
 

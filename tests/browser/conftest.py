@@ -110,10 +110,12 @@ class Watched:
         self.wait_drawn()
 
     def wait_drawn(self) -> None:
-        """Until a run has been drawn and nothing is in flight."""
+        """Until a run has been drawn, nothing is in flight, and every chart is drawn (the
+        page draws charts off screen when idle: body[data-pending-all])."""
         self.page.wait_for_function(  # a function, not an expression: the CSP forbids eval
             "() => ['ready', 'empty'].includes(document.body.dataset.state)"
-            " && document.querySelector('#loading').hidden",
+            " && document.querySelector('#loading').hidden"
+            " && (document.body.dataset.pendingAll || '0') === '0'",
             timeout=60_000,
         )
 

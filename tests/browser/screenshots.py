@@ -9,8 +9,15 @@ from playwright.sync_api import sync_playwright
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CHROMIUM, CHROMIUM_ARGS, ROOT, server  # noqa: E402
 
-STATES = {  # name: (query, what to do after load)
+STATES = {  # name: (query, what to do after load[, (width, height)])
     "default": ("", None),
+    "phone": ("", None, (390, 844)),
+    "projector": ("", None, (1920, 1080)),
+    "present": ("?present=1", None, (1920, 1080)),
+    "present-numbers": ("?batch=2&in_features=3&hidden=4&present=1", None, (1920, 1080)),
+    "numbers": ("?batch=2&in_features=3&hidden=4", "numbers"),
+    "deep": ("?batch=8&in_features=6&hidden=64,64,64,64", None),
+    "matmul": ("?strategy=matmul", None),
     "small": ("?batch=8&in_features=6&hidden=4,3&seed=3", None),
     "step": ("?batch=8&in_features=6&hidden=4,3&seed=3", "step"),
     "difference": ("?batch=64&in_features=20&hidden=16", "difference"),
@@ -24,12 +31,19 @@ STATES = {  # name: (query, what to do after load)
     "budget": ("?batch=20000&hidden=4096", None),
     "lab-exercise": ("?hide=x.g,w1.g", "lab"),  # its code card is the README's lab.png
     "lab-break": ("?batch=32&in_features=24&hidden=16", "lab-break"),
+    # image data, then 2,000 steps of training: the panels themselves are the pictures
+    "data": ("?data=mnist&loss=cross_entropy&init=kaiming&hidden=50&batch=64", "data"),
+    "train": (
+        "?data=mnist&loss=cross_entropy&init=kaiming&init_scale=0.1&hidden=20&batch=64",
+        "train",
+    ),
 }
+PANELS = {"data": "#data-panel", "train": "#train-panel"}
 
 
 def wait_drawn(page) -> None:
     page.wait_for_function(
-        "['ready', 'empty'].includes(document.body.dataset.state)"
+        "() => ['ready', 'empty'].includes(document.body.dataset.state)"
         " && document.querySelector('#loading').hidden",
         timeout=60_000,
     )
@@ -66,27 +80,47 @@ def main() -> None:
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.on("console", lambda m: m.type == "error" and print("console:", m.text))
-            for name, (query, action) in STATES.items():
+            warm = browser.new_page()  # the server's first run is slow: not the one to show
+            warm.goto(f"{base}/")
+            warm.wait_for_function("() => document.body.dataset.state === 'ready'", timeout=60_000)
+            warm.close()
+            for name, (query, action, *size) in STATES.items():
+                width, height = size[0] if size else (1280, 800)
+                page = browser.new_page(viewport={"width": width, "height": height})
+                page.on("console", lambda m: m.type == "error" and print("console:", m.text))
                 page.goto(f"{base}/{query}")
                 page.wait_for_function(
                     "() => ['ready', 'empty'].includes(document.body.dataset.state)"
-                    " && document.querySelector('#loading').hidden",
+                    " && document.querySelector('#loading').hidden"
+                    " && (document.body.dataset.pendingAll || '0') === '0'",
                     timeout=60_000,
                 )
                 if action == "difference":
                     page.check('input[name="grad-view"][value="difference"]')
+                    page.locator("#heatmaps").scroll_into_view_if_needed()
+                if action == "numbers":
+                    page.locator("#step-detail").scroll_into_view_if_needed()
                 if action and action.startswith("lab"):
                     lab(page, action, out)
                 if action == "step":
                     for _ in range(3):
                         page.keyboard.press("ArrowRight")
+                if action == "train":
+                    page.fill("#t-steps", "2000")
+                    page.click("#train-start")
+                    page.wait_for_function(
+                        "() => document.getElementById('train-panel').dataset.state === 'done'",
+                        timeout=600_000,
+                    )
                 page.wait_for_timeout(300)
+                if action in PANELS:  # the panel alone, without the sticky header over it
+                    page.add_style_tag(content=".top { position: static; }")
+                    page.locator(PANELS[action]).screenshot(path=out / f"{name}-panel.png")
                 page.screenshot(path=out / f"{name}.png")
                 if name == "default":
                     page.screenshot(path=out / "page.png")  # the README's picture
                 page.screenshot(path=out / f"{name}-full.png", full_page=True)
+                page.close()
                 print("wrote", name)
             browser.close()
     finally:

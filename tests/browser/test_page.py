@@ -4,10 +4,10 @@ place, and asks nothing of any other origin."""
 
 import re
 
-import plotly
 import pytest
 from fastapi.testclient import TestClient
 
+from app import assets
 from app.main import create_app
 
 SMALL = "?batch=8&in_features=6&hidden=4,3&seed=3"
@@ -49,8 +49,11 @@ def test_default_load_draws_the_article_run_with_no_click(watched):
     assert "(1000, 784)" in maps["x"]
     notice = page.locator('.heatmap-card[data-name="x"] .notice.downsampled')
     assert notice.is_visible() and "(1000, 784)" in notice.inner_text()
-    rows = page.locator("#check-table tbody tr")
+    rows = page.locator("#check-table tbody tr:not(.intermediate)")
     assert {rows.nth(i).get_attribute("data-name") for i in range(rows.count())} == set(maps)
+    inter = page.locator("#check-table tbody tr.intermediate")
+    assert {inter.nth(i).get_attribute("data-name") for i in range(inter.count())} >= {"out", "l1"}
+    rows = page.locator("#check-table tbody tr")
     assert page.locator("#check-table .verdict.pass").count() == rows.count()
     # The selected step starts on the article's broadcast, with its aligned table.
     assert "(1000, 784, 50)" in page.inner_text("#step-detail")
@@ -113,7 +116,8 @@ def test_heatmaps_switch_between_manual_autograd_and_difference(watched):
     def shown(name: str) -> dict:
         return page.evaluate(
             f"""() => {{ const c = document.querySelector('#heatmap-{name}');
-                return {{view: c.dataset.view, z: c.data[0].z, title: c.data[0].colorbar.title.text}}; }}"""
+                return {{view: c.dataset.view, z: c.data[0].z,
+                         title: c.closest('figure').querySelector('figcaption').textContent}}; }}"""
         )
 
     manual = shown("w1")
@@ -128,9 +132,11 @@ def test_heatmaps_switch_between_manual_autograd_and_difference(watched):
         assert abs(m - a) <= 1e-4 * (1 + abs(a))
     page.check('input[name="grad-view"][value="difference"]')
     diff = shown("w1")
-    assert diff["view"] == "difference" and "tol" in diff["title"]
-    # |manual - autograd| in units of the check's tolerance: rounding stays under 1
+    assert diff["view"] == "difference" and "−" in diff["title"] and "tolerance" in diff["title"]
+    # drawn in units of the check's tolerance: rounding stays within +-1 (calm colours)
     assert max(abs(v) for v in flat(diff["z"])) <= 1
+    # the caption states the difference, not the manual gradient's stats
+    assert "max |manual − autograd|" in diff["title"] and "min " not in diff["title"]
     assert_clean(w)
 
 
@@ -153,25 +159,21 @@ def test_stepping_moves_the_highlight(watched):
     after = where()
     assert int(after[0]) == int(start[0]) + 1
     assert after[1] != start[1] and after[2] != start[2]
-    # The ring is drawn where the diagram says the selected step is.
-    ring = page.evaluate(
-        "(() => { const d = document.querySelector('#diagram').data; "
-        "const t = d[d.length - 1]; return `${t.x[0]},${t.y[0]}`; })()"
+    # The ring is drawn on the selected step's marker.
+    ring, node = page.evaluate(
+        """() => { const box = (el) => { const r = el.getBoundingClientRect();
+                     return [Math.round(r.x + r.width / 2), Math.round(r.y + r.height / 2)]; };
+                   const d = document.querySelector('#diagram');
+                   return [box(d.querySelector('.ring')),
+                           box(d.querySelector(`.step-node[data-step="${d.dataset.selected}"]`))]; }"""
     )
-    assert ring == after[1]
+    assert abs(ring[0] - node[0]) <= 1 and abs(ring[1] - node[1]) <= 1, (ring, node)
     page.locator("body").press("ArrowLeft")
     assert where()[:3] == start[:3]
     page.locator("body").press("ArrowLeft")
     assert int(where()[0]) == int(start[0]) - 1
     # Clicking a step's node in the diagram selects it.
-    x, y = page.evaluate(
-        """() => { const el = document.querySelector('#diagram'), L = el._fullLayout;
-                   const t = el.data.find(t => t.customdata && t.customdata.includes(2));
-                   const k = t.customdata.indexOf(2), r = el.getBoundingClientRect();
-                   return [r.left + L.margin.l + L.xaxis.l2p(t.x[k]),
-                           r.top + L.margin.t + L.yaxis.l2p(t.y[k])]; }"""
-    )
-    page.mouse.click(x, y)
+    page.click('#diagram .step-node[data-step="2"]')
     page.wait_for_function("() => document.querySelector('#diagram').dataset.selected === '2'")
     assert page.inner_text("#step-pos").startswith("step 3 of")
     # The first step: prev is disabled; the highlighted code line is the first backward formula.
@@ -229,17 +231,35 @@ def test_explainer_shows_the_rule_and_the_clash(watched):
 
 
 def test_page_serves_limits_and_local_plotly():
-    """No browser: the form carries the schema's limits, and Plotly comes from the package."""
+    """No browser: the form carries the schema's limits, and Plotly is served from here (the
+    npm cartesian bundle when set-up fetched it, else the plotly package's), gzipped, cached."""
     client = TestClient(create_app())
     html = client.get("/").text
     assert re.search(r'id="f-in_features"[^>]*min="1"[^>]*max="16384"', html, re.S)
     assert re.search(r'id="f-max_cells"[^>]*max="1000000"', html, re.S)
-    src = f"/vendor/plotly-{plotly.__version__}.min.js"
-    assert f'src="{src}"' in html
+    version = assets.bundled_plotly_version()
+    src = re.search(
+        r'<link rel="preload" as="script" href="(/vendor/plotly[^"]+)" id="plotly-js">', html
+    )[1]
+    assert src in (
+        f"/vendor/plotly-cartesian-{version}.min.js",
+        f"/vendor/plotly-{version}.min.js",
+    )
     assert "https://" not in html and "http://" not in html
-    js = client.get(src)
+    js = client.get(src, headers={"accept-encoding": "gzip"})
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert js.headers["content-encoding"] == "gzip"
+    assert "immutable" in js.headers["cache-control"]
+    assert f"v{version}" in js.text[:300]  # the same plotly.js as the Python package's
     assert client.get("/vendor/plotly-0.0.0.min.js").status_code == 404
+
+
+def test_without_the_npm_bundle_the_page_serves_the_full_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(assets, "VENDOR", tmp_path)  # set-up could not reach npm
+    client = TestClient(create_app())
+    name = f"plotly-{assets.bundled_plotly_version()}.min.js"
+    assert f'href="/vendor/{name}"' in client.get("/").text
+    assert client.get(f"/vendor/{name}").status_code == 200
 
 
 @pytest.mark.browser
@@ -253,7 +273,7 @@ def test_compare_and_finite_differences_show_in_the_check_panel(watched):
         "broadcast", "einsum", "matmul", "autograd",
     ]  # fmt: skip
     assert "fd result" in page.inner_text("#check-table thead")
-    rows = page.locator("#check-table tbody tr")
+    rows = page.locator("#check-table tbody tr:not(.intermediate)")
     # each row: the autograd verdict and the finite-difference verdict, both passing
     for i in range(rows.count()):
         assert rows.nth(i).locator(".verdict.pass").count() == 2, rows.nth(i).inner_text()

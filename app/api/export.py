@@ -1,0 +1,56 @@
+"""POST /api/export: a run as a runnable Python script or a Jupyter notebook."""
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from app import export
+from app.api.run import check_budget
+from app.schemas import ExportRequest
+from app.settings import Settings
+
+router = APIRouter(tags=["export"])
+VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"
+
+
+@router.post(
+    "/api/export",
+    response_class=Response,
+    summary="A run as a runnable Python script or a Jupyter notebook",
+    description="The file makes the run's tensors, runs the forward pass, the manual backward "
+    "pass (the formulas the run traces, the learner's included, one statement per line with "
+    "its shapes) and autograd, prints `loss <value>` and a check table, and (the script) exits "
+    "0 exactly when every gradient matches. Sent as an attachment. A config is accepted "
+    "exactly when POST /api/run accepts it.",
+    responses={
+        200: {
+            "description": "The file, with Content-Disposition: attachment; filename=...",
+            "content": {
+                media: {"schema": {"type": "string"}} for media in export.MEDIA_TYPES.values()
+            },
+        },
+        422: {
+            "description": "A bad format, or a config that POST /api/run refuses (a field out "
+            "of its limits, over the memory budget or the work limits, a formula that cannot "
+            'run), located under "config"',
+            "content": {"application/json": {"schema": {"$ref": VALIDATION_ERROR}}},
+        },
+    },
+)
+async def export_run(http: Request, request: ExportRequest | None = None) -> Response:
+    request = request or ExportRequest()
+    settings: Settings = http.app.state.settings
+    try:  # what the run would refuse (formulas dry-run on meta tensors: nothing allocated)
+        await anyio.to_thread.run_sync(check_budget, request.config, settings)
+    except RequestValidationError as exc:
+        errors = [{**e, "loc": ("body", "config", *e["loc"][1:])} for e in exc.errors()]
+        raise RequestValidationError(errors) from None
+    text, name = await anyio.to_thread.run_sync(
+        export.export, request.config, request.format, request.hide
+    )
+    return Response(
+        text,
+        media_type=export.MEDIA_TYPES[request.format],
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )

@@ -1,0 +1,84 @@
+"""POST /api/train: SGD with the manual gradients, streamed as server-sent events."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from app import train as training
+from app.api.run import VALIDATION_ERROR, check_budget
+from app.api.streaming import iterate_in_threads
+from app.schemas import ErrorMessage, TrainRequest
+from app.settings import Settings
+
+router = APIRouter(tags=["train"])
+
+
+async def checked(http: Request, request: TrainRequest | None = None) -> TrainRequest:
+    """The request, refused with a 422 before the stream when a step would not fit in the
+    memory budget (a step's minibatch or the validation pass, whichever is larger)."""
+    cfg = request or TrainRequest()
+    n = training.n_examples(cfg)
+    widest = cfg.model_copy(update={"batch": max(cfg.train_batch, n // 5)})
+    await anyio.to_thread.run_sync(check_budget, widest, http.app.state.settings)
+    return cfg
+
+
+async def run_slot(http: Request) -> AsyncIterator[None]:
+    """One run slot for the whole stream (503 before the stream when none comes free)."""
+    async with http.app.state.limiter.slot():
+        yield
+
+
+@router.post(
+    "/api/train",
+    response_class=EventSourceResponse,
+    summary="Train with the manual gradients (SGD + momentum), streamed as server-sent events",
+    description="Events: `progress` after the first step, every `eval_every` steps and "
+    "after the last ({step, loss, batch_loss, val_loss, val_accuracy, grad_norms, "
+    "max_rel_err, all_close, steps_per_s}); then `done` ({steps, stopped, val_loss, "
+    "val_accuracy, seconds, weights: {w1}, weights_before: {w1}}; with image data w1 also "
+    'has `images`, one per hidden unit). `stopped` is null, "time_limit" '
+    '(BROADPROP_TRAIN_TIME_LIMIT_S) or "diverged" (a loss that is not finite). An error '
+    "after the stream started is an `error` event ({detail}).",
+    responses={
+        413: {"model": ErrorMessage, "description": "A body over BROADPROP_MAX_BODY_BYTES"},
+        422: {
+            "description": "A field out of its limits, or a step over the memory budget",
+            "content": {"application/json": {"schema": {"$ref": VALIDATION_ERROR}}},
+        },
+        503: {
+            "model": ErrorMessage,
+            "description": "Every run slot stayed busy for the queue wait",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        },
+    },
+)
+async def train(
+    http: Request,
+    cfg: Annotated[TrainRequest, Depends(checked)],
+    _slot: Annotated[None, Depends(run_slot)],
+) -> AsyncIterator[ServerSentEvent]:
+    settings: Settings = http.app.state.settings
+    stop = threading.Event()
+    events = training.train(cfg, settings.chunk_bytes, stop.is_set, settings.train_time_limit_s)
+    try:
+        async for kind, payload in iterate_in_threads(events, stop):
+            yield _event(kind, payload)
+    except (MemoryError, RuntimeError, ValueError) as e:  # the stream has started: an event
+        yield _event("error", {"detail": f"training failed: {type(e).__name__}: {e}"})
+    finally:
+        stop.set()
+
+
+def _event(kind: str, payload: dict) -> ServerSentEvent:
+    # orjson: numpy arrays natively, NaN and Infinity as null (strict JSON)
+    return ServerSentEvent(
+        event=kind, raw_data=orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    )

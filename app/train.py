@@ -1,0 +1,202 @@
+"""Training with the manual gradients: SGD (+ momentum) over `Network.forward` / `backward`.
+
+`train(cfg, ...)` is a generator of event dicts (`progress` every `eval_every` steps and at
+the end, then one `done`); it knows nothing of HTTP. Every progress step's manual gradients
+are also checked against autograd on the same minibatch. Deterministic per seed: the
+weights are the run's (app.tensors), the minibatches a seeded shuffle of the training part.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app import data
+from app.check import autograd_gradients, cancelling_scale, compare
+from app.network import Network
+from app.ops import Context
+from app.pipeline import learner_formulas
+from app.tensors import data_name, examples, input_specs, make_tensors
+from app.views import gradient_view, unit_images
+
+SHUFFLE_SEED_OFFSET = 1  # the shuffle's generator: seed + 1, apart from the weights' (seed)
+MIN_EXAMPLES = 5  # so that the training and the validation parts are both non-empty
+
+
+@dataclass(frozen=True)
+class Split:
+    """The data in the fixed order: the first n - n // 5 to train on, the last n // 5 held out."""
+
+    x_train: torch.Tensor  # (n_train, in)
+    t_train: torch.Tensor  # (n_train,) or (n_train, out)
+    x_val: torch.Tensor  # (n_val, in)
+    t_val: torch.Tensor
+
+
+def split(cfg, tensors: dict[str, torch.Tensor]) -> Split:
+    """Image data: the whole dataset. random: the run's own x and target (prod(batch)
+    examples, leading dims flattened), so a random run trains on what /api/run shows."""
+    if data_name(cfg) == "random":
+        x = tensors["x"].reshape(-1, cfg.in_features)
+        t = tensors["target"]
+        t = t.reshape(-1) if t.ndim == tensors["x"].ndim - 1 else t.reshape(-1, t.shape[-1])
+    else:
+        x, t = examples(cfg)
+    n_val = x.shape[0] // 5
+    n_train = x.shape[0] - n_val
+    return Split(x[:n_train], t[:n_train], x[n_train:], t[n_train:])
+
+
+def n_examples(cfg) -> int:
+    """How many examples the data has (image data: the dataset; random: prod(batch))."""
+    if data_name(cfg) != "random":
+        return data.INFO[cfg.data].n
+    return math.prod([cfg.batch] if isinstance(cfg.batch, int) else cfg.batch)
+
+
+def minibatches(n: int, size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Indices of successive minibatches: each epoch a fresh seeded shuffle of range(n),
+    cut into `size` pieces; a last piece shorter than `size` is dropped (every step sees a
+    full minibatch, which batchnorm's statistics want)."""
+    g = torch.Generator().manual_seed(seed + SHUFFLE_SEED_OFFSET)
+    while True:
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n - size + 1, size):
+            yield order[start : start + size]
+
+
+class SGD:
+    """torch.optim.SGD's update (no dampening, no weight decay), written out:
+    v = momentum * v + g (v = g at the first step); p -= lr * v."""
+
+    def __init__(self, params: dict[str, torch.Tensor], lr: float, momentum: float):
+        self.params, self.lr, self.momentum = params, lr, momentum
+        self.velocity: dict[str, torch.Tensor] = {}
+
+    def step(self, grads: dict[str, torch.Tensor]) -> None:
+        for name, p in self.params.items():
+            g = grads[name]
+            if self.momentum:
+                v = self.velocity.get(name)
+                if v is None:
+                    v = self.velocity[name] = g.clone()
+                else:
+                    v.mul_(self.momentum).add_(g)
+                g = v
+            p.add_(g, alpha=-self.lr)
+
+
+def train(
+    cfg,
+    chunk_bytes: int,
+    should_stop: Callable[[], bool] = lambda: False,
+    time_limit_s: float | None = None,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("progress", {...}) every `eval_every` steps and after the last, then
+    ("done", {...}). Stops early (the done event says why) when `should_stop()` turns true
+    (checked every step), after `time_limit_s`, or when the loss stops being finite."""
+    start = time.perf_counter()
+    tensors = make_tensors(cfg)
+    names = [s.name for s in input_specs(cfg) if s.role == "param"]
+    params = {n: tensors[n].clone() for n in names}  # updated in place
+    w1_before = params["w1"].clone()
+    parts = split(cfg, tensors)
+    net = Network.from_config(cfg)
+    # the manual backward with the request's strategy; training needs no x.g, and no second
+    # formula (cross_entropy's fused form) for a gradient
+    ctx = Context(cfg.strategy, chunk_bytes, variants=False, skip=frozenset({"x"}))
+    formulas = learner_formulas(cfg, net)  # the learner's, replacing the built-in ones
+    optimizer = SGD(params, cfg.lr, cfg.momentum)
+    batches = minibatches(parts.x_train.shape[0], cfg.train_batch, cfg.seed)
+
+    step, stopped, loss_sum, since = 0, None, 0.0, 0
+    while step < cfg.steps:
+        if should_stop():
+            stopped = "stopped"
+            break
+        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            stopped = "time_limit"
+            break
+        idx = next(batches)
+        batch = {"x": parts.x_train[idx], "target": parts.t_train[idx], **params}
+        env = net.forward(batch)
+        grads = net.backward(env, ctx, formulas)  # the manual gradients
+        step += 1
+        loss = env["loss"].item()
+        loss_sum, since = loss_sum + loss, since + 1
+        finite = math.isfinite(loss)
+        report = step == 1 or step % cfg.eval_every == 0 or step == cfg.steps or not finite
+        # checked before the update: autograd sees the weights these gradients are for
+        event = check(cfg, batch, grads, params) if report else None
+        if finite:
+            optimizer.step(grads)
+        if event is not None:
+            val_loss, accuracy = evaluate(net, parts, params, cfg)  # after the update
+            event.update(
+                step=step,
+                loss=_finite(loss_sum / since),  # the mean over the steps since the last event
+                batch_loss=_finite(loss),
+                val_loss=_finite(val_loss),
+                val_accuracy=accuracy,
+                steps_per_s=step / (time.perf_counter() - start),
+            )
+            loss_sum, since = 0.0, 0
+            yield "progress", event
+        if not finite:
+            stopped = "diverged"
+            break
+
+    yield "done", done(cfg, net, parts, params, w1_before, step, stopped, start)
+
+
+def evaluate(net: Network, parts: Split, params: dict[str, torch.Tensor], cfg) -> tuple:
+    """(validation loss, accuracy or None): the held-out part, forward only."""
+    env = net.forward({"x": parts.x_val, "target": parts.t_val, **params})
+    accuracy = None
+    if cfg.loss == "cross_entropy":
+        accuracy = (env["out"].argmax(-1) == parts.t_val).double().mean().item()
+    return env["loss"].item(), accuracy
+
+
+def check(cfg, batch, grads, params) -> dict[str, Any]:
+    """The step's gradient norms, and its manual gradients against autograd on the same
+    minibatch and weights."""
+    inter: dict[str, torch.Tensor] = {}
+    reference = autograd_gradients(cfg, batch, inter)
+    checks = {n: compare(grads[n], reference[n], cancelling_scale(cfg, n, inter)) for n in params}
+    rel = [c["max_rel_err"] for c in checks.values()]
+    return {
+        "grad_norms": {n: _finite(torch.linalg.vector_norm(grads[n]).item()) for n in params},
+        "max_rel_err": _finite(max(rel)) if all(r is not None for r in rel) else None,
+        "all_close": all(c["allclose"] for c in checks.values()),
+    }
+
+
+def done(cfg, net, parts, params, w1_before, step, stopped, start) -> dict[str, Any]:
+    """The end: how far it got, and the first layer's weights after (and before) training."""
+    val_loss, accuracy = evaluate(net, parts, params, cfg)
+    weights = {"w1": gradient_view(params["w1"], cfg.max_cells)}
+    before = {"w1": gradient_view(w1_before, cfg.max_cells)}
+    if data_name(cfg) != "random":
+        info = data.INFO[cfg.data]
+        for view, w in ((weights["w1"], params["w1"]), (before["w1"], w1_before)):
+            view["image_shape"] = list(info.image_shape)
+            view["images"] = unit_images(w)  # one image per unit (the first 64)
+    return {
+        "steps": step,
+        "stopped": stopped,
+        "val_loss": _finite(val_loss),
+        "val_accuracy": accuracy,
+        "seconds": time.perf_counter() - start,
+        "weights": weights,
+        "weights_before": before,
+    }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None

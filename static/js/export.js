@@ -1,0 +1,73 @@
+// "Download script" and "Download notebook": the run on screen as a file (POST /api/export),
+// the learner's formulas included. main.js hands over each drawn run.
+
+export class ExportButtons {
+  /** `buttons`: each with data-format "py" or "ipynb"; `statusEl`: where a failure is said. */
+  constructor(buttons, statusEl) {
+    this.buttons = [...buttons];
+    this.statusEl = statusEl;
+    this.config = null;
+    for (const btn of this.buttons) btn.addEventListener("click", () => this.download(btn));
+  }
+
+  /** The run now on screen (the response as drawn): its config, every default filled in. An
+   * exercise's hidden formulas must not leave the page: the file shows the learner's own
+   * formula for each (`hide`), and until the learner has written them the buttons stay off.
+   * `hidden`: the lab's hidden gradients ("x.g"). */
+  load(data, hidden = []) {
+    const { reference_heatmaps, ...run } = data.config; // the page's view option, not the run's
+    const formulas = run.formulas || {};
+    hidden = [...new Set([...hidden, ...data.backward.filter((b) => b.hidden).map((b) => `${b.grad}.g`)])];
+    const unwritten = hidden.filter((key) => !(key in formulas));
+    this.config = run;
+    this.hide = hidden.filter((key) => key in formulas);
+    for (const btn of this.buttons) btn.disabled = unwritten.length > 0;
+    this.statusEl.textContent = unwritten.length ? `Write ${unwritten.join(", ")} to download this exercise.` : "";
+  }
+
+  async download(btn) {
+    if (!this.config) return;
+    const format = btn.dataset.format;
+    btn.disabled = true;
+    this.statusEl.textContent = "";
+    try {
+      const res = await fetch("/api/export", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ config: this.config, format, hide: this.hide }),
+      });
+      if (!res.ok) throw new Error(await failure(res));
+      save(await res.blob(), filename(res.headers.get("content-disposition"), format));
+    } catch (err) {
+      this.statusEl.textContent = `Export failed: ${err.message || err}`;
+    } finally {
+      btn.disabled = false;
+    }
+  }
+}
+
+/** The name the server gave the attachment, or a plain one. */
+function filename(disposition, format) {
+  const match = /filename="?([^";]+)"?/.exec(disposition || "");
+  return match ? match[1] : `broadprop_run.${format}`;
+}
+
+async function failure(res) {
+  try {
+    const body = await res.json();
+    const detail = Array.isArray(body.detail) ? body.detail.map((d) => d.msg).join("; ") : body.detail;
+    return detail || `the server answered ${res.status}`;
+  } catch {
+    return `the server answered ${res.status}`;
+  }
+}
+
+/** Hand a blob to the browser as a download (an object URL on a temporary link). */
+function save(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const link = Object.assign(document.createElement("a"), { href: url, download: name, hidden: true });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
