@@ -1,5 +1,11 @@
-"""The API's JSON response class (defined with the server's plumbing, app/server)."""
+"""Strict, fast JSON: orjson writes numpy arrays natively and NaN/Infinity as null."""
 
-from app.server.responses import StrictJSONResponse
+from typing import Any
 
-__all__ = ["StrictJSONResponse"]
+import orjson
+from fastapi.responses import JSONResponse
+
+
+class StrictJSONResponse(JSONResponse):  # a JSONResponse, so OpenAPI shows the response_model
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
