@@ -2,6 +2,7 @@
 // weights (or their gradient) as one small image per unit, each set tiled into one Plotly
 // heatmap (a grid of tiles with a one-pixel gap), so 50 units draw as fast as one.
 import { h, num } from "./format.js";
+import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 
 const DIVERGING = [
   [0, "#2166ac"], [0.25, "#67a9cf"], [0.45, "#d1e5f0"], [0.5, "#f7f7f7"],
@@ -90,6 +91,11 @@ export function drawDigits(el, view, count = 20) {
 export function drawDataPanel(section, data) {
   const view = data.data;
   section.hidden = !view;
+  section.pending = data; // the latest run: an older one never draws over it
+  if (!window.Plotly) {
+    if (view) (loadPlotly(), plotlyReady.then(() => section.pending === data && drawDataPanel(section, data)));
+    return;
+  }
   for (const el of section.querySelectorAll(".js-plotly-plot")) Plotly.purge(el);
   if (!view) return;
   const [rows, cols] = view.image_shape;

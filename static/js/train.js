@@ -6,6 +6,7 @@ import { ApiError, errorsByField } from "./api.js";
 import { dropDataOwned, drawUnitImages } from "./digits.js";
 import { num } from "./format.js";
 import { labFromQuery } from "./lab.js";
+import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 import { configFromForm } from "./state.js";
 
 const $ = (id) => document.getElementById(id);
@@ -134,6 +135,7 @@ async function start() {
   $("train-weights").hidden = true;
   let last = null;
   try {
+    if (!window.Plotly) (loadPlotly(), await plotlyReady); // the curves need it
     const res = await fetch("/api/train", {
       method: "POST", headers: { "content-type": "application/json" },
       body: JSON.stringify(config), signal: mine.signal,
