@@ -9,6 +9,16 @@ import anyio
 from app.api.streaming import iterate_in_threads
 
 
+def run_apart(main, timeout: float = 20) -> list:
+    """anyio.run(main) in its own thread: the main thread may hold a running loop already
+    (Playwright's sync API does, in a full test session); [] if it did not end in time."""
+    result: list = []
+    runner = threading.Thread(target=lambda: result.append(anyio.run(main)), daemon=True)
+    runner.start()
+    runner.join(timeout)
+    return result
+
+
 def counting(stop: threading.Event, steps: list[int]):
     while not stop.is_set():
         steps.append(1)
@@ -25,7 +35,7 @@ def test_cancelling_a_running_step_stops_the_generator_and_waits_for_it():
             async for _ in iterate_in_threads(counting(stop, steps), stop):
                 pass
 
-    anyio.run(main)
+    assert run_apart(main) == [None]
     assert stop.is_set()
     done = len(steps)
     threading.Event().wait(0.1)
@@ -48,9 +58,6 @@ def test_cancelled_before_its_thread_starts_does_not_hang():
             release.set()
         return scope.cancelled_caught
 
-    result: list[bool] = []
-    runner = threading.Thread(target=lambda: result.append(anyio.run(main)), daemon=True)
-    runner.start()
-    runner.join(timeout=20)
+    result = run_apart(main)
     assert result == [True], "the cancelled stream hung waiting for a step that never started"
     assert stop.is_set()

@@ -91,9 +91,9 @@ export function drawDigits(el, view, count = 20) {
 export function drawDataPanel(section, data) {
   const view = data.data;
   section.hidden = !view;
-  if (view && !window.Plotly) { // Plotly runs after the page's first picture: draw then
-    loadPlotly();
-    plotlyReady.then(() => drawDataPanel(section, data));
+  section.pending = data; // the latest run: an older one never draws over it
+  if (!window.Plotly) {
+    if (view) (loadPlotly(), plotlyReady.then(() => section.pending === data && drawDataPanel(section, data)));
     return;
   }
   for (const el of section.querySelectorAll(".js-plotly-plot")) Plotly.purge(el);

@@ -133,10 +133,9 @@ async function start() {
   bar.value = 0;
   statusEl.textContent = "Starting…";
   $("train-weights").hidden = true;
-  loadPlotly(); // the curves need Plotly, which the page loads after its first picture
-  await plotlyReady;
   let last = null;
   try {
+    if (!window.Plotly) (loadPlotly(), await plotlyReady); // the curves need it
     const res = await fetch("/api/train", {
       method: "POST", headers: { "content-type": "application/json" },
       body: JSON.stringify(config), signal: mine.signal,
