@@ -91,10 +91,26 @@ function newCurves(accuracy) {
   }, { displayModeBar: false, responsive: true });
 }
 
+// Points wait for the next frame and go to Plotly together: a fast training sends hundreds of
+// events a second, and one redraw each would keep the browser busy drawing and nothing else.
+let pending = [];
+let frame = 0;
+
 function addPoint(p, accuracy) {
-  const xs = [[p.step], [p.step]];
-  const ys = [[p.loss], [p.val_loss]];
-  if (accuracy) (xs.push([p.step]), ys.push([p.val_accuracy]));
+  pending.push([p, accuracy]);
+  if (!frame) frame = requestAnimationFrame(flushPoints);
+}
+
+function flushPoints() {
+  cancelAnimationFrame(frame);
+  frame = 0;
+  if (!pending.length) return;
+  const accuracy = pending[0][1];
+  const points = pending.map(([p]) => p);
+  pending = [];
+  const xs = [points.map((p) => p.step), points.map((p) => p.step)];
+  const ys = [points.map((p) => p.loss), points.map((p) => p.val_loss)];
+  if (accuracy) (xs.push(points.map((p) => p.step)), ys.push(points.map((p) => p.val_accuracy)));
   Plotly.extendTraces(curves, { x: xs, y: ys }, accuracy ? [0, 1, 2] : [0, 1]);
 }
 
@@ -149,7 +165,7 @@ async function start() {
     let differed = 0;  // progress events whose manual gradients failed the check
     for await (const { event, data } of events(res.body)) {
       if (event === "progress") {
-        if (accuracy === null) (accuracy = data.val_accuracy != null, newCurves(accuracy));
+        if (accuracy === null) (accuracy = data.val_accuracy != null, (pending = []), newCurves(accuracy));
         addPoint(data, accuracy);
         bar.value = data.step;
         statusEl.textContent = progressText(data, bar.max);
@@ -157,6 +173,7 @@ async function start() {
         differed += data.all_close ? 0 : 1;
         last = data;
       } else if (event === "done") {
+        flushPoints();
         const why = data.stopped ? ` (stopped: ${data.stopped.replace("_", " ")})` : "";
         const acc = data.val_accuracy == null ? "" : ` · val accuracy ${(100 * data.val_accuracy).toFixed(1)}%`;
         const bad = differed ? ` ✗ The manual gradients differed from autograd at ${differed} of the checked steps.` : "";
@@ -170,6 +187,7 @@ async function start() {
     }
   } catch (err) {
     if (err.name === "AbortError") {
+      flushPoints();
       statusEl.textContent = `Stopped at step ${last ? last.step : 0}.`;
       panel.dataset.state = "stopped";
       return;
