@@ -1,14 +1,14 @@
-"""`python -m app`: serve Broadprop with uvicorn on the configured host and port."""
+"""`python -m app`: serve Broadprop with uvicorn on the configured host and port, behind the
+connection guard (request and send timeouts, a bound on connections; app/server/startup.py)."""
 
-import uvicorn
-
+from app.server.startup import serve
 from app.settings import get_settings
 
 
 def main() -> None:
     settings = get_settings()
     print(f"Broadprop: http://{settings.host}:{settings.port}/", flush=True)
-    uvicorn.run("app.main:app", host=settings.host, port=settings.port, log_level="info")
+    serve(settings)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from fastapi.exceptions import RequestValidationError
 
 from app.check import RECHECK_MAX_BYTES
-from app.fd import FD_MAX_FLOPS, fd_cost_flops
 from app.ops.linear import chunk_rows
 from app.tensors import DTYPES, input_specs, layer_sizes, lead_shape
+from app.views import JSON_BYTES_PER_CELL, heatmap_cap
+from app.work import WORK_LIMIT_S
+from app.work import estimate as estimate_work
 
 ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
@@ -82,10 +84,12 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     # float64 copies of the inputs and of the activations the perturbed passes rebuild
     fd = (float_inputs + activations) * 8 // itemsize * 2 if cfg.fd_samples else 0
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
-    # the views' temporaries, and the heatmaps themselves: numpy cells and their JSON text
+    # the views' temporaries, and the heatmaps themselves: numpy cells, and the response's
+    # JSON text twice (the rendered body, and the server's copy of it as it sends)
     maps = 4 if cfg.reference_heatmaps else 1  # manual; autograd, difference, tolerance
-    cells = sum(min(math.prod(s.shape), cfg.max_cells) for s in specs if s.role != "target")
-    views = 3 * 8 * largest_grad + maps * cells * (8 + 24)
+    cap = heatmap_cap(cfg)
+    cells = sum(min(math.prod(s.shape), cap) for s in specs if s.role != "target")
+    views = 3 * 8 * largest_grad + maps * cells * (8 + 2 * JSON_BYTES_PER_CELL)
     # manual pass + autograd check: each holds its activations and gradients
     run = inputs + 2 * activations + 2 * gradients + transient
     # a small run that fails its check runs again in the other precision (check.py)
@@ -152,65 +156,66 @@ def refuse_over_budget(cfg, est: Estimate, per_row: Estimate, budget: int) -> No
     )
 
 
-# The literal broadcast backward materializes N * in * out elements twice per linear layer
-# (x.g's product and w.g's), chunk by chunk: ~1 s per 2.5e9 on this 2-core machine when the
-# rows are wide (one 64 MB row at in = out = 4096), faster when many rows share a chunk.
-MAX_BROADCAST_ELEMENTS = 2.5e9
+def refuse_too_much_work(cfg, chunk_bytes: int = 4 << 20) -> None:
+    """422 for runs whose time, not memory, is out of bounds (app/work.py counts every pass):
+    they would hold a run slot too long. The field named is the one whose change brings the
+    run within the limit: compare, fd_samples, strategy (the literal broadcast form), else
+    batch or the widest width."""
+    work = estimate_work(cfg, chunk_bytes)
+    if work.total <= WORK_LIMIT_S:
+        return
 
+    def fits(**update) -> bool:
+        return estimate_work(cfg.model_copy(update=update), chunk_bytes).total <= WORK_LIMIT_S
 
-def broadcast_elements(cfg) -> int:
-    """Elements the broadcast strategy's products take in all, over every chunk and layer."""
-    rows = math.prod(lead_shape(cfg.batch))
-    sizes = layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
-    # the run itself, and compare's measured run and (when slow) single timed run
-    runs = (cfg.strategy == "broadcast") + 2 * cfg.compare
-    return runs * sum(2 * rows * fan_in * fan_out for fan_in, fan_out in sizes)
-
-
-def refuse_too_much_work(cfg) -> None:
-    """422 for runs whose time, not memory, is out of bounds: they would hold a run slot
-    for minutes. Named fields: `strategy` (the literal broadcast form) and `fd_samples`."""
-    elements = broadcast_elements(cfg)
-    if elements > MAX_BROADCAST_ELEMENTS:
-        alone = broadcast_elements(cfg.model_copy(update={"compare": False}))
-        field = "compare" if cfg.compare and alone <= MAX_BROADCAST_ELEMENTS else "strategy"
-        _refuse(
-            "work_limit",
-            field,
-            f"the literal broadcast backward would materialize {elements:.2g} elements "
-            f"(chunk by chunk), over the limit of {MAX_BROADCAST_ELEMENTS:.0g}; use "
-            "strategy einsum or matmul (same gradients, no broadcast intermediate), "
-            "or reduce batch or the widths",
-            cfg,
-            elements=elements,
-            limit=MAX_BROADCAST_ELEMENTS,
+    if cfg.compare and fits(compare=False):
+        field, change = "compare", "turn compare off"
+    elif cfg.fd_samples and fits(fd_samples=0, compare=False):
+        field, change = "fd_samples", "reduce fd_samples, batch or the widths"
+    elif getattr(cfg, "formulas", None) and fits(formulas={}, fd_samples=0, compare=False):
+        field, change = "formulas", "write the formulas without a broadcast intermediate"
+    elif cfg.strategy == "broadcast" and fits(strategy="matmul", compare=False, fd_samples=0):
+        field, change = (
+            "strategy",
+            (
+                "use strategy einsum or matmul (same gradients, no broadcast intermediate), "
+                "or reduce batch or the widths"
+            ),
         )
-    if cfg.fd_samples:
-        cost = fd_cost_flops(cfg)
-        if cost > FD_MAX_FLOPS:
-            _refuse(
-                "work_limit",
-                "fd_samples",
-                f"fd_samples={cfg.fd_samples} would take about {cost:.2g} float64 flops of "
-                f"forward passes, over the limit of {FD_MAX_FLOPS:.0g}; reduce fd_samples, "
-                "batch or the widths",
-                cfg,
-                flops=cost,
-                limit=FD_MAX_FLOPS,
-            )
+    elif fits(batch=1, compare=False, fd_samples=0, strategy="matmul"):
+        field, change = "batch", "reduce batch"
+    else:
+        field = widest_field(cfg)
+        change = f"reduce {field}"
+    _refuse(
+        "work_limit",
+        field,
+        f"this run would hold the server for about {work.total:.1f} s (every pass counted: "
+        f"backward {work.backward:.1f} s, check {work.check + work.recheck:.1f} s, finite "
+        f"differences {work.finite_difference:.1f} s, compare {work.compare:.1f} s, your "
+        f"formulas {work.formulas:.1f} s), over "
+        f"the limit of {WORK_LIMIT_S:g} s; {change}",
+        cfg,
+        estimated_s=round(work.total, 3),
+        limit_s=WORK_LIMIT_S,
+    )
 
 
 # A learner's formula runs as written: its work (elements read or written, a stretched view
-# counting in full) is bounded like the literal broadcast backward's.
-MAX_FORMULA_ELEMENTS = MAX_BROADCAST_ELEMENTS
+# counting in full) is bounded here on its own (and counted in app/work.py with the rest).
+MAX_FORMULA_ELEMENTS = 2.5e9
 
 
 def formula_passes(cfg) -> int:
     """How often a learner's formula may run in one request: the run itself, and the rerun
     in the other precision (the rounding recheck of a small run, or fd_samples' float64)."""
-    return 2 if cfg.fd_samples or sum(
-        math.prod(s.shape) for s in input_specs(cfg)
-    ) * ITEMSIZE[cfg.dtype] * 2 <= RECHECK_MAX_BYTES else 1
+    return (
+        2
+        if cfg.fd_samples
+        or sum(math.prod(s.shape) for s in input_specs(cfg)) * ITEMSIZE[cfg.dtype] * 2
+        <= RECHECK_MAX_BYTES
+        else 1
+    )
 
 
 def refuse_formula_cost(cfg, backward: list[dict], budget: int) -> None:

@@ -1,7 +1,7 @@
 """The check: every manual gradient against torch.autograd on fresh leaves.
 
-The reference forward pass is written independently of app.ops, with torch.nn.functional,
-so a mistake in an op's forward cannot hide the same mistake in its check.
+The reference forward pass (app/reference.py) is written independently of app.ops, with
+torch.nn.functional, so a mistake in an op's forward cannot hide the same mistake in its check.
 
 Tolerances (per dtype): an element passes when |manual - autograd| <= atol + rtol * |autograd|
 with atol = atol_scale * max|autograd|. The absolute part scales with the gradient, so tiny
@@ -14,14 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
+from app import reference
 from app.ops.base import split_variant
+from app.reference import NORM_EPS, REFERENCE_LEAKY_SLOPE  # noqa: F401  (the check's constants)
 
-# The contract's constants, stated here again rather than imported from app.ops, so that a
-# wrong constant on the manual side cannot be wrong on the reference side too.
-NORM_EPS = 1e-5
-REFERENCE_LEAKY_SLOPE = 0.01
+activation_reference = reference.activation
 NOISE_FACTOR = 4  # a gradient may differ from autograd by 4x their rounding errors together
 COMPARE_CHUNK = 1 << 20  # elements per comparison pass
 
@@ -43,29 +41,16 @@ def reference_loss(
     n_layers = len(cfg.hidden) + 1
     a = leaves["x"]
     for k in range(1, n_layers + 1):
-        z = torch.matmul(a, leaves[f"w{k}"]) + leaves[f"b{k}"]
+        z = reference.linear(a, leaves[f"w{k}"], leaves[f"b{k}"])
         _keep(keep, "out" if k == n_layers else f"l{k}", z)
         if k == n_layers:
-            out = z
             break
-        if cfg.norm == "layernorm":
-            z = F.layer_norm(z, z.shape[-1:], leaves[f"gamma{k}"], leaves[f"beta{k}"], NORM_EPS)
-        elif cfg.norm == "batchnorm":  # batch statistics over every leading dim
-            flat = z.reshape(-1, z.shape[-1])
-            flat = F.batch_norm(
-                flat, None, None, leaves[f"gamma{k}"], leaves[f"beta{k}"], True, 0.0, NORM_EPS
-            )
-            z = flat.reshape(z.shape)
+        z = reference.normalize(cfg.norm, z, leaves.get(f"gamma{k}"), leaves.get(f"beta{k}"))
         if cfg.norm != "none":
             _keep(keep, f"n{k}", z)
-        a = activation_reference(cfg.activation, z)
+        a = reference.activation(cfg.activation, z)
         _keep(keep, f"a{k}", a)
-    target = leaves["target"]
-    if cfg.loss == "mse":
-        if cfg.out_features == 1:
-            return F.mse_loss(out.squeeze(-1), target)
-        return F.mse_loss(out, target)
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+    return reference.loss(cfg, z, leaves["target"])
 
 
 def _keep(keep: dict[str, torch.Tensor] | None, name: str, t: torch.Tensor) -> None:
@@ -73,18 +58,6 @@ def _keep(keep: dict[str, torch.Tensor] | None, name: str, t: torch.Tensor) -> N
     if keep is not None and t.requires_grad:
         t.retain_grad()
         keep[name] = t
-
-
-def activation_reference(name: str, z: torch.Tensor) -> torch.Tensor:
-    if name == "relu":
-        return torch.relu(z)  # gradient 0 at exactly 0, as (z > 0); clamp_min would give 1
-    if name == "leaky_relu":
-        return F.leaky_relu(z, REFERENCE_LEAKY_SLOPE)
-    if name == "tanh":
-        return torch.tanh(z)
-    if name == "sigmoid":
-        return torch.sigmoid(z)
-    raise ValueError(f"unknown activation {name!r}")
 
 
 def autograd_gradients(

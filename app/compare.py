@@ -41,12 +41,16 @@ def compare_strategies(
     manual: Mapping[str, torch.Tensor],
     backward_trace: list[dict[str, Any]],
     chunk_bytes: int,
+    cancel=None,
 ) -> dict[str, Any]:
     leaves = {n: manual[n] for n in tensors if n != "target"}
     rows = {
-        strategy: _cost(lambda s=strategy: net.backward(env, Context(s, chunk_bytes)), leaves)
+        strategy: _cost(
+            lambda s=strategy: net.backward(env, Context(s, chunk_bytes, cancel)), leaves
+        )
         for strategy in STRATEGIES
     }
+    Context(cancel=cancel).check()
     rows["autograd"] = _cost(lambda: autograd_gradients(cfg, tensors), leaves)
     literal = max((s["bytes"] for e in backward_trace for s in e["steps"]), default=0)
     return {"strategies": rows, "literal_broadcast_bytes": literal, "chunk_bytes": chunk_bytes}

@@ -1,19 +1,20 @@
 """The finite-difference spot check: float64 central differences at sampled entries of every
 gradient, a second witness beside autograd that shares no code with either side.
 
-The network is rewritten here once more, in float64 on (rows, features) views, so that a
-perturbed entry re-runs only the layers after it (see `_FDNet`).
+The reference network (app/reference.py, the autograd check's too) runs here in float64 on
+(rows, features) views, stage by stage, so that a perturbed entry re-runs only the layers
+after it (see `_FDNet`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
-from app.check import NOISE_FACTOR, NORM_EPS, activation_reference, cancelling_scale
+from app import reference
+from app.check import NOISE_FACTOR, cancelling_scale
 
 FD_REL_STEP = 1e-6  # h = 1e-6 * max(1, |entry|): near the float64 optimum for central differences
 FD_MAX_FLOPS = 4e9  # float64 work all the samples may take together (~2 s); more is refused (422)
@@ -21,14 +22,6 @@ FD_SEED_OFFSET = 0x5EED  # the samples' own generator: seed + this, apart from t
 FD_RTOL = {torch.float32: 1e-3, torch.float64: 1e-4}  # plus the differences' own rounding
 FD_EPS = 8 * torch.finfo(torch.float64).eps  # per loss evaluation, with a margin
 FD_CANDIDATES = 4  # entries drawn per requested sample, so kinks can be skipped
-
-
-def _fd_norm(norm: str, z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """z (R, h) normalized as the contract says (rows = every leading position)."""
-    dim = -1 if norm == "layernorm" else 0
-    xc = z - z.mean(dim, keepdim=True)
-    xhat = xc * (xc.pow(2).mean(dim, keepdim=True) + NORM_EPS).rsqrt()
-    return xhat * gamma + beta
 
 
 class _FDNet:
@@ -57,17 +50,17 @@ class _FDNet:
         self.a, self.l, self.xhat = {0: p["x"]}, {}, {}  # the unperturbed pass, per stage
         self.n: dict[int, torch.Tensor] = {}  # normalized l{k}, made when first needed
         for k in range(1, self.L + 1):
-            self.l[k] = self.a[k - 1] @ p[f"w{k}"] + p[f"b{k}"]
+            self.l[k] = reference.linear(self.a[k - 1], p[f"w{k}"], p[f"b{k}"])
             if k < self.L:
                 if self.norm != "none":
                     ones, zeros = torch.ones_like(p[f"b{k}"]), torch.zeros_like(p[f"b{k}"])
-                    self.xhat[k] = _fd_norm(self.norm, self.l[k], ones, zeros)
-                self.a[k] = activation_reference(cfg.activation, self._norm(k, self.l[k]))
+                    self.xhat[k] = reference.normalize(self.norm, self.l[k], ones, zeros)
+                self.a[k] = reference.activation(cfg.activation, self._norm(k, self.l[k]))
 
     def _norm(self, k: int, z: torch.Tensor) -> torch.Tensor:
         if self.norm == "none":
             return z
-        return _fd_norm(self.norm, z, self.p[f"gamma{k}"], self.p[f"beta{k}"])
+        return reference.normalize(self.norm, z, self.p[f"gamma{k}"], self.p[f"beta{k}"])
 
     def tail(
         self, k: int, z: torch.Tensor, normed: bool, rows: slice
@@ -82,16 +75,12 @@ class _FDNet:
                 z = self._norm(k, z)
             if self.kinked:
                 masks.append(z > 0)
-            a = activation_reference(self.cfg.activation, z)
+            a = reference.activation(self.cfg.activation, z)
             k, normed = k + 1, False
-            z = a @ self.p[f"w{k}"] + self.p[f"b{k}"]
+            z = reference.linear(a, self.p[f"w{k}"], self.p[f"b{k}"])
 
     def _loss(self, out: torch.Tensor, rows: slice) -> float:
-        target = self.target[rows]
-        if self.cfg.loss == "cross_entropy":
-            total = F.cross_entropy(out, target, reduction="sum")
-        else:
-            total = (out - target).pow(2).sum()
+        total = reference.loss(self.cfg, out, self.target[rows], reduction="sum")
         return total.item() / self.count
 
     def perturbed(self, name: str, index: int, h: float):
@@ -190,6 +179,7 @@ def finite_difference_check(
     tensors: Mapping[str, torch.Tensor],
     manual: Mapping[str, torch.Tensor],
     rounding_noise: Mapping[str, float] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
     """Float64 central differences at `cfg.fd_samples` entries of every gradient.
 
@@ -226,6 +216,8 @@ def finite_difference_check(
         for index in candidates:
             if len(errors) == want:
                 break
+            if check is not None:
+                check()  # raises when the run is to stop
             found = net.difference(name, index)
             if found is not None:
                 fd, rounding = found

@@ -46,11 +46,16 @@ class Network:
     def outputs(self) -> list[str]:
         return [op.output for op in self.ops]
 
-    def forward(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every op's output by name, the inputs included; no autograd involved."""
+    def forward(
+        self, tensors: Mapping[str, torch.Tensor], ctx: Context | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every op's output by name, the inputs included; no autograd involved. With `ctx`,
+        its cancel token is checked before each op."""
         env = dict(tensors)
         with torch.no_grad():
             for op in self.ops:
+                if ctx is not None:
+                    ctx.check()
                 env[op.output] = op.compute_forward([env[n] for n in op.inputs])
         return env
 
@@ -73,6 +78,7 @@ class Network:
         grads: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for op in reversed(self.ops):
+                ctx.check()
                 g = grads.get(op.output)  # None for the loss: d loss / d loss = 1
                 xs = [env[n] for n in op.inputs]
                 for name, grad in op.compute_backward(g, xs, env[op.output], ctx).items():

@@ -18,7 +18,14 @@ from app.lab.formulas import LearnerFormula, bind
 from app.network import Network
 from app.ops import Context
 from app.tensors import DTYPES, data_name, input_specs, lead_shape, make_tensors
-from app.views import MAX_IMAGES, data_view, gradient_view, overflow_warnings, small_values
+from app.views import (
+    MAX_IMAGES,
+    data_view,
+    gradient_view,
+    heatmap_cap,
+    overflow_warnings,
+    small_values,
+)
 
 SHAPE_FIELDS = ("in_features", "out_features", "activation", "norm", "loss", "dtype")
 
@@ -64,15 +71,17 @@ def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
     return budget.estimate(cfg, forward, backward, chunk_bytes)
 
 
-def run(cfg, chunk_bytes: int) -> dict[str, Any]:
+def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
+    """`cancel`: a token (anything with `is_set()`) checked between ops and chunks; once set,
+    the run raises app.ops.base.RunCancelled there."""
     forward_trace, backward_trace = trace(cfg)
     net = Network.from_config(cfg)
 
     start = time.perf_counter()
     tensors = make_tensors(cfg)
-    env = net.forward(tensors)
+    ctx = Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes, cancel=cancel)
+    env = net.forward(tensors, ctx)
     after_forward = time.perf_counter()
-    ctx = Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes)
     formulas = learner_formulas(cfg, net)
     grads = net.backward(env, ctx, formulas)
     after_backward = time.perf_counter()
@@ -83,14 +92,16 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         """The same formulas on the tensors in another precision, computed once each."""
         if dtype not in other_precision:
             other_precision[dtype] = net.backward(
-                net.forward(cast_floats(tensors, dtype)), ctx, formulas
+                net.forward(cast_floats(tensors, dtype), ctx), ctx, formulas
             )
         return other_precision[dtype]
 
     inter: dict[str, torch.Tensor] = {}
     reference = autograd_gradients(cfg, tensors, inter)
+    ctx.check()
     check = check_against(cfg, grads, reference, inter)
     check = recheck_rounding(cfg, tensors, grads, reference, inter, check, manual_at)
+    ctx.check()
     if cfg.fd_samples > 0:  # cost bounded before the run (budget.refuse_too_much_work)
         noise = {n: c.get("rounding_noise", 0.0) for n, c in check["tensors"].items()}
         if tensors["x"].dtype == torch.float32:
@@ -99,8 +110,9 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
             grads64 = manual_at(torch.float64)
             for n in noise:
                 noise[n] = max(noise[n], (grads[n].double() - grads64[n]).abs().max().item())
-        check["finite_difference"] = finite_difference_check(cfg, tensors, grads, noise)
+        check["finite_difference"] = finite_difference_check(cfg, tensors, grads, noise, ctx.check)
     after_check = time.perf_counter()
+    ctx.check()
 
     specs = input_specs(cfg)
     info = {s.name: _info(env[s.name], s.role) for s in specs}
@@ -108,6 +120,7 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         role = "output" if entry["output"] in ("out", "loss") else "activation"
         info[entry["output"]] = _info(env[entry["output"]], role)
     leaves = [s.name for s in specs if s.role != "target"]
+    cells = heatmap_cap(cfg)  # max_cells, or fewer where the response would pass its bound
     result = {
         # formulas only when given: the v1 config echo stays exactly as it was
         "config": cfg.model_dump(exclude=set() if cfg.formulas else {"formulas"}),
@@ -118,7 +131,7 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         "gradients": {
             n: gradient_view(
                 grads[n],
-                cfg.max_cells,
+                cells,
                 reference[n] if cfg.reference_heatmaps else None,
                 _tolerance(check["tensors"].get(n)),
             )
@@ -137,8 +150,9 @@ def run(cfg, chunk_bytes: int) -> dict[str, Any]:
         },
     }
     if cfg.compare:
+        ctx.check()
         result["compare"] = compare_strategies(
-            cfg, net, env, tensors, grads, backward_trace, chunk_bytes
+            cfg, net, env, tensors, grads, backward_trace, chunk_bytes, cancel
         )
     if data_name(cfg) != "random":
         ds = data.load(cfg.data)

@@ -26,6 +26,9 @@ MAX_IN_FEATURES = 16_384
 MAX_WIDTH = 4096  # hidden and out widths
 MAX_HIDDEN_LAYERS = 8
 MAX_CELLS = 1_000_000
+# All heatmaps of one response together (manual, and with reference_heatmaps autograd's and
+# the difference): ~25 bytes of JSON a cell at most, so a response stays under ~16 MB.
+MAX_RESPONSE_CELLS = 640_000
 MAX_FD_SAMPLES = 64
 MAX_SEED = 2**63 - 1
 MAX_INIT_SCALE = 1e6
@@ -100,7 +103,10 @@ class RunRequest(BaseModel):
     max_cells: Annotated[int, Field(strict=True, ge=1, le=MAX_CELLS)] = Field(
         4096,
         description="Each gradient heatmap is block-averaged to at most this many cells; "
-        "a value >= the tensor's size returns it exactly.",
+        "a value >= the tensor's size returns it exactly. All heatmaps of a response together "
+        f"hold at most {MAX_RESPONSE_CELLS:,} cells (about 16 MB of JSON): where max_cells "
+        "would pass that, every heatmap is downsampled further to a smaller common cap "
+        "(never refused).",
     )
     fd_samples: Annotated[int, Field(strict=True, ge=0, le=MAX_FD_SAMPLES)] = Field(
         0,

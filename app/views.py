@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.schemas import MAX_RESPONSE_CELLS
+from app.tensors import input_specs
+
 
 def as_2d(t: torch.Tensor) -> torch.Tensor:
     if t.ndim == 0:
@@ -111,6 +114,35 @@ def _heatmap(
     if extreme is not None and (row_block > 1 or col_block > 1):
         out["extreme"] = np.ascontiguousarray(extreme.numpy())  # block means hide the extremes
     return out
+
+
+def response_max_cells(sizes: list[int], max_cells: int, maps: int, total: int) -> int:
+    """The largest cap m <= max_cells on each heatmap's cells such that `maps` heatmaps per
+    gradient, of sizes `sizes` (entries), hold at most `total` cells in all: sum(min(size,
+    m)) * maps <= total. A heatmap never holds more cells than its cap, so the response is
+    bounded whatever max_cells asks for."""
+
+    def cells(m: int) -> int:
+        return maps * sum(min(size, m) for size in sizes)
+
+    if cells(max_cells) <= total:
+        return max_cells
+    low, high = 1, max_cells  # cells(low) may be over when there are very many gradients
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if cells(mid) <= total else (low, mid - 1)
+    return low
+
+
+JSON_BYTES_PER_CELL = 25  # at most: "-1.2345678901234567e-05," (float64)
+
+
+def heatmap_cap(cfg) -> int:
+    """The cap on each heatmap's cells for a run of `cfg`: max_cells, lowered where all the
+    response's heatmaps together would pass MAX_RESPONSE_CELLS."""
+    sizes = [math.prod(s.shape) for s in input_specs(cfg) if s.role != "target"]
+    maps = 4 if cfg.reference_heatmaps else 1  # manual; autograd, difference, tolerance
+    return response_max_cells(sizes, cfg.max_cells, maps, MAX_RESPONSE_CELLS)
 
 
 def tolerance_ratio(diff: torch.Tensor, r2: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:

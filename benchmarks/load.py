@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/load.py [--n 96] [--env BROADPROP_QUEUE_WAIT_S=2 ...]
 
-Starts `uvicorn app.main:app` on 127.0.0.1 (a free port), asks for the article's run once
+Starts `python -m app` on 127.0.0.1 (a free port), asks for the article's run once
 (the sequential answer), then fires N requests at once while /healthz is polled, and a
 battery of malformed and oversized requests alongside. Reports status counts, latency
 percentiles, the server's peak RSS (psutil, sampled every 10 ms) and whether every 200 is
@@ -53,9 +53,15 @@ def free_port() -> int:
 
 
 def start_server(port: int, env: dict[str, str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--log-level", "warning"]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env})
+    """python -m app, as served: uvicorn behind the connection guard."""
+    settings = {"BROADPROP_HOST": "127.0.0.1", "BROADPROP_PORT": str(port), **env}
+    return subprocess.Popen(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env={**os.environ, **settings},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def wait_healthy(base: str, server: subprocess.Popen, timeout: float = 60) -> None:

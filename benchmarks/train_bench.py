@@ -48,9 +48,20 @@ def start_server(threads: int) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "BROADPROP_TORCH_THREADS": str(threads),
            "BROADPROP_TRAIN_TIME_LIMIT_S": "3600"}  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],  # fmt: skip
-        cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],  # fmt: skip
+        cwd=ROOT,
+        env=env,
     )
     deadline = time.monotonic() + 120
     while True:
@@ -166,8 +177,10 @@ def main() -> None:
     print(f"\nMNIST 5k, 784 -> 50 -> 10, cross_entropy, kaiming, lr 0.1, batch 64, "
           f"{args.steps} steps, eval_every {args.eval_every}, {args.threads} torch thread(s), "
           f"best of {args.repeat}\n")  # fmt: skip
-    print("| loop | steps/s (loop) | vs torch | steps/s (whole request) | val accuracy "
-          "| first progress event | check |")
+    print(
+        "| loop | steps/s (loop) | vs torch | steps/s (whole request) | val accuracy "
+        "| first progress event | check |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|")
     for name, r in best.items():
         whole = r.get("request_steps_per_s", r.get("total_steps_per_s"))

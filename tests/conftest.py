@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.main import create_app
+# TestClient sends Host: testserver; the server accepts only loopback names unless told more
+os.environ.setdefault("BROADPROP_ALLOWED_HOSTS", "testserver")
+# the run deadline is a wall-clock bound: on a shared test machine it would make results
+# depend on the load; tests of the deadline set their own
+os.environ.setdefault("BROADPROP_RUN_DEADLINE_S", "600")
+
+from app.main import create_app  # noqa: E402  (after the environment it reads)
 
 
 @pytest.fixture(scope="session")

@@ -237,11 +237,17 @@ def test_a_formula_over_the_memory_budget_is_refused_before_it_runs(client):
     detail = error(
         client.post(
             "/api/run",
-            json={"batch": 20000, "formulas": {"w1.g": "(x.unsqueeze(-1) * l1.g.unsqueeze(1)).sum(0)"}},
+            json={
+                "batch": 20000,
+                "formulas": {"w1.g": "(x.unsqueeze(-1) * l1.g.unsqueeze(1)).sum(0)"},
+            },
         )
     )
     assert detail["loc"] == ["body", "formulas", "w1.g"]
-    assert detail["ctx"]["kind"] == "budget" and detail["ctx"]["bytes"] == 20000 * 784 * 50 * 4 + 784 * 50 * 4
+    assert (
+        detail["ctx"]["kind"] == "budget"
+        and detail["ctx"]["bytes"] == 20000 * 784 * 50 * 4 + 784 * 50 * 4
+    )
     assert "GiB" in detail["msg"] and "einsum" in detail["msg"]
 
 

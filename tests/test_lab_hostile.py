@@ -155,8 +155,11 @@ def watch():
             return
         state.inside = True
         try:
-            if event == "open" and len(args) > 1 and isinstance(args[1], str) and any(
-                m in args[1] for m in "wax+"
+            if (
+                event == "open"
+                and len(args) > 1
+                and isinstance(args[1], str)
+                and any(m in args[1] for m in "wax+")
             ):
                 events.append((event, args[0], args[1]))
             elif event == "exec" and not _imported(args[0]):
@@ -230,9 +233,7 @@ def test_hidden_allocations_count_against_the_budget(client, grad, source):
 
 
 def test_a_megabyte_of_formula_is_refused_at_the_door(client):
-    response = client.post(
-        "/api/run", json={**SMALL, "formulas": {"x.g": "x + " * 250_000 + "x"}}
-    )
+    response = client.post("/api/run", json={**SMALL, "formulas": {"x.g": "x + " * 250_000 + "x"}})
     assert response.status_code == 413
 
 
@@ -249,8 +250,11 @@ def test_the_tensors_are_untouched_by_any_formula(client):
     plain = client.post("/api/run", json={**SMALL, "strategy": "matmul"}).json()
     messy = client.post(
         "/api/run",
-        json={**SMALL, "strategy": "matmul",
-              "formulas": {"x.g": "y = x * 0\nz = -w1\n(l1.g @ w1.T) + y"}},  # fmt: skip
+        json={
+            **SMALL,
+            "strategy": "matmul",
+            "formulas": {"x.g": "y = x * 0\nz = -w1\n(l1.g @ w1.T) + y"},
+        },  # fmt: skip
     ).json()
     assert messy["loss"] == plain["loss"]
     assert messy["gradients"]["w1"] == plain["gradients"]["w1"]

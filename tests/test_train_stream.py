@@ -31,18 +31,9 @@ def server():
     env = {**os.environ, "BROADPROP_MAX_CONCURRENT_RUNS": "1", "BROADPROP_TORCH_THREADS": "1",
            "BROADPROP_QUEUE_WAIT_S": "0"}  # fmt: skip
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],  # fmt: skip
+        [sys.executable, "-m", "app"],  # as served: behind the connection guard
         cwd=ROOT,
-        env=env,
+        env={**env, "BROADPROP_HOST": "127.0.0.1", "BROADPROP_PORT": str(port)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -72,8 +63,13 @@ def first_event(response: http.client.HTTPResponse) -> tuple[str, dict]:
     return event[7:], json.loads(data[6:])
 
 
-def run_status(port: int) -> int:
-    response = post(port, "/api/run", SMALL_RUN)
+# estimated over 0.25 s: it needs the large lane's slot, the one a training holds (a run
+# estimated under that may take the small lane's, so it never waits behind a training)
+LARGE_RUN = {"batch": 20000, "strategy": "matmul"}
+
+
+def run_status(port: int, body: dict = LARGE_RUN) -> int:
+    response = post(port, "/api/run", body)
     response.read()
     return response.status
 
@@ -83,7 +79,8 @@ def test_a_training_holds_its_slot_until_the_client_goes_away(server):
     assert stream.status == 200
     kind, event = first_event(stream)
     assert kind == "progress" and event["step"] == 1
-    assert run_status(server) == 503  # the one slot is the training's
+    assert run_status(server) == 503  # the large lane's one slot is the training's
+    assert run_status(server, SMALL_RUN) == 200  # a small run has a lane of its own
 
     stream.close()  # the client goes away
     deadline = time.monotonic() + 15  # the whole training would take minutes

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 
 from app.ops.base import BroadcastError, broadcast_rule
-from app.schemas import BroadcastRequest, BroadcastResponse
+from app.schemas import BroadcastRequest, BroadcastResponse, ErrorMessage
 
 router = APIRouter(tags=["broadcast"])
 
@@ -13,6 +13,11 @@ router = APIRouter(tags=["broadcast"])
     "/api/broadcast",
     response_model=BroadcastResponse,
     summary="How two shapes broadcast, and which dims a gradient sums over to undo it",
+    responses={
+        403: {"model": ErrorMessage, "description": "A request from another origin"},
+        413: {"model": ErrorMessage, "description": "A body over BROADPROP_MAX_BODY_BYTES"},
+        415: {"model": ErrorMessage, "description": "A body not sent as application/json"},
+    },
 )
 def broadcast(request: BroadcastRequest) -> dict:
     try:

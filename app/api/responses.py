@@ -1,11 +1,5 @@
-"""Strict, fast JSON: orjson writes numpy arrays natively and NaN/Infinity as null."""
+"""The API's JSON response class (defined with the server's plumbing, app/server)."""
 
-from typing import Any
+from app.server.responses import StrictJSONResponse
 
-import orjson
-from fastapi.responses import JSONResponse
-
-
-class StrictJSONResponse(JSONResponse):  # a JSONResponse, so OpenAPI shows the response_model
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+__all__ = ["StrictJSONResponse"]

@@ -3,12 +3,13 @@
 import anyio
 from fastapi import APIRouter, Request
 
-from app import budget, hardening, pipeline
+from app import budget, pipeline, work
 from app.api.responses import StrictJSONResponse
 from app.lab import formulas
 from app.lab.evaluator import FormulaError
 from app.lab.formulas import UnknownGradient
 from app.schemas import ErrorMessage, RunRequest, RunResponse
+from app.server.limits import CancelToken, guarded
 from app.settings import Settings
 
 router = APIRouter(tags=["run"])
@@ -21,10 +22,13 @@ VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"  # FastAPI's own 4
     response_class=StrictJSONResponse,
     summary="Run a network forward, backward by hand, and check against autograd",
     responses={
+        403: {"model": ErrorMessage, "description": "A request from another origin"},
         413: {"model": ErrorMessage, "description": "A body over BROADPROP_MAX_BODY_BYTES"},
+        415: {"model": ErrorMessage, "description": "A body not sent as application/json"},
         422: {
-            "description": "A field out of its limits, or a config over the memory budget or "
-            "the work limits (the literal broadcast form, finite differences)",
+            "description": "A field out of its limits; a body that is not one JSON object; a "
+            "config over the memory budget or the work limit (every pass the run would make "
+            "counted), or a run stopped at its deadline (BROADPROP_RUN_DEADLINE_S)",
             "content": {"application/json": {"schema": {"$ref": VALIDATION_ERROR}}},
         },
         503: {
@@ -35,19 +39,29 @@ VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"  # FastAPI's own 4
         },
     },
 )
-async def run(http: Request, request: RunRequest | None = None) -> StrictJSONResponse:
-    cfg = request or RunRequest()
+async def run(http: Request, request: RunRequest) -> StrictJSONResponse:
     settings: Settings = http.app.state.settings
     # shapes only (cheap), but off the event loop; refused before waiting for a run slot
-    await anyio.to_thread.run_sync(check_budget, cfg, settings)
-    execute = hardening.guarded(_execute, settings)
-    return await http.app.state.limiter.run(execute, cfg, settings.chunk_bytes)
+    seconds, nbytes = await anyio.to_thread.run_sync(check_budget, request, settings)
+    cancel = CancelToken()
+    execute = guarded(_execute, settings)
+    return await http.app.state.limiter.run(
+        execute,
+        request,
+        settings.chunk_bytes,
+        cancel,
+        work_s=seconds,
+        cancel=cancel,
+        receive=http.receive,
+        memory_bytes=nbytes,
+    )
 
 
-def check_budget(cfg: RunRequest, settings: Settings) -> None:
+def check_budget(cfg: RunRequest, settings: Settings) -> tuple[float, int]:
     """422 naming the field and the limit when the run would not fit in memory or would hold
     a run slot for too long (decided from shapes: nothing allocated). The learner's formulas
-    are dry-run here, on meta tensors."""
+    are dry-run here, on meta tensors. Returns the estimated seconds (without the rounding
+    recheck, which only a failing check runs: they choose the run's lane) and bytes."""
     try:
         _, backward = pipeline.trace(cfg)
     except (FormulaError, UnknownGradient) as err:
@@ -58,9 +72,11 @@ def check_budget(cfg: RunRequest, settings: Settings) -> None:
         one_row = cfg.model_copy(update={"batch": 1})
         per_row = pipeline.estimate(one_row, settings.chunk_bytes)
         budget.refuse_over_budget(cfg, estimate, per_row, settings.memory_budget_bytes)
-    budget.refuse_too_much_work(cfg)
+    budget.refuse_too_much_work(cfg, settings.chunk_bytes)
+    seconds = work.estimate(cfg, settings.chunk_bytes)
+    return seconds.total - seconds.recheck, estimate.total
 
 
-def _execute(cfg: RunRequest, chunk_bytes: int) -> StrictJSONResponse:
+def _execute(cfg: RunRequest, chunk_bytes: int, cancel: CancelToken) -> StrictJSONResponse:
     """The run and its JSON rendering, both in the worker thread."""
-    return StrictJSONResponse(pipeline.run(cfg, chunk_bytes))
+    return StrictJSONResponse(pipeline.run(cfg, chunk_bytes, cancel))

@@ -65,8 +65,7 @@ BUGS: tuple[Bug, ...] = (
         "x.g",
         "l1.g @ w1",
         "shape",
-        "(1000, 50) @ (784, 50) has inner dims 50 vs 784: the matrix form of x.g is "
-        "l1.g @ w1.T.",
+        "(1000, 50) @ (784, 50) has inner dims 50 vs 784: the matrix form of x.g is l1.g @ w1.T.",
     ),
     Bug(
         "w-outer-product-missing",

@@ -288,9 +288,7 @@ def _single_name_target(stmt: ast.Assign) -> bool:
 
 
 def _is_grad(node: ast.AST) -> bool:
-    return (
-        isinstance(node, ast.Attribute) and node.attr == "g" and isinstance(node.value, ast.Name)
-    )
+    return isinstance(node, ast.Attribute) and node.attr == "g" and isinstance(node.value, ast.Name)
 
 
 def _check_tree(tree: ast.AST, source: str) -> None:
@@ -332,17 +330,13 @@ def _check_node(node: ast.AST, source: str) -> None:
             f"`{_segment(source, node)}`: only numbers, None and ... are allowed", "not_allowed"
         )
     if isinstance(node, ast.Compare) and len(node.ops) != 1:
-        raise FormulaError(
-            f"`{_segment(source, node)}`: one comparison at a time", "not_allowed"
-        )
+        raise FormulaError(f"`{_segment(source, node)}`: one comparison at a time", "not_allowed")
     if isinstance(node, ast.keyword) and node.arg is None:
         raise FormulaError("`**` arguments are not allowed", "not_allowed")
     if isinstance(node, ast.Assign) and not (
         _single_name_target(node) or (len(node.targets) == 1 and _is_grad(node.targets[0]))
     ):
-        raise FormulaError(
-            f"`{_segment(source, node)}`: assign to one plain name", "not_allowed"
-        )
+        raise FormulaError(f"`{_segment(source, node)}`: assign to one plain name", "not_allowed")
 
 
 def _not_allowed_message(node: ast.AST, source: str) -> str:
@@ -666,7 +660,9 @@ class _Evaluation:
                 raise
             self.fail(node, str(err), err.kind)
         except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first_line = (
+                str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            )
             self.fail(node, first_line, "shape" if "size" in first_line else "formula")
 
 

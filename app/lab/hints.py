@@ -156,9 +156,7 @@ def _result_hint(made: Shape, wanted: Shape, broadcasts: Sequence[dict]) -> str:
                 shown = tuple(d - len(made) if d == len(made) - 1 else d for d in dims)
                 dim_text = str(shown[0]) if len(shown) == 1 else str(shown)
                 why = (
-                    " (a broadcast over the batch: the gradient sums over it)"
-                    if 0 in dims
-                    else ""
+                    " (a broadcast over the batch: the gradient sums over it)" if 0 in dims else ""
                 )
                 return f"sum away what the broadcast added: `.sum({dim_text})`{why}"
     outer = [b for b in broadcasts if _stretched_both(b)]

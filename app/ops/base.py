@@ -632,18 +632,29 @@ def split_variant(key: str) -> tuple[str, str | None]:
     return name, label or None
 
 
+class RunCancelled(Exception):
+    """Raised by `Context.check` once the run's cancel token is set."""
+
+
 @dataclass
 class Context:
-    """What an op's backward may need besides its tensors: the strategy and the chunk cap."""
+    """What an op's backward may need besides its tensors: the strategy, the chunk cap, and
+    a cancel token (anything with `is_set()`), checked between ops and chunks."""
 
     strategy: str = "broadcast"
     chunk_bytes: int = 4 << 20
     variants: bool = True  # also compute the other formulas (out:fused); training does not
     skip: frozenset[str] = frozenset()  # gradients nobody needs (training: the data's x.g)
+    cancel: Any = None  # anything with is_set(): the run stops at its next check
 
     def wants(self, key: str) -> bool:
         name, label = split_variant(key)
         return name not in self.skip and (self.variants or label is None)
+
+    def check(self) -> None:
+        """Raise RunCancelled if the run should stop (its client left, its deadline passed)."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise RunCancelled("the run was stopped")
 
 
 class Op:

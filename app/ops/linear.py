@@ -42,7 +42,7 @@ class Linear(Op):
         want_x = x_name not in ctx.skip
         if ctx.strategy == "broadcast":
             out2 = result.reshape(-1, result.shape[-1])  # (N, out)
-            x_g, w_g = self._broadcast_chunked(g2, x2, w, b, out2, ctx.chunk_bytes, want_x)
+            x_g, w_g = self._broadcast_chunked(g2, x2, w, b, out2, ctx, want_x)
         elif ctx.strategy == "einsum":
             x_g = torch.einsum("no,io->ni", g2, w) if want_x else None  # (N, in)
             w_g = torch.einsum("ni,no->io", x2, g2)  # (in, out)
@@ -64,13 +64,14 @@ class Linear(Op):
         w: torch.Tensor,
         b: torch.Tensor,
         out2: torch.Tensor,
-        chunk_bytes: int,
+        ctx: Context,
         want_x: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The article's formulas, literally, over row chunks whose (rows, in, out) product
-        fits in `chunk_bytes`: the same numbers without the full (N, in, out) intermediate."""
+        fits in `ctx.chunk_bytes`: the same numbers without the full (N, in, out)
+        intermediate. The cancel token is checked before each chunk."""
         n, (fan_in, fan_out) = g2.shape[0], w.shape
-        rows = chunk_rows(fan_in, fan_out, g2.element_size(), chunk_bytes)
+        rows = chunk_rows(fan_in, fan_out, g2.element_size(), ctx.chunk_bytes)
         x_g = torch.empty_like(x2) if want_x else None  # (N, in)
         # the chunks' partial sums add up in float64: one float32 sum over a million rows
         # would round far more than autograd's matmul does
@@ -78,6 +79,7 @@ class Linear(Op):
         x_name, w_name, b_name = self.inputs
         w_t, b_t = Traced.leaf(w, w_name), Traced.leaf(b, b_name)
         for start in range(0, n, rows):
+            ctx.check()
             chunk = slice(start, start + rows)
             formulas = self.backward(
                 Traced.leaf(g2[chunk], f"{self.output}.g"),

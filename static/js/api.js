@@ -10,13 +10,55 @@ export class ApiError extends Error {
   }
 }
 
-async function postJSON(url, body, signal) {
-  const res = await fetch(url, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: toJSON(body), // BigInt seeds as exact JSON numbers
-    signal,
+// A busy server answers 503 with Retry-After: wait that long (plus up to a second, so a class
+// that loaded at once does not come back at once) and ask again, showing "queued" meanwhile.
+const MAX_QUEUED_S = 120;
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener("abort", () => {
+      clearTimeout(timer);
+      reject(signal.reason ?? new DOMException("Aborted", "AbortError"));
+    }, { once: true });
   });
+}
+
+// The queued state: document.body.dataset.queued, and the loading line says so.
+function showQueued(seconds) {
+  const loading = document.getElementById("loading");
+  const label = loading && [...loading.childNodes].find((n) => n.nodeType === Node.TEXT_NODE && n.textContent.trim());
+  if (seconds === null) {
+    delete document.body.dataset.queued;
+    if (label && loading.dataset.label) label.textContent = loading.dataset.label;
+    return;
+  }
+  document.body.dataset.queued = String(seconds);
+  if (label) {
+    loading.dataset.label ??= label.textContent;
+    label.textContent = ` Queued: the server is busy; trying again in ${seconds} s…`;
+  }
+}
+
+async function postJSON(url, body, signal) {
+  let res;
+  for (let waited = 0; ; ) {
+    res = await fetch(url, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: toJSON(body), // BigInt seeds as exact JSON numbers
+      signal,
+    });
+    const after = Number.parseInt(res.headers.get("Retry-After"), 10);
+    if (res.status !== 503 || !(after >= 0) || waited + after > MAX_QUEUED_S) break;
+    showQueued(after);
+    try {
+      await sleep((after + Math.random()) * 1000, signal);
+    } finally {
+      showQueued(null);
+    }
+    waited += after + 1;
+  }
   let data = null;
   try {
     data = await res.json();

@@ -33,18 +33,11 @@ def _free_port() -> int:
 def server() -> str:
     """Base URL of a live server, started for the session and stopped after it."""
     port = _free_port()
+    # python -m app: uvicorn behind the connection guard, as served (app/server/startup.py)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "app"],
         cwd=ROOT,
+        env={**os.environ, "BROADPROP_HOST": "127.0.0.1", "BROADPROP_PORT": str(port)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -119,8 +112,8 @@ class Watched:
     def wait_drawn(self) -> None:
         """Until a run has been drawn, nothing is in flight, and every chart is drawn (the
         page draws charts off screen when idle: body[data-pending-all])."""
-        self.page.wait_for_function(
-            "['ready', 'empty'].includes(document.body.dataset.state)"
+        self.page.wait_for_function(  # a function, not an expression: the CSP forbids eval
+            "() => ['ready', 'empty'].includes(document.body.dataset.state)"
             " && document.querySelector('#loading').hidden"
             " && (document.body.dataset.pendingAll || '0') === '0'",
             timeout=60_000,

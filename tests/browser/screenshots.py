@@ -43,7 +43,7 @@ PANELS = {"data": "#data-panel", "train": "#train-panel"}
 
 def wait_drawn(page) -> None:
     page.wait_for_function(
-        "['ready', 'empty'].includes(document.body.dataset.state)"
+        "() => ['ready', 'empty'].includes(document.body.dataset.state)"
         " && document.querySelector('#loading').hidden",
         timeout=60_000,
     )
@@ -82,7 +82,7 @@ def main() -> None:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             warm = browser.new_page()  # the server's first run is slow: not the one to show
             warm.goto(f"{base}/")
-            warm.wait_for_function("document.body.dataset.state === 'ready'", timeout=60_000)
+            warm.wait_for_function("() => document.body.dataset.state === 'ready'", timeout=60_000)
             warm.close()
             for name, (query, action, *size) in STATES.items():
                 width, height = size[0] if size else (1280, 800)
@@ -90,7 +90,7 @@ def main() -> None:
                 page.on("console", lambda m: m.type == "error" and print("console:", m.text))
                 page.goto(f"{base}/{query}")
                 page.wait_for_function(
-                    "['ready', 'empty'].includes(document.body.dataset.state)"
+                    "() => ['ready', 'empty'].includes(document.body.dataset.state)"
                     " && document.querySelector('#loading').hidden"
                     " && (document.body.dataset.pendingAll || '0') === '0'",
                     timeout=60_000,
@@ -109,7 +109,7 @@ def main() -> None:
                     page.fill("#t-steps", "2000")
                     page.click("#train-start")
                     page.wait_for_function(
-                        "document.getElementById('train-panel').dataset.state === 'done'",
+                        "() => document.getElementById('train-panel').dataset.state === 'done'",
                         timeout=600_000,
                     )
                 page.wait_for_timeout(300)

@@ -84,7 +84,9 @@ def test_changing_a_field_updates_url_and_charts_and_back_works(watched):
     page.press("#f-hidden", "Tab")  # change event
     page.wait_for_url(re.compile(r"hidden=5(&|$)"))
     w.wait_drawn()
-    page.wait_for_function("document.querySelector('#diagram').textContent.includes('(8, 6, 5)')")
+    page.wait_for_function(
+        "() => document.querySelector('#diagram').textContent.includes('(8, 6, 5)')"
+    )
     maps = drawn_heatmaps(page)
     assert set(maps) == {"x", "w1", "b1", "w2", "b2"}
     assert "(5, 1)" in maps["w2"]
@@ -93,12 +95,14 @@ def test_changing_a_field_updates_url_and_charts_and_back_works(watched):
     w.wait_drawn()
     assert "tanh" in page.inner_text("#code-lines")
     page.go_back()  # popstate: the previous URL's run comes back
-    page.wait_for_function("!location.search.includes('activation')")
+    page.wait_for_function("() => !location.search.includes('activation')")
     w.wait_drawn()
     assert page.input_value("#f-activation") == "relu"
     assert "tanh" not in page.inner_text("#code-lines")
     page.go_back()
-    page.wait_for_function("document.querySelector('#diagram').textContent.includes('(8, 6, 4)')")
+    page.wait_for_function(
+        "() => document.querySelector('#diagram').textContent.includes('(8, 6, 4)')"
+    )
     assert page.input_value("#f-hidden") == "4,3"
     assert_clean(w)
 
@@ -170,7 +174,7 @@ def test_stepping_moves_the_highlight(watched):
     assert int(where()[0]) == int(start[0]) - 1
     # Clicking a step's node in the diagram selects it.
     page.click('#diagram .step-node[data-step="2"]')
-    page.wait_for_function("document.querySelector('#diagram').dataset.selected === '2'")
+    page.wait_for_function("() => document.querySelector('#diagram').dataset.selected === '2'")
     assert page.inner_text("#step-pos").startswith("step 3 of")
     # The first step: prev is disabled; the highlighted code line is the first backward formula.
     page.locator("#code-lines li.bwd button").first.click()
@@ -189,7 +193,7 @@ def test_a_bad_field_shows_its_error_next_to_it(watched):
     page = w.page
     page.fill("#f-in_features", "0")
     page.press("#f-in_features", "Tab")
-    page.wait_for_function("document.querySelector('#err-in_features').textContent !== ''")
+    page.wait_for_function("() => document.querySelector('#err-in_features').textContent !== ''")
     assert "greater than or equal to 1" in page.inner_text("#err-in_features")
     assert page.get_attribute("#f-in_features", "aria-invalid") == "true"
     assert page.is_visible("#run-error") and "in_features" in page.inner_text("#run-error")
@@ -197,7 +201,9 @@ def test_a_bad_field_shows_its_error_next_to_it(watched):
     assert "(8, 6, 4)" in diagram_text(page)  # the last good run stays drawn
     page.fill("#f-in_features", "7")
     page.press("#f-in_features", "Tab")
-    page.wait_for_function("document.querySelector('#diagram').textContent.includes('(8, 7, 4)')")
+    page.wait_for_function(
+        "() => document.querySelector('#diagram').textContent.includes('(8, 7, 4)')"
+    )
     assert page.inner_text("#err-in_features") == ""
     assert dialogs == []
     assert_clean(w, allowed=[r"status of 422"])  # Chromium logs the refused request itself
@@ -212,14 +218,14 @@ def test_explainer_shows_the_rule_and_the_clash(watched):
     page.fill("#bx-b", "3, 1")
     page.click("#explainer-form button[type=submit]")
     page.wait_for_function(
-        "document.querySelector('#explainer-out').textContent.includes('(8, 3, 4)')"
+        "() => document.querySelector('#explainer-out').textContent.includes('(8, 3, 4)')"
     )
     out = page.locator("#explainer-out")
     assert out.locator("td.stretched").count() == 3  # a: dim 1; b: dims 0 and 2
     assert "g.sum(1, keepdim=True).reshape(8, 1, 4)" in out.inner_text()
     page.fill("#bx-b", "5")
     page.click("#explainer-form button[type=submit]")
-    page.wait_for_function("document.querySelector('#bx-err').textContent !== ''")
+    page.wait_for_function("() => document.querySelector('#bx-err').textContent !== ''")
     assert "dim -1: a has 4, b has 5" in page.inner_text("#bx-err")
     assert_clean(w, allowed=[r"status of 422"])
 

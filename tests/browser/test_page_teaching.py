@@ -99,7 +99,7 @@ def test_budget_error_shows_under_the_field_that_was_changed(watched):
     page = w.page
     page.fill("#f-hidden", "4096,4096")
     page.press("#f-hidden", "Tab")
-    page.wait_for_function("document.querySelector('#err-hidden').textContent !== ''")
+    page.wait_for_function("() => document.querySelector('#err-hidden').textContent !== ''")
     assert "memory budget" in page.inner_text("#err-hidden")
     assert_clean(w, allowed=[r"status of 422"])
 

@@ -1,0 +1,55 @@
+"""The server's plumbing, below the app: limits (body size, run slots, deadlines, memory),
+errors (never a 500; a log that cannot be flooded), security (hosts, origins, headers),
+OpenAPI (exact limits) and startup (lifespan, the connection guard). Nothing here imports
+from the rest of app/ but its settings; the app hands in what it needs (`install`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.server import errors
+from app.server.limits import (
+    BodyLimitMiddleware,
+    RunLimiter,
+    Saturated,
+    Stopped,
+    derive_concurrency,
+)
+from app.server.openapi import exact_openapi
+from app.server.security import ComputeRoutes, GuardMiddleware, JsonBodyMiddleware
+from app.server.startup import lifespan_with
+from app.settings import Settings
+
+
+def install(
+    app: FastAPI,
+    settings: Settings,
+    models: ModuleType | None = None,
+    warm_up: Callable[[], None] | None = None,
+) -> None:
+    """Limits, security, error handlers and the startup lifespan, on `app`. `models`: the
+    module of the API's pydantic models (for exact integer limits in /openapi.json)."""
+    concurrency = derive_concurrency(settings)
+    app.state.settings = settings
+    app.state.concurrency = concurrency
+    app.state.limiter = RunLimiter(
+        concurrency.runs, settings.queue_wait_s, settings.run_deadline_s, settings.release_memory
+    )
+    app.router.lifespan_context = lifespan_with(warm_up)
+    if models is not None:
+        app.openapi = exact_openapi(app, models)  # type: ignore[method-assign]
+    # the last added runs first: guard (headers, host, origin, type) -> body limit -> JSON
+    compute = ComputeRoutes(lambda: app.routes)
+    app.add_middleware(JsonBodyMiddleware, compute=compute)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(GuardMiddleware, compute=compute, allowed_hosts=settings.allowed_hosts)
+    app.add_exception_handler(RequestValidationError, errors.validation_error)
+    app.add_exception_handler(StarletteHTTPException, errors.http_error)
+    app.add_exception_handler(Saturated, errors.saturated)
+    app.add_exception_handler(Stopped, errors.stopped)
+    app.add_exception_handler(Exception, errors.unexpected)

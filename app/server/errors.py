@@ -1,0 +1,159 @@
+"""Errors mapped to 4xx/503, never 500, as strict JSON; and a log that cannot be flooded."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app.server.limits import Saturated, Stopped, retry_after
+from app.server.responses import StrictJSONResponse
+
+log = logging.getLogger("broadprop")
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> StrictJSONResponse:
+    """FastAPI's 422 body, written as strict JSON: an input of NaN or Infinity (which Python's
+    json module accepts as literals) is echoed as null, and a deep, long or huge input is
+    echoed clipped, instead of failing the response."""
+    errors = [
+        {k: clip(v) if k in ("input", "ctx") else v for k, v in e.items()} for e in exc.errors()
+    ]
+    return StrictJSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clip(value: Any, depth: int = 4, items: int = 16, chars: int = 200) -> Any:
+    """`value` cut to `depth` levels, `items` entries per container, `chars` per string; an
+    integer JSON cannot carry exactly (over 64 bits) as a string; a lone surrogate (which no
+    UTF-8 can carry) as U+FFFD."""
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return str(value)
+    if isinstance(value, str):
+        value = _SURROGATE.sub("\ufffd", value)
+        return value if len(value) <= chars else value[:chars] + "..."
+    if isinstance(value, (list, tuple, dict)) and depth == 0:
+        return "..."
+    if isinstance(value, (list, tuple)):
+        clipped = [clip(v, depth - 1) for v in value[:items]]
+        return clipped + ["..."] if len(value) > items else clipped
+    if isinstance(value, dict):
+        pairs = list(value.items())
+        clipped = {clip(str(k)[:chars]): clip(v, depth - 1) for k, v in pairs[:items]}
+        return {**clipped, "...": "..."} if len(pairs) > items else clipped
+    return value
+
+
+def json_invalid(msg: str) -> StrictJSONResponse:
+    error = {"type": "json_invalid", "loc": ["body"], "msg": f"JSON decode error: {msg}"}
+    return StrictJSONResponse({"detail": [{**error, "input": {}}]}, status_code=422)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI answers a body it cannot decode (not UTF-8, nested deeper than the parser's
+    recursion limit, an integer of more digits than Python parses) with a bare 400; give it
+    the same 422 as any other invalid JSON."""
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, (ValueError, RecursionError)):
+        if isinstance(cause, UnicodeDecodeError):
+            why = "not UTF-8"
+        elif isinstance(cause, RecursionError):
+            why = "nested too deeply"
+        elif "digits" in str(cause):
+            why = "an integer with too many digits"
+        else:
+            why = "invalid"
+        return json_invalid(why)
+    return await http_exception_handler(request, exc)
+
+
+async def saturated(request: Request, exc: Saturated) -> StrictJSONResponse:
+    settings = request.app.state.settings
+    return StrictJSONResponse(
+        {
+            "detail": f"the server is busy: every run slot ({request.app.state.limiter.slots}) "
+            f"stayed taken for {settings.queue_wait_s} s; retry later"
+        },
+        status_code=503,
+        headers={"Retry-After": retry_after(settings)},
+    )
+
+
+async def stopped(request: Request, exc: Stopped) -> StrictJSONResponse:
+    """A run stopped at its deadline: 422 (retrying cannot help). One whose client hung up:
+    nobody reads the answer; 499, as nginx logs it."""
+    if exc.reason == "disconnect":
+        return StrictJSONResponse({"detail": "the client closed the connection"}, 499)
+    error = {
+        "type": "work_limit",
+        "loc": ["body"],
+        "msg": f"this run was still going after {exc.deadline_s:g} s, the most one run may "
+        "take (BROADPROP_RUN_DEADLINE_S), and was stopped; reduce batch or the widths, or "
+        "turn off compare and fd_samples",
+        "input": None,
+        "ctx": {"deadline_s": exc.deadline_s},
+    }
+    return StrictJSONResponse({"detail": [error]}, status_code=422)
+
+
+async def unexpected(request: Request, exc: Exception) -> StrictJSONResponse:
+    """The last resort: a 503 with the error's kind, never a 500. Logged with its traceback."""
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return StrictJSONResponse(
+        {"detail": f"the server could not complete this request ({type(exc).__name__})"},
+        status_code=503,
+        headers={"Retry-After": retry_after(request.app.state.settings)},
+    )
+
+
+# --- the log ---------------------------------------------------------------------------------
+
+
+class RateLimitFilter(logging.Filter):
+    """At most `burst` records of one kind (logger, level, message template) at once, then
+    `per_s` a second; what is dropped is counted and said on the next record let through."""
+
+    def __init__(self, burst: float = 10, per_s: float = 1.0) -> None:
+        super().__init__()
+        self.burst, self.per_s = burst, per_s
+        self._buckets: dict[tuple, list[float]] = {}  # key -> [tokens, last time, dropped]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg)[:200])
+        now = time.monotonic()
+        with self._lock:
+            if len(self._buckets) > 1000:  # bounded, whatever the messages
+                self._buckets.clear()
+            tokens, last, dropped = self._buckets.get(key, [self.burst, now, 0])
+            tokens = min(self.burst, tokens + (now - last) * self.per_s)
+            if tokens < 1:
+                self._buckets[key] = [tokens, now, dropped + 1]
+                return False
+            self._buckets[key] = [tokens - 1, now, 0]
+        if dropped:
+            record.msg = f"{record.msg} [{int(dropped)} more like this were not logged]"
+        return True
+
+
+RATE_LIMITED_LOGGERS = ("broadprop", "asyncio", "uvicorn.error", "uvicorn.access")
+
+
+def limit_log_rates() -> None:
+    """Put a RateLimitFilter on the loggers a flood could fill (once per logger)."""
+    for name in RATE_LIMITED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RateLimitFilter) for f in logger.filters):
+            access = name == "uvicorn.access"
+            logger.addFilter(RateLimitFilter(burst=200, per_s=50) if access else RateLimitFilter())

@@ -1,0 +1,412 @@
+"""Limits on what one request may take: the body size, the run slots (two lanes, so a small
+run never waits behind a giant one), a deadline and cancellation for each run, and giving
+memory back to the system after big runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import ctypes
+import ctypes.util
+import gc
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.server.responses import StrictJSONResponse
+from app.settings import Settings
+
+log = logging.getLogger("broadprop")
+T = TypeVar("T")
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    runs: int  # heavy runs at once (per lane)
+    torch_threads: int  # intra-op threads each run may use; runs * threads <= cores
+
+
+def derive_concurrency(settings: Settings, cores: int | None = None) -> Concurrency:
+    """Fill in the 0s (derive) of max_concurrent_runs and torch_threads from the core count,
+    so that runs x threads <= cores. With both derived: a run gets up to 4 threads, and the
+    cores are split into as many runs as that allows (2 cores: 1 run x 2 threads)."""
+    cores = max(1, cores or usable_cores())
+    runs, threads = settings.max_concurrent_runs, settings.torch_threads
+    if not runs and not threads:
+        threads = min(cores, 4)
+        runs = max(1, cores // threads)
+    elif not threads:
+        threads = max(1, cores // runs)
+    elif not runs:
+        runs = max(1, cores // threads)
+    return Concurrency(runs=runs, torch_threads=threads)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else os.cpu_count()."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class Saturated(Exception):
+    """No run slot came free within the queue wait."""
+
+
+class Stopped(Exception):
+    """A run was stopped between two ops or chunks: its client hung up, or its deadline
+    passed (`reason`: "disconnect" or "deadline")."""
+
+    def __init__(self, reason: str, deadline_s: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.deadline_s = deadline_s
+
+
+class CancelToken:
+    """Set by the limiter when a run should stop; the run polls `is_set()` between its ops and
+    chunks (app.ops.Context.cancel) and raises there.
+
+    Armed with a deadline (`arm`), the token also turns set once the polling thread has used
+    that much CPU time since its first poll: the run's own work, what it would take on a quiet
+    machine, so that a machine busy with other work (a room of browsers on the same laptop)
+    does not stop runs that are within bounds."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: str | None = None
+        self.cpu_deadline_s = math.inf
+        self._cpu_start: float | None = None
+
+    def arm(self, cpu_deadline_s: float) -> None:
+        self.cpu_deadline_s = cpu_deadline_s
+
+    def set(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        if self._event.is_set():
+            return True
+        if self.cpu_deadline_s < math.inf:
+            now = time.thread_time()
+            if self._cpu_start is None:
+                self._cpu_start = now
+            elif now - self._cpu_start > self.cpu_deadline_s:
+                self.set("deadline")
+                return True
+        return False
+
+
+# The wall-clock bound on a run, as a multiple of its CPU-time deadline: a safety net for a
+# starved machine (or a run stuck outside the checks)
+WALL_DEADLINE_FACTOR = 4
+
+# Runs estimated to take at most this long go to the small lane: they never queue behind a
+# run in the large lane (a small run beside a giant one takes about twice its time alone).
+SMALL_RUN_S = 0.25
+LANES = ("small", "large")
+
+
+class RunLimiter:
+    """At most `slots` runs at once in each lane, each in a worker thread so the event loop
+    stays free; a run that cannot start within `wait_s` raises Saturated (-> 503 +
+    Retry-After). A run estimated at most SMALL_RUN_S (`work_s`) takes a free slot of either
+    lane, else waits for the small lane; any other run (or one of unknown work) waits for the
+    large lane. With a `cancel` token, the run is stopped (Stopped) when the client hangs up
+    (`receive` gives http.disconnect), once it has used `deadline_s` of CPU time, or after
+    WALL_DEADLINE_FACTOR x `deadline_s` of wall time, between two of its ops or chunks.
+
+    Semaphores are made per event loop (TestClient may start one loop per request)."""
+
+    def __init__(
+        self, slots: int, wait_s: float, deadline_s: float = math.inf, trim: bool = True
+    ) -> None:
+        self.slots = slots
+        self.trim = trim
+        self.wait_s = wait_s
+        self.deadline_s = deadline_s
+        self.in_flight = 0
+        # the runs' own threads, kept for the life of the server: a thread that idles out
+        # (anyio's do after 10 s) takes its warm allocator arena and OpenMP team with it, and
+        # the next run on a new one pays for fresh ones
+        self._threads = ThreadPoolExecutor(2 * slots + 2, thread_name_prefix="run")
+        self._release_pending = False
+        self._tasks: set[asyncio.Task] = set()
+        self._semaphores: weakref.WeakKeyDictionary[Any, dict[str, anyio.Semaphore]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _lanes(self) -> dict[str, anyio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if loop not in self._semaphores:
+            self._semaphores[loop] = {lane: anyio.Semaphore(self.slots) for lane in LANES}
+        return self._semaphores[loop]
+
+    async def _acquire(self, small: bool) -> anyio.Semaphore:
+        lanes = self._lanes()
+        for lane in ("small", "large") if small else ("large",):
+            try:
+                lanes[lane].acquire_nowait()
+                return lanes[lane]
+            except anyio.WouldBlock:
+                pass
+        semaphore = lanes["small" if small else "large"]
+        with anyio.move_on_after(self.wait_s) as scope:
+            await semaphore.acquire()
+        if scope.cancelled_caught:
+            raise Saturated from None
+        return semaphore
+
+    async def run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        work_s: float | None = None,
+        cancel: CancelToken | None = None,
+        receive: Callable[[], Awaitable[Message]] | None = None,
+        memory_bytes: int = 0,
+    ) -> T:
+        try:
+            async with self.slot(work_s):
+                if cancel is None:
+                    return await self._in_thread(fn, args)
+                return await self._watched(fn, args, cancel, receive)
+        finally:
+            if self.trim and memory_bytes >= TRIM_MIN_BYTES:
+                self._release_soon()
+
+    @asynccontextmanager
+    async def slot(self, work_s: float | None = None) -> AsyncIterator[None]:
+        """Hold one run slot for the body (a training holds one for its whole stream); the
+        lane as for `run` (large unless `work_s` is small)."""
+        semaphore = await self._acquire(work_s is not None and work_s <= SMALL_RUN_S)
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            semaphore.release()
+
+    async def _in_thread(self, fn: Callable[..., T], args: tuple) -> T:
+        """`fn(*args)` on one of the runs' threads (with this task's context variables). Not
+        abandoned on cancel: the slot stays taken until the thread is done."""
+        future = asyncio.get_running_loop().run_in_executor(
+            self._threads, contextvars.copy_context().run, fn, *args
+        )
+        try:
+            return await asyncio.shield(future)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([future])
+            raise
+
+    def _release_soon(self) -> None:
+        """Give memory back once the answer has gone out (TRIM_DELAY_S later) and no run is
+        in flight; one pending release at a time."""
+        if self._release_pending:
+            return
+        self._release_pending = True
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(TRIM_DELAY_S)
+                if not self.in_flight:
+                    await anyio.to_thread.run_sync(release_memory)
+            finally:
+                self._release_pending = False
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._tasks.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watched(
+        self,
+        fn: Callable[..., T],
+        args: tuple,
+        cancel: CancelToken,
+        receive: Callable[[], Awaitable[Message]] | None,
+    ) -> T:
+        outcome: dict[str, Any] = {}
+
+        async def work() -> None:
+            try:
+                outcome["value"] = await self._in_thread(fn, args)
+            except Exception as e:  # re-raised below, outside the task group
+                outcome["error"] = e
+            finally:
+                group.cancel_scope.cancel()
+
+        cancel.arm(self.deadline_s)
+
+        async def watch() -> None:
+            with anyio.move_on_after(self.deadline_s * WALL_DEADLINE_FACTOR):
+                while receive is not None:
+                    if (await receive())["type"] == "http.disconnect":
+                        cancel.set("disconnect")
+                        return
+                await anyio.sleep_forever()
+            cancel.set("deadline")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(work)
+            group.start_soon(watch)
+        if "error" in outcome:
+            if cancel.is_set():
+                raise Stopped(cancel.reason or "deadline", self.deadline_s) from outcome["error"]
+            raise outcome["error"]
+        return outcome["value"]
+
+
+def retry_after(settings: Settings) -> str:
+    return str(max(1, math.ceil(settings.queue_wait_s)))
+
+
+def guarded(fn: Callable[..., T], settings: Settings) -> Callable[..., T]:
+    """`fn` with the errors a run can raise mapped to HTTP errors: out of memory -> 503 with
+    Retry-After; a ValueError (a config the engine cannot run) -> 422."""
+
+    def call(*args: Any) -> T:
+        try:
+            return fn(*args)
+        except MemoryError:
+            raise _out_of_memory(settings) from None
+        except RuntimeError as e:
+            if "memory" in str(e).lower() or "alloc" in str(e).lower():
+                raise _out_of_memory(settings) from e
+            raise
+        except ValueError as e:
+            raise RequestValidationError(
+                [{"type": "value_error", "loc": ("body",), "msg": str(e), "input": None}]
+            ) from e
+
+    return call
+
+
+def _out_of_memory(settings: Settings) -> HTTPException:
+    return HTTPException(
+        503,
+        "the server ran out of memory for this run; retry later or shrink the run "
+        f"(BROADPROP_MEMORY_BUDGET_BYTES is {settings.memory_budget_bytes})",
+        headers={"Retry-After": retry_after(settings)},
+    )
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+TRIM_MIN_BYTES = 32 << 20  # runs estimated at least this big give their memory back after
+TRIM_DELAY_S = 0.5  # after the run: its answer is sent, its last tensors collected
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None on another C library."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def release_memory() -> bool:
+    """Give the allocator's free pages back to the system (glibc: malloc_trim(0), which also
+    releases free pages inside every thread's arena). False where there is no malloc_trim."""
+    if _TRIM is None:
+        return False
+    gc.collect()  # tensors a reference cycle still holds are freed first
+    _TRIM(0)
+    return True
+
+
+# --- request bodies --------------------------------------------------------------------------
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes`, without reading it whole.
+
+    A Content-Length over the limit is refused before reading anything; otherwise (chunked
+    bodies included) the chunks are counted as they arrive and the request is refused as
+    soon as they pass the limit. A body within the limit is handed on unchanged."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                await refuse(send, 400, "Content-Length is not a non-negative integer")
+                return
+            if int(length) > self.max_bytes:
+                await self._refuse_size(send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, replay([message], receive), send)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse_size(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, replay([body], receive), send)
+
+    async def _refuse_size(self, send: Send) -> None:
+        await refuse(
+            send,
+            413,
+            f"request body over the limit of {self.max_bytes} bytes (BROADPROP_MAX_BODY_BYTES)",
+        )
+
+
+async def refuse(send: Send, status: int, detail: Any, close: bool = True) -> None:
+    """Answer `{"detail": detail}` with `status`, without reading the rest of the request."""
+    response = StrictJSONResponse({"detail": detail}, status_code=status)
+    if close:
+        response.headers["connection"] = "close"  # the rest of the body is never read
+    await response({"type": "http"}, _never_receive, send)
+
+
+def replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive() that gives `messages` first, then defers to the real one."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
+async def _never_receive() -> Message:
+    return {"type": "http.disconnect"}

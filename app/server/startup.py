@@ -1,0 +1,137 @@
+"""Starting up: the lifespan (torch threads, a warm-up), and serving with uvicorn behind a
+connection guard (`serve`, used by `python -m app`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import h11
+import torch
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from app.server.errors import limit_log_rates
+from app.settings import Settings
+
+log = logging.getLogger("broadprop")
+
+
+def lifespan_with(warm_up: Callable[[], None] | None):
+    """A lifespan that sets torch's thread count and runs `warm_up` (torch's and the tracer's
+    first-call costs, paid at startup rather than by the first request)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        torch.set_num_threads(app.state.concurrency.torch_threads)
+        limit_log_rates()
+        if warm_up is not None:
+            try:
+                await anyio.to_thread.run_sync(warm_up)
+            except Exception:  # a failed warm-up only costs the first request its speed
+                log.exception("warm-up failed")
+        yield
+
+    return lifespan
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with three guards a bare uvicorn lacks:
+    - a request (head and body) must arrive whole within `request_timeout_s` of its first
+      byte (or of the connection): half-sent requests no longer hold sockets for minutes;
+    - a client that reads nothing of its response for `send_timeout_s` is dropped, and the
+      unsent response with it (uvicorn would keep it buffered for as long as the socket lives);
+    - at most `max_connections` sockets at once: one more is dropped as it opens (uvicorn's
+      limit_concurrency answers 503 before that).
+    Subclass it with the three set (`guarded_protocol`)."""
+
+    request_timeout_s: float = 5.0
+    send_timeout_s: float = 10.0
+    max_connections: int = 256
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._request_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            log.warning("over %d connections: dropping a new one", self.max_connections)
+            transport.abort()
+            return
+        self._arm_request_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._request_timer is None and self.conn.their_state is h11.IDLE:
+            self._arm_request_timer()  # the first bytes of the next request on this socket
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE and self.conn.their_state not in (h11.SEND_BODY,):
+            self._disarm("_request_timer")  # the request is in whole (or the socket is done)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm("_request_timer")
+        self._disarm("_send_timer")
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._drop, "send")
+
+    def resume_writing(self) -> None:
+        self._disarm("_send_timer")
+        super().resume_writing()
+
+    def _arm_request_timer(self) -> None:
+        self._disarm("_request_timer")
+        self._request_timer = self.loop.call_later(self.request_timeout_s, self._drop, "request")
+
+    def _disarm(self, name: str) -> None:
+        timer = getattr(self, name, None)
+        if timer is not None:
+            timer.cancel()
+            setattr(self, name, None)
+
+    def _drop(self, why: str) -> None:
+        if why == "request" and self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+            return
+        log.info(
+            "dropping a connection: %s",
+            f"no whole request within {self.request_timeout_s:g} s"
+            if why == "request"
+            else f"the client read nothing of its response for {self.send_timeout_s:g} s",
+        )
+        self.transport.abort()
+
+
+def guarded_protocol(settings: Settings) -> type[GuardedH11Protocol]:
+    return type(
+        "GuardedProtocol",
+        (GuardedH11Protocol,),
+        {
+            "request_timeout_s": settings.request_timeout_s,
+            "send_timeout_s": settings.send_timeout_s,
+            "max_connections": settings.max_connections,
+        },
+    )
+
+
+def uvicorn_config(settings: Settings, app: str = "app.main:app") -> uvicorn.Config:
+    """uvicorn serving `app` with the connection limits of `settings`."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_protocol(settings),
+        timeout_keep_alive=max(1, round(settings.keep_alive_s)),
+        limit_concurrency=settings.max_connections,
+        backlog=min(2048, 4 * settings.max_connections),
+        log_level="info",
+    )
+
+
+def serve(settings: Settings) -> None:
+    limit_log_rates()
+    uvicorn.Server(uvicorn_config(settings)).run()

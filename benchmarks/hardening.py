@@ -1,0 +1,331 @@
+"""Issue 13's measurements against `python -m app` on loopback (not part of the tests).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/hardening.py [--unread 20] [--pages 40]
+
+- unread: N clients ask for one of the largest answers the server gives (every heatmap at the
+  response bound, float64) and never read it: the server's peak RSS while they
+  hang, and how long until the server has dropped them all (send timeout);
+- lanes: the article's run served alone, and while a giant (accepted) run holds the other lane;
+- slowest: the largest accepted runs, each timed first (cold) and warm; the slowest 200;
+- memory: RSS fresh, after big runs, and a moment later (malloc_trim) against a server with
+  BROADPROP_RELEASE_MEMORY=false;
+- pages: N page loads at once in headless Chromium, each until drawn (503s waited out by the
+  page), with their p50/p95/max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = {
+    "in_features": 1024,
+    "hidden": [1024] * 8,
+    "out_features": 1024,
+    "strategy": "matmul",
+    "reference_heatmaps": True,
+    "max_cells": 1_000_000,
+    "batch": 164,
+}
+# the largest answers quickly: one wide layer in float64, every heatmap at the response bound
+WIDE = {**HEAVY, "hidden": [1024], "batch": 64, "dtype": "float64"}
+GIANT = {"batch": 12, "in_features": 4096, "hidden": [4096]}  # wide rows: the slowest kind
+LARGE = [  # near the work limit, each of a different kind
+    {"batch": 20000},
+    {"batch": 20000, "strategy": "matmul"},
+    GIANT,
+    {"batch": 5000, "compare": True},
+    {"fd_samples": 64},
+    {"batch": 200, "in_features": 4096, "hidden": [4096], "strategy": "matmul"},
+    {"batch": 800, "in_features": 1024, "hidden": [1024] * 4, "strategy": "matmul"},
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, **env: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app"],
+            cwd=ROOT,
+            env={**os.environ, "BROADPROP_PORT": str(self.port), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if self.request("GET", "/healthz")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit("the server did not start")
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, float, int]:
+        """(status, seconds, bytes) on a fresh connection (no keep-alive to outlive)."""
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"content-type": "application/json"} if data is not None else {}
+        start = time.perf_counter()
+        try:
+            conn.request(method, path, data, headers)
+            response = conn.getresponse()
+            payload = response.read()
+            return response.status, time.perf_counter() - start, len(payload)
+        finally:
+            conn.close()
+
+    def post(self, body: dict) -> tuple[int, float, int]:
+        return self.request("POST", "/api/run", body)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1e3, 1)
+
+
+def unread(n: int) -> dict:
+    server = Server(BROADPROP_MAX_CONCURRENT_RUNS="1", BROADPROP_QUEUE_WAIT_S="600")
+    try:
+        status, took, size = server.post(WIDE)
+        heavy = server.post(HEAVY)  # the issue's 189 MB answer, now bounded
+        idle = server.rss()
+        data = json.dumps(WIDE).encode()
+        head = (
+            f"POST /api/run HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        clients = []
+        for _ in range(n):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", server.port))
+            s.sendall(head + data)
+            clients.append(s)
+        ports = {s.getsockname()[1] for s in clients}
+        peak, start, seen = idle, time.monotonic(), 0
+        while time.monotonic() - start < 600:
+            peak = max(peak, server.rss())
+            held = [
+                c
+                for c in psutil.Process(server.proc.pid).net_connections()
+                if c.raddr and c.raddr.port in ports
+            ]
+            seen = max(seen, len(held))
+            if seen and not held:  # all accepted, then all dropped
+                break
+            time.sleep(0.05)
+        dropped_after = time.monotonic() - start
+        after = server.rss()
+        for s in clients:
+            s.close()
+        alive = server.request("GET", "/healthz")[0] == 200
+        return {
+            "clients": n,
+            "answer_bytes": size,
+            "answer_status": status,
+            "issue_config_answer": {"status": heavy[0], "bytes": heavy[2], "ms": ms(heavy[1])},
+            "rss_idle_mb": round(idle / 1e6, 1),
+            "rss_peak_mb": round(peak / 1e6, 1),
+            "most_held_at_once": seen,
+            "all_dropped_after_s": round(dropped_after, 1),
+            "rss_after_mb": round(after / 1e6, 1),
+            "server_alive": alive,
+        }
+    finally:
+        server.stop()
+
+
+def lanes(repeats: int = 5) -> dict:
+    server = Server()
+    try:
+        server.post({})
+        server.post(GIANT)
+        alone = min(server.post({})[1] for _ in range(repeats))
+        beside, giant_times = [], []
+        for _ in range(repeats):
+            result: list = []
+            giant = threading.Thread(target=lambda out=result: out.append(server.post(GIANT)))
+            giant.start()
+            time.sleep(0.3)  # the giant has its slot
+            status, took, _ = server.post({})
+            beside.append((status, took, giant.is_alive()))
+            giant.join()
+            giant_times.append(result[0][:2])
+        return {
+            "small_alone_ms": ms(alone),
+            "small_beside_giant_ms": [ms(t) for _, t, _ in beside],
+            "small_statuses": [s for s, _, _ in beside],
+            "giant_still_running_when_small_done": [a for _, _, a in beside],
+            "giant_ms": [ms(t) for _, t in giant_times],
+            "giant_statuses": [s for s, _ in giant_times],
+        }
+    finally:
+        server.stop()
+
+
+def slowest() -> dict:
+    rows = []
+    for body in LARGE:
+        server = Server()  # fresh: the first request at this size is the cold one
+        try:
+            first = server.post(body)
+            warm = [server.post(body) for _ in range(3)]
+            rows.append(
+                {
+                    "body": body,
+                    "status": first[0],
+                    "first_ms": ms(first[1]),
+                    "warm_ms": [ms(t) for _, t, _ in warm],
+                    "warm_statuses": sorted({s for s, _, _ in warm}),
+                }
+            )
+        finally:
+            server.stop()
+    accepted = [r for r in rows if r["status"] == 200]
+    worst = max(accepted, key=lambda r: max(r["first_ms"], *r["warm_ms"]), default=None)
+    return {"runs": rows, "slowest_accepted": worst}
+
+
+def memory() -> dict:
+    out = {}
+    for trim in ("true", "false"):
+        server = Server(BROADPROP_RELEASE_MEMORY=trim)
+        try:
+            fresh = server.rss()
+            for body in ({"batch": 20000}, {"batch": 20000, "strategy": "matmul"}, HEAVY):
+                server.post(body)
+            time.sleep(2)
+            out[f"release_memory={trim}"] = {
+                "rss_fresh_mb": round(fresh / 1e6, 1),
+                "rss_idle_after_big_runs_mb": round(server.rss() / 1e6, 1),
+            }
+        finally:
+            server.stop()
+    return out
+
+
+async def _pages(base: str, n: int) -> dict:
+    from playwright.async_api import async_playwright
+
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]  # fmt: skip
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        busy = 0
+        errors: list[str] = []
+
+        statuses: dict[int, int] = {}
+
+        def count(response) -> None:
+            nonlocal busy
+            if response.url.endswith("/api/run"):
+                busy += response.status == 503
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+
+        async def one(context) -> float | None:
+            page = await context.new_page()
+            page.on("response", count)
+            start = time.perf_counter()
+            await page.goto(base + "/", timeout=300_000, wait_until="commit")
+            try:
+                await page.wait_for_function(
+                    "() => document.body && document.body.dataset.state === 'ready'"
+                    " && document.querySelector('#loading').hidden"
+                    " && document.querySelectorAll('.heatmap-card .main-svg').length > 0",
+                    timeout=300_000,
+                )
+            except Exception as e:  # not drawn in time: say what the page showed
+                errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+                return None
+            return time.perf_counter() - start
+
+        contexts = [await browser.new_context() for _ in range(n)]
+        times = await asyncio.gather(*(one(c) for c in contexts))
+        await browser.close()
+    drawn = sorted(t for t in times if t is not None)
+
+    def pick(q: float) -> float:
+        return ms(drawn[min(len(drawn) - 1, int(q * len(drawn)))]) if drawn else float("nan")
+
+    return {
+        "pages": n,
+        "drawn": len(drawn),
+        "errors": sorted(set(errors))[:5],
+        "503s_waited_out": busy,
+        "api_run_statuses": statuses,
+        "p50_ms": pick(0.5),
+        "p95_ms": pick(0.95),
+        "max_ms": ms(drawn[-1]) if drawn else None,
+        "mean_ms": ms(statistics.fmean(drawn)) if drawn else None,
+    }
+
+
+def pages(n: int) -> dict:
+    server = Server()
+    try:
+        server.request("GET", "/")
+        return asyncio.run(_pages(server.base, n))
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--unread", type=int, default=20)
+    parser.add_argument("--pages", type=int, default=40)
+    parser.add_argument(
+        "--only", nargs="*", default=["unread", "lanes", "slowest", "memory", "pages"]
+    )
+    args = parser.parse_args()
+    report: dict = {"cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
+    steps = {
+        "unread": lambda: unread(args.unread),
+        "lanes": lanes,
+        "slowest": slowest,
+        "memory": memory,
+        "pages": lambda: pages(args.pages),
+    }
+    for name in args.only:
+        report[name] = steps[name]()
+        print(json.dumps({name: report[name]}, indent=2), flush=True)
+    report["load_average_1m_after"] = os.getloadavg()[0]
+    print(
+        json.dumps({"load_average": [report["load_average_1m"], report["load_average_1m_after"]]})
+    )
+
+
+if __name__ == "__main__":
+    main()
