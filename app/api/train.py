@@ -48,7 +48,9 @@ async def run_slot(http: Request) -> AsyncIterator[None]:
     '(BROADPROP_TRAIN_TIME_LIMIT_S) or "diverged" (a loss that is not finite). An error '
     "after the stream started is an `error` event ({detail}).",
     responses={
+        403: {"model": ErrorMessage, "description": "A request from another origin"},
         413: {"model": ErrorMessage, "description": "A body over BROADPROP_MAX_BODY_BYTES"},
+        415: {"model": ErrorMessage, "description": "A body not sent as application/json"},
         422: {
             "description": "A field out of its limits, or a step over the memory budget",
             "content": {"application/json": {"schema": {"$ref": VALIDATION_ERROR}}},
