@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from app import export
 from app.api.run import check_budget
-from app.schemas import ExportRequest
+from app.schemas import ErrorMessage, ExportRequest
 from app.settings import Settings
 
 router = APIRouter(tags=["export"])
@@ -24,6 +24,8 @@ VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"
     "0 exactly when every gradient matches. Sent as an attachment. A config is accepted "
     "exactly when POST /api/run accepts it.",
     responses={
+        403: {"model": ErrorMessage, "description": "A request from another origin"},
+        415: {"model": ErrorMessage, "description": "A body not sent as application/json"},
         200: {
             "description": "The file, with Content-Disposition: attachment; filename=...",
             "content": {

@@ -50,7 +50,9 @@ async def run_slot(http: Request) -> AsyncIterator[None]:
     '(BROADPROP_TRAIN_TIME_LIMIT_S) or "diverged" (a loss that is not finite). An error '
     "after the stream started is an `error` event ({detail}).",
     responses={
+        403: {"description": "A request from another origin", "content": JSON_ERROR},
         413: {"description": "A body over BROADPROP_MAX_BODY_BYTES", "content": JSON_ERROR},
+        415: {"description": "A body not sent as application/json", "content": JSON_ERROR},
         422: {
             "description": "A field out of its limits, or a step over the memory budget",
             "content": {"application/json": {"schema": {"$ref": VALIDATION_ERROR}}},

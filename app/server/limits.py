@@ -5,7 +5,6 @@ memory back to the system after big runs."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import ctypes
 import ctypes.util
 import gc
@@ -16,7 +15,6 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -143,10 +141,6 @@ class RunLimiter:
         self.wait_s = wait_s
         self.deadline_s = deadline_s
         self.in_flight = 0
-        # the runs' own threads, kept for the life of the server: a thread that idles out
-        # (anyio's do after 10 s) takes its warm allocator arena and OpenMP team with it, and
-        # the next run on a new one pays for fresh ones
-        self._threads = ThreadPoolExecutor(2 * slots + 2, thread_name_prefix="run")
         self._release_pending = False
         self._tasks: set[asyncio.Task] = set()
         self._semaphores: weakref.WeakKeyDictionary[Any, dict[str, anyio.Semaphore]] = (
@@ -205,17 +199,9 @@ class RunLimiter:
             semaphore.release()
 
     async def _in_thread(self, fn: Callable[..., T], args: tuple) -> T:
-        """`fn(*args)` on one of the runs' threads (with this task's context variables). Not
-        abandoned on cancel: the slot stays taken until the thread is done."""
-        future = asyncio.get_running_loop().run_in_executor(
-            self._threads, contextvars.copy_context().run, fn, *args
-        )
-        try:
-            return await asyncio.shield(future)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([future])
-            raise
+        """`fn(*args)` in a worker thread. Not abandoned on cancel: the slot stays taken until
+        the thread is done."""
+        return await anyio.to_thread.run_sync(fn, *args)
 
     def _release_soon(self) -> None:
         """Give memory back once the answer has gone out (TRIM_DELAY_S later) and no run is
