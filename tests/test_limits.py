@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import anyio
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app import pipeline, work
@@ -228,3 +229,71 @@ def test_release_memory_is_glibcs_malloc_trim():
     import platform
 
     assert release_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+# --- the lanes' threads ------------------------------------------------------------------
+
+
+def thread_and_torch_threads() -> tuple[str, int]:
+    return threading.current_thread().name, torch.get_num_threads()
+
+
+def test_runs_use_their_lanes_kept_threads():
+    """Large runs on the large lane's thread with the run's torch threads, small ones on the
+    small lane's with one (one OpenMP team in all), the same threads run after run; and the
+    default for threads started later is left as it was."""
+    default = torch.get_num_threads()
+    limiter = RunLimiter(slots=1, wait_s=5, torch_threads=2)
+
+    async def scenario():
+        return [
+            await limiter.run(thread_and_torch_threads, work_s=w) for w in (5.0, 0.01, 5.0, None)
+        ]
+
+    large, small, large_again, unknown = in_own_loop(scenario)
+    assert large == ("broadprop-large-0", 2) == large_again == unknown
+    assert small == ("broadprop-small-0", 1)
+    fresh: list[int] = []
+    t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert fresh == [default]
+
+
+def test_a_lane_job_cancelled_while_queued_never_runs():
+    lane = RunLimiter(slots=1, wait_s=5, torch_threads=1).lanes["large"]
+    started, release, ran = threading.Event(), threading.Event(), []
+
+    def blocking():
+        started.set()
+        assert release.wait(30)
+        ran.append("blocking")
+
+    async def scenario():
+        async with anyio.create_task_group() as group:
+            group.start_soon(lane.run_sync, blocking)
+            await anyio.to_thread.run_sync(started.wait)
+            with anyio.move_on_after(0.05):  # the lane's one thread is busy: queued
+                await lane.run_sync(ran.append, "queued")
+            release.set()
+        await lane.run_sync(time.sleep, 0.05)  # anything queued before this has run by now
+        return list(ran)
+
+    assert in_own_loop(scenario) == ["blocking"]
+
+
+def test_a_lane_job_cancelled_while_running_is_asked_to_stop_and_waited_for():
+    lane = RunLimiter(slots=1, wait_s=5, torch_threads=1).lanes["large"]
+    asked_to_stop, ran = threading.Event(), []
+
+    def stops_when_asked():
+        assert asked_to_stop.wait(30)
+        time.sleep(0.2)  # still busy after being asked
+        ran.append("ended")
+
+    async def scenario():
+        with anyio.move_on_after(0.05):
+            await lane.run_sync(stops_when_asked, on_cancel=asked_to_stop.set)
+        return list(ran)  # the cancel returned only once the job had ended
+
+    assert in_own_loop(scenario) == ["ended"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 
 import anyio
+import pytest
 
 from app.api.streaming import iterate_in_threads
+from app.server.limits import RunLimiter
 
 
 def run_apart(main, timeout: float = 20) -> list:
@@ -26,13 +28,15 @@ def counting(stop: threading.Event, steps: list[int]):
             yield len(steps)
 
 
-def test_cancelling_a_running_step_stops_the_generator_and_waits_for_it():
+@pytest.mark.parametrize("lane", [None, "large"], ids=["anyio-thread", "lane-thread"])
+def test_cancelling_a_running_step_stops_the_generator_and_waits_for_it(lane):
     steps: list[int] = []
     stop = threading.Event()
+    on = None if lane is None else RunLimiter(slots=1, wait_s=1).lanes[lane]
 
     async def main():
         with anyio.move_on_after(0.2):
-            async for _ in iterate_in_threads(counting(stop, steps), stop):
+            async for _ in iterate_in_threads(counting(stop, steps), stop, on):
                 pass
 
     assert run_apart(main) == [None]

@@ -28,8 +28,11 @@ VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"
         415: {"model": ErrorMessage, "description": "A body not sent as application/json"},
         200: {
             "description": "The file, with Content-Disposition: attachment; filename=...",
-            "content": {
-                media: {"schema": {"type": "string"}} for media in export.MEDIA_TYPES.values()
+            "content": {  # a notebook is a JSON document (nbformat 4), a script text
+                export.MEDIA_TYPES["py"]: {"schema": {"type": "string"}},
+                export.MEDIA_TYPES["ipynb"]: {
+                    "schema": {"type": "object", "required": ["cells", "metadata", "nbformat"]}
+                },
             },
         },
         422: {

@@ -1,6 +1,7 @@
 """A blocking generator (a training loop), stepped in worker threads for an async stream.
 
-Each `next()` runs in a worker thread, so the event loop stays free. When the stream is
+Each `next()` runs in a worker thread (the run slot's lane thread when one is given), so the
+event loop stays free. When the stream is
 cancelled (the client went away) while a `next()` is running, `stop` is set, which the
 generator checks every step, and the cancellation waits for that step to end: the thread
 never outlives the stream by more than one step, and a run slot held around the stream is
@@ -15,13 +16,24 @@ from typing import TypeVar
 
 import anyio
 
+from app.server.limits import Lane
+
 T = TypeVar("T")
 _END = object()
 
 
-async def iterate_in_threads(items: Iterator[T], stop: threading.Event) -> AsyncIterator[T]:
+async def iterate_in_threads(
+    items: Iterator[T], stop: threading.Event, lane: Lane | None = None
+) -> AsyncIterator[T]:
     while True:
-        item = await _next_in_thread(items, stop)
+        if lane is None:
+            item = await _next_in_thread(items, stop)
+        else:  # a step cancelled before it started never starts
+            try:
+                item = await lane.run_sync(next, items, _END, on_cancel=stop.set)
+            except anyio.get_cancelled_exc_class():
+                stop.set()
+                raise
         if item is _END:
             return
         yield item  # type: ignore[misc]

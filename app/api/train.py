@@ -15,6 +15,7 @@ from app import train as training
 from app.api.run import VALIDATION_ERROR, check_budget
 from app.api.streaming import iterate_in_threads
 from app.schemas import TrainRequest
+from app.server.limits import Lane
 from app.settings import Settings
 
 router = APIRouter(tags=["train"])
@@ -32,10 +33,11 @@ async def checked(http: Request, request: TrainRequest | None = None) -> TrainRe
     return cfg
 
 
-async def run_slot(http: Request) -> AsyncIterator[None]:
-    """One run slot for the whole stream (503 before the stream when none comes free)."""
-    async with http.app.state.limiter.slot():
-        yield
+async def run_slot(http: Request) -> AsyncIterator[Lane]:
+    """One run slot for the whole stream (503 before the stream when none comes free); its
+    lane's thread runs the steps."""
+    async with http.app.state.limiter.slot() as lane:
+        yield lane
 
 
 @router.post(
@@ -67,13 +69,13 @@ async def run_slot(http: Request) -> AsyncIterator[None]:
 async def train(
     http: Request,
     cfg: Annotated[TrainRequest, Depends(checked)],
-    _slot: Annotated[None, Depends(run_slot)],
+    lane: Annotated[Lane, Depends(run_slot)],
 ) -> AsyncIterator[ServerSentEvent]:
     settings: Settings = http.app.state.settings
     stop = threading.Event()
     events = training.train(cfg, settings.chunk_bytes, stop.is_set, settings.train_time_limit_s)
     try:
-        async for kind, payload in iterate_in_threads(events, stop):
+        async for kind, payload in iterate_in_threads(events, stop, lane):
             yield _event(kind, payload)
     except (MemoryError, RuntimeError, ValueError) as e:  # the stream has started: an event
         yield _event("error", {"detail": f"training failed: {type(e).__name__}: {e}"})

@@ -38,7 +38,11 @@ def install(
     app.state.settings = settings
     app.state.concurrency = concurrency
     app.state.limiter = RunLimiter(
-        concurrency.runs, settings.queue_wait_s, settings.run_deadline_s, settings.release_memory
+        concurrency.runs,
+        settings.queue_wait_s,
+        settings.run_deadline_s,
+        settings.release_memory,
+        torch_threads=concurrency.torch_threads,
     )
     app.router.lifespan_context = lifespan_with(warm_up)
     if models is not None:

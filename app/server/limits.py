@@ -5,12 +5,15 @@ memory back to the system after big runs."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import ctypes
 import ctypes.util
 import gc
 import logging
 import math
 import os
+import queue
 import threading
 import time
 import weakref
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
+import torch
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -122,24 +126,116 @@ SMALL_RUN_S = 0.25
 LANES = ("small", "large")
 
 
+class Lane:
+    """One lane's run threads: `slots` of them, started once and kept for the life of the
+    process, each with `torch_threads` of torch's intra-op threads.
+
+    Why not a fresh worker thread per run: every thread that runs torch's parallel ops gets
+    its own OpenMP thread team, and while more team threads are alive than cores, libgomp's
+    workers stop spin-waiting between parallel regions and sleep instead (its throttled
+    spin). A chunked broadcast is hundreds of short parallel regions: at batch 20000 its
+    backward took 0.9-1.2 s instead of 0.35 s whenever a second team was alive (the first
+    large runs on a fresh server: the warm-up's thread and the run's). Kept threads make one
+    team per large-lane thread, warmed at startup; small-lane threads run torch on one thread
+    (their runs gain nothing from more) and have no team at all."""
+
+    def __init__(self, name: str, slots: int, torch_threads: int) -> None:
+        self.name = name
+        self.torch_threads = torch_threads
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(slots):
+            started = threading.Event()
+            threading.Thread(
+                target=self._serve,
+                args=(started,),
+                name=f"broadprop-{name}-{i}",
+                daemon=True,  # a run in flight at exit is abandoned, never waited for
+            ).start()
+            started.wait()
+
+    def _serve(self, started: threading.Event) -> None:
+        torch.get_num_threads()  # settles this thread's count: set_num_threads below stays its own
+        torch.set_num_threads(self.torch_threads)
+        started.set()
+        while True:
+            future, fn, args = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued: never started
+            try:
+                result = fn(*args)
+            except BaseException as e:  # handed to the awaiting request
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """`fn(*args)` on one of the lane's threads, with the caller's context variables."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((future, contextvars.copy_context().run, (fn, *args)))
+        return future
+
+    async def run_sync(
+        self, fn: Callable[..., T], *args: Any, on_cancel: Callable[[], None] | None = None
+    ) -> T:
+        """`fn(*args)` on the lane's thread. Cancelled before it starts, it never starts;
+        cancelled while it runs, `on_cancel` is called (to ask it to stop) and the
+        cancellation waits for it to end: a slot is never free while its work still runs."""
+        future = self.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancel():  # already running
+                if on_cancel is not None:
+                    on_cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([asyncio.wrap_future(future)])
+            raise
+
+
+_lanes: dict[tuple[int, int], dict[str, Lane]] = {}
+_lanes_lock = threading.Lock()
+
+
+def lanes_for(slots: int, torch_threads: int) -> dict[str, Lane]:
+    """The process's lanes for this many slots and threads (made on first use, then shared
+    by every app in the process: OpenMP teams are per process)."""
+    with _lanes_lock:
+        if (slots, torch_threads) not in _lanes:
+            default = torch.get_num_threads()
+            small = Lane("small", slots, 1)
+            large = Lane("large", slots, torch_threads)
+            # each lane thread's set_num_threads also set the default that threads started
+            # later take up (a training's, a test's): back to what it was
+            torch.set_num_threads(default)
+            _lanes[slots, torch_threads] = {"small": small, "large": large}
+        return _lanes[slots, torch_threads]
+
+
 class RunLimiter:
-    """At most `slots` runs at once in each lane, each in a worker thread so the event loop
-    stays free; a run that cannot start within `wait_s` raises Saturated (-> 503 +
-    Retry-After). A run estimated at most SMALL_RUN_S (`work_s`) takes a free slot of either
-    lane, else waits for the small lane; any other run (or one of unknown work) waits for the
-    large lane. With a `cancel` token, the run is stopped (Stopped) when the client hangs up
-    (`receive` gives http.disconnect), once it has used `deadline_s` of CPU time, or after
-    WALL_DEADLINE_FACTOR x `deadline_s` of wall time, between two of its ops or chunks.
+    """At most `slots` runs at once in each lane, each on one of its lane's threads (`Lane`)
+    so the event loop stays free; a run that cannot start within `wait_s` raises Saturated
+    (-> 503 + Retry-After). A run estimated at most SMALL_RUN_S (`work_s`) takes a free slot
+    of either lane, else waits for the small lane; any other run (or one of unknown work)
+    waits for the large lane. With a `cancel` token, the run is stopped (Stopped) when the
+    client hangs up (`receive` gives http.disconnect), once it has used `deadline_s` of CPU
+    time, or after WALL_DEADLINE_FACTOR x `deadline_s` of wall time, between two of its ops
+    or chunks. A large-lane run uses `torch_threads` intra-op threads, a small-lane run one.
 
     Semaphores are made per event loop (TestClient may start one loop per request)."""
 
     def __init__(
-        self, slots: int, wait_s: float, deadline_s: float = math.inf, trim: bool = True
+        self,
+        slots: int,
+        wait_s: float,
+        deadline_s: float = math.inf,
+        trim: bool = True,
+        torch_threads: int = 1,
     ) -> None:
         self.slots = slots
         self.trim = trim
         self.wait_s = wait_s
         self.deadline_s = deadline_s
+        self.torch_threads = torch_threads
         self.in_flight = 0
         self._release_pending = False
         self._tasks: set[asyncio.Task] = set()
@@ -147,26 +243,41 @@ class RunLimiter:
             weakref.WeakKeyDictionary()
         )
 
-    def _lanes(self) -> dict[str, anyio.Semaphore]:
+    @property
+    def lanes(self) -> dict[str, Lane]:
+        """The lanes' threads (started on first use, or by `start`)."""
+        return lanes_for(self.slots, self.torch_threads)
+
+    async def start(self, warm_up: Callable[[], None] | None = None) -> None:
+        """Start the lanes' threads and run `warm_up` once on each lane (torch's first-call
+        costs, paid by each thread before a request does)."""
+        tune_allocator()
+        lanes = await anyio.to_thread.run_sync(lambda: self.lanes)
+        if warm_up is not None:
+            for lane in lanes.values():
+                await lane.run_sync(warm_up)
+
+    def _semaphores_here(self) -> dict[str, anyio.Semaphore]:
         loop = asyncio.get_running_loop()
         if loop not in self._semaphores:
             self._semaphores[loop] = {lane: anyio.Semaphore(self.slots) for lane in LANES}
         return self._semaphores[loop]
 
-    async def _acquire(self, small: bool) -> anyio.Semaphore:
-        lanes = self._lanes()
+    async def _acquire(self, small: bool) -> str:
+        """A slot's lane name, once one of its semaphore's slots is taken."""
+        semaphores = self._semaphores_here()
         for lane in ("small", "large") if small else ("large",):
             try:
-                lanes[lane].acquire_nowait()
-                return lanes[lane]
+                semaphores[lane].acquire_nowait()
+                return lane
             except anyio.WouldBlock:
                 pass
-        semaphore = lanes["small" if small else "large"]
+        lane = "small" if small else "large"
         with anyio.move_on_after(self.wait_s) as scope:
-            await semaphore.acquire()
+            await semaphores[lane].acquire()
         if scope.cancelled_caught:
             raise Saturated from None
-        return semaphore
+        return lane
 
     async def run(
         self,
@@ -178,30 +289,27 @@ class RunLimiter:
         memory_bytes: int = 0,
     ) -> T:
         try:
-            async with self.slot(work_s):
+            async with self.slot(work_s) as lane:
                 if cancel is None:
-                    return await self._in_thread(fn, args)
-                return await self._watched(fn, args, cancel, receive)
+                    return await lane.run_sync(fn, *args)
+                return await self._watched(lane, fn, args, cancel, receive)
         finally:
             if self.trim and memory_bytes >= TRIM_MIN_BYTES:
                 self._release_soon()
 
     @asynccontextmanager
-    async def slot(self, work_s: float | None = None) -> AsyncIterator[None]:
-        """Hold one run slot for the body (a training holds one for its whole stream); the
-        lane as for `run` (large unless `work_s` is small)."""
-        semaphore = await self._acquire(work_s is not None and work_s <= SMALL_RUN_S)
+    async def slot(self, work_s: float | None = None) -> AsyncIterator[Lane]:
+        """Hold one run slot for the body (a training holds one for its whole stream), which
+        runs its work on the lane given (`lane.run_sync`); the lane as for `run` (large
+        unless `work_s` is small)."""
+        lanes = self.lanes
+        name = await self._acquire(work_s is not None and work_s <= SMALL_RUN_S)
         self.in_flight += 1
         try:
-            yield
+            yield lanes[name]
         finally:
             self.in_flight -= 1
-            semaphore.release()
-
-    async def _in_thread(self, fn: Callable[..., T], args: tuple) -> T:
-        """`fn(*args)` in a worker thread. Not abandoned on cancel: the slot stays taken until
-        the thread is done."""
-        return await anyio.to_thread.run_sync(fn, *args)
+            self._semaphores_here()[name].release()
 
     def _release_soon(self) -> None:
         """Give memory back once the answer has gone out (TRIM_DELAY_S later) and no run is
@@ -224,6 +332,7 @@ class RunLimiter:
 
     async def _watched(
         self,
+        lane: Lane,
         fn: Callable[..., T],
         args: tuple,
         cancel: CancelToken,
@@ -233,7 +342,7 @@ class RunLimiter:
 
         async def work() -> None:
             try:
-                outcome["value"] = await self._in_thread(fn, args)
+                outcome["value"] = await lane.run_sync(fn, *args)
             except Exception as e:  # re-raised below, outside the task group
                 outcome["error"] = e
             finally:
@@ -300,18 +409,42 @@ TRIM_MIN_BYTES = 32 << 20  # runs estimated at least this big give their memory 
 TRIM_DELAY_S = 0.5  # after the run: its answer is sent, its last tensors collected
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None on another C library."""
+def _libc_function(name: str, argtypes: list) -> Callable[..., int] | None:
+    """A glibc function (malloc_trim, mallopt), or None on another C library."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        function = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
 
 
-_TRIM = _malloc_trim()
+_TRIM = _libc_function("malloc_trim", [ctypes.c_size_t])
+_MALLOPT = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+# Blocks up to this size come from the arenas and are reused; larger ones (a big run's x and
+# x.g) are mapped for themselves and unmapped when freed. 32 MiB is glibc's largest.
+MMAP_THRESHOLD_BYTES = 32 << 20
+# Free memory an arena keeps rather than handing back on every free (release_memory hands
+# it all back once a big run is over)
+TRIM_THRESHOLD_BYTES = 1 << 30
+
+
+def tune_allocator() -> bool:
+    """Fixed malloc thresholds instead of glibc's moving ones (False on another C library).
+
+    glibc's defaults move: the mmap threshold starts at 128 KiB and rises to each mapped
+    block freed, the trim threshold follows at twice that, and an arena whose free top passes
+    it is cut back on that free. A chunked broadcast allocates and frees its ~4 MiB chunk
+    products hundreds of times; depending on where they landed, each free cut the arena and
+    each next chunk faulted its pages in again: the backward at batch 20000 took 1.0-1.2 s
+    instead of 0.3-0.4 s, on some runs and not others (the first on a fresh server often)."""
+    if _MALLOPT is None:
+        return False
+    _MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    _MALLOPT(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    return True
 
 
 def release_memory() -> bool:

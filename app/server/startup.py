@@ -8,7 +8,6 @@ import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-import anyio
 import h11
 import torch
 import uvicorn
@@ -22,18 +21,18 @@ log = logging.getLogger("broadprop")
 
 
 def lifespan_with(warm_up: Callable[[], None] | None):
-    """A lifespan that sets torch's thread count and runs `warm_up` (torch's and the tracer's
-    first-call costs, paid at startup rather than by the first request)."""
+    """A lifespan that sets torch's thread count, starts the run lanes' threads and runs
+    `warm_up` on each (torch's and the tracer's first-call costs, paid at startup rather
+    than by the first request)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(app.state.concurrency.torch_threads)
         limit_log_rates()
-        if warm_up is not None:
-            try:
-                await anyio.to_thread.run_sync(warm_up)
-            except Exception:  # a failed warm-up only costs the first request its speed
-                log.exception("warm-up failed")
+        try:
+            await app.state.limiter.start(warm_up)
+        except Exception:  # a failed warm-up only costs the first request its speed
+            log.exception("warm-up failed")
         yield
 
     return lifespan
