@@ -136,6 +136,14 @@ def widest_field(cfg) -> str:
     return max(share, key=share.get)
 
 
+def round_down(n: float) -> int:
+    """To two significant digits, at least 1: 793.4 -> 790, 12345 -> 12000."""
+    if n < 1:
+        return 1
+    step = 10 ** max(0, len(str(int(n))) - 2)
+    return int(n) // step * step
+
+
 def refuse_over_budget(cfg, est: Estimate, per_row: Estimate, budget: int) -> None:
     """422 naming the field to shrink when the estimate is over the budget.
 
@@ -145,11 +153,21 @@ def refuse_over_budget(cfg, est: Estimate, per_row: Estimate, budget: int) -> No
     if est.total <= budget:
         return
     field = widest_field(cfg) if per_row.total > budget else "batch"
+    advice = f"reduce {field}"
+    rows = math.prod(lead_shape(cfg.batch))
+    if field == "batch" and rows > 1:
+        # the estimate grows about linearly with the rows: fixed + rows x per_row_bytes
+        per_row_bytes = (est.total - per_row.total) / (rows - 1)
+        fixed = per_row.total - per_row_bytes
+        fitting = 0.98 * (budget - fixed) / per_row_bytes if per_row_bytes > 0 else rows
+        advice = (
+            f"reduce batch to about {round_down(fitting)} rows or fewer, or {widest_field(cfg)}"
+        )
     _refuse(
         "memory_budget",
         field,
         f"this run would need about {human_bytes(est.total)}, over the server's memory budget "
-        f"of {human_bytes(budget)} per run (BROADPROP_MEMORY_BUDGET_BYTES); reduce {field}",
+        f"of {human_bytes(budget)} per run (BROADPROP_MEMORY_BUDGET_BYTES); {advice}",
         cfg,
         estimated_bytes=est.total,
         budget_bytes=budget,

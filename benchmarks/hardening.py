@@ -249,6 +249,12 @@ async def _pages(base: str, n: int) -> dict:
 
         statuses: dict[int, int] = {}
 
+        failed: dict[str, int] = {}
+
+        def fail(request) -> None:
+            what = f"{request.url.removeprefix(base)} {request.failure}"
+            failed[what] = failed.get(what, 0) + 1
+
         def count(response) -> None:
             nonlocal busy
             if response.url.endswith("/api/run"):
@@ -258,6 +264,7 @@ async def _pages(base: str, n: int) -> dict:
         async def one(context) -> float | None:
             page = await context.new_page()
             page.on("response", count)
+            page.on("requestfailed", fail)
             start = time.perf_counter()
             await page.goto(base + "/", timeout=300_000, wait_until="commit")
             try:
@@ -268,7 +275,12 @@ async def _pages(base: str, n: int) -> dict:
                     timeout=300_000,
                 )
             except Exception as e:  # not drawn in time: say what the page showed
-                errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+                shown = await page.evaluate(
+                    "() => [document.body && document.body.dataset.state,"
+                    " (document.querySelector('#run-error') || {}).innerText,"
+                    " (document.querySelector('#loading') || {}).innerText]"
+                )
+                errors.append(f"{type(e).__name__}: page showed {shown}")
                 return None
             return time.perf_counter() - start
 
@@ -284,6 +296,7 @@ async def _pages(base: str, n: int) -> dict:
         "pages": n,
         "drawn": len(drawn),
         "errors": sorted(set(errors))[:5],
+        "failed_requests": failed,
         "503s_waited_out": busy,
         "api_run_statuses": statuses,
         "p50_ms": pick(0.5),

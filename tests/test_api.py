@@ -213,3 +213,28 @@ def test_docs_and_schema_are_served(client):
     run = schema["components"]["schemas"]["RunRequest"]["properties"]
     assert run["hidden"]["maxItems"] == 8
     assert math.isfinite(run["init_scale"]["maximum"])
+
+
+def test_a_batch_over_the_budget_says_how_many_rows_fit_and_names_the_widths():
+    """hidden=[4096, 4096] at the default batch: the batch is to blame (one row fits), and the
+    message says how many rows would, and which width to shrink instead."""
+    import re
+
+    settings = Settings()
+    with pytest.raises(RequestValidationError) as refused:
+        check_budget(RunRequest(hidden=[4096, 4096]), settings)
+    error = refused.value.errors()[0]
+    assert error["loc"] == ("body", "batch") and error["type"] == "memory_budget"
+    found = re.search(r"reduce batch to about (\d+) rows or fewer, or hidden", error["msg"])
+    assert found, error["msg"]
+    rows = int(found.group(1))
+    assert 1 <= rows < 1000
+
+    def over_budget(batch: int) -> bool:
+        try:
+            check_budget(RunRequest(hidden=[4096, 4096], batch=batch), settings)
+        except RequestValidationError as e:
+            return e.errors()[0]["type"] == "memory_budget"
+        return False
+
+    assert not over_budget(rows) and over_budget(2 * rows)

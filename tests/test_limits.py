@@ -84,6 +84,19 @@ def polling_run(token: CancelToken, done: threading.Event, limit_s: float = 30) 
         done.set()
 
 
+def burning_run(token: CancelToken, done: threading.Event, limit_s: float = 30) -> str:
+    """Stands in for a long run that computes: CPU work between its checks."""
+    end = time.monotonic() + limit_s
+    try:
+        while time.monotonic() < end:
+            if token.is_set():
+                raise RunCancelled("stopped")
+            sum(range(10_000))
+        return "finished"
+    finally:
+        done.set()
+
+
 def test_a_client_hanging_up_frees_the_slot():
     """The issue's attack: a giant run whose client leaves at once held every slot for 18 s.
     Now the run stops at its next check, and the slot is free for the next run."""
@@ -107,17 +120,22 @@ def test_a_client_hanging_up_frees_the_slot():
     assert in_own_loop(scenario) == "next"
 
 
-def test_the_deadline_stops_a_run():
-    limiter = RunLimiter(slots=1, wait_s=0, deadline_s=0.2)
+@pytest.mark.parametrize(
+    "run, reason", [(burning_run, "deadline"), (polling_run, "busy")], ids=["computing", "waiting"]
+)
+def test_the_deadline_stops_a_run(run, reason):
+    """A run that computes is stopped once it has used the deadline's CPU time; one that gets
+    no CPU (a machine busy elsewhere) by the wall-clock net, as "busy"."""
+    limiter = RunLimiter(slots=1, wait_s=0, deadline_s=0.1)
     done = threading.Event()
 
     async def scenario():
         token = CancelToken()
         with pytest.raises(Stopped) as stopped:
-            await limiter.run(polling_run, token, done, cancel=token)
+            await limiter.run(run, token, done, cancel=token)
         return stopped.value.reason
 
-    assert in_own_loop(scenario) == "deadline"
+    assert in_own_loop(scenario) == reason
     assert done.is_set()
 
 
@@ -138,17 +156,27 @@ def test_the_deadline_counts_the_runs_own_cpu_time():
     assert not idle.is_set()
 
 
-def test_a_stopped_run_is_a_422_naming_the_deadline(monkeypatch):
-    def slow(cfg, chunk_bytes, cancel):
-        polling_run(cancel, threading.Event())
-
-    monkeypatch.setattr(pipeline, "run", slow)
+def test_a_stopped_run_is_a_422_naming_the_deadline_or_a_503_when_the_machine_is_busy(
+    monkeypatch,
+):
+    """Over its deadline's CPU time, the run is too big: 422. Within it but starved of CPU
+    past the wall-clock net, the run is fine and the server busy: 503 with Retry-After (the
+    page waits and asks again)."""
     app = create_app(Settings(run_deadline_s=0.1))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        r = client.post("/api/run", json={"batch": 2, "in_features": 3})
-    assert r.status_code == 422
-    (error,) = r.json()["detail"]
-    assert error["type"] == "work_limit" and "BROADPROP_RUN_DEADLINE_S" in error["msg"]
+    for run, status in ((burning_run, 422), (polling_run, 503)):
+
+        def slow(cfg, chunk_bytes, cancel, run=run):
+            run(cancel, threading.Event())
+
+        monkeypatch.setattr(pipeline, "run", slow)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            r = client.post("/api/run", json={"batch": 2, "in_features": 3})
+        assert r.status_code == status
+        if status == 422:
+            (error,) = r.json()["detail"]
+            assert error["type"] == "work_limit" and "BROADPROP_RUN_DEADLINE_S" in error["msg"]
+        else:
+            assert int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["detail"]
 
 
 def test_a_small_run_does_not_wait_behind_a_giant_one():

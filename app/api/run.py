@@ -33,8 +33,9 @@ VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"  # FastAPI's own 4
         },
         503: {
             "model": ErrorMessage,
-            "description": "Every run slot stayed busy for the queue wait, or the server ran "
-            "out of memory; retry after Retry-After seconds",
+            "description": "Every run slot stayed busy for the queue wait, the server ran "
+            "out of memory, or it was too busy to give an in-bounds run its time; retry after "
+            "Retry-After seconds",
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
         },
     },

@@ -91,10 +91,20 @@ async def saturated(request: Request, exc: Saturated) -> StrictJSONResponse:
 
 
 async def stopped(request: Request, exc: Stopped) -> StrictJSONResponse:
-    """A run stopped at its deadline: 422 (retrying cannot help). One whose client hung up:
-    nobody reads the answer; 499, as nginx logs it."""
+    """A run stopped at its deadline: 422 (retrying cannot help). One the machine was too
+    busy to run in time: 503 with Retry-After (the run itself is within bounds). One whose
+    client hung up: nobody reads the answer; 499, as nginx logs it."""
     if exc.reason == "disconnect":
         return StrictJSONResponse({"detail": "the client closed the connection"}, 499)
+    if exc.reason == "busy":
+        return StrictJSONResponse(
+            {
+                "detail": "the server is too busy to finish this run in time (it is within "
+                "the limits: retry after Retry-After seconds)"
+            },
+            status_code=503,
+            headers={"Retry-After": retry_after(request.app.state.settings)},
+        )
     error = {
         "type": "work_limit",
         "loc": ["body"],

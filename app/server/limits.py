@@ -71,8 +71,9 @@ class Saturated(Exception):
 
 
 class Stopped(Exception):
-    """A run was stopped between two ops or chunks: its client hung up, or its deadline
-    passed (`reason`: "disconnect" or "deadline")."""
+    """A run was stopped between two ops or chunks (`reason`): its client hung up
+    ("disconnect"), it used its deadline's CPU time ("deadline"), or the machine was too busy
+    to give it that time within WALL_DEADLINE_FACTOR x the deadline ("busy")."""
 
     def __init__(self, reason: str, deadline_s: float) -> None:
         super().__init__(reason)
@@ -357,7 +358,9 @@ class RunLimiter:
                         cancel.set("disconnect")
                         return
                 await anyio.sleep_forever()
-            cancel.set("deadline")
+            # the run's own CPU time is still within its deadline (else the token would have
+            # said "deadline"): the machine is too busy to give it the time
+            cancel.set("busy")
 
         async with anyio.create_task_group() as group:
             group.start_soon(work)
