@@ -25,13 +25,15 @@ class Settings(BaseSettings):
     # a run that has used this much CPU time (its own thread) is stopped between two ops or
     # chunks (422); 4x this of wall time stops it whatever the machine's load
     run_deadline_s: float = Field(3.0, gt=0)
-    # connections (python -m app): a request must arrive whole within request_timeout_s; a
-    # client that reads nothing of its response for send_timeout_s is dropped; at most
-    # max_connections sockets at once (more get 503, then are dropped)
+    # connections (python -m app): a request must arrive whole within request_timeout_s of
+    # its first byte (a silent socket: the same while over half max_connections are open,
+    # else up to 60 s); a client that reads nothing of its response for send_timeout_s is
+    # dropped; at most max_connections sockets at once (more get 503, then are dropped; kept
+    # to half the open-file limit). A class of 40 browsers opens up to 6 sockets each.
     request_timeout_s: float = Field(5.0, gt=0)
     send_timeout_s: float = Field(10.0, gt=0)
     keep_alive_s: float = Field(5.0, gt=0)
-    max_connections: int = Field(256, ge=1)
+    max_connections: int = Field(512, ge=1)
     # after a big run, once idle, hand the allocator's free memory back (glibc malloc_trim)
     release_memory: bool = True
 

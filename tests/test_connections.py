@@ -183,10 +183,28 @@ def test_half_sent_requests_are_closed(server):
     half_body = server.connect()
     data = request_bytes(server.port, {"batch": 4})
     half_body.sendall(data[:-3])
-    silent = server.connect()  # connects and sends nothing
-    for s in (half_head, half_body, silent):
+    for s in (half_head, half_body):
         assert closed_by_server(s, within_s=30)  # request timeout: 1 s here (150 s before)
         s.close()
+
+
+def test_silent_sockets_stay_until_the_server_is_crowded():
+    """A socket that sends nothing (a browser's spare one) outlives the request timeout while
+    few are open, and is used after; once over half the bound are open, silent ones go."""
+    srv = Server(BROADPROP_REQUEST_TIMEOUT_S="1", BROADPROP_MAX_CONNECTIONS="8")
+    try:
+        spare = srv.connect()
+        time.sleep(2.5)  # over twice the request timeout
+        spare.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n\r\n".encode())
+        spare.settimeout(10)
+        assert spare.recv(100).startswith(b"HTTP/1.1 200")
+        spare.close()
+        crowd = [srv.connect() for _ in range(6)]  # over half of 8
+        for s in crowd:
+            assert closed_by_server(s, within_s=30)
+            s.close()
+    finally:
+        srv.stop()
 
 
 def test_connections_are_bounded():
