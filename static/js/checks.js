@@ -13,8 +13,10 @@ export function drawChecks(el, data) {
     ...Object.entries(check.tensors).map(([name, c]) => [name, c, false]),
     ...Object.entries(check.intermediates || {}).map(([name, c]) => [name, c, true]),
   ];
+  const todo = new Set(data.todo || []); // an exercise's gradients not written yet
   const rows = entries.map(([key, c, inter]) => {
     const [name, variant] = key.split(":");
+    const unwritten = todo.has(name);
     const shp = (data.gradients[name] || data.tensors[name] || {}).shape;
     const cells = [
       h("th", { scope: "row" }, h("code", {}, `${name}.g`), variant ? ` (${variant})` : "", inter ? h("small", { class: "muted" }, " intermediate") : ""),
@@ -25,7 +27,9 @@ export function drawChecks(el, data) {
       h("td", { class: "n" }, num(c.atol)),
       h("td", {}, mark(c.allclose)),
       h("td", {}, mark(c.exact)),
-      h("td", {}, h("span", { class: `verdict ${c.allclose ? "pass" : "fail"}` }, c.allclose ? "pass" : "FAIL")),
+      unwritten
+        ? h("td", { title: "An exercise: this gradient runs on the reference formula until you write yours" }, h("span", { class: "verdict todo" }, "to write"))
+        : h("td", {}, h("span", { class: `verdict ${c.allclose ? "pass" : "fail"}` }, c.allclose ? "pass" : "FAIL")),
     ];
     if (fd) {
       const f = (inter ? {} : fd[name]) || {};
@@ -33,15 +37,19 @@ export function drawChecks(el, data) {
         h("td", { title: f.rtol != null ? `max rel err ≤ ${num(f.rtol)}, plus the differences' own rounding` : "" },
           "allclose" in f ? h("span", { class: `verdict ${f.allclose ? "pass" : "fail"}` }, f.allclose ? "pass" : "FAIL") : "–"));
     }
-    return h("tr", { class: `${c.allclose ? "pass" : "fail"}${inter ? " intermediate" : ""}`, "data-name": key }, ...cells);
+    const verdict = unwritten ? "todo" : c.allclose ? "pass" : "fail";
+    return h("tr", { class: `${verdict}${inter ? " intermediate" : ""}`, "data-name": key }, ...cells);
   });
   el.replaceChildren(
     ...warnings(data),
     h("p", { class: `check-summary ${check.all_close ? "pass" : "fail"}` },
-      check.all_close ? "✓ Every manual gradient matches " : "✗ Some manual gradients differ from ",
+      check.all_close
+        ? todo.size ? "✓ So far (the reference standing in for what is still to write), every gradient matches " : "✓ Every manual gradient matches "
+        : "✗ Some manual gradients differ from ",
       h("code", {}, check.reference),
       ` (allclose: |manual − autograd| ≤ atol + rtol·|autograd|, with atol scaled by max|autograd|; exact: bit for bit equal).`,
-      fd ? " The fd columns check sampled entries again against float64 central differences." : ""),
+      fd ? " The fd columns check sampled entries again against float64 central differences." : "",
+      todo.size ? ` Still to write: ${[...todo].map((n) => `${n}.g`).join(", ")} (the reference formula stands in until you do).` : ""),
     h("table", { class: "check", id: "check-table" },
       h("thead", {}, h("tr", {}, ...head.map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, ...rows)),

@@ -134,7 +134,10 @@ export class Lab {
     const backward = data.backward.map((b) => (this.hidden.has(`${b.grad}.g`) && b.source !== "user"
       ? { ...b, code: `${b.grad}.g = …   # ${shape(b.shape)}`, steps: [], reference_code: undefined, hidden: true }
       : b));
-    return { ...data, backward };
+    // an exercise's gradients the learner has not written yet run on the reference formula:
+    // the check table says "to write", not "pass"
+    const todo = backward.filter((b) => b.hidden).map((b) => b.grad);
+    return { ...data, backward, todo };
   }
 
   /** After a run drawn: the bar (marks and lines are drawn by decorate()). */

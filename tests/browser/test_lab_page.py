@@ -138,6 +138,18 @@ def test_an_exercise_link_hides_the_reference_and_a_right_answer_passes(watched,
         assert li.locator("textarea").input_value() == ""
         assert "write it" in li.inner_text().lower()
     assert "0 of 2" in page.inner_text("#lab-exercise")
+
+    def verdicts() -> dict[str, str]:
+        return dict(
+            page.locator("#check-table tbody tr").evaluate_all(
+                "rows => rows.map(r => [r.dataset.name, r.querySelector('.verdict').textContent])"
+            )
+        )
+
+    # unwritten, they run on the reference formula: the check table says so, not "pass"
+    assert verdicts()["x"] == verdicts()["w1"] == "to write"
+    assert verdicts()["w2"] == "pass"
+    assert "Still to write:" in page.inner_text("#check")
     # one right (einsum-free matmul form), one wrong (the mean instead of the sum)
     line(page, "x.g").locator("textarea").fill("l1.g @ w1.T")
     line(page, "w1.g").locator("textarea").fill("x.T @ l1.g / 8")
@@ -146,6 +158,8 @@ def test_an_exercise_link_hides_the_reference_and_a_right_answer_passes(watched,
     assert "lab-pass" in line(page, "x.g").get_attribute("class")
     assert "lab-fail" in line(page, "w1.g").get_attribute("class")
     assert "1 of 2" in page.inner_text("#lab-exercise")
+    assert (verdicts()["x"], verdicts()["w1"]) == ("pass", "FAIL")
+    assert "Still to write" not in page.inner_text("#check")
     check(w, "w1.g", "a = x.T\na @ l1.g")
     assert "lab-pass" in line(page, "w1.g").get_attribute("class")
     assert "done" in page.get_attribute("#lab-exercise", "class")
