@@ -34,6 +34,8 @@ function showQueued(seconds) {
     return;
   }
   document.body.dataset.queued = String(seconds);
+  // the page's first run starts before the page's script shows its loading line: show it
+  if (loading) loading.hidden = false;
   if (label) {
     loading.dataset.label ??= label.textContent;
     label.textContent = ` Queued: the server is busy; trying again in ${seconds} s…`;

@@ -46,9 +46,14 @@ def test_the_page_waits_its_turn_after_a_503(watched):
 
     w.page.route("**/api/run", busy_once)
     w.page.goto(w.base + "/?batch=8&in_features=6&hidden=4,3")
-    w.page.wait_for_function("() => document.body.dataset.queued !== undefined", timeout=30_000)
-    label = w.page.locator("#loading").inner_text()
-    assert "Queued" in label and w.page.locator("#loading").is_visible()
+    # read in the same frame as the queued state shows (it lasts about a second)
+    label, shown = w.page.wait_for_function(
+        "() => document.body.dataset.queued !== undefined"
+        " && [document.querySelector('#loading').innerText,"
+        " !document.querySelector('#loading').hidden]",
+        timeout=30_000,
+    ).json_value()
+    assert "Queued" in label and shown
     w.wait_drawn()
     assert len(calls) == 2
     assert "queued" not in w.page.evaluate("() => Object.keys(document.body.dataset)")
