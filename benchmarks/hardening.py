@@ -9,8 +9,10 @@
 - slowest: the largest accepted runs, each timed first (cold) and warm; the slowest 200;
 - memory: RSS fresh, after big runs, and a moment later (malloc_trim) against a server with
   BROADPROP_RELEASE_MEMORY=false;
+- class: N page loads' requests at once from one process (the page, its assets, its run, 503s
+  waited out as the page does): the server's part of a class, p50/p95/max;
 - pages: N page loads at once in headless Chromium, each until drawn (503s waited out by the
-  page), with their p50/p95/max.
+  page), with their p50/p95/max, and the CPU time the server and the machine spent.
 """
 
 from __future__ import annotations
@@ -306,6 +308,54 @@ async def _pages(base: str, n: int) -> dict:
     }
 
 
+async def _class(base: str, n: int) -> dict:
+    """N page loads' requests (the page, its assets, then its run with the page's 503 retry
+    after Retry-After plus up to a second) from one process: the server's part of a class
+    whose browsers each have their own machine."""
+    import random
+    import re
+
+    import httpx2 as httpx
+
+    limits = httpx.Limits(max_connections=6 * n)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+        html = (await client.get("/")).text
+        assets = re.findall(r'(?:src|href)="(/(?:static|vendor)/[^"]+)"', html)
+
+        async def one() -> tuple[int, float, int]:
+            start = time.perf_counter()
+            await client.get("/")
+            await asyncio.gather(*(client.get(a) for a in assets))
+            retries = 0
+            while True:
+                r = await client.post("/api/run", json={"reference_heatmaps": True})
+                if r.status_code != 503:
+                    return r.status_code, time.perf_counter() - start, retries
+                retries += 1
+                await asyncio.sleep(int(r.headers["retry-after"]) + random.random())
+
+        results = await asyncio.gather(*(one() for _ in range(n)))
+    times = sorted(t for _, t, _ in results)
+    return {
+        "loads": n,
+        "assets_each": len(assets),
+        "statuses": sorted({s for s, _, _ in results}),
+        "503s_waited_out": sum(r for _, _, r in results),
+        "p50_ms": ms(times[len(times) // 2]),
+        "p95_ms": ms(times[min(len(times) - 1, int(0.95 * len(times)))]),
+        "max_ms": ms(times[-1]),
+    }
+
+
+def class_loads(n: int) -> dict:
+    server = Server()
+    try:
+        server.request("GET", "/")
+        return asyncio.run(_class(server.base, n))
+    finally:
+        server.stop()
+
+
 def pages(n: int) -> dict:
     """With the CPU time the server and the whole machine spent meanwhile: the browsers share
     the server's cores here (in a class each has its own machine)."""
@@ -331,7 +381,9 @@ def main() -> None:
     parser.add_argument("--unread", type=int, default=20)
     parser.add_argument("--pages", type=int, default=40)
     parser.add_argument(
-        "--only", nargs="*", default=["unread", "lanes", "slowest", "memory", "pages"]
+        "--only",
+        nargs="*",
+        default=["unread", "lanes", "slowest", "memory", "class", "pages"],
     )
     args = parser.parse_args()
     report: dict = {"cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
@@ -340,6 +392,7 @@ def main() -> None:
         "lanes": lanes,
         "slowest": slowest,
         "memory": memory,
+        "class": lambda: class_loads(args.pages),
         "pages": lambda: pages(args.pages),
     }
     for name in args.only:
