@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
 from app.server.errors import RateLimitFilter
+from tests.servers import LiveServer
 
-ROOT = Path(__file__).resolve().parent.parent
 # the body that made 189 MB answers (issue 13): now downsampled to the response bound
 HEAVY = {
     "in_features": 1024,
@@ -42,36 +38,9 @@ WIDE = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(LiveServer):
     def __init__(self, **env: str) -> None:
-        self.port = _free_port()
-        settings = {"BROADPROP_PORT": str(self.port), "BROADPROP_RUN_DEADLINE_S": "600", **env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app"],
-            cwd=ROOT,
-            env={**os.environ, **settings},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(self.url("/healthz"), timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(self.proc.stderr.read().decode()[-2000:]) from None
-                time.sleep(0.2)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        super().__init__(**{"BROADPROP_RUN_DEADLINE_S": "600", **env})
 
     def rss(self) -> int:
         return psutil.Process(self.proc.pid).memory_info().rss
@@ -93,13 +62,6 @@ class Server:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def request_bytes(port: int, body: dict) -> bytes:

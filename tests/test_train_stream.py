@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.servers import LiveServer
+
 SMALL_RUN = {"batch": 2, "in_features": 2, "hidden": [2]}
 # ~100 s of work at least: only a stop ends it within the test's deadline
 LONG = {"data": "mnist", "loss": "cross_entropy", "init": "kaiming", "hidden": [64],
@@ -25,29 +20,11 @@ LONG = {"data": "mnist", "loss": "cross_entropy", "init": "kaiming", "hidden": [
 @pytest.fixture(scope="module")
 def server():
     """One run slot, no queue wait: any request while a training runs gets 503."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "BROADPROP_MAX_CONCURRENT_RUNS": "1", "BROADPROP_TORCH_THREADS": "1",
-           "BROADPROP_QUEUE_WAIT_S": "0"}  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app"],  # as served: behind the connection guard
-        cwd=ROOT,
-        env={**env, "BROADPROP_HOST": "127.0.0.1", "BROADPROP_PORT": str(port)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    live = LiveServer(
+        BROADPROP_MAX_CONCURRENT_RUNS="1", BROADPROP_TORCH_THREADS="1", BROADPROP_QUEUE_WAIT_S="0"
     )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
+    yield live.port
+    live.stop()
 
 
 def post(port: int, path: str, body: dict) -> http.client.HTTPResponse:

@@ -2,15 +2,12 @@
 driven by Playwright (never `playwright install`)."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
+
+from tests.servers import LiveServer
 
 CHROMIUM = os.environ.get("BROADPROP_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -23,43 +20,12 @@ CHROMIUM_ARGS = [
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server() -> str:
     """Base URL of a live server, started for the session and stopped after it."""
-    port = _free_port()
-    # python -m app: uvicorn behind the connection guard, as served (app/server/startup.py)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app"],
-        cwd=ROOT,
-        env={**os.environ, "BROADPROP_HOST": "127.0.0.1", "BROADPROP_PORT": str(port)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(
-                    f"server did not start: {proc.stderr.read().decode()[-2000:]}"
-                ) from None
-            time.sleep(0.2)
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    live = LiveServer()
+    yield live.base
+    live.stop()
 
 
 REQUIRE_BROWSER = os.environ.get("BROADPROP_REQUIRE_BROWSER") == "1"  # set by scripts/test

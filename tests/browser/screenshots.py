@@ -7,6 +7,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[2]))  # tests.servers
 from conftest import CHROMIUM, CHROMIUM_ARGS, ROOT, server  # noqa: E402
 
 STATES = {  # name: (query, what to do after load[, (width, height)])
