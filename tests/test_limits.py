@@ -268,8 +268,8 @@ def thread_and_torch_threads() -> tuple[str, int]:
 
 def test_runs_use_their_lanes_kept_threads():
     """Large runs on the large lane's thread with the run's torch threads, small ones on the
-    small lane's with one (one OpenMP team in all), the same threads run after run; and the
-    default for threads started later is left as it was."""
+    small lane's with one (one OpenMP team in all), the same threads run after run, whatever
+    lane is free; and the default for threads started later is left as it was."""
     default = torch.get_num_threads()
     limiter = RunLimiter(slots=1, wait_s=5, torch_threads=2)
 
@@ -280,7 +280,9 @@ def test_runs_use_their_lanes_kept_threads():
 
     large, small, large_again, unknown = in_own_loop(scenario)
     assert large == ("broadprop-large-0", 2) == large_again == unknown
-    assert small == ("broadprop-small-0", 1)
+    # the large lane is free, yet the small run takes the small lane: a config always runs
+    # with the same thread count (the same answer, bit for bit); it has one slot per thread
+    assert small[0] in ("broadprop-small-0", "broadprop-small-1") and small[1] == 1
     fresh: list[int] = []
     t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
     t.start()

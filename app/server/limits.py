@@ -124,7 +124,6 @@ WALL_DEADLINE_FACTOR = 4
 # Runs estimated to take at most this long go to the small lane: they never queue behind a
 # run in the large lane (a small run beside a giant one takes about twice its time alone).
 SMALL_RUN_S = 0.25
-LANES = ("small", "large")
 
 
 class Lane:
@@ -138,7 +137,9 @@ class Lane:
     backward took 0.9-1.2 s instead of 0.35 s whenever a second team was alive (the first
     large runs on a fresh server: the warm-up's thread and the run's). Kept threads make one
     team per large-lane thread, warmed at startup; small-lane threads run torch on one thread
-    (their runs gain nothing from more) and have no team at all."""
+    (their runs gain little from more) and have no team at all. A run's lane follows from its
+    config alone, so a config always runs with the same thread count: the same answer, bit
+    for bit (a 2-thread matmul rounds differently from a 1-thread one)."""
 
     def __init__(self, name: str, slots: int, torch_threads: int) -> None:
         self.name = name
@@ -203,7 +204,8 @@ def lanes_for(slots: int, torch_threads: int) -> dict[str, Lane]:
     with _lanes_lock:
         if (slots, torch_threads) not in _lanes:
             default = torch.get_num_threads()
-            small = Lane("small", slots, 1)
+            # the small lane: as many one-thread runs at once as the large lane has threads
+            small = Lane("small", slots * torch_threads, 1)
             large = Lane("large", slots, torch_threads)
             # each lane thread's set_num_threads also set the default that threads started
             # later take up (a training's, a test's): back to what it was
@@ -215,9 +217,10 @@ def lanes_for(slots: int, torch_threads: int) -> dict[str, Lane]:
 class RunLimiter:
     """At most `slots` runs at once in each lane, each on one of its lane's threads (`Lane`)
     so the event loop stays free; a run that cannot start within `wait_s` raises Saturated
-    (-> 503 + Retry-After). A run estimated at most SMALL_RUN_S (`work_s`) takes a free slot
-    of either lane, else waits for the small lane; any other run (or one of unknown work)
-    waits for the large lane. With a `cancel` token, the run is stopped (Stopped) when the
+    (-> 503 + Retry-After). A run estimated at most SMALL_RUN_S (`work_s`) waits for the
+    small lane (slots x torch_threads one-thread slots), any other run (or one of unknown
+    work) for the large lane (slots of torch_threads each); never the other lane, so that a
+    config always runs with the same thread count. With a `cancel` token, the run is stopped (Stopped) when the
     client hangs up (`receive` gives http.disconnect), once it has used `deadline_s` of CPU
     time, or after WALL_DEADLINE_FACTOR x `deadline_s` of wall time, between two of its ops
     or chunks. A large-lane run uses `torch_threads` intra-op threads, a small-lane run one.
@@ -261,21 +264,23 @@ class RunLimiter:
     def _semaphores_here(self) -> dict[str, anyio.Semaphore]:
         loop = asyncio.get_running_loop()
         if loop not in self._semaphores:
-            self._semaphores[loop] = {lane: anyio.Semaphore(self.slots) for lane in LANES}
+            self._semaphores[loop] = {
+                "small": anyio.Semaphore(self.slots * self.torch_threads),
+                "large": anyio.Semaphore(self.slots),
+            }
         return self._semaphores[loop]
 
     async def _acquire(self, small: bool) -> str:
         """A slot's lane name, once one of its semaphore's slots is taken."""
-        semaphores = self._semaphores_here()
-        for lane in ("small", "large") if small else ("large",):
-            try:
-                semaphores[lane].acquire_nowait()
-                return lane
-            except anyio.WouldBlock:
-                pass
         lane = "small" if small else "large"
+        semaphore = self._semaphores_here()[lane]
+        try:  # a free slot is taken at once, even with no wait allowed
+            semaphore.acquire_nowait()
+            return lane
+        except anyio.WouldBlock:
+            pass
         with anyio.move_on_after(self.wait_s) as scope:
-            await semaphores[lane].acquire()
+            await semaphore.acquire()
         if scope.cancelled_caught:
             raise Saturated from None
         return lane
