@@ -21,6 +21,8 @@ import argparse
 import asyncio
 import json
 import os
+import random
+import re
 import socket
 import statistics
 import subprocess
@@ -29,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx2 as httpx  # the dev extra's HTTP client (an httpx fork with its API)
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,11 +315,6 @@ async def _class(base: str, n: int) -> dict:
     """N page loads' requests (the page, its assets, then its run with the page's 503 retry
     after Retry-After plus up to a second) from one process: the server's part of a class
     whose browsers each have their own machine."""
-    import random
-    import re
-
-    import httpx2 as httpx
-
     limits = httpx.Limits(max_connections=6 * n)
     async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
         html = (await client.get("/")).text

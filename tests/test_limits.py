@@ -71,30 +71,29 @@ def test_an_unset_token_changes_nothing():
     assert plain["check"] == watched["check"] and plain["loss"] == watched["loss"]
 
 
-def polling_run(token: CancelToken, done: threading.Event, limit_s: float = 30) -> str:
-    """Stands in for a long run: checks its token between 'chunks' of 10 ms."""
+def stand_in_run(
+    between_checks, token: CancelToken, done: threading.Event, limit_s: float = 30
+) -> str:
+    """Stands in for a long run: `between_checks()` between two checks of its token."""
     end = time.monotonic() + limit_s
     try:
         while time.monotonic() < end:
             if token.is_set():
                 raise RunCancelled("stopped")
-            time.sleep(0.01)
+            between_checks()
         return "finished"
     finally:
         done.set()
+
+
+def polling_run(token: CancelToken, done: threading.Event, limit_s: float = 30) -> str:
+    """A run that waits: 'chunks' of 10 ms asleep (no CPU time)."""
+    return stand_in_run(lambda: time.sleep(0.01), token, done, limit_s)
 
 
 def burning_run(token: CancelToken, done: threading.Event, limit_s: float = 30) -> str:
-    """Stands in for a long run that computes: CPU work between its checks."""
-    end = time.monotonic() + limit_s
-    try:
-        while time.monotonic() < end:
-            if token.is_set():
-                raise RunCancelled("stopped")
-            sum(range(10_000))
-        return "finished"
-    finally:
-        done.set()
+    """A run that computes: CPU work between its checks."""
+    return stand_in_run(lambda: sum(range(10_000)), token, done, limit_s)
 
 
 def test_a_client_hanging_up_frees_the_slot():

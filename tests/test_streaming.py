@@ -1,11 +1,10 @@
-"""iterate_in_threads: a blocking generator stepped in worker threads, stopped on cancel."""
+"""iterate_in_threads: a blocking generator stepped on a lane's thread, stopped on cancel."""
 
 from __future__ import annotations
 
 import threading
 
 import anyio
-import pytest
 
 from app.api.streaming import iterate_in_threads
 from app.server.limits import RunLimiter
@@ -28,15 +27,14 @@ def counting(stop: threading.Event, steps: list[int]):
             yield len(steps)
 
 
-@pytest.mark.parametrize("lane", [None, "large"], ids=["anyio-thread", "lane-thread"])
-def test_cancelling_a_running_step_stops_the_generator_and_waits_for_it(lane):
+def test_cancelling_a_running_step_stops_the_generator_and_waits_for_it():
     steps: list[int] = []
     stop = threading.Event()
-    on = None if lane is None else RunLimiter(slots=1, wait_s=1).lanes[lane]
+    lane = RunLimiter(slots=1, wait_s=1).lanes["large"]
 
     async def main():
         with anyio.move_on_after(0.2):
-            async for _ in iterate_in_threads(counting(stop, steps), stop, on):
+            async for _ in iterate_in_threads(counting(stop, steps), stop, lane):
                 pass
 
     assert run_apart(main) == [None]
@@ -47,17 +45,16 @@ def test_cancelling_a_running_step_stops_the_generator_and_waits_for_it(lane):
 
 
 def test_cancelled_before_its_thread_starts_does_not_hang():
-    """With every worker thread busy, the step never starts: the cancel must not wait for it."""
+    """With the lane's thread busy, the step never starts: the cancel must not wait for it."""
     stop, release = threading.Event(), threading.Event()
+    lane = RunLimiter(slots=1, wait_s=1).lanes["large"]
 
     async def main():
-        limiter = anyio.to_thread.current_default_thread_limiter()
-        limiter.total_tokens = 1
         async with anyio.create_task_group() as tg:
-            tg.start_soon(anyio.to_thread.run_sync, release.wait)  # holds the only thread
+            tg.start_soon(lane.run_sync, release.wait)  # holds the lane's only thread
             await anyio.sleep(0.05)
             with anyio.move_on_after(0.1) as scope:
-                async for _ in iterate_in_threads(counting(stop, []), stop):
+                async for _ in iterate_in_threads(counting(stop, []), stop, lane):
                     pass
             release.set()
         return scope.cancelled_caught

@@ -126,14 +126,14 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.abort()
 
 
-def guarded_protocol(settings: Settings) -> type[GuardedH11Protocol]:
+def guarded_protocol(settings: Settings, max_connections: int) -> type[GuardedH11Protocol]:
     return type(
         "GuardedProtocol",
         (GuardedH11Protocol,),
         {
             "request_timeout_s": settings.request_timeout_s,
             "send_timeout_s": settings.send_timeout_s,
-            "max_connections": connection_bound(settings),
+            "max_connections": max_connections,
         },
     )
 
@@ -154,14 +154,15 @@ def connection_bound(settings: Settings) -> int:
 
 def uvicorn_config(settings: Settings, app: str = "app.main:app") -> uvicorn.Config:
     """uvicorn serving `app` with the connection limits of `settings`."""
+    bound = connection_bound(settings)
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        http=guarded_protocol(settings),
+        http=guarded_protocol(settings, bound),
         timeout_keep_alive=max(1, round(settings.keep_alive_s)),
-        limit_concurrency=connection_bound(settings),
-        backlog=min(2048, 4 * connection_bound(settings)),
+        limit_concurrency=bound,
+        backlog=min(2048, 4 * bound),
         log_level="info",
     )
 

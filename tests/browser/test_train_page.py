@@ -17,14 +17,18 @@ def state(page) -> str:
     return page.get_attribute("#train-panel", "data-state")
 
 
+def start_training(page, steps: int, eval_every: int) -> None:
+    page.fill("#t-steps", str(steps))
+    page.fill("#t-eval_every", str(eval_every))
+    page.click("#train-start")
+
+
 @pytest.mark.browser
 def test_the_train_panel_runs_the_curves_grow_and_stop_stops(watched):
     w = watched
     w.open(DIGITS)
     page = w.page
-    page.fill("#t-steps", "20000")
-    page.fill("#t-eval_every", "5")
-    page.click("#train-start")
+    start_training(page, steps=20000, eval_every=5)
     page.wait_for_function(
         "() => (document.getElementById('train-curves').data?.[0].x.length ?? 0) >= 3"
     )
@@ -61,9 +65,7 @@ def test_a_short_training_ends_with_w1_before_and_after_as_images(watched):
     w = watched
     w.open(DIGITS)
     page = w.page
-    page.fill("#t-steps", "60")
-    page.fill("#t-eval_every", "20")
-    page.click("#train-start")
+    start_training(page, steps=60, eval_every=20)
     page.wait_for_function("() => document.getElementById('train-panel').dataset.state === 'done'")
     assert points(page) == 4  # steps 1, 20, 40, 60
     assert page.inner_text("#train-status").startswith("Done: 60 steps")
