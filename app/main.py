@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from starlette.middleware.gzip import GZipMiddleware
 
 from app import assets, data, schemas, server
-from app.api import broadcast, bugs, docs, export, pages, run, train
+from app.api import broadcast, bugs, docs, export, pages, program, run, train
 from app.settings import Settings, get_settings
 from app.timing import ServerTimingMiddleware
 
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     data.warm()  # the shipped datasets, parsed in a background thread (once per process)
     assets.warm()  # the Plotly bundle's gzip, made once in the background
     app.mount("/static", assets.VersionedStatic(directory=ROOT / "static"), name="static")
-    for module in (run, train, broadcast, bugs, export, pages, docs):
+    for module in (run, train, program, broadcast, bugs, export, pages, docs):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["meta"])

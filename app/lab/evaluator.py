@@ -31,7 +31,9 @@ from app.ops.base import (
     BroadcastError,
     Traced,
     _merge_steps,
+    arange,
     broadcast_rule,
+    cross_entropy,
     einsum,
     filled_like,
     one_hot,
@@ -112,14 +114,126 @@ def _kw(*names: str) -> frozenset[str]:
     return frozenset(names)
 
 
+class Pair(tuple):
+    """What `x.max(dim)` / `x.min(dim)` give in PyTorch: (values, indices), readable as
+    `.values` / `.indices`, `[0]` / `[1]`, or unpacked."""
+
+    @property
+    def values(self) -> Traced:
+        return self[0]
+
+    @property
+    def indices(self) -> Traced:
+        return self[1]
+
+
+def _extreme(op: str) -> Callable[..., Any]:
+    """`x.max()`: the largest entry; `x.max(dim)`: the pair (values, indices), as torch."""
+
+    def call(x: Traced, dim: int | None = None, keepdim: bool = False) -> Any:
+        if dim is None:
+            if keepdim:
+                raise FormulaError(f".{op}() without a dim takes no keepdim", "not_allowed")
+            return getattr(x, op)()
+        if not _is_int(dim):
+            raise FormulaError(f".{op}(dim) takes one whole-number dim", "not_allowed")
+        return Pair(getattr(x, f"{op}_pair")(dim, keepdim))
+
+    return call
+
+
+def _spread(op: str) -> Callable[..., Any]:
+    """`var`/`std` with `unbiased=` (True: n - 1) or `correction=` (n - correction), as torch."""
+
+    def call(x: Traced, dim: Any = None, keepdim: bool = False, unbiased: Any = None,
+             correction: Any = None) -> Traced:  # fmt: skip
+        if unbiased is not None and correction is not None:
+            raise FormulaError(f".{op}() takes unbiased= or correction=, not both", "not_allowed")
+        if unbiased is not None and not isinstance(unbiased, bool):
+            raise FormulaError("unbiased= is True or False", "not_allowed")
+        if correction is not None and not _is_number(correction):
+            raise FormulaError("correction= is a number (1: Bessel's n - 1)", "not_allowed")
+        fix = 1 if unbiased is None and correction is None else (
+            correction if correction is not None else int(unbiased))  # fmt: skip
+        if isinstance(dim, tuple):
+            dim = _flat_ints((dim,))
+        elif dim is not None and not _is_int(dim):
+            raise FormulaError(f".{op}(dim): dim is a whole number or a tuple of them",
+                               "not_allowed")  # fmt: skip
+        return getattr(x, op)(dim, keepdim, fix)
+
+    return call
+
+
+def _one_hot(index: Any, num_classes: Any = None) -> Traced:
+    if num_classes is None:
+        raise FormulaError(
+            "F.one_hot needs its number of classes, as F.one_hot(target, num_classes=10): "
+            "without it PyTorch reads the largest index in the data",
+            "not_allowed",
+        )
+    if not isinstance(index, Traced) or not _is_int(num_classes) or not 0 < num_classes <= 1 << 16:
+        raise FormulaError(
+            "F.one_hot(indices, num_classes) takes an integer tensor and a whole number of "
+            "classes from 1 to 65536",
+            "not_allowed",
+        )
+    if index.t.is_floating_point():
+        raise FormulaError("F.one_hot takes an integer tensor of class indices", "not_allowed")
+    return one_hot(index, num_classes)
+
+
+def _cross_entropy(logits: Any, target: Any, reduction: str = "mean") -> Traced:
+    if not (isinstance(logits, Traced) and isinstance(target, Traced)):
+        raise FormulaError("F.cross_entropy(logits, target) takes two tensors", "not_allowed")
+    if reduction not in ("mean", "sum", "none"):
+        raise FormulaError("reduction= is 'mean', 'sum' or 'none'", "not_allowed")
+    if target.t.is_floating_point() or target.ndim != logits.ndim - 1:
+        raise FormulaError(
+            f"F.cross_entropy here takes class indices: logits {_shape(logits.shape)} and an "
+            f"integer target of shape {_shape(logits.shape[:1] + logits.shape[2:])}; "
+            f"got {_shape(target.shape)}",
+            "shape",
+        )
+    return cross_entropy(logits, target, reduction)
+
+
+def _index_add(x: Traced, dim: Any, index: Any, source: Any, alpha: Any = 1) -> Traced:
+    if not (_is_int(dim) and isinstance(index, Traced) and isinstance(source, Traced)):
+        raise FormulaError(".index_add(dim, index, source): a dim and two tensors",
+                           "not_allowed")  # fmt: skip
+    if index.ndim != 1 or index.t.is_floating_point():
+        raise FormulaError(
+            f".index_add takes a 1-D integer index; got {_shape(index.shape)} (flatten it with "
+            ".view(-1), and the source to match)",
+            "shape",
+        )
+    if not _is_number(alpha):
+        raise FormulaError("alpha= is a number", "not_allowed")
+    return x.index_add(dim, index, source, alpha)
+
+
+def _binary_tensor(name: str) -> Callable[..., Traced]:
+    def call(a: Any, b: Any) -> Traced:
+        if not (isinstance(a, Traced) and isinstance(b, Traced)):
+            raise FormulaError(f"torch.{name} takes two tensors", "not_allowed")
+        return getattr(a, name)(b)
+
+    return call
+
+
+def _shape(shape: tuple) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
 _REDUCE = _kw("dim", "keepdim")
 METHODS: dict[str, Method] = {
     "unsqueeze": Method(Traced.unsqueeze, _kw("dim")),
     "squeeze": Method(Traced.squeeze, _kw("dim")),
     "sum": Method(Traced.sum, _REDUCE),
     "mean": Method(Traced.mean, _REDUCE),
-    "max": Method(Traced.max, _REDUCE),
-    "min": Method(Traced.min, _REDUCE),
+    "max": Method(_extreme("max"), _REDUCE),
+    "min": Method(_extreme("min"), _REDUCE),
     "amax": Method(Traced.amax, _REDUCE),
     "amin": Method(Traced.amin, _REDUCE),
     "t": Method(Traced.transpose2d),
@@ -148,6 +262,11 @@ METHODS: dict[str, Method] = {
     "size": Method(lambda x, dim=None: x.shape if dim is None else x.shape[dim], _kw("dim")),
     "dim": Method(lambda x: x.ndim),
     "numel": Method(lambda x: math.prod(x.shape)),
+    "var": Method(_spread("var"), _kw("dim", "keepdim", "unbiased", "correction")),
+    "std": Method(_spread("std"), _kw("dim", "keepdim", "unbiased", "correction")),
+    "clone": Method(Traced.clone),
+    "relu": Method(Traced.relu),
+    "index_add": Method(_index_add, _kw("dim", "index", "source", "alpha")),
     **{op: Method(lambda x, other, op=op: x.compare(op, other)) for op in COMPARISONS},
 }
 # attributes read without a call
@@ -155,27 +274,35 @@ ATTRIBUTES: dict[str, Callable[[Traced], Any]] = {
     "T": lambda x: x.T,
     "shape": lambda x: x.shape,
     "ndim": lambda x: x.ndim,
-    "values": lambda x: x,  # `.max(dim).values`: our max(dim) already gives the values
 }
+PAIR_ATTRIBUTES = ("values", "indices")  # of the pair `.max(dim)` / `.min(dim)` give
 # `torch.exp(x)` is `x.exp()`: these functions are the methods of the same name
 _AS_FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "softmax",
-                 "log_softmax", "sum", "mean", "clamp")  # fmt: skip
+                 "log_softmax", "sum", "mean", "clamp", "relu", "var", "std", "clone",
+                 "max", "min", "amax", "amin")  # fmt: skip
 TORCH_FUNCTIONS: dict[str, Method] = {
     "where": Method(where),
     "einsum": Method(lambda equation, *ops: einsum(equation, *_flat_traced(ops))),
     "matmul": Method(lambda a, b: a @ b),
     "ones_like": Method(lambda x: filled_like(x, 1.0)),
     "zeros_like": Method(lambda x: filled_like(x, 0.0)),
+    "maximum": Method(_binary_tensor("maximum")),
+    "minimum": Method(_binary_tensor("minimum")),
+    "arange": Method(lambda end: end),  # made in `_Call`, on the run's device
     **{name: METHODS[name] for name in _AS_FUNCTIONS},
 }
 
 
 # torch.nn.functional, as the built-in code writes it (`F.one_hot(target, 10)`)
 FUNCTIONAL: dict[str, Method] = {
-    "one_hot": Method(lambda index, num_classes: one_hot(index, num_classes), _kw("num_classes")),
+    "one_hot": Method(_one_hot, _kw("num_classes")),
     "softmax": METHODS["softmax"],
     "log_softmax": METHODS["log_softmax"],
+    "cross_entropy": Method(_cross_entropy, _kw("reduction")),
+    "relu": METHODS["relu"],
 }
+KEYWORD_ALIASES = {"keepdims": "keepdim"}  # numpy's spelling, which torch accepts too
+MAX_RANGE = 1 << 20  # range(n) / torch.arange(n) as an index
 NAMESPACES = {"torch": TORCH_FUNCTIONS, "F": FUNCTIONAL}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -291,24 +418,32 @@ def _is_grad(node: ast.AST) -> bool:
     return isinstance(node, ast.Attribute) and node.attr == "g" and isinstance(node.value, ast.Name)
 
 
-def _check_tree(tree: ast.AST, source: str) -> None:
-    """Every node, iteratively (a deep tree cannot overflow our stack), against the allowlist."""
+def _check_tree(
+    tree: ast.AST,
+    source: str,
+    nodes: frozenset[type] = _NODES,
+    max_nodes: int = MAX_NODES,
+    program: bool = False,
+) -> None:
+    """Every node, iteratively (a deep tree cannot overflow our stack), against the allowlist,
+    in source order: with several bad lines, the first one is named."""
     stack: list[tuple[ast.AST, int]] = [(tree, 0)]
     count = 0
     while stack:
         node, depth = stack.pop()
         count += 1
-        if count > MAX_NODES:
-            raise FormulaError(f"the formula has over {MAX_NODES} parts; simplify it", "too_long")
+        if count > max_nodes:
+            raise FormulaError(f"the text has over {max_nodes} parts; simplify it", "too_long")
         if depth > MAX_DEPTH:
-            raise FormulaError(f"the formula nests over {MAX_DEPTH} levels deep", "too_long")
-        if type(node) not in _NODES:
-            raise FormulaError(_not_allowed_message(node, source), "not_allowed")
-        _check_node(node, source)
-        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+            raise FormulaError(f"the text nests over {MAX_DEPTH} levels deep", "too_long")
+        if type(node) not in nodes:
+            raise FormulaError(_not_allowed_message(node, source, program), "not_allowed")
+        _check_node(node, source, program)
+        children = list(ast.iter_child_nodes(node))
+        stack.extend((child, depth + 1) for child in reversed(children))
 
 
-def _check_node(node: ast.AST, source: str) -> None:
+def _check_node(node: ast.AST, source: str, program: bool = False) -> None:
     if isinstance(node, ast.Name) and node.id.startswith("_"):
         raise FormulaError(f"`{node.id}`: names starting with _ are not allowed", "not_allowed")
     if isinstance(node, ast.Attribute):
@@ -317,7 +452,15 @@ def _check_node(node: ast.AST, source: str) -> None:
                 f"`{_segment(source, node)}`: private and dunder attributes are not allowed",
                 "not_allowed",
             )
-        allowed = {"g", *METHODS, *ATTRIBUTES, *TORCH_FUNCTIONS, *FUNCTIONAL, *DTYPES}
+        if isinstance(node.value, ast.Name) and node.value.id in NAMESPACES:
+            space = node.value.id
+            if node.attr not in NAMESPACES[space] and not (space == "torch" and node.attr in DTYPES):
+                allowed = ", ".join(f"{space}.{n}" for n in NAMESPACES[space])
+                raise FormulaError(
+                    f"`{_segment(source, node)}` is not allowed; allowed: {allowed}", "not_allowed"
+                )
+        allowed = {"g", *METHODS, *ATTRIBUTES, *PAIR_ATTRIBUTES, *TORCH_FUNCTIONS, *FUNCTIONAL,
+                   *DTYPES}  # fmt: skip
         if node.attr not in allowed:
             raise FormulaError(_unknown_attribute(node, source), "not_allowed")
     if isinstance(node, ast.Constant) and not (
@@ -333,13 +476,23 @@ def _check_node(node: ast.AST, source: str) -> None:
         raise FormulaError(f"`{_segment(source, node)}`: one comparison at a time", "not_allowed")
     if isinstance(node, ast.keyword) and node.arg is None:
         raise FormulaError("`**` arguments are not allowed", "not_allowed")
+    if program:
+        return  # a program's statements are checked by app.lab.statements
     if isinstance(node, ast.Assign) and not (
         _single_name_target(node) or (len(node.targets) == 1 and _is_grad(node.targets[0]))
     ):
+        if any(isinstance(t, ast.Subscript) for t in node.targets):
+            raise FormulaError(
+                f"`{_segment(source, node)}`: indexed assignment is for programs (POST "
+                "/api/program, the page's /program); in a formula, build the tensor at once, "
+                "e.g. `probs - F.one_hot(target, num_classes=probs.shape[-1])` for "
+                "`d = probs; d[range(n), target] -= 1`",
+                "not_allowed",
+            )
         raise FormulaError(f"`{_segment(source, node)}`: assign to one plain name", "not_allowed")
 
 
-def _not_allowed_message(node: ast.AST, source: str) -> str:
+def _not_allowed_message(node: ast.AST, source: str, program: bool = False) -> str:
     what = {
         ast.Import: "imports",
         ast.ImportFrom: "imports",
@@ -349,14 +502,18 @@ def _not_allowed_message(node: ast.AST, source: str) -> str:
         ast.DictComp: "comprehensions",
         ast.GeneratorExp: "generators",
         ast.JoinedStr: "f-strings",
-        ast.AugAssign: "in-place assignment (`+=` and the like)",
+        ast.AugAssign: "in-place assignment (`+=` and the like): write `x = x + ...`, or "
+        "write the backward as a program (POST /api/program, the page's /program), where "
+        "`+=` accumulates",
+        ast.For: "a loop (programs take `for i in range(n):`, POST /api/program)",
+        ast.While: "`while` (a program loops only with `for i in range(n):`)",
         ast.NamedExpr: "`:=`",
         ast.IfExp: "`x if c else y` (use torch.where)",
         ast.BoolOp: "`and` / `or` (use a mask, e.g. (a > 0) * (b > 0))",
     }.get(type(node), type(node).__name__)
     segment = _segment(source, node)
     prefix = f"`{segment}`: " if segment and len(segment) <= 80 else ""
-    return f"{prefix}{what} not allowed in a formula"
+    return f"{prefix}{what} not allowed in a {'program' if program else 'formula'}"
 
 
 def _unknown_attribute(node: ast.Attribute, source: str) -> str:
@@ -426,7 +583,7 @@ class _Evaluation:
         handler = _HANDLERS.get(type(node))
         if handler is None:  # a node the tree check allows, but not where a value goes
             self.fail(node, "not allowed here", "not_allowed")
-        return handler(self, node)
+        return getattr(self, handler)(node)
 
     def fail(self, node: ast.AST, message: str, kind: str = "formula", **details: Any):
         segment = _segment(self.source, node)
@@ -455,9 +612,28 @@ class _Evaluation:
         if isinstance(node.value, ast.Name) and node.value.id == "torch" and node.attr in DTYPES:
             return DTYPES[node.attr]
         value = self.eval(node.value)
+        if node.attr in PAIR_ATTRIBUTES:
+            if isinstance(value, Pair):
+                return getattr(value, node.attr)
+            self.fail(
+                node,
+                f".{node.attr} belongs to the (values, indices) pair that .max(dim) or "
+                ".min(dim) gives; a tensor has no such attribute",
+                "not_allowed",
+            )
+        if isinstance(value, Pair):
+            self._pair_misused(node)
         if node.attr not in ATTRIBUTES or not isinstance(value, Traced):
             self.fail(node, f".{node.attr} must be called, on a tensor", "not_allowed")
         return self._apply(node, ATTRIBUTES[node.attr], value)
+
+    def _pair_misused(self, node: ast.AST) -> None:
+        self.fail(
+            node,
+            "x.max(dim) and x.min(dim) give (values, indices), as in PyTorch: take "
+            "x.max(dim).values (or x.amax(dim)) for the numbers",
+            "not_allowed",
+        )
 
     def _gradient(self, node: ast.Attribute) -> Traced:
         if not isinstance(node.value, ast.Name):
@@ -487,6 +663,8 @@ class _Evaluation:
     def _BinOp(self, node: ast.BinOp) -> Any:
         symbol = _OPERATORS[type(node.op)]
         left, right = self.eval(node.left), self.eval(node.right)
+        if isinstance(left, Pair) or isinstance(right, Pair):
+            self._pair_misused(node)
         if symbol == "**":
             return self._power(node, left, right)
         if symbol == "@" and not (isinstance(left, Traced) and isinstance(right, Traced)):
@@ -586,10 +764,19 @@ class _Evaluation:
 
     def _Subscript(self, node: ast.Subscript) -> Any:
         value = self.eval(node.value)
-        index = self.eval(node.slice)
+        index = self._index(node.slice)
         parts = index if isinstance(index, tuple) else (index,)
+        if isinstance(value, Pair):  # (values, indices)[0]
+            if not _is_int(index) or index not in (0, 1, -1, -2):
+                self.fail(node, "(values, indices) is indexed by 0 or 1", "not_allowed")
+            return value[index]
+        if any(isinstance(p, (Traced, range)) for p in parts):
+            if not isinstance(value, Traced):
+                self.fail(node, "only tensors are indexed by tensors", "not_allowed")
+            return self._apply(node, self._advanced_index, value, parts)
         if not all(p is None or p is Ellipsis or _is_int(p) or isinstance(p, slice) for p in parts):
-            self.fail(node, "index with whole numbers, slices, None and ... only", "not_allowed")
+            self.fail(node, "index with whole numbers, slices, None, ... and tensors only",
+                      "not_allowed")  # fmt: skip
         if isinstance(value, tuple):  # a shape
             if not _is_int(index):
                 self.fail(node, "a shape is indexed by one whole number", "not_allowed")
@@ -597,6 +784,31 @@ class _Evaluation:
         if not isinstance(value, Traced):
             self.fail(node, "only tensors and shapes can be indexed", "not_allowed")
         return self._apply(node, lambda v: v[index], value)
+
+    def _index(self, node: ast.AST) -> Any:
+        """An index: a tuple's parts may be tensors and ranges (`logprobs[range(n), Yb]`)."""
+        if isinstance(node, ast.Tuple):
+            return tuple(self.eval(e) for e in node.elts)
+        return self.eval(node)
+
+    def _advanced_index(self, value: Traced, parts: tuple) -> Traced:
+        """Indexing with tensors as torch does it; `range(n)` is `torch.arange(n)`."""
+        converted = []
+        for p in parts:
+            if isinstance(p, range):
+                if p.step != 1 or p.start != 0:
+                    raise FormulaError("index with range(n) (from 0, step 1)", "not_allowed")
+                p = arange(p.stop, value.t)
+            elif isinstance(p, Traced) and p.t.is_floating_point():
+                raise FormulaError(
+                    "a float tensor cannot index: indices are integer (or bool mask) tensors",
+                    "not_allowed",
+                )
+            elif not (p is None or p is Ellipsis or _is_int(p) or isinstance(p, (slice, Traced))):
+                raise FormulaError("index with whole numbers, slices, None, ... and tensors",
+                                   "not_allowed")  # fmt: skip
+            converted.append(p)
+        return value.index_with(tuple(converted))
 
     def _Slice(self, node: ast.Slice) -> slice:
         parts = [None if p is None else self.eval(p) for p in (node.lower, node.upper, node.step)]
@@ -614,8 +826,18 @@ class _Evaluation:
 
     def _Call(self, node: ast.Call) -> Any:
         func = node.func
+        if isinstance(func, ast.Name) and func.id == "range":
+            return self._range(node)
         if not isinstance(func, ast.Attribute):
-            self.fail(node, "only tensor methods and torch.<function> can be called", "not_allowed")
+            self.fail(node, "only tensor methods, torch.<function>, F.<function> and range(n) "
+                      "can be called", "not_allowed")  # fmt: skip
+        if (
+            isinstance(func.value, ast.Name)
+            and func.value.id == "torch"
+            and func.attr == "arange"
+            and func.value.id not in getattr(self, "locals", {})
+        ):
+            return self._range(node, tensor=True)
         if isinstance(func.value, ast.Name) and func.value.id in NAMESPACES:
             space = func.value.id
             method = NAMESPACES[space].get(func.attr)
@@ -629,18 +851,49 @@ class _Evaluation:
             if method is None:
                 self.fail(node, f".{func.attr} is not a method here", "not_allowed")
             value = self.eval(func.value)
+            if isinstance(value, Pair):
+                self._pair_misused(node)
             if not isinstance(value, Traced):
                 self.fail(node, f".{func.attr}() is called on a tensor", "not_allowed")
             receiver = (value,)
         args = [self._argument(a) for a in node.args]
         kwargs = {}
         for kw in node.keywords:
-            if kw.arg not in method.keywords:
+            arg = KEYWORD_ALIASES.get(kw.arg, kw.arg)
+            if arg not in method.keywords:
                 allowed = ", ".join(sorted(method.keywords)) or "none"
                 self.fail(node, f"keyword {kw.arg}= is not taken here (allowed: {allowed})",
                           "not_allowed")  # fmt: skip
-            kwargs[kw.arg] = self._argument(kw.value)
+            if arg in kwargs:
+                self.fail(node, f"keyword {arg}= is given twice", "not_allowed")
+            kwargs[arg] = self._argument(kw.value)
         return self._apply(node, method.call, *receiver, *args, **kwargs)
+
+    def _range(self, node: ast.Call, tensor: bool = False) -> Any:
+        """`range(n)` (a Python range: a loop's or an index's) and `torch.arange(n)`."""
+        name = "torch.arange" if tensor else "range"
+        if node.keywords or not 1 <= len(node.args) <= (1 if tensor else 3):
+            self.fail(node, f"{name} takes {'n' if tensor else 'n, or start, stop[, step]'}",
+                      "not_allowed")  # fmt: skip
+        args = [self.eval(a) for a in node.args]
+        if not all(_is_int(a) for a in args):
+            self.fail(node, f"{name} takes whole numbers (a shape's size: x.shape[0])",
+                      "not_allowed")  # fmt: skip
+        if len(args) == 3 and args[2] == 0:
+            self.fail(node, "range's step cannot be 0", "not_allowed")
+        r = range(*args)
+        if len(r) > MAX_RANGE:
+            self.fail(node, f"{name} of {len(r)} numbers; at most {MAX_RANGE}", "budget")
+        if tensor:
+            return arange(r.stop, self.device())
+        return r
+
+    def device(self) -> torch.Tensor:
+        """A tensor on the run's device (meta in the dry run), for what a formula makes."""
+        for value in (*self.tensors.values(), *self.grads.values()):
+            if isinstance(value, Traced):
+                return value.t
+        return torch.empty(0)
 
     def _argument(self, node: ast.AST) -> Any:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -666,17 +919,12 @@ class _Evaluation:
             self.fail(node, first_line, "shape" if "size" in first_line else "formula")
 
 
-_HANDLERS: dict[type, Callable[[_Evaluation, Any], Any]] = {
-    ast.Constant: _Evaluation._Constant,
-    ast.Name: _Evaluation._Name,
-    ast.Attribute: _Evaluation._Attribute,
-    ast.UnaryOp: _Evaluation._UnaryOp,
-    ast.BinOp: _Evaluation._BinOp,
-    ast.Compare: _Evaluation._Compare,
-    ast.Subscript: _Evaluation._Subscript,
-    ast.Slice: _Evaluation._Slice,
-    ast.Tuple: _Evaluation._Tuple,
-    ast.Call: _Evaluation._Call,
+# node type -> the method that evaluates it (looked up on the instance, so a subclass such
+# as app.lab.statements.Interpreter can say what a name means)
+_HANDLERS: dict[type, str] = {
+    node: f"_{node.__name__}"
+    for node in (ast.Constant, ast.Name, ast.Attribute, ast.UnaryOp, ast.BinOp, ast.Compare,
+                 ast.Subscript, ast.Slice, ast.Tuple, ast.Call)  # fmt: skip
 }
 
 

@@ -556,6 +556,124 @@ class Traced:
         return self._make(t, expr, ATOM, "index", "gather", [self, index])
 
 
+    # ---- what course notebooks write (the program mode; the formula lab takes them too)
+
+    def index_with(self, parts: tuple[Any, ...]) -> Traced:
+        """Indexing with tensors too (`C[Xb]`, `logprobs[range(n), Yb]`, `dh[h <= 0]`), as
+        torch does it: integer tensors pick entries (a copy), a bool mask picks where it holds.
+        `parts` are ints, slices, None, ... and `Traced` index tensors."""
+        raw = tuple(meta_index(p.t) if isinstance(p, Traced) else p for p in parts)
+        index = raw[0] if len(raw) == 1 else raw
+        masks = [p for p in raw if isinstance(p, torch.Tensor) and p.dtype == torch.bool]
+        if self.t.is_meta and masks:
+            t = _meta_masked(self.t, raw)
+        else:
+            t = self.t[index]
+        text = ", ".join(p.expr if isinstance(p, Traced) else _fmt_index(p) for p in parts)
+        operands = [self, *(p for p in parts if isinstance(p, Traced))]
+        advanced = any(isinstance(p, Traced) for p in parts)
+        expr = f"{self._wrapped(ATOM)}[{text}]"
+        op = "index_select" if advanced else "getitem"
+        return self._make(t, expr, ATOM, "index", op, operands)
+
+    def max_pair(self, dim: int, keepdim: bool = False) -> tuple[Traced, Traced]:
+        """`x.max(dim)`: (values, indices), as torch returns them."""
+        return self._pair("max", dim, keepdim)
+
+    def min_pair(self, dim: int, keepdim: bool = False) -> tuple[Traced, Traced]:
+        return self._pair("min", dim, keepdim)
+
+    def _pair(self, op: str, dim: int, keepdim: bool) -> tuple[Traced, Traced]:
+        values, indices = getattr(self.t, op)(dim, keepdim=keepdim)
+        args = f"{dim}, keepdim=True" if keepdim else f"{dim}"
+        base = f"{self._wrapped(ATOM)}.{op}({args})"
+        dims = [dim % self.ndim] if self.ndim else []
+        return (
+            self._make(values, f"{base}.values", ATOM, "reduce", op, [self], {"reduced_dims": dims}),
+            self._make(indices, f"{base}.indices", ATOM, "reduce", f"arg{op}", [self],
+                       {"reduced_dims": dims}),
+        )  # fmt: skip
+
+    def var(self, dim: Any = None, keepdim: bool = False, correction: float = 1) -> Traced:
+        """`x.var(dim, keepdim, correction=)`: divides by n - correction (Bessel: 1)."""
+        return self._spread("var", dim, keepdim, correction)
+
+    def std(self, dim: Any = None, keepdim: bool = False, correction: float = 1) -> Traced:
+        return self._spread("std", dim, keepdim, correction)
+
+    def _spread(self, op: str, dim: Any, keepdim: bool, correction: float) -> Traced:
+        t = getattr(self.t, op)(dim, keepdim=keepdim, correction=correction)
+        args = [] if dim is None else [str(dim)]
+        if keepdim:
+            args.append("keepdim=True")
+        if correction != 1:
+            args.append(f"correction={_fmt_scalar(correction)}")
+        dims = list(range(self.ndim)) if dim is None else [dim] if isinstance(dim, int) else dim
+        dims = [d % self.ndim for d in dims] if self.ndim else []
+        return self._method(t, f"{op}({', '.join(args)})", "reduce", op, reduced_dims=dims)
+
+    def clone(self) -> Traced:
+        return self._method(self.t.clone(), "clone()", "copy", "clone")
+
+    def relu(self) -> Traced:
+        return self._method(self.t.relu(), "relu()", "elementwise", "relu")
+
+    def index_add(self, dim: int, index: Traced, source: Traced, alpha: float = 1) -> Traced:
+        """`x.index_add(dim, index, source)`: a copy of x with source's slices added at
+        `index` along `dim`, repeated indices accumulating (the embedding's gradient)."""
+        t = self.t.index_add(dim, index.t, source.t, alpha=alpha)
+        extra = "" if alpha == 1 else f", alpha={_fmt_scalar(alpha)}"
+        expr = f"{self._wrapped(ATOM)}.index_add({dim}, {index.expr}, {source.expr}{extra})"
+        return self._make(t, expr, ATOM, "index", "index_add", [self, index, source])
+
+    def maximum(self, other: Traced) -> Traced:
+        t = torch.maximum(self.t, other.t)
+        return self._make(t, f"torch.maximum({self.expr}, {other.expr})", ATOM, "elementwise",
+                          "maximum", [self, other])  # fmt: skip
+
+    def minimum(self, other: Traced) -> Traced:
+        t = torch.minimum(self.t, other.t)
+        return self._make(t, f"torch.minimum({self.expr}, {other.expr})", ATOM, "elementwise",
+                          "minimum", [self, other])  # fmt: skip
+
+
+def meta_index(index: torch.Tensor) -> Any:
+    """An index tensor as the dry run can use it: a 0-d integer tensor picks like the int 0
+    would (the same shape; meta tensors have no value to read)."""
+    if index.is_meta and index.ndim == 0 and not index.dtype.is_floating_point:
+        return 0 if index.dtype != torch.bool else index
+    return index
+
+
+def _meta_masked(t: torch.Tensor, parts: tuple) -> torch.Tensor:
+    """`x[mask]` on meta tensors: how many entries a mask picks is data, so the dry run
+    takes the most it can pick (every one): the shape (mask.numel(), *rest)."""
+    if len(parts) != 1:
+        raise IndexError("a bool mask indexes alone here: x[mask]")
+    mask = parts[0]
+    if tuple(mask.shape) != tuple(t.shape[: mask.ndim]):
+        raise IndexError(
+            f"the mask's shape {tuple(mask.shape)} does not match the indexed tensor's leading "
+            f"dims {tuple(t.shape[: mask.ndim])}"
+        )
+    return torch.empty((mask.numel(), *t.shape[mask.ndim :]), dtype=t.dtype, device="meta")
+
+
+def arange(end: int, like: torch.Tensor) -> Traced:
+    """`torch.arange(n)` / `range(n)` used as an index: the int64 tensor 0..n-1, on the
+    device of the tensors it indexes (meta in the dry run)."""
+    t = torch.arange(end, device=like.device)
+    return Traced(t, f"torch.arange({end})")
+
+
+def cross_entropy(logits: Traced, target: Traced, reduction: str = "mean") -> Traced:
+    """`F.cross_entropy(logits, target)`: the mean of -log_softmax(logits)[target]."""
+    t = torch.nn.functional.cross_entropy(logits.t, target.t, reduction=reduction)
+    extra = "" if reduction == "mean" else f", reduction={reduction!r}"
+    expr = f"F.cross_entropy({logits.expr}, {target.expr}{extra})"
+    return logits._make(t, expr, ATOM, "reduce", "cross_entropy", [logits, target])
+
+
 def einsum(equation: str, *operands: Traced) -> Traced:
     """`torch.einsum(equation, ...)`: every index's product, summed over the ones not kept."""
     t = torch.einsum(equation, *(o.t for o in operands))

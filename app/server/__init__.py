@@ -50,7 +50,15 @@ def install(
     # the last added runs first: guard (headers, host, origin, type) -> body limit -> JSON
     compute = ComputeRoutes(lambda: app.routes)
     app.add_middleware(JsonBodyMiddleware, compute=compute)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        # a program's value inputs take room: its routes take up to 1 MiB (or the setting)
+        route_limits={
+            path: max(settings.max_body_bytes, 1 << 20)
+            for path in ("/api/program", "/api/program/train")
+        },
+    )
     app.add_middleware(GuardMiddleware, compute=compute, allowed_hosts=settings.allowed_hosts)
     app.add_exception_handler(RequestValidationError, errors.validation_error)
     app.add_exception_handler(StarletteHTTPException, errors.http_error)

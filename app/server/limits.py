@@ -475,21 +475,25 @@ class BodyLimitMiddleware:
     bodies included) the chunks are counted as they arrive and the request is refused as
     soon as they pass the limit. A body within the limit is handed on unchanged."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, route_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.route_limits = route_limits or {}  # paths whose bodies may be larger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.route_limits.get(scope.get("path", ""), self.max_bytes)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
                 await refuse(send, 400, "Content-Length is not a non-negative integer")
                 return
-            if int(length) > self.max_bytes:
-                await self._refuse_size(send)
+            if int(length) > limit:
+                await self._refuse_size(send, limit)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -500,8 +504,8 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse_size(send)
+            if size > limit:
+                await self._refuse_size(send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -509,12 +513,9 @@ class BodyLimitMiddleware:
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, replay([body], receive), send)
 
-    async def _refuse_size(self, send: Send) -> None:
-        await refuse(
-            send,
-            413,
-            f"request body over the limit of {self.max_bytes} bytes (BROADPROP_MAX_BODY_BYTES)",
-        )
+    async def _refuse_size(self, send: Send, limit: int) -> None:
+        setting = "" if limit != self.max_bytes else " (BROADPROP_MAX_BODY_BYTES)"
+        await refuse(send, 413, f"request body over the limit of {limit} bytes{setting}")
 
 
 async def refuse(send: Send, status: int, detail: Any, close: bool = True) -> None:

@@ -1,0 +1,98 @@
+"""POST /api/program: the learner's own network, a forward and a backward written as lines;
+GET /api/programs: the worked presets."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+
+from app.api.responses import StrictJSONResponse
+from app.api.run import VALIDATION_ERROR
+from app.lab.statements import ProgramError
+from app.programs import presets
+from app.programs import run as programs
+from app.programs.schemas import ProgramRequest, ProgramResponse
+from app.schemas import ErrorMessage
+from app.server.limits import CancelToken, guarded
+from app.settings import Settings
+from app.work import WORK_LIMIT_S
+
+router = APIRouter(tags=["program"])
+
+
+@router.post(
+    "/api/program",
+    response_model=ProgramResponse,
+    response_class=StrictJSONResponse,
+    summary="Run a forward written as lines under autograd, then the learner's backward, and "
+    "check every gradient it writes",
+    responses={
+        403: {"model": ErrorMessage, "description": "A request from another origin"},
+        413: {"model": ErrorMessage, "description": "A body over 1 MiB"},
+        415: {"model": ErrorMessage, "description": "A body not sent as application/json"},
+        422: {
+            "description": "A field out of its limits, or a line that cannot run: loc is "
+            '["body", "forward" or "backward", line] (a refused construct, a forward that '
+            "cannot run, memory or work over the limit, decided on meta tensors first)",
+            "content": {"application/json": {"schema": {"$ref": VALIDATION_ERROR}}},
+        },
+        503: {
+            "model": ErrorMessage,
+            "description": "Busy; retry after Retry-After seconds",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        },
+    },
+)
+async def program(http: Request, request: ProgramRequest) -> StrictJSONResponse:
+    settings: Settings = http.app.state.settings
+    plan = await anyio.to_thread.run_sync(admit, request, settings)
+    cancel = CancelToken()
+    return await http.app.state.limiter.run(
+        guarded(_execute, settings),
+        request,
+        plan,
+        cancel,
+        work_s=plan.seconds,
+        cancel=cancel,
+        receive=http.receive,
+        memory_bytes=plan.bytes,
+    )
+
+
+def admit(request: ProgramRequest, settings: Settings) -> programs.Plan:
+    """The dry run on meta tensors: a 422 at the line for anything refused."""
+    try:
+        return programs.admit(request, settings.memory_budget_bytes, WORK_LIMIT_S)
+    except programs.ProgramRefused as err:
+        refuse(err)
+
+
+def refuse(err: programs.ProgramRefused) -> None:
+    raise RequestValidationError(
+        [
+            {
+                "type": f"program_{err.kind}",
+                "loc": ("body", err.which, err.line),
+                "msg": str(err),
+                "input": None,
+                "ctx": {"kind": err.kind, "line": err.line, **err.ctx},
+            }
+        ]
+    )
+
+
+def _execute(request: ProgramRequest, plan: programs.Plan, cancel: CancelToken):
+    try:
+        return StrictJSONResponse(programs.run(request, plan, cancel))
+    except ProgramError as err:  # the forward failed on real data (an index out of range)
+        refuse(programs.ProgramRefused("forward", err.line, str(err), err.kind))
+
+
+@router.get(
+    "/api/programs",
+    summary="Worked programs: each a complete POST /api/program body whose backward is the "
+    "solution",
+)
+async def program_presets() -> list[dict]:
+    return presets.PRESETS

@@ -1,0 +1,570 @@
+"""A program's lines: the formula lab's evaluator grown from one expression to statements.
+
+The same allowlist over `ast` (never `eval`, `exec` or `compile`), with four more kinds of
+statement for what course notebooks write in a backward pass:
+
+- `name = expr` (and `a, b = x.max(1)`), as in a formula;
+- `name op= expr` (`+= -= *= /=`): in place, as PyTorch does it, on the program's own tensors;
+- `name[index] = expr` and `name[index] op= expr`: the same, through an index;
+- `for name in range(...):` blocks.
+
+An in-place form writes the tensor the name holds, exactly as PyTorch would, so every view of
+it sees the write too. It never writes a tensor that the forward made or an input: those are
+`protected`, and a write into one (`dh = h; dh[h <= 0] = 0`) is refused with the `.clone()`
+that PyTorch code needs there. Loops are counted before they start: a program runs at most
+`MAX_EXECUTED` statements in all, so `range(10**9)` is refused at once.
+
+Each statement leaves its names as atoms (a `Traced` with no history), so a statement's trace
+is its own steps, and a long program costs in proportion to its length.
+"""
+
+from __future__ import annotations
+
+import ast
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from app.lab.evaluator import (
+    _NODES,
+    FormulaError,
+    Pair,
+    _check_tree,
+    _Evaluation,
+    _is_number,
+    _segment,
+)
+from app.ops.base import ATOM, Step, Traced, meta_index
+
+MAX_PROGRAM_CHARS = 20_000  # per text (forward, backward)
+MAX_PROGRAM_NODES = 12_000
+MAX_LINES = 400  # statements written, loops' bodies included
+MAX_EXECUTED = 20_000  # statements run, loops' iterations counted in full
+
+PROGRAM_NODES = _NODES | {ast.AugAssign, ast.For}
+_AUG = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_IN_PLACE = {"+": "add_", "-": "sub_", "*": "mul_", "/": "div_"}
+
+# CPython 3.11 keeps the AST constructor's recursion depth in shared state: two threads
+# parsing at once can fail with SystemError. Parsing is a few ms; one at a time.
+PARSE_LOCK = threading.Lock()
+
+
+class ProgramError(FormulaError):
+    """A statement that cannot run, with its line (1-based, in its own text)."""
+
+    def __init__(self, err: FormulaError, line: int, code: str):
+        super().__init__(str(err), err.kind, **err.details)
+        self.line = line
+        self.code = code
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class Program:
+    """A checked text: its statements, and each line's source for messages."""
+
+    which: str  # "forward" or "backward"
+    source: str
+    body: tuple[ast.stmt, ...]
+
+    def code(self, stmt: ast.stmt) -> str:
+        """The statement's first line as written (a loop's header, not its body)."""
+        return self.source.splitlines()[stmt.lineno - 1].strip()
+
+
+def parse_program(source: str, which: str) -> Program:
+    """Read and check a forward or backward text against the allowlist; nothing runs.
+    ProgramError (with its line) for what cannot be read or is not allowed."""
+    if len(source) > MAX_PROGRAM_CHARS:
+        raise ProgramError(
+            FormulaError(
+                f"the {which} is {len(source)} characters long; at most {MAX_PROGRAM_CHARS}",
+                "too_long",
+            ),
+            1,
+            "",
+        )
+    try:
+        with PARSE_LOCK:
+            tree = ast.parse(source, mode="exec")  # a tree only: no code object, nothing runs
+    except SyntaxError as err:
+        line = err.lineno or 1
+        raise ProgramError(
+            FormulaError(f"syntax error (line {line}, column {err.offset}): {err.msg}", "syntax"),
+            line,
+            _line(source, line),
+        ) from None
+    except (ValueError, MemoryError, RecursionError, SystemError) as err:
+        raise ProgramError(
+            FormulaError(f"the {which} cannot be read: {err}", "syntax"), 1, ""
+        ) from None
+    program = Program(which, source, tuple(tree.body))
+    lines = 0
+    for stmt in tree.body:
+        try:
+            _check_tree(stmt, source, PROGRAM_NODES, MAX_PROGRAM_NODES, program=True)
+            lines += _check_statement(stmt, source, which, top=True)
+        except FormulaError as err:
+            bad = getattr(err, "node_line", None) or stmt.lineno
+            raise ProgramError(err, bad, _line(source, bad)) from None
+        if lines > MAX_LINES:
+            raise ProgramError(
+                FormulaError(f"the {which} has over {MAX_LINES} statements", "too_long"),
+                stmt.lineno,
+                program.code(stmt),
+            )
+    return program
+
+
+def _line(source: str, line: int) -> str:
+    lines = source.splitlines()
+    return lines[line - 1].strip() if 0 < line <= len(lines) else ""
+
+
+def _check_statement(stmt: ast.stmt, source: str, which: str, top: bool) -> int:
+    """The statement kinds a forward / backward may hold; returns how many statements."""
+
+    def refuse(message: str, node: ast.AST = stmt) -> None:
+        err = FormulaError(f"`{_segment(source, node)[:120]}`: {message}", "not_allowed")
+        err.node_line = getattr(node, "lineno", stmt.lineno)
+        raise err
+
+    if isinstance(stmt, ast.Expr):
+        refuse(f"a line of the {which} assigns a name: `name = expression`")
+    if which == "forward":
+        if not isinstance(stmt, ast.Assign):
+            refuse(
+                "the forward is a list of `name = expression` lines (loops and in-place "
+                "forms belong to the backward)"
+            )
+        _check_targets(stmt.targets, refuse, allow_index=False)
+        return 1
+    if isinstance(stmt, ast.Assign):
+        _check_targets(stmt.targets, refuse, allow_index=True)
+        return 1
+    if isinstance(stmt, ast.AugAssign):
+        if type(stmt.op) not in _AUG:
+            refuse("in-place forms are += -= *= /=")
+        _check_targets([stmt.target], refuse, allow_index=True, allow_tuple=False)
+        return 1
+    if isinstance(stmt, ast.For):
+        if stmt.orelse:
+            refuse("a loop has no else")
+        if not isinstance(stmt.target, ast.Name):
+            refuse("a loop runs one name over range(...): `for i in range(n):`")
+        it = stmt.iter
+        if not (
+            isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
+        ):
+            refuse("a loop runs over range(...) only: `for i in range(n):`")
+        return 1 + sum(_check_statement(s, source, which, top=False) for s in stmt.body)
+    refuse("not a statement a program takes")
+    return 0
+
+
+def _check_targets(
+    targets: list[ast.expr], refuse: Callable, allow_index: bool, allow_tuple: bool = True
+) -> None:
+    if len(targets) != 1:
+        refuse("one assignment per line (`a = b = ...` is two)")
+    target = targets[0]
+    if isinstance(target, ast.Tuple) and allow_tuple:
+        if not all(isinstance(e, ast.Name) for e in target.elts) or len(target.elts) != 2:
+            refuse("unpack into two plain names: `values, indices = x.max(1)`", target)
+        return
+    if isinstance(target, ast.Name) or _is_grad_target(target):
+        return
+    if isinstance(target, ast.Subscript) and allow_index:
+        if isinstance(target.value, ast.Name) or _is_grad_target(target.value):
+            return
+        refuse("index a name directly: `dx[i] = ...`", target)
+    if isinstance(target, ast.Subscript):
+        refuse("the forward assigns whole names; indexed writes belong to the backward", target)
+    refuse("assign to a name, `name.g`, or `name[index]`", target)
+
+
+def _is_grad_target(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "g" and isinstance(node.value, ast.Name)
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class Executed:
+    """One statement as it ran: its line, its code, what it assigned and its steps (the
+    first run's; `runs` counts a loop body's)."""
+
+    line: int
+    code: str
+    target: str
+    steps: list[Step] = field(default_factory=list)
+    runs: int = 0
+
+
+class Interpreter(_Evaluation):
+    """Runs a checked program over a scope of names (meta tensors: the dry run; real: the
+    numbers). Subclasses decide what a name means (`resolve`) and what an assignment writes
+    (`assign`)."""
+
+    def __init__(
+        self,
+        program: Program,
+        scope: dict[str, Any],
+        protected: list[torch.Tensor],
+        check: Callable[[], None] | None = None,
+        executed_limit: int = MAX_EXECUTED,
+    ):
+        self.program = program
+        self.source = program.source
+        self.scope = scope
+        self.locals = scope  # the evaluator's `torch.arange` check reads it
+        self.tensors: Mapping[str, Any] = scope
+        self.grads: Mapping[str, Any] = {}
+        self.pending: Mapping[str, str] = {}
+        self.protected = protected
+        self._protected_ptrs = {
+            t.untyped_storage().data_ptr() for t in protected if not t.is_meta and t.numel()
+        }
+        self.check = check or (lambda: None)
+        self.remaining = executed_limit
+        self.executed: dict[int, Executed] = {}
+        self.on_statement: Callable[[Executed, list[Step]], None] | None = None
+
+    # ---- statements
+
+    def run(self) -> None:  # type: ignore[override]
+        self._block(self.program.body)
+
+    def _block(self, body: tuple[ast.stmt, ...] | list[ast.stmt]) -> None:
+        for stmt in body:
+            self.check()
+            try:
+                if isinstance(stmt, ast.For):
+                    self._for(stmt)
+                else:
+                    self._statement(stmt)
+            except ProgramError:
+                raise
+            except FormulaError as err:
+                raise ProgramError(err, stmt.lineno, self.program.code(stmt)) from None
+
+    def _count(self, n: int, stmt: ast.stmt) -> None:
+        self.remaining -= n
+        if self.remaining < 0:
+            raise FormulaError(
+                f"the program would run over {MAX_EXECUTED:,} statements (loops counted in "
+                "full); write the loop as one tensor operation (e.g. index_add for an "
+                "embedding's gradient)",
+                "work",
+            )
+
+    def _for(self, stmt: ast.For) -> None:
+        iterations = self.eval(stmt.iter)
+        if not isinstance(iterations, range):
+            self.fail(stmt.iter, "a loop runs over range(...)", "not_allowed")
+        # the whole loop is counted before its first iteration runs (nested loops again
+        # when they start): range(10**9) stops here, not after a billion steps
+        needed = len(iterations) * len(stmt.body)
+        if needed > self.remaining:
+            self._count(needed, stmt)
+        for i in iterations:
+            self.check()
+            self.scope[stmt.target.id] = i
+            self._block(stmt.body)
+
+    def _statement(self, stmt: ast.Assign | ast.AugAssign) -> None:
+        self._count(1, stmt)
+        self._last_steps: list[Step] = []
+        if isinstance(stmt, ast.Assign):
+            target = stmt.targets[0]
+            value = self.eval(stmt.value)
+            if isinstance(target, ast.Tuple):
+                self._unpack(stmt, target, value)
+                name = ", ".join(e.id for e in target.elts)
+            elif isinstance(target, ast.Subscript):
+                name = self._write_index(stmt, target, None, value)
+            else:
+                name = self._target_name(target)
+                self.assign(stmt, name, value)
+        else:
+            symbol = _AUG[type(stmt.op)]
+            value = self.eval(stmt.value)
+            if isinstance(stmt.target, ast.Subscript):
+                name = self._write_index(stmt, stmt.target, symbol, value)
+            else:
+                name = self._target_name(stmt.target)
+                self._augment(stmt, name, symbol, value)
+        self._record(stmt, name)
+
+    def _record(self, stmt: ast.stmt, name: str) -> None:
+        entry = self.executed.get(stmt.lineno)
+        steps = _unique(self._last_steps)
+        if entry is None:
+            entry = self.executed[stmt.lineno] = Executed(
+                stmt.lineno, self.program.code(stmt), name, steps
+            )
+        entry.runs += 1
+        if self.on_statement is not None:
+            self.on_statement(entry, steps)
+        self._last_steps = []
+
+    def _target_name(self, target: ast.expr) -> str:
+        if isinstance(target, ast.Name):
+            return target.id
+        return f"{target.value.id}.g"
+
+    def _unpack(self, stmt: ast.Assign, target: ast.Tuple, value: Any) -> None:
+        if not isinstance(value, tuple) or len(value) != len(target.elts):
+            self.fail(stmt.value, f"gives one value, not {len(target.elts)} to unpack",
+                      "not_allowed")  # fmt: skip
+        for element, part in zip(target.elts, value):
+            self.assign(stmt, element.id, part)
+
+    def _augment(self, stmt: ast.AugAssign, name: str, symbol: str, value: Any) -> None:
+        """`name op= value`: a tensor is changed in place (as PyTorch does); a number is
+        rebound (as Python does)."""
+        current = self.resolve(stmt.target, name)
+        if _is_number(current):
+            combined = self._binary(stmt, symbol, current, value)
+            self.assign(stmt, name, combined)
+            return
+        if not isinstance(current, Traced):
+            self.fail(stmt.target, f"{name} holds no tensor or number to update", "not_allowed")
+        self._writable(stmt.target, name, current)
+        made = self._binary(stmt, symbol, current, value)
+        self._fits(stmt, name, current, made)
+        self._note(made)
+        self._in_place(stmt, current.t, symbol, value)
+        self.rebind(name, current)
+
+    def _write_index(
+        self, stmt: ast.stmt, target: ast.Subscript, symbol: str | None, value: Any
+    ) -> str:
+        """`name[index] = value` and `name[index] op= value`, as PyTorch runs them: read
+        the indexed part, update it, write it back."""
+        name = self._target_name(target.value)
+        current = self.resolve(target.value, name)
+        if not isinstance(current, Traced):
+            self.fail(target, f"{name} is not a tensor; only tensors take indexed writes",
+                      "not_allowed")  # fmt: skip
+        self._writable(target, name, current)
+        index = self._index(target.slice)
+        parts = index if isinstance(index, tuple) else (index,)
+        part = self._apply(target, self._advanced_index if _advanced(parts) else _basic_index,
+                           current, parts)  # fmt: skip
+        if symbol is not None:
+            updated = self._binary(stmt, symbol, part, value)
+            self._fits(stmt, f"{name}[...]", part, updated)
+        else:
+            updated = value
+            if isinstance(value, Traced):
+                try:
+                    torch.broadcast_shapes(value.shape, part.shape)
+                    ok = torch.broadcast_shapes(value.shape, part.shape) == part.shape
+                except RuntimeError:
+                    ok = False
+                if not ok:
+                    self.fail(
+                        stmt,
+                        f"shape mismatch: the value {_fmt(value.shape)} cannot be written into "
+                        f"{name}[...] of shape {_fmt(part.shape)}",
+                        "shape",
+                        made=list(value.shape),
+                        wanted=list(part.shape),
+                    )
+            elif not _is_number(updated):
+                self.fail(stmt, "writes a tensor or a number", "not_allowed")
+        if isinstance(updated, Traced):
+            self._note(updated)
+        raw = tuple(_raw(p, current.t) for p in parts)
+        key = raw[0] if len(raw) == 1 else raw
+        if current.t.is_meta and any(_is_mask(p) for p in raw):
+            # the dry run: what a mask picks is data; the target keeps its shape either way
+            self._note_write(current, name, updated)
+            self.rebind(name, current)
+            return name
+
+        def write() -> None:
+            if symbol is None:
+                current.t[key] = updated.t if isinstance(updated, Traced) else updated
+                return
+            piece = current.t[key]
+            # a basic index gives a view, written in place; an advanced one a copy, written back
+            self._in_place(stmt, piece, symbol, value)
+            current.t[key] = piece
+
+        self._apply(stmt, write)
+        self._note_write(current, name, updated)
+        self.rebind(name, current)
+        return name
+
+    def _in_place(self, stmt: ast.stmt, t: torch.Tensor, symbol: str, value: Any) -> None:
+        other = value.t if isinstance(value, Traced) else value
+        self._apply(stmt, lambda: getattr(t, _IN_PLACE[symbol])(other))
+
+    def _binary(self, stmt: ast.stmt, symbol: str, left: Any, right: Any) -> Any:
+        node = ast.BinOp(left=getattr(stmt, "target", stmt), op=_op_node(symbol), right=stmt.value)
+        ast.copy_location(node, stmt)
+        node.end_lineno, node.end_col_offset = stmt.end_lineno, stmt.end_col_offset
+        if _is_number(left) and _is_number(right):
+            return self._number(node, symbol, left, right)
+        if isinstance(left, Pair) or isinstance(right, Pair):
+            self._pair_misused(node)
+        if not all(isinstance(v, Traced) or _is_number(v) for v in (left, right)):
+            self.fail(stmt, f"{symbol}= takes tensors and numbers", "not_allowed")
+        if isinstance(left, Traced) and isinstance(right, Traced):
+            self._check_broadcast(node, symbol, left, right)
+        ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+               "/": lambda a, b: a / b}  # fmt: skip
+        return self._apply(node, ops[symbol], left, right)
+
+    def _fits(self, stmt: ast.stmt, name: str, current: Traced, made: Any) -> None:
+        """In place, the result keeps the target's shape and dtype (PyTorch refuses a
+        broadcast that would grow it, and an int target cannot take floats)."""
+        if not isinstance(made, Traced):
+            return
+        if made.shape != current.shape:
+            self.fail(
+                stmt,
+                f"in place, {name} keeps its shape {_fmt(current.shape)}, but the update "
+                f"broadcasts to {_fmt(made.shape)}: PyTorch refuses this. Sum the update "
+                f"down to {_fmt(current.shape)} first, or write `{name} = {name} + ...` to "
+                "make a new tensor",
+                "shape",
+                made=list(made.shape),
+                wanted=list(current.shape),
+            )
+        if made.t.is_floating_point() and not current.t.is_floating_point():
+            self.fail(
+                stmt,
+                f"{name} is an integer tensor; in place it cannot take a float update "
+                "(start from a float tensor: torch.zeros_like(x) of a float x, or .float())",
+                "not_allowed",
+            )
+
+    def _writable(self, node: ast.AST, name: str, current: Traced) -> None:
+        """Refuse a write into the forward's tensors or the inputs, through any alias."""
+        if self._is_protected(current.t):
+            self.fail(
+                node,
+                f"{name} is (a view of) a tensor of the forward or an input here, so this "
+                f"in-place write would change it, as it would in PyTorch. Start from a copy: "
+                f"`{name} = <tensor>.clone()`, or torch.zeros_like(<tensor>)",
+                "not_allowed",
+            )
+
+    def _is_protected(self, t: torch.Tensor) -> bool:
+        if t.is_meta:
+            chain = [t]
+            while chain[-1]._base is not None and len(chain) < 8:
+                chain.append(chain[-1]._base)
+            roots = {id(p) for p in self.protected} | {
+                id(p._base) for p in self.protected if p._base is not None
+            }
+            return any(id(c) in roots for c in chain)
+        return t.numel() > 0 and t.untyped_storage().data_ptr() in self._protected_ptrs
+
+    # ---- what subclasses decide
+
+    def resolve(self, node: ast.AST, name: str) -> Any:
+        if name not in self.scope:
+            self.fail(node, f"{name} is used before it is assigned", "name")
+        return self.scope[name]
+
+    def assign(self, stmt: ast.stmt, name: str, value: Any) -> None:
+        self.scope[name] = self.atom(name, value)
+
+    def rebind(self, name: str, value: Traced) -> None:
+        """After an in-place write: the same tensor, under its name, with no history."""
+        self.scope[name] = Traced(value.t, name)
+
+    def atom(self, name: str, value: Any) -> Any:
+        if isinstance(value, Traced):
+            self._note(value)
+            return Traced(value.t, name)
+        if isinstance(value, Pair):
+            return Pair(tuple(self.atom(f"{name}[{i}]", v) for i, v in enumerate(value)))
+        return value
+
+    # ---- the statement's steps
+
+    def _note(self, value: Traced) -> None:
+        self._last_steps.extend(value.steps)
+
+    def _note_write(self, target: Traced, name: str, value: Any) -> None:
+        """The write itself: no new memory (it lands in the target), one step in the trace."""
+        if not target.t.is_meta:
+            return
+        inputs = [target.shape] + ([value.shape] if isinstance(value, Traced) else [])
+        step = Step("write", "index_put", f"{name}[...] = ...", inputs, target.shape, 0,
+                    {"in_place": True})  # fmt: skip
+        self._last_steps.append(step)
+
+    # ---- names
+
+    def _Name(self, node: ast.Name) -> Any:
+        return self.resolve(node, node.id)
+
+    def _Attribute(self, node: ast.Attribute) -> Any:
+        if node.attr == "g":
+            if not isinstance(node.value, ast.Name):
+                self.fail(node, ".g is read on a tensor's name, as in out.g", "not_allowed")
+            return self.resolve(node, f"{node.value.id}.g")
+        return super()._Attribute(node)
+
+
+def _advanced(parts: tuple) -> bool:
+    return any(isinstance(p, (Traced, range)) for p in parts)
+
+
+def _basic_index(value: Traced, parts: tuple) -> Traced:
+    return value[parts[0] if len(parts) == 1 else parts]
+
+
+def _is_mask(part: Any) -> bool:
+    return isinstance(part, torch.Tensor) and part.dtype == torch.bool
+
+
+def _raw(part: Any, like: torch.Tensor) -> Any:
+    if isinstance(part, Traced):
+        return meta_index(part.t)
+    if isinstance(part, range):
+        return torch.arange(part.start, part.stop, part.step, device=like.device)
+    return part
+
+
+def _op_node(symbol: str) -> ast.operator:
+    return {"+": ast.Add(), "-": ast.Sub(), "*": ast.Mult(), "/": ast.Div()}[symbol]
+
+
+def _fmt(shape: tuple) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _unique(steps: list[Step]) -> list[Step]:
+    """Each step once, in the order it ran (a value noted twice shares its history)."""
+    seen: set[int] = set()
+    out = []
+    for step in steps:
+        if id(step) not in seen:
+            seen.add(id(step))
+            out.append(step)
+    return out
+
+
+__all__ = [
+    "ATOM",
+    "MAX_EXECUTED",
+    "Executed",
+    "Interpreter",
+    "Program",
+    "ProgramError",
+    "parse_program",
+]

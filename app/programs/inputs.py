@@ -1,0 +1,136 @@
+"""A program's inputs, made exactly as the contract says so anyone can reproduce a run:
+in the order given, from one `torch.Generator().manual_seed(seed)`.
+
+    randn:   torch.randn(*shape, generator=g) * scale + offset
+    zeros:   torch.zeros(*shape) * scale + offset      (draws nothing)
+    ones:    torch.ones(*shape) * scale + offset       (draws nothing)
+    randint: torch.randint(high, shape, generator=g)   (int64)
+    value:   torch.tensor(value) (int64 when every entry is an int), or the plain number
+    data:    rows of the names data set (`names_data`), shuffled with the seed
+
+Float tensors are then `.to(dtype)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.programs.schemas import InputSpec
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ALPHABET = "." + "abcdefghijklmnopqrstuvwxyz"  # '.' starts and ends every name: 27 symbols
+STOI = {c: i for i, c in enumerate(ALPHABET)}
+
+
+@dataclass(frozen=True)
+class InputMeta:
+    """What an input will be, known before anything is made: for the dry run."""
+
+    shape: tuple[int, ...] | None  # None: a plain number
+    integer: bool
+    grad: bool
+
+
+def meta_of(spec: InputSpec) -> InputMeta:
+    if spec.data is not None:
+        shape = (spec.rows, spec.block_size) if spec.field == "X" else (spec.rows,)
+        return InputMeta(shape, True, False)
+    if spec.value is not None:
+        if not isinstance(spec.value, list):
+            return InputMeta(None, isinstance(spec.value, int), False)
+        return InputMeta(_value_shape(spec.value), spec.integer, spec.wants_grad)
+    return InputMeta(tuple(spec.shape), spec.integer, spec.wants_grad)
+
+
+def _value_shape(value: Any) -> tuple[int, ...]:
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        value = value[0] if value else None
+    return tuple(shape)
+
+
+def make_inputs(specs: dict[str, InputSpec], seed: int, dtype: str) -> dict[str, Any]:
+    """name -> tensor (or plain number), made in the order given."""
+    g = torch.Generator().manual_seed(seed)
+    float_dtype = DTYPES[dtype]
+    made: dict[str, Any] = {}
+    for name, spec in specs.items():
+        if spec.data is not None:
+            made[name] = names_data(spec.block_size, spec.rows, seed)[0 if spec.field == "X" else 1]
+        elif spec.value is not None:
+            if not isinstance(spec.value, list):
+                made[name] = spec.value
+            elif spec.integer:
+                made[name] = torch.tensor(spec.value, dtype=torch.int64)
+            else:
+                made[name] = torch.tensor(spec.value, dtype=torch.float64).to(float_dtype)
+        elif spec.init == "randint":
+            made[name] = torch.randint(spec.high, tuple(spec.shape), generator=g)
+        else:
+            shape = tuple(spec.shape)
+            if spec.init in (None, "randn"):
+                t = torch.randn(*shape, generator=g)
+            elif spec.init == "zeros":
+                t = torch.zeros(*shape)
+            else:
+                t = torch.ones(*shape)
+            made[name] = (t * spec.scale + spec.offset).to(float_dtype)
+    return made
+
+
+# --------------------------------------------------------------------------- the names data
+
+
+@lru_cache(maxsize=1)
+def name_list() -> tuple[str, ...]:
+    """The US Census first names that the `names` package ships (female and male lists),
+    lower-cased, each once, in the files' order."""
+    import names  # the PyPI package `names` (MIT): its data files, nothing else
+
+    folder = Path(names.__file__).parent
+    seen: dict[str, None] = {}
+    for file in ("dist.female.first", "dist.male.first"):
+        for row in (folder / file).read_text().splitlines():
+            word = row.split()[0].lower() if row.strip() else ""
+            if word and all(c in STOI for c in word):
+                seen.setdefault(word, None)
+    return tuple(seen)
+
+
+@lru_cache(maxsize=32)
+def all_contexts(block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (context, next character) pair of every name: X (N, block_size), Y (N,)."""
+    xs, ys = [], []
+    for word in name_list():
+        context = [0] * block_size
+        for ch in word + ".":
+            xs.append(context)
+            ys.append(STOI[ch])
+            context = context[1:] + [STOI[ch]]
+    return torch.tensor(xs, dtype=torch.int64), torch.tensor(ys, dtype=torch.int64)
+
+
+def names_data(block_size: int, rows: int, seed: int, part: str = "train"):
+    """`rows` pairs in the order of torch.randperm(N, generator=manual_seed(seed)). `part`:
+    "train" takes from the first 90% of that order, "val" from the last 10% (training
+    validates there); a run's inputs are the first rows of "train"."""
+    X, Y = all_contexts(block_size)
+    n = X.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    split = n - n // 10
+    pool = order[:split] if part == "train" else order[split:]
+    if rows > pool.numel():
+        raise ValueError(f"the names data has {pool.numel()} {part} rows; asked for {rows}")
+    pick = pool[:rows]
+    return X[pick], Y[pick]
+
+
+def names_rows() -> int:
+    return math.floor(all_contexts(3)[0].shape[0] * 0.9)

@@ -1,0 +1,238 @@
+"""Request and response models of POST /api/program: the learner's own network, written as a
+forward and a backward in lines. Limits live here, so they show in /openapi.json."""
+
+from __future__ import annotations
+
+import keyword
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+from app.lab.statements import MAX_PROGRAM_CHARS
+from app.schemas import MAX_CELLS, MAX_SEED, DType, GradientView
+
+MAX_INPUTS = 64
+MAX_INPUT_DIMS = 6
+MAX_INPUT_ELEMENTS = 1 << 24  # per made input; the memory budget bounds them together
+MAX_VALUE_ENTRIES = 65_536  # numbers written out in one `value`
+MAX_SCALE = 1e6
+MAX_HIGH = 1 << 20
+MAX_BLOCK = 16
+MAX_ROWS = 1 << 20
+PROGRAM_BODY_BYTES = 1 << 20  # this route's body limit: value inputs take room
+RESERVED_NAMES = frozenset({"torch", "F", "range", "True", "False", "None"})
+
+Init = Literal["randn", "zeros", "ones", "randint"]
+
+
+class InputSpec(BaseModel):
+    """One name the forward reads: made from the seed (`shape` + `init`), given (`value`), or
+    read from data (`data`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shape: list[Annotated[int, Field(strict=True, ge=0, le=MAX_INPUT_ELEMENTS)]] | None = Field(
+        None, max_length=MAX_INPUT_DIMS, description="The tensor's shape (with `init`)"
+    )
+    init: Init | None = Field(
+        None,
+        description="randn (torch.randn * scale + offset), zeros, ones (times scale plus "
+        "offset), randint (torch.randint(high, shape): an int64 tensor); default randn",
+    )
+    scale: Annotated[float, Field(strict=False, ge=-MAX_SCALE, le=MAX_SCALE)] = 1.0
+    offset: Annotated[float, Field(strict=False, ge=-MAX_SCALE, le=MAX_SCALE)] = 0.0
+    high: Annotated[int, Field(strict=True, ge=1, le=MAX_HIGH)] | None = Field(
+        None, description="randint: values in 0..high-1"
+    )
+    grad: StrictBool | None = Field(
+        None,
+        description="Whether the tensor gets a gradient (checked against autograd); default: "
+        "true for a float tensor, false for an integer one",
+    )
+    value: Any = Field(
+        None,
+        description="The numbers themselves: a nested list (integers make an int64 tensor) "
+        f"of at most {MAX_VALUE_ENTRIES} entries, or one number (a plain Python number, "
+        "such as a batch size n)",
+    )
+    data: Literal["names"] | None = Field(
+        None,
+        description="Character contexts (X) and next characters (Y) from the US Census "
+        "first-name lists of the `names` package: lower-cased, '.' as start/end, 27 symbols",
+    )
+    field: Literal["X", "Y"] | None = None
+    block_size: Annotated[int, Field(strict=True, ge=1, le=MAX_BLOCK)] = 3
+    rows: Annotated[int, Field(strict=True, ge=1, le=MAX_ROWS)] = 32
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputSpec:
+        sources = [self.shape is not None, self.value is not None, self.data is not None]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of: shape (with init), value, or data (with field)")
+        if self.data is not None and self.field is None:
+            raise ValueError('data input needs field: "X" (contexts) or "Y" (next characters)')
+        if self.shape is not None:
+            if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
+                raise ValueError(
+                    f"shape {self.shape} has {math.prod(self.shape):,} entries; at most "
+                    f"{MAX_INPUT_ELEMENTS:,}"
+                )
+            if (self.init == "randint") != (self.high is not None):
+                raise ValueError('high goes with init "randint", and randint needs high')
+        if self.value is not None:
+            _check_value(self.value)
+        return self
+
+    @property
+    def integer(self) -> bool:
+        if self.data is not None or self.init == "randint":
+            return True
+        if self.value is not None:
+            return _all_ints(self.value)
+        return False
+
+    @property
+    def wants_grad(self) -> bool:
+        if self.integer or (self.value is not None and not isinstance(self.value, list)):
+            return False
+        return True if self.grad is None else self.grad
+
+
+def _check_value(value: Any) -> None:
+    """A number, or a rectangular nested list of numbers, of bounded size."""
+    if _is_number(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("a value is a finite number")
+        return
+    if not isinstance(value, list):
+        raise ValueError("value is a number or a nested list of numbers")
+    count, stack = 0, [(value, 0)]
+    widths: dict[int, int] = {}
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_INPUT_DIMS:
+            raise ValueError(f"value nests over {MAX_INPUT_DIMS} levels")
+        if isinstance(item, list):
+            if widths.setdefault(depth, len(item)) != len(item):
+                raise ValueError("value is not rectangular: rows of different lengths")
+            stack.extend((x, depth + 1) for x in item)
+            continue
+        if not _is_number(item) or (isinstance(item, float) and not math.isfinite(item)):
+            raise ValueError("value holds finite numbers only")
+        count += 1
+        if count > MAX_VALUE_ENTRIES:
+            raise ValueError(f"value has over {MAX_VALUE_ENTRIES} entries")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _all_ints(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_all_ints(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]
+
+
+class ProgramRequest(BaseModel):
+    """A network written as lines: the inputs it reads, its forward (ending with the scalar
+    loss) and the learner's backward. Every gradient the backward writes (`d<name>` or
+    `<name>.g`) is checked against autograd's gradient of the same tensor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: dict[Name, InputSpec] = Field(
+        default_factory=dict,
+        max_length=MAX_INPUTS,
+        description="Every name the forward reads that it does not assign, made in this order "
+        "from one torch.Generator().manual_seed(seed)",
+    )
+    forward: str = Field(
+        max_length=MAX_PROGRAM_CHARS,
+        description="Lines `name = expression`, ending with the scalar loss",
+    )
+    backward: str = Field(
+        "",
+        max_length=MAX_PROGRAM_CHARS,
+        description="Lines `name = expr`, `name op= expr`, `name[index] = expr`, "
+        "`name[index] op= expr`, and `for i in range(...):` blocks. Assigning `d<name>` or "
+        "`<name>.g` writes that tensor's gradient; other names are helpers.",
+    )
+    loss: Name = Field("loss", description="The forward's name for the scalar loss")
+    seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)] = 0
+    dtype: DType = "float32"
+    max_cells: Annotated[int, Field(strict=True, ge=1, le=MAX_CELLS)] = Field(
+        4096, description="Each gradient heatmap is block-downsampled to at most this many cells"
+    )
+
+    @field_validator("inputs")
+    @classmethod
+    def _names(cls, inputs: dict[str, InputSpec]) -> dict[str, InputSpec]:
+        for name in inputs:
+            if keyword.iskeyword(name) or name in RESERVED_NAMES:
+                raise ValueError(f"{name!r} is a reserved word; name the input otherwise")
+        return inputs
+
+
+class ProgramTensor(BaseModel):
+    shape: list[int]
+    dtype: str
+    role: Literal["input", "param", "intermediate", "loss", "gradient", "helper"]
+    bytes: int
+
+
+class ProgramLine(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    line: int = Field(description="1-based, in its own text")
+    code: str
+    target: str = Field(description="The name the line assigns or writes")
+    steps: list[dict[str, Any]]
+    runs: int = Field(1, description="How often the line ran (a loop's body: every iteration)")
+    grad_of: str | None = Field(
+        None, description="Backward only: the tensor whose gradient the line writes"
+    )
+
+
+class ProgramCheck(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    written: bool
+    shape_ok: bool
+    exact: bool
+    allclose: bool
+    suspect: bool = False
+    max_abs_err: float | None
+    max_rel_err: float | None
+    rtol: float | None
+    atol: float | None
+    lines: list[int] = Field(default_factory=list, description="The lines that wrote it")
+    hint: str | None = None
+
+
+class BackwardError(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    line: int
+    code: str
+    message: str
+    hint: str | None
+
+
+class ProgramResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    loss: float | None
+    tensors: dict[str, ProgramTensor]
+    forward: list[ProgramLine]
+    backward: list[ProgramLine]
+    check: dict[str, Any] = Field(
+        description='{"all_close", "suspects", "first_failure", "tensors": {name: ProgramCheck}}'
+    )
+    gradients: dict[str, GradientView | dict[str, Any]]
+    backward_error: BackwardError | None
+    timing: dict[str, float]
