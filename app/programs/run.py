@@ -537,9 +537,11 @@ def _error_entry(err: ProgramError, plan: Plan) -> dict[str, Any]:
 def _check_table(
     plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
 ) -> dict[str, Any]:
-    """Every tensor with a gradient, in the order the backward first writes them (then the
-    unwritten ones, in the forward's order)."""
-    written = sorted(main.manual, key=lambda n: (min(main.lines.get(n, [10**9])), n))
+    """Every tensor with a gradient, in the order the backward finishes them (then the
+    unwritten ones, from the loss back)."""
+    # in the order the gradients are finished (their last write): a gradient built over
+    # several lines (`dx = ...`, later `dx += ...`) comes after what its last line used
+    written = sorted(main.manual, key=lambda n: (max(main.lines.get(n, [10**9])), n))
     # the loss's own gradient is 1: checked only when the backward writes it
     unwritten = [n for n in reversed(plan.has_grad) if n not in main.manual and n != loss_name]
     order = written + unwritten
