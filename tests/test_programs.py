@@ -232,7 +232,9 @@ def test_the_exercise_one_liners_hold_on_the_fused_forward(client, forward_chang
 )  # fmt: skip
 def test_a_slip_is_flagged_at_its_tensor_and_upstream_still_matches(client, old, new, grad, hint):
     assert old in STUDENT_BACKWARD
-    r = client.post("/api/program", json=makemore_request(backward=STUDENT_BACKWARD.replace(old, new)))
+    r = client.post(
+        "/api/program", json=makemore_request(backward=STUDENT_BACKWARD.replace(old, new))
+    )
     assert r.status_code == 200, r.text
     check = r.json()["check"]
     assert check["first_failure"] == grad
@@ -397,11 +399,13 @@ def test_max_with_a_dim_gives_values_and_indices(client):
 
 def test_a_python_number_input_and_int_value_inputs(client):
     request = {
-        "inputs": {"x": {"value": [[1.0, 2.0], [3.0, 4.0]]}, "k": {"value": 3},
-                   "i": {"value": [1, 0]}},  # fmt: skip
+        "inputs": {
+            "x": {"value": [[1.0, 2.0], [3.0, 4.0]]},
+            "k": {"value": 3},
+            "i": {"value": [1, 0]},
+        },  # fmt: skip
         "forward": "y = x[range(2), i] * k\nloss = y.sum()\n",
-        "backward": "dy = torch.ones_like(y)\ndx = torch.zeros_like(x)\n"
-        "dx[range(2), i] = dy * k\n",
+        "backward": "dy = torch.ones_like(y)\ndx = torch.zeros_like(x)\ndx[range(2), i] = dy * k\n",
     }
     body = client.post("/api/program", json=request).json()
     assert body["loss"] == pytest.approx((2.0 + 3.0) * 3)
@@ -420,7 +424,7 @@ def test_a_python_number_input_and_int_value_inputs(client):
         ("backward", {"backward": "x = x * 2"}, 1, "forward's"),
         ("backward", {"backward": "for i in range(10**9):\n    a = 1"}, 1, "range"),
         ("backward", {"backward": "for i in range(5000):\n  for j in range(5000):\n    a = 1"},
-         2, "20,000"),
+         1, "10,000"),
         ("backward", {"backward": "while True:\n    pass"}, 1, "while"),
     ],
 )  # fmt: skip
@@ -452,8 +456,11 @@ def test_a_value_input_bigger_than_other_routes_take_is_accepted_here(client):
     values = [[float(i % 7) for i in range(256)] for _ in range(200)]  # ~0.3 MB of JSON
     r = client.post(
         "/api/program",
-        json={"inputs": {"x": {"value": values}}, "forward": "loss = (x * x).sum()",
-              "backward": "dx = 2 * x"},  # fmt: skip
+        json={
+            "inputs": {"x": {"value": values}},
+            "forward": "loss = (x * x).sum()",
+            "backward": "dx = 2 * x",
+        },  # fmt: skip
     )
     assert r.status_code == 200, r.text[:300]
     assert r.json()["check"]["tensors"]["x"]["exact"]
