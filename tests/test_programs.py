@@ -8,6 +8,8 @@ retained, on the inputs the contract says how to make."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -464,3 +466,59 @@ def test_a_value_input_bigger_than_other_routes_take_is_accepted_here(client):
     )
     assert r.status_code == 200, r.text[:300]
     assert r.json()["check"]["tensors"]["x"]["exact"]
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _run_script(text: str, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / "program.py"
+    path.write_text(text)
+    return subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("preset", "change", "verdict"),
+    [
+        ("makemore", None, 0),
+        ("cs231n", None, 0),
+        ("makemore", ("dh = dlogits @ W2.T", "dh = 2 * dlogits @ W2.T"), 1),
+    ],
+    ids=["makemore", "cs231n", "makemore-wrong-dh"],
+)
+def test_an_exported_program_checks_itself_as_the_server_did(
+    client, tmp_path, preset, change, verdict
+):
+    request = presets.preset(preset)["request"]
+    if change:
+        request = {**request, "backward": STUDENT_BACKWARD.replace(*change)}
+    server = client.post("/api/program", json=request).json()
+    assert server["check"]["all_close"] is (verdict == 0)
+    r = client.post("/api/export", json={"program": request, "format": "py"})
+    assert r.status_code == 200
+    assert "attachment" in r.headers["content-disposition"]
+    done = _run_script(r.text, tmp_path)
+    assert done.returncode == verdict, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"loss {server['loss']}" in done.stdout
+    if verdict:
+        failing = {n for n, row in server["check"]["tensors"].items() if row["written"]
+                   and not row["allclose"]}  # fmt: skip
+        named = done.stdout.strip().splitlines()[-1]
+        assert all(n in named for n in failing), named
+
+
+def test_a_program_exports_as_a_valid_notebook(client):
+    import nbformat
+
+    request = presets.preset("cs231n")["request"]
+    r = client.post("/api/export", json={"program": request, "format": "ipynb"})
+    assert r.status_code == 200
+    nb = nbformat.reads(r.text, as_version=4)
+    nbformat.validate(nb)
+    assert any("program(DTYPE)" in c.source for c in nb.cells if c.cell_type == "code")
+
+
+def test_exporting_a_refused_program_is_a_422_under_program(client):
+    r = client.post("/api/export", json={"program": {"forward": "import os"}, "format": "py"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][:3] == ["body", "program", "forward"]
