@@ -482,7 +482,9 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
     rerun = execute_once(req, plan, torch.float64, check) if plan.rerun else None
     table = _check_table(plan, main, rerun, req.loss)
     after_check = time.perf_counter()
-    error = main.error or plan.stops_at
+    # the first line that cannot run: the dry run's explanation where both stop at one line
+    errors = [e for e in (plan.stops_at, main.error) if e is not None]
+    error = min(errors, key=lambda e: e.line or 10**9) if errors else None
     return {
         "loss": main.loss,
         "tensors": _tensor_table(req, plan, main),
