@@ -172,10 +172,10 @@ def _one_hot(index: Any, num_classes: Any = None) -> Traced:
             "without it PyTorch reads the largest index in the data",
             "not_allowed",
         )
-    if not isinstance(index, Traced) or not _is_int(num_classes) or not 0 < num_classes <= 1 << 16:
+    if not isinstance(index, Traced) or not _is_int(num_classes) or num_classes < 1:
         raise FormulaError(
             "F.one_hot(indices, num_classes) takes an integer tensor and a whole number of "
-            "classes from 1 to 65536",
+            "classes, at least 1 (the memory budget bounds how many)",
             "not_allowed",
         )
     if index.t.is_floating_point():
