@@ -70,7 +70,11 @@ class LearnerFormula:
         wanted = env[self.grad]
         tensors = {n: Traced.leaf(t, n) for n, t in env.items()}
         known = {n: Traced.leaf(g, f"{n}{GRAD_SUFFIX}") for n, g in grads.items()}
-        return self.evaluate(tensors, known, tuple(wanted.shape)).t.to(wanted.dtype)
+        try:
+            return self.evaluate(tensors, known, tuple(wanted.shape)).t.to(wanted.dtype)
+        except FormulaError as err:  # fails on the numbers only: F.one_hot(-target, 3)
+            err.key = self.formula.key
+            raise
 
 
 def bind(sources: Mapping[str, str], order: list[str]) -> dict[str, LearnerFormula]:
