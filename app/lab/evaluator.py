@@ -32,6 +32,7 @@ from app.ops.base import (
     Traced,
     _merge_steps,
     broadcast_rule,
+    check_cancelled,
     einsum,
     filled_like,
     one_hot,
@@ -395,6 +396,7 @@ class _Evaluation:
 
     def run(self) -> Traced:
         for name, node in self.formula.locals:
+            check_cancelled()  # between lines (and after every op, in Traced._make)
             base = name.removesuffix(".g")
             if base in self.tensors or base in NAMESPACES:
                 raise FormulaError(

@@ -13,9 +13,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -263,6 +265,7 @@ class Traced:
         detail: dict[str, Any] | None = None,
     ) -> Traced:
         if not t.is_meta:  # computing, not tracing: the numbers need no steps
+            check_cancelled()  # a learner's formula is many ops: the deadline can stop it here
             named = [o.bindings for o in operands if o.bindings]
             return Traced(t, expr, prec, None, _merge_steps(*named) if named else [])
         step = Step(
@@ -634,7 +637,31 @@ def split_variant(key: str) -> tuple[str, str | None]:
 
 
 class RunCancelled(Exception):
-    """Raised by `Context.check` once the run's cancel token is set."""
+    """Raised by `Context.check` and `check_cancelled` once the run's cancel token is set."""
+
+
+# The cancel token (anything with `is_set()`) of the run this thread is computing, so that code
+# far below the pipeline (every op of a learner's formula, an interpreter between statements)
+# can stop at the deadline without the token being passed down to it.
+_CANCEL: contextvars.ContextVar[Any] = contextvars.ContextVar("broadprop_cancel", default=None)
+
+
+@contextmanager
+def cancel_token(token: Any) -> Iterator[None]:
+    """`with cancel_token(token):` makes `token` the current run's, for `check_cancelled`."""
+    reset = _CANCEL.set(token)
+    try:
+        yield
+    finally:
+        _CANCEL.reset(reset)
+
+
+def check_cancelled() -> None:
+    """Raise RunCancelled if the current run's token (see `cancel_token`) is set; else nothing.
+    Cheap: called after every op computed on real tensors."""
+    token = _CANCEL.get()
+    if token is not None and token.is_set():
+        raise RunCancelled("the run was stopped")
 
 
 @dataclass
