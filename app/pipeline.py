@@ -146,7 +146,9 @@ def _run(cfg, chunk_bytes: int, cancel) -> dict[str, Any]:
         },
         "check": check,
         "formulas": {
-            f"{e['grad']}.g": {k: e[k] for k in ("code", "steps", "shape", "bytes", "work")}
+            f"{e['grad']}.g": {
+                k: e[k] for k in ("code", "steps", "shape", "bytes", "work", "flops")
+            }
             for e in backward_trace
             if e["source"] == "user"
         },

@@ -376,11 +376,19 @@ class Traced:
         return self._reduce("min", dim, keepdim)
 
     def softmax(self, dim: int) -> Traced:
-        return self._method(self.t.softmax(dim), f"softmax({dim})", "elementwise", "softmax")
+        t = self.t.softmax(dim)
+        return self._method(t, f"softmax({dim})", "elementwise", "softmax", **self._dense())
 
     def log_softmax(self, dim: int) -> Traced:
         t = self.t.log_softmax(dim)
-        return self._method(t, f"log_softmax({dim})", "elementwise", "log_softmax")
+        return self._method(t, f"log_softmax({dim})", "elementwise", "log_softmax", **self._dense())
+
+    def _dense(self) -> dict[str, int]:
+        """torch's CPU softmax reads a contiguous input: a transposed or stretched one is
+        copied first (measured: softmax of x.t() takes x's size again), so count it."""
+        if not self.t.is_meta or self.t.is_contiguous():
+            return {}
+        return {"temp_bytes": self.t.numel() * self.t.element_size()}
 
     # ---- elementwise
 
@@ -439,14 +447,16 @@ class Traced:
         t = self.t @ other.t
         expr = f"{self._wrapped(MUL)} @ {other._wrapped(MUL + 1)}"
         detail = {}
-        if t.is_meta and t.ndim > 2:  # batched: operands stretched over the batch are copied
-            batch = t.shape[:-2]
-            copies = [
-                math.prod(batch) * math.prod(o.shape[-2:]) * o.t.element_size()
-                for o in (self, other)
-                if o.ndim >= 2 and tuple(o.shape[:-2]) != tuple(batch)
-            ]
-            if copies:
+        if t.is_meta:
+            copies = [blas_copy_bytes(o.t) for o in (self, other)]
+            if t.ndim > 2:  # batched: operands stretched over the batch are copied
+                batch = t.shape[:-2]
+                copies += [
+                    math.prod(batch) * math.prod(o.shape[-2:]) * o.t.element_size()
+                    for o in (self, other)
+                    if o.ndim >= 2 and tuple(o.shape[:-2]) != tuple(batch)
+                ]
+            if sum(copies):
                 detail["temp_bytes"] = sum(copies)
         return self._make(t, expr, MUL, "matmul", "matmul", [self, other], detail)
 
@@ -570,7 +580,34 @@ def einsum(equation: str, *operands: Traced) -> Traced:
         detail["index_product"] = _einsum_work(equation, operands)
         if len(operands) > 2:  # torch may build the outer product of the operands first
             detail["temp_bytes"] = detail["index_product"] * t.element_size()
+        else:  # a stretched operand is copied whole before its bmm (measured on CPU)
+            copies = sum(o.t.numel() * o.t.element_size() for o in operands if _stretched(o.t))
+            if copies:
+                detail["temp_bytes"] = copies
     return first._make(t, f"torch.einsum({args})", ATOM, "einsum", "einsum", operands, detail)
+
+
+def _stretched(t: torch.Tensor, dims: int | None = None) -> bool:
+    """A dim of more than one entry with stride 0 (an `expand`), among the last `dims`."""
+    pairs = list(zip(t.shape, t.stride()))[-dims if dims else 0 :]
+    return any(stride == 0 and size > 1 for size, stride in pairs)
+
+
+def blas_copy_bytes(t: torch.Tensor) -> int:
+    """Bytes of the contiguous copy that mm / mv / bmm make of an operand BLAS cannot read in
+    place: a matrix (its last two dims) that is stretched (stride 0) or neither row- nor
+    column-major with a leading dimension, a stretched vector. Measured on CPU: `e @ v` with
+    `e = s.expand(24000, 24000)` copies e whole (2.3 GB), though e itself takes 4 bytes."""
+    if t.ndim == 0:
+        return 0
+    if t.ndim == 1:
+        return t.numel() * t.element_size() if _stretched(t) else 0
+    (rows, cols), (row_stride, col_stride) = t.shape[-2:], t.stride()[-2:]
+    row_major = (col_stride == 1 or cols == 1) and row_stride >= max(1, cols)
+    col_major = (row_stride == 1 or rows == 1) and col_stride >= max(1, rows)
+    if not _stretched(t, 2) and (row_major or col_major):
+        return 0
+    return math.prod(t.shape) * t.element_size()  # batch dims included: each matrix copied
 
 
 def _einsum_work(equation: str, operands: Sequence[Traced]) -> int:
