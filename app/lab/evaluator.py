@@ -34,6 +34,7 @@ from app.ops.base import (
     arange,
     broadcast_rule,
     cross_entropy,
+    check_cancelled,
     einsum,
     filled_like,
     one_hot,
@@ -560,6 +561,7 @@ class _Evaluation:
 
     def run(self) -> Traced:
         for name, node in self.formula.locals:
+            check_cancelled()  # between lines (and after every op, in Traced._make)
             base = name.removesuffix(".g")
             if base in self.tensors or base in NAMESPACES:
                 raise FormulaError(

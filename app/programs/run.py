@@ -25,7 +25,7 @@ from app.check import TOLERANCES, compare
 from app.lab import formulas, hints
 from app.lab.evaluator import FormulaError, Pair
 from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
-from app.ops.base import RunCancelled, Step, Traced
+from app.ops.base import RunCancelled, Step, Traced, cancel_token
 from app.programs.inputs import DTYPES, make_inputs, meta_of
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS
@@ -214,11 +214,10 @@ class _Cost:
         temp = 0
         for step in steps:
             d = step.as_dict()
-            work = formulas.step_work(d)
-            if d["action"] in ("matmul", "einsum"):
-                self.seconds += _matmul_s(2 * work, self.itemsize)
-            else:
-                self.seconds += _elementwise_s(work * self.itemsize)
+            flops = formulas.step_flops(d)
+            if flops:  # matmuls and einsums at the BLAS rate, as the built-in strategies
+                self.seconds += _matmul_s(flops, self.itemsize)
+            self.seconds += _elementwise_s(formulas.step_work(d) * self.itemsize)
             self.seconds += OP_S
             if not formulas.is_view(d) and d["action"] != "write":
                 temp += d["bytes"] + d.get("temp_bytes", 0)
@@ -478,9 +477,10 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
 
     start = time.perf_counter()
     dtype = DTYPES[req.dtype]
-    main = execute_once(req, plan, dtype, check)
-    after_run = time.perf_counter()
-    rerun = execute_once(req, plan, torch.float64, check) if plan.rerun else None
+    with cancel_token(cancel):  # polled after every op as well as between statements
+        main = execute_once(req, plan, dtype, check)
+        after_run = time.perf_counter()
+        rerun = execute_once(req, plan, torch.float64, check) if plan.rerun else None
     table = _check_table(plan, main, rerun, req.loss)
     after_check = time.perf_counter()
     # the first line that cannot run: the dry run's explanation where both stop at one line
