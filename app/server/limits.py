@@ -460,9 +460,23 @@ def release_memory() -> bool:
     releases free pages inside every thread's arena). False where there is no malloc_trim."""
     if _TRIM is None:
         return False
-    gc.collect()  # tensors a reference cycle still holds are freed first
+    # tensors a young reference cycle still holds are freed first. Never a full collection
+    # here: it walks every object of the process holding the GIL (seconds with big caches),
+    # and every request waits for it; the older generations are the collector's own business
+    gc.collect(YOUNG_GENERATIONS)
     _TRIM(0)
     return True
+
+
+YOUNG_GENERATIONS = 1  # gc.collect(1): generations 0 and 1
+
+
+def freeze_long_lived() -> None:
+    """Move every object alive now (modules, torch's and the app's startup state) out of the
+    collector's reach (gc.freeze): later collections walk only what came after. Called once
+    the app has started and warmed up; after one full collection, so no garbage is frozen."""
+    gc.collect()
+    gc.freeze()
 
 
 # --- request bodies --------------------------------------------------------------------------
