@@ -318,6 +318,54 @@ def gc_stall(fill: int = 60, repeats: int = 3) -> dict:
         server.stop()
 
 
+def _article_times(server: Server, n: int) -> tuple[list[float], list[int]]:
+    """`n` article runs in a row: their seconds and statuses."""
+    results = [server.post({}) for _ in range(n)]
+    return [t for _, t, _ in results], sorted({s for s, _, _ in results})
+
+
+def dry_runs(clients: int = 4, runs: int = 20) -> dict:
+    """The article run alone, then while `clients` clients send the largest formula bodies
+    back to back, each a trace not cached (a batch of its own; the issue: 62 ms median alone,
+    854 ms beside four)."""
+    server = Server()
+    try:
+        server.post({})
+        alone, alone_statuses = _article_times(server, runs)
+        stop, bombs, batch = threading.Event(), [], iter(range(1, 100_000))
+        lock = threading.Lock()
+
+        def bomb() -> None:
+            while not stop.is_set():
+                with lock:
+                    body = bomb_body(next(batch))
+                bombs.append(server.post(body))
+
+        threads = [threading.Thread(target=bomb) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # the bombs are going
+        loaded, loaded_statuses = _article_times(server, runs)
+        stop.set()
+        for t in threads:
+            t.join()
+        counts: dict[int, int] = {}
+        for status, _, _ in bombs:
+            counts[status] = counts.get(status, 0) + 1
+        return {
+            "article_alone": {**quantiles(alone), "statuses": alone_statuses},
+            f"article_beside_{clients}_bomb_clients": {
+                **quantiles(loaded),
+                "statuses": loaded_statuses,
+            },
+            "median_ratio": round(statistics.median(loaded) / statistics.median(alone), 2),
+            "bomb_statuses": counts,
+            "bomb_ms": quantiles([t for _, t, _ in bombs]),
+        }
+    finally:
+        server.stop()
+
+
 async def _pages(base: str, n: int) -> dict:
     from playwright.async_api import async_playwright
 
@@ -468,6 +516,7 @@ def main() -> None:
         "memory": memory,
         "class": lambda: class_loads(args.pages),
         "gc": gc_stall,
+        "dry": dry_runs,
         "pages": lambda: pages(args.pages),
     }
     for name in args.only:

@@ -6,13 +6,12 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import anyio
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app import train as training
-from app.api.run import VALIDATION_ERROR, check_budget
+from app.api.run import VALIDATION_ERROR, checked_budget
 from app.api.streaming import iterate_in_threads
 from app.schemas import TrainRequest
 from app.server.limits import Lane
@@ -29,7 +28,7 @@ async def checked(http: Request, request: TrainRequest | None = None) -> TrainRe
     cfg = request or TrainRequest()
     n = training.n_examples(cfg)
     widest = cfg.model_copy(update={"batch": max(cfg.train_batch, n // 5)})
-    await anyio.to_thread.run_sync(check_budget, widest, http.app.state.settings)
+    await checked_budget(http, widest)
     return cfg
 
 

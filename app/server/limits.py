@@ -207,11 +207,25 @@ def lanes_for(slots: int, torch_threads: int) -> dict[str, Lane]:
             # the small lane: as many one-thread runs at once as the large lane has threads
             small = Lane("small", slots * torch_threads, 1)
             large = Lane("large", slots, torch_threads)
+            # the learner's formulas' dry runs: Python on meta tensors, one at a time
+            dry = Lane("dry", DRY_RUN_SLOTS, 1)
             # each lane thread's set_num_threads also set the default that threads started
             # later take up (a training's, a test's): back to what it was
             torch.set_num_threads(default)
-            _lanes[slots, torch_threads] = {"small": small, "large": large}
+            _lanes[slots, torch_threads] = {"small": small, "large": large, "dry": dry}
         return _lanes[slots, torch_threads]
+
+
+# A dry run of the learner's formulas is pure Python (the evaluator, Traced ops on meta
+# tensors) holding the GIL: 0.5-0.9 s for the largest body. Several at once starved the runs
+# (an article run went from 62 ms to 854 ms at the median beside four). So they take a slot of
+# their own lane, one at a time (DRY_RUN_SLOTS), with the run deadline; and between two
+# formulas a dry run steps aside (sleeps, the GIL free) while a run is in flight, for up to
+# PACE_YIELD_S each time: a run is slowed by at most one formula's dry run (2,000 characters:
+# ~30 ms), and a dry run still moves on beside a long run or a training.
+DRY_RUN_SLOTS = 1
+PACE_YIELD_S = 0.1
+PACE_POLL_S = 0.005
 
 
 class RunLimiter:
@@ -267,12 +281,14 @@ class RunLimiter:
             self._semaphores[loop] = {
                 "small": anyio.Semaphore(self.slots * self.torch_threads),
                 "large": anyio.Semaphore(self.slots),
+                "dry": anyio.Semaphore(DRY_RUN_SLOTS),
             }
         return self._semaphores[loop]
 
-    async def _acquire(self, small: bool) -> str:
-        """A slot's lane name, once one of its semaphore's slots is taken."""
-        lane = "small" if small else "large"
+    async def _acquire(self, small: bool, lane: str | None = None) -> str:
+        """A slot's lane name, once one of its semaphore's slots is taken (`lane`: that one,
+        else the small or the large one)."""
+        lane = lane or ("small" if small else "large")
         semaphore = self._semaphores_here()[lane]
         try:  # a free slot is taken at once, even with no wait allowed
             semaphore.acquire_nowait()
@@ -316,6 +332,41 @@ class RunLimiter:
         finally:
             self.in_flight -= 1
             self._semaphores_here()[name].release()
+
+    async def dry_run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        cancel: CancelToken,
+        receive: Callable[[], Awaitable[Message]] | None = None,
+    ) -> T:
+        """`fn(*args)` (a check that dry-runs the learner's formulas) on the dry lane: one
+        slot (Saturated after the queue wait), the run's deadline and disconnect watch as
+        `run`. Not counted in `in_flight`: the work that `pacer` steps aside for."""
+        name = await self._acquire(False, "dry")
+        try:
+            return await self._watched(self.lanes[name], fn, args, cancel, receive)
+        finally:
+            self._semaphores_here()[name].release()
+
+    def pacer(self, cancel: CancelToken) -> Callable[[], None]:
+        """What a dry run calls between two formulas (app.network.PACE): Stopped once
+        `cancel` is set (its deadline, its client gone); while a run is in flight, a sleep
+        (GIL released) of up to PACE_YIELD_S, so that the run is not slowed by the dry run."""
+
+        def stop_if_cancelled() -> None:
+            if cancel.is_set():
+                raise Stopped(cancel.reason or "deadline", self.deadline_s)
+
+        def pace() -> None:
+            stop_if_cancelled()
+            waited = 0.0
+            while self.in_flight and waited < PACE_YIELD_S:
+                time.sleep(PACE_POLL_S)
+                waited += PACE_POLL_S
+            stop_if_cancelled()
+
+        return pace
 
     def _release_soon(self) -> None:
         """Give memory back once the answer has gone out (TRIM_DELAY_S later) and no run is
