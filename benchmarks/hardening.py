@@ -366,6 +366,60 @@ def dry_runs(clients: int = 4, runs: int = 20) -> dict:
         server.stop()
 
 
+TRAINING = {"data": "mnist", "loss": "cross_entropy", "init": "kaiming", "hidden": [64],
+            "steps": 20000, "eval_every": 100}  # fmt: skip
+MATMUL_20000 = {"batch": 20000, "strategy": "matmul"}
+
+
+def training_beside(repeats: int = 5) -> dict:
+    """A batch 20000 matmul run alone, then while a training streams (the issue: 503 for
+    the training's whole length, up to 300 s); and the training's steps per second alone
+    and beside the runs."""
+    import http.client
+
+    server = Server()
+    try:
+        server.post(MATMUL_20000)
+        alone = [server.post(MATMUL_20000) for _ in range(repeats)]
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+        conn.request(
+            "POST", "/api/train", json.dumps(TRAINING), {"Content-Type": "application/json"}
+        )
+        stream = conn.getresponse()
+        events: list[dict] = []
+
+        def read() -> None:
+            for line in stream:
+                if line.startswith(b"data: "):
+                    events.append(json.loads(line[6:]))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        while not events:
+            time.sleep(0.05)
+        time.sleep(2.0)
+        rate_alone = events[-1].get("steps_per_s")
+        beside = [server.post(MATMUL_20000) for _ in range(repeats)]
+        rate_beside = events[-1].get("steps_per_s")
+        conn.close()
+        return {
+            "matmul_20000_alone": {
+                **quantiles([t for _, t, _ in alone]),
+                "statuses": sorted({s for s, _, _ in alone}),
+            },
+            "matmul_20000_beside_training": {
+                **quantiles([t for _, t, _ in beside]),
+                "statuses": sorted({s for s, _, _ in beside}),
+            },
+            "training_status": stream.status,
+            "training_steps_per_s_before_runs": rate_alone,
+            "training_steps_per_s_after_runs": rate_beside,
+            "training_events": len(events),
+        }
+    finally:
+        server.stop()
+
+
 async def _pages(base: str, n: int) -> dict:
     from playwright.async_api import async_playwright
 
@@ -517,6 +571,7 @@ def main() -> None:
         "class": lambda: class_loads(args.pages),
         "gc": gc_stall,
         "dry": dry_runs,
+        "train": training_beside,
         "pages": lambda: pages(args.pages),
     }
     for name in args.only:

@@ -122,3 +122,66 @@ def test_the_pacer_steps_aside_while_a_run_is_in_flight_and_stops_when_cancelled
     token.set("disconnect")
     with pytest.raises(Stopped):
         pace()
+
+
+# --- training takes turns -------------------------------------------------------------------
+
+TINY_TRAINING = {"batch": 40, "in_features": 3, "hidden": [4], "train_batch": 8, "seed": 2}
+
+
+def test_training_never_runs_a_formula_for_a_gradient_it_skips(monkeypatch):
+    """x.g is not needed to train: the learner's x.g formula is not run (unless another
+    formula reads x.g); the other formulas are."""
+    from app import train as training
+    from app.lab.formulas import LearnerFormula
+    from app.schemas import TrainRequest
+
+    ran: list[str] = []
+    real = LearnerFormula.compute
+
+    def spy(self, env, grads):
+        ran.append(self.grad)
+        return real(self, env, grads)
+
+    monkeypatch.setattr(LearnerFormula, "compute", spy)
+    formulas = {"x.g": "l1.g @ w1.T", "w1.g": "x.T @ l1.g"}
+    cfg = TrainRequest(**TINY_TRAINING, steps=3, eval_every=3, formulas=formulas)
+    events = list(training.train(cfg, 4 << 20))
+    assert events[-1][0] == "done" and events[-1][1]["steps"] == 3
+    assert ran == ["w1"] * 3
+
+
+def test_a_formula_reading_a_skipped_gradient_keeps_it():
+    from app import pipeline
+    from app import train as training
+    from app.network import Network
+    from app.schemas import TrainRequest
+
+    formulas = {"x.g": "l1.g @ w1.T", "w1.g": "x.T @ l1.g + 0 * x.g.sum()"}
+    cfg = TrainRequest(**{**TINY_TRAINING, "hidden": [3]}, formulas=formulas)
+    bound = pipeline.learner_formulas(cfg, Network.from_config(cfg))
+    assert set(training.needed_formulas(bound, frozenset({"x"}))) == {"x", "w1"}
+    del bound["w1"]
+    assert set(training.needed_formulas(bound, frozenset({"x"}))) == set()
+
+
+def test_a_step_over_its_deadline_ends_the_training():
+    from app import train as training
+    from app.schemas import TrainRequest
+
+    cfg = TrainRequest(**TINY_TRAINING, steps=50, eval_every=10)
+
+    def token():  # the fourth step's token is set from its start
+        token.made += 1
+        t = CancelToken()
+        if token.made == 4:
+            t.set("deadline")
+        return t
+
+    token.made = 0
+    events = list(training.train(cfg, 4 << 20, step_cancel=token, every_step=True))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "done" and events[-1][1]["stopped"] == "step_deadline"
+    assert events[-1][1]["steps"] == 3
+    # every step with no progress event is a pause point
+    assert kinds[:-1] == ["progress", "step", "step"]

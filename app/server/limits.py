@@ -224,6 +224,12 @@ def lanes_for(slots: int, torch_threads: int) -> dict[str, Lane]:
 # PACE_YIELD_S each time: a run is slowed by at most one formula's dry run (2,000 characters:
 # ~30 ms), and a dry run still moves on beside a long run or a training.
 DRY_RUN_SLOTS = 1
+
+# Trainings at once, per large-lane slot (0 in RunLimiter: this many): they take turns on the
+# slots a slice of steps at a time (TRAIN_SLICE_S), so that runs and other trainings get
+# their turn within one slice, not after a whole training (up to 300 s)
+TRAININGS_PER_SLOT = 2
+TRAIN_SLICE_S = 0.05
 PACE_YIELD_S = 0.1
 PACE_POLL_S = 0.005
 
@@ -248,16 +254,21 @@ class RunLimiter:
         deadline_s: float = math.inf,
         trim: bool = True,
         torch_threads: int = 1,
+        trainings: int = 0,
     ) -> None:
         self.slots = slots
         self.trim = trim
         self.wait_s = wait_s
         self.deadline_s = deadline_s
         self.torch_threads = torch_threads
+        self.trainings = trainings or TRAININGS_PER_SLOT * slots
         self.in_flight = 0
         self._release_pending = False
         self._tasks: set[asyncio.Task] = set()
         self._semaphores: weakref.WeakKeyDictionary[Any, dict[str, anyio.Semaphore]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._trainings: weakref.WeakKeyDictionary[Any, anyio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -285,9 +296,11 @@ class RunLimiter:
             }
         return self._semaphores[loop]
 
-    async def _acquire(self, small: bool, lane: str | None = None) -> str:
+    async def _acquire(
+        self, small: bool, lane: str | None = None, wait_s: float | None = None
+    ) -> str:
         """A slot's lane name, once one of its semaphore's slots is taken (`lane`: that one,
-        else the small or the large one)."""
+        else the small or the large one), within `wait_s` (default: the queue wait)."""
         lane = lane or ("small" if small else "large")
         semaphore = self._semaphores_here()[lane]
         try:  # a free slot is taken at once, even with no wait allowed
@@ -295,7 +308,7 @@ class RunLimiter:
             return lane
         except anyio.WouldBlock:
             pass
-        with anyio.move_on_after(self.wait_s) as scope:
+        with anyio.move_on_after(self.wait_s if wait_s is None else wait_s) as scope:
             await semaphore.acquire()
         if scope.cancelled_caught:
             raise Saturated from None
@@ -320,12 +333,15 @@ class RunLimiter:
                 self._release_soon()
 
     @asynccontextmanager
-    async def slot(self, work_s: float | None = None) -> AsyncIterator[Lane]:
-        """Hold one run slot for the body (a training holds one for its whole stream), which
-        runs its work on the lane given (`lane.run_sync`); the lane as for `run` (large
-        unless `work_s` is small)."""
+    async def slot(
+        self, work_s: float | None = None, wait_s: float | None = None
+    ) -> AsyncIterator[Lane]:
+        """Hold one run slot for the body (a training holds one for each slice of its
+        steps), which runs its work on the lane given (`lane.run_sync`); the lane as for
+        `run` (large unless `work_s` is small); Saturated after `wait_s` (default: the queue
+        wait). Waiters get a slot in the order they asked."""
         lanes = self.lanes
-        name = await self._acquire(work_s is not None and work_s <= SMALL_RUN_S)
+        name = await self._acquire(work_s is not None and work_s <= SMALL_RUN_S, wait_s=wait_s)
         self.in_flight += 1
         try:
             yield lanes[name]
@@ -367,6 +383,27 @@ class RunLimiter:
             stop_if_cancelled()
 
         return pace
+
+    @asynccontextmanager
+    async def training(self) -> AsyncIterator[None]:
+        """One of the `trainings` places for a training stream, for its whole length
+        (Saturated at once when none is free): trainings take turns on the run slots, a
+        slice each, so their number is bounded apart (each holds its weights)."""
+        trainings = self._trainings_here()
+        try:
+            trainings.acquire_nowait()
+        except anyio.WouldBlock:
+            raise Saturated from None
+        try:
+            yield
+        finally:
+            trainings.release()
+
+    def _trainings_here(self) -> anyio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if loop not in self._trainings:
+            self._trainings[loop] = anyio.Semaphore(self.trainings)
+        return self._trainings[loop]
 
     def _release_soon(self) -> None:
         """Give memory back once the answer has gone out (TRIM_DELAY_S later) and no run is
