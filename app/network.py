@@ -6,7 +6,8 @@ in reverse, each turning its output's gradient into its inputs' gradients).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,16 @@ from app.lab.evaluator import FormulaError
 from app.lab.formulas import LearnerFormula, formula_cost
 from app.ops import Context, Op, Traced
 from app.ops.base import split_variant
+
+
+def _no_pace() -> None:
+    return None
+
+
+# Called between two learner formulas of a dry run (`Network.trace`): the server sets it to
+# stop a dry run at its deadline and to step aside while a run is in flight
+# (app.server.limits.RunLimiter.pacer). Nothing by default.
+PACE: ContextVar[Callable[[], None]] = ContextVar("pace", default=_no_pace)
 
 
 @dataclass
@@ -130,6 +141,7 @@ class Network:
                 if label is not None:  # another formula for the same gradient, not propagated
                     entry["variant"] = label
                 elif name in formulas:
+                    PACE.get()()  # a dry run may stop, or wait for a run, here
                     learner = _learner_entry(op.kind, formulas[name], env, grads, grad)
                     learner["reference_code"] = entry["code"]
                     entry, grad = learner, learner.pop("traced")

@@ -9,6 +9,7 @@ weights are the run's (app.tensors), the minibatches a seeded shuffle of the tra
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from app import data
 from app.check import autograd_gradients, cancelling_scale, compare
 from app.network import Network
 from app.ops import Context
+from app.ops.base import RunCancelled
 from app.pipeline import learner_formulas
 from app.tensors import data_name, examples, input_specs, make_tensors
 from app.views import gradient_view, unit_images
@@ -96,10 +98,16 @@ def train(
     chunk_bytes: int,
     should_stop: Callable[[], bool] = lambda: False,
     time_limit_s: float | None = None,
+    step_cancel: Callable[[], Any] | None = None,
+    every_step: bool = False,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ("progress", {...}) every `eval_every` steps and after the last, then
     ("done", {...}). Stops early (the done event says why) when `should_stop()` turns true
-    (checked every step), after `time_limit_s`, or when the loss stops being finite."""
+    (checked every step), after `time_limit_s`, when the loss stops being finite, or when a
+    step's cancel token (a fresh `step_cancel()` per step, checked between its ops and chunks:
+    a per-step deadline) turns set ("step_deadline"). `every_step`: also yield
+    ("step", {"step": n}) after every step with no progress event, so that a caller may
+    pause between any two steps (the server gives its run slot back there)."""
     start = time.perf_counter()
     tensors = make_tensors(cfg)
     names = [s.name for s in input_specs(cfg) if s.role == "param"]
@@ -110,7 +118,9 @@ def train(
     # the manual backward with the request's strategy; training needs no x.g, and no second
     # formula (cross_entropy's fused form) for a gradient
     ctx = Context(cfg.strategy, chunk_bytes, variants=False, skip=frozenset({"x"}))
-    formulas = learner_formulas(cfg, net)  # the learner's, replacing the built-in ones
+    # the learner's, replacing the built-in ones; not those of the gradients training skips
+    # (x.g) unless another formula reads them
+    formulas = needed_formulas(learner_formulas(cfg, net), ctx.skip)
     optimizer = SGD(params, cfg.lr, cfg.momentum)
     batches = minibatches(parts.x_train.shape[0], cfg.train_batch, cfg.seed)
 
@@ -124,8 +134,13 @@ def train(
             break
         idx = next(batches)
         batch = {"x": parts.x_train[idx], "target": parts.t_train[idx], **params}
-        env = net.forward(batch)
-        grads = net.backward(env, ctx, formulas)  # the manual gradients
+        ctx.cancel = step_cancel() if step_cancel is not None else None
+        try:
+            env = net.forward(batch, ctx)
+            grads = net.backward(env, ctx, formulas)  # the manual gradients
+        except RunCancelled:
+            stopped = "step_deadline"
+            break
         step += 1
         loss = env["loss"].item()
         loss_sum, since = loss_sum + loss, since + 1
@@ -147,11 +162,28 @@ def train(
             )
             loss_sum, since = 0.0, 0
             yield "progress", event
+        elif every_step:
+            yield "step", {"step": step}
         if not finite:
             stopped = "diverged"
             break
 
     yield "done", done(cfg, net, parts, params, w1_before, step, stopped, start)
+
+
+GRAD_NAME = re.compile(r"\b([A-Za-z_]\w*)\.g\b")
+
+
+def needed_formulas(formulas: dict[str, Any], skip: frozenset[str]) -> dict[str, Any]:
+    """The learner's formulas without those for gradients nobody needs (`skip`: training's
+    x.g), unless another formula reads that gradient."""
+    read = {
+        name
+        for key, f in formulas.items()
+        for name in GRAD_NAME.findall(f.formula.source)
+        if key not in skip
+    }
+    return {k: f for k, f in formulas.items() if k not in skip or k in read}
 
 
 def evaluate(net: Network, parts: Split, params: dict[str, torch.Tensor], cfg) -> tuple:

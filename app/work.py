@@ -173,3 +173,19 @@ def estimate(cfg, chunk_bytes: int) -> Work:
     formulas = formulas_s(itemsize) + (formulas_s(8) if rerun else 0.0)
     total = forward + backward + check + recheck + fd + compare + formulas
     return Work(total, forward, backward, check, recheck, fd, compare, formulas)
+
+
+# The learner's formulas' dry run (the evaluator, Traced ops on meta tensors): pure Python,
+# 6-10 us per character of formula measured warm (the largest body, 59 KB: 0.4-0.6 s); a
+# cold process pays about 3x once.
+DRY_RUN_S_PER_CHAR = 15e-6
+# A dry run estimated at most this long runs where the check runs (any thread); a longer one
+# takes the dry-run lane's slot (app/server/limits.py), one at a time
+DRY_RUN_INLINE_S = 0.05
+
+
+def dry_run_s(cfg) -> float:
+    """Seconds the dry run of `cfg`'s formulas may take, from their length alone (before
+    anything is parsed); 0 without formulas."""
+    sources = getattr(cfg, "formulas", None) or {}
+    return DRY_RUN_S_PER_CHAR * sum(len(key) + len(source) for key, source in sources.items())

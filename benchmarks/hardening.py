@@ -57,6 +57,35 @@ LARGE = [  # near the work limit, each of a different kind
     {"batch": 800, "in_features": 1024, "hidden": [1024] * 4, "strategy": "matmul"},
 ]
 
+# issue 25: the grads of an 8-layer layernorm net, for the largest formula bodies
+BOMB_GRADS = (
+    "out a8 w9 b9 n8 l8 gamma8 beta8 a7 w8 b8 n7 l7 gamma7 beta7 a6 w7 b7 n6 l6 gamma6 "
+    "beta6 a5 w6 b6 n5 l5 gamma5 beta5 a4 w5 b5 n4 l4 gamma4 beta4 a3 w4 b4 n3 l3 gamma3"
+).split()
+
+
+def bomb_body(batch: int = 2) -> dict:
+    """The largest formula body that fits in 64 KB (issue 25): 42 formulas of 18 lines of
+    `.unsqueeze(0).squeeze(0)` chains each, on a small batch (the dry run is the cost)."""
+    chain = "t = t" + ".unsqueeze(0).squeeze(0)" * 3
+
+    def formula(name: str) -> str:
+        return "\n".join([f"t = {name}", *[chain] * 18, "t"])
+
+    return {
+        "batch": batch,
+        "hidden": [50] * 8,
+        "norm": "layernorm",
+        "formulas": {f"{n}.g": formula(n) for n in BOMB_GRADS},
+    }
+
+
+def quantiles(times: list[float]) -> dict:
+    """median and max, in ms."""
+    if not times:
+        return {"n": 0}
+    return {"n": len(times), "median_ms": ms(statistics.median(times)), "max_ms": ms(max(times))}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -242,6 +271,155 @@ def memory() -> dict:
     return out
 
 
+def _healthz_stall(server: Server, body: dict, after_s: float = 1.5) -> tuple[int, float]:
+    """(the run's status, the slowest /healthz answer) while `body` runs and for `after_s`
+    after it (the memory release comes TRIM_DELAY_S after a big run), polled every 20 ms."""
+    slowest, done = [0.0], threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            slowest[0] = max(slowest[0], server.request("GET", "/healthz")[1])
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        status = server.post(body)[0]
+        time.sleep(after_s)
+    finally:
+        done.set()
+        poller.join()
+    return status, slowest[0]
+
+
+def gc_stall(fill: int = 60, repeats: int = 3) -> dict:
+    """The slowest /healthz around a default run (which releases memory afterwards), on a
+    server whose trace cache is empty and then after `fill` distinct traces of the largest
+    formula body (the issue: 2.8-3.1 s with 256 cached), and the RSS the traces added."""
+    server = Server()
+    try:
+        server.post({})
+        empty = [_healthz_stall(server, {}) for _ in range(repeats)]
+        before = server.rss()
+        start = time.perf_counter()
+        statuses = sorted({server.post(bomb_body(batch))[0] for batch in range(1, fill + 1)})
+        filled_in = time.perf_counter() - start
+        full = [_healthz_stall(server, {}) for _ in range(repeats)]
+        return {
+            "traces_cached": fill,
+            "fill_statuses": statuses,
+            "fill_s": round(filled_in, 1),
+            "rss_added_by_traces_mb": round((server.rss() - before) / 1e6, 1),
+            "healthz_slowest_ms_cache_empty": [ms(t) for _, t in empty],
+            "healthz_slowest_ms_cache_full": [ms(t) for _, t in full],
+            "run_statuses": sorted({s for s, _ in empty + full}),
+        }
+    finally:
+        server.stop()
+
+
+def _article_times(server: Server, n: int) -> tuple[list[float], list[int]]:
+    """`n` article runs in a row: their seconds and statuses."""
+    results = [server.post({}) for _ in range(n)]
+    return [t for _, t, _ in results], sorted({s for s, _, _ in results})
+
+
+def dry_runs(clients: int = 4, runs: int = 20) -> dict:
+    """The article run alone, then while `clients` clients send the largest formula bodies
+    back to back, each a trace not cached (a batch of its own; the issue: 62 ms median alone,
+    854 ms beside four)."""
+    server = Server()
+    try:
+        server.post({})
+        alone, alone_statuses = _article_times(server, runs)
+        stop, bombs, batch = threading.Event(), [], iter(range(1, 100_000))
+        lock = threading.Lock()
+
+        def bomb() -> None:
+            while not stop.is_set():
+                with lock:
+                    body = bomb_body(next(batch))
+                bombs.append(server.post(body))
+
+        threads = [threading.Thread(target=bomb) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # the bombs are going
+        loaded, loaded_statuses = _article_times(server, runs)
+        stop.set()
+        for t in threads:
+            t.join()
+        counts: dict[int, int] = {}
+        for status, _, _ in bombs:
+            counts[status] = counts.get(status, 0) + 1
+        return {
+            "article_alone": {**quantiles(alone), "statuses": alone_statuses},
+            f"article_beside_{clients}_bomb_clients": {
+                **quantiles(loaded),
+                "statuses": loaded_statuses,
+            },
+            "median_ratio": round(statistics.median(loaded) / statistics.median(alone), 2),
+            "bomb_statuses": counts,
+            "bomb_ms": quantiles([t for _, t, _ in bombs]),
+        }
+    finally:
+        server.stop()
+
+
+TRAINING = {"data": "mnist", "loss": "cross_entropy", "init": "kaiming", "hidden": [64],
+            "steps": 20000, "eval_every": 100}  # fmt: skip
+MATMUL_20000 = {"batch": 20000, "strategy": "matmul"}
+
+
+def training_beside(repeats: int = 5) -> dict:
+    """A batch 20000 matmul run alone, then while a training streams (the issue: 503 for
+    the training's whole length, up to 300 s); and the training's steps per second alone
+    and beside the runs."""
+    import http.client
+
+    server = Server()
+    try:
+        server.post(MATMUL_20000)
+        alone = [server.post(MATMUL_20000) for _ in range(repeats)]
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+        conn.request(
+            "POST", "/api/train", json.dumps(TRAINING), {"Content-Type": "application/json"}
+        )
+        stream = conn.getresponse()
+        events: list[dict] = []
+
+        def read() -> None:
+            for line in stream:
+                if line.startswith(b"data: "):
+                    events.append(json.loads(line[6:]))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        while not events:
+            time.sleep(0.05)
+        time.sleep(2.0)
+        rate_alone = events[-1].get("steps_per_s")
+        beside = [server.post(MATMUL_20000) for _ in range(repeats)]
+        rate_beside = events[-1].get("steps_per_s")
+        conn.close()
+        return {
+            "matmul_20000_alone": {
+                **quantiles([t for _, t, _ in alone]),
+                "statuses": sorted({s for s, _, _ in alone}),
+            },
+            "matmul_20000_beside_training": {
+                **quantiles([t for _, t, _ in beside]),
+                "statuses": sorted({s for s, _, _ in beside}),
+            },
+            "training_status": stream.status,
+            "training_steps_per_s_before_runs": rate_alone,
+            "training_steps_per_s_after_runs": rate_beside,
+            "training_events": len(events),
+        }
+    finally:
+        server.stop()
+
+
 async def _pages(base: str, n: int) -> dict:
     from playwright.async_api import async_playwright
 
@@ -391,6 +569,9 @@ def main() -> None:
         "slowest": slowest,
         "memory": memory,
         "class": lambda: class_loads(args.pages),
+        "gc": gc_stall,
+        "dry": dry_runs,
+        "train": training_beside,
         "pages": lambda: pages(args.pages),
     }
     for name in args.only:

@@ -6,7 +6,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from app import export
-from app.api.run import check_budget
+from app.api.run import checked_budget
 from app.schemas import ErrorMessage, ExportRequest
 from app.settings import Settings
 
@@ -49,7 +49,7 @@ async def export_run(http: Request, request: ExportRequest | None = None) -> Res
     if request.program is not None:
         return await export_program_body(request.program, request.format, settings)
     try:  # what the run would refuse (formulas dry-run on meta tensors: nothing allocated)
-        await anyio.to_thread.run_sync(check_budget, request.config, settings)
+        await checked_budget(http, request.config)
     except RequestValidationError as exc:
         errors = [{**e, "loc": ("body", "config", *e["loc"][1:])} for e in exc.errors()]
         raise RequestValidationError(errors) from None

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from app.api.responses import StrictJSONResponse
 from app.api.run import VALIDATION_ERROR
 from app.lab.statements import ProgramError
+from app.ops.base import cancel_token
 from app.programs import presets
 from app.programs import run as programs
 from app.programs.schemas import ProgramRequest, ProgramResponse
@@ -21,6 +22,7 @@ from app.settings import Settings
 from app.work import WORK_LIMIT_S
 
 router = APIRouter(tags=["program"])
+DRY_RUN_INLINE_CHARS = 1500  # shorter programs (an exercise's few lines) dry-run inline
 
 
 @router.post(
@@ -48,7 +50,13 @@ router = APIRouter(tags=["program"])
 )
 async def program(http: Request, request: ProgramRequest) -> StrictJSONResponse:
     settings: Settings = http.app.state.settings
-    plan = await anyio.to_thread.run_sync(admit, request, settings)
+    if len(request.forward) + len(request.backward) <= DRY_RUN_INLINE_CHARS:
+        plan = await anyio.to_thread.run_sync(admit, request, settings)
+    else:  # a long program's dry run takes the dry-run lane, under the run deadline
+        watch = CancelToken()
+        plan = await http.app.state.limiter.dry_run(
+            _admit_watched, request, settings, watch, cancel=watch, receive=http.receive
+        )
     cancel = CancelToken()
     return await http.app.state.limiter.run(
         guarded(_execute, settings),
@@ -75,6 +83,13 @@ def admit(request: ProgramRequest, settings: Settings) -> programs.Plan:
 def _admitted(body: str, memory_budget: int) -> programs.Plan:
     request = ProgramRequest.model_validate_json(body)
     return programs.admit(request, memory_budget, WORK_LIMIT_S)
+
+
+def _admit_watched(
+    request: ProgramRequest, settings: Settings, cancel: CancelToken
+) -> programs.Plan:
+    with cancel_token(cancel):  # the dry run polls it between statements
+        return admit(request, settings)
 
 
 def refuse(err: programs.ProgramRefused) -> None:

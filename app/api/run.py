@@ -3,7 +3,7 @@
 import anyio
 from fastapi import APIRouter, Request
 
-from app import budget, pipeline, work
+from app import budget, network, pipeline, work
 from app.api.responses import StrictJSONResponse
 from app.lab import formulas
 from app.lab.evaluator import FormulaError
@@ -42,8 +42,8 @@ VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"  # FastAPI's own 4
 )
 async def run(http: Request, request: RunRequest) -> StrictJSONResponse:
     settings: Settings = http.app.state.settings
-    # shapes only (cheap), but off the event loop; refused before waiting for a run slot
-    seconds, nbytes = await anyio.to_thread.run_sync(check_budget, request, settings)
+    # refused before waiting for a run slot
+    seconds, nbytes = await checked_budget(http, request)
     cancel = CancelToken()
     execute = guarded(_execute, settings)
     return await http.app.state.limiter.run(
@@ -56,6 +56,25 @@ async def run(http: Request, request: RunRequest) -> StrictJSONResponse:
         receive=http.receive,
         memory_bytes=nbytes,
     )
+
+
+async def checked_budget(http: Request, cfg: RunRequest) -> tuple[float, int]:
+    """`check_budget`, off the event loop. Shapes only: cheap, on any thread; but a long dry
+    run of the learner's formulas (estimated from their length: `work.dry_run_s`) takes the
+    dry-run lane's one slot, with the run deadline, and steps aside for the runs in flight
+    between two formulas (app/server/limits.py, RunLimiter.pacer)."""
+    settings: Settings = http.app.state.settings
+    if work.dry_run_s(cfg) <= work.DRY_RUN_INLINE_S:
+        return await anyio.to_thread.run_sync(check_budget, cfg, settings)
+    limiter = http.app.state.limiter
+    cancel = CancelToken()
+    pacing = network.PACE.set(limiter.pacer(cancel))  # copied into the lane's job
+    try:
+        return await limiter.dry_run(
+            check_budget, cfg, settings, cancel=cancel, receive=http.receive
+        )
+    finally:
+        network.PACE.reset(pacing)
 
 
 def check_budget(cfg: RunRequest, settings: Settings) -> tuple[float, int]:

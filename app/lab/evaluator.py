@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import math
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ MAX_SOURCE_CHARS = 2000
 MAX_STATEMENTS = 24
 MAX_NODES = 600
 MAX_DEPTH = 40
+_PARSE_LOCK = threading.Lock()  # parse: one ast.parse at a time
 MAX_INT = 2**63 - 1
 MAX_EXPONENT = 64
 
@@ -367,12 +369,17 @@ def parse(key: str, source: str) -> Formula:
     if not source.strip():
         raise FormulaError("the formula is empty", "syntax")
     try:
-        # a tree only: ast.parse creates no code object and runs nothing
-        tree = ast.parse(source, mode="exec")
+        # a tree only: ast.parse creates no code object and runs nothing. One at a time:
+        # 3.11's AST constructor keeps its depth in shared state (SystemError in threads)
+        with _PARSE_LOCK:
+            try:
+                tree = ast.parse(source, mode="exec")
+            except SystemError:  # a library's parse in another thread overlapped: once more
+                tree = ast.parse(source, mode="exec")
     except SyntaxError as err:
         where_ = f" (line {err.lineno}, column {err.offset})" if err.lineno else ""
         raise FormulaError(f"syntax error{where_}: {err.msg}", "syntax") from None
-    except (ValueError, MemoryError, RecursionError) as err:
+    except (ValueError, MemoryError, RecursionError, SystemError) as err:
         raise FormulaError(f"the formula cannot be read: {err}", "syntax") from None
     _check_tree(tree, source)
     body = tree.body

@@ -21,7 +21,6 @@ is its own steps, and a long program costs in proportion to its length.
 from __future__ import annotations
 
 import ast
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 
 from app.lab.evaluator import (
     _NODES,
+    _PARSE_LOCK,
     FormulaError,
     Pair,
     _check_tree,
@@ -50,9 +50,6 @@ CHECK_CALLS = frozenset({"cmp"})
 _AUG = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _IN_PLACE = {"+": "add_", "-": "sub_", "*": "mul_", "/": "div_"}
 
-# CPython 3.11 keeps the AST constructor's recursion depth in shared state: two threads
-# parsing at once can fail with SystemError. Parsing is a few ms; one at a time.
-PARSE_LOCK = threading.Lock()
 
 
 class ProgramError(FormulaError):
@@ -93,7 +90,7 @@ def parse_program(source: str, which: str) -> Program:
             "",
         )
     try:
-        with PARSE_LOCK:
+        with _PARSE_LOCK:  # one ast.parse at a time (CPython 3.11's shared state)
             tree = ast.parse(source, mode="exec")  # a tree only: no code object, nothing runs
     except SyntaxError as err:
         line = err.lineno or 1

@@ -142,9 +142,12 @@ class Step:
 
 
 def _fmt_scalar(value: float | int | bool) -> str:
+    """As Python reads it back to the same number and type: a float keeps its `.0` (`bool *
+    1.0` is a float, `* 1` an int) and its sign (`-0.0`); inf and nan as float('inf')."""
     if isinstance(value, bool) or isinstance(value, int):
         return repr(value)
-    return repr(float(value)).removesuffix(".0") if float(value).is_integer() else repr(value)
+    value = float(value)
+    return repr(value) if math.isfinite(value) else f"float('{value!r}')"
 
 
 _SEQ = itertools.count()

@@ -25,7 +25,7 @@ from app.check import TOLERANCES, compare
 from app.lab import formulas, hints
 from app.lab.evaluator import FormulaError, Pair
 from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
-from app.ops.base import RunCancelled, Step, Traced, cancel_token
+from app.ops.base import RunCancelled, Step, Traced, cancel_token, check_cancelled
 from app.programs.inputs import DTYPES, make_inputs, meta_of
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS
@@ -279,7 +279,7 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
     scope, input_bytes = _meta_inputs(req)
     itemsize = torch.empty((), dtype=DTYPES[req.dtype]).element_size()
     cost = _Cost(itemsize, work_limit_s, memory_budget - input_bytes, "forward")
-    fwd = ForwardRun(forward, scope, lambda: None)
+    fwd = ForwardRun(forward, scope, check_cancelled)
     fwd.on_statement = cost.add
     with torch.enable_grad():
         _run(fwd, "forward")
@@ -297,7 +297,7 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
         itemsize, max(0.0, work_limit_s - 3 * cost.seconds),
         memory_budget - input_bytes - 3 * forward_bytes, "backward",
     )  # fmt: skip
-    bwd = BackwardRun(backward, env, set(has_grad), lambda: None)
+    bwd = BackwardRun(backward, env, set(has_grad), check_cancelled)
     bwd.on_statement = back_cost.add
     stops_at = None
     with torch.no_grad():

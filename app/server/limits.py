@@ -206,11 +206,31 @@ def lanes_for(slots: int, torch_threads: int) -> dict[str, Lane]:
             # the small lane: as many one-thread runs at once as the large lane has threads
             small = Lane("small", slots * torch_threads, 1)
             large = Lane("large", slots, torch_threads)
+            # the learner's formulas' dry runs: Python on meta tensors, one at a time
+            dry = Lane("dry", DRY_RUN_SLOTS, 1)
             # each lane thread's set_num_threads also set the default that threads started
             # later take up (a training's, a test's): back to what it was
             torch.set_num_threads(default)
-            _lanes[slots, torch_threads] = {"small": small, "large": large}
+            _lanes[slots, torch_threads] = {"small": small, "large": large, "dry": dry}
         return _lanes[slots, torch_threads]
+
+
+# A dry run of the learner's formulas is pure Python (the evaluator, Traced ops on meta
+# tensors) holding the GIL: 0.5-0.9 s for the largest body. Several at once starved the runs
+# (an article run went from 62 ms to 854 ms at the median beside four). So they take a slot of
+# their own lane, one at a time (DRY_RUN_SLOTS), with the run deadline; and between two
+# formulas a dry run steps aside (sleeps, the GIL free) while a run is in flight, for up to
+# PACE_YIELD_S each time: a run is slowed by at most one formula's dry run (2,000 characters:
+# ~30 ms), and a dry run still moves on beside a long run or a training.
+DRY_RUN_SLOTS = 1
+
+# Trainings at once, per large-lane slot (0 in RunLimiter: this many): they take turns on the
+# slots a slice of steps at a time (TRAIN_SLICE_S), so that runs and other trainings get
+# their turn within one slice, not after a whole training (up to 300 s)
+TRAININGS_PER_SLOT = 2
+TRAIN_SLICE_S = 0.05
+PACE_YIELD_S = 0.1
+PACE_POLL_S = 0.005
 
 
 class RunLimiter:
@@ -233,16 +253,21 @@ class RunLimiter:
         deadline_s: float = math.inf,
         trim: bool = True,
         torch_threads: int = 1,
+        trainings: int = 0,
     ) -> None:
         self.slots = slots
         self.trim = trim
         self.wait_s = wait_s
         self.deadline_s = deadline_s
         self.torch_threads = torch_threads
+        self.trainings = trainings or TRAININGS_PER_SLOT * slots
         self.in_flight = 0
         self._release_pending = False
         self._tasks: set[asyncio.Task] = set()
         self._semaphores: weakref.WeakKeyDictionary[Any, dict[str, anyio.Semaphore]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._trainings: weakref.WeakKeyDictionary[Any, anyio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -266,19 +291,23 @@ class RunLimiter:
             self._semaphores[loop] = {
                 "small": anyio.Semaphore(self.slots * self.torch_threads),
                 "large": anyio.Semaphore(self.slots),
+                "dry": anyio.Semaphore(DRY_RUN_SLOTS),
             }
         return self._semaphores[loop]
 
-    async def _acquire(self, small: bool) -> str:
-        """A slot's lane name, once one of its semaphore's slots is taken."""
-        lane = "small" if small else "large"
+    async def _acquire(
+        self, small: bool, lane: str | None = None, wait_s: float | None = None
+    ) -> str:
+        """A slot's lane name, once one of its semaphore's slots is taken (`lane`: that one,
+        else the small or the large one), within `wait_s` (default: the queue wait)."""
+        lane = lane or ("small" if small else "large")
         semaphore = self._semaphores_here()[lane]
         try:  # a free slot is taken at once, even with no wait allowed
             semaphore.acquire_nowait()
             return lane
         except anyio.WouldBlock:
             pass
-        with anyio.move_on_after(self.wait_s) as scope:
+        with anyio.move_on_after(self.wait_s if wait_s is None else wait_s) as scope:
             await semaphore.acquire()
         if scope.cancelled_caught:
             raise Saturated from None
@@ -303,18 +332,77 @@ class RunLimiter:
                 self._release_soon()
 
     @asynccontextmanager
-    async def slot(self, work_s: float | None = None) -> AsyncIterator[Lane]:
-        """Hold one run slot for the body (a training holds one for its whole stream), which
-        runs its work on the lane given (`lane.run_sync`); the lane as for `run` (large
-        unless `work_s` is small)."""
+    async def slot(
+        self, work_s: float | None = None, wait_s: float | None = None
+    ) -> AsyncIterator[Lane]:
+        """Hold one run slot for the body (a training holds one for each slice of its
+        steps), which runs its work on the lane given (`lane.run_sync`); the lane as for
+        `run` (large unless `work_s` is small); Saturated after `wait_s` (default: the queue
+        wait). Waiters get a slot in the order they asked."""
         lanes = self.lanes
-        name = await self._acquire(work_s is not None and work_s <= SMALL_RUN_S)
+        name = await self._acquire(work_s is not None and work_s <= SMALL_RUN_S, wait_s=wait_s)
         self.in_flight += 1
         try:
             yield lanes[name]
         finally:
             self.in_flight -= 1
             self._semaphores_here()[name].release()
+
+    async def dry_run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        cancel: CancelToken,
+        receive: Callable[[], Awaitable[Message]] | None = None,
+    ) -> T:
+        """`fn(*args)` (a check that dry-runs the learner's formulas) on the dry lane: one
+        slot (Saturated after the queue wait), the run's deadline and disconnect watch as
+        `run`. Not counted in `in_flight`: the work that `pacer` steps aside for."""
+        name = await self._acquire(False, "dry")
+        try:
+            return await self._watched(self.lanes[name], fn, args, cancel, receive)
+        finally:
+            self._semaphores_here()[name].release()
+
+    def pacer(self, cancel: CancelToken) -> Callable[[], None]:
+        """What a dry run calls between two formulas (app.network.PACE): Stopped once
+        `cancel` is set (its deadline, its client gone); while a run is in flight, a sleep
+        (GIL released) of up to PACE_YIELD_S, so that the run is not slowed by the dry run."""
+
+        def stop_if_cancelled() -> None:
+            if cancel.is_set():
+                raise Stopped(cancel.reason or "deadline", self.deadline_s)
+
+        def pace() -> None:
+            stop_if_cancelled()
+            waited = 0.0
+            while self.in_flight and waited < PACE_YIELD_S:
+                time.sleep(PACE_POLL_S)
+                waited += PACE_POLL_S
+            stop_if_cancelled()
+
+        return pace
+
+    @asynccontextmanager
+    async def training(self) -> AsyncIterator[None]:
+        """One of the `trainings` places for a training stream, for its whole length
+        (Saturated at once when none is free): trainings take turns on the run slots, a
+        slice each, so their number is bounded apart (each holds its weights)."""
+        trainings = self._trainings_here()
+        try:
+            trainings.acquire_nowait()
+        except anyio.WouldBlock:
+            raise Saturated from None
+        try:
+            yield
+        finally:
+            trainings.release()
+
+    def _trainings_here(self) -> anyio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if loop not in self._trainings:
+            self._trainings[loop] = anyio.Semaphore(self.trainings)
+        return self._trainings[loop]
 
     def _release_soon(self) -> None:
         """Give memory back once the answer has gone out (TRIM_DELAY_S later) and no run is
@@ -456,9 +544,23 @@ def release_memory() -> bool:
     releases free pages inside every thread's arena). False where there is no malloc_trim."""
     if _TRIM is None:
         return False
-    gc.collect()  # tensors a reference cycle still holds are freed first
+    # tensors a young reference cycle still holds are freed first. Never a full collection
+    # here: it walks every object of the process holding the GIL (seconds with big caches),
+    # and every request waits for it; the older generations are the collector's own business
+    gc.collect(YOUNG_GENERATIONS)
     _TRIM(0)
     return True
+
+
+YOUNG_GENERATIONS = 1  # gc.collect(1): generations 0 and 1
+
+
+def freeze_long_lived() -> None:
+    """Move every object alive now (modules, torch's and the app's startup state) out of the
+    collector's reach (gc.freeze): later collections walk only what came after. Called once
+    the app has started and warmed up; after one full collection, so no garbage is frozen."""
+    gc.collect()
+    gc.freeze()
 
 
 # --- request bodies --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.server.errors import limit_log_rates
+from app.server.limits import freeze_long_lived
 from app.settings import Settings
 
 log = logging.getLogger("broadprop")
@@ -33,6 +34,7 @@ def lifespan_with(warm_up: Callable[[], None] | None):
             await app.state.limiter.start(warm_up)
         except Exception:  # a failed warm-up only costs the first request its speed
             log.exception("warm-up failed")
+        freeze_long_lived()  # before the first request: collections skip the startup's objects
         yield
 
     return lifespan
