@@ -93,8 +93,10 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     cap = heatmap_cap(cfg)
     cells = sum(min(math.prod(s.shape), cap) for s in specs if s.role != "target")
     views = 3 * 8 * largest_grad + maps * cells * (8 + 2 * JSON_BYTES_PER_CELL)
-    # manual pass + autograd check: each holds its activations and gradients
-    run = inputs + 2 * activations + 2 * gradients + transient
+    # manual pass + autograd check: each holds its activations and gradients; with the
+    # learner's formulas, the built-in gradients too (the suspect verdict compares with them)
+    held_grads = 3 if getattr(cfg, "formulas", None) else 2
+    run = inputs + 2 * activations + held_grads * gradients + transient
     # a small run that fails its check runs again in the other precision (check.py)
     small = inputs + gradients <= RECHECK_MAX_BYTES
     recheck = run * (12 - itemsize) // itemsize if small else 0
