@@ -84,8 +84,8 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     )
     # float64 copies of the inputs and of the activations the perturbed passes rebuild
     fd = (float_inputs + activations) * 8 // itemsize * 2 if cfg.fd_samples else 0
-    if cfg.fd_samples and itemsize == 4:  # the manual formulas rerun in float64: twice the bytes
-        fd += 2 * max(map(formula_bytes, backward), default=0)
+    if cfg.fd_samples and itemsize == 4:  # the learner's formulas rerun in float64: twice the
+        fd += 2 * max((e["bytes"] for e in backward if e.get("source") == "user"), default=0)
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
     # the views' temporaries, and the heatmaps themselves: numpy cells, and the response's
     # JSON text twice (the rendered body, and the server's copy of it as it sends)
