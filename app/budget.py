@@ -84,8 +84,8 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     )
     # float64 copies of the inputs and of the activations the perturbed passes rebuild
     fd = (float_inputs + activations) * 8 // itemsize * 2 if cfg.fd_samples else 0
-    if cfg.fd_samples and itemsize == 4:  # the manual formulas rerun in float64: twice the bytes
-        fd += 2 * max(map(formula_bytes, backward), default=0)
+    if cfg.fd_samples and itemsize == 4:  # the learner's formulas rerun in float64: twice the
+        fd += 2 * max((e["bytes"] for e in backward if e.get("source") == "user"), default=0)
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
     # the views' temporaries, and the heatmaps themselves: numpy cells, and the response's
     # JSON text twice (the rendered body, and the server's copy of it as it sends)
@@ -93,8 +93,10 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     cap = heatmap_cap(cfg)
     cells = sum(min(math.prod(s.shape), cap) for s in specs if s.role != "target")
     views = 3 * 8 * largest_grad + maps * cells * (8 + 2 * JSON_BYTES_PER_CELL)
-    # manual pass + autograd check: each holds its activations and gradients
-    run = inputs + 2 * activations + 2 * gradients + transient
+    # manual pass + autograd check: each holds its activations and gradients; with the
+    # learner's formulas, the built-in gradients too (the suspect verdict compares with them)
+    held_grads = 3 if getattr(cfg, "formulas", None) else 2
+    run = inputs + 2 * activations + held_grads * gradients + transient
     # a small run that fails its check runs again in the other precision (check.py)
     small = inputs + gradients <= RECHECK_MAX_BYTES
     recheck = run * (12 - itemsize) // itemsize if small else 0

@@ -234,3 +234,52 @@ def check_against(
         "tensors": per_tensor,
         "intermediates": intermediates,
     }
+
+
+# A gradient within tolerance is `suspect` when its error is over SUSPECT_RATIO times the
+# built-in formula's own error on the same run and over SUSPECT_ULPS ulps of its scale: more
+# than rounding explains (eps dropped or changed, Bessel's n-1 at a large batch).
+SUSPECT_RATIO = 10
+SUSPECT_ULPS = 4
+
+
+def mark_suspects(
+    check: dict,
+    manual: Mapping[str, torch.Tensor],
+    builtin: Mapping[str, torch.Tensor] | None,
+    reference: Mapping[str, torch.Tensor],
+    inter: Mapping[str, torch.Tensor],
+) -> dict:
+    """Set `suspect` on every entry of the check, and `check["suspects"]`, the names flagged.
+
+    `builtin`: the run's gradients by the built-in formulas alone (None when no learner
+    formula replaced any: then every gradient is the built-in one and none is suspect). The
+    built-in formula's error against autograd on the same run is the measure of what rounding
+    gives here; the learner's error is compared with it, not with a fixed number. Where they
+    differ, the entry also has `builtin_max_abs_err`, for the page's line on why."""
+    suspects = []
+    for section, ref in ((check["tensors"], reference), (check["intermediates"], inter)):
+        for key, result in section.items():
+            result["suspect"] = False
+            if builtin is None or key not in builtin or builtin[key] is manual[key]:
+                continue
+            target = ref[split_variant(key)[0]]
+            own = _max_abs_diff(builtin[key], target)
+            result["builtin_max_abs_err"] = own
+            err = result["max_abs_err"]
+            ulp = torch.finfo(target.dtype).eps * target.abs().max().item()
+            result["suspect"] = bool(
+                result["allclose"] and err > SUSPECT_RATIO * own and err > SUSPECT_ULPS * ulp
+            )
+            if result["suspect"]:
+                suspects.append(key)
+    check["suspects"] = suspects
+    return check
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return max(
+        ((a.reshape(-1)[i : i + COMPARE_CHUNK] - b.reshape(-1)[i : i + COMPARE_CHUNK]).abs().max()
+         .item() for i in range(0, b.numel(), COMPARE_CHUNK)),
+        default=0.0,
+    )  # fmt: skip

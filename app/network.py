@@ -80,11 +80,15 @@ class Network:
         env: Mapping[str, torch.Tensor],
         ctx: Context,
         formulas: Mapping[str, LearnerFormula] | None = None,
+        builtin: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The manual backward pass: each op's gradients, the ops walked in reverse.
 
         A learner's formula (by gradient name) replaces the op's own gradient, so every
-        gradient computed after it is computed from it."""
+        gradient computed after it is computed from it. With `builtin` (a dict to fill), the
+        gradients the built-in formulas alone give go there too: an op whose output gradient
+        is still the built-in one shares its results, so only the ops upstream of a learner's
+        formula for an intermediate run twice."""
         formulas = formulas or {}
         grads: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -92,8 +96,13 @@ class Network:
                 ctx.check()
                 g = grads.get(op.output)  # None for the loss: d loss / d loss = 1
                 xs = [env[n] for n in op.inputs]
-                for name, grad in op.compute_backward(g, xs, env[op.output], ctx).items():
-                    grads[name] = grads[name] + grad if name in grads else grad
+                made = op.compute_backward(g, xs, env[op.output], ctx)
+                if builtin is not None:
+                    own = builtin.get(op.output)
+                    same = own is g  # the built-in chain has not diverged here
+                    own_made = made if same else op.compute_backward(own, xs, env[op.output], ctx)
+                    _accumulate(builtin, own_made)
+                _accumulate(grads, made)
                 for name in op.grad_inputs:
                     if name in formulas:
                         grads[name] = formulas[name].compute(env, grads)
@@ -149,6 +158,12 @@ class Network:
                 if label is None:
                     grads[name] = Traced.leaf(grad.t, f"{name}.g")
         return forward, backward
+
+
+def _accumulate(grads: dict[str, torch.Tensor], made: Mapping[str, torch.Tensor]) -> None:
+    """Add an op's gradients in (a name another op already sent a gradient to sums them)."""
+    for name, grad in made.items():
+        grads[name] = grads[name] + grad if name in grads else grad
 
 
 def _trace_entry(kind: str, name: str, grad: Traced, source: str) -> dict[str, Any]:

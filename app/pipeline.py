@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from app import budget, data
-from app.check import autograd_gradients, cast_floats, check_against, recheck_rounding
+from app.check import (
+    autograd_gradients,
+    cast_floats,
+    check_against,
+    mark_suspects,
+    recheck_rounding,
+)
 from app.compare import compare_strategies
 from app.fd import finite_difference_check
 from app.lab.formulas import LearnerFormula, bind
@@ -145,7 +151,10 @@ def _run(cfg, chunk_bytes: int, cancel) -> dict[str, Any]:
     env = net.forward(tensors, ctx)
     after_forward = time.perf_counter()
     formulas = learner_formulas(cfg, net)
-    grads = net.backward(env, ctx, formulas)
+    # with the learner's formulas, the built-in gradients too: their error against autograd
+    # is what rounding gives on this run, the measure of a suspect formula
+    builtin: dict[str, torch.Tensor] | None = {} if formulas else None
+    grads = net.backward(env, ctx, formulas, builtin)
     after_backward = time.perf_counter()
 
     other_precision: dict[torch.dtype, dict[str, torch.Tensor]] = {}
@@ -164,6 +173,8 @@ def _run(cfg, chunk_bytes: int, cancel) -> dict[str, Any]:
     check = check_against(cfg, grads, reference, inter)
     check = recheck_rounding(cfg, tensors, grads, reference, inter, check, manual_at)
     ctx.check()
+    check = mark_suspects(check, grads, builtin, reference, inter)
+    builtin = None  # freed before the finite differences
     if cfg.fd_samples > 0:  # cost bounded before the run (budget.refuse_too_much_work)
         noise = {n: c.get("rounding_noise", 0.0) for n, c in check["tensors"].items()}
         if tensors["x"].dtype == torch.float32:

@@ -432,6 +432,18 @@ class TensorCheck(BaseModel):
         "|manual - manual'| (' = the same run in the other precision): how much rounding "
         "moves each side, which tells a gradient that cancels to ~0 from a wrong formula",
     )
+    suspect: bool = Field(
+        False,
+        description="Within tolerance, but its error is over 10x the built-in formula's own "
+        "error on the same run and over a few ulps of max|autograd|: more than rounding "
+        "explains (eps dropped or changed, Bessel's n-1 at a large batch). Only a learner's "
+        "formula, or a gradient computed from one, can be suspect",
+    )
+    builtin_max_abs_err: float | None = Field(
+        None,
+        description="Where a learner's formula changed this gradient: the built-in formula's "
+        "own max abs error against autograd on the same run (what suspect is measured by)",
+    )
 
 
 class FiniteDifferenceCheck(BaseModel):
@@ -453,6 +465,11 @@ class Check(BaseModel):
         None,
         description="d loss / d out and each pre-norm l{k}, manual against autograd, with every "
         'other formula for them (e.g. "out:fused"); all_close covers them too',
+    )
+    suspects: list[str] = Field(
+        default_factory=list,
+        description="The names (in tensors and intermediates) whose check is suspect; "
+        "all_close stays the tolerance verdict",
     )
 
 

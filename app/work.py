@@ -82,6 +82,21 @@ def formula_flops(cfg) -> int:
     return sum(entry.get("flops", 0) for entry in _user_entries(cfg))
 
 
+def builtin_share(cfg) -> float:
+    """The share of the backward pass that runs twice with the learner's formulas: the ops
+    from the last one whose output gradient a formula replaces back to the first (a formula
+    for a leaf's gradient, w1.g say, changes nothing upstream). Counted by ops, in forward
+    order, the linear layers' share being about even."""
+    names = {key.removesuffix(".g") for key in getattr(cfg, "formulas", None) or {}}
+    if not names:
+        return 0.0
+    from app.network import Network  # the ops' order (app.network imports this module's users)
+
+    ops = Network.from_config(cfg).ops
+    replaced = [i for i, op in enumerate(ops) if op.output in names]
+    return (max(replaced) + 1) / len(ops) if replaced else 0.0
+
+
 def _matmul_s(flops: float, itemsize: int) -> float:
     return flops / MATMUL_FLOPS * itemsize / 4
 
@@ -171,6 +186,9 @@ def estimate(cfg, chunk_bytes: int) -> Work:
 
     rerun = small or (cfg.fd_samples > 0 and itemsize == 4)
     formulas = formulas_s(itemsize) + (formulas_s(8) if rerun else 0.0)
+    # the built-in formulas again upstream of a learner's formula for an intermediate: the
+    # suspect verdict's measure of rounding (app/check.py mark_suspects)
+    formulas += backward * builtin_share(cfg)
     total = forward + backward + check + recheck + fd + compare + formulas
     return Work(total, forward, backward, check, recheck, fd, compare, formulas)
 

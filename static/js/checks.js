@@ -29,7 +29,9 @@ export function drawChecks(el, data) {
       h("td", {}, mark(c.exact)),
       unwritten
         ? h("td", { title: "An exercise: this gradient runs on the reference formula until you write yours" }, h("span", { class: "verdict todo" }, "to write"))
-        : h("td", {}, h("span", { class: `verdict ${c.allclose ? "pass" : "fail"}` }, c.allclose ? "pass" : "FAIL")),
+        : c.suspect
+          ? h("td", {}, h("span", { class: "verdict suspect" }, "suspect"), h("small", { class: "why" }, suspectWhy(c)))
+          : h("td", {}, h("span", { class: `verdict ${c.allclose ? "pass" : "fail"}` }, c.allclose ? "pass" : "FAIL")),
     ];
     if (fd) {
       const f = (inter ? {} : fd[name]) || {};
@@ -37,7 +39,7 @@ export function drawChecks(el, data) {
         h("td", { title: f.rtol != null ? `max rel err ≤ ${num(f.rtol)}, plus the differences' own rounding` : "" },
           "allclose" in f ? h("span", { class: `verdict ${f.allclose ? "pass" : "fail"}` }, f.allclose ? "pass" : "FAIL") : "–"));
     }
-    const verdict = unwritten ? "todo" : c.allclose ? "pass" : "fail";
+    const verdict = unwritten ? "todo" : c.suspect ? "suspect" : c.allclose ? "pass" : "fail";
     return h("tr", { class: `${verdict}${inter ? " intermediate" : ""}`, "data-name": key }, ...cells);
   });
   el.replaceChildren(
@@ -50,11 +52,26 @@ export function drawChecks(el, data) {
       ` (allclose: |manual − autograd| ≤ atol + rtol·|autograd|, with atol scaled by max|autograd|; exact: bit for bit equal).`,
       fd ? " The fd columns check sampled entries again against float64 central differences." : "",
       todo.size ? ` Still to write: ${[...todo].map((n) => `${n}.g`).join(", ")} (the reference formula stands in until you do).` : ""),
+    ...suspectNote(check.suspects || []),
     h("table", { class: "check", id: "check-table" },
       h("thead", {}, h("tr", {}, ...head.map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, ...rows)),
     ...comparison(data.compare),
   );
+}
+
+/** Why a gradient within tolerance is suspect: its error against the built-in formula's. */
+function suspectWhy(c) {
+  const own = c.builtin_max_abs_err;
+  const times = own > 0 ? `${num(c.max_abs_err / own)}×` : "far above";
+  return ` within tolerance, but its error is ${times} the built-in formula's (${num(own)}) on this run: more than rounding explains`;
+}
+
+function suspectNote(suspects) {
+  if (!suspects.length) return [];
+  return [h("p", { class: "check-summary suspect", id: "check-suspects" },
+    `⚠ Suspect: ${suspects.map((n) => `${n.split(":")[0]}.g`).join(", ")} pass the tolerance, but their error is over 10× what the built-in formulas give on the same run. `,
+    "Typical causes: an eps dropped or changed, Bessel's n−1 where the variance is biased (invisible at a small batch).")];
 }
 
 function warnings(data) {

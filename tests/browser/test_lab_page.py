@@ -211,3 +211,23 @@ def test_a_teacher_makes_an_exercise_by_ticking_the_formulas_to_hide(watched):
     w.wait_drawn()
     assert "hide" not in page.url and "l1.g.sum(0)" in page.inner_text("#code-lines")
     assert_clean(w)
+
+
+@pytest.mark.browser
+def test_a_suspect_formula_has_a_row_of_its_own_with_why(watched):
+    """layernorm with eps dropped passes the tolerance, but its error is far above the built-in
+    formula's: the row says suspect (neither pass nor fail) and why."""
+    source = (
+        "mu = l1.mean(-1, keepdim=True)\nvar = ((l1 - mu) ** 2).mean(-1, keepdim=True)\n"
+        "rstd = var.rsqrt()\nxhat = (l1 - mu) * rstd\ng = n1.g * gamma1\nH = l1.shape[-1]\n"
+        "rstd / H * (H * g - g.sum(-1, keepdim=True) - xhat * (g * xhat).sum(-1, keepdim=True))"
+    )
+    w = watched
+    w.open(f"?norm=layernorm&init=kaiming&f.l1.g={quote(source)}")
+    row = w.page.locator('#check-table tr[data-name="l1"]')
+    assert "suspect" in row.get_attribute("class")
+    assert row.locator(".verdict.suspect").inner_text() == "suspect"
+    assert "built-in formula" in row.locator("small.why").inner_text()
+    assert "l1.g" in w.page.locator("#check-suspects").inner_text()
+    assert w.page.locator("#check-table tr.fail").count() == 0  # all within tolerance
+    assert_clean(w)
