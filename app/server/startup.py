@@ -144,7 +144,13 @@ class GuardedH11Protocol(H11Protocol):
             # of 40 simultaneous page loads (net::ERR_SOCKET_NOT_CONNECTED on their scripts).
             # They only cost a descriptor, so they are closed (quietly, with a FIN) when the
             # server is crowded, where silent sockets would keep others out, or at last.
-            crowded = len(self.connections) > self.max_connections // 2
+            # crowded: the server (over half its bound open), or this socket's client (over
+            # its share while crowded: its own sockets are what keeps the server from it)
+            mine = sum(c._address() == self._address() for c in self.connections)
+            crowded = (
+                len(self.connections) > self.max_connections // 2
+                or mine > self.max_connections // 4
+            )
             waited = asyncio.get_running_loop().time() - self._opened_at
             if not crowded and waited < self.silent_timeout_s:
                 self._arm_request_timer()  # look again later
