@@ -216,7 +216,7 @@ def refuse_too_much_work(cfg, chunk_bytes: int = 4 << 20) -> None:
         f"this run would hold the server for about {work.total:.1f} s (every pass counted: "
         f"backward {work.backward:.1f} s, check {work.check + work.recheck:.1f} s, finite "
         f"differences {work.finite_difference:.1f} s, compare {work.compare:.1f} s, your "
-        f"formulas {work.formulas:.1f} s), over "
+        f"formulas {work.formulas:.1f} s, drawing the tensors {work.draw:.1f} s), over "
         f"the limit of {WORK_LIMIT_S:g} s; {change}",
         cfg,
         estimated_s=round(work.total, 3),

@@ -8,8 +8,11 @@ A run makes several passes over its network, and every one of them counts:
   again, in the other precision; only a failing check runs it, but the bound must hold);
 - with fd_samples: the float64 rerun of the manual formulas (for a float32 run) and the
   finite differences themselves (many small float64 passes);
-- with compare: every strategy's backward and autograd's, each run two to four times;
+- with compare: every strategy's backward and autograd's, each run two to four times, the
+  first under a memory-measuring dispatch mode that is slower than a plain pass;
 - the views (heatmaps, stats) over every gradient;
+- drawing the tensors themselves (randn for x and every weight: 30 M numbers for two
+  4096 x 4096 layers and a 4096 x 3000 one);
 - the learner's own formulas: their elements read or written (`formula_elements`) and
   their matmuls' and einsums' flops (`formula_flops`), at the rates above.
 
@@ -40,6 +43,12 @@ ACCUMULATE_S = 1e-9  # per w.g entry per chunk: the float64 sum of the chunks' s
 OP_S = 20e-6  # per torch call from Python (dispatch, small tensors)
 FD_FLOPS = 2e9  # flops/s of the finite differences' small float64 passes
 COMPARE_SLOW_S = 0.25  # compare times one run above this (app/compare.py), else up to three
+# compare's first pass of each strategy runs under PeakMemory (app/memory.py), a dispatch
+# mode that sees every op and every live storage. A broadcast layer whose chunk does not stay
+# in cache (wide rows) takes this many plain passes' time under it (4096 -> 4096 -> 3000 at
+# batch 2: 2.5 s where a plain pass took 1.0 s, one thread); cached chunks about one
+MEASURED_PASS_FACTOR = 2.5
+DRAW_S = 10e-9  # per random number drawn for the run's tensors (torch.randn on one thread)
 
 # What an accepted run may be estimated to take. The deadline (3 s by default) is the hard
 # bound; the model errs on the slow side by about 1.5-2x for most runs.
@@ -58,6 +67,7 @@ class Work:
     finite_difference: float
     compare: float
     formulas: float
+    draw: float = 0.0  # drawing the tensors (x, the weights: randn) before any pass
 
 
 def _user_entries(cfg) -> list[dict]:
@@ -105,6 +115,12 @@ def _elementwise_s(nbytes: float) -> float:
     return nbytes / ELEMENTWISE_BYTES
 
 
+def streamed(n: int, fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int) -> bool:
+    """Whether one broadcast chunk of this layer is bigger than the cache."""
+    rows = min(n, chunk_rows(fan_in, fan_out, itemsize, chunk_bytes))
+    return rows * fan_in * fan_out * itemsize > CACHE_BYTES
+
+
 def broadcast_layer_s(n: int, fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int) -> float:
     """The literal broadcast backward of one linear layer: x.g's and w.g's products over every
     chunk, the per-row work, and the float64 accumulation of each chunk's share of w.g."""
@@ -130,14 +146,23 @@ def _passes(cfg, itemsize: int, chunk_bytes: int) -> dict[str, float]:
     ops = 8 * len(sizes) * norm_factor
     elementwise = _elementwise_s(4 * activations * norm_factor) + ops * OP_S
     forward = _matmul_s(flops, itemsize) + elementwise
-    matmul_backward = _matmul_s(2 * flops, itemsize) + 2 * elementwise
-    broadcast = sum(broadcast_layer_s(n, i, o, itemsize, chunk_bytes) for i, o in sizes)
+    # every w.g written whole, however few the rows (a 4096 x 4096 outer product at batch 2
+    # is 67 MB of writes and next to no flops); autograd accumulates it into .grad as well
+    weight_grads = _elementwise_s(sum(i * o for i, o in sizes) * itemsize)
+    matmul_backward = _matmul_s(2 * flops, itemsize) + 2 * elementwise + weight_grads
+    layers = [broadcast_layer_s(n, i, o, itemsize, chunk_bytes) for i, o in sizes]
+    broadcast = sum(layers)
+    measured = sum(
+        s * (MEASURED_PASS_FACTOR if streamed(n, i, o, itemsize, chunk_bytes) else 1)
+        for s, (i, o) in zip(layers, sizes)
+    )
     return {
         "forward": forward,
         "broadcast": broadcast + 2 * elementwise,
         "einsum": matmul_backward,
         "matmul": matmul_backward,
-        "autograd": forward + matmul_backward,
+        "autograd": forward + matmul_backward + weight_grads,
+        "broadcast_measured": measured + 2 * elementwise,  # under compare's PeakMemory
     }
 
 
@@ -175,7 +200,10 @@ def estimate(cfg, chunk_bytes: int) -> Work:
     if cfg.compare:
         for name in ("broadcast", "einsum", "matmul", "autograd"):
             once = here[name]
-            compare += once * (2 if once > COMPARE_SLOW_S else 4)
+            # the measured pass, then one timed pass (a slow one) or up to three
+            compare += here.get(f"{name}_measured", once) + once * (
+                1 if once > COMPARE_SLOW_S else 3
+            )
     # the learner's formulas run as written (no chunks), in every manual backward but
     # compare's: the run's, and the rerun in the other precision (recheck or fd's float64),
     # costed in float64 (the slower of the two, whichever the run's is)
@@ -189,8 +217,10 @@ def estimate(cfg, chunk_bytes: int) -> Work:
     # the built-in formulas again upstream of a learner's formula for an intermediate: the
     # suspect verdict's measure of rounding (app/check.py mark_suspects)
     formulas += backward * builtin_share(cfg)
-    total = forward + backward + check + recheck + fd + compare + formulas
-    return Work(total, forward, backward, check, recheck, fd, compare, formulas)
+    # every tensor drawn from the generator (weights, biases, x, target), then cast
+    draw = sum(math.prod(s.shape) for s in specs) * DRAW_S * (1 + (itemsize == 8))
+    total = forward + backward + check + recheck + fd + compare + formulas + draw
+    return Work(total, forward, backward, check, recheck, fd, compare, formulas, draw)
 
 
 # The learner's formulas' dry run (the evaluator, Traced ops on meta tensors): pure Python,

@@ -43,6 +43,13 @@ CONFIGS = [
     {"batch": 500, "in_features": 200, "hidden": [400], "fd_samples": 64},
     {"batch": 100, "in_features": 64, "hidden": [64] * 8, "fd_samples": 64,
      "norm": "layernorm"},
+    # issue 25: compare and wide layers (the issue's config with compare off: it is refused)
+    {"batch": 2, "in_features": 128, "hidden": [4096, 4096], "out_features": 3000,
+     "activation": "sigmoid", "norm": "batchnorm"},
+    {"batch": 2, "in_features": 128, "hidden": [4096], "out_features": 3000, "compare": True},
+    {"batch": 2, "in_features": 2000, "hidden": [1000], "compare": True},
+    {"batch": 11, "in_features": 4096, "hidden": [4096]},
+    {"batch": 200, "in_features": 512, "hidden": [512], "compare": True},
 ]  # fmt: skip
 
 

@@ -185,3 +185,31 @@ def test_a_step_over_its_deadline_ends_the_training():
     assert events[-1][1]["steps"] == 3
     # every step with no progress event is a pause point
     assert kinds[:-1] == ["progress", "step", "step"]
+
+
+# --- every pass costed ------------------------------------------------------------------------
+
+ISSUE_WIDE = {"batch": 2, "in_features": 128, "hidden": [4096, 4096], "out_features": 3000,
+              "activation": "sigmoid", "norm": "batchnorm", "strategy": "broadcast",
+              "compare": True}  # fmt: skip
+
+
+def test_the_issues_wide_compare_config_is_refused_naming_compare():
+    from fastapi.exceptions import RequestValidationError
+
+    from app.budget import refuse_too_much_work
+
+    estimate = work.estimate(RunRequest(**ISSUE_WIDE), 4 << 20)
+    # drawing its 30 M weights counts, and w.g's whole outer products in every pass
+    assert estimate.draw > 0.2
+    with pytest.raises(RequestValidationError) as refused:
+        refuse_too_much_work(RunRequest(**ISSUE_WIDE))
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("body", "compare") and "drawing the tensors" in error["msg"]
+    refuse_too_much_work(RunRequest(**{**ISSUE_WIDE, "compare": False}))  # accepted
+
+
+def test_the_weight_gradients_are_written_whole_whatever_the_batch():
+    wide = RunRequest(batch=2, in_features=4096, hidden=[4096], strategy="matmul")
+    narrow = RunRequest(batch=2, in_features=64, hidden=[64], strategy="matmul")
+    assert work.estimate(wide, 4 << 20).backward > 20 * work.estimate(narrow, 4 << 20).backward

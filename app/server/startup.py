@@ -64,11 +64,43 @@ class GuardedH11Protocol(H11Protocol):
         self._opened_at = asyncio.get_running_loop().time()
         self._send_timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
-            log.warning("over %d connections: dropping a new one", self.max_connections)
+        if not self._admit():
             transport.abort()
             return
         self._arm_request_timer()
+
+    def _address(self) -> str | None:
+        client = getattr(self, "client", None)
+        return client[0] if client else None
+
+    def _admit(self) -> bool:
+        """Each client address gets a share of the bound: at most half of it, a quarter
+        while the server is crowded (over half the bound open). Over the bound, the
+        heaviest client's newest silent socket (no byte of a request yet) is closed to
+        make room, so that one address with many silent sockets cannot keep others out."""
+        crowded = len(self.connections) > self.max_connections // 2
+        share = max(1, self.max_connections // (4 if crowded else 2))
+        by_client: dict[str | None, list[GuardedH11Protocol]] = {}
+        for c in self.connections:
+            by_client.setdefault(getattr(c, "_address", lambda: None)(), []).append(c)
+        mine = by_client.get(self._address(), [])
+        if len(mine) > share:
+            log.warning("client %s over its share of %d connections", self._address(), share)
+            return False
+        if len(self.connections) <= self.max_connections:
+            return True
+        heaviest = max(by_client.values(), key=len)
+        silent = [
+            c
+            for c in heaviest
+            if c is not self and not getattr(c, "_started", True) and c.cycle is None
+        ]
+        if len(heaviest) <= len(mine) or not silent:
+            log.warning("over %d connections: dropping a new one", self.max_connections)
+            return False
+        newest = max(silent, key=lambda c: c._opened_at)
+        newest.transport.close()  # quietly, with a FIN: it had sent nothing
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._request_timer is None and self.conn.their_state is h11.IDLE:
@@ -112,7 +144,13 @@ class GuardedH11Protocol(H11Protocol):
             # of 40 simultaneous page loads (net::ERR_SOCKET_NOT_CONNECTED on their scripts).
             # They only cost a descriptor, so they are closed (quietly, with a FIN) when the
             # server is crowded, where silent sockets would keep others out, or at last.
-            crowded = len(self.connections) > self.max_connections // 2
+            # crowded: the server (over half its bound open), or this socket's client (over
+            # its share while crowded: its own sockets are what keeps the server from it)
+            mine = sum(c._address() == self._address() for c in self.connections)
+            crowded = (
+                len(self.connections) > self.max_connections // 2
+                or mine > self.max_connections // 4
+            )
             waited = asyncio.get_running_loop().time() - self._opened_at
             if not crowded and waited < self.silent_timeout_s:
                 self._arm_request_timer()  # look again later
