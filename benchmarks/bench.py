@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench.py            # or: ./scripts/bench
 
-Starts the app with uvicorn on a free loopback port and prints, as ratios measured in this
+Starts `python -m app` on a free loopback port (tests/servers.py: LiveServer) and prints, as ratios measured in this
 run (the machine is shared and noisy, so only ratios within one run mean anything):
 - the API round trip for the article's run, per strategy, against the article's script done
   in-process (randn, forward, the literal broadcast backward, autograd, compare);
@@ -18,7 +18,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: tests.* from the repository root
+from tests.servers import LiveServer  # noqa: E402
+
 MB = 1e6
 
 # ------------------------------------------------------------------ the article's script
@@ -69,12 +71,6 @@ def article_script(batch: int = 1000, n_in: int = 784, n_hidden: int = 50) -> bo
 # ------------------------------------------------------------------ the server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def proc_kb(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -91,22 +87,11 @@ def reset_peak(pid: int) -> bool:
         return False
 
 
-class Server:
+class Server(LiveServer):
+    """`python -m app` as served (the connection guard on), with one kept-alive connection."""
+
     def __init__(self) -> None:
-        self.port = free_port()
-        env = dict(os.environ, BROADPROP_PORT=str(self.port), BROADPROP_HOST="127.0.0.1")
-        self.proc = subprocess.Popen(  # as served: python -m app (the connection guard on)
-            [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                self.conn().request("GET", "/healthz")
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("the server did not start")
+        super().__init__()
         self.http = self.conn()
 
     def conn(self) -> http.client.HTTPConnection:
@@ -141,8 +126,8 @@ class Server:
         return (proc_kb(pid, "VmHWM") - before) * 1024
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        self.http.close()
+        self.stop()
 
 
 def fresh_server_peak_extra(body: dict) -> int | None:

@@ -27,8 +27,9 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "browser"))
-from conftest import CHROMIUM, CHROMIUM_ARGS, server  # noqa: E402
+sys.path.insert(0, str(ROOT))  # run as a script: tests.* from the repository root
+from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.servers import LiveServer  # noqa: E402
 
 TARGET_CHANGE_FRONT_MS = 80  # default config: field change, total minus server time
 TARGET_FIRST_LOAD_MS = 1200
@@ -115,8 +116,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=7, help="field changes per config")
     ap.add_argument("--loads", type=int, default=5, help="first loads")
     args = ap.parse_args()
-    gen = server.__wrapped__() if hasattr(server, "__wrapped__") else server()
-    base = next(gen)
+    live = LiveServer()
+    base = live.base
     med = statistics.median
     rows = []
     try:
@@ -137,7 +138,7 @@ def main() -> int:
             rows.append(("first load of /", med(x[0] for x in t), med(s), med(x[1] for x in t)))
             browser.close()
     finally:
-        next(gen, None)
+        live.stop()
 
     print(f"Page benchmark (headless Chromium; medians of {args.n} changes, {args.loads} loads)")
     print(f"  {'what':<30} {'total':>9} {'server':>9} {'front end':>10} {'all charts':>11}")

@@ -1,14 +1,18 @@
 """Screenshots of the page's states for review and the README:
-`.venv/bin/python tests/browser/screenshots.py [outdir]` (default docs/screenshots)."""
+`.venv/bin/python tests/browser/screenshots.py [outdir] [--only state ...]` (default
+docs/screenshots, every state; the README shows page, new-ops, lab, data-panel and
+train-panel)."""
 
+import argparse
 import sys
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[2]))  # tests.servers
-from conftest import CHROMIUM, CHROMIUM_ARGS, ROOT, server  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script: tests.* from the repository root
+from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.servers import LiveServer  # noqa: E402
 
 STATES = {  # name: (query, what to do after load[, (width, height)])
     "default": ("", None),
@@ -74,10 +78,14 @@ def lab(page, action: str, out: Path) -> None:
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "screenshots"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", nargs="?", type=Path, default=ROOT / "docs" / "screenshots")
+    parser.add_argument("--only", nargs="*", choices=list(STATES), default=list(STATES))
+    args = parser.parse_args()
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    gen = server.__wrapped__() if hasattr(server, "__wrapped__") else server()
-    base = next(gen)
+    live = LiveServer()
+    base = live.base
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -85,7 +93,8 @@ def main() -> None:
             warm.goto(f"{base}/")
             warm.wait_for_function("() => document.body.dataset.state === 'ready'", timeout=60_000)
             warm.close()
-            for name, (query, action, *size) in STATES.items():
+            for name in args.only:
+                query, action, *size = STATES[name]
                 width, height = size[0] if size else (1280, 800)
                 page = browser.new_page(viewport={"width": width, "height": height})
                 page.on("console", lambda m: m.type == "error" and print("console:", m.text))
@@ -125,7 +134,7 @@ def main() -> None:
                 print("wrote", name)
             browser.close()
     finally:
-        next(gen, None)
+        live.stop()
 
 
 if __name__ == "__main__":
