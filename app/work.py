@@ -10,7 +10,8 @@ A run makes several passes over its network, and every one of them counts:
   finite differences themselves (many small float64 passes);
 - with compare: every strategy's backward and autograd's, each run two to four times;
 - the views (heatmaps, stats) over every gradient;
-- the learner's own formulas (`formula_elements`, a hook: 0 until formulas exist).
+- the learner's own formulas (`formula_elements`: the elements their meta-traced entries read
+  or write; 0 without formulas).
 
 The constants were measured on the development machine (2 shared cores; see
 benchmarks/calibrate.py, which prints the model against measured runs) and err on the slow

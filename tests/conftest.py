@@ -23,7 +23,7 @@ def client() -> TestClient:
 
 
 def article_reference(seed: int = 0, batch: int = 1000, n_in: int = 784, n_hidden: int = 50):
-    """The article's script, written out independently of app/: tensors made as API.md says,
+    """The article's script, written out independently of app/: tensors made as docs/API.md says,
     forward with torch ops, gradients by loss.backward()."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n_in, generator=g)

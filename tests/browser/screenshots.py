@@ -1,10 +1,15 @@
-"""Screenshots of the page's states for review and the README:
-`.venv/bin/python tests/browser/screenshots.py [outdir] [--only state ...]` (default
-docs/screenshots, every state; the README shows page, new-ops, lab, data-panel and
-train-panel)."""
+"""Screenshots of the page's states for the README and for review:
+
+    .venv/bin/python tests/browser/screenshots.py                 # the README's pictures
+    .venv/bin/python tests/browser/screenshots.py OUTDIR [--only state ...]  # every state's
+
+Without OUTDIR only the README's pictures are written, in docs/screenshots (page, new-ops,
+lab, data-panel, train-panel); `--only` narrows either to the states named."""
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
@@ -44,6 +49,14 @@ STATES = {  # name: (query, what to do after load[, (width, height)])
     ),
 }
 PANELS = {"data": "#data-panel", "train": "#train-panel"}
+# the README's pictures: file -> the state that makes it
+README_PICTURES = {
+    "page.png": "default",
+    "new-ops.png": "new-ops",
+    "lab.png": "lab-exercise",
+    "data-panel.png": "data",
+    "train-panel.png": "train",
+}
 
 
 def wait_drawn(page) -> None:
@@ -79,11 +92,14 @@ def lab(page, action: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", nargs="?", type=Path, default=ROOT / "docs" / "screenshots")
-    parser.add_argument("--only", nargs="*", choices=list(STATES), default=list(STATES))
+    parser.add_argument("out", nargs="?", type=Path, help="every state's pictures go here")
+    parser.add_argument("--only", nargs="*", choices=list(STATES), help="these states only")
     args = parser.parse_args()
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    readme = args.out is None
+    names = args.only or (list(dict.fromkeys(README_PICTURES.values())) if readme else STATES)
+    final = ROOT / "docs" / "screenshots" if readme else args.out
+    final.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp()) if readme else final
     live = LiveServer()
     base = live.base
     try:
@@ -93,7 +109,7 @@ def main() -> None:
             warm.goto(f"{base}/")
             warm.wait_for_function("() => document.body.dataset.state === 'ready'", timeout=60_000)
             warm.close()
-            for name in args.only:
+            for name in names:
                 query, action, *size = STATES[name]
                 width, height = size[0] if size else (1280, 800)
                 page = browser.new_page(viewport={"width": width, "height": height})
@@ -135,6 +151,12 @@ def main() -> None:
             browser.close()
     finally:
         live.stop()
+    if readme:
+        for picture in README_PICTURES:
+            if (out / picture).exists():
+                shutil.copy(out / picture, final / picture)
+                print("README picture:", final / picture)
+        shutil.rmtree(out)
 
 
 if __name__ == "__main__":
