@@ -7,6 +7,7 @@ them in a background thread at startup, so the first request does not pay for th
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import importlib.util
 import threading
@@ -131,4 +132,10 @@ def warm() -> None:
             except Exception:  # a missing package shows on the request that needs it
                 pass
 
-    threading.Thread(target=load_all, name="broadprop-data-warm", daemon=True).start()
+    thread = threading.Thread(target=load_all, name="broadprop-data-warm", daemon=True)
+    thread.start()
+    # A daemon thread still inside torch or pandas when the interpreter finalizes aborts the
+    # process ("terminate called without an active exception", exit 134): a script or a
+    # pytest suite done within a second of `from app.main import app` crashed on its way out.
+    # So the exit waits for the parse (about a second), never for long.
+    atexit.register(thread.join, 30)

@@ -1,5 +1,7 @@
 """The finite-difference spot check: float64 central differences at sampled entries of every
-gradient, a second witness beside autograd that shares no code with either side.
+gradient, a second witness beside autograd. It shares no code with the manual side (app/ops);
+with autograd it shares the reference forward (app/reference.py) and the check's rounding
+rules (app/check.py), not the differentiation: it evaluates losses, never a backward.
 
 The reference network (app/reference.py, the autograd check's too) runs here in float64 on
 (rows, features) views, stage by stage, so that a perturbed entry re-runs only the layers
@@ -17,7 +19,10 @@ from app import reference
 from app.check import NOISE_FACTOR, cancelling_scale
 
 FD_REL_STEP = 1e-6  # h = 1e-6 * max(1, |entry|): near the float64 optimum for central differences
-FD_MAX_FLOPS = 4e9  # float64 work all the samples may take together (~2 s); more is refused (422)
+# A yardstick, not a limit: about 2 s of float64 work. What is refused is a whole run over the
+# work limit (app/work.py counts fd_cost_flops in it; the 422 names fd_samples when dropping
+# them would fit); a test holds the article's run with the most samples under this.
+FD_MAX_FLOPS = 4e9
 FD_SEED_OFFSET = 0x5EED  # the samples' own generator: seed + this, apart from the run's tensors
 FD_RTOL = {torch.float32: 1e-3, torch.float64: 1e-4}  # plus the differences' own rounding
 FD_EPS = 8 * torch.finfo(torch.float64).eps  # per loss evaluation, with a margin

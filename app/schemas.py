@@ -1,5 +1,6 @@
-"""Request and response models of the HTTP API (../shared/API.md). Limits live here, so they
-show in /openapi.json and the page can copy them into its inputs."""
+"""Request and response models of the HTTP API (served as /openapi.json and /docs; what the
+schema cannot say is in docs/API.md). Limits live here, so they show in /openapi.json and the
+page can copy them into its inputs."""
 
 from __future__ import annotations
 
@@ -248,8 +249,9 @@ class TrainRequest(RunRequest):
     takes minibatches of `train_batch` from the data's training part (image data: the
     first n - n // 5 images in the fixed order; random: the first prod(batch) - prod(batch)
     // 5 of the run's own x and target) and validates on the rest. fd_samples, compare and
-    reference_heatmaps do not apply to training (accepted, ignored); max_cells sizes the
-    w1 heatmaps of the done event."""
+    reference_heatmaps do not change a training, but they are validated as a run's (a value
+    out of its limits, or of the wrong type, is a 422); max_cells sizes the w1 heatmaps of
+    the done event."""
 
     steps: Annotated[int, Field(strict=True, ge=1, le=MAX_TRAIN_STEPS)] = Field(
         500, description=f"Optimizer steps, at most {MAX_TRAIN_STEPS}"

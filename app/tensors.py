@@ -1,4 +1,5 @@
-"""A run's tensors, made exactly as ../shared/API.md says, so anyone can reproduce a run."""
+"""A run's tensors, made exactly as docs/API.md ("A run's tensors") says, so anyone can
+reproduce a run."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench.py            # or: ./scripts/bench
 
-Starts the app with uvicorn on a free loopback port and prints, as ratios measured in this
+Starts `python -m app` on a free loopback port (tests/servers.py: LiveServer) and prints, as ratios measured in this
 run (the machine is shared and noisy, so only ratios within one run mean anything):
 - the API round trip for the article's run, per strategy, against the article's script done
   in-process (randn, forward, the literal broadcast backward, autograd, compare);
@@ -18,7 +18,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: tests.* from the repository root
+from tests.servers import LiveServer  # noqa: E402
+
 MB = 1e6
 
 # ------------------------------------------------------------------ the article's script
@@ -69,12 +71,6 @@ def article_script(batch: int = 1000, n_in: int = 784, n_hidden: int = 50) -> bo
 # ------------------------------------------------------------------ the server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def proc_kb(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -91,28 +87,31 @@ def reset_peak(pid: int) -> bool:
         return False
 
 
-class Server:
+class Server(LiveServer):
+    """`python -m app` as served (the connection guard on), with one kept-alive connection."""
+
     def __init__(self) -> None:
-        self.port = free_port()
-        env = dict(os.environ, BROADPROP_PORT=str(self.port), BROADPROP_HOST="127.0.0.1")
-        self.proc = subprocess.Popen(  # as served: python -m app (the connection guard on)
-            [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                self.conn().request("GET", "/healthz")
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("the server did not start")
+        super().__init__()
         self.http = self.conn()
 
     def conn(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
 
+    busy = 0  # 503s asked again (a machine busy with other work), reported at the end
+
     def post(self, body: dict) -> tuple[float, int, bytes]:
+        """One request, asked again after its Retry-After while the server answers 503 (it
+        does when a busy machine cannot give a run its CPU time): the time is the answered
+        request's."""
+        for _ in range(10):
+            elapsed, status, payload, retry_after = self._post_once(body)
+            if status != 503:
+                break
+            Server.busy += 1
+            time.sleep(float(retry_after or 1))
+        return elapsed, status, payload
+
+    def _post_once(self, body: dict) -> tuple[float, int, bytes, str | None]:
         """One request on the kept-alive connection; when the server has closed it (its
         keep-alive timeout passed while this machine was busy elsewhere), a new one."""
         data = json.dumps(body).encode()
@@ -122,7 +121,8 @@ class Server:
                 self.http.request("POST", "/api/run", data, {"content-type": "application/json"})
                 response = self.http.getresponse()
                 payload = response.read()
-                return time.perf_counter() - start, response.status, payload
+                elapsed = time.perf_counter() - start
+                return elapsed, response.status, payload, response.getheader("retry-after")
             except (OSError, http.client.HTTPException):
                 self.http.close()
                 self.http = self.conn()
@@ -141,8 +141,8 @@ class Server:
         return (proc_kb(pid, "VmHWM") - before) * 1024
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        self.http.close()
+        self.stop()
 
 
 def fresh_server_peak_extra(body: dict) -> int | None:
@@ -207,7 +207,8 @@ def main() -> int:
         assert article["check"]["all_close"], "the article's run does not pass its own check"
 
         print(f"Broadprop benchmark, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"median of {args.repeats} interleaved rounds\n")  # fmt: skip
+              f"median of {args.repeats} interleaved rounds, "
+              f"load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
         print("Article's run (batch 1000, 784 -> 50 -> 1, mse)")
         print(f"  article's script in-process      {script * 1e3:8.1f} ms   1.00x")
         targets = {"broadcast": 0.3, "matmul": 0.15}
@@ -268,6 +269,9 @@ def main() -> int:
               f"{fmt_bytes(compare['chunk_bytes'])}")  # fmt: skip
     finally:
         server.close()
+    if Server.busy:
+        print(f"\n({Server.busy} answers were 503, the machine too busy to run them in time, "
+              "and were asked again after their Retry-After)")  # fmt: skip
     return 0
 
 

@@ -18,7 +18,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +27,9 @@ import httpx2 as httpx  # the dev extra's HTTP client (an httpx fork with its AP
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: tests.* from the repository root
+from tests.servers import LiveServer  # noqa: E402
+
 RSS_TARGET = 1.5e9
 MALFORMED_LIMIT_S = 3.0
 JSON = {"content-type": "application/json"}
@@ -44,37 +46,6 @@ MALFORMED = [
     b'{"batch": 1000000, "hidden": [4096]}',  # over the memory budget (batch)
     b'{"batch": 1, "in_features": 16384, "hidden": [4096, 4096, 4096, 4096]}',  # (widths)
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, env: dict[str, str]) -> subprocess.Popen:
-    """python -m app, as served: uvicorn behind the connection guard."""
-    settings = {"BROADPROP_HOST": "127.0.0.1", "BROADPROP_PORT": str(port), **env}
-    return subprocess.Popen(
-        [sys.executable, "-m", "app"],
-        cwd=ROOT,
-        env={**os.environ, **settings},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def wait_healthy(base: str, server: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"server exited with {server.returncode}")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise SystemExit("server did not become healthy")
 
 
 class RssSampler(threading.Thread):
@@ -250,12 +221,10 @@ def main() -> None:
     args = parser.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = start_server(port, env)
+    server = LiveServer(**env)  # python -m app, as served: uvicorn behind the connection guard
+    base, port = server.base, server.port
     try:
-        wait_healthy(base, server)
-        sampler = RssSampler(server.pid)
+        sampler = RssSampler(server.proc.pid)
         idle_rss = sampler.rss()
         sampler.start()
         report = asyncio.run(load(base, args.n))
@@ -264,15 +233,11 @@ def main() -> None:
         sampler.join()
         report["server_rss_idle_mb"] = round(idle_rss / 1e6, 1)
         report["server_rss_peak_mb"] = round(sampler.peak / 1e6, 1)
-        report["server_alive_after"] = server.poll() is None
+        report["server_alive_after"] = server.proc.poll() is None
         report["env"] = env
         report["cpu_count"] = os.cpu_count()
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
 
     checks = {
         "only 200/503 under load": set(report["status_counts"]) <= {"200", "503"},

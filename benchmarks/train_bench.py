@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_bench.py [--steps 2000] [--threads 1] [--repeat 2]
 
 The issue's setting: MNIST 5k, 784 -> 50 -> 10, cross_entropy, kaiming, lr 0.1, batch 64.
-Starts the app with uvicorn on a free loopback port (BROADPROP_TORCH_THREADS=threads) and, in
+Starts `python -m app` on a free loopback port (BROADPROP_TORCH_THREADS=threads) and, in
 this process with the same thread count, a plain loop on the same data, the same initial
 weights and the same minibatches: F.linear / relu / F.cross_entropy, loss.backward(),
 torch.optim.SGD. The runs alternate (manual, torch, manual, torch, ...) and each keeps its best,
@@ -20,9 +20,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,48 +33,20 @@ sys.path.insert(0, str(ROOT))
 from app.schemas import TrainRequest  # noqa: E402
 from app.tensors import make_tensors  # noqa: E402
 from app.train import minibatches, split  # noqa: E402
+from tests.servers import LiveServer  # noqa: E402
 
 CONFIG = {"data": "mnist", "hidden": [50], "loss": "cross_entropy", "init": "kaiming",
           "lr": 0.1, "train_batch": 64}  # fmt: skip
 
 
-def start_server(threads: int) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "BROADPROP_TORCH_THREADS": str(threads),
-           "BROADPROP_TRAIN_TIME_LIMIT_S": "3600"}  # fmt: skip
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],  # fmt: skip
-        cwd=ROOT,
-        env=env,
+def start_server(threads: int) -> LiveServer:
+    server = LiveServer(
+        start_s=120,
+        BROADPROP_TORCH_THREADS=str(threads),
+        BROADPROP_TRAIN_TIME_LIMIT_S="3600",
     )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError("the server did not start")
-        time.sleep(0.3)
     time.sleep(3)  # the warm-up and the data's background parse
-    return proc, port
+    return server
 
 
 def manual(port: int, body: dict) -> dict:
@@ -155,7 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    proc, port = start_server(args.threads)
+    server = start_server(args.threads)
+    port = server.port
     best: dict[str, dict] = {}
 
     def keep(name: str, result: dict) -> None:
@@ -170,8 +140,7 @@ def main() -> None:
                 keep(f"/api/train, manual, {strategy}", manual(port, body))
                 keep("torch loop (autograd + optim.SGD)", torch_loop(args.steps, args.eval_every))
     finally:
-        proc.terminate()
-        proc.wait()
+        server.stop()
 
     reference = best["torch loop (autograd + optim.SGD)"]["loop_steps_per_s"]
     print(f"\nMNIST 5k, 784 -> 50 -> 10, cross_entropy, kaiming, lr 0.1, batch 64, "

@@ -8,10 +8,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-# TestClient sends Host: testserver; the server accepts only loopback names unless told more
-os.environ.setdefault("BROADPROP_ALLOWED_HOSTS", "testserver")
-# the run deadline is a wall-clock bound: on a shared test machine it would make results
-# depend on the load; tests of the deadline set their own
+# The run deadline counts the run's CPU time (with 4x it of wall time as a safety net): a
+# run on a shared test machine could still miss the wall-clock net under load, and a slow
+# debug build could miss the CPU bound. Tests of the deadline set their own.
 os.environ.setdefault("BROADPROP_RUN_DEADLINE_S", "600")
 
 from app.main import create_app  # noqa: E402  (after the environment it reads)
@@ -24,7 +23,7 @@ def client() -> TestClient:
 
 
 def article_reference(seed: int = 0, batch: int = 1000, n_in: int = 784, n_hidden: int = 50):
-    """The article's script, written out independently of app/: tensors made as API.md says,
+    """The article's script, written out independently of app/: tensors made as docs/API.md says,
     forward with torch ops, gradients by loss.backward()."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n_in, generator=g)

@@ -74,6 +74,42 @@ def test_every_entry_does_what_its_kind_says(client, bug):
         assert not torch.allclose(manual, truth, rtol=1e-4, atol=1e-5 * float(scale))
 
 
+# what the article's own test compares: w1, w2 and b2 (b2 twice; b1 never, x never)
+ARTICLE_COMPARES = ("w1", "w2", "b2")
+
+
+def backward_gradients(formulas: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Every gradient of the article's run, the given formulas in place of the built-in ones."""
+    cfg = RunRequest(formulas=formulas)
+    net = Network.from_config(cfg)
+    env = net.forward(make_tensors(cfg))
+    return net.backward(env, Context(strategy="broadcast"), learner_formulas(cfg, net))
+
+
+@pytest.fixture(scope="module")
+def correct_run() -> dict[str, torch.Tensor]:
+    return backward_gradients({})
+
+
+RUNNABLE = [b for b in BUGS if b.kind != "shape"]
+
+
+@pytest.mark.parametrize("bug", RUNNABLE, ids=[b.id for b in RUNNABLE])
+def test_the_articles_is_same_decides_every_silent_label(correct_run, bug):
+    """Silent means the article's is_same, run on every tensor the article compares and on
+    the entry's own gradient, against the correct formulas' run, passes it; any other entry
+    that runs is caught by it somewhere."""
+    wrong = backward_gradients({bug.grad: bug.formula})
+    names = (*ARTICLE_COMPARES, bug.grad.removesuffix(".g"))
+    verdicts = {n: article_is_same(wrong[n], correct_run[n]) for n in names}
+    assert wrong[names[-1]].shape == correct_run[names[-1]].shape
+    assert not torch.equal(wrong[names[-1]], correct_run[names[-1]])  # the bug does change it
+    if bug.kind == "silent":
+        assert all(verdicts.values()), verdicts
+    else:
+        assert not all(verdicts.values()), f"{bug.id} passes the article's is_same: {verdicts}"
+
+
 def test_b1_never_compared_passes_everything_the_article_compares(client):
     """The article checks w1, w2, b2 (twice), x: all of them pass; only b1 fails."""
     bug = next(b for b in BUGS if b.id == "article-b1-never-compared")

@@ -140,3 +140,25 @@ def test_a_config_the_data_contradicts_is_a_422_naming_the_field(client, body, f
     assert error["loc"] == ["body", field]
     for word in words:
         assert word in error["msg"]
+
+
+def test_a_process_that_imports_the_app_and_exits_at_once_exits_cleanly():
+    """The datasets' background parse must be over before the interpreter finalizes: a daemon
+    thread still inside torch then aborted the process (exit 134) about one time in ten. A
+    handler registered before the app's runs after the app's own exit handlers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, threading\n"
+        "def report():\n"
+        "    alive = [t.name for t in threading.enumerate() if t.name == 'broadprop-data-warm']\n"
+        "    print('warm thread alive at exit:', bool(alive))\n"
+        "atexit.register(report)\n"
+        "from app.main import app\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "warm thread alive at exit: False" in result.stdout, result.stdout

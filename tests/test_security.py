@@ -63,6 +63,79 @@ def test_allowed_hosts_widen_the_list():
         assert c.get("/healthz").status_code == 200
 
 
+# --- Starlette's TestClient, with its defaults --------------------------------------------
+
+
+def test_the_test_client_with_its_defaults_is_served(monkeypatch):
+    """A user's own pytest suite: `TestClient(app)`, no setting, no environment variable."""
+    monkeypatch.delenv("BROADPROP_ALLOWED_HOSTS", raising=False)
+    with TestClient(create_app(Settings(allowed_hosts=""))) as c:
+        page = c.get("/")
+        assert page.status_code == 200, page.text[:200]
+        run = c.post("/api/run", json={})
+        assert run.status_code == 200, run.text[:200]
+        assert run.json()["check"]["all_close"]
+
+
+def test_what_the_server_takes_for_the_test_client_is_starlettes_default():
+    """The signal is the installed Starlette's own default: a TestClient that sends anything
+    else (after an upgrade, say) must make this fail, not silently go unserved."""
+    import inspect
+    from urllib.parse import urlsplit
+
+    from app.server.security import TEST_CLIENT, TEST_HOST
+
+    defaults = inspect.signature(TestClient.__init__).parameters
+    assert tuple(defaults["client"].default) == TEST_CLIENT
+    assert urlsplit(defaults["base_url"].default).hostname == TEST_HOST
+
+
+@pytest.mark.parametrize(
+    "kwargs, headers",
+    [
+        ({"client": ("127.0.0.1", 50000)}, {}),  # a real peer address, Host testserver
+        ({"base_url": "http://evil.rebind.example"}, {}),  # another name
+        ({}, {"host": "evil.rebind.example"}),
+        ({}, {"x-forwarded-for": "testclient:50000"}),  # a proxy said so: not in-process
+        ({}, {"forwarded": "for=testclient"}),
+    ],
+)
+def test_only_the_test_clients_defaults_are_taken_for_it(kwargs, headers):
+    with TestClient(create_app(Settings(allowed_hosts="")), **kwargs) as c:
+        r = c.get("/healthz", headers=headers)
+        assert r.status_code == 400, (kwargs, headers)
+        assert "BROADPROP_ALLOWED_HOSTS" in r.json()["detail"]
+
+
+def test_no_socket_passes_for_the_test_client():
+    """Over a real socket to `python -m app` (uvicorn, whose proxy headers are on for
+    127.0.0.1: it turns `X-Forwarded-For: testclient:50000` into that very scope client), a
+    DNS-rebinding page that also names itself testserver still gets 400."""
+    import http.client
+
+    from tests.servers import LiveServer
+
+    live = LiveServer()
+    try:
+
+        def get(headers: dict[str, str]) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=30)
+            conn.request("GET", "/healthz", headers=headers)
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert get({"Host": f"127.0.0.1:{live.port}"}) == 200  # served as it should be
+        for forged in (
+            {"Host": "testserver"},
+            {"Host": "testserver", "X-Forwarded-For": "testclient:50000"},
+            {"Host": "testserver", "Forwarded": "for=testclient"},
+        ):
+            assert get(forged) == 400, forged
+    finally:
+        live.stop()
+
+
 # --- Origin and content type ------------------------------------------------------------
 
 

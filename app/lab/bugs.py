@@ -6,7 +6,9 @@ tests/test_bugs.py holds every entry to that:
 - "shape": refused before anything runs, with the shapes that clash;
 - "value": runs, and the check against autograd fails;
 - "silent": runs and fails the check, yet passes the article's own `is_same`, which has no
-  `abs()`: `(a - b).max() < tol` is true for any gradient that is too small everywhere.
+  `abs()`: `(a - b).max() < tol` is true for any gradient that is too small everywhere. It
+  must pass on every tensor the article compares (w1, w2, b2) and on its own gradient: an
+  error too small in one gradient can have both signs downstream (relu-only-negative).
 
 The article's own three slips are here as what they let through: `is_same` without `abs()`
 (the "silent" entries), `b1` never compared (`b2` compared twice), and `back_mse`'s result
@@ -163,9 +165,22 @@ BUGS: tuple[Bug, ...] = (
         "Only the negative half of the gradient",
         "l1.g",
         "(l1 > 0).float() * a1.g.clamp_max(0)",
+        "value",
+        "Dropping every positive entry makes l1.g smaller, yet not w1.g: w1.g = x.T @ l1.g "
+        "weighs it by x, whose entries have both signs, so w1.g's error has both too and even "
+        "the article's is_same (no abs) catches it on w1. Too small stays too small only "
+        "where nothing downstream mixes signs.",
+    ),
+    Bug(
+        "b2-mean-not-sum",
+        "The output bias: mean instead of sum",
+        "b2.g",
+        "out.g.mean(0)",
         "silent",
-        "Dropping every positive entry only ever makes the gradient smaller, so the article's "
-        "is_same (no abs) passes it; the check, and everything upstream, does not.",
+        "b2.g is one number, the sum of out.g over the rows, positive on the article's run: "
+        "the mean divides it by 1000, so it is too small and is_same (no abs) passes it, "
+        "though the article compares b2 twice. The same slip on w1.g is caught: its entries "
+        "have both signs.",
     ),
 )
 

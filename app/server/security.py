@@ -15,6 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.server.limits import refuse, replay
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "[::1]"})
+# Starlette's TestClient with its defaults: scope["client"] and the Host it sends
+# (starlette.testclient.TestClient(client=..., base_url="http://testserver")).
+TEST_CLIENT = ("testclient", 50000)
+TEST_HOST = "testserver"
+PROXY_HEADERS = (b"x-forwarded-for", b"forwarded")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -80,6 +85,25 @@ class HostAllowlist:
         return any(name == n and port_ok(p) for n, p in self.entries)
 
 
+def in_process_test_client(scope: Scope, host: str, headers: dict[bytes, bytes]) -> bool:
+    """A request from Starlette's TestClient with its defaults, in this process: served like
+    a browser at localhost, so `TestClient(app)` works in anyone's pytest suite unconfigured.
+
+    Why no socket can pass for it: a server fills `scope["client"]` from the peer's address
+    (an IP address, or None for a unix socket), never the name "testclient". The one way a
+    socket's request gets a name there is a proxy-headers middleware reading X-Forwarded-For
+    or Forwarded (uvicorn's is on by default for 127.0.0.1, and reads "testclient:50000" as
+    that pair), so a request carrying either header is not taken for the TestClient. And DNS
+    rebinding needs the attacker's own name in Host, which is not "testserver"."""
+    client = scope.get("client")
+    return (
+        client is not None
+        and tuple(client) == TEST_CLIENT
+        and split_host(host)[0] == TEST_HOST
+        and not any(h in headers for h in PROXY_HEADERS)
+    )
+
+
 class ComputeRoutes:
     """The routes that take a POST (the compute routes), read from the app's routes the first
     time they are needed (routers are included after the middleware is installed). A POST
@@ -115,7 +139,8 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
 
 
 class GuardMiddleware:
-    """Outermost: security headers on every response; 400 for a Host not allowed; HEAD
+    """Outermost: security headers on every response; 400 for a Host not allowed (Starlette's
+    TestClient with its defaults is served as a browser at localhost would be); HEAD
     served as GET without the body; for any other method than GET/HEAD/OPTIONS, 403 when
     the browser says the request comes from another origin (Origin, Sec-Fetch-Site); for a
     POST to a compute route, 415 for a body that is not declared application/json."""
@@ -134,7 +159,10 @@ class GuardMiddleware:
         headers = _headers(scope)
         host = headers.get(b"host", b"").decode("latin-1")
         server = scope.get("server")
-        if not self.hosts.allows(host, server[1] if server else None):
+        if not (
+            self.hosts.allows(host, server[1] if server else None)
+            or in_process_test_client(scope, host, headers)
+        ):
             detail = (
                 f"Host {host[:100]!r} is not served here; add it to BROADPROP_ALLOWED_HOSTS "
                 "to serve this name"

@@ -1,14 +1,23 @@
-"""Screenshots of the page's states for review and the README:
-`.venv/bin/python tests/browser/screenshots.py [outdir]` (default docs/screenshots)."""
+"""Screenshots of the page's states for the README and for review:
 
+    .venv/bin/python tests/browser/screenshots.py                 # the README's pictures
+    .venv/bin/python tests/browser/screenshots.py OUTDIR [--only state ...]  # every state's
+
+Without OUTDIR only the README's pictures are written, in docs/screenshots (page, new-ops,
+lab, data-panel, train-panel); `--only` narrows either to the states named."""
+
+import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[2]))  # tests.servers
-from conftest import CHROMIUM, CHROMIUM_ARGS, ROOT, server  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script: tests.* from the repository root
+from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.servers import LiveServer  # noqa: E402
 
 STATES = {  # name: (query, what to do after load[, (width, height)])
     "default": ("", None),
@@ -40,6 +49,14 @@ STATES = {  # name: (query, what to do after load[, (width, height)])
     ),
 }
 PANELS = {"data": "#data-panel", "train": "#train-panel"}
+# the README's pictures: file -> the state that makes it
+README_PICTURES = {
+    "page.png": "default",
+    "new-ops.png": "new-ops",
+    "lab.png": "lab-exercise",
+    "data-panel.png": "data",
+    "train-panel.png": "train",
+}
 
 
 def wait_drawn(page) -> None:
@@ -74,10 +91,17 @@ def lab(page, action: str, out: Path) -> None:
 
 
 def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "screenshots"
-    out.mkdir(parents=True, exist_ok=True)
-    gen = server.__wrapped__() if hasattr(server, "__wrapped__") else server()
-    base = next(gen)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", nargs="?", type=Path, help="every state's pictures go here")
+    parser.add_argument("--only", nargs="*", choices=list(STATES), help="these states only")
+    args = parser.parse_args()
+    readme = args.out is None
+    names = args.only or (list(dict.fromkeys(README_PICTURES.values())) if readme else STATES)
+    final = ROOT / "docs" / "screenshots" if readme else args.out
+    final.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp()) if readme else final
+    live = LiveServer()
+    base = live.base
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -85,7 +109,8 @@ def main() -> None:
             warm.goto(f"{base}/")
             warm.wait_for_function("() => document.body.dataset.state === 'ready'", timeout=60_000)
             warm.close()
-            for name, (query, action, *size) in STATES.items():
+            for name in names:
+                query, action, *size = STATES[name]
                 width, height = size[0] if size else (1280, 800)
                 page = browser.new_page(viewport={"width": width, "height": height})
                 page.on("console", lambda m: m.type == "error" and print("console:", m.text))
@@ -125,7 +150,13 @@ def main() -> None:
                 print("wrote", name)
             browser.close()
     finally:
-        next(gen, None)
+        live.stop()
+    if readme:
+        for picture in README_PICTURES:
+            if (out / picture).exists():
+                shutil.copy(out / picture, final / picture)
+                print("README picture:", final / picture)
+        shutil.rmtree(out)
 
 
 if __name__ == "__main__":
