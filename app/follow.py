@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from app.network import Network
 from app.ops import Op
 from app.schemas import MAX_FOLLOW_TERMS
+from app.views import as_2d
 
 
 def followable(net: Network, backward: Sequence[dict[str, Any]]) -> dict[str, tuple[int, ...]]:
@@ -46,8 +47,21 @@ def refuse(cfg, backward: Sequence[dict[str, Any]]) -> None:
             f"{follow.grad!r} is not a gradient follow can trace in this network; "
             f"it can follow {', '.join(shapes)}",
         )
-    shape, index = shapes[follow.grad], list(follow.index)
+    shape = shapes[follow.grad]
     shown = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+    if follow.block is not None:
+        view = view_shape(shape)
+        for part, n in zip(("rows", "cols"), view):
+            start, stop = getattr(follow.block, part)
+            if not 0 <= start < stop <= n:
+                _refuse(
+                    "block",
+                    follow.block.model_dump(),
+                    f"block {part} [{start}, {stop}) is out of range for {follow.grad}'s "
+                    f"heatmap view {view}: it needs 0 <= start < stop <= {n}",
+                )
+        return
+    index = list(follow.index)
     if len(index) != len(shape):
         _refuse(
             "index",
@@ -63,6 +77,24 @@ def refuse(cfg, backward: Sequence[dict[str, Any]]) -> None:
                 f"index {index} is out of range for {follow.grad} of shape {shown}: "
                 f"dim {dim} must be from 0 to {n - 1}, got {i}",
             )
+
+
+def view_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of a gradient's heatmap view (app.views.as_2d)."""
+    return (1, shape[0]) if len(shape) == 1 else (math.prod(shape[:-1]), shape[-1])
+
+
+def block_extreme(grad: torch.Tensor, block) -> tuple[int, ...]:
+    """The index (into `grad`'s own shape) of the entry of largest magnitude in `block` of
+    its heatmap view: the entry a downsampled heatmap's cell shows."""
+    (r0, r1), (c0, c1) = block.rows, block.cols
+    part = as_2d(grad)[r0:r1, c0:c1].abs()  # (rows, cols) of the block: a view
+    at = int(torch.nan_to_num(part, nan=math.inf).argmax())  # a NaN is never hidden
+    row, col = r0 + at // part.shape[1], c0 + at % part.shape[1]
+    if grad.ndim == 1:
+        return (col,)
+    lead = torch.unravel_index(torch.tensor(row), grad.shape[:-1])
+    return (*(int(i) for i in lead), col)
 
 
 def _refuse(field: str, value: Any, msg: str) -> None:
@@ -87,7 +119,10 @@ def follow(
     terms of its formula from the gradients the run used (the learner's, where given).
     `user`: the learner's formula computed this gradient."""
     name = request.grad.removesuffix(".g")
-    index = tuple(request.index)
+    if request.index is None:
+        index = block_extreme(grads[name], request.block)
+    else:
+        index = tuple(request.index)
     op = op_for(net, name)
     trail = op.follow(name, index, grads[op.output], [env[n] for n in op.inputs])
     products = trail.products()  # (terms,): only this element's slice

@@ -129,9 +129,7 @@ def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
     cells = heatmap_cap(cfg)  # max_cells, or fewer where the response would pass its bound
     result = {
         # formulas only when given: the v1 config echo stays exactly as it was
-        "config": cfg.model_dump(
-            exclude={k for k in ("formulas", "follow") if not getattr(cfg, k)}
-        ),
+        "config": _config_echo(cfg),
         "loss": env["loss"].item(),
         "tensors": info,
         "forward": forward_trace,
@@ -181,6 +179,15 @@ def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
     if values is not None:
         result["values"] = values
     return result
+
+
+def _config_echo(cfg) -> dict[str, Any]:
+    """The request with every default filled in; formulas and follow only when given, so the
+    v1 echo stays exactly as it was."""
+    config = cfg.model_dump(exclude={k for k in ("formulas", "follow") if not getattr(cfg, k)})
+    if cfg.follow is not None:
+        config["follow"] = cfg.follow.model_dump(exclude_none=True)
+    return config
 
 
 def _tolerance(c: dict[str, Any] | None) -> tuple[float, float] | None:

@@ -53,6 +53,16 @@ def _is_int(value: Any) -> bool:
 MAX_FOLLOW_TERMS = 4096  # terms sent with a followed element; `sum` is over all of them
 
 
+class FollowBlock(BaseModel):
+    """Rows and columns [start, stop) of a gradient's 2-D heatmap view (a 1-D gradient is one
+    row; more dims are (product of the leading dims, last dim))."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: Annotated[list[StrictInt], Field(min_length=2, max_length=2)]
+    cols: Annotated[list[StrictInt], Field(min_length=2, max_length=2)]
+
+
 class FollowRequest(BaseModel):
     """One element of a gradient to trace back to the products its reduction sums."""
 
@@ -62,10 +72,23 @@ class FollowRequest(BaseModel):
         description='A linear layer\'s gradient ("x.g", "a1.g", "w1.g", "b1.g", ...) or a '
         'norm\'s ("gamma1.g", "beta1.g"); another name is a 422 listing the valid ones'
     )
-    index: Annotated[list[StrictInt], Field(max_length=MAX_BATCH_DIMS + 1)] = Field(
+    index: Annotated[list[StrictInt], Field(max_length=MAX_BATCH_DIMS + 1)] | None = Field(
+        None,
         description="The element's index into that gradient's own shape, one int per dim: "
-        "[i, j] for x.g (1000, 784), [k] for b1.g; out of range is a 422 at follow.index"
+        "[i, j] for x.g (1000, 784), [k] for b1.g; out of range is a 422 at follow.index",
     )
+    block: FollowBlock | None = Field(
+        None,
+        description="Instead of index: a block of the gradient's heatmap view (a downsampled "
+        "heatmap's cell); the element of largest magnitude in it is followed, and the "
+        "response's index says which",
+    )
+
+    @model_validator(mode="after")
+    def _index_or_block(self) -> FollowRequest:
+        if (self.index is None) == (self.block is None):
+            raise ValueError("follow takes an index or a block (one of them)")
+        return self
 
 
 class RunRequest(BaseModel):

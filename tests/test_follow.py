@@ -254,7 +254,12 @@ def test_a_bad_follow_is_a_422_naming_the_field_and_the_limit(client, follow, fi
 
 @pytest.mark.parametrize(
     "follow",
-    [{"grad": "x.g"}, {"grad": "x.g", "index": [1, 2], "x": 1}, {"grad": "x.g", "index": ["a", 1]}],
+    [
+        {"grad": "x.g"},
+        {"grad": "x.g", "index": [1, 2], "x": 1},
+        {"grad": "x.g", "index": ["a", 1]},
+        {"grad": "x.g", "index": [1, 2], "block": {"rows": [0, 1], "cols": [0, 1]}},
+    ],
 )
 def test_a_malformed_follow_is_a_422_at_follow(client, follow):
     response = client.post("/api/run", json={"follow": follow})
@@ -268,3 +273,38 @@ def test_export_refuses_a_bad_follow_under_config(client):
     )
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "config", "follow", "index"]
+
+
+@pytest.mark.parametrize(
+    ("grad", "block"),
+    [("x.g", {"rows": [10, 20], "cols": [13, 26]}), ("b1.g", {"rows": [0, 1], "cols": [0, 50]})],
+)
+def test_a_block_follows_its_element_of_largest_magnitude(client, article, grad, block):
+    """A downsampled heatmap's cell: the element it shows (the block's extreme) is followed."""
+    _, grads = article
+    response = client.post("/api/run", json={"follow": {"grad": grad, "block": block}})
+    assert response.status_code == 200, response.text
+    f = response.json()["follow"]
+    g = grads[grad.removesuffix(".g")]
+    g2 = g.reshape(1, -1) if g.ndim == 1 else g
+    (r0, r1), (c0, c1) = block["rows"], block["cols"]
+    row, col = (0, f["index"][0]) if g.ndim == 1 else f["index"]
+    assert r0 <= row < r1 and c0 <= col < c1
+    assert abs(g2[row, col].item()) == pytest.approx(g2[r0:r1, c0:c1].abs().max().item(), rel=1e-5)
+    assert f["value"] == pytest.approx(g2[row, col].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("follow", "field"),
+    [
+        ({"grad": "x.g", "block": {"rows": [10, 1001], "cols": [0, 4]}}, "block"),
+        ({"grad": "x.g", "block": {"rows": [5, 5], "cols": [0, 4]}}, "block"),
+        ({"grad": "b1.g", "block": {"rows": [0, 2], "cols": [0, 4]}}, "block"),
+    ],
+)
+def test_a_block_out_of_the_view_is_a_422(client, follow, field):
+    response = client.post("/api/run", json={"follow": follow})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "follow", field]
+    assert "0 <= start < stop <=" in error["msg"]
