@@ -149,6 +149,7 @@ def follow(
         "abs_sum": _finite(products.abs().sum(dtype=torch.float64).item()),
         "product_shape": list(trail.product_shape),
         "slice": list(trail.slice),
+        "factor_index": {n: list(i) for n, i in trail.at.items()},
         "source": "user" if user else "reference",
     }
 

@@ -395,6 +395,10 @@ class BackwardEntry(BaseModel):
         description="Set on another formula for the same gradient (e.g. cross_entropy's "
         '"fused" (probs - one_hot) / N): traced and checked, not propagated',
     )
+    factor_index: dict[str, list[int | None]] = Field(
+        description='Each factor\'s slice: {"l1.g": [3, null], "w1": [100, null]}; a term\'s '
+        "positions on the summed dims fill the nulls in order (l1.g[3, k], w1[100, k])"
+    )
     source: Literal["user", "reference"] = Field(
         "reference", description='"user" where the learner\'s formula computed this gradient'
     )
@@ -536,6 +540,10 @@ class Follow(BaseModel):
     product_shape: Shape = Field(description="The broadcast product's shape: [1000, 784, 50]")
     slice: list[int | None] = Field(
         description="The element's slice of the product: null on the dims it sums over"
+    )
+    factor_index: dict[str, list[int | None]] = Field(
+        description='Each factor\'s slice: {"l1.g": [3, null], "w1": [100, null]}; a term\'s '
+        "positions on the summed dims fill the nulls in order (l1.g[3, k], w1[100, k])"
     )
     source: Literal["user", "reference"] = Field(
         description='"user" where the learner\'s formula computed the gradient (value is '

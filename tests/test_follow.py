@@ -88,6 +88,7 @@ def test_x_g_element_is_50_products_of_l1_g_and_w1(client, article):
     assert f["terms_total"] == 50 and len(f["terms"]) == 50
     assert f["formula"] == "x.g[3, 100] = (l1.g[3, :] * w1[100, :]).sum()"
     assert f["product_shape"] == [1000, 784, 50] and f["slice"] == [3, 100, None]
+    assert f["factor_index"] == {"l1.g": [3, None], "w1": [100, None]}
     assert f["source"] == "reference"
     l1g, w1 = grads["l1"][3], tensors["w1"][100]  # (50,), (50,)
     scale = l1g.abs().max().item()
@@ -152,6 +153,7 @@ def test_batch_dims_index_every_leading_dim(client):
     f = post_follow(client, "w1.g", [3, 5], **config)["follow"]
     assert f["formula"] == "w1.g[3, 5] = (x[:, :, 3] * l1.g[:, :, 5]).sum()"
     assert f["product_shape"] == [4, 16, 12, 8] and f["slice"] == [None, None, 3, 5]
+    assert f["factor_index"] == {"x": [None, None, 3], "l1.g": [None, None, 5]}
     assert [t["index"] for t in f["terms"]] == [[a, b, 3, 5] for a in range(4) for b in range(16)]
     for term in f["terms"]:
         a, b = term["index"][:2]

@@ -660,9 +660,17 @@ class Context:
 # --------------------------------------------------------------------------- one element
 
 
-def element(name: str, index: Sequence[int | slice]) -> str:
-    """`x.g[3, :]`: a tensor's element or slice as Python writes it."""
-    return f"{name}[{', '.join(_fmt_index(p) for p in index)}]"
+def element(name: str, index: Sequence[int | None]) -> str:
+    """`x.g[3, :]` for ("x.g", (3, None)): an element or a slice (None: every entry)."""
+    return f"{name}[{', '.join(':' if p is None else str(p) for p in index)}]"
+
+
+def sum_formula(name: str, index: Sequence[int], at: dict[str, Sequence[int | None]]) -> str:
+    """`x.g[3, 100] = (l1.g[3, :] * w1[100, :]).sum()`: an element as the sum of its terms,
+    each factor's slice from `at`."""
+    parts = [element(n, i) for n, i in at.items()]
+    summed = f"({' * '.join(parts)}).sum()" if len(parts) > 1 else f"{parts[0]}.sum()"
+    return f"{element(f'{name}.g', index)} = {summed}"
 
 
 @dataclass
@@ -675,6 +683,7 @@ class Trail:
     product_shape: Shape  # the broadcast product the formula reduces, e.g. (1000, 784, 50)
     slice: tuple[int | None, ...]  # the element's slice of it, None where summed: (3, 100, None)
     factors: dict[str, torch.Tensor]  # name -> 1-D, one value per term
+    at: dict[str, tuple[int | None, ...]]  # name -> its slice: None where the terms run, in order
 
     @property
     def summed_shape(self) -> Shape:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from app.ops.base import Context, Op, Traced, Trail, element, unbroadcast
+from app.ops.base import Context, Op, Traced, Trail, sum_formula, unbroadcast
 
 
 class Linear(Op):
@@ -40,35 +40,22 @@ class Linear(Op):
         x_name, w_name, _ = self.inputs
         g_name = f"{self.output}.g"
         lead = tuple(x.shape[:-1])  # *B
-        every = (slice(None),) * len(lead)  # `:` over *B
-        whole = slice(None)
+        every = (None,) * len(lead)  # `:` over *B
         product = (*lead, *w.shape)  # (*B, in, out): the broadcast of the x.g and w.g formulas
-        target = element(f"{name}.g", index)
         if name == x_name:  # (*B, 1, out) * (in, out), summed over out
             *n, i = index
-            g_row, w_row = element(g_name, (*n, whole)), element(w_name, (i, whole))
-            return Trail(
-                f"{target} = ({g_row} * {w_row}).sum()",
-                product,
-                (*index, None),
-                {g_name: g[tuple(n)], w_name: w[i]},  # (out,), (out,)
-            )
+            at = {g_name: (*n, None), w_name: (i, None)}
+            factors = {g_name: g[tuple(n)], w_name: w[i]}  # (out,), (out,)
+            return Trail(sum_formula(name, index, at), product, (*index, None), factors, at)
         if name == w_name:  # (*B, in, 1) * (*B, 1, out), summed over *B
             i, o = index
-            x_col, g_col = element(x_name, (*every, i)), element(g_name, (*every, o))
-            return Trail(
-                f"{target} = ({x_col} * {g_col}).sum()",
-                product,
-                (*(None,) * len(lead), i, o),
-                {x_name: x[..., i].reshape(-1), g_name: g[..., o].reshape(-1)},  # (N,), (N,)
-            )
+            at = {x_name: (*every, i), g_name: (*every, o)}
+            factors = {x_name: x[..., i].reshape(-1), g_name: g[..., o].reshape(-1)}  # (N,), (N,)
+            return Trail(sum_formula(name, index, at), product, (*every, i, o), factors, at)
         (o,) = index  # b was broadcast over *B: its gradient sums g over *B
-        return Trail(
-            f"{target} = {element(g_name, (*every, o))}.sum()",
-            tuple(g.shape),
-            (*(None,) * len(lead), o),
-            {g_name: g[..., o].reshape(-1)},  # (N,)
-        )
+        at = {g_name: (*every, o)}
+        factors = {g_name: g[..., o].reshape(-1)}  # (N,)
+        return Trail(sum_formula(name, index, at), tuple(g.shape), (*every, o), factors, at)
 
     def compute_forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         x, w, b = xs
