@@ -164,6 +164,7 @@ export class FollowPanel {
     this.el.dataset.terms = String(total);
     this.el.dataset.sum = String(f.sum);
     this.el.dataset.value = String(f.value);
+    this.el.dataset.absSum = String(f.abs_sum);
     this.el.hidden = false;
     const chart = h("div", { class: "follow-chart", id: "follow-chart", role: "img", "aria-label": `The ${total} products summed into ${ref}, and their running sum` });
     this.el.replaceChildren(
