@@ -56,8 +56,9 @@ export function followSpec(follow, { ref, names, present = false, width = 640 })
         data.push({ x: [x[0], x[x.length - 1]], y: [follow.value, follow.value], xaxis: `x${axis}`, yaxis: `y${axis}`, type: "scatter", mode: "lines", line: { color: "#212529", dash: "dash", width: 1.5 }, hoverinfo: "skip" });
         const cut = follow.terms.length < follow.terms_total;
         layout.annotations.push({
-          xref: `x${axis}`, yref: `y${axis}`, x: x[x.length - 1], y: follow.value, xanchor: "right", yanchor: "bottom",
-          text: cut ? `${ref} = ${follow.value.toPrecision(6)} (first ${follow.terms.length} of ${follow.terms_total} terms shown)` : `${ref} = ${follow.value.toPrecision(6)}`,
+          // above the row, at its right: never over the line it explains
+          xref: "paper", yref: `y${axis} domain`, x: 1, y: 1, xanchor: "right", yanchor: "bottom",
+          text: `dashed: ${ref} = ${follow.value.toPrecision(6)}${cut ? ` (the first ${follow.terms.length} of ${follow.terms_total} terms shown)` : ""}`,
           showarrow: false, font: { size: font, color: "#212529" }, bgcolor: "rgba(255,255,255,.85)",
         });
       }

@@ -64,6 +64,13 @@ export class FollowPanel {
     this.selected = null; // {grad, index} or {grad, block}
     this.follow = null; // the server's answer for the current run
     this.controller = null;
+    // drawn while hidden (presentation mode shows one section at a time) or resized: redraw
+    // the chart at its new width
+    this.width = 0;
+    new ResizeObserver(() => {
+      const w = this.el.clientWidth;
+      if (w && Math.abs(w - this.width) > 20) (this.width = w), this.redraw();
+    }).observe(el);
   }
 
   /** The URL's value: the followed element, once the server has said which it is. */
@@ -146,6 +153,7 @@ export class FollowPanel {
     const eps = data.config.dtype === "float64" ? 2 ** -52 : 2 ** -23;
     const bound = f.abs_sum != null ? total * eps * f.abs_sum : null;
     const names = Object.keys(f.factor_index);
+    const what = names.length > 1 ? "products" : "entries"; // a bias sums its gradient's entries
 
     const terms = f.terms.slice(0, TERMS_LISTED).map((t) => {
       const pos = summedPositions(f, t);
@@ -175,12 +183,12 @@ export class FollowPanel {
         f.source === "user" ? h("span", { class: "badge" }, "your formula's value") : null),
       h("p", { class: "follow-formula" }, h("code", {}, f.formula)),
       h("p", { class: "follow-slice" },
-        "The slice ", h("code", {}, sliceText), " of the broadcast product ", h("b", {}, shape(f.product_shape)), ": ",
-        h("b", {}, total.toLocaleString("en")), ` of its ${size.toLocaleString("en")} products, summed over dim${summedDims.length > 1 ? "s" : ""} ${summedDims.join(", ")}.`),
+        "The slice ", h("code", {}, sliceText), names.length > 1 ? " of the broadcast product " : ` of ${names[0]} `, h("b", {}, shape(f.product_shape)), ": ",
+        h("b", {}, total.toLocaleString("en")), ` of its ${size.toLocaleString("en")} ${what}, summed over dim${summedDims.length > 1 ? "s" : ""} ${summedDims.join(", ")}.`),
       h("ol", { class: "follow-terms", start: "0" }, ...terms),
       chart,
       h("p", { class: "follow-sum" },
-        `Σ of the ${total.toLocaleString("en")} products = `, h("b", { class: "follow-total" }, exact(f.sum)),
+        `Σ of the ${total.toLocaleString("en")} ${what} = `, h("b", { class: "follow-total" }, exact(f.sum)),
         " → ", h("code", {}, ref), " = ", h("b", {}, exact(f.value)),
         diff != null ? h("span", { class: diff <= bound ? "ok" : "bad" },
           ` · difference ${short(diff)}${bound != null ? (diff <= bound ? `, rounding (≤ ${short(bound)})` : `, beyond rounding (${short(bound)})`) : ""}`) : null),
