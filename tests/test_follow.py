@@ -310,3 +310,56 @@ def test_a_block_out_of_the_view_is_a_422(client, follow, field):
     (error,) = response.json()["detail"]
     assert error["loc"] == ["body", "follow", field]
     assert "0 <= start < stop <=" in error["msg"]
+
+
+def norm_reference(norm: str, lead=(4, 8), n_in=10, hidden=6, seed=4):
+    """linear -> norm -> relu -> linear -> mse as API.md makes it, by torch.nn.functional
+    (not app/), with n1's gradient retained and xhat computed on its own."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, n_in, generator=g)
+    target = torch.randn(*lead, generator=g)
+    w1 = torch.randn(n_in, hidden, generator=g)
+    b1 = torch.randn(hidden, generator=g)
+    gamma1 = 1 + 0.1 * torch.randn(hidden, generator=g)
+    beta1 = 0.1 * torch.randn(hidden, generator=g)
+    w2 = torch.randn(hidden, 1, generator=g)
+    b2 = torch.randn(1, generator=g)
+    p = {n: t.clone().requires_grad_() for n, t in dict(gamma1=gamma1, beta1=beta1).items()}
+    l1 = x @ w1 + b1
+    if norm == "layernorm":
+        n1 = torch.nn.functional.layer_norm(l1, (hidden,), p["gamma1"], p["beta1"], eps=1e-5)
+        xhat = torch.nn.functional.layer_norm(l1, (hidden,), eps=1e-5)
+    else:
+        flat = l1.reshape(-1, hidden)
+        xhat = ((flat - flat.mean(0)) / (flat.var(0, unbiased=False) + 1e-5).sqrt()).reshape(
+            l1.shape
+        )
+        n1 = xhat * p["gamma1"] + p["beta1"]
+    n1.retain_grad()
+    out = torch.relu(n1) @ w2 + b2
+    (out.squeeze(-1) - target).pow(2).mean().backward()
+    return n1.grad, xhat.detach(), {n: t.grad for n, t in p.items()}
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "batchnorm"])
+@pytest.mark.parametrize("grad", ["gamma1.g", "beta1.g"])
+def test_a_norms_gamma_and_beta_elements_sum_over_the_batch(client, norm, grad):
+    n1g, xhat, grads = norm_reference(norm)
+    config = dict(batch=[4, 8], in_features=10, hidden=[6], norm=norm, seed=4)
+    f = post_follow(client, grad, [2], **config)["follow"]
+    assert f["terms_total"] == 32 and f["product_shape"] == [4, 8, 6]
+    gamma = grad == "gamma1.g"
+    expected = "(n1.g[:, :, 2] * xhat[:, :, 2]).sum()" if gamma else "n1.g[:, :, 2].sum()"
+    assert f["formula"] == f"{grad}[2] = {expected}"
+    scale = n1g.abs().max().item()
+    for term in f["terms"]:
+        a, b, j = term["index"]
+        assert term["factors"]["n1.g"] == pytest.approx(
+            n1g[a, b, j].item(), rel=1e-4, abs=1e-6 * scale
+        )
+        if gamma:
+            assert term["factors"]["xhat"] == pytest.approx(
+                xhat[a, b, j].item(), rel=1e-4, abs=1e-5
+            )
+    assert_products_are_their_factors(f)
+    assert_sum_and_value(f, grads[grad.removesuffix(".g")][2].item())
