@@ -12,6 +12,9 @@ standard bound for a float32 sum of `terms` products); in practice far closer.
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -363,3 +366,46 @@ def test_a_norms_gamma_and_beta_elements_sum_over_the_batch(client, norm, grad):
             )
     assert_products_are_their_factors(f)
     assert_sum_and_value(f, grads[grad.removesuffix(".g")][2].item())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(batch=[2, 4], in_features=6, hidden=[4, 3], follow={"grad": "w1.g", "index": [5, 2]}),
+        dict(
+            batch=8,
+            in_features=6,
+            hidden=[4, 3],
+            norm="layernorm",
+            follow={"grad": "gamma1.g", "index": [1]},
+        ),
+    ],
+    ids=["linear", "layernorm"],
+)
+def test_the_exported_script_prints_the_followed_elements_check(client, tmp_path, config):
+    response = client.post("/api/export", json={"config": config, "format": "py"})
+    assert response.status_code == 200, response.text
+    path = tmp_path / "run.py"
+    path.write_text(response.text)
+    done = subprocess.run(
+        [sys.executable, path.name], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    api = post_follow(
+        client,
+        config["follow"]["grad"],
+        config["follow"]["index"],
+        **{k: v for k, v in config.items() if k != "follow"},
+    )["follow"]
+    target = f"{api['grad']}[{', '.join(map(str, api['index']))}]"
+    line = re.search(
+        rf"^follow {re.escape(target)}: (\d+) terms, sum (\S+), value (\S+), \|sum - value\| \S+ \(rounding allows (\S+)\)$",
+        done.stdout,
+        re.M,
+    )
+    assert line, done.stdout
+    terms, total, value, bound = int(line[1]), float(line[2]), float(line[3]), float(line[4])
+    assert terms == api["terms_total"]
+    assert value == pytest.approx(api["value"], rel=1e-7)  # the same gradient, bit for bit
+    assert abs(total - value) <= bound
+    assert total == pytest.approx(api["sum"], rel=1e-5, abs=bound)

@@ -668,9 +668,14 @@ def element(name: str, index: Sequence[int | None]) -> str:
 def sum_formula(name: str, index: Sequence[int], at: dict[str, Sequence[int | None]]) -> str:
     """`x.g[3, 100] = (l1.g[3, :] * w1[100, :]).sum()`: an element as the sum of its terms,
     each factor's slice from `at`."""
-    parts = [element(n, i) for n, i in at.items()]
-    summed = f"({' * '.join(parts)}).sum()" if len(parts) > 1 else f"{parts[0]}.sum()"
+    terms = terms_expr(at)
+    summed = f"({terms}).sum()" if len(at) > 1 else f"{terms}.sum()"
     return f"{element(f'{name}.g', index)} = {summed}"
+
+
+def terms_expr(at: dict[str, Sequence[int | None]]) -> str:
+    """`l1.g[3, :] * w1[100, :]`: the terms themselves, one per entry of the slices."""
+    return " * ".join(element(n, i) for n, i in at.items())
 
 
 @dataclass

@@ -113,6 +113,7 @@ export class FollowPanel {
       const msg = Array.isArray(detail) ? detail.map((d) => d.msg).join("; ") : `The server answered ${err.status ?? err.message}.`;
       this.follow = null;
       this.selected = null;
+      this.onMark(null);
       this.el.dataset.state = "error";
       this.el.replaceChildren(this.head("Cannot follow this element"), h("p", { class: "notice bad" }, msg));
     }

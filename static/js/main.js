@@ -47,6 +47,7 @@ const follower = new FollowPanel({
   onChange: () => syncUrl(true),
   onMark: (follow) => {
     diagram.markFollow(follow);
+    exporter.follow = follow ? { grad: follow.grad, index: follow.index } : null;
     $("diagram-follow").hidden = !follow;
     $("diagram-follow").replaceChildren(...(follow ? followNote(follow) : []));
   },
