@@ -135,3 +135,22 @@ def test_follow_panel_is_projector_size_in_presentation_mode(watched):
     )
     assert chart_fonts >= 18
     assert_clean(w)
+
+
+@pytest.mark.browser
+def test_a_config_without_the_element_says_so_and_drops_it(watched):
+    w = watched
+    w.open(f"{SMALL}&follow=x.g:7,5")
+    page = w.page
+    wait_followed(page)
+    assert panel(page)["index"] == "7,5"
+    page.fill("#f-batch", "4")  # x.g is now (4, 6): row 7 is gone
+    page.press("#f-batch", "Enter")
+    page.wait_for_function(
+        "() => document.querySelector('#follow-panel').dataset.state === 'error'", timeout=60_000
+    )
+    text = page.inner_text("#follow-panel")
+    assert "out of range" in text and "0 to 3" in text
+    page.wait_for_function("() => !location.search.includes('follow=')", timeout=10_000)
+    assert page.locator("#diagram-follow").is_hidden()
+    assert_clean(w, allowed=[r"status of 422"])
