@@ -1,6 +1,7 @@
 // The followed element's chart (Plotly): each factor's values, their products as bars, and the
 // running sum of the products arriving at the element's value (a dashed line), one row each,
 // sharing the term axis. In presentation mode every label is at least 18 px.
+import { shape } from "./format.js";
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 
 const COLOURS = ["#1864ab", "#2b8a3e", "#d9480f"]; // factors; products in the sum's purple
@@ -12,12 +13,10 @@ function termAxis(follow) {
   const summed = follow.slice.map((s, d) => (s == null ? d : null)).filter((d) => d != null);
   if (summed.length === 1) {
     const d = summed[0];
-    return { x: follow.terms.map((t) => t.index[d]), title: `position on dim ${d} of ${shapeText(follow.product_shape)}` };
+    return { x: follow.terms.map((t) => t.index[d]), title: `position on dim ${d} of ${shape(follow.product_shape)}` };
   }
   return { x: follow.terms.map((_, i) => i), title: `term (dims ${summed.join(", ")} flattened)` };
 }
-
-const shapeText = (dims) => `(${dims.join(", ")}${dims.length === 1 ? "," : ""})`;
 
 /** Plotly's data and layout. */
 export function followSpec(follow, { ref, names, present = false, width = 640 }) {
