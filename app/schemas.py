@@ -395,10 +395,6 @@ class BackwardEntry(BaseModel):
         description="Set on another formula for the same gradient (e.g. cross_entropy's "
         '"fused" (probs - one_hot) / N): traced and checked, not propagated',
     )
-    factor_index: dict[str, list[int | None]] = Field(
-        description='Each factor\'s slice: {"l1.g": [3, null], "w1": [100, null]}; a term\'s '
-        "positions on the summed dims fill the nulls in order (l1.g[3, k], w1[100, k])"
-    )
     source: Literal["user", "reference"] = Field(
         "reference", description='"user" where the learner\'s formula computed this gradient'
     )

@@ -19,6 +19,8 @@ import sys
 import pytest
 import torch
 
+from app.schemas import RunResponse
+
 EPS32 = torch.finfo(torch.float32).eps
 
 
@@ -107,6 +109,7 @@ def test_x_g_element_is_50_products_of_l1_g_and_w1(client, article):
     assert_products_are_their_factors(f)
     assert_sum_and_value(f, grads["x"][3, 100].item())
     assert "follow_ms" in body["timing"]
+    RunResponse.model_validate(body)  # the response schema in /openapi.json describes it
     assert body["config"]["follow"] == {"grad": "x.g", "index": [3, 100]}
 
 
