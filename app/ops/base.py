@@ -843,6 +843,63 @@ class Context:
             raise RunCancelled("the run was stopped")
 
 
+# --------------------------------------------------------------------------- one element
+
+
+def element(name: str, index: Sequence[int | None]) -> str:
+    """`x.g[3, :]` for ("x.g", (3, None)): an element or a slice (None: every entry)."""
+    return f"{name}[{', '.join(':' if p is None else str(p) for p in index)}]"
+
+
+def sum_formula(name: str, index: Sequence[int], at: dict[str, Sequence[int | None]]) -> str:
+    """`x.g[3, 100] = (l1.g[3, :] * w1[100, :]).sum()`: an element as the sum of its terms,
+    each factor's slice from `at`."""
+    terms = terms_expr(at)
+    summed = f"({terms}).sum()" if len(at) > 1 else f"{terms}.sum()"
+    return f"{element(f'{name}.g', index)} = {summed}"
+
+
+def terms_expr(at: dict[str, Sequence[int | None]]) -> str:
+    """`l1.g[3, :] * w1[100, :]`: the terms themselves, one per entry of the slices."""
+    return " * ".join(element(n, i) for n, i in at.items())
+
+
+@dataclass
+class Trail:
+    """The terms a gradient's reduction sums into one of its elements: one slice of the
+    broadcast product, never the whole. Term t multiplies `factors[name][t]` of every factor;
+    the terms run in C order over the summed dims (the `None`s of `slice`)."""
+
+    formula: str  # index filled in: x.g[3, 100] = (l1.g[3, :] * w1[100, :]).sum()
+    product_shape: Shape  # the broadcast product the formula reduces, e.g. (1000, 784, 50)
+    slice: tuple[int | None, ...]  # the element's slice of it, None where summed: (3, 100, None)
+    factors: dict[str, torch.Tensor]  # name -> 1-D, one value per term
+    at: dict[str, tuple[int | None, ...]]  # name -> its slice: None where the terms run, in order
+
+    @property
+    def summed_shape(self) -> Shape:
+        """The sizes of the summed dims: the terms' own shape."""
+        return tuple(n for n, i in zip(self.product_shape, self.slice) if i is None)
+
+    def products(self) -> torch.Tensor:
+        """Each term's product, in the gradient's dtype, as the formula multiplies them."""
+        values = list(self.factors.values())
+        out = values[0]
+        for factor in values[1:]:
+            out = out * factor
+        return out
+
+    def term_indices(self, count: int) -> list[list[int]]:
+        """The first `count` terms' indices into the broadcast product."""
+        summed = self.summed_shape
+        free = list(zip(*(i.tolist() for i in torch.unravel_index(torch.arange(count), summed))))
+        out = []
+        for position in free:
+            it = iter(position)
+            out.append([next(it) if i is None else i for i in self.slice])
+        return out
+
+
 class Op:
     """One operation of the network: its forward, its manual backward, and its trace.
 
@@ -856,6 +913,7 @@ class Op:
     kind: ClassVar[str]
     registry: ClassVar[dict[str, type[Op]]] = {}
     no_grad_inputs: ClassVar[frozenset[int]] = frozenset()  # e.g. a loss's target
+    followed: ClassVar[frozenset[int]] = frozenset()  # inputs whose gradient `follow` traces
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -886,6 +944,13 @@ class Op:
         A key `variant(name, label)` adds another formula for the same gradient: it is
         traced and checked, and the main formula is the one that propagates."""
         raise NotImplementedError
+
+    def follow(
+        self, name: str, index: tuple[int, ...], g: torch.Tensor, xs: Sequence[torch.Tensor]
+    ) -> Trail:
+        """The terms the backward's reduction sums into `name.g[index]` (an input of
+        `followed`), from the output's gradient `g` and the inputs `xs`: one slice of them."""
+        raise NotImplementedError(f"{self.kind} does not follow {name}.g")
 
     def compute_forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The output as a tensor; by default the formula of `forward` on real tensors."""

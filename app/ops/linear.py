@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from app.ops.base import Context, Op, Traced, unbroadcast
+from app.ops.base import Context, Op, Traced, Trail, sum_formula, unbroadcast
 
 
 class Linear(Op):
@@ -27,6 +27,35 @@ class Linear(Op):
             # b was broadcast over *B in the forward pass: (*B, out) -> (out,)
             b.expr: lambda: unbroadcast(g, b.shape),
         }
+
+    followed = frozenset({0, 1, 2})
+
+    def follow(
+        self, name: str, index: tuple[int, ...], g: torch.Tensor, xs: Sequence[torch.Tensor]
+    ) -> Trail:
+        """One element of a gradient as the terms `backward`'s reduction sums: x.g[*n, i] is
+        out's 50 products g[*n, o] * w[i, o]; w.g[i, o] and b.g[o] sum over every position
+        n of *B. Only those terms are read: never the (*B, in, out) product."""
+        x, w, _ = xs
+        x_name, w_name, _ = self.inputs
+        g_name = f"{self.output}.g"
+        lead = tuple(x.shape[:-1])  # *B
+        every = (None,) * len(lead)  # `:` over *B
+        product = (*lead, *w.shape)  # (*B, in, out): the broadcast of the x.g and w.g formulas
+        if name == x_name:  # (*B, 1, out) * (in, out), summed over out
+            *n, i = index
+            at = {g_name: (*n, None), w_name: (i, None)}
+            factors = {g_name: g[tuple(n)], w_name: w[i]}  # (out,), (out,)
+            return Trail(sum_formula(name, index, at), product, (*index, None), factors, at)
+        if name == w_name:  # (*B, in, 1) * (*B, 1, out), summed over *B
+            i, o = index
+            at = {x_name: (*every, i), g_name: (*every, o)}
+            factors = {x_name: x[..., i].reshape(-1), g_name: g[..., o].reshape(-1)}  # (N,), (N,)
+            return Trail(sum_formula(name, index, at), product, (*every, i, o), factors, at)
+        (o,) = index  # b was broadcast over *B: its gradient sums g over *B
+        at = {g_name: (*every, o)}
+        factors = {g_name: g[..., o].reshape(-1)}  # (N,)
+        return Trail(sum_formula(name, index, at), tuple(g.shape), (*every, o), factors, at)
 
     def compute_forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         x, w, b = xs

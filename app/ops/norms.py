@@ -9,8 +9,11 @@ two differ only in the dims they reduce.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-from app.ops.base import Op, Traced, unbroadcast
+import torch
+
+from app.ops.base import Op, Traced, Trail, sum_formula, unbroadcast
 
 EPS = 1e-5
 
@@ -67,6 +70,28 @@ class _Norm(Op):
             beta.expr: lambda: unbroadcast(g, beta.shape),  # sum over *B -> (h,)
         }
 
+    followed = frozenset({1, 2})  # gamma, beta: each sums over *B
+
+    def follow(
+        self, name: str, index: tuple[int, ...], g: torch.Tensor, xs: Sequence[torch.Tensor]
+    ) -> Trail:
+        """gamma.g[j] = sum over *B of g[*n, j] * xhat[*n, j]; beta.g[j] of g[*n, j]. Only
+        column j of xhat is made (layernorm's rows still need their own statistics)."""
+        l, gamma, _ = xs  # noqa: E741
+        (j,) = index
+        g_name = f"{self.output}.g"
+        every = (None,) * (l.ndim - 1)  # `:` over *B
+        at = {g_name: (*every, j)}
+        factors = {g_name: g[..., j].reshape(-1)}  # (N,)
+        if name == self.inputs[1]:
+            at["xhat"] = (*every, j)
+            factors["xhat"] = self.xhat_column(l, j)  # (N,)
+        return Trail(sum_formula(name, index, at), tuple(g.shape), (*every, j), factors, at)
+
+    def xhat_column(self, l: torch.Tensor, j: int) -> torch.Tensor:  # noqa: E741
+        """xhat[..., j] flattened to (N,), as `_normalize` makes it."""
+        raise NotImplementedError
+
 
 class LayerNorm(_Norm):
     """Statistics over the last dim: mu, var (*B, 1); n (*B, h)."""
@@ -75,6 +100,11 @@ class LayerNorm(_Norm):
 
     def dims(self, l: Traced) -> int:  # noqa: E741
         return -1
+
+    def xhat_column(self, l: torch.Tensor, j: int) -> torch.Tensor:  # noqa: E741
+        rows = l.reshape(-1, l.shape[-1])  # (N, h): each row has its own statistics
+        var, mu = torch.var_mean(rows, -1, correction=0)  # (N,), (N,)
+        return (rows[:, j] - mu) * (var + EPS).rsqrt()
 
 
 class BatchNorm(_Norm):
@@ -85,3 +115,9 @@ class BatchNorm(_Norm):
     def dims(self, l: Traced) -> int | tuple[int, ...]:  # noqa: E741
         lead = tuple(range(l.ndim - 1))
         return lead[0] if len(lead) == 1 else lead
+
+    def xhat_column(self, l: torch.Tensor, j: int) -> torch.Tensor:  # noqa: E741
+        col = l[..., j].reshape(-1)  # (N,): column j has its own statistics
+        mu = col.mean()
+        xc = col - mu
+        return xc * (xc.pow(2).mean() + EPS).rsqrt()

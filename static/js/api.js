@@ -76,6 +76,11 @@ export const extras = {};
 
 // The page always asks for autograd's heatmaps too, for the manual / autograd / difference switch.
 export const run = (config, signal) => postJSON("/api/run", { ...config, ...extras, reference_heatmaps: true }, signal);
+/** One element followed back to its terms (`follow`: {grad, index} or {grad, block}), in the
+ * run of `config` (the lab's formulas included): only the `follow` key is read, so nothing
+ * else is asked for (one heatmap cell, no finite differences, no strategy comparison). */
+export const followRun = (config, follow, signal) =>
+  postJSON("/api/run", { ...config, ...extras, follow, max_cells: 1, reference_heatmaps: false, fd_samples: 0, compare: false }, signal);
 export const broadcast = (a, b, signal) => postJSON("/api/broadcast", { a, b }, signal);
 
 /** The bug gallery (GET /api/bugs), for the lab's "Break it" menu. */

@@ -407,6 +407,36 @@ export class Diagram {
     const key = JSON.stringify(data.config);
     if (overflow && key !== this.lastConfig) scroller.scrollLeft = scroller.scrollWidth;
     this.lastConfig = key;
+    this.markFollow(this.followed);
+  }
+
+  /** Mark the slice a followed element sums (`follow`: the server's answer, or null): in its
+   * gradient's column, the step that makes the broadcast product (or, for a bias, the step
+   * that sums it) gets a ring and a line through it for the slice (followNote says it in words). */
+  markFollow(follow) {
+    this.followed = follow;
+    this.el.querySelector(".follow-mark")?.remove();
+    for (const el of this.el.querySelectorAll(".step-node.followed")) el.classList.remove("followed");
+    delete this.el.dataset.follow;
+    const root = this.el.querySelector("svg");
+    if (!follow || !this.steps || !root) return;
+    const name = follow.grad.replace(/\.g$/, "");
+    const product = shape(follow.product_shape);
+    const mine = (p) => p.entry.grad === name && !p.entry.variant;
+    let i = this.steps.findIndex((p) => mine(p) && shape(p.step.output) === product);
+    if (i < 0) i = this.steps.findIndex((p) => mine(p) && p.step.inputs.some((s) => shape(s) === product));
+    if (i < 0) return;
+    const p = this.steps[i];
+    const x = +(p.x + MARGIN).toFixed(1), y = +(-p.y + MARGIN).toFixed(1);
+    const r = Math.max(10, p.extent / 2 + 4);
+    const slice = `[${follow.slice.map((s) => (s == null ? ":" : s)).join(", ")}]`;
+    root.append(svg("g", { class: "follow-mark", "aria-label": `The followed element sums the slice ${slice} of ${product}` },
+      svg("circle", { class: "follow-ring", cx: x, cy: y, r }),
+      svg("line", { class: "follow-line", x1: x - r * 0.7, x2: x + r * 0.7, y1: y, y2: y }),
+      svg("title", {}, `${follow.grad}[${follow.index.join(", ")}] sums the slice ${slice} of ${product}: ${follow.terms_total} products`)));
+    this.el.querySelector(`.step-node[data-step="${i}"]`)?.classList.add("followed");
+    this.el.dataset.follow = String(i);
+    this.el.dataset.followSlice = slice;
   }
 
   highlight(i) {

@@ -7,6 +7,7 @@ export class ExportButtons {
     this.buttons = [...buttons];
     this.statusEl = statusEl;
     this.config = null;
+    this.follow = null; // the followed element ({grad, index}), printed as a check in the file
     for (const btn of this.buttons) btn.addEventListener("click", () => this.download(btn));
   }
 
@@ -34,7 +35,7 @@ export class ExportButtons {
       const res = await fetch("/api/export", {
         method: "POST",
         headers: { "content-type": "application/json" },
-        body: JSON.stringify({ config: this.config, format, hide: this.hide }),
+        body: JSON.stringify({ config: this.follow ? { ...this.config, follow: this.follow } : this.config, format, hide: this.hide }),
       });
       if (!res.ok) throw new Error(await failure(res));
       save(await res.blob(), filename(res.headers.get("content-disposition"), format));

@@ -101,9 +101,10 @@ function caption(name, g, view, hm, data) {
 
 /** Every gradient's card; charts drawn now when on screen, later when not. */
 export class Heatmaps {
-  constructor(container, onPending) {
+  constructor(container, onPending, onCell = null) {
     this.container = container;
     this.onPending = onPending; // (on screen left, all left) -> void
+    this.onCell = onCell; // (name, gradient, heatmap drawn, row, col) -> void: a cell was clicked
     this.cards = new Map(); // name -> {card, chart, head, notes, spec, drawn}
     this.visible = new Set();
     this.idle = null;
@@ -130,6 +131,7 @@ export class Heatmaps {
       c.head.replaceChildren(...parts);
       c.notes.replaceChildren(...notices);
       c.spec = spec(name, g, view, hm, data, room);
+      c.hit = { name, g, hm };
       c.card.style.width = `${c.spec.layout.width + 18}px`;
       c.chart.style.height = `${c.spec.layout.height}px`;
       c.drawn = false;
@@ -172,6 +174,15 @@ export class Heatmaps {
   drawOne(c) {
     Plotly.react(c.chart, c.spec.data, c.spec.layout, { displayModeBar: false, responsive: false });
     c.drawn = true;
+    if (this.onCell && !c.clickable) {
+      c.clickable = true; // once per chart: Plotly keeps its listeners across react()
+      c.chart.on("plotly_click", (ev) => {
+        const pt = ev.points && ev.points[0];
+        if (!pt || !Array.isArray(pt.pointNumber) || !c.hit) return;
+        const [row, col] = pt.pointNumber; // the heatmap cell (a block, when downsampled)
+        this.onCell(c.hit.name, c.hit.g, c.hit.hm, row, col);
+      });
+    }
   }
 
   scheduleIdle() {

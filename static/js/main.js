@@ -11,10 +11,10 @@ performance.mark("bp:run-start");
 const early = /(^|[?&])(f\.[^=&]+\.g|hide)=/.test(location.search) ? null : run(initial.config, controller.signal);
 
 const [{ drawChecks }, { Diagram, legend, repeatsNote, strategyNote }, { Explainer }, { bytes, h, num }, { Heatmaps, VIEWS },
-  { Stepper }, { Presenter }, { ExportButtons }, { Lab }, { drawDataPanel, dropDataOwned }] =
+  { Stepper }, { Presenter }, { ExportButtons }, { Lab }, { drawDataPanel, dropDataOwned }, { FollowPanel, cellRequest, followNote }] =
   await Promise.all([import("./checks.js"), import("./diagram.js"), import("./explainer.js"), import("./format.js"),
     import("./heatmaps.js"), import("./stepper.js"), import("./present.js"), import("./export.js"), import("./lab.js"),
-    import("./digits.js")]);
+    import("./digits.js"), import("./follow.js")]);
 
 const $ = (id) => document.getElementById(id);
 const form = $("run-form");
@@ -42,16 +42,32 @@ const stepper = new Stepper({
   numbers: initial.page.numbers !== "0",
 });
 const lab = new Lab({ barEl: $("lab-bar"), onCheck: () => fromForm() });
+const follower = new FollowPanel({
+  el: $("follow-panel"),
+  onChange: () => syncUrl(true),
+  onMark: (follow) => {
+    diagram.markFollow(follow);
+    exporter.follow = follow ? { grad: follow.grad, index: follow.index } : null;
+    $("diagram-follow").hidden = !follow;
+    $("diagram-follow").replaceChildren(...(follow ? followNote(follow) : []));
+  },
+});
+follower.set(initial.page.follow);
 const heatmaps = new Heatmaps($("heatmaps"), (onScreen, all) => {
   document.body.dataset.pending = String(onScreen);
   document.body.dataset.pendingAll = String(all);
   if (!onScreen && current) performance.mark("bp:drawn");
+}, (name, g, hm, row, col) => {
+  if (!currentSent) return;
+  follower.pick(cellRequest(name, g.shape, hm, row, col), currentSent);
+  follower.el.scrollIntoView({ block: "nearest", behavior: "smooth" });
 });
 const presenter = new Presenter({
   toggle: $("present-toggle"), drawerToggle: $("config-toggle"),
   onChange: () => {
     diagram.scale = presenter.on ? 1.6 : 1;
     if (current) (diagram.draw(current), diagram.highlight(stepper.index));
+    follower.redraw();
     syncUrl(true);
   },
   onKey: (delta) => stepper.move(delta),
@@ -65,6 +81,7 @@ function pageState() {
     cells: cells === "extreme" ? null : cells,
     present: presenter.on ? "1" : null,
     numbers: stepper.numbers ? null : "0",
+    follow: follower.param,
   };
 }
 
@@ -166,6 +183,7 @@ async function go(config, pending = null, withLab = true) {
     // the form shows what was sent (exact, even for seeds past 2^53), the server's defaults for the rest
     configToForm(form, { ...data.config, ...config });
     draw(data);
+    follower.load(config); // the followed element, in this run
     syncUrl(true);
   } catch (err) {
     if (err.name === "AbortError") return;
@@ -197,6 +215,7 @@ function fromUrl() {
   const page = pageFromQuery(location.search);
   wantedStep = page.step || null;
   view = VIEWS[page.view] ? page.view : "manual";
+  follower.set(page.follow);
   lab.fromQuery(location.search);
   configToForm(form, config);
   go(config);

@@ -58,8 +58,9 @@ export function configFromQuery(search) {
 
 // What the page shows, beside the config: `step` (gradient:step, e.g. "x:3"), `view`
 // (manual, autograd, difference), `cells` (extreme, mean), `present` (1: presentation mode),
-// `numbers` (0: hide the values of a small run's step).
-export const PAGE_PARAMS = ["step", "view", "cells", "present", "numbers"];
+// `numbers` (0: hide the values of a small run's step), `follow` (x.g:3,100: the element
+// followed back to its terms, static/js/follow.js).
+export const PAGE_PARAMS = ["step", "view", "cells", "present", "numbers", "follow"];
 
 /** The page state a query string asks for (strings; absent ones are left out). */
 export function pageFromQuery(search) {
@@ -72,7 +73,7 @@ export function pageFromQuery(search) {
 export function queryFromConfig(config, page = {}) {
   const parts = [];
   for (const k of PAGE_PARAMS) {
-    if (page[k] != null && page[k] !== "") parts.push(`${k}=${encodeURIComponent(page[k]).replace(/%3A/gi, ":")}`);
+    if (page[k] != null && page[k] !== "") parts.push(`${k}=${encodeURIComponent(page[k]).replace(/%3A/gi, ":").replace(/%2C/gi, ",")}`);
   }
   const tail = parts.splice(0);
   for (const f of FIELDS) {

@@ -43,12 +43,14 @@ STATES = {  # name: (query, what to do after load[, (width, height)])
     "lab-break": ("?batch=32&in_features=24&hidden=16", "lab-break"),
     # image data, then 2,000 steps of training: the panels themselves are the pictures
     "data": ("?data=mnist&loss=cross_entropy&init=kaiming&hidden=50&batch=64", "data"),
+    # one x.g element followed back to its 50 products (the panel is the README's picture)
+    "follow": ("?follow=x.g:3,100", "follow"),
     "train": (
         "?data=mnist&loss=cross_entropy&init=kaiming&init_scale=0.1&hidden=20&batch=64",
         "train",
     ),
 }
-PANELS = {"data": "#data-panel", "train": "#train-panel"}
+PANELS = {"data": "#data-panel", "train": "#train-panel", "follow": "#follow-panel"}
 # the README's pictures: file -> the state that makes it
 README_PICTURES = {
     "page.png": "default",
@@ -128,6 +130,11 @@ def main() -> None:
                     page.locator("#step-detail").scroll_into_view_if_needed()
                 if action and action.startswith("lab"):
                     lab(page, action, out)
+                if action == "follow":
+                    page.wait_for_function(
+                        "() => document.querySelector('#follow-chart')?.dataset.drawn === '1'",
+                        timeout=60_000,
+                    )
                 if action == "step":
                     for _ in range(3):
                         page.keyboard.press("ArrowRight")

@@ -1,0 +1,158 @@
+"""One element of a gradient, followed back to the terms its formula's reduction sums.
+
+`x.g = (l1.g.unsqueeze(1) * w1).sum(-1)` makes each `x.g[i, j]` the sum of 50 products
+`l1.g[i, k] * w1[j, k]`. The op that computes a gradient knows which slice of its broadcast
+product that is (`Op.follow`, beside its backward); this module checks the request against
+the network's shapes, asks the op, and cuts the terms for the response. Only the slice is
+computed, so a follow costs about what its terms cost, whatever the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from fastapi.exceptions import RequestValidationError
+
+from app.network import Network
+from app.ops import Op
+from app.schemas import MAX_FOLLOW_TERMS
+from app.views import as_2d
+
+
+def followable(net: Network, backward: Sequence[dict[str, Any]]) -> dict[str, tuple[int, ...]]:
+    """`"x.g"` -> its shape, for every gradient an op of `net` can follow, in trace order."""
+    names = {op.inputs[i] for op in net.ops for i in op.followed}
+    return {
+        f"{e['grad']}.g": tuple(e["shape"])
+        for e in backward
+        if e["grad"] in names and not e.get("variant")
+    }
+
+
+def refuse(cfg, backward: Sequence[dict[str, Any]]) -> None:
+    """For a run with `follow`: 422 at follow.grad (not a gradient this network follows: the
+    valid ones listed) or follow.index (wrong rank, or out of range: the dim, its size and
+    the value given). From the trace's shapes: nothing allocated."""
+    follow = cfg.follow
+    if follow is None:
+        return
+    shapes = followable(Network.from_config(cfg), backward)
+    if follow.grad not in shapes:
+        _refuse(
+            "grad",
+            follow.grad,
+            f"{follow.grad!r} is not a gradient follow can trace in this network; "
+            f"it can follow {', '.join(shapes)}",
+        )
+    shape = shapes[follow.grad]
+    shown = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+    if follow.block is not None:
+        view = view_shape(shape)
+        for part, n in zip(("rows", "cols"), view):
+            start, stop = getattr(follow.block, part)
+            if not 0 <= start < stop <= n:
+                _refuse(
+                    "block",
+                    follow.block.model_dump(),
+                    f"block {part} [{start}, {stop}) is out of range for {follow.grad}'s "
+                    f"heatmap view {view}: it needs 0 <= start < stop <= {n}",
+                )
+        return
+    index = list(follow.index)
+    if len(index) != len(shape):
+        _refuse(
+            "index",
+            index,
+            f"{follow.grad} has shape {shown}: the index needs {len(shape)} entries, "
+            f"got {len(index)}",
+        )
+    for dim, (i, n) in enumerate(zip(index, shape)):
+        if not 0 <= i < n:
+            _refuse(
+                "index",
+                index,
+                f"index {index} is out of range for {follow.grad} of shape {shown}: "
+                f"dim {dim} must be from 0 to {n - 1}, got {i}",
+            )
+
+
+def view_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of a gradient's heatmap view (app.views.as_2d)."""
+    return (1, shape[0]) if len(shape) == 1 else (math.prod(shape[:-1]), shape[-1])
+
+
+def block_extreme(grad: torch.Tensor, block) -> tuple[int, ...]:
+    """The index (into `grad`'s own shape) of the entry of largest magnitude in `block` of
+    its heatmap view: the entry a downsampled heatmap's cell shows."""
+    (r0, r1), (c0, c1) = block.rows, block.cols
+    part = as_2d(grad)[r0:r1, c0:c1].abs()  # (rows, cols) of the block: a view
+    at = int(torch.nan_to_num(part, nan=math.inf).argmax())  # a NaN is never hidden
+    row, col = r0 + at // part.shape[1], c0 + at % part.shape[1]
+    if grad.ndim == 1:
+        return (col,)
+    lead = torch.unravel_index(torch.tensor(row), grad.shape[:-1])
+    return (*(int(i) for i in lead), col)
+
+
+def _refuse(field: str, value: Any, msg: str) -> None:
+    raise RequestValidationError(
+        [{"type": "follow", "loc": ("body", "follow", field), "msg": msg, "input": value}]
+    )
+
+
+def op_for(net: Network, name: str) -> Op:
+    """The op whose backward computes `name`'s gradient and can follow it."""
+    return next(op for op in net.ops if name in (op.inputs[i] for i in op.followed))
+
+
+def follow(
+    request,
+    net: Network,
+    env: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    user: bool = False,
+) -> dict[str, Any]:
+    """The response's `follow`: the element's value in the gradient the run computed, and the
+    terms of its formula from the gradients the run used (the learner's, where given).
+    `user`: the learner's formula computed this gradient."""
+    name = request.grad.removesuffix(".g")
+    if request.index is None:
+        index = block_extreme(grads[name], request.block)
+    else:
+        index = tuple(request.index)
+    op = op_for(net, name)
+    trail = op.follow(name, index, grads[op.output], [env[n] for n in op.inputs])
+    products = trail.products()  # (terms,): only this element's slice
+    total = products.numel()
+    shown = min(total, MAX_FOLLOW_TERMS)
+    factors = {n: f[:shown].tolist() for n, f in trail.factors.items()}
+    values = products[:shown].tolist()
+    terms = [
+        {
+            "index": position,
+            "factors": {n: column[t] for n, column in factors.items()},
+            "product": values[t],
+        }
+        for t, position in enumerate(trail.term_indices(shown))
+    ]
+    return {
+        "grad": request.grad,
+        "index": list(index),
+        "value": grads[name][index].item(),
+        "formula": trail.formula,
+        "terms": terms,
+        "sum": _finite(products.sum(dtype=torch.float64).item()),
+        "terms_total": total,
+        "abs_sum": _finite(products.abs().sum(dtype=torch.float64).item()),
+        "product_shape": list(trail.product_shape),
+        "slice": list(trail.slice),
+        "factor_index": {n: list(i) for n, i in trail.at.items()},
+        "source": "user" if user else "reference",
+    }
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
