@@ -9,6 +9,7 @@
 // tolerance_heatmap, each block's largest): up to 1 passes and stays pale, over 1 turns red,
 // deeper on a log scale, so rounding noise never looks saturated and a wrong formula lights up.
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
+import { blame, blameText } from "./blame.js";
 import { h, num, shape } from "./format.js";
 
 export const VIEWS = {
@@ -99,6 +100,21 @@ function caption(name, g, view, hm, data) {
   return { parts, notices };
 }
 
+/** A gradient that fails the check is marked in every view (the card's border, a badge with
+ * its error and its cause), with a way to its difference map. */
+function failing(name, data, view, wrong) {
+  const check = data.check.tensors[name];
+  if (!check || check.allclose || (data.todo || []).includes(name)) return [];
+  const why = blameText(wrong, name);
+  return [h("p", { class: "notice bad fail-badge" },
+    h("b", {}, "✗ differs from autograd"), ` · max rel err ${num(check.max_rel_err)} · max abs err ${num(check.max_abs_err)}`,
+    why ? h("span", { class: "blame" }, ` · ${why}`) : "",
+    view !== "difference"
+      ? h("button", { type: "button", class: "secondary small show-difference",
+        onclick: (ev) => ev.target.closest(".heatmaps").dispatchEvent(new CustomEvent("bp:show-difference")) }, "show the difference")
+      : "")];
+}
+
 /** Every gradient's card; charts drawn now when on screen, later when not. */
 export class Heatmaps {
   constructor(container, onPending) {
@@ -122,13 +138,16 @@ export class Heatmaps {
     const names = Object.keys(data.gradients);
     if (names.join() !== [...this.cards.keys()].join()) this.rebuild(names);
     const room = Math.max(160, this.container.clientWidth - 20);
+    const wrong = blame(data);
     for (const name of names) {
       const g = data.gradients[name];
       const hm = viewHeatmap(g, view, cells);
       const c = this.cards.get(name);
       const { parts, notices } = caption(name, g, view, hm, data);
       c.head.replaceChildren(...parts);
-      c.notes.replaceChildren(...notices);
+      const badge = failing(name, data, view, wrong);
+      c.card.classList.toggle("failing", badge.length > 0);
+      c.notes.replaceChildren(...badge, ...notices);
       c.spec = spec(name, g, view, hm, data, room);
       c.card.style.width = `${c.spec.layout.width + 18}px`;
       c.chart.style.height = `${c.spec.layout.height}px`;

@@ -3,8 +3,12 @@
 // this module); everything but the heatmaps is drawn without Plotly.
 import { errorsByField, run } from "./api.js";
 import { configFromForm, configFromQuery, configToForm, FIELDS, pageFromQuery, queryFromConfig, toJSON } from "./state.js";
+import { ARTICLE, recipeNote, TRAINS, trainable } from "./recipe.js";
 
-const initial = { config: configFromQuery(location.search), page: pageFromQuery(location.search) };
+const initialPage = pageFromQuery(location.search);
+// image data with the article's init and loss: start from settings that train (recipe.js)
+const switchedConfig = trainable(configFromQuery(location.search), initialPage.recipe);
+const initial = { config: switchedConfig || configFromQuery(location.search), page: initialPage };
 let controller = new AbortController();
 performance.mark("bp:run-start");
 // in flight while the rest loads (a link with lab formulas waits for the lab to read them)
@@ -15,6 +19,7 @@ const [{ drawChecks }, { Diagram, legend, repeatsNote, strategyNote }, { Explain
   await Promise.all([import("./checks.js"), import("./diagram.js"), import("./explainer.js"), import("./format.js"),
     import("./heatmaps.js"), import("./stepper.js"), import("./present.js"), import("./export.js"), import("./lab.js"),
     import("./digits.js")]);
+const { blame } = await import("./blame.js");
 
 const $ = (id) => document.getElementById(id);
 const form = $("run-form");
@@ -24,6 +29,9 @@ let currentSent = null; // the config that produced it, as sent (exact seeds)
 let view = VIEWS[initial.page.view] ? initial.page.view : "manual";
 let cells = initial.page.cells === "mean" ? "mean" : "extreme";
 let wantedStep = initial.page.step || null; // "x:3": the step the URL asks for
+let recipe = initial.page.recipe === "article" ? "article" : null; // the article's settings on real data, asked for
+let switched = !!switchedConfig; // the page chose the settings that train (say so)
+let stale = null; // why the page shows the last run that worked: null, "formula" or "config"
 
 const diagram = new Diagram($("diagram"), (i) => stepper.select(i), $("diagram-tip"));
 const explainer = new Explainer($("explainer-form"), $("explainer-out"));
@@ -65,6 +73,7 @@ function pageState() {
     cells: cells === "extreme" ? null : cells,
     present: presenter.on ? "1" : null,
     numbers: stepper.numbers ? null : "0",
+    recipe,
   };
 }
 
@@ -91,6 +100,7 @@ function showErrors(errs, changed = []) {
   const named = FIELDS.filter((f) => errs[f.name]).map((f) => f.name);
   const lines = [...(errs[""] || [])];
   if (named.length) lines.push(`The server refused this config: see ${named.join(", ")} in the form.${current ? " The charts show the last run that worked." : ""}`);
+  if (named.length && current) setStale("config");
   banner.hidden = !lines.length;
   banner.textContent = lines.join(" ");
   if (named.length) presenter.openDrawer();
@@ -106,13 +116,44 @@ function setLoading(on) {
 /** "0.43 ms" below 10 ms, else whole ms: a small run is not "0 ms". */
 const ms = (x) => (x < 10 ? `${x.toPrecision(2)} ms` : `${x.toFixed(0)} ms`);
 
+/** The header's verdict: an exercise counts what is written; a failure names its cause. */
+function verdict(data) {
+  const hidden = [...lab.hidden];
+  const written = hidden.filter((k) => data.backward.some((b) => `${b.grad}.g` === k && b.source === "user"));
+  if (written.length < hidden.length) return ["todo", `Exercise: ${written.length} of ${hidden.length} written`];
+  if (data.check.all_close) return ["ok", "✓ all gradients match autograd"];
+  const cause = [...blame(data)].find(([, via]) => via == null)?.[0];
+  return ["bad", `✗ a gradient differs from autograd${cause ? ` (the first wrong: ${cause}.g)` : ""}`];
+}
+
+const STALE = {
+  formula: "Your formula was refused (see it in the code panel): showing the last run that worked.",
+  config: "The server refused this config: showing the last run that worked.",
+};
+
+/** Show (why) or stop showing the last run that worked, its verdicts greyed. */
+function setStale(why) {
+  stale = why;
+  main.classList.toggle("stale", !!why);
+  for (const el of staleNotes) (el.hidden = !why), (el.textContent = why ? STALE[why] : "");
+  if (current) summary(current);
+}
+const staleNotes = ["heatmaps", "check"].map((id) => {
+  const el = h("p", { class: "notice stale-note", role: "status", hidden: true });
+  $(id).before(el);
+  return el;
+});
+
 function summary(data) {
+  const [verdictClass, verdictText] = verdict(data);
   const broadcastForm = data.config.strategy === "broadcast";
   const biggest = Math.max(0, ...data.backward.flatMap((b) => b.steps.filter((s) => s.broadcast).map((s) => s.bytes)));
   const t = data.timing;
   $("summary").replaceChildren(...[
     h("span", {}, "loss ", h("b", {}, num(data.loss, 6))),
-    h("span", { class: data.check.all_close ? "ok" : "bad" }, data.check.all_close ? "✓ all gradients match autograd" : "✗ a gradient differs from autograd"),
+    stale
+      ? h("span", { class: "stale", id: "summary-verdict", title: STALE[stale] }, h("b", {}, "Showing the last run that worked: "), verdictText)
+      : h("span", { class: verdictClass, id: "summary-verdict" }, verdictText),
     biggest && broadcastForm ? h("span", {}, "largest broadcast intermediate ", h("b", {}, bytes(biggest))) : null,
     !broadcastForm ? h("span", {}, "strategy ", h("b", {}, data.config.strategy), ": no broadcast intermediate") : null,
     h("span", { class: "muted" }, `forward ${ms(t.forward_ms)} · backward ${ms(t.backward_ms)} · check ${ms(t.check_ms)}`),
@@ -140,6 +181,18 @@ function draw(response) {
   lab.drawn();
   exporter.load(data, lab.hidden);
   drawDataPanel($("data-panel"), data);
+  drawRecipe(data.config);
+}
+
+function drawRecipe(config) {
+  const use = (settings, choice) => () => {
+    recipe = choice;
+    switched = false;
+    for (const [k, v] of Object.entries(settings)) form.elements[k].value = v;
+    if (choice === "article") form.elements.out_features.value = "1";
+    fromForm();
+  };
+  recipeNote($("train-recipe"), config, { switched, onArticle: use(ARTICLE, "article"), onTrains: use(TRAINS, null) });
 }
 
 /** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */
@@ -165,6 +218,7 @@ async function go(config, pending = null, withLab = true) {
     currentSent = config;
     // the form shows what was sent (exact, even for seeds past 2^53), the server's defaults for the rest
     configToForm(form, { ...data.config, ...config });
+    setStale(null);
     draw(data);
     syncUrl(true);
   } catch (err) {
@@ -172,6 +226,7 @@ async function go(config, pending = null, withLab = true) {
     // a formula's 422 is shown at the formula; with nothing drawn yet, draw the reference run
     if (withLab && lab.failed(err)) {
       if (!current) go({ ...config, formulas: undefined }, null, false);
+      else setStale("formula");
       return;
     }
     showErrors(errorsByField(err), changed);
@@ -180,7 +235,14 @@ async function go(config, pending = null, withLab = true) {
   }
 }
 
-function fromForm() {
+function fromForm(ev = null) {
+  if (ev?.target?.name === "data") {
+    // real data chosen: from the article's init and loss to settings that train, said so
+    recipe = null;
+    const next = trainable(configFromForm(form).config, recipe);
+    if (next) for (const [k, v] of Object.entries(TRAINS)) form.elements[k].value = v;
+    switched = !!next;
+  }
   const { config, unreadable } = configFromForm(form);
   dropDataOwned(config);
   const query = lab.query(queryFromConfig(config, pageState()));
@@ -193,8 +255,10 @@ function fromForm() {
 }
 
 function fromUrl() {
-  const config = configFromQuery(location.search);
   const page = pageFromQuery(location.search);
+  recipe = page.recipe === "article" ? "article" : null;
+  const asked = configFromQuery(location.search);
+  const config = trainable(asked, recipe) || asked;
   wantedStep = page.step || null;
   view = VIEWS[page.view] ? page.view : "manual";
   lab.fromQuery(location.search);
@@ -203,9 +267,16 @@ function fromUrl() {
 }
 
 form.addEventListener("submit", (ev) => (ev.preventDefault(), fromForm()));
-form.addEventListener("change", () => fromForm());
+form.addEventListener("change", (ev) => fromForm(ev));
 $("reset-button").addEventListener("click", () => (configToForm(form, {}), fromForm()));
 window.addEventListener("popstate", fromUrl);
+// a failing heatmap card's "show the difference" (heatmaps.js)
+$("heatmaps").addEventListener("bp:show-difference", () => {
+  if (!current) return;
+  setView("difference");
+  heatmaps.update(current, view, cells);
+  syncUrl(true);
+});
 for (const input of document.querySelectorAll('input[name="grad-view"], input[name="grad-cells"]')) {
   input.addEventListener("change", () => {
     if (!current) return;
@@ -237,4 +308,9 @@ diagram.scale = presenter.on ? 1.6 : 1;
 lab.fromQuery(location.search);
 configToForm(form, initial.config);
 go(initial.config, early);
+if (lab.hidden.size) {
+  // an exercise: the explainer must not open on the answer's shapes
+  $("bx-a").value = "4, 1, 3";
+  $("bx-b").value = "5, 3";
+}
 explainer.update();

@@ -58,8 +58,9 @@ export function configFromQuery(search) {
 
 // What the page shows, beside the config: `step` (gradient:step, e.g. "x:3"), `view`
 // (manual, autograd, difference), `cells` (extreme, mean), `present` (1: presentation mode),
-// `numbers` (0: hide the values of a small run's step).
-export const PAGE_PARAMS = ["step", "view", "cells", "present", "numbers"];
+// `numbers` (0: hide the values of a small run's step), `recipe` (article: real data with the
+// article's init and loss, asked for; see recipe.js).
+export const PAGE_PARAMS = ["step", "view", "cells", "present", "numbers", "recipe"];
 
 /** The page state a query string asks for (strings; absent ones are left out). */
 export function pageFromQuery(search) {
