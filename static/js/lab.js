@@ -227,7 +227,7 @@ export class Lab {
       blank ? h("span", { class: "lab-badge todo" }, "write it") : null,
       c ? h("span", { class: `lab-mark ${c.allclose ? "pass" : "fail"}`, title: `against autograd: max rel err ${num(c.max_rel_err)}, max abs err ${num(c.max_abs_err)}; allclose with rtol ${num(c.rtol)}, atol ${num(c.atol)}` },
         c.allclose ? "✓" : "✗", h("small", {}, c.exact ? " exact" : ` ${num(c.max_rel_err, 2)}`)) : null,
-      why ? h("small", { class: `lab-blame${why.startsWith("wrong because") ? " downstream" : " cause"}` }, why) : null,
+      why ? h("small", { class: `lab-blame${why.startsWith("wrong because") ? " downstream" : " cause"}`, title: why }, why.startsWith("wrong because") ? why.replace(/^wrong because it /, "").replace(/ \(.*$/, "") : why.startsWith("the first") ? "fix this first" : "wrong here") : null,
       this.open.has(key) ? null : h("button", { type: "button", class: "secondary small lab-edit", "aria-label": `Edit ${key}`, onclick: () => this.edit(key) }, "Edit"));
     li.append(tools);
     if (this.open.has(key)) li.append(this.panel(key, entry, blank));
@@ -240,6 +240,8 @@ export class Lab {
       class: "lab-source", rows: String(Math.min(10, lines)), spellcheck: "false", autocomplete: "off",
       "aria-label": `Your formula for ${key}`, placeholder: `${key} = …   (shape ${shape(entry?.shape || [])})`,
       "data-key": key,
+      // what the last Check sent for this key: the Train panel warns when the text differs
+      "data-sent": this.formulas[key] ?? (this.hidden.has(key) ? "" : this.refs[key] || ""),
     });
     area.value = text;
     area.addEventListener("input", () => (this.drafts[key] = area.value));
