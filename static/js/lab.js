@@ -106,14 +106,15 @@ export class Lab {
   }
 
   // ---- state <-> URL ----------------------------------------------------------------------
-  fromQuery(search) {
+  /** `opened`: the page's own URL at load (a learner's exercise link, not the teacher's page). */
+  fromQuery(search, opened = false) {
     const { formulas, hidden } = labFromQuery(search);
     this.formulas = formulas;
     this.hidden = new Set(hidden);
     this.open = new Set([...Object.keys(formulas), ...hidden]);
     this.drafts = { ...formulas };
     this.error = null;
-    this.fromLink = this.hidden.size > 0;
+    if (opened) this.fromLink = this.hidden.size > 0;
     this.matchLesson();
   }
 

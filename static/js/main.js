@@ -305,7 +305,7 @@ window.addEventListener("resize", () => {
 
 presenter.set(initial.page.present === "1");
 diagram.scale = presenter.on ? 1.6 : 1;
-lab.fromQuery(location.search);
+lab.fromQuery(location.search, true);
 configToForm(form, initial.config);
 go(initial.config, early);
 if (lab.hidden.size) {
