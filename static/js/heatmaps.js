@@ -47,11 +47,12 @@ function axisTitles(shp) {
 
 /** Chart size from the true aspect ratio, within bounds that keep every chart readable and
  * never wider than `room` (the container, on a phone). */
-function chartSize(rows, cols, oneD, room) {
-  if (oneD) return { width: Math.round(Math.min(room, Math.min(600, Math.max(150, cols * 14)) + 90)), height: 110 };
-  const height = 330;
-  const plot = Math.min(560, Math.max(90, (height - 60) * (cols / rows)));
-  return { width: Math.round(Math.min(room, plot + 150)), height };
+function chartSize(rows, cols, oneD, room, big = false) {
+  const k = big ? 1.4 : 1; // presentation mode: larger charts for 18 px text
+  if (oneD) return { width: Math.round(Math.min(room, Math.min(600 * k, Math.max(150 * k, cols * 14)) + 90 * k)), height: Math.round(110 * k) };
+  const height = Math.round(330 * k);
+  const plot = Math.min(560 * k, Math.max(90 * k, (height - 60) * (cols / rows)));
+  return { width: Math.round(Math.min(room, plot + 150 * k)), height };
 }
 
 /** Integer ticks in the tensor's index units: every index when few, else about 6 round steps. */
@@ -137,7 +138,9 @@ export class Heatmaps {
   update(data, view, cells = "extreme") {
     const names = Object.keys(data.gradients);
     if (names.join() !== [...this.cards.keys()].join()) this.rebuild(names);
-    const room = Math.max(160, this.container.clientWidth - 20);
+    // a section hidden by presentation mode's tabs has no width: the page's main column then
+    const width = this.container.clientWidth || document.getElementById("main")?.clientWidth - 40 || 0;
+    const room = Math.max(160, width - 20);
     const wrong = blame(data);
     for (const name of names) {
       const g = data.gradients[name];
@@ -223,7 +226,8 @@ function spec(name, g, view, hm, data, room) {
   const oneD = g.shape.length <= 1;
   const rows = hm.rows;
   const cols = hm.cols;
-  const { width, height } = chartSize(rows, cols, oneD, room);
+  const font = document.body.classList.contains("present") ? 18 : 0; // a projector: 18 px text
+  const { width, height } = chartSize(rows, cols, oneD, room, !!font);
   const titles = axisTitles(g.shape);
   // Cell edges in the tensor's own index units (n + 1 of them), so a single cell spans the
   // whole tensor (max_cells=1 draws), and hover and ticks give true positions.
@@ -260,7 +264,7 @@ function spec(name, g, view, hm, data, room) {
   const blockWord = hm.kind === "extreme" ? "largest |·| in block" : "block mean";
   const trace = {
     type: "heatmap", z, x: xs, y: oneD ? [-0.5, 0.5] : ys, ...colour,
-    colorbar: { thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g", ...colour.colorbar },
+    colorbar: { thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g", ...(oneD ? { nticks: 3 } : {}), ...(font ? { tickfont: { size: font } } : {}), ...colour.colorbar },
     hoverongaps: false,
     hovertemplate: oneD
       ? `${name}[%{x:.0f}]${blocky ? ` (${blockWord})` : ""}: ${what} %{z:.4g}<extra></extra>`
@@ -275,5 +279,9 @@ function spec(name, g, view, hm, data, room) {
       : { title: { text: titles.y, font: { size: 11 } }, range: [rows - 0.5, -0.5], ...ticks(rows, height - 60), tickfont: { size: 10 }, showgrid: false, zeroline: false },
     plot_bgcolor: "#e9ecef", paper_bgcolor: "#fff",
   };
+  if (font) {
+    layout.margin = { ...layout.margin, l: oneD ? 12 : 96, b: 64 };
+    for (const axis of [layout.xaxis, layout.yaxis]) if (axis.title) (axis.title.font.size = font), (axis.tickfont.size = font);
+  }
   return { data: [trace], layout };
 }

@@ -22,6 +22,7 @@ const [{ drawChecks }, { Diagram, legend, repeatsNote, strategyNote }, { Explain
 const { blame } = await import("./blame.js");
 
 const $ = (id) => document.getElementById(id);
+const PRESENT_SCALE = 1.8; // the diagram's 10 px labels at 18 px for a projector
 const form = $("run-form");
 const main = $("main");
 let current = null; // the last response drawn
@@ -58,8 +59,8 @@ const heatmaps = new Heatmaps($("heatmaps"), (onScreen, all) => {
 const presenter = new Presenter({
   toggle: $("present-toggle"), drawerToggle: $("config-toggle"),
   onChange: () => {
-    diagram.scale = presenter.on ? 1.6 : 1;
-    if (current) (diagram.draw(current), diagram.highlight(stepper.index));
+    diagram.scale = presenter.on ? PRESENT_SCALE : 1;
+    if (current) (diagram.draw(current), diagram.highlight(stepper.index), heatmaps.update(current, view, cells), drawDataPanel($("data-panel"), current));
     syncUrl(true);
   },
   onKey: (delta) => stepper.move(delta),
@@ -304,7 +305,7 @@ window.addEventListener("resize", () => {
 });
 
 presenter.set(initial.page.present === "1");
-diagram.scale = presenter.on ? 1.6 : 1;
+diagram.scale = presenter.on ? PRESENT_SCALE : 1;
 lab.fromQuery(location.search, true);
 configToForm(form, initial.config);
 go(initial.config, early);

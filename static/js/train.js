@@ -115,6 +115,8 @@ function newCurves(run) {
       legend: { orientation: "h", y: -0.22 }, paper_bgcolor: "#fff",
     }, { displayModeBar: false, responsive: true });
   }
+  fontsFor = null;
+  projectorFonts();
   while (runs.length >= KEEP) dropRun(runs[0]);
   if (runs.length) Plotly.restyle(curves, { opacity: 0.45, "line.width": 1.5 }, runs.flatMap((r) => r.traces));
   const name = `run ${run.n}: ${run.gradients}`;
@@ -202,7 +204,17 @@ function uncheckedWarning() {
 }
 document.addEventListener("input", (ev) => ev.target.matches?.("textarea.lab-source") && uncheckedWarning());
 // a run drawn (the editors redrawn with what was sent): look again
-new MutationObserver(uncheckedWarning).observe(document.body, { attributes: true, attributeFilter: ["data-state"] });
+// presentation mode on or off: the chart's text for a projector
+new MutationObserver(() => (uncheckedWarning(), projectorFonts())).observe(document.body, { attributes: true, attributeFilter: ["data-state", "class"] });
+
+let fontsFor = null;
+function projectorFonts() {
+  const big = document.body.classList.contains("present");
+  if (!curves.data || fontsFor === big) return;
+  fontsFor = big;
+  const size = big ? 18 : 11;
+  Plotly.relayout(curves, { font: { size: big ? 18 : 12 }, "xaxis.title.font.size": size, "yaxis.title.font.size": size, "yaxis2.title.font.size": size });
+}
 
 // Points wait for the next frame and go to Plotly together: a fast training sends hundreds of
 // events a second, and one redraw each would keep the browser busy drawing and nothing else.
