@@ -6,6 +6,7 @@ that never scrolls sideways."""
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
+from conftest import Watched
 from test_lab_page import REFUSED, check, line
 from test_page import assert_clean
 
@@ -179,6 +180,15 @@ def test_a_phone_with_mnist_data_never_scrolls_sideways(browser, server):
         assert width <= 390, width
         # the wide figures scroll in their own boxes
         assert page.evaluate("() => document.querySelector('#data-w1g').scrollWidth") > 390
+        # the check's verdict is on screen, and the code panel's bar is not cut
+        right = page.evaluate(
+            "() => document.querySelector('#check-table tr[data-name=\"x\"] .verdict')"
+            ".getBoundingClientRect().right"
+        )
+        assert 0 < right <= 390, right
+        bar = page.evaluate("() => [document.getElementById('lab-bar').scrollWidth,"
+                            " document.getElementById('lab-bar').clientWidth]")  # fmt: skip
+        assert bar[0] <= bar[1], bar
     finally:
         context.close()
 
@@ -281,4 +291,59 @@ def test_training_runs_stay_side_by_side_and_a_wrong_formula_is_a_red_banner(wat
     # a typed formula not checked: training would not use it, and the panel says so
     line(page, "w1.g").locator("textarea").fill("x.T @ l1.g")
     assert "w1.g" in page.inner_text("#train-unchecked")
+    assert_clean(w, allowed=[REFUSED])
+
+
+SMALL_TEXT = """() => {
+  const small = [];
+  for (const el of document.querySelectorAll('body *')) {
+    if (el.closest('svg') || !el.getClientRects().length) continue;
+    if (![...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim())) continue;
+    const px = parseFloat(getComputedStyle(el).fontSize);
+    if (px < 17.9) small.push(`${el.tagName}.${el.className} ${px}px: ${el.textContent.trim().slice(0, 30)}`);
+  }
+  for (const t of document.querySelectorAll('main svg text')) {
+    if (!t.getClientRects().length || !t.textContent.trim()) continue;
+    const svg = t.ownerSVGElement;
+    const box = svg.viewBox.baseVal;
+    const scale = box && box.width ? svg.getBoundingClientRect().width / box.width : 1;
+    const px = parseFloat(getComputedStyle(t).fontSize) * scale;
+    if (px < 17.9) small.push(`svg in #${t.closest('[id]')?.id} ${px}px: ${t.textContent.slice(0, 20)}`);
+  }
+  return small;
+}"""
+
+
+@pytest.mark.browser
+def test_presentation_mode_shows_every_text_at_18px_one_section_at_a_time(browser, server):
+    context = browser.new_context(viewport={"width": 1920, "height": 1080})
+    context.route(lambda url: not url.startswith(server + "/"), lambda route: route.abort())
+    context.set_default_timeout(60_000)
+    page = context.new_page()
+    w = Watched(page, server)
+    try:
+        w.open("?present=1&data=digits&loss=cross_entropy&init=kaiming&hidden=16&batch=64")
+        for tab in ("diagram", "gradients", "check", "explainer", "train"):
+            page.click(f'.present-tabs button[data-tab="{tab}"]')
+            w.wait_drawn()
+            assert page.evaluate(SMALL_TEXT) == [], tab
+            # Train and the data images only under their own tabs
+            assert page.is_visible("#train-panel") == (tab == "train"), tab
+            assert page.is_visible("#data-panel") == (tab == "gradients"), tab
+    finally:
+        context.close()
+
+
+@pytest.mark.browser
+def test_an_exercise_hint_waits_until_the_learner_asks(watched):
+    w = watched
+    w.open(f"{NET}&hide=x.g")
+    page = w.page
+    check(w, "x.g", "(l1.g * w1).sum(-1)")
+    err = line(page, "x.g").locator(".lab-error")
+    err.wait_for()
+    assert "8 vs 6" in err.inner_text()  # what is wrong, at once
+    assert err.locator(".lab-hint").is_hidden() and "unsqueeze(1)" not in err.inner_text()
+    err.locator("button.lab-show-hint").click()
+    assert "unsqueeze(1)" in err.locator(".lab-hint").inner_text()
     assert_clean(w, allowed=[REFUSED])
