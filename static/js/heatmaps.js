@@ -93,7 +93,7 @@ function caption(name, g, view, hm, data) {
   if (down) {
     const what = hm.kind === "extreme"
       ? (view === "difference" ? "the block's largest |difference| ÷ tolerance" : "the block's entry of largest magnitude (sign kept)")
-      : "the block mean";
+      : "the block mean (colours span the means' own range)";
     notices.push(h("p", { class: "notice downsampled" },
       `Downsampled: true shape ${shape(g.shape)}; each cell is ${what} of a ${hm.row_block} × ${hm.col_block} block (${hm.z.length} × ${hm.z[0].length} cells shown).`));
   }
@@ -258,7 +258,9 @@ function spec(name, g, view, hm, data, room) {
     what = "difference / tolerance";
   } else {
     const s = g.stats;
-    const zmax = maxAbs(s.min, s.max, ...hm.z.flat());
+    // block means are far smaller than the extremes: on the tensor's range they would look
+    // blank, so they span their own (the notice says so)
+    const zmax = hm.kind === "mean" && blocky ? maxAbs(...hm.z.flat()) : maxAbs(s.min, s.max, ...hm.z.flat());
     colour = { ...colour, zmin: -zmax, zmax };
   }
   const blockWord = hm.kind === "extreme" ? "largest |·| in block" : "block mean";

@@ -269,6 +269,7 @@ function fromUrl() {
 
 form.addEventListener("submit", (ev) => (ev.preventDefault(), fromForm()));
 form.addEventListener("change", (ev) => fromForm(ev));
+$("step-first").addEventListener("click", () => stepper.select(0));
 $("reset-button").addEventListener("click", () => (configToForm(form, {}), fromForm()));
 window.addEventListener("popstate", fromUrl);
 // a failing heatmap card's "show the difference" (heatmaps.js)
@@ -290,7 +291,10 @@ for (const input of document.querySelectorAll('input[name="grad-view"], input[na
 document.addEventListener("keydown", (ev) => {
   if (ev.altKey || ev.ctrlKey || ev.metaKey) return;
   if (ev.target.closest("input, select, textarea")) return;
-  if (ev.key === "ArrowRight" || ev.key === "ArrowLeft") {
+  if (ev.key === "Home" || ev.key === "End") {
+    ev.preventDefault();
+    stepper.select(ev.key === "Home" ? 0 : stepper.steps.length - 1);
+  } else if (ev.key === "ArrowRight" || ev.key === "ArrowLeft") {
     ev.preventDefault();
     stepper.move(ev.key === "ArrowRight" ? 1 : -1);
   }
