@@ -3,11 +3,11 @@
 // this module); everything but the heatmaps is drawn without Plotly.
 import { errorsByField, run } from "./api.js";
 import { configFromForm, configFromQuery, configToForm, FIELDS, pageFromQuery, queryFromConfig, toJSON } from "./state.js";
-import { ARTICLE, recipeNote, TRAINS, trainable } from "./recipe.js";
+import { ARTICLE, recipeNote, TRAINS, trainable, trainableLink } from "./recipe.js";
 
 const initialPage = pageFromQuery(location.search);
 // image data with the article's init and loss: start from settings that train (recipe.js)
-const switchedConfig = trainable(configFromQuery(location.search), initialPage.recipe);
+const switchedConfig = trainableLink(configFromQuery(location.search), initialPage.recipe);
 const initial = { config: switchedConfig || configFromQuery(location.search), page: initialPage };
 let controller = new AbortController();
 performance.mark("bp:run-start");
@@ -259,7 +259,7 @@ function fromUrl() {
   const page = pageFromQuery(location.search);
   recipe = page.recipe === "article" ? "article" : null;
   const asked = configFromQuery(location.search);
-  const config = trainable(asked, recipe) || asked;
+  const config = trainableLink(asked, recipe) || asked;
   wantedStep = page.step || null;
   view = VIEWS[page.view] ? page.view : "manual";
   lab.fromQuery(location.search);

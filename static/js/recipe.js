@@ -21,6 +21,11 @@ export function trainable(config, recipe) {
   return next;
 }
 
+/** As trainable(), for a link: one that names init or loss keeps what it names. */
+export function trainableLink(config, recipe) {
+  return "init" in config || "loss" in config ? null : trainable(config, recipe);
+}
+
 /** The note above the Train panel: what the page chose and the way back, or the way there. */
 export function recipeNote(el, config, { switched, onArticle, onTrains }) {
   const image = isImage(config.data);

@@ -253,7 +253,10 @@ function fitLossAxis() {
     for (const v of ys) if (v <= cap) (lo = Math.min(lo, v), hi = Math.max(hi, v));
   }
   if (hi < lo) return;
-  Plotly.relayout(curves, { "yaxis.range": [Math.log10(lo) - 0.15, Math.log10(hi) + 0.15] });
+  const range = [Math.log10(lo) - 0.15, Math.log10(hi) + 0.15];
+  const now = curves.layout?.yaxis?.range;
+  if (now && Math.abs(now[0] - range[0]) < 0.02 && Math.abs(now[1] - range[1]) < 0.02) return; // one redraw, not two, per frame
+  Plotly.relayout(curves, { "yaxis.range": range });
 }
 
 function progressText(p, steps) {

@@ -15,6 +15,14 @@ from tests.servers import LiveServer
 NET = "?batch=8&in_features=6&hidden=4"
 
 
+def new_context(browser, base: str, width: int, height: int, **kw):
+    """A browser context like the `watched` fixture's, at another size or for another server."""
+    context = browser.new_context(viewport={"width": width, "height": height}, **kw)
+    context.route(lambda url: not url.startswith(base + "/"), lambda route: route.abort())
+    context.set_default_timeout(120_000)
+    return context
+
+
 def header(page) -> dict:
     """The header's verdict: its text and whether anything in it is drawn green."""
     return page.evaluate(
@@ -166,9 +174,7 @@ def test_downstream_failures_are_attributed_to_the_first_wrong_gradient(watched)
 
 @pytest.mark.browser
 def test_a_phone_with_mnist_data_never_scrolls_sideways(browser, server):
-    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
-    context.route(lambda url: not url.startswith(server + "/"), lambda route: route.abort())
-    context.set_default_timeout(60_000)
+    context = new_context(browser, server, 390, 844, is_mobile=True)
     page = context.new_page()
     try:
         page.goto(f"{server}/?data=mnist")
@@ -208,9 +214,7 @@ def one_thread_server():
 @pytest.mark.browser
 def test_mnist_starts_from_settings_that_train_and_reaches_85_percent(browser, one_thread_server):
     base = one_thread_server
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    context.route(lambda url: not url.startswith(base + "/"), lambda route: route.abort())
-    context.set_default_timeout(120_000)
+    context = new_context(browser, base, 1280, 800)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -316,9 +320,7 @@ SMALL_TEXT = """() => {
 
 @pytest.mark.browser
 def test_presentation_mode_shows_every_text_at_18px_one_section_at_a_time(browser, server):
-    context = browser.new_context(viewport={"width": 1920, "height": 1080})
-    context.route(lambda url: not url.startswith(server + "/"), lambda route: route.abort())
-    context.set_default_timeout(60_000)
+    context = new_context(browser, server, 1920, 1080)
     page = context.new_page()
     w = Watched(page, server)
     try:
@@ -351,9 +353,7 @@ def test_an_exercise_hint_waits_until_the_learner_asks(watched):
 
 @pytest.mark.browser
 def test_the_page_does_not_jump_on_load(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    context.route(lambda url: not url.startswith(server + "/"), lambda route: route.abort())
-    context.set_default_timeout(60_000)
+    context = new_context(browser, server, 1280, 800)
     context.add_init_script(
         "window.__shift = 0; new PerformanceObserver((list) => { for (const e of"
         " list.getEntries()) window.__shift += e.value; })"
