@@ -15,11 +15,10 @@ performance.mark("bp:run-start");
 const early = /(^|[?&])(f\.[^=&]+\.g|hide)=/.test(location.search) ? null : run(initial.config, controller.signal);
 
 const [{ drawChecks }, { Diagram, legend, repeatsNote, strategyNote }, { Explainer }, { bytes, h, num }, { Heatmaps, VIEWS },
-  { Stepper }, { Presenter }, { ExportButtons }, { Lab }, { drawDataPanel, dropDataOwned }] =
+  { Stepper }, { Presenter }, { ExportButtons }, { Lab }, { drawDataPanel, dropDataOwned }, { blame }] =
   await Promise.all([import("./checks.js"), import("./diagram.js"), import("./explainer.js"), import("./format.js"),
     import("./heatmaps.js"), import("./stepper.js"), import("./present.js"), import("./export.js"), import("./lab.js"),
-    import("./digits.js")]);
-const { blame } = await import("./blame.js");
+    import("./digits.js"), import("./blame.js")]);
 
 const $ = (id) => document.getElementById(id);
 const PRESENT_SCALE = 1.8; // the diagram's 10 px labels at 18 px for a projector
@@ -193,7 +192,7 @@ function drawRecipe(config) {
     if (choice === "article") form.elements.out_features.value = "1";
     fromForm();
   };
-  recipeNote($("train-recipe"), config, { switched, onArticle: use(ARTICLE, "article"), onTrains: use(TRAINS, null) });
+  recipeNote($("train-recipe"), config, { switched, onArticle: use(ARTICLE, "article"), onTrains: use(TRAINS, null) }, h);
 }
 
 /** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */

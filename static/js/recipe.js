@@ -3,8 +3,8 @@
 // loss overflows within 20 steps. So when image data is chosen with the article's init and
 // loss, the page switches to kaiming init and cross-entropy over the 10 digits (out_features
 // follows from the data), says so, and keeps the article's settings one click away (the URL
-// then says recipe=article, so a link keeps that choice).
-import { h } from "./format.js";
+// then says recipe=article, so a link keeps that choice). No imports: main.js loads this
+// before it starts the first run, so that the run asked for is the one sent.
 
 export const TRAINS = { init: "kaiming", loss: "cross_entropy" };
 export const ARTICLE = { init: "randn", loss: "mse" };
@@ -26,8 +26,9 @@ export function trainableLink(config, recipe) {
   return "init" in config || "loss" in config ? null : trainable(config, recipe);
 }
 
-/** The note above the Train panel: what the page chose and the way back, or the way there. */
-export function recipeNote(el, config, { switched, onArticle, onTrains }) {
+/** The note above the Train panel: what the page chose and the way back, or the way there
+ * (`h`: format.js's element maker, handed in). */
+export function recipeNote(el, config, { switched, onArticle, onTrains }, h) {
   const image = isImage(config.data);
   el.hidden = !image;
   if (!image) return el.replaceChildren();
