@@ -197,15 +197,19 @@ def evaluate(net: Network, parts: Split, params: dict[str, torch.Tensor], cfg) -
 
 def check(cfg, batch, grads, params) -> dict[str, Any]:
     """The step's gradient norms, and its manual gradients against autograd on the same
-    minibatch and weights."""
+    minibatch and weights; `overflow` when either side is not finite (a diverging run: then
+    all_close is false for the numbers, not for the formulas)."""
     inter: dict[str, torch.Tensor] = {}
     reference = autograd_gradients(cfg, batch, inter)
     checks = {n: compare(grads[n], reference[n], cancelling_scale(cfg, n, inter)) for n in params}
     rel = [c["max_rel_err"] for c in checks.values()]
+    # inf or NaN on either side: the numbers overflowed, which says nothing about the formulas
+    finite = all(bool(t.isfinite().all()) for n in params for t in (grads[n], reference[n]))
     return {
         "grad_norms": {n: _finite(torch.linalg.vector_norm(grads[n]).item()) for n in params},
         "max_rel_err": _finite(max(rel)) if all(r is not None for r in rel) else None,
         "all_close": all(c["allclose"] for c in checks.values()),
+        "overflow": not finite,
     }
 
 

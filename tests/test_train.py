@@ -159,6 +159,35 @@ def test_a_diverging_loss_stops_with_a_last_progress_event():
     assert events[-2][0] == "progress" and events[-2][1]["batch_loss"] is None
 
 
+def test_an_overflow_is_flagged_and_not_blamed_on_correct_gradients():
+    """mnist with the article's randn init at lr 0.01 overflows: the check at that step fails
+    for the numbers (inf on both sides), and says so; every finite step passes."""
+    cfg = TrainRequest(data="mnist", hidden=[50], steps=40, eval_every=25, lr=0.01)
+    progress = [e for k, e in events_of(cfg) if k == "progress"]
+    assert progress[-1]["batch_loss"] is None and progress[-1]["overflow"] is True
+    assert progress[-1]["all_close"] is False  # the tolerance verdict, unchanged
+    assert all(e["all_close"] and not e["overflow"] for e in progress[:-1])
+
+
+# The settings the page starts real data from (static/js/recipe.js), with the run form's
+# and the Train panel's other defaults: they must train.
+PAGE_MNIST = {"data": "mnist", "init": "kaiming", "loss": "cross_entropy", "hidden": [50]}
+
+
+def test_the_pages_settings_for_mnist_train_to_85_percent_in_the_default_steps():
+    cfg = TrainRequest(**PAGE_MNIST)
+    assert (cfg.steps, cfg.lr, cfg.train_batch, cfg.out_features) == (500, 0.1, 64, 10)
+    events = events_of(cfg)
+    done = events[-1][1]
+    assert done["stopped"] is None and done["steps"] == 500
+    assert done["val_accuracy"] >= 0.85
+    assert all(e["all_close"] for k, e in events if k == "progress")
+    # the article's randn and mse, as the panel offered before: they diverge (why the page
+    # does not start there)
+    article = events_of(TrainRequest(data="mnist", hidden=[50], steps=100))[-1][1]
+    assert article["stopped"] == "diverged"
+
+
 def test_done_gives_w1_as_one_image_per_hidden_unit():
     done = events_of(TrainRequest(**DIGITS, steps=5))[-1][1]
     for view in (done["weights"]["w1"], done["weights_before"]["w1"]):

@@ -1,4 +1,5 @@
 // The check table: every gradient against torch.autograd, with the tolerances used.
+import { blame, blameText } from "./blame.js";
 import { bytes, h, num, shape } from "./format.js";
 
 export function drawChecks(el, data) {
@@ -14,6 +15,7 @@ export function drawChecks(el, data) {
     ...Object.entries(check.intermediates || {}).map(([name, c]) => [name, c, true]),
   ];
   const todo = new Set(data.todo || []); // an exercise's gradients not written yet
+  const wrong = blame(data); // which failing gradient is the cause, which only use it
   const rows = entries.map(([key, c, inter]) => {
     const [name, variant] = key.split(":");
     const unwritten = todo.has(name);
@@ -31,7 +33,8 @@ export function drawChecks(el, data) {
         ? h("td", { title: "An exercise: this gradient runs on the reference formula until you write yours" }, h("span", { class: "verdict todo" }, "to write"))
         : c.suspect
           ? h("td", {}, h("span", { class: "verdict suspect" }, "suspect"), h("small", { class: "why" }, suspectWhy(c)))
-          : h("td", {}, h("span", { class: `verdict ${c.allclose ? "pass" : "fail"}` }, c.allclose ? "pass" : "FAIL")),
+          : h("td", {}, h("span", { class: `verdict ${c.allclose ? "pass" : "fail"}` }, c.allclose ? "pass" : "FAIL"),
+          wrong.has(name) && !variant ? h("small", { class: `blame ${wrong.get(name) ? "downstream" : "cause"}` }, blameText(wrong, name)) : null),
     ];
     if (fd) {
       const f = (inter ? {} : fd[name]) || {};
@@ -44,9 +47,10 @@ export function drawChecks(el, data) {
   });
   el.replaceChildren(
     ...warnings(data),
-    h("p", { class: `check-summary ${check.all_close ? "pass" : "fail"}` },
+    // an exercise with gradients still to write is not a pass, whatever the reference does
+    h("p", { class: `check-summary ${check.all_close ? (todo.size ? "todo" : "pass") : "fail"}` },
       check.all_close
-        ? todo.size ? "✓ So far (the reference standing in for what is still to write), every gradient matches " : "✓ Every manual gradient matches "
+        ? todo.size ? "So far (the reference standing in for what is still to write), every gradient matches " : "✓ Every manual gradient matches "
         : "✗ Some manual gradients differ from ",
       h("code", {}, check.reference),
       ` (allclose: |manual − autograd| ≤ atol + rtol·|autograd|, with atol scaled by max|autograd|; exact: bit for bit equal).`,

@@ -10,6 +10,7 @@ const DIVERGING = [
 ];
 const INK = [[0, "#ffffff"], [1, "#111111"]];
 const GAP = 1;
+const projector = () => document.body.classList.contains("present"); // 18 px text
 
 /** Fields the data sets when the request leaves them out: image data fixes in_features, and
  * for cross_entropy out_features (10 digits). The form always holds a value for every field,
@@ -52,7 +53,7 @@ export function drawUnitImages(el, images, shape, { title = "", perRow = 10, til
   Plotly.newPlot(el, [{
     type: "heatmap", z: m.z, text: m.text, colorscale: DIVERGING, zmid: 0, zmin: -zmax, zmax,
     hoverongaps: false, hovertemplate: "%{text}<br>%{z:.4g}<extra></extra>",
-    colorbar: { thickness: 10, len: 1, outlinewidth: 0, tickformat: ".2~g", title: { text: title, side: "right" } },
+    colorbar: { thickness: 10, len: 1, outlinewidth: 0, tickformat: ".2~g", title: { text: title, side: "right", ...(projector() ? { font: { size: 18 } } : {}) }, ...(projector() ? { tickfont: { size: 18 } } : {}) },
   }], {
     width: m.W * px + 90, height: m.H * px + 16, margin: { l: 4, r: 4, t: 8, b: 8 },
     xaxis: { visible: false, range: [-0.5, m.W - 0.5] },
@@ -73,7 +74,7 @@ export function drawDigits(el, view, count = 20) {
   const annotations = images.map((_, k) => ({
     x: (k % m.across) * (cols + GAP) + (cols - 1) / 2,
     y: Math.floor(k / m.across) * (rows + rowGap) - 0.5,
-    text: String(view.labels[k]), showarrow: false, yanchor: "bottom", font: { size: 11, color: "#1864ab" },
+    text: String(view.labels[k]), showarrow: false, yanchor: "bottom", font: { size: projector() ? 18 : 11, color: "#1864ab" },
   }));
   Plotly.newPlot(el, [{
     type: "heatmap", z: m.z, text: m.text, colorscale: INK, zmin: 0, zmax: Math.max(1, ...images.flat()),

@@ -52,7 +52,7 @@ export class Explainer {
     } catch (err) {
       if (err.name === "AbortError") return;
       this.setErrors(errorsByField(err));
-      this.out.classList.add("stale");
+      this.out.replaceChildren(); // no old table under a new error
     }
   }
 

@@ -9,6 +9,7 @@
 // tolerance_heatmap, each block's largest): up to 1 passes and stays pale, over 1 turns red,
 // deeper on a log scale, so rounding noise never looks saturated and a wrong formula lights up.
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
+import { blame, blameText } from "./blame.js";
 import { h, num, shape } from "./format.js";
 
 export const VIEWS = {
@@ -46,11 +47,12 @@ function axisTitles(shp) {
 
 /** Chart size from the true aspect ratio, within bounds that keep every chart readable and
  * never wider than `room` (the container, on a phone). */
-function chartSize(rows, cols, oneD, room) {
-  if (oneD) return { width: Math.round(Math.min(room, Math.min(600, Math.max(150, cols * 14)) + 90)), height: 110 };
-  const height = 330;
-  const plot = Math.min(560, Math.max(90, (height - 60) * (cols / rows)));
-  return { width: Math.round(Math.min(room, plot + 150)), height };
+function chartSize(rows, cols, oneD, room, big = false) {
+  const k = big ? 1.4 : 1; // presentation mode: larger charts for 18 px text
+  if (oneD) return { width: Math.round(Math.min(room, Math.min(600 * k, Math.max(150 * k, cols * 14)) + 90 * k)), height: Math.round(110 * k) };
+  const height = Math.round(330 * k);
+  const plot = Math.min(560 * k, Math.max(90 * k, (height - 60) * (cols / rows)));
+  return { width: Math.round(Math.min(room, plot + 150 * k)), height };
 }
 
 /** Integer ticks in the tensor's index units: every index when few, else about 6 round steps. */
@@ -91,12 +93,27 @@ function caption(name, g, view, hm, data) {
   if (down) {
     const what = hm.kind === "extreme"
       ? (view === "difference" ? "the block's largest |difference| ÷ tolerance" : "the block's entry of largest magnitude (sign kept)")
-      : "the block mean";
+      : "the block mean (colours span the means' own range)";
     notices.push(h("p", { class: "notice downsampled" },
       `Downsampled: true shape ${shape(g.shape)}; each cell is ${what} of a ${hm.row_block} × ${hm.col_block} block (${hm.z.length} × ${hm.z[0].length} cells shown).`));
   }
   if (g.nonfinite) notices.push(h("p", { class: "notice bad" }, `${g.nonfinite} entries are not finite (NaN or ±inf); drawn as gaps.`));
   return { parts, notices };
+}
+
+/** A gradient that fails the check is marked in every view (the card's border, a badge with
+ * its error and its cause), with a way to its difference map. */
+function failing(name, data, view, wrong) {
+  const check = data.check.tensors[name];
+  if (!check || check.allclose || (data.todo || []).includes(name)) return [];
+  const why = blameText(wrong, name);
+  return [h("p", { class: "notice bad fail-badge" },
+    h("b", {}, "✗ differs from autograd"), ` · max rel err ${num(check.max_rel_err)} · max abs err ${num(check.max_abs_err)}`,
+    why ? h("span", { class: "blame" }, ` · ${why}`) : "",
+    view !== "difference"
+      ? h("button", { type: "button", class: "secondary small show-difference",
+        onclick: (ev) => ev.target.closest(".heatmaps").dispatchEvent(new CustomEvent("bp:show-difference")) }, "show the difference")
+      : "")];
 }
 
 /** Every gradient's card; charts drawn now when on screen, later when not. */
@@ -122,14 +139,19 @@ export class Heatmaps {
   update(data, view, cells = "extreme") {
     const names = Object.keys(data.gradients);
     if (names.join() !== [...this.cards.keys()].join()) this.rebuild(names);
-    const room = Math.max(160, this.container.clientWidth - 20);
+    // a section hidden by presentation mode's tabs has no width: the page's main column then
+    const width = this.container.clientWidth || document.getElementById("main")?.clientWidth - 40 || 0;
+    const room = Math.max(160, width - 20);
+    const wrong = blame(data);
     for (const name of names) {
       const g = data.gradients[name];
       const hm = viewHeatmap(g, view, cells);
       const c = this.cards.get(name);
       const { parts, notices } = caption(name, g, view, hm, data);
       c.head.replaceChildren(...parts);
-      c.notes.replaceChildren(...notices);
+      const badge = failing(name, data, view, wrong);
+      c.card.classList.toggle("failing", badge.length > 0);
+      c.notes.replaceChildren(...badge, ...notices);
       c.spec = spec(name, g, view, hm, data, room);
       c.hit = { name, g, hm };
       c.card.style.width = `${c.spec.layout.width + 18}px`;
@@ -215,7 +237,8 @@ function spec(name, g, view, hm, data, room) {
   const oneD = g.shape.length <= 1;
   const rows = hm.rows;
   const cols = hm.cols;
-  const { width, height } = chartSize(rows, cols, oneD, room);
+  const font = document.body.classList.contains("present") ? 18 : 0; // a projector: 18 px text
+  const { width, height } = chartSize(rows, cols, oneD, room, !!font);
   const titles = axisTitles(g.shape);
   // Cell edges in the tensor's own index units (n + 1 of them), so a single cell spans the
   // whole tensor (max_cells=1 draws), and hover and ticks give true positions.
@@ -246,13 +269,15 @@ function spec(name, g, view, hm, data, room) {
     what = "difference / tolerance";
   } else {
     const s = g.stats;
-    const zmax = maxAbs(s.min, s.max, ...hm.z.flat());
+    // block means are far smaller than the extremes: on the tensor's range they would look
+    // blank, so they span their own (the notice says so)
+    const zmax = hm.kind === "mean" && blocky ? maxAbs(...hm.z.flat()) : maxAbs(s.min, s.max, ...hm.z.flat());
     colour = { ...colour, zmin: -zmax, zmax };
   }
   const blockWord = hm.kind === "extreme" ? "largest |·| in block" : "block mean";
   const trace = {
     type: "heatmap", z, x: xs, y: oneD ? [-0.5, 0.5] : ys, ...colour,
-    colorbar: { thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g", ...colour.colorbar },
+    colorbar: { thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g", ...(oneD ? { nticks: 3 } : {}), ...(font ? { tickfont: { size: font } } : {}), ...colour.colorbar },
     hoverongaps: false,
     hovertemplate: oneD
       ? `${name}[%{x:.0f}]${blocky ? ` (${blockWord})` : ""}: ${what} %{z:.4g}<extra></extra>`
@@ -267,5 +292,9 @@ function spec(name, g, view, hm, data, room) {
       : { title: { text: titles.y, font: { size: 11 } }, range: [rows - 0.5, -0.5], ...ticks(rows, height - 60), tickfont: { size: 10 }, showgrid: false, zeroline: false },
     plot_bgcolor: "#e9ecef", paper_bgcolor: "#fff",
   };
+  if (font) {
+    layout.margin = { ...layout.margin, l: oneD ? 12 : 96, b: 64 };
+    for (const axis of [layout.xaxis, layout.yaxis]) if (axis.title) (axis.title.font.size = font), (axis.tickfont.size = font);
+  }
   return { data: [trace], layout };
 }

@@ -3,6 +3,7 @@
 // formulas can be hidden so that a learner must write them (an exercise, handed out as a link).
 // URL: one `f.<name>.g=<source>` per learner formula, `hide=x.g,w1.g` for the hidden ones.
 import { ApiError, bugs as fetchBugs } from "./api.js";
+import { blame, blameText } from "./blame.js";
 import { h, num, shape } from "./format.js";
 
 const PREFIX = "f."; // f.x.g=<source>
@@ -33,7 +34,7 @@ function ticks(text) {
 
 /** A formula's 422 drawn at the formula: the sentence, the hint, and the shapes right-aligned
  * with the clashing dim marked (or the shape wanted against the shape made). */
-export function formulaError(d) {
+export function formulaError(d, hideHint = false) {
   const ctx = d.ctx || {};
   const first = String(d.msg || "invalid").split("\n")[0];
   const cut = first.indexOf("; ");
@@ -41,7 +42,12 @@ export function formulaError(d) {
   const out = [h("p", { class: "lab-msg" }, h("b", {}, "✗ "), ...ticks(head))];
   if (Array.isArray(ctx.operands) && ctx.operands.length) out.push(operandTable(ctx));
   else if (ctx.made && ctx.wanted) out.push(resultTable(ctx.made, ctx.wanted));
-  if (hint) out.push(h("p", { class: "lab-hint" }, h("b", {}, "Hint: "), ...ticks(hint)));
+  // in an exercise a hint can print the answer: it waits until the learner asks for it
+  const hintEl = hint ? h("p", { class: "lab-hint", hidden: hideHint || null }, h("b", {}, "Hint: "), ...ticks(hint)) : null;
+  if (hintEl && hideHint) {
+    out.push(h("button", { type: "button", class: "secondary small lab-show-hint", onclick: (ev) => ((hintEl.hidden = false), ev.target.remove()) }, "Show the hint (it may give the answer)"));
+  }
+  if (hintEl) out.push(hintEl);
   return h("div", { class: "lab-error", role: "alert", "data-kind": ctx.kind || d.type || "" }, ...out);
 }
 
@@ -89,6 +95,9 @@ export class Lab {
     this.refs = {}; // key -> the reference formula, from the last run (never for hidden keys)
     this.error = null; // the last formula 422: {key, detail}
     this.lesson = null; // the gallery bug applied last
+    this.combine = false; // a gallery bug joins the ones applied (else it replaces them)
+    this.sent = {}; // the formulas of the last run asked for (a refused run's are the error's)
+    this.fromLink = false; // opened as an exercise: the learner's page, not the teacher's
     this.lines = new Map(); // key -> its <li> in the code panel
     this.bugs = [];
     this.data = null;
@@ -97,13 +106,15 @@ export class Lab {
   }
 
   // ---- state <-> URL ----------------------------------------------------------------------
-  fromQuery(search) {
+  /** `opened`: the page's own URL at load (a learner's exercise link, not the teacher's page). */
+  fromQuery(search, opened = false) {
     const { formulas, hidden } = labFromQuery(search);
     this.formulas = formulas;
     this.hidden = new Set(hidden);
     this.open = new Set([...Object.keys(formulas), ...hidden]);
     this.drafts = { ...formulas };
     this.error = null;
+    if (opened) this.fromLink = this.hidden.size > 0;
     this.matchLesson();
   }
 
@@ -113,11 +124,33 @@ export class Lab {
 
   /** What a run sends besides the config. */
   request() {
+    this.sent = { ...this.formulas };
     return Object.keys(this.formulas).length ? { formulas: { ...this.formulas } } : {};
   }
 
   matchLesson() {
-    this.lesson = this.bugs.find((b) => this.formulas[b.grad] === b.formula) || null;
+    this.lesson = this.lessons().at(-1) || null;
+  }
+
+  /** The gallery bugs the formulas hold now (never a hidden gradient's: that is the answer). */
+  lessons() {
+    return this.bugs.filter((b) => this.formulas[b.grad] === b.formula && !this.hidden.has(b.grad));
+  }
+
+  /** Whether the run on screen shows what a bug's lesson says: a shape bug refused at its
+   * formula; a value or silent bug run and failing the check at its gradient. Else why not. */
+  shows(bug) {
+    const err = this.error;
+    if (bug.kind === "shape") {
+      if (err?.key === bug.grad && err.formulas?.[bug.grad] === bug.formula) return { ok: true };
+      return { ok: false, why: err ? `the run was refused at ${err.key}` : "waiting for the run" };
+    }
+    if (err) return { ok: false, why: `the run was refused at ${err.key ?? "a formula"}, so nothing with this bug has run` };
+    const ran = this.data?.config?.formulas?.[bug.grad] === bug.formula;
+    if (!ran) return { ok: false, why: "waiting for the run" };
+    const c = this.check(bug.grad);
+    if (c && !c.allclose) return { ok: true };
+    return { ok: false, why: `on this run ${bug.grad} matches autograd, so the lesson does not apply here` };
   }
 
   // ---- a run drawn or refused -------------------------------------------------------------
@@ -150,7 +183,7 @@ export class Lab {
     if (!(err instanceof ApiError) || err.status !== 422 || !Array.isArray(err.body?.detail)) return false;
     const d = err.body.detail.find((x) => Array.isArray(x.loc) && x.loc[0] === "body" && x.loc[1] === "formulas");
     if (!d) return false;
-    this.error = { key: d.loc[2] == null ? null : String(d.loc[2]), detail: d };
+    this.error = { key: d.loc[2] == null ? null : String(d.loc[2]), detail: d, formulas: this.sent };
     if (this.error.key) this.open.add(this.error.key);
     for (const key of this.lines.keys()) this.drawLine(key);
     this.drawBar();
@@ -181,7 +214,9 @@ export class Lab {
     const entry = this.data.backward.find((b) => `${b.grad}.g` === key);
     const user = entry?.source === "user";
     const blank = this.hidden.has(key) && !user;
-    const c = blank ? null : this.check(key);
+    // a refused formula has no verdict: the marks below are the last run that worked
+    const c = blank || this.error?.key === key ? null : this.check(key);
+    const why = c && !c.allclose && this.data ? blameText(blame(this.data), key.slice(0, -2)) : "";
     li.classList.toggle("lab-user", user);
     li.classList.toggle("lab-blank", blank);
     li.classList.toggle("lab-pass", user && !!c?.allclose);
@@ -193,6 +228,7 @@ export class Lab {
       blank ? h("span", { class: "lab-badge todo" }, "write it") : null,
       c ? h("span", { class: `lab-mark ${c.allclose ? "pass" : "fail"}`, title: `against autograd: max rel err ${num(c.max_rel_err)}, max abs err ${num(c.max_abs_err)}; allclose with rtol ${num(c.rtol)}, atol ${num(c.atol)}` },
         c.allclose ? "✓" : "✗", h("small", {}, c.exact ? " exact" : ` ${num(c.max_rel_err, 2)}`)) : null,
+      why ? h("small", { class: `lab-blame${why.startsWith("wrong because") ? " downstream" : " cause"}`, title: why }, why.startsWith("wrong because") ? why.replace(/^wrong because it /, "").replace(/ \(.*$/, "") : why.startsWith("the first") ? "fix this first" : "wrong here") : null,
       this.open.has(key) ? null : h("button", { type: "button", class: "secondary small lab-edit", "aria-label": `Edit ${key}`, onclick: () => this.edit(key) }, "Edit"));
     li.append(tools);
     if (this.open.has(key)) li.append(this.panel(key, entry, blank));
@@ -205,6 +241,8 @@ export class Lab {
       class: "lab-source", rows: String(Math.min(10, lines)), spellcheck: "false", autocomplete: "off",
       "aria-label": `Your formula for ${key}`, placeholder: `${key} = …   (shape ${shape(entry?.shape || [])})`,
       "data-key": key,
+      // what the last Check sent for this key: the Train panel warns when the text differs
+      "data-sent": this.formulas[key] ?? (this.hidden.has(key) ? "" : this.refs[key] || ""),
     });
     area.value = text;
     area.addEventListener("input", () => (this.drafts[key] = area.value));
@@ -212,7 +250,7 @@ export class Lab {
       if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) (ev.preventDefault(), this.submit());
       else if (ev.key === "Escape" && !this.hidden.has(key)) (ev.preventDefault(), this.close(key));
     });
-    const err = this.error?.key === key ? formulaError(this.error.detail) : null;
+    const err = this.error?.key === key ? formulaError(this.error.detail, this.hidden.has(key)) : null;
     return h("div", { class: "lab-panel" },
       blank ? h("p", { class: "lab-task" }, "Your formula for ", h("code", {}, key), ` ${shape(entry?.shape || [])}: any tensor of the run, and the gradients above this line.`) : null,
       area,
@@ -266,14 +304,26 @@ export class Lab {
     this.onCheck();
   }
 
+  /** A gallery bug, alone: the bugs applied before (and a refused formula, which would stop
+   * any run) are reset, unless the learner asked to combine them. */
   applyBug(id) {
     const bug = this.bugs.find((b) => b.id === id);
     if (!bug) return;
+    if (!this.combine) {
+      for (const key of Object.keys(this.formulas)) {
+        if (key === bug.grad || this.hidden.has(key)) continue;
+        const gallery = this.bugs.some((b) => b.grad === key && b.formula === this.formulas[key]);
+        if (gallery || this.error?.key === key) (delete this.formulas[key], delete this.drafts[key], this.open.delete(key));
+      }
+    }
+    this.error = null;
     this.formulas[bug.grad] = bug.formula;
     this.drafts[bug.grad] = bug.formula;
     this.open.add(bug.grad);
     this.lesson = bug;
     this.onCheck();
+    for (const key of this.lines.keys()) this.drawLine(key);
+    this.drawBar();
   }
 
   // ---- the bar above the code -------------------------------------------------------------
@@ -282,24 +332,30 @@ export class Lab {
     const select = h("select", { id: "lab-bugs", "aria-label": "Break it: apply a classic mistake", disabled: this.bugs.length ? null : true },
       h("option", { value: "" }, this.bugs.length ? "Break it: a classic mistake…" : "Break it (no gallery)"),
       ...["shape", "value", "silent"].map((kind) => h("optgroup", { label: KIND_LABEL[kind] },
-        ...this.bugs.filter((b) => b.kind === kind).map((b) => h("option", { value: b.id }, `${b.grad}: ${b.title}`)))));
+        ...this.bugs.filter((b) => b.kind === kind && !this.hidden.has(b.grad)).map((b) => h("option", { value: b.id }, `${b.grad}: ${b.title}`)))));
     select.value = this.lesson?.id || "";
     select.addEventListener("change", () => this.applyBug(select.value));
     const mine = Object.keys(this.formulas);
+    const combine = h("input", { type: "checkbox", id: "lab-combine", checked: this.combine || null });
+    combine.addEventListener("change", () => (this.combine = combine.checked));
     const items = [
       h("div", { class: "lab-row" },
         select,
+        h("label", { class: "lab-combine", title: "Off: a bug from the menu replaces the one applied before" }, combine, " combine bugs"),
         mine.length ? h("button", { type: "button", class: "secondary small", id: "lab-reset-all", onclick: () => this.resetAll() }, `Reset ${mine.length === 1 ? "the formula" : `all ${mine.length} formulas`}`) : null,
         h("span", { class: "muted lab-tip" }, "Edit any backward line to write your own formula; Check runs it against autograd.")),
     ];
-    if (this.lesson) {
-      const b = this.lesson;
-      items.push(h("div", { class: `lab-lesson kind-${b.kind}`, id: "lab-lesson" },
-        h("p", {}, h("span", { class: "lab-kind" }, KIND_LABEL[b.kind] || b.kind), " ", h("b", {}, b.title), " — ", h("code", {}, b.grad)),
-        h("p", {}, ...ticks(b.lesson))));
+    // a lesson is shown only beside a run that shows it; otherwise, why not
+    const lessons = this.lessons();
+    for (const b of lessons) {
+      const shown = this.shows(b);
+      const head = h("p", {}, h("span", { class: "lab-kind" }, KIND_LABEL[b.kind] || b.kind), " ", h("b", {}, b.title), " — ", h("code", {}, b.grad));
+      items.push(shown.ok
+        ? h("div", { class: `lab-lesson kind-${b.kind}`, id: lessons.length === 1 ? "lab-lesson" : null, "data-bug": b.id }, head, h("p", {}, ...ticks(b.lesson)))
+        : h("div", { class: "lab-lesson waiting", id: lessons.length === 1 ? "lab-lesson" : null, "data-bug": b.id }, head, h("p", { class: "muted" }, `Its lesson is not shown: ${shown.why}.`)));
     }
     if (this.hidden.size) items.push(this.exercise());
-    if (this.data) items.push(this.maker());
+    if (this.data && !this.fromLink) items.push(this.maker()); // a learner's link cannot untick it
     if (this.error && !this.lines.has(this.error.key)) {
       items.push(h("div", { class: "lab-error", role: "alert" }, h("p", { class: "lab-msg" }, h("b", {}, `✗ formulas.${this.error.key ?? ""}: `), ...ticks(this.error.detail.msg))));
     }

@@ -3,20 +3,25 @@
 // this module); everything but the heatmaps is drawn without Plotly.
 import { errorsByField, run } from "./api.js";
 import { configFromForm, configFromQuery, configToForm, FIELDS, pageFromQuery, queryFromConfig, toJSON } from "./state.js";
+import { ARTICLE, recipeNote, TRAINS, trainable, trainableLink } from "./recipe.js";
 
-const initial = { config: configFromQuery(location.search), page: pageFromQuery(location.search) };
+const initialPage = pageFromQuery(location.search);
+// image data with the article's init and loss: start from settings that train (recipe.js)
+const switchedConfig = trainableLink(configFromQuery(location.search), initialPage.recipe);
+const initial = { config: switchedConfig || configFromQuery(location.search), page: initialPage };
 let controller = new AbortController();
 performance.mark("bp:run-start");
 // in flight while the rest loads (a link with lab formulas waits for the lab to read them)
 const early = /(^|[?&])(f\.[^=&]+\.g|hide)=/.test(location.search) ? null : run(initial.config, controller.signal);
 
 const [{ drawChecks }, { Diagram, legend, repeatsNote, strategyNote }, { Explainer }, { bytes, h, num }, { Heatmaps, VIEWS },
-  { Stepper }, { Presenter }, { ExportButtons }, { Lab }, { drawDataPanel, dropDataOwned }, { FollowPanel, cellRequest, followNote }] =
+  { Stepper }, { Presenter }, { ExportButtons }, { Lab }, { drawDataPanel, dropDataOwned }, { FollowPanel, cellRequest, followNote }, { blame }] =
   await Promise.all([import("./checks.js"), import("./diagram.js"), import("./explainer.js"), import("./format.js"),
     import("./heatmaps.js"), import("./stepper.js"), import("./present.js"), import("./export.js"), import("./lab.js"),
-    import("./digits.js"), import("./follow.js")]);
+    import("./digits.js"), import("./follow.js"), import("./blame.js")]);
 
 const $ = (id) => document.getElementById(id);
+const PRESENT_SCALE = 1.8; // the diagram's 10 px labels at 18 px for a projector
 const form = $("run-form");
 const main = $("main");
 let current = null; // the last response drawn
@@ -24,6 +29,9 @@ let currentSent = null; // the config that produced it, as sent (exact seeds)
 let view = VIEWS[initial.page.view] ? initial.page.view : "manual";
 let cells = initial.page.cells === "mean" ? "mean" : "extreme";
 let wantedStep = initial.page.step || null; // "x:3": the step the URL asks for
+let recipe = initial.page.recipe === "article" ? "article" : null; // the article's settings on real data, asked for
+let switched = !!switchedConfig; // the page chose the settings that train (say so)
+let stale = null; // why the page shows the last run that worked: null, "formula" or "config"
 
 const diagram = new Diagram($("diagram"), (i) => stepper.select(i), $("diagram-tip"));
 const explainer = new Explainer($("explainer-form"), $("explainer-out"));
@@ -65,8 +73,8 @@ const heatmaps = new Heatmaps($("heatmaps"), (onScreen, all) => {
 const presenter = new Presenter({
   toggle: $("present-toggle"), drawerToggle: $("config-toggle"),
   onChange: () => {
-    diagram.scale = presenter.on ? 1.6 : 1;
-    if (current) (diagram.draw(current), diagram.highlight(stepper.index));
+    diagram.scale = presenter.on ? PRESENT_SCALE : 1;
+    if (current) (diagram.draw(current), diagram.highlight(stepper.index), heatmaps.update(current, view, cells), drawDataPanel($("data-panel"), current));
     follower.redraw();
     syncUrl(true);
   },
@@ -82,6 +90,7 @@ function pageState() {
     present: presenter.on ? "1" : null,
     numbers: stepper.numbers ? null : "0",
     follow: follower.param,
+    recipe,
   };
 }
 
@@ -108,6 +117,7 @@ function showErrors(errs, changed = []) {
   const named = FIELDS.filter((f) => errs[f.name]).map((f) => f.name);
   const lines = [...(errs[""] || [])];
   if (named.length) lines.push(`The server refused this config: see ${named.join(", ")} in the form.${current ? " The charts show the last run that worked." : ""}`);
+  if (named.length && current) setStale("config");
   banner.hidden = !lines.length;
   banner.textContent = lines.join(" ");
   if (named.length) presenter.openDrawer();
@@ -123,13 +133,44 @@ function setLoading(on) {
 /** "0.43 ms" below 10 ms, else whole ms: a small run is not "0 ms". */
 const ms = (x) => (x < 10 ? `${x.toPrecision(2)} ms` : `${x.toFixed(0)} ms`);
 
+/** The header's verdict: an exercise counts what is written; a failure names its cause. */
+function verdict(data) {
+  const hidden = [...lab.hidden];
+  const written = hidden.filter((k) => data.backward.some((b) => `${b.grad}.g` === k && b.source === "user"));
+  if (written.length < hidden.length) return ["todo", `Exercise: ${written.length} of ${hidden.length} written`];
+  if (data.check.all_close) return ["ok", "✓ all gradients match autograd"];
+  const cause = [...blame(data)].find(([, via]) => via == null)?.[0];
+  return ["bad", `✗ a gradient differs from autograd${cause ? ` (the first wrong: ${cause}.g)` : ""}`];
+}
+
+const STALE = {
+  formula: "Your formula was refused (see it in the code panel): showing the last run that worked.",
+  config: "The server refused this config: showing the last run that worked.",
+};
+
+/** Show (why) or stop showing the last run that worked, its verdicts greyed. */
+function setStale(why) {
+  stale = why;
+  main.classList.toggle("stale", !!why);
+  for (const el of staleNotes) (el.hidden = !why), (el.textContent = why ? STALE[why] : "");
+  if (current) summary(current);
+}
+const staleNotes = ["heatmaps", "check"].map((id) => {
+  const el = h("p", { class: "notice stale-note", role: "status", hidden: true });
+  $(id).before(el);
+  return el;
+});
+
 function summary(data) {
+  const [verdictClass, verdictText] = verdict(data);
   const broadcastForm = data.config.strategy === "broadcast";
   const biggest = Math.max(0, ...data.backward.flatMap((b) => b.steps.filter((s) => s.broadcast).map((s) => s.bytes)));
   const t = data.timing;
   $("summary").replaceChildren(...[
     h("span", {}, "loss ", h("b", {}, num(data.loss, 6))),
-    h("span", { class: data.check.all_close ? "ok" : "bad" }, data.check.all_close ? "✓ all gradients match autograd" : "✗ a gradient differs from autograd"),
+    stale
+      ? h("span", { class: "stale", id: "summary-verdict", title: STALE[stale] }, h("b", {}, "Showing the last run that worked: "), verdictText)
+      : h("span", { class: verdictClass, id: "summary-verdict" }, verdictText),
     biggest && broadcastForm ? h("span", {}, "largest broadcast intermediate ", h("b", {}, bytes(biggest))) : null,
     !broadcastForm ? h("span", {}, "strategy ", h("b", {}, data.config.strategy), ": no broadcast intermediate") : null,
     h("span", { class: "muted" }, `forward ${ms(t.forward_ms)} · backward ${ms(t.backward_ms)} · check ${ms(t.check_ms)}`),
@@ -157,6 +198,18 @@ function draw(response) {
   lab.drawn();
   exporter.load(data, lab.hidden);
   drawDataPanel($("data-panel"), data);
+  drawRecipe(data.config);
+}
+
+function drawRecipe(config) {
+  const use = (settings, choice) => () => {
+    recipe = choice;
+    switched = false;
+    for (const [k, v] of Object.entries(settings)) form.elements[k].value = v;
+    if (choice === "article") form.elements.out_features.value = "1";
+    fromForm();
+  };
+  recipeNote($("train-recipe"), config, { switched, onArticle: use(ARTICLE, "article"), onTrains: use(TRAINS, null) }, h);
 }
 
 /** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */
@@ -182,6 +235,7 @@ async function go(config, pending = null, withLab = true) {
     currentSent = config;
     // the form shows what was sent (exact, even for seeds past 2^53), the server's defaults for the rest
     configToForm(form, { ...data.config, ...config });
+    setStale(null);
     draw(data);
     follower.load(config); // the followed element, in this run
     syncUrl(true);
@@ -190,6 +244,7 @@ async function go(config, pending = null, withLab = true) {
     // a formula's 422 is shown at the formula; with nothing drawn yet, draw the reference run
     if (withLab && lab.failed(err)) {
       if (!current) go({ ...config, formulas: undefined }, null, false);
+      else setStale("formula");
       return;
     }
     showErrors(errorsByField(err), changed);
@@ -198,7 +253,14 @@ async function go(config, pending = null, withLab = true) {
   }
 }
 
-function fromForm() {
+function fromForm(ev = null) {
+  if (ev?.target?.name === "data") {
+    // real data chosen: from the article's init and loss to settings that train, said so
+    recipe = null;
+    const next = trainable(configFromForm(form).config, recipe);
+    if (next) for (const [k, v] of Object.entries(TRAINS)) form.elements[k].value = v;
+    switched = !!next;
+  }
   const { config, unreadable } = configFromForm(form);
   dropDataOwned(config);
   const query = lab.query(queryFromConfig(config, pageState()));
@@ -211,8 +273,10 @@ function fromForm() {
 }
 
 function fromUrl() {
-  const config = configFromQuery(location.search);
   const page = pageFromQuery(location.search);
+  recipe = page.recipe === "article" ? "article" : null;
+  const asked = configFromQuery(location.search);
+  const config = trainableLink(asked, recipe) || asked;
   wantedStep = page.step || null;
   view = VIEWS[page.view] ? page.view : "manual";
   follower.set(page.follow);
@@ -222,9 +286,17 @@ function fromUrl() {
 }
 
 form.addEventListener("submit", (ev) => (ev.preventDefault(), fromForm()));
-form.addEventListener("change", () => fromForm());
+form.addEventListener("change", (ev) => fromForm(ev));
+$("step-first").addEventListener("click", () => stepper.select(0));
 $("reset-button").addEventListener("click", () => (configToForm(form, {}), fromForm()));
 window.addEventListener("popstate", fromUrl);
+// a failing heatmap card's "show the difference" (heatmaps.js)
+$("heatmaps").addEventListener("bp:show-difference", () => {
+  if (!current) return;
+  setView("difference");
+  heatmaps.update(current, view, cells);
+  syncUrl(true);
+});
 for (const input of document.querySelectorAll('input[name="grad-view"], input[name="grad-cells"]')) {
   input.addEventListener("change", () => {
     if (!current) return;
@@ -237,7 +309,10 @@ for (const input of document.querySelectorAll('input[name="grad-view"], input[na
 document.addEventListener("keydown", (ev) => {
   if (ev.altKey || ev.ctrlKey || ev.metaKey) return;
   if (ev.target.closest("input, select, textarea")) return;
-  if (ev.key === "ArrowRight" || ev.key === "ArrowLeft") {
+  if (ev.key === "Home" || ev.key === "End") {
+    ev.preventDefault();
+    stepper.select(ev.key === "Home" ? 0 : stepper.steps.length - 1);
+  } else if (ev.key === "ArrowRight" || ev.key === "ArrowLeft") {
     ev.preventDefault();
     stepper.move(ev.key === "ArrowRight" ? 1 : -1);
   }
@@ -252,8 +327,13 @@ window.addEventListener("resize", () => {
 });
 
 presenter.set(initial.page.present === "1");
-diagram.scale = presenter.on ? 1.6 : 1;
-lab.fromQuery(location.search);
+diagram.scale = presenter.on ? PRESENT_SCALE : 1;
+lab.fromQuery(location.search, true);
 configToForm(form, initial.config);
 go(initial.config, early);
+if (lab.hidden.size) {
+  // an exercise: the explainer must not open on the answer's shapes
+  $("bx-a").value = "4, 1, 3";
+  $("bx-b").value = "5, 3";
+}
 explainer.update();

@@ -56,4 +56,4 @@ export class Presenter {
   }
 }
 
-const TAB_LABELS = { diagram: "Shape flow & steps", gradients: "Gradients", check: "Check", explainer: "Broadcasting" };
+const TAB_LABELS = { diagram: "Shape flow & steps", gradients: "Gradients", check: "Check", explainer: "Broadcasting", train: "Train" };

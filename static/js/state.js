@@ -59,8 +59,9 @@ export function configFromQuery(search) {
 // What the page shows, beside the config: `step` (gradient:step, e.g. "x:3"), `view`
 // (manual, autograd, difference), `cells` (extreme, mean), `present` (1: presentation mode),
 // `numbers` (0: hide the values of a small run's step), `follow` (x.g:3,100: the element
-// followed back to its terms, static/js/follow.js).
-export const PAGE_PARAMS = ["step", "view", "cells", "present", "numbers", "follow"];
+// followed back to its terms, static/js/follow.js), `recipe` (article: real data with the
+// article's init and loss, asked for; see recipe.js).
+export const PAGE_PARAMS = ["step", "view", "cells", "present", "numbers", "follow", "recipe"];
 
 /** The page state a query string asks for (strings; absent ones are left out). */
 export function pageFromQuery(search) {

@@ -41,7 +41,7 @@ def test_the_train_panel_runs_the_curves_grow_and_stop_stops(watched):
     assert page.is_enabled("#train-stop") and not page.is_enabled("#train-start")
     assert "step " in page.inner_text("#train-status") and "ETA" in page.inner_text("#train-status")
     traces = page.evaluate("() => document.getElementById('train-curves').data.map(t => t.name)")
-    assert traces == ["training loss", "validation loss", "validation accuracy"]
+    assert traces == ["run 1: built-in", "run 1 validation loss", "run 1 validation accuracy"]
 
     page.click("#train-stop")
     page.wait_for_function(
