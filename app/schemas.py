@@ -569,6 +569,12 @@ class ExportRequest(BaseModel):
         default_factory=RunRequest,
         description="The run, as POST /api/run takes it (default: the article's)",
     )
+    program: dict[str, Any] | None = Field(
+        None,
+        description="Instead of config: a POST /api/program body. The file rebuilds its "
+        "inputs, runs its forward under autograd and its backward by hand, and checks every "
+        "gradient the backward writes (exit 0 when all match)",
+    )
     format: Literal["py", "ipynb"] = Field(
         "py",
         description="py: a script that exits 0 exactly when every gradient matches autograd; "

@@ -46,6 +46,8 @@ VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"
 async def export_run(http: Request, request: ExportRequest | None = None) -> Response:
     request = request or ExportRequest()
     settings: Settings = http.app.state.settings
+    if request.program is not None:
+        return await export_program_body(request.program, request.format, settings)
     try:  # what the run would refuse (formulas dry-run on meta tensors: nothing allocated)
         await anyio.to_thread.run_sync(check_budget, request.config, settings)
     except RequestValidationError as exc:
@@ -57,5 +59,31 @@ async def export_run(http: Request, request: ExportRequest | None = None) -> Res
     return Response(
         text,
         media_type=export.MEDIA_TYPES[request.format],
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+async def export_program_body(body: dict, fmt: str, settings: Settings) -> Response:
+    """A program's file; its body validated as POST /api/program's, errors under "program"."""
+    from pydantic import ValidationError
+
+    from app.api.program import admit
+    from app.programs import export as program_export
+    from app.programs.schemas import ProgramRequest
+
+    try:
+        program = ProgramRequest.model_validate(body)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", "program", *e["loc"])} for e in exc.errors()]
+        raise RequestValidationError(errors) from None
+    try:
+        plan = await anyio.to_thread.run_sync(admit, program, settings)
+    except RequestValidationError as exc:
+        errors = [{**e, "loc": ("body", "program", *e["loc"][1:])} for e in exc.errors()]
+        raise RequestValidationError(errors) from None
+    text, name = program_export.export(program, plan, fmt)
+    return Response(
+        text,
+        media_type=program_export.MEDIA_TYPES[fmt],
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )

@@ -337,7 +337,7 @@ class Traced:
         args = f"{dim}, keepdim=True" if keepdim else f"{dim}"
         call = f"{op}({args})" + (".values" if op in ("max", "min") else "")
         dims = [dim] if isinstance(dim, int) else list(dim)
-        dims = [d % self.ndim for d in dims]
+        dims = [d % self.ndim for d in dims] if self.ndim else []  # a 0-d tensor: dim 0 or -1
         return self._method(t, call, "reduce", op, reduced_dims=dims)
 
     def sum(self, dim: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Traced:

@@ -548,9 +548,11 @@ def _error_entry(err: ProgramError, plan: Plan) -> dict[str, Any]:
 def _check_table(
     plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
 ) -> dict[str, Any]:
-    """Every tensor with a gradient, in the order the backward first writes them (then the
-    unwritten ones, in the forward's order)."""
-    written = sorted(main.manual, key=lambda n: (min(main.lines.get(n, [10**9])), n))
+    """Every tensor with a gradient, in the order the backward finishes them (then the
+    unwritten ones, from the loss back)."""
+    # in the order the gradients are finished (their last write): a gradient built over
+    # several lines (`dx = ...`, later `dx += ...`) comes after what its last line used
+    written = sorted(main.manual, key=lambda n: (max(main.lines.get(n, [10**9])), n))
     # the loss's own gradient is 1: checked only when the backward writes it
     unwritten = [n for n in reversed(plan.has_grad) if n not in main.manual and n != loss_name]
     order = written + unwritten
@@ -568,6 +570,19 @@ def _check_table(
         row: dict[str, Any] = {"written": True, "lines": main.lines.get(name, []),
                                "spelling": main.spelling.get(name), "suspect": False,
                                "hint": None}  # fmt: skip
+        if tuple(manual.shape) != tuple(auto.shape) and _same_entries(manual.shape, auto.shape):
+            # (64,) written for (1, 64): the same numbers in the same order (PyTorch's
+            # allclose, as a notebook's cmp() uses it, broadcasts one onto the other)
+            row["shape_note"] = (
+                f"{main.spelling.get(name, name)} is {hints.fmt_shape(tuple(manual.shape))}, "
+                f"{name} is {hints.fmt_shape(tuple(auto.shape))}: the same entries; "
+                "keepdim=True would make the shapes equal too"
+            )
+            row["made"] = list(manual.shape)
+            manual = manual.reshape(auto.shape)
+            main.manual[name] = manual
+            if rerun is not None and name in rerun.manual:
+                rerun.manual[name] = rerun.manual[name].reshape(auto.shape)
         if tuple(manual.shape) != tuple(auto.shape):
             row.update(shape_ok=False, exact=False, allclose=False, max_abs_err=None,
                        max_rel_err=None, rtol=rtol, atol=None,
@@ -619,6 +634,11 @@ def _check_table(
         "first_failure": first_failure,
         "tensors": rows,
     }
+
+
+def _same_entries(a: tuple, b: tuple) -> bool:
+    """Shapes that differ only by size-1 dims: one tensor's entries are the other's."""
+    return [d for d in a if d != 1] == [d for d in b if d != 1]
 
 
 def _rounding_noise(name: str, main: Outcome, rerun: Outcome | None) -> float:

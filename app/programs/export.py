@@ -1,0 +1,219 @@
+"""A program as a file to take home: a script (or notebook) that needs only torch (and the
+`names` package for names data), rebuilds the inputs exactly as the server made them, runs
+the learner's forward under autograd and the learner's backward on detached copies, and
+checks every written gradient cmp()-style. The script exits 0 exactly when every written
+gradient matches.
+
+The learner's lines are copied verbatim: they passed the allowlist, and every call they make
+means in PyTorch what it meant on the server (app/lab/statements.py). They run inside a
+function `program(dtype)`, twice: in the run's dtype, and in float64 to measure the rounding
+both sides carry, as the server does (`app.programs.run._rounding_noise`).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import nbformat
+
+from app.check import NOISE_FACTOR, TOLERANCES
+from app.programs import run as programs
+from app.programs.inputs import DTYPES
+from app.programs.schemas import ProgramRequest
+
+MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipynb+json"}
+
+NAMES_HELPER = '''\
+def names_data(block_size, rows, seed):
+    """Contexts and next characters from the `names` package's first-name lists, in the
+    order of torch.randperm(N, generator=manual_seed(seed)) over the first 90% (Broadprop's
+    app/programs/inputs.py)."""
+    import pathlib
+    import names
+
+    folder = pathlib.Path(names.__file__).parent
+    alphabet = "." + "abcdefghijklmnopqrstuvwxyz"
+    stoi = {c: i for i, c in enumerate(alphabet)}
+    words = {}
+    for file in ("dist.female.first", "dist.male.first"):
+        for row in (folder / file).read_text().splitlines():
+            word = row.split()[0].lower() if row.strip() else ""
+            if word and all(c in stoi for c in word):
+                words.setdefault(word, None)
+    xs, ys = [], []
+    for word in words:
+        context = [0] * block_size
+        for ch in word + ".":
+            xs.append(context)
+            ys.append(stoi[ch])
+            context = context[1:] + [stoi[ch]]
+    X, Y = torch.tensor(xs), torch.tensor(ys)
+    order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))
+    pick = order[: len(xs) - len(xs) // 10][:rows]
+    return X[pick], Y[pick]
+'''
+
+
+def _inputs_code(req: ProgramRequest, has_grad: list[str]) -> list[str]:
+    """The inputs, made as app/programs/inputs.py makes them, in the order given."""
+    lines = [f"g = torch.Generator().manual_seed({req.seed})"]
+    for name, spec in req.inputs.items():
+        if spec.data is not None:
+            part = 0 if spec.field == "X" else 1
+            lines.append(f"{name} = names_data({spec.block_size}, {spec.rows}, {req.seed})[{part}]")
+        elif spec.value is not None:
+            if not isinstance(spec.value, list):
+                lines.append(f"{name} = {spec.value!r}")
+            elif spec.integer:
+                lines.append(f"{name} = torch.tensor({json.dumps(spec.value)}, dtype=torch.int64)")
+            else:
+                lines.append(f"{name} = torch.tensor({json.dumps(spec.value)}, "
+                             "dtype=torch.float64).to(RUN_DTYPE).to(DTYPE)")  # fmt: skip
+        elif spec.init == "randint":
+            lines.append(f"{name} = torch.randint({spec.high}, {tuple(spec.shape)!r}, generator=g)")
+        else:
+            shape = ", ".join(map(str, spec.shape)) or "()"
+            make = {
+                None: f"torch.randn({shape}, generator=g)",
+                "randn": f"torch.randn({shape}, generator=g)",
+                "zeros": f"torch.zeros({shape})",
+                "ones": f"torch.ones({shape})",
+            }[spec.init]
+            lines.append(f"{name} = ({make} * {float(spec.scale)!r} + {float(spec.offset)!r})"
+                         ".to(RUN_DTYPE).to(DTYPE)")  # fmt: skip
+    return lines
+
+
+def script(req: ProgramRequest, plan: programs.Plan) -> str:
+    """The program as a runnable Python script."""
+    return "\n".join(f"{s['code']}\n" for s in sections(req, plan))
+
+
+def sections(req: ProgramRequest, plan: programs.Plan) -> list[dict[str, str]]:
+    """The file's parts, each a markdown note and its code (cells of the notebook)."""
+    dtype = f"torch.{req.dtype}"
+    rtol, atol_scale = TOLERANCES[DTYPES[req.dtype]]
+    written = _written(plan)
+    inputs = _inputs_code(req, plan.has_grad)
+    uses_names = any(s.data is not None for s in req.inputs.values())
+    grad_inputs = [n for n in req.inputs if n in plan.has_grad]
+    retain = [n for n in plan.has_grad if n not in req.inputs]
+    forward = textwrap.indent(req.forward.strip("\n"), "    ")
+    backward = textwrap.indent(req.backward.strip("\n") or "pass", "    ")
+    detach = [*req.inputs, *plan.intermediates]
+    header = f'''"""Broadprop program, exported: your forward under autograd, your backward by hand,
+every gradient your backward writes checked against autograd (exit 0 when all match)."""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+RUN_DTYPE = DTYPE = {dtype}
+RTOL, ATOL_SCALE = {rtol!r}, {atol_scale!r}  # allclose: |d| <= atol + rtol * |autograd|
+'''
+    body = [
+        "def program(DTYPE):",
+        '    """Inputs, forward, autograd and your backward, in precision DTYPE."""',
+        textwrap.indent("\n".join(inputs), "    "),
+        *(f"    {n} = {n}.to(DTYPE).requires_grad_()" for n in grad_inputs),
+        "    torch.set_grad_enabled(True)",
+        "    # ---- your forward",
+        forward,
+        *(f"    {n}.retain_grad()" for n in retain),
+        f"    {req.loss}.backward()",
+        "    autograd = {" + ", ".join(f"{n!r}: _grad({n})" for n in plan.has_grad) + "}",
+        "    # ---- your backward: no autograd, on detached copies",
+        "    torch.set_grad_enabled(False)",
+        *(f"    {n} = {n}.detach() if isinstance({n}, torch.Tensor) else {n}" for n in detach),
+        "    cmp = _skip  # a notebook's own check lines: the check below covers them",
+        backward,
+        "    manual = {" + ", ".join(f"{t!r}: {spelled}" for t, spelled in written.items()) + "}",
+        f"    return {req.loss}.item(), manual, autograd",
+    ]
+    check = f"""
+def check():
+    loss, manual, autograd = program(DTYPE)
+    _, manual64, autograd64 = program(torch.float64)
+    print(f"loss {{loss}}")
+    failed = []
+    for name, got in manual.items():
+        want = autograd[name]
+        if got.numel() != want.numel() or [d for d in got.shape if d != 1] != [
+            d for d in want.shape if d != 1
+        ]:
+            print(f"{{name:16s}} shape {{tuple(got.shape)}} but the tensor is {{tuple(want.shape)}}")
+            failed.append(name)
+            continue
+        got, got64 = got.reshape(want.shape), manual64[name].reshape(want.shape)
+        noise = ((got.double() - got64).abs().max() + (want.double() - autograd64[name]).abs().max()).item()
+        diff = (got.to(want.dtype) - want).abs()
+        scale = want.abs().max().item()
+        atol = max(ATOL_SCALE * scale, {NOISE_FACTOR} * noise)
+        close = bool((diff <= atol + RTOL * want.abs()).all())
+        exact = bool(torch.equal(got.to(want.dtype), want))
+        print(f"{{name:16s}} exact: {{str(exact):5s}} approximate: {{str(close):5s}} "
+              f"maxdiff: {{diff.max().item():.3e}}")
+        if not close:
+            failed.append(name)
+    if failed:
+        print("differs from autograd: " + ", ".join(failed))
+    return 1 if failed else 0
+
+
+def _grad(t):
+    return t.grad if t.grad is not None else torch.zeros_like(t)
+
+
+def _skip(*args):
+    pass
+
+
+if __name__ == "__main__":
+    sys.exit(check())
+"""
+    return [
+        {
+            "note": "# A Broadprop program\nYour network, written as lines, checked by autograd.",
+            "code": header + (NAMES_HELPER if uses_names else ""),
+        },  # fmt: skip
+        {
+            "note": "Inputs, your forward under autograd (every named tensor's gradient kept), "
+            "then your backward by hand.",
+            "code": "\n".join(body),
+        },  # fmt: skip
+        {
+            "note": "Every gradient your backward wrote, against autograd's (float64 once more, "
+            "to tell rounding from a real difference).",
+            "code": check,
+        },  # fmt: skip
+    ]
+
+
+def _written(plan: programs.Plan) -> dict[str, str]:
+    """tensor -> how the backward names its gradient (`dlogits`, `out.g`), for those the
+    dry run saw written."""
+    out: dict[str, str] = {}
+    for entry in plan.backward_lines.values():
+        grad = programs._grad_written(entry.target, plan)
+        if grad is not None and grad not in out:
+            out[grad] = entry.target.split("[")[0]
+    return out
+
+
+def notebook(req: ProgramRequest, plan: programs.Plan) -> str:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}  # fmt: skip
+    parts = sections(req, plan)
+    for part in parts:
+        nb.cells.append(nbformat.v4.new_markdown_cell(part["note"]))
+        code = part["code"].replace('if __name__ == "__main__":\n    sys.exit(check())', "check()")
+        nb.cells.append(nbformat.v4.new_code_cell(code.strip("\n")))
+    nbformat.validate(nb)
+    return nbformat.writes(nb)
+
+
+def export(req: ProgramRequest, plan: programs.Plan, fmt: str) -> tuple[str, str]:
+    text = script(req, plan) if fmt == "py" else notebook(req, plan)
+    return text, f"broadprop_program.{fmt}"
