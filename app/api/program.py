@@ -140,7 +140,7 @@ async def checked(http: Request, request: ProgramTrainRequest) -> training.Setup
     "forward assigns `logits`, `samples`: names drawn from the network); then `done` ({steps, "
     "stopped, loss, train_loss, val_loss, trained, fixed, fixed_why, backward_error, samples, "
     "seconds}). A parameter whose gradient the backward does not write is held fixed and "
-    "named in `fixed`. `stopped`: null, \"time_limit\" or \"diverged\". An error after the "
+    'named in `fixed`. `stopped`: null, "time_limit" or "diverged". An error after the '
     "stream started is an `error` event ({detail}). The same request gives the same events.",
     responses={
         403: {"description": "A request from another origin", "content": JSON_ERROR},

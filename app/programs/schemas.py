@@ -258,14 +258,15 @@ class ProgramTrainRequest(BaseModel):
     )
     lr: Annotated[float, Field(gt=0, le=100)] = Field(0.1, description="Learning rate")
     seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)] = Field(
-        0, description="The minibatches' and the samples' seed (the weights come from the "
-        "program's own seed)"
+        0,
+        description="The minibatches' and the samples' seed (the weights come from the "
+        "program's own seed)",
     )
     eval_every: Annotated[int, Field(strict=True, ge=1, le=20_000)] | None = Field(
-        None, description="Steps between val losses and samples (default: steps // 10, at "
-        "most 100)"
+        None, description="Steps between val losses and samples (default: steps // 10, at most 100)"
     )
     report_every: Annotated[int, Field(strict=True, ge=1, le=20_000)] | None = Field(
-        None, description="Steps between `step` events (default: steps // 500, at least 1); "
-        "an event's `loss` is the mean over its steps"
+        None,
+        description="Steps between `step` events (default: steps // 500, at least 1); "
+        "an event's `loss` is the mean over its steps",
     )

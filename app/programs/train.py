@@ -107,10 +107,12 @@ def prepare(
         x_input = next((n for n, s in data.items() if s.field == "X"), None)
         y_input = next((n for n, s in data.items() if s.field == "Y"), None)
         block = data[x_input].block_size if x_input else next(iter(data.values())).block_size
-        val = resized(program, VAL_ROWS)
+        # the val pass and sampling run the forward only: their dry runs skip the backward
+        forward_only = program.model_copy(update={"backward": ""})
+        val = resized(forward_only, VAL_ROWS)
         sample = sample_forward = None
         if x_input is not None:
-            sample = resized(program, SAMPLE_ROWS)
+            sample = resized(forward_only, SAMPLE_ROWS)
             sample_forward = _up_to(admit(sample).forward, LOGITS)
         names = NamesTask(x_input or "", y_input, block, val, admit(val), sample, sample_forward)
     plan = admit(step_req)
