@@ -123,7 +123,7 @@ def prepare(
         steps=steps,
         lr=lr,
         seed=seed,
-        eval_every=eval_every or min(100, max(1, steps // 10)),
+        eval_every=eval_every or min(100, max(5, steps // 10)),
         report_every=report_every or max(1, steps // 500),
         names=names,
     )
