@@ -263,7 +263,8 @@ class ProgramTrainRequest(BaseModel):
         "program's own seed)",
     )
     eval_every: Annotated[int, Field(strict=True, ge=1, le=20_000)] | None = Field(
-        None, description="Steps between val losses and samples (default: steps // 10, at least 5, at most 100)"
+        None,
+        description="Steps between val losses and samples (default: steps // 10, at least 5, at most 100)",
     )
     report_every: Annotated[int, Field(strict=True, ge=1, le=20_000)] | None = Field(
         None,

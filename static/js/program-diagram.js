@@ -42,7 +42,7 @@ function costly(line, tensors) {
         const info = st.broadcast[side];
         if (!info || !info.expanded || !info.expanded.length) return;
         const from = st.inputs[k];
-        notes.push({ kind: "bcast", text: `${st.op || st.action} broadcast ${shape(from)} → ${shape(st.output)} · ${bytes(st.bytes)}` });
+        notes.push({ kind: "bcast", text: `broadcast ${shape(from)} → ${shape(st.output)} · ${bytes(st.bytes)}` });
         for (const r of line.reads || []) if (sameShape(tensors[r]?.shape, from)) edges[r] = "bcast";
       });
     } else if (st.action === "reduce") {

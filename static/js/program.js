@@ -19,6 +19,7 @@ let program = null; // the POST /api/program body on screen
 let presetId = null; // the preset it came from, while unchanged
 let data = null; // the last answer drawn
 let selected = null;
+let lastFailure = null;
 let controller = null;
 let timer = 0;
 let runs = 0;
@@ -152,6 +153,14 @@ function states(check) {
 function draw(answer) {
   data = answer;
   clearLineErrors();
+  const newFailure = data.check.first_failure && data.check.first_failure !== lastFailure;
+  lastFailure = data.check.first_failure;
+  if (newFailure) selected = data.check.first_failure; // a new first failure: show it
+  if (!selected || !(selected in data.tensors)) {
+    // the first failure, else the first parameter the backward writes
+    const params = Object.keys(data.check.tensors).filter((n) => data.tensors[n]?.role === "param");
+    selected = data.check.first_failure || params[params.length - 1] || null;
+  }
   const st = states(data.check);
   const pending = placeholders(program.backward || "");
   verdict(st, pending);
@@ -161,11 +170,6 @@ function draw(answer) {
   if (data.backward_error) {
     const e = data.backward_error;
     showLineError("backward", e.line, e.message, e.operands, e.hint);
-  }
-  if (!selected || !(selected in data.tensors)) {
-    // the first failure, else the first parameter the backward writes
-    const params = Object.keys(data.check.tensors).filter((n) => data.tensors[n]?.role === "param");
-    selected = data.check.first_failure || params[params.length - 1] || null;
   }
   drawFlow($("flow"), data, { states: st, selected, onSelect: select });
   maps();
@@ -225,13 +229,13 @@ function table(st) {
       h("td", { class: "mark" }, row.written ? (row.exact ? "✓" : "–") : ""),
       h("td", { class: "mark" }, row.written ? (row.allclose ? "✓" : "✗") : ""),
       h("td", { class: "num" }, row.max_abs_err == null ? "–" : num(row.max_abs_err)),
-      h("td", { class: "state" }, note),
+      h("td", { class: "state", title: s === "after" ? `may be wrong only because it is computed from ${firstName}, the first failure: fix that first` : null }, note),
     );
     tr.addEventListener("click", () => select(name));
     tr.addEventListener("keydown", (ev) => ev.key === "Enter" && select(name));
     rows.push(tr);
-    const why = row.hint || row.why || (s === "after" ? `may be wrong only because it is computed from ${firstName}, the first failure: fix that first` : null);
-    if (why && s !== "match") rows.push(h("tr", { class: `why st-${s}` }, h("td", { colspan: 8 }, why)));
+    const why = row.hint || row.why;
+    if (why && s !== "match" && s !== "after") rows.push(h("tr", { class: `why st-${s}` }, h("td", { colspan: 8 }, why)));
   }
   $("checks").tBodies[0].replaceChildren(...rows);
 }
@@ -290,7 +294,7 @@ function heat(el, hm, { zmax, tolerance }) {
     el.replaceChildren(h("p", { class: "muted empty" }, "not written"));
     return;
   }
-  el.replaceChildren();
+  el.querySelector(":scope > .empty")?.remove(); // Plotly's own nodes stay: react reuses them
   const oneD = hm.z.length === 1;
   const trace = tolerance
     ? { type: "heatmap", z: hm.z, zmin: 0, zmax: 3, colorscale: TOLERANCE, colorbar: { thickness: 10, tickvals: [0, 1, 2, 3] } }
@@ -307,7 +311,10 @@ async function maps() {
   $("selected-title").textContent = name ? `Gradient of ${name}` : "Gradient";
   if (!name || !g) {
     $("selected-note").textContent = name ? `${name} has no gradient (${t?.role ?? "not a tensor"})` : "Click a name in the diagram or a row of the check.";
-    for (const id of ["map-manual", "map-autograd", "map-difference"]) $(id).replaceChildren();
+    for (const id of ["map-manual", "map-autograd", "map-difference"]) {
+      if (window.Plotly) Plotly.purge($(id));
+      $(id).replaceChildren();
+    }
     document.body.dataset.maps = "none";
     return;
   }
