@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from fastapi.exceptions import RequestValidationError
 
 from app.check import RECHECK_MAX_BYTES
+from app.lab.formulas import is_view
 from app.ops.linear import chunk_rows
 from app.tensors import DTYPES, input_specs, layer_sizes, lead_shape
 from app.views import JSON_BYTES_PER_CELL, heatmap_cap
-from app.work import WORK_LIMIT_S
+from app.work import ELEMENTWISE_BYTES, MATMUL_FLOPS, WORK_LIMIT_S
 from app.work import estimate as estimate_work
 
 ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
@@ -83,6 +84,8 @@ def estimate(cfg, forward: list[dict], backward: list[dict], chunk_bytes: int) -
     )
     # float64 copies of the inputs and of the activations the perturbed passes rebuild
     fd = (float_inputs + activations) * 8 // itemsize * 2 if cfg.fd_samples else 0
+    if cfg.fd_samples and itemsize == 4:  # the manual formulas rerun in float64: twice the bytes
+        fd += 2 * max(map(formula_bytes, backward), default=0)
     largest_grad = max(math.prod(s.shape) for s in specs if s.role != "target")
     # the views' temporaries, and the heatmaps themselves: numpy cells, and the response's
     # JSON text twice (the rendered body, and the server's copy of it as it sends)
@@ -220,8 +223,11 @@ def refuse_too_much_work(cfg, chunk_bytes: int = 4 << 20) -> None:
 
 
 # A learner's formula runs as written: its work (elements read or written, a stretched view
-# counting in full) is bounded here on its own (and counted in app/work.py with the rest).
+# counting in full; its matmuls' and einsums' flops) is bounded here on its own (and counted
+# in app/work.py with the rest). The flops bound takes as long as the elements' at the rates
+# of app/work.py (5 s in float32).
 MAX_FORMULA_ELEMENTS = 2.5e9
+MAX_FORMULA_FLOPS = MAX_FORMULA_ELEMENTS * 4 / ELEMENTWISE_BYTES * MATMUL_FLOPS
 
 
 def formula_passes(cfg) -> int:
@@ -240,13 +246,23 @@ def refuse_formula_cost(cfg, backward: list[dict], budget: int) -> None:
     """422 at formulas.<name>.g when a learner's formula would hold more than the memory
     budget or do more work than the limit (from its meta trace: nothing allocated)."""
     passes = formula_passes(cfg)
+    # the rerun in the other precision runs after the run's own pass: its peak is the larger
+    # of the two, the float64 one
+    widen = 8 // ITEMSIZE[cfg.dtype] if passes > 1 else 1
     for entry in backward:
         if entry.get("source") != "user":
             continue
         key = f"{entry['grad']}.g"
-        biggest = max(entry["steps"], key=lambda s: s["bytes"], default=None)
+        made = [s for s in entry["steps"] if not is_view(s)]  # an expand takes no memory
+
+        def size(step: dict) -> int:  # with the copy torch makes inside it (a stretched @)
+            return step["bytes"] + step.get("temp_bytes", 0)
+
+        biggest = max(made, key=size, default=None)
+        copy = " with the contiguous copy torch makes of a stretched operand"
         where = (
-            f" (the largest, `{biggest['expr']}`, is {human_bytes(biggest['bytes'])})"
+            f" (the largest, `{biggest['expr']}`, is {human_bytes(size(biggest))}"
+            f"{copy if biggest.get('temp_bytes') else ''})"
             if biggest
             else ""
         )
@@ -254,15 +270,28 @@ def refuse_formula_cost(cfg, backward: list[dict], budget: int) -> None:
             "; the same gradient without the broadcast intermediate: torch.einsum or @ "
             "(e.g. l1.g @ w1.T for x.g, x.T @ l1.g for w1.g)"
         )
-        if entry["bytes"] > budget:
+        held = entry["bytes"] * widen
+        if held > budget:
+            rerun = " (in float64, as the rounding recheck reruns it)" if widen > 1 else ""
             _refuse_formula(
                 key,
-                f"its intermediates would take {human_bytes(entry['bytes'])}{where}, over the "
+                f"its intermediates would take {human_bytes(held)}{rerun}{where}, over the "
                 f"server's memory budget of {human_bytes(budget)} per run{advice}",
                 cfg,
                 "budget",
-                bytes=entry["bytes"],
+                bytes=held,
                 budget_bytes=budget,
+            )
+        flops = entry.get("flops", 0) * passes
+        if flops > MAX_FORMULA_FLOPS:
+            _refuse_formula(
+                key,
+                f"its matmuls and einsums would take {flops:.2g} flops ({passes} pass(es)), "
+                f"over the work limit of {MAX_FORMULA_FLOPS:.2g}{where}",
+                cfg,
+                "work",
+                flops=flops,
+                limit=MAX_FORMULA_FLOPS,
             )
         work = entry["work"] * passes
         if work > MAX_FORMULA_ELEMENTS:

@@ -163,6 +163,6 @@ def _learner_entry(
     except FormulaError as err:
         err.key = learner.formula.key
         raise
-    held, work = formula_cost([s.as_dict() for s in grad.steps])
+    held, work, flops = formula_cost([s.as_dict() for s in grad.steps])
     entry = _trace_entry(kind, learner.grad, grad, "user")
-    return {**entry, "bytes": held, "work": work, "traced": grad}
+    return {**entry, "bytes": held, "work": work, "flops": flops, "traced": grad}

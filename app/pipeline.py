@@ -17,6 +17,7 @@ from app.fd import finite_difference_check
 from app.lab.formulas import LearnerFormula, bind
 from app.network import Network
 from app.ops import Context
+from app.ops.base import cancel_token
 from app.tensors import DTYPES, data_name, input_specs, lead_shape, make_tensors
 from app.views import (
     MAX_IMAGES,
@@ -72,8 +73,14 @@ def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
 
 
 def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
-    """`cancel`: a token (anything with `is_set()`) checked between ops and chunks; once set,
-    the run raises app.ops.base.RunCancelled there."""
+    """`cancel`: a token (anything with `is_set()`) checked between ops and chunks, and after
+    every op a learner's formula makes (`check_cancelled`); once set, the run raises
+    app.ops.base.RunCancelled there."""
+    with cancel_token(cancel):
+        return _run(cfg, chunk_bytes, cancel)
+
+
+def _run(cfg, chunk_bytes: int, cancel) -> dict[str, Any]:
     forward_trace, backward_trace = trace(cfg)
     net = Network.from_config(cfg)
 
@@ -139,7 +146,9 @@ def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
         },
         "check": check,
         "formulas": {
-            f"{e['grad']}.g": {k: e[k] for k in ("code", "steps", "shape", "bytes", "work")}
+            f"{e['grad']}.g": {
+                k: e[k] for k in ("code", "steps", "shape", "bytes", "work", "flops")
+            }
             for e in backward_trace
             if e["source"] == "user"
         },

@@ -358,6 +358,9 @@ class BackwardEntry(BaseModel):
     work: int | None = Field(
         None, description="On a user entry: elements its steps read or write (the work limit)"
     )
+    flops: int | None = Field(
+        None, description="On a user entry: its matmuls' and einsums' floating-point operations"
+    )
 
 
 class FormulaTrace(BaseModel):
@@ -366,6 +369,9 @@ class FormulaTrace(BaseModel):
     shape: Shape
     bytes: int = Field(description="Bytes its materialized intermediates take in all")
     work: int = Field(description="Elements its steps read or write")
+    flops: int = Field(
+        0, description="Floating-point operations of its matmuls and einsums (2 per multiply-add)"
+    )
 
 
 class Heatmap(BaseModel):

@@ -10,7 +10,8 @@ A run makes several passes over its network, and every one of them counts:
   finite differences themselves (many small float64 passes);
 - with compare: every strategy's backward and autograd's, each run two to four times;
 - the views (heatmaps, stats) over every gradient;
-- the learner's own formulas (`formula_elements`, a hook: 0 until formulas exist).
+- the learner's own formulas: their elements read or written (`formula_elements`) and
+  their matmuls' and einsums' flops (`formula_flops`), at the rates above.
 
 The constants were measured on the development machine (2 shared cores; see
 benchmarks/calibrate.py, which prints the model against measured runs) and err on the slow
@@ -59,15 +60,26 @@ class Work:
     formulas: float
 
 
-def formula_elements(cfg) -> int:
-    """Elements the learner's own formulas read or write in one backward pass: the `work` of
-    their meta-traced entries (app/lab); 0 without formulas."""
+def _user_entries(cfg) -> list[dict]:
+    """The meta-traced entries of the learner's formulas (app/lab); none without formulas."""
     if not getattr(cfg, "formulas", None):
-        return 0
+        return []
     from app import pipeline  # the traces are cached there (and it imports this module's users)
 
     _, backward = pipeline.trace(cfg)
-    return sum(entry.get("work", 0) for entry in backward if entry.get("source") == "user")
+    return [entry for entry in backward if entry.get("source") == "user"]
+
+
+def formula_elements(cfg) -> int:
+    """Elements the learner's own formulas read or write in one backward pass: the `work` of
+    their meta-traced entries; 0 without formulas."""
+    return sum(entry.get("work", 0) for entry in _user_entries(cfg))
+
+
+def formula_flops(cfg) -> int:
+    """Flops of the learner's matmuls and einsums in one backward pass: they run at the BLAS
+    rate, as the built-in matmul and einsum strategies do."""
+    return sum(entry.get("flops", 0) for entry in _user_entries(cfg))
 
 
 def _matmul_s(flops: float, itemsize: int) -> float:
@@ -150,8 +162,14 @@ def estimate(cfg, chunk_bytes: int) -> Work:
             once = here[name]
             compare += once * (2 if once > COMPARE_SLOW_S else 4)
     # the learner's formulas run as written (no chunks), in every manual backward but
-    # compare's: the run's, and the rerun in the other precision (recheck or fd's float64)
-    passes = 1 + (small or (cfg.fd_samples > 0 and itemsize == 4))
-    formulas = _elementwise_s(formula_elements(cfg) * itemsize) * passes
+    # compare's: the run's, and the rerun in the other precision (recheck or fd's float64),
+    # costed in float64 (the slower of the two, whichever the run's is)
+    elements, flops = formula_elements(cfg), formula_flops(cfg)
+
+    def formulas_s(size: int) -> float:
+        return _elementwise_s(elements * size) + _matmul_s(flops, size)
+
+    rerun = small or (cfg.fd_samples > 0 and itemsize == 4)
+    formulas = formulas_s(itemsize) + (formulas_s(8) if rerun else 0.0)
     total = forward + backward + check + recheck + fd + compare + formulas
     return Work(total, forward, backward, check, recheck, fd, compare, formulas)

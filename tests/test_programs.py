@@ -522,3 +522,18 @@ def test_exporting_a_refused_program_is_a_422_under_program(client):
     r = client.post("/api/export", json={"program": {"forward": "import os"}, "format": "py"})
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"][:3] == ["body", "program", "forward"]
+
+
+def test_an_eps_dropped_in_the_backward_is_suspect_not_a_pass(client):
+    """In float32 the error of a dropped eps hides inside the tolerance; the float64 rerun
+    shows it is not rounding."""
+    old = "dbnvar = (-0.5*(bnvar + 1e-5)**-1.5) * dbnvar_inv"
+    backward = STUDENT_BACKWARD.replace(old, "dbnvar = (-0.5*bnvar**-1.5) * dbnvar_inv")
+    check = client.post("/api/program", json=makemore_request(backward=backward)).json()["check"]
+    row = check["tensors"]["bnvar"]
+    assert row["allclose"] and row["suspect"], row
+    assert "bnvar" in check["suspects"]
+    assert "float64" in row["why"]
+    # the correct cell has no suspect
+    clean = client.post("/api/program", json=makemore_request(backward=STUDENT_BACKWARD)).json()
+    assert clean["check"]["suspects"] == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator
+from functools import lru_cache
 from typing import Annotated
 
 import anyio
@@ -70,11 +71,18 @@ async def program(http: Request, request: ProgramRequest) -> StrictJSONResponse:
 
 
 def admit(request: ProgramRequest, settings: Settings) -> programs.Plan:
-    """The dry run on meta tensors: a 422 at the line for anything refused."""
+    """The dry run on meta tensors: a 422 at the line for anything refused. An accepted
+    program's plan is kept (the page posts the same program again as its views change)."""
     try:
-        return programs.admit(request, settings.memory_budget_bytes, WORK_LIMIT_S)
+        return _admitted(request.model_dump_json(), settings.memory_budget_bytes)
     except programs.ProgramRefused as err:
         refuse(err)
+
+
+@lru_cache(maxsize=64)  # a plan holds its program's trace: shapes and steps, tens of KB
+def _admitted(body: str, memory_budget: int) -> programs.Plan:
+    request = ProgramRequest.model_validate_json(body)
+    return programs.admit(request, memory_budget, WORK_LIMIT_S)
 
 
 def refuse(err: programs.ProgramRefused) -> None:

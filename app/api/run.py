@@ -79,5 +79,9 @@ def check_budget(cfg: RunRequest, settings: Settings) -> tuple[float, int]:
 
 
 def _execute(cfg: RunRequest, chunk_bytes: int, cancel: CancelToken) -> StrictJSONResponse:
-    """The run and its JSON rendering, both in the worker thread."""
-    return StrictJSONResponse(pipeline.run(cfg, chunk_bytes, cancel))
+    """The run and its JSON rendering, both in the worker thread. A formula that passed the
+    dry run and fails on the real numbers (`F.one_hot(-target, 3)`) is a 422 at its key."""
+    try:
+        return StrictJSONResponse(pipeline.run(cfg, chunk_bytes, cancel))
+    except FormulaError as err:
+        formulas.refuse(err, cfg.formulas)

@@ -33,6 +33,7 @@ from app.ops.base import (
     _merge_steps,
     arange,
     broadcast_rule,
+    check_cancelled,
     cross_entropy,
     einsum,
     filled_like,
@@ -172,10 +173,10 @@ def _one_hot(index: Any, num_classes: Any = None) -> Traced:
             "without it PyTorch reads the largest index in the data",
             "not_allowed",
         )
-    if not isinstance(index, Traced) or not _is_int(num_classes) or not 0 < num_classes <= 1 << 16:
+    if not isinstance(index, Traced) or not _is_int(num_classes) or num_classes < 1:
         raise FormulaError(
             "F.one_hot(indices, num_classes) takes an integer tensor and a whole number of "
-            "classes from 1 to 65536",
+            "classes, at least 1 (the memory budget bounds how many)",
             "not_allowed",
         )
     if index.t.is_floating_point():
@@ -493,27 +494,35 @@ def _check_node(node: ast.AST, source: str, program: bool = False) -> None:
 
 
 def _not_allowed_message(node: ast.AST, source: str, program: bool = False) -> str:
-    what = {
-        ast.Import: "imports",
-        ast.ImportFrom: "imports",
-        ast.Lambda: "lambdas",
-        ast.ListComp: "comprehensions",
-        ast.SetComp: "comprehensions",
-        ast.DictComp: "comprehensions",
-        ast.GeneratorExp: "generators",
-        ast.JoinedStr: "f-strings",
-        ast.AugAssign: "in-place assignment (`+=` and the like): write `x = x + ...`, or "
-        "write the backward as a program (POST /api/program, the page's /program), where "
-        "`+=` accumulates",
-        ast.For: "a loop (programs take `for i in range(n):`, POST /api/program)",
-        ast.While: "`while` (a program loops only with `for i in range(n):`)",
-        ast.NamedExpr: "`:=`",
-        ast.IfExp: "`x if c else y` (use torch.where)",
-        ast.BoolOp: "`and` / `or` (use a mask, e.g. (a > 0) * (b > 0))",
-    }.get(type(node), type(node).__name__)
+    what, advice = _REFUSED.get(type(node), (type(node).__name__, ""))
+    where = "a program" if program else "a formula"
+    if not program and isinstance(node, ast.AugAssign):
+        advice = (
+            "write `x = x + ...`, or write the whole backward as a program (POST /api/program, "
+            "the page's /program), where `+=` accumulates as in a notebook"
+        )
     segment = _segment(source, node)
     prefix = f"`{segment}`: " if segment and len(segment) <= 80 else ""
-    return f"{prefix}{what} not allowed in a {'program' if program else 'formula'}"
+    return f"{prefix}{what} not allowed in {where}" + (f": {advice}" if advice else "")
+
+
+# node type -> (what it is, what to write instead)
+_REFUSED: dict[type, tuple[str, str]] = {
+    ast.Import: ("imports are", ""),
+    ast.ImportFrom: ("imports are", ""),
+    ast.Lambda: ("lambdas are", ""),
+    ast.ListComp: ("comprehensions are", ""),
+    ast.SetComp: ("comprehensions are", ""),
+    ast.DictComp: ("comprehensions are", ""),
+    ast.GeneratorExp: ("generators are", ""),
+    ast.JoinedStr: ("f-strings are", ""),
+    ast.AugAssign: ("in-place assignment (`+=` and the like) is", ""),
+    ast.For: ("a loop is", "programs loop with `for i in range(n):` (POST /api/program)"),
+    ast.While: ("`while` is", "a program loops only with `for i in range(n):`"),
+    ast.NamedExpr: ("`:=` is", ""),
+    ast.IfExp: ("`x if c else y` is", "use torch.where(c, x, y)"),
+    ast.BoolOp: ("`and` / `or` are", "use a mask, e.g. (a > 0) * (b > 0)"),
+}
 
 
 def _unknown_attribute(node: ast.Attribute, source: str) -> str:
@@ -552,6 +561,7 @@ class _Evaluation:
 
     def run(self) -> Traced:
         for name, node in self.formula.locals:
+            check_cancelled()  # between lines (and after every op, in Traced._make)
             base = name.removesuffix(".g")
             if base in self.tensors or base in NAMESPACES:
                 raise FormulaError(

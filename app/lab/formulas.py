@@ -70,7 +70,11 @@ class LearnerFormula:
         wanted = env[self.grad]
         tensors = {n: Traced.leaf(t, n) for n, t in env.items()}
         known = {n: Traced.leaf(g, f"{n}{GRAD_SUFFIX}") for n, g in grads.items()}
-        return self.evaluate(tensors, known, tuple(wanted.shape)).t.to(wanted.dtype)
+        try:
+            return self.evaluate(tensors, known, tuple(wanted.shape)).t.to(wanted.dtype)
+        except FormulaError as err:  # fails on the numbers only: F.one_hot(-target, 3)
+            err.key = self.formula.key
+            raise
 
 
 def bind(sources: Mapping[str, str], order: list[str]) -> dict[str, LearnerFormula]:
@@ -109,27 +113,46 @@ def is_view(step: dict) -> bool:
     return step["action"] in VIEW_ACTIONS or step["op"] == "getitem" or bool(step.get("view"))
 
 
+def _itemsize(step: dict) -> int:
+    """Bytes per element of the step's output (4 if it has none)."""
+    size = math.prod(step["output"])
+    # an in-place write (a program's `x[i] += v`) makes no bytes: count its elements as floats
+    return step["bytes"] // size if size and step["bytes"] else 4
+
+
 def step_work(step: dict) -> int:
     """Elements one step reads or writes: a reduction reads its whole (maybe stretched)
-    input, a matmul or einsum does one multiply-add per index combination."""
+    input; a matmul or einsum reads its operands and writes its output (its multiply-adds
+    are `step_flops`); a hidden copy (`temp_bytes`: a stretched operand of @, a transposed
+    one of softmax) is written and read once more."""
     if is_view(step):
         return 0
-    if step["action"] == "matmul":
-        a, _ = step["inputs"]
-        return math.prod(step["output"]) * (a[-1] if a else 1)
-    if step["action"] == "einsum":
-        return step.get("index_product", math.prod(step["output"]))
+    copied = step.get("temp_bytes", 0) // _itemsize(step)
+    if step["action"] in ("matmul", "einsum"):
+        return math.prod(step["output"]) + sum(math.prod(s) for s in step["inputs"]) + copied
     if step["action"] == "reduce":
         return math.prod(step["inputs"][0])
-    return max([math.prod(step["output"]), *(math.prod(s) for s in step["inputs"])])
+    return max([math.prod(step["output"]), *(math.prod(s) for s in step["inputs"])]) + copied
 
 
-def formula_cost(steps: list[dict]) -> tuple[int, int]:
-    """(bytes, elements of work) of a traced learner formula: every materialized step kept
-    (an upper bound of its peak), with the temporaries torch makes inside a step (a batched
-    matmul's stretched operands, a many-operand einsum's outer product); every step's work."""
+def step_flops(step: dict) -> int:
+    """Floating-point operations of a matmul or einsum (2 per multiply-add), else 0: these
+    run at the BLAS rate, the way the built-in strategies are costed (app/work.py)."""
+    if step["action"] == "matmul":
+        a, _ = step["inputs"]
+        return 2 * math.prod(step["output"]) * (a[-1] if a else 1)
+    if step["action"] == "einsum":
+        return 2 * step.get("index_product", math.prod(step["output"]))
+    return 0
+
+
+def formula_cost(steps: list[dict]) -> tuple[int, int, int]:
+    """(bytes, elements of work, flops) of a traced learner formula: every materialized step
+    kept (an upper bound of its peak), with the temporaries torch makes inside a step (a
+    stretched operand of @ or einsum copied whole, a many-operand einsum's outer product);
+    every step's elements read or written; the matmuls' and einsums' flops."""
     held = sum(s["bytes"] + s.get("temp_bytes", 0) for s in steps if not is_view(s))
-    return held, sum(step_work(s) for s in steps)
+    return held, sum(map(step_work, steps)), sum(map(step_flops, steps))
 
 
 # --------------------------------------------------------------------------- errors

@@ -381,9 +381,10 @@ class Interpreter(_Evaluation):
         if not isinstance(current, Traced):
             self.fail(stmt.target, f"{name} holds no tensor or number to update", "not_allowed")
         self._writable(stmt.target, name, current)
-        made = self._binary(stmt, symbol, current, value)
-        self._fits(stmt, name, current, made)
-        self._note(made)
+        if current.t.is_meta:  # the dry run checks and traces what the real run just does
+            made = self._binary(stmt, symbol, current, value)
+            self._fits(stmt, name, current, made)
+            self._note(made)
         self._in_place(stmt, current.t, symbol, value)
         self.rebind(name, current)
 
@@ -400,6 +401,10 @@ class Interpreter(_Evaluation):
         self._writable(target, name, current)
         index = self._index(target.slice)
         parts = index if isinstance(index, tuple) else (index,)
+        if not current.t.is_meta:  # checked in the dry run: write, as PyTorch does
+            self._write(stmt, current, parts, symbol, value)
+            self.rebind(name, current)
+            return name
         part = self._apply(target, self._advanced_index if _advanced(parts) else _basic_index,
                            current, parts)  # fmt: skip
         if symbol is not None:
@@ -426,27 +431,31 @@ class Interpreter(_Evaluation):
                 self.fail(stmt, "writes a tensor or a number", "not_allowed")
         if isinstance(updated, Traced):
             self._note(updated)
-        raw = tuple(_raw(p, current.t) for p in parts)
-        key = raw[0] if len(raw) == 1 else raw
-        if current.t.is_meta and any(_is_mask(p) for p in raw):
-            # the dry run: what a mask picks is data; the target keeps its shape either way
-            self._note_write(current, name, updated)
-            self.rebind(name, current)
-            return name
-
-        def write() -> None:
-            if symbol is None:
-                current.t[key] = updated.t if isinstance(updated, Traced) else updated
-                return
-            piece = current.t[key]
-            # a basic index gives a view, written in place; an advanced one a copy, written back
-            self._in_place(stmt, piece, symbol, value)
-            current.t[key] = piece
-
-        self._apply(stmt, write)
+        if not any(_is_mask(_raw(p, current.t)) for p in parts):
+            # (what a mask picks is data: the dry run cannot write it; the shape stays)
+            self._write(stmt, current, parts, symbol, value)
         self._note_write(current, name, updated)
         self.rebind(name, current)
         return name
+
+    def _write(
+        self, stmt: ast.stmt, current: Traced, parts: tuple, symbol: str | None, value: Any
+    ) -> None:
+        """`t[key] = value`, or `t[key] op= value` as Python runs it: read the indexed part
+        (a view for a basic index, a copy for an advanced one), update it, write it back."""
+        raw = tuple(_raw(p, current.t) for p in parts)
+        key = raw[0] if len(raw) == 1 else raw
+        update = value.t if isinstance(value, Traced) else value
+
+        def write() -> None:
+            if symbol is None:
+                current.t[key] = update
+                return
+            piece = current.t[key]
+            getattr(piece, _IN_PLACE[symbol])(update)
+            current.t[key] = piece
+
+        self._apply(stmt, write)
 
     def _in_place(self, stmt: ast.stmt, t: torch.Tensor, symbol: str, value: Any) -> None:
         other = value.t if isinstance(value, Traced) else value

@@ -13,9 +13,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -263,6 +265,7 @@ class Traced:
         detail: dict[str, Any] | None = None,
     ) -> Traced:
         if not t.is_meta:  # computing, not tracing: the numbers need no steps
+            check_cancelled()  # a learner's formula is many ops: the deadline can stop it here
             named = [o.bindings for o in operands if o.bindings]
             return Traced(t, expr, prec, None, _merge_steps(*named) if named else [])
         step = Step(
@@ -337,7 +340,8 @@ class Traced:
         args = f"{dim}, keepdim=True" if keepdim else f"{dim}"
         call = f"{op}({args})" + (".values" if op in ("max", "min") else "")
         dims = [dim] if isinstance(dim, int) else list(dim)
-        dims = [d % self.ndim for d in dims] if self.ndim else []  # a 0-d tensor: dim 0 or -1
+        # a 0-d tensor takes dim 0 or -1 (torch's meaning) and reduces nothing
+        dims = [d % self.ndim for d in dims] if self.ndim else []
         return self._method(t, call, "reduce", op, reduced_dims=dims)
 
     def sum(self, dim: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Traced:
@@ -372,11 +376,19 @@ class Traced:
         return self._reduce("min", dim, keepdim)
 
     def softmax(self, dim: int) -> Traced:
-        return self._method(self.t.softmax(dim), f"softmax({dim})", "elementwise", "softmax")
+        t = self.t.softmax(dim)
+        return self._method(t, f"softmax({dim})", "elementwise", "softmax", **self._dense())
 
     def log_softmax(self, dim: int) -> Traced:
         t = self.t.log_softmax(dim)
-        return self._method(t, f"log_softmax({dim})", "elementwise", "log_softmax")
+        return self._method(t, f"log_softmax({dim})", "elementwise", "log_softmax", **self._dense())
+
+    def _dense(self) -> dict[str, int]:
+        """torch's CPU softmax reads a contiguous input: a transposed or stretched one is
+        copied first (measured: softmax of x.t() takes x's size again), so count it."""
+        if not self.t.is_meta or self.t.is_contiguous():
+            return {}
+        return {"temp_bytes": self.t.numel() * self.t.element_size()}
 
     # ---- elementwise
 
@@ -435,14 +447,16 @@ class Traced:
         t = self.t @ other.t
         expr = f"{self._wrapped(MUL)} @ {other._wrapped(MUL + 1)}"
         detail = {}
-        if t.is_meta and t.ndim > 2:  # batched: operands stretched over the batch are copied
-            batch = t.shape[:-2]
-            copies = [
-                math.prod(batch) * math.prod(o.shape[-2:]) * o.t.element_size()
-                for o in (self, other)
-                if o.ndim >= 2 and tuple(o.shape[:-2]) != tuple(batch)
-            ]
-            if copies:
+        if t.is_meta:
+            copies = [blas_copy_bytes(o.t) for o in (self, other)]
+            if t.ndim > 2:  # batched: operands stretched over the batch are copied
+                batch = t.shape[:-2]
+                copies += [
+                    math.prod(batch) * math.prod(o.shape[-2:]) * o.t.element_size()
+                    for o in (self, other)
+                    if o.ndim >= 2 and tuple(o.shape[:-2]) != tuple(batch)
+                ]
+            if sum(copies):
                 detail["temp_bytes"] = sum(copies)
         return self._make(t, expr, MUL, "matmul", "matmul", [self, other], detail)
 
@@ -684,7 +698,34 @@ def einsum(equation: str, *operands: Traced) -> Traced:
         detail["index_product"] = _einsum_work(equation, operands)
         if len(operands) > 2:  # torch may build the outer product of the operands first
             detail["temp_bytes"] = detail["index_product"] * t.element_size()
+        else:  # a stretched operand is copied whole before its bmm (measured on CPU)
+            copies = sum(o.t.numel() * o.t.element_size() for o in operands if _stretched(o.t))
+            if copies:
+                detail["temp_bytes"] = copies
     return first._make(t, f"torch.einsum({args})", ATOM, "einsum", "einsum", operands, detail)
+
+
+def _stretched(t: torch.Tensor, dims: int | None = None) -> bool:
+    """A dim of more than one entry with stride 0 (an `expand`), among the last `dims`."""
+    pairs = list(zip(t.shape, t.stride()))[-dims if dims else 0 :]
+    return any(stride == 0 and size > 1 for size, stride in pairs)
+
+
+def blas_copy_bytes(t: torch.Tensor) -> int:
+    """Bytes of the contiguous copy that mm / mv / bmm make of an operand BLAS cannot read in
+    place: a matrix (its last two dims) that is stretched (stride 0) or neither row- nor
+    column-major with a leading dimension, a stretched vector. Measured on CPU: `e @ v` with
+    `e = s.expand(24000, 24000)` copies e whole (2.3 GB), though e itself takes 4 bytes."""
+    if t.ndim == 0:
+        return 0
+    if t.ndim == 1:
+        return t.numel() * t.element_size() if _stretched(t) else 0
+    (rows, cols), (row_stride, col_stride) = t.shape[-2:], t.stride()[-2:]
+    row_major = (col_stride == 1 or cols == 1) and row_stride >= max(1, cols)
+    col_major = (row_stride == 1 or rows == 1) and col_stride >= max(1, rows)
+    if not _stretched(t, 2) and (row_major or col_major):
+        return 0
+    return math.prod(t.shape) * t.element_size()  # batch dims included: each matrix copied
 
 
 def _einsum_work(equation: str, operands: Sequence[Traced]) -> int:
@@ -751,7 +792,31 @@ def split_variant(key: str) -> tuple[str, str | None]:
 
 
 class RunCancelled(Exception):
-    """Raised by `Context.check` once the run's cancel token is set."""
+    """Raised by `Context.check` and `check_cancelled` once the run's cancel token is set."""
+
+
+# The cancel token (anything with `is_set()`) of the run this thread is computing, so that code
+# far below the pipeline (every op of a learner's formula, an interpreter between statements)
+# can stop at the deadline without the token being passed down to it.
+_CANCEL: contextvars.ContextVar[Any] = contextvars.ContextVar("broadprop_cancel", default=None)
+
+
+@contextmanager
+def cancel_token(token: Any) -> Iterator[None]:
+    """`with cancel_token(token):` makes `token` the current run's, for `check_cancelled`."""
+    reset = _CANCEL.set(token)
+    try:
+        yield
+    finally:
+        _CANCEL.reset(reset)
+
+
+def check_cancelled() -> None:
+    """Raise RunCancelled if the current run's token (see `cancel_token`) is set; else nothing.
+    Cheap: called after every op computed on real tensors."""
+    token = _CANCEL.get()
+    if token is not None and token.is_set():
+        raise RunCancelled("the run was stopped")
 
 
 @dataclass

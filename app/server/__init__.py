@@ -48,7 +48,9 @@ def install(
     if models is not None:
         app.openapi = exact_openapi(app, models)  # type: ignore[method-assign]
     # the last added runs first: guard (headers, host, origin, type) -> body limit -> JSON
+    # -> internal errors
     compute = ComputeRoutes(lambda: app.routes)
+    app.add_middleware(errors.InternalErrorMiddleware)  # innermost: our bugs, 500
     app.add_middleware(JsonBodyMiddleware, compute=compute)
     app.add_middleware(
         BodyLimitMiddleware,

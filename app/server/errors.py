@@ -1,4 +1,5 @@
-"""Errors mapped to 4xx/503, never 500, as strict JSON; and a log that cannot be flooded."""
+"""Errors mapped to statuses, as strict JSON: the client's mistakes to 4xx, busy to 503, our
+own bugs to 500 (never a traceback to the client); and a log that cannot be flooded."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.server.limits import Saturated, Stopped, retry_after
 from app.server.responses import StrictJSONResponse
@@ -117,14 +119,62 @@ async def stopped(request: Request, exc: Stopped) -> StrictJSONResponse:
     return StrictJSONResponse({"detail": [error]}, status_code=422)
 
 
-async def unexpected(request: Request, exc: Exception) -> StrictJSONResponse:
-    """The last resort: a 503 with the error's kind, never a 500. Logged with its traceback."""
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+def internal_error(exc: BaseException) -> StrictJSONResponse:
+    """Our own bug: a 500 that names the error's kind, never its traceback (that is logged)."""
     return StrictJSONResponse(
-        {"detail": f"the server could not complete this request ({type(exc).__name__})"},
-        status_code=503,
-        headers={"Retry-After": retry_after(request.app.state.settings)},
+        {"detail": f"the server failed on this request: a bug on our side ({type(exc).__name__})"},
+        status_code=500,
     )
+
+
+async def unexpected(request: Request, exc: Exception) -> StrictJSONResponse:
+    """The last resort, for an error in the middleware itself (Starlette's ServerErrorMiddleware
+    calls this, then re-raises to the server): 500, or 503 when memory ran out."""
+    if isinstance(exc, MemoryError):
+        return _out_of_memory(request)
+    return internal_error(exc)
+
+
+def _out_of_memory(request: Request | None) -> StrictJSONResponse:
+    headers = {"Retry-After": retry_after(request.app.state.settings)} if request else {}
+    return StrictJSONResponse(
+        {"detail": "the server ran out of memory for this request; retry later"},
+        status_code=503,
+        headers=headers,
+    )
+
+
+class InternalErrorMiddleware:
+    """An error no handler maps (our own bug, never the learner's text) becomes a 500 here,
+    logged once with its traceback, and stops here: the server keeps the connection alive
+    (an exception that reached it would make it log the traceback again and close the
+    socket). MemoryError is a 503 with Retry-After. Once a response has started (a stream),
+    only the server can end it: re-raised."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("internal error on %s %s", scope.get("method"), scope.get("path"),
+                      exc_info=exc)  # fmt: skip
+            request = Request(scope) if isinstance(exc, MemoryError) else None
+            response = _out_of_memory(request) if request else internal_error(exc)
+            await response(scope, receive, send)
 
 
 # --- the log ---------------------------------------------------------------------------------

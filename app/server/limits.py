@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 import anyio
 import torch
 from fastapi import HTTPException
-from fastapi.exceptions import RequestValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.server.responses import StrictJSONResponse
@@ -382,8 +381,9 @@ def retry_after(settings: Settings) -> str:
 
 
 def guarded(fn: Callable[..., T], settings: Settings) -> Callable[..., T]:
-    """`fn` with the errors a run can raise mapped to HTTP errors: out of memory -> 503 with
-    Retry-After; a ValueError (a config the engine cannot run) -> 422."""
+    """`fn` with running out of memory mapped to 503 with Retry-After. Every other error
+    passes on: a learner's mistake is mapped to its 422 where it is known (at its field),
+    anything else is our own bug (a 500, app.server.errors)."""
 
     def call(*args: Any) -> T:
         try:
@@ -394,10 +394,6 @@ def guarded(fn: Callable[..., T], settings: Settings) -> Callable[..., T]:
             if "memory" in str(e).lower() or "alloc" in str(e).lower():
                 raise _out_of_memory(settings) from e
             raise
-        except ValueError as e:
-            raise RequestValidationError(
-                [{"type": "value_error", "loc": ("body",), "msg": str(e), "input": None}]
-            ) from e
 
     return call
 
