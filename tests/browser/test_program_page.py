@@ -47,7 +47,9 @@ def test_the_makemore_preset_checks_all_close_and_draws_every_name(watched):
     page = w.page
     assert verdict(w) == "all-match"
     assert "All 26 gradients written" in page.inner_text("#verdict")
-    rows = page.eval_on_selector_all("#checks tbody tr[data-name]", "rs => rs.map(r => r.dataset.name)")
+    rows = page.eval_on_selector_all(
+        "#checks tbody tr[data-name]", "rs => rs.map(r => r.dataset.name)"
+    )
     assert len(rows) == 26 and rows[0] == "logprobs" and rows[-1] == "C"  # the backward's order
     drawn = page.eval_on_selector_all("#flow .node", "ns => ns.map(n => n.dataset.name)")
     assert set(INTERMEDIATES) <= set(drawn) and {"C", "W1", "Xb"} <= set(drawn)
