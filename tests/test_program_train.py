@@ -129,3 +129,18 @@ def test_steps_are_bounded(client):
     response = client.post("/api/program/train", json={"program": MAKEMORE, "steps": 20001})
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "steps"]
+
+
+def test_should_stop_ends_the_training_within_a_step():
+    req = ProgramRequest(**MAKEMORE)
+    setup = training.prepare(req, steps=20_000, batch=32, lr=0.1, seed=0, eval_every=None,
+                             report_every=None, admit=lambda r: admit(r, 1 << 30, 10.0))  # fmt: skip
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) > 3  # a few checks in: mid-step (the interpreters poll it too)
+
+    events = list(training.train(setup, should_stop))
+    kind, done = events[-1]
+    assert kind == "done" and done["stopped"] == "stopped" and done["steps"] <= 1
