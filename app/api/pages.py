@@ -104,6 +104,24 @@ def index(request: Request) -> HTMLResponse:
     return templates.TemplateResponse(request, "index.html", context)
 
 
+@router.get("/program", response_class=HTMLResponse)
+def program_page(request: Request) -> HTMLResponse:
+    """The program mode: a forward and a backward written as lines, checked line by line
+    (`?preset=<id>` opens a preset; the texts and inputs live in the query string)."""
+    from app.programs.presets import PRESETS
+    from app.programs.schemas import ProgramTrainRequest
+
+    name, _ = assets.plotly_bundle()
+    defaults = ProgramTrainRequest.model_fields
+    context = {
+        "presets": PRESETS,
+        "fields": run_fields(),  # static/js/state.js (imported by api.js) reads them on load
+        "plotly_url": f"/vendor/{name}",
+        "train_defaults": {k: defaults[k].default for k in ("steps", "batch", "lr", "seed")},
+    }
+    return templates.TemplateResponse(request, "program.html", context)
+
+
 @router.get("/vendor/{name}")
 def plotly_js(name: str, request: Request) -> Response:
     """The Plotly bundle; its name carries its version, so it is cached for good."""

@@ -3,21 +3,29 @@ GET /api/programs: the worked presets."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import AsyncIterator
 from functools import lru_cache
+from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.api.responses import StrictJSONResponse
 from app.api.run import VALIDATION_ERROR
+from app.api.streaming import iterate_in_threads
+from app.api.train import JSON_ERROR, run_slot
+from app.api.train import _event as event
 from app.lab.statements import ProgramError
 from app.ops.base import cancel_token
 from app.programs import presets
 from app.programs import run as programs
-from app.programs.schemas import ProgramRequest, ProgramResponse
+from app.programs import train as training
+from app.programs.schemas import ProgramRequest, ProgramResponse, ProgramTrainRequest
 from app.schemas import ErrorMessage
-from app.server.limits import CancelToken, guarded
+from app.server.limits import CancelToken, Lane, guarded
 from app.settings import Settings
 from app.work import WORK_LIMIT_S
 
@@ -120,3 +128,71 @@ def _execute(request: ProgramRequest, plan: programs.Plan, cancel: CancelToken):
 )
 async def program_presets() -> list[dict]:
     return presets.PRESETS
+
+
+def prepare(request: ProgramTrainRequest, settings: Settings) -> training.Setup:
+    """Every dry run the training needs (the step's, the val pass's, sampling's): a 422 at
+    the line for anything refused, before the stream starts."""
+    return training.prepare(
+        request.program,
+        steps=request.steps,
+        batch=request.batch,
+        lr=request.lr,
+        seed=request.seed,
+        eval_every=request.eval_every,
+        report_every=request.report_every,
+        admit=lambda req: admit(req, settings),
+    )
+
+
+async def checked(http: Request, request: ProgramTrainRequest) -> training.Setup:
+    return await anyio.to_thread.run_sync(prepare, request, http.app.state.settings)
+
+
+@router.post(
+    "/api/program/train",
+    response_class=EventSourceResponse,
+    summary="Train a program with its own backward's gradients (SGD), streamed as server-sent "
+    "events",
+    description="SGD over the program's inputs that have a gradient, with the gradients its "
+    "backward writes (no autograd). A names program trains on random minibatches of the names "
+    "data's training part (`batch` rows; its `n` follows) and is validated on the val part; "
+    "any other program trains on its own inputs. Events: `step` every `report_every` steps "
+    "and after the last ({step, loss (the mean since the last event), batch_loss, "
+    "steps_per_s}; every `eval_every` steps also `val_loss` and, for a names program whose "
+    "forward assigns `logits`, `samples`: names drawn from the network); then `done` ({steps, "
+    "stopped, loss, train_loss, val_loss, trained, fixed, fixed_why, backward_error, samples, "
+    "seconds}). A parameter whose gradient the backward does not write is held fixed and "
+    'named in `fixed`. `stopped`: null, "time_limit" or "diverged". An error after the '
+    "stream started is an `error` event ({detail}). The same request gives the same events.",
+    responses={
+        403: {"description": "A request from another origin", "content": JSON_ERROR},
+        413: {"description": "A body over 1 MiB", "content": JSON_ERROR},
+        415: {"description": "A body not sent as application/json", "content": JSON_ERROR},
+        422: {
+            "description": "A field out of its limits, or a line that cannot run (loc "
+            '["body", "forward" or "backward", line]), at any batch size the training uses',
+            "content": {"application/json": {"schema": {"$ref": VALIDATION_ERROR}}},
+        },
+        503: {
+            "description": "Every run slot stayed busy for the queue wait",
+            "content": JSON_ERROR,
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        },
+    },
+)
+async def train(
+    http: Request,
+    setup: Annotated[training.Setup, Depends(checked)],
+    lane: Annotated[Lane, Depends(run_slot)],
+) -> AsyncIterator[ServerSentEvent]:
+    settings: Settings = http.app.state.settings
+    stop = threading.Event()
+    events = training.train(setup, stop.is_set, settings.train_time_limit_s)
+    try:
+        async for kind, payload in iterate_in_threads(events, stop, lane):
+            yield event(kind, payload)
+    except (MemoryError, RuntimeError, ValueError) as e:  # the stream has started: an event
+        yield event("error", {"detail": f"training failed: {type(e).__name__}: {e}"})
+    finally:
+        stop.set()

@@ -117,15 +117,32 @@ def all_contexts(block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(xs, dtype=torch.int64), torch.tensor(ys, dtype=torch.int64)
 
 
-def names_data(block_size: int, rows: int, seed: int, part: str = "train"):
+@lru_cache(maxsize=8)
+def _names_order(block_size: int, seed: int) -> torch.Tensor:
+    n = all_contexts(block_size)[0].shape[0]
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def names_data(
+    block_size: int,
+    rows: int,
+    seed: int,
+    part: str = "train",
+    draw: torch.Generator | None = None,
+):
     """`rows` pairs in the order of torch.randperm(N, generator=manual_seed(seed)). `part`:
     "train" takes from the first 90% of that order, "val" from the last 10% (training
-    validates there); a run's inputs are the first rows of "train"."""
+    validates there); a run's inputs are the first rows of "train". With `draw`, a random
+    minibatch instead: `rows` positions of the part drawn with replacement,
+    torch.randint(len(part), (rows,), generator=draw), as makemore draws its batches."""
     X, Y = all_contexts(block_size)
     n = X.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = _names_order(block_size, seed)
     split = n - n // 10
     pool = order[:split] if part == "train" else order[split:]
+    if draw is not None:
+        pick = pool[torch.randint(pool.numel(), (rows,), generator=draw)]
+        return X[pick], Y[pick]
     if rows > pool.numel():
         raise ValueError(f"the names data has {pool.numel()} {part} rows; asked for {rows}")
     pick = pool[:rows]

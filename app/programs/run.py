@@ -198,6 +198,7 @@ class Plan:
     bytes: int
     rerun: bool  # a float64 rerun judges `suspect`
     forward_reads: dict[str, list[int]] = field(default_factory=dict)
+    known: frozenset[str] = frozenset()  # the inputs' and the forward's names
 
 
 class _Cost:
@@ -323,6 +324,7 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
         bytes=input_bytes + 3 * forward_bytes + back_cost.kept + back_cost.peak_temp,
         rerun=rerun,
         forward_reads=_reads(forward),
+        known=frozenset([*req.inputs, *fwd.assigned]),
     )
 
 
@@ -378,6 +380,12 @@ def _reads(program: Program) -> dict[str, list[int]]:
                 if stmt.lineno not in reads[node.id]:
                     reads[node.id].append(stmt.lineno)
     return reads
+
+
+def _line_reads(plan: Plan, line: int) -> list[str]:
+    """The inputs and forward names that forward line `line` reads, in order of first read
+    (the edges of the page's shape-flow diagram)."""
+    return [n for n, lines in plan.forward_reads.items() if line in lines and n in plan.known]
 
 
 def _requires_grad(value: Any) -> bool:
@@ -489,7 +497,10 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
     return {
         "loss": main.loss,
         "tensors": _tensor_table(req, plan, main),
-        "forward": [_line_entry(e, None) for e in plan.forward_lines.values()],
+        "forward": [
+            {**_line_entry(e, None), "reads": _line_reads(plan, e.line)}
+            for e in plan.forward_lines.values()
+        ],
         "backward": [
             _line_entry(e, _grad_written(e.target, plan)) for e in plan.backward_lines.values()
         ],

@@ -196,6 +196,9 @@ class ProgramLine(BaseModel):
     grad_of: str | None = Field(
         None, description="Backward only: the tensor whose gradient the line writes"
     )
+    reads: list[str] | None = Field(
+        None, description="Forward only: the inputs and forward names the line reads"
+    )
 
 
 class ProgramCheck(BaseModel):
@@ -236,3 +239,35 @@ class ProgramResponse(BaseModel):
     gradients: dict[str, GradientView | dict[str, Any]]
     backward_error: BackwardError | None
     timing: dict[str, float]
+
+
+class ProgramTrainRequest(BaseModel):
+    """SGD over a program's inputs that have a gradient, with the gradients its own backward
+    writes (POST /api/program/train)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    program: ProgramRequest
+    steps: Annotated[int, Field(strict=True, ge=1, le=20_000)] = Field(
+        1000, description="SGD steps, at most 20,000"
+    )
+    batch: Annotated[int, Field(strict=True, ge=1, le=MAX_ROWS)] = Field(
+        32,
+        description="A names program's minibatch: its data inputs' rows, and a plain-number "
+        "input equal to those rows (its `n`). Any other program trains on its inputs whole",
+    )
+    lr: Annotated[float, Field(gt=0, le=100)] = Field(0.1, description="Learning rate")
+    seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)] = Field(
+        0,
+        description="The minibatches' and the samples' seed (the weights come from the "
+        "program's own seed)",
+    )
+    eval_every: Annotated[int, Field(strict=True, ge=1, le=20_000)] | None = Field(
+        None,
+        description="Steps between val losses and samples (default: steps // 10, at least 5, at most 100)",
+    )
+    report_every: Annotated[int, Field(strict=True, ge=1, le=20_000)] | None = Field(
+        None,
+        description="Steps between `step` events (default: steps // 500, at least 1); "
+        "an event's `loss` is the mean over its steps",
+    )

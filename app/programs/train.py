@@ -1,0 +1,363 @@
+"""Training a program with the learner's own backward: plain SGD over the inputs that have a
+gradient, with the gradients the learner's backward wrote.
+
+`train(setup, ...)` is a generator of ("step" | "done", payload) events; it knows nothing of
+HTTP (app/api/program.py streams it). Each step runs the forward and the backward through the
+same interpreters as `POST /api/program` (app.programs.run.ForwardRun / BackwardRun), under
+no_grad: no autograd anywhere, so a wrong backward trains as wrongly as it is written.
+
+A names program (an input `{"data": "names", ...}`) trains on random minibatches of the names
+data's training part (`names_data(..., draw=g)`), is validated on its val part, and is sampled
+from. Its batch size is its data inputs' `rows`; a plain-number input equal to those rows (the
+program's `n`) is the batch size too, and changes with it. Any other program trains on its own
+inputs, whole (the same batch every step), with no validation.
+
+Sampling: the forward computes `logits` for a batch, and a batchnorm written out takes its
+statistics from that batch. So names are drawn 20 at a time, their contexts stacked on top of
+a fixed block of training contexts (SAMPLE_ROWS rows in all): the batch statistics are those
+of real data, not of 20 copies of the start context. The forward runs up to the line that
+assigns `logits`; the next character is drawn from softmax(logits) of each name's row.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.lab.statements import Program, ProgramError
+from app.ops.base import RunCancelled, Traced
+from app.programs import run as programs
+from app.programs.inputs import ALPHABET, DTYPES, make_inputs, names_data
+from app.programs.schemas import ProgramRequest
+
+VAL_ROWS = 2000  # rows of the val part (and of a fixed train block) a loss is measured on
+SAMPLE_ROWS = 256  # the sampling batch: the names being drawn plus training contexts
+SAMPLES = 20  # names drawn at the end (10 at each evaluation)
+MAX_NAME = 20  # characters a sampled name may reach before it is cut
+LOGITS = "logits"
+DRAW_SEED_OFFSET = 1  # minibatches: manual_seed(seed + 1); samples: seed + 2
+
+
+@dataclass
+class Setup:
+    """What a training needs, checked before the stream starts (every plan dry-run)."""
+
+    program: ProgramRequest  # as sent: its inputs' seed makes the starting weights
+    step: ProgramRequest  # the same program at the training batch size
+    plan: programs.Plan  # the step's dry run
+    steps: int
+    lr: float
+    seed: int
+    eval_every: int
+    report_every: int
+    names: NamesTask | None
+
+
+@dataclass
+class NamesTask:
+    """A names program: where the data goes in, and the plans at the other batch sizes."""
+
+    x_input: str
+    y_input: str | None
+    block_size: int
+    val: ProgramRequest
+    val_plan: programs.Plan
+    sample: ProgramRequest | None  # the program at SAMPLE_ROWS
+    sample_forward: Program | None  # its forward up to `logits`; None: no line assigns it
+
+
+def resized(req: ProgramRequest, rows: int) -> ProgramRequest:
+    """The program at another batch size: every names-data input takes `rows` rows, and a
+    plain-number input equal to the data's rows (the program's `n`) becomes `rows`."""
+    data_rows = {s.rows for s in req.inputs.values() if s.data is not None}
+    inputs = {}
+    for name, spec in req.inputs.items():
+        if spec.data is not None:
+            spec = spec.model_copy(update={"rows": rows})
+        elif type(spec.value) is int and spec.value in data_rows:
+            spec = spec.model_copy(update={"value": rows})
+        inputs[name] = spec
+    return req.model_copy(update={"inputs": inputs})
+
+
+def prepare(
+    program: ProgramRequest,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    eval_every: int | None,
+    report_every: int | None,
+    admit: Callable[[ProgramRequest], programs.Plan],
+) -> Setup:
+    """Every dry run a training needs (`admit` raises ProgramRefused: a 422)."""
+    admit(program)
+    data = {n: s for n, s in program.inputs.items() if s.data is not None}
+    names = None
+    step_req = program
+    if data:
+        step_req = resized(program, batch)
+        x_input = next((n for n, s in data.items() if s.field == "X"), None)
+        y_input = next((n for n, s in data.items() if s.field == "Y"), None)
+        block = data[x_input].block_size if x_input else next(iter(data.values())).block_size
+        # the val pass and sampling run the forward only: their dry runs skip the backward
+        forward_only = program.model_copy(update={"backward": ""})
+        val = resized(forward_only, VAL_ROWS)
+        sample = sample_forward = None
+        if x_input is not None:
+            sample = resized(forward_only, SAMPLE_ROWS)
+            sample_forward = _up_to(admit(sample).forward, LOGITS)
+        names = NamesTask(x_input or "", y_input, block, val, admit(val), sample, sample_forward)
+    plan = admit(step_req)
+    return Setup(
+        program=program,
+        step=step_req,
+        plan=plan,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every or min(100, max(5, steps // 10)),
+        report_every=report_every or max(1, steps // 500),
+        names=names,
+    )
+
+
+def _up_to(forward: Program, name: str) -> Program | None:
+    """The forward's lines up to the one that assigns `name`: what sampling runs (it needs
+    no targets). None when no line assigns it."""
+    for i, stmt in enumerate(forward.body):
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return Program(forward.which, forward.source, forward.body[: i + 1])
+    return None
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _scope(made: dict[str, Any], params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The forward's inputs: parameters as they are now, everything else as made."""
+    scope: dict[str, Any] = {}
+    for name, value in made.items():
+        value = params.get(name, value)
+        scope[name] = Traced(value, name) if isinstance(value, torch.Tensor) else value
+    return scope
+
+
+def _forward(program: Program, scope: dict[str, Any], check: Callable[[], None]):
+    fwd = programs.ForwardRun(program, scope, check)
+    with torch.no_grad():
+        fwd.run()
+    return fwd
+
+
+class Trainer:
+    def __init__(self, setup: Setup, check: Callable[[], None]):
+        self.setup, self.check = setup, check
+        req = setup.program
+        self.dtype = DTYPES[req.dtype]
+        made = make_inputs(req.inputs, req.seed, req.dtype)
+        self.params = {
+            n: v.clone() for n, v in made.items()
+            if n in setup.plan.has_grad and isinstance(v, torch.Tensor)
+        }  # fmt: skip
+        self.base = make_inputs(setup.step.inputs, req.seed, req.dtype)  # the step's shapes
+        self.draw = torch.Generator().manual_seed(setup.seed + DRAW_SEED_OFFSET)
+        self.sampler = torch.Generator().manual_seed(setup.seed + DRAW_SEED_OFFSET + 1)
+
+    def minibatch(self) -> dict[str, Any]:
+        names = self.setup.names
+        made = dict(self.base)
+        if names is not None:
+            rows = self.setup.step.inputs[names.x_input or names.y_input].rows
+            X, Y = names_data(names.block_size, rows, self.setup.program.seed, "train", self.draw)
+            for name, spec in self.setup.step.inputs.items():
+                if spec.data is not None:
+                    made[name] = X if spec.field == "X" else Y
+        return made
+
+    def step(self) -> tuple[float, dict[str, torch.Tensor], ProgramError | None]:
+        """One forward and the learner's backward: (loss, gradients written, error)."""
+        plan = self.setup.plan
+        fwd = _forward(plan.forward, _scope(self.minibatch(), self.params), self.check)
+        loss = fwd.scope[self.setup.program.loss].t.item()
+        env = {n: programs._detached(v) for n, v in fwd.scope.items()}
+        bwd = programs.BackwardRun(plan.backward, env, set(plan.has_grad), self.check)
+        error = None
+        with torch.no_grad():
+            try:
+                bwd.run()
+            except ProgramError as err:
+                error = err
+            except (IndexError, RuntimeError, ValueError, TypeError) as err:
+                error = ProgramError(programs.FormulaError(programs._first_line(err), "formula"),
+                                     0, "")  # fmt: skip
+        return loss, {n: g.t for n, g in bwd.gradients.items()}, error
+
+    def loss_on(self, req: ProgramRequest, plan: programs.Plan, part: str) -> float:
+        """The loss on VAL_ROWS fixed rows of `part` (a forward only)."""
+        names = self.setup.names
+        made = make_inputs(req.inputs, req.seed, req.dtype)
+        X, Y = names_data(names.block_size, _rows(req, names), req.seed, part)
+        for name, spec in req.inputs.items():
+            if spec.data is not None:
+                made[name] = X if spec.field == "X" else Y
+        fwd = _forward(plan.forward, _scope(made, self.params), self.check)
+        return fwd.scope[req.loss].t.item()
+
+    def samples(self, count: int) -> list[str]:
+        """`count` names drawn from the network as it is now (see the module's docstring)."""
+        names = self.setup.names
+        req = names.sample
+        made = make_inputs(req.inputs, req.seed, req.dtype)
+        X, Y = names_data(names.block_size, SAMPLE_ROWS, req.seed, "train")
+        X = X.clone()
+        context = torch.zeros(count, names.block_size, dtype=torch.int64)
+        out: list[list[int]] = [[] for _ in range(count)]
+        live = torch.ones(count, dtype=torch.bool)
+        for _ in range(MAX_NAME):
+            X[:count] = context
+            for name, spec in req.inputs.items():
+                if spec.data is not None:
+                    made[name] = X if spec.field == "X" else Y
+            fwd = _forward(names.sample_forward, _scope(made, self.params), self.check)
+            logits = fwd.scope[LOGITS].t[:count].double()
+            probs = torch.softmax(logits, -1)
+            nxt = torch.multinomial(probs, 1, generator=self.sampler).squeeze(1)
+            for i in range(count):
+                if live[i]:
+                    if nxt[i].item() == 0:
+                        live[i] = False
+                    else:
+                        out[i].append(int(nxt[i]))
+            if not live.any():
+                break
+            context = torch.cat([context[:, 1:], nxt.unsqueeze(1)], 1)
+        return ["".join(ALPHABET[i] for i in word) for word in out]
+
+
+def _rows(req: ProgramRequest, names: NamesTask) -> int:
+    return req.inputs[names.x_input or names.y_input].rows
+
+
+def train(
+    setup: Setup,
+    should_stop: Callable[[], bool] = lambda: False,
+    time_limit_s: float | None = None,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("step", {step, loss, batch_loss, steps_per_s, and every `eval_every` steps val_loss
+    and samples}) every `report_every` steps and after the last, then ("done", {...})."""
+    start = time.perf_counter()
+
+    def check() -> None:
+        if should_stop():
+            raise RunCancelled("the training was stopped")
+
+    t = Trainer(setup, check)
+    names = setup.names
+    sampling = names is not None and names.sample_forward is not None
+    trained: list[str] | None = None
+    fixed: dict[str, str] = {}
+    step, stopped, loss_sum, since, last = 0, None, 0.0, 0, math.nan
+    backward_error = None
+    while step < setup.steps:
+        if should_stop():
+            stopped = "stopped"
+            break
+        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            stopped = "time_limit"
+            break
+        try:
+            loss, grads, error = t.step()
+        except RunCancelled:
+            stopped = "stopped"
+            break
+        except ProgramError as err:
+            yield "error", {"detail": f"the forward failed at line {err.line}: {err}"}
+            return
+        if trained is None:  # the first step decides what the backward trains
+            trained, fixed = _decide(t.params, grads)
+            backward_error = programs._error_entry(error, setup.plan) if error else None
+        missing = [n for n in trained if n not in grads or grads[n].shape != t.params[n].shape]
+        if missing:
+            yield "error", {"detail": f"step {step + 1}: the backward did not write "
+                            f"{', '.join(missing)} this time"}  # fmt: skip
+            return
+        step += 1
+        last = loss
+        loss_sum, since = loss_sum + loss, since + 1
+        finite = math.isfinite(loss)
+        if finite:
+            for name in trained:
+                t.params[name].sub_(grads[name].to(t.params[name].dtype), alpha=setup.lr)
+        report = step == 1 or step % setup.report_every == 0 or step == setup.steps
+        evaluate = step == 1 or step % setup.eval_every == 0 or step == setup.steps
+        if report or evaluate or not finite:
+            event: dict[str, Any] = {
+                "step": step,
+                "loss": _finite(loss_sum / since),  # the mean since the last event
+                "batch_loss": _finite(loss),
+                "steps_per_s": step / (time.perf_counter() - start),
+            }
+            loss_sum, since = 0.0, 0
+            try:
+                if evaluate and names is not None:
+                    event["val_loss"] = _finite(t.loss_on(names.val, names.val_plan, "val"))
+                    if sampling:
+                        event["samples"] = t.samples(SAMPLES // 2)
+            except RunCancelled:
+                stopped = "stopped"
+                break
+            yield "step", event
+        if not finite:
+            stopped = "diverged"
+            break
+
+    done: dict[str, Any] = {
+        "steps": step,
+        "stopped": stopped,
+        "loss": _finite(last),
+        "trained": trained or [],
+        "fixed": sorted(fixed),
+        "fixed_why": fixed,
+        "backward_error": backward_error,
+    }
+    try:
+        if names is not None and step:
+            done["train_loss"] = _finite(t.loss_on(names.val, names.val_plan, "train"))
+            done["val_loss"] = _finite(t.loss_on(names.val, names.val_plan, "val"))
+            if sampling:
+                done["samples"] = t.samples(SAMPLES)
+    except RunCancelled:
+        done["stopped"] = "stopped"
+    done["seconds"] = time.perf_counter() - start
+    yield "done", done
+
+
+def _decide(
+    params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
+) -> tuple[list[str], dict[str, str]]:
+    """(the parameters SGD updates, {held fixed: why})."""
+    trained, fixed = [], {}
+    for name, p in params.items():
+        g = grads.get(name)
+        if g is None:
+            fixed[name] = "the backward does not write its gradient"
+        elif tuple(g.shape) != tuple(p.shape):
+            fixed[name] = f"its gradient has shape {tuple(g.shape)}, not {tuple(p.shape)}"
+        elif not g.is_floating_point():
+            fixed[name] = "its gradient is an integer tensor"
+        else:
+            trained.append(name)
+    return trained, fixed
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
