@@ -3,6 +3,8 @@ GET /api/programs: the worked presets."""
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 from collections.abc import AsyncIterator
 from functools import lru_cache
@@ -15,8 +17,8 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.api.responses import StrictJSONResponse
 from app.api.run import VALIDATION_ERROR
-from app.api.streaming import iterate_in_threads
-from app.api.train import JSON_ERROR, run_slot
+from app.api.streaming import iterate_in_slices
+from app.api.train import JSON_ERROR
 from app.api.train import _event as event
 from app.lab.statements import ProgramError
 from app.ops.base import cancel_token
@@ -25,7 +27,7 @@ from app.programs import run as programs
 from app.programs import train as training
 from app.programs.schemas import ProgramRequest, ProgramResponse, ProgramTrainRequest
 from app.schemas import ErrorMessage
-from app.server.limits import CancelToken, Lane, guarded
+from app.server.limits import TRAIN_SLICE_S, CancelToken, guarded
 from app.settings import Settings
 from app.work import WORK_LIMIT_S
 
@@ -184,13 +186,15 @@ async def checked(http: Request, request: ProgramTrainRequest) -> training.Setup
 async def train(
     http: Request,
     setup: Annotated[training.Setup, Depends(checked)],
-    lane: Annotated[Lane, Depends(run_slot)],
 ) -> AsyncIterator[ServerSentEvent]:
     settings: Settings = http.app.state.settings
     stop = threading.Event()
     events = training.train(setup, stop.is_set, settings.train_time_limit_s)
+    # as /api/train: the steps run in slices, each on a run slot taken for it and given back
+    # after, so a waiting run gets a slot within one slice
+    slices = functools.partial(http.app.state.limiter.slot, None, math.inf)
     try:
-        async for kind, payload in iterate_in_threads(events, stop, lane):
+        async for kind, payload in iterate_in_slices(events, stop, slices, TRAIN_SLICE_S):
             yield event(kind, payload)
     except (MemoryError, RuntimeError, ValueError) as e:  # the stream has started: an event
         yield event("error", {"detail": f"training failed: {type(e).__name__}: {e}"})
