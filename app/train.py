@@ -93,6 +93,18 @@ class SGD:
             p.add_(g, alpha=-self.lr)
 
 
+def stop_reason(
+    should_stop: Callable[[], bool], start: float, time_limit_s: float | None
+) -> str | None:
+    """Why a training stops before its next step: "stopped" (asked: its client went away),
+    "time_limit" (BROADPROP_TRAIN_TIME_LIMIT_S passed since `start`), or None to go on."""
+    if should_stop():
+        return "stopped"
+    if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+        return "time_limit"
+    return None
+
+
 def train(
     cfg,
     chunk_bytes: int,
@@ -126,11 +138,8 @@ def train(
 
     step, stopped, loss_sum, since = 0, None, 0.0, 0
     while step < cfg.steps:
-        if should_stop():
-            stopped = "stopped"
-            break
-        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-            stopped = "time_limit"
+        stopped = stop_reason(should_stop, start, time_limit_s)
+        if stopped:
             break
         idx = next(batches)
         batch = {"x": parts.x_train[idx], "target": parts.t_train[idx], **params}

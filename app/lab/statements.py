@@ -51,7 +51,6 @@ _AUG = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _IN_PLACE = {"+": "add_", "-": "sub_", "*": "mul_", "/": "div_"}
 
 
-
 class ProgramError(FormulaError):
     """A statement that cannot run, with its line (1-based, in its own text)."""
 
@@ -217,6 +216,7 @@ class Executed:
     target: str
     steps: list[Step] = field(default_factory=list)
     runs: int = 0
+    grad_of: str | None = None  # a backward line: the tensor whose gradient it writes
 
 
 class Interpreter(_Evaluation):

@@ -195,9 +195,10 @@ def _written(plan: programs.Plan) -> dict[str, str]:
     dry run saw written."""
     out: dict[str, str] = {}
     for entry in plan.backward_lines.values():
-        grad = programs._grad_written(entry.target, plan)
+        grad = entry.grad_of
         if grad is not None and grad not in out:
-            out[grad] = entry.target.split("[")[0]
+            # the target's name that spells this gradient (one of two, when unpacking)
+            out[grad] = next(n for n in entry.target.split(", ") if n in (f"d{grad}", f"{grad}.g"))
     return out
 
 

@@ -117,8 +117,7 @@ class BackwardRun(Interpreter):
     def grad_of(self, name: str) -> str | None:
         """The tensor whose gradient `name` is, or None for a helper."""
         if name.endswith(GRAD_SUFFIX):
-            base = name.removesuffix(GRAD_SUFFIX)
-            return base if base in self.has_grad or base in self.forward else base
+            return name.removesuffix(GRAD_SUFFIX)
         if name.startswith(GRAD_PREFIX) and name[1:] in self.has_grad:
             return name[1:]
         return None
@@ -162,9 +161,6 @@ class BackwardRun(Interpreter):
                       "not_allowed")  # fmt: skip
         self.gradients[tensor] = self.atom(name, value)
         self.spelling.setdefault(tensor, name)
-        self.lines.setdefault(tensor, [])
-        if stmt.lineno not in self.lines[tensor]:
-            self.lines[tensor].append(stmt.lineno)
 
     def rebind(self, name: str, value: Traced) -> None:
         tensor = self.grad_of(name)
@@ -174,10 +170,14 @@ class BackwardRun(Interpreter):
         self.gradients[tensor] = Traced(value.t, name)
 
     def _record(self, stmt: ast.stmt, name: str) -> None:
+        """Which gradients the line wrote (assigned, or changed in place), and where."""
         super()._record(stmt, name)
-        tensor = self.grad_of(name.split("[")[0]) if "," not in name else None
-        if tensor is not None and tensor in self.lines and stmt.lineno not in self.lines[tensor]:
-            self.lines[tensor].append(stmt.lineno)
+        written = [t for t in map(self.grad_of, name.split(", ")) if t in self.gradients]
+        self.executed[stmt.lineno].grad_of = written[0] if written else None
+        for tensor in written:
+            lines = self.lines.setdefault(tensor, [])
+            if stmt.lineno not in lines:
+                lines.append(stmt.lineno)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -449,15 +449,7 @@ def execute_once(
         for n, t in retained.items()
     }
     env = {n: _detached(v) for n, v in fwd.scope.items()}
-    bwd = BackwardRun(plan.backward, env, set(plan.has_grad), check)
-    error = None
-    with torch.no_grad():
-        try:
-            bwd.run()
-        except ProgramError as err:
-            error = err
-        except (IndexError, RuntimeError, ValueError, TypeError) as err:  # real data only
-            error = ProgramError(FormulaError(_first_line(err), "formula"), 0, "")
+    bwd, error = run_backward(plan, env, check)
     return Outcome(
         inputs={n: v.t.detach() if isinstance(v, Traced) else v for n, v in inputs.items()},
         forward={n: v for n, v in env.items()},
@@ -469,6 +461,22 @@ def execute_once(
         helpers=dict(bwd.scope),
         error=error,
     )
+
+
+def run_backward(
+    plan: Plan, env: dict[str, Any], check: Callable[[], None]
+) -> tuple[BackwardRun, ProgramError | None]:
+    """The learner's backward over the forward's detached values, no autograd: what it
+    wrote, and the first line that could not run (None when every line ran)."""
+    bwd = BackwardRun(plan.backward, env, set(plan.has_grad), check)
+    with torch.no_grad():
+        try:
+            bwd.run()
+        except ProgramError as err:
+            return bwd, err
+        except (IndexError, RuntimeError, ValueError, TypeError) as err:  # real data only
+            return bwd, ProgramError(FormulaError(_first_line(err), "formula"), 0, "")
+    return bwd, None
 
 
 def _first_line(err: Exception) -> str:
@@ -498,15 +506,13 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         "loss": main.loss,
         "tensors": _tensor_table(req, plan, main),
         "forward": [
-            {**_line_entry(e, None), "reads": _line_reads(plan, e.line)}
+            {**_line_entry(e), "reads": _line_reads(plan, e.line)}
             for e in plan.forward_lines.values()
         ],
-        "backward": [
-            _line_entry(e, _grad_written(e.target, plan)) for e in plan.backward_lines.values()
-        ],
+        "backward": [_line_entry(e) for e in plan.backward_lines.values()],
         "check": table,
         "gradients": _views(req, plan, main, table),
-        "backward_error": _error_entry(error, plan) if error is not None else None,
+        "backward_error": _error_entry(error) if error is not None else None,
         "timing": {
             "run_ms": (after_run - start) * 1e3,
             "check_ms": (after_check - after_run) * 1e3,
@@ -514,35 +520,23 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
     }
 
 
-def _grad_written(target: str, plan: Plan) -> str | None:
-    name = target.split("[")[0]
-    if name.endswith(GRAD_SUFFIX):
-        return name.removesuffix(GRAD_SUFFIX)
-    if name.startswith(GRAD_PREFIX) and name[1:] in plan.has_grad:
-        return name[1:]
-    return None
-
-
-def _line_entry(entry: Executed, grad_of: str | None) -> dict[str, Any]:
+def _line_entry(entry: Executed) -> dict[str, Any]:
     return {
         "line": entry.line,
         "code": entry.code,
         "target": entry.target,
         "steps": [s.as_dict() for s in entry.steps],
         "runs": entry.runs,
-        "grad_of": grad_of,
+        "grad_of": entry.grad_of,
     }
 
 
-def _error_entry(err: ProgramError, plan: Plan) -> dict[str, Any]:
+def _error_entry(err: ProgramError) -> dict[str, Any]:
     message = str(err)
     head = message.splitlines()[0] if message else ""
     hint = head.split("; ", 1)[1] if "; " in head else None
-    line, code = err.line, err.code
-    if not line and plan.stops_at is None:  # a real-data failure: find the line it ran at
-        line, code = 0, ""
-    return {"line": line, "code": code, "message": message, "hint": hint, "kind": err.kind,
-            **_ctx(err)}  # fmt: skip
+    return {"line": err.line, "code": err.code, "message": message, "hint": hint,
+            "kind": err.kind, **_ctx(err)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the check

@@ -35,6 +35,7 @@ from app.ops.base import RunCancelled, Traced
 from app.programs import run as programs
 from app.programs.inputs import ALPHABET, DTYPES, make_inputs, names_data
 from app.programs.schemas import ProgramRequest
+from app.train import stop_reason
 
 VAL_ROWS = 2000  # rows of the val part (and of a fixed train block) a loss is measured on
 SAMPLE_ROWS = 256  # the sampling batch: the names being drawn plus training contexts
@@ -189,16 +190,7 @@ class Trainer:
         fwd = _forward(plan.forward, _scope(self.minibatch(), self.params), self.check)
         loss = fwd.scope[self.setup.program.loss].t.item()
         env = {n: programs._detached(v) for n, v in fwd.scope.items()}
-        bwd = programs.BackwardRun(plan.backward, env, set(plan.has_grad), self.check)
-        error = None
-        with torch.no_grad():
-            try:
-                bwd.run()
-            except ProgramError as err:
-                error = err
-            except (IndexError, RuntimeError, ValueError, TypeError) as err:
-                error = ProgramError(programs.FormulaError(programs._first_line(err), "formula"),
-                                     0, "")  # fmt: skip
+        bwd, error = programs.run_backward(plan, env, self.check)
         return loss, {n: g.t for n, g in bwd.gradients.items()}, error
 
     def loss_on(self, req: ProgramRequest, plan: programs.Plan, part: str) -> float:
@@ -268,11 +260,8 @@ def train(
     step, stopped, loss_sum, since, last = 0, None, 0.0, 0, math.nan
     backward_error = None
     while step < setup.steps:
-        if should_stop():
-            stopped = "stopped"
-            break
-        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-            stopped = "time_limit"
+        stopped = stop_reason(should_stop, start, time_limit_s)
+        if stopped:
             break
         try:
             loss, grads, error = t.step()
@@ -284,7 +273,7 @@ def train(
             return
         if trained is None:  # the first step decides what the backward trains
             trained, fixed = _decide(t.params, grads)
-            backward_error = programs._error_entry(error, setup.plan) if error else None
+            backward_error = programs._error_entry(error) if error else None
         missing = [n for n in trained if n not in grads or grads[n].shape != t.params[n].shape]
         if missing:
             yield "error", {"detail": f"step {step + 1}: the backward did not write "

@@ -2,36 +2,13 @@
 // events: live train and val curves (points batched into one Plotly.extendTraces per animation
 // frame, as train.js does), sampled names as they come, and each training kept on the chart
 // beside the earlier ones, labelled, so a wrong backward's curve sits next to a right one's.
-import { ApiError, errorsByField } from "./api.js";
+import { ApiError, errorsByField, events } from "./api.js";
 import { esc, num } from "./format.js";
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 
 const $ = (id) => document.getElementById(id);
 const COLOURS = ["#1c7ed6", "#e8590c", "#2f9e44", "#9c36b5", "#1098ad", "#f08c00"];
 const FIELDS = ["steps", "batch", "lr", "seed"];
-
-/** Server-sent events from a fetch body: yields {event, data} as each one completes. */
-async function* events(body) {
-  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value.replace(/\r\n?/g, "\n");
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      let event = "message";
-      const data = [];
-      for (const line of block.split("\n")) {
-        if (line.startsWith("event:")) event = line.slice(6).trim();
-        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
-      }
-      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
-    }
-  }
-}
 
 export class ProgramTrainer {
   /** `program()`: the program on screen (a POST /api/program body); `describe()`: a short

@@ -5,7 +5,7 @@
 // its gradients and settings, with their final numbers side by side in a table; a run whose
 // manual gradients differed from autograd says so in a red banner; a divergence explains
 // itself (an overflow is the numbers', never the formulas').
-import { ApiError, errorsByField } from "./api.js";
+import { ApiError, errorsByField, events } from "./api.js";
 import { dropDataOwned, drawUnitImages } from "./digits.js";
 import { h, num } from "./format.js";
 import { labFromQuery } from "./lab.js";
@@ -48,29 +48,6 @@ function request() {
     config[name] = text !== "" && Number.isFinite(Number(text)) ? Number(text) : text;
   }
   return config;
-}
-
-/** Server-sent events from a fetch body: yields {event, data} as each one completes. */
-async function* events(body) {
-  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value.replace(/\r\n?/g, "\n");
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      let event = "message";
-      const data = [];
-      for (const line of block.split("\n")) {
-        if (line.startsWith("event:")) event = line.slice(6).trim();
-        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
-      }
-      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
-    }
-  }
 }
 
 function showErrors(errs) {
