@@ -5,10 +5,12 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.middleware.gzip import GZipMiddleware
 
-from app import assets, data, schemas, server
+from app import schemas, server
 from app.api import broadcast, bugs, docs, export, pages, program, run, train
+from app.engine import data
+from app.server import assets
+from app.server.timing import ServerTimingMiddleware
 from app.settings import Settings, get_settings
-from app.timing import ServerTimingMiddleware
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def warm_up() -> None:
     """Pay torch's and the meta tracer's first-call costs (~1 s) at startup, not on the first
     request; and cache the article's trace."""
-    from app import pipeline
+    from app.engine import pipeline
 
     small = schemas.RunRequest(batch=2, in_features=3, hidden=[4], max_cells=16)
     pipeline.run(small, 1 << 16)

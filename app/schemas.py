@@ -18,7 +18,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
-from app.data import INFO as DATA_INFO
+from app.engine.data import INFO as DATA_INFO
 
 # Size limits. The memory budget (settings.memory_budget_bytes) is the other, joint limit.
 MAX_BATCH_DIMS = 4

@@ -1,4 +1,4 @@
-"""The work model (app/work.py) against measured runs on this machine.
+"""The work model (app/cost/work.py) against measured runs on this machine.
 
     PYTHONPATH=. .venv/bin/python benchmarks/calibrate.py [--repeats 2]
 
@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from app import pipeline, work
+from app.cost import work
+from app.engine import pipeline
 from app.schemas import RunRequest
 from app.server.limits import derive_concurrency
 from app.settings import Settings

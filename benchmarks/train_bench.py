@@ -30,9 +30,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.engine.tensors import make_tensors  # noqa: E402
+from app.engine.train import minibatches, split  # noqa: E402
 from app.schemas import TrainRequest  # noqa: E402
-from app.tensors import make_tensors  # noqa: E402
-from app.train import minibatches, split  # noqa: E402
 from tests.servers import LiveServer  # noqa: E402
 
 CONFIG = {"data": "mnist", "hidden": [50], "loss": "cross_entropy", "init": "kaiming",

@@ -23,8 +23,8 @@ fi
 # The page's Plotly: plotly.js's cartesian bundle (heatmap and scatter; a third of the full
 # bundle's size, so the first load parses it ~3x faster), from the npm registry, the same
 # plotly.js version as the bundle inside the Python package. Without npm or the network, the
-# page serves the Python package's full bundle instead (app/assets.py), so nothing fails here.
-PLOTLY_JS_VERSION="$(.venv/bin/python -c 'import app.assets as a; print(a.bundled_plotly_version())' 2>/dev/null || true)"
+# page serves the Python package's full bundle instead (app/server/assets.py), so nothing fails here.
+PLOTLY_JS_VERSION="$(.venv/bin/python -c 'import app.server.assets as a; print(a.bundled_plotly_version())' 2>/dev/null || true)"
 CARTESIAN="vendor/plotly-cartesian-${PLOTLY_JS_VERSION}.min.js"
 TRIED="vendor/.npm-tried-${PLOTLY_JS_VERSION}"  # one try per version (delete it to try again)
 if [ -n "$PLOTLY_JS_VERSION" ] && [ ! -f "$CARTESIAN" ] && [ ! -f "$TRIED" ] && command -v npm >/dev/null 2>&1; then

@@ -10,7 +10,7 @@ import torch
 from fastapi.exceptions import RequestValidationError
 
 from app.api.run import check_budget
-from app.memory import PeakMemory
+from app.engine.memory import PeakMemory
 from app.schemas import RunRequest
 from app.settings import Settings
 from tests.conftest import article_reference

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.check import autograd_gradients
+from app.check.autograd import autograd_gradients
+from app.engine.network import Network
+from app.engine.pipeline import learner_formulas
+from app.engine.tensors import make_tensors
 from app.lab.bugs import BUGS, article_is_same
-from app.network import Network
 from app.ops import Context
-from app.pipeline import learner_formulas
 from app.schemas import RunRequest
-from app.tensors import make_tensors
 
 
 @pytest.fixture(scope="module")

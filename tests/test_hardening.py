@@ -14,7 +14,7 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 
-from app import pipeline
+from app.engine import pipeline
 from app.main import create_app
 from app.schemas import RunRequest, RunResponse
 from app.server import limits

@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.check import autograd_gradients
+from app.check.autograd import autograd_gradients
+from app.engine.network import Network
+from app.engine.pipeline import learner_formulas
+from app.engine.tensors import make_tensors
 from app.lab.evaluator import FormulaError, evaluate, parse
-from app.network import Network
 from app.ops import Context
 from app.ops.base import Traced
-from app.pipeline import learner_formulas
 from app.schemas import RunRequest
-from app.tensors import make_tensors
 
 SMALL = {"batch": 6, "in_features": 5, "hidden": [4], "seed": 3}
 # downstream of each gradient of the small net: computed after it in the backward pass

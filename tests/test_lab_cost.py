@@ -13,8 +13,9 @@ import pytest
 import torch
 from fastapi.exceptions import RequestValidationError
 
-from app import budget, pipeline, work
 from app.api.run import check_budget
+from app.cost import budget, work
+from app.engine import pipeline
 from app.lab.evaluator import evaluate, parse
 from app.lab.formulas import formula_cost
 from app.ops.base import Traced

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app import pipeline
+from app.engine import pipeline
 from app.lab.evaluator import evaluate, parse
 from app.main import create_app
 from app.ops.base import RunCancelled, Traced, cancel_token, check_cancelled

@@ -15,7 +15,7 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import pipeline
+from app.engine import pipeline
 from app.main import create_app
 from tests.servers import free_port
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app import pipeline, work
+from app.cost import work
+from app.engine import pipeline
 from app.main import create_app
 from app.ops.base import RunCancelled
 from app.schemas import RunRequest

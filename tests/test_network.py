@@ -1,5 +1,5 @@
 """Manual gradients against autograd over many configs, with the comparison written here
-(not only app/check.py's), so a bug in the check cannot hide a bug in the engine."""
+(not only app/check/autograd.py's), so a bug in the check cannot hide a bug in the engine."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from app import check, pipeline
-from app.network import Network
+from app.check import autograd as check
+from app.engine import pipeline
+from app.engine.network import Network
+from app.engine.tensors import make_tensors
 from app.ops import Context
 from app.schemas import RunRequest
-from app.tensors import make_tensors
 
 TOL = {
     torch.float32: dict(rtol=1e-4, atol_scale=1e-5),

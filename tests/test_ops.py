@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from app import pipeline
-from app.network import Network
+from app.engine import pipeline
+from app.engine.network import Network
+from app.engine.tensors import input_specs, make_tensors
 from app.ops import Op, Traced, broadcast_rule, unbroadcast
 from app.ops.base import BroadcastError
 from app.schemas import RunRequest
-from app.tensors import input_specs, make_tensors
 
 ELEMENTWISE = {
     "relu": torch.relu,

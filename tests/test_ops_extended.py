@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app import pipeline
-from app.check import autograd_check
-from app.network import Network
+from app.check.autograd import autograd_check
+from app.engine import pipeline
+from app.engine.network import Network
+from app.engine.tensors import make_tensors
 from app.ops import Context, Op, Traced
 from app.schemas import RunRequest
-from app.tensors import make_tensors
 
 LEADS = [[4, 3], 5]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.memory import PeakMemory
-from app.network import Network
+from app.engine.memory import PeakMemory
+from app.engine.network import Network
+from app.engine.tensors import make_tensors
 from app.ops import Context
 from app.schemas import RunRequest
-from app.tensors import make_tensors
 
 
 def test_peak_memory_counts_live_storages_and_frees():
@@ -77,7 +77,7 @@ def test_article_payload_is_compact(client):
 
 def test_budget_counts_the_chunk_not_the_literal_product():
     """batch 20000 at the article's widths: the literal product would be 3.1 GB, the run is not."""
-    from app import pipeline
+    from app.engine import pipeline
 
     estimate = pipeline.estimate(RunRequest(batch=20000), chunk_bytes=4 << 20)
     assert estimate.broadcast_chunk <= 4 << 20
@@ -119,7 +119,7 @@ def test_budget_counts_the_chunk_not_the_literal_product():
 def test_budget_estimate_bounds_what_a_run_allocates(fields):
     """The estimate refuses runs before allocating, so it must be an upper bound of the real
     peak (measured allocation by allocation), and not so loose that it refuses fair runs."""
-    from app import pipeline
+    from app.engine import pipeline
 
     cfg = RunRequest(**fields)
     estimate = pipeline.estimate(cfg, chunk_bytes=4 << 20)

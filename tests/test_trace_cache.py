@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import gc
 
-from app import pipeline
-from app.pipeline import TraceCache
+from app.engine import pipeline
+from app.engine.pipeline import TraceCache
 from app.schemas import RunRequest
 from app.server import limits
 

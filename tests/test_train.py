@@ -1,4 +1,4 @@
-"""Training with the manual gradients (app.train) and POST /api/train as server-sent events."""
+"""Training with the manual gradients (app.engine.train) and POST /api/train as server-sent events."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.check import reference_loss
+from app.check.autograd import reference_loss
+from app.engine.tensors import make_tensors
+from app.engine.train import SGD, minibatches, split, train
 from app.main import create_app
 from app.schemas import TrainRequest
 from app.settings import Settings
-from app.tensors import make_tensors
-from app.train import SGD, minibatches, split, train
 
 DIGITS = {"data": "digits", "loss": "cross_entropy", "init": "kaiming", "hidden": [16]}
 

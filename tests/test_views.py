@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from app.views import block_extreme, block_mean, block_sizes, gradient_view
+from app.views.heatmap import block_extreme, block_mean, block_sizes, gradient_view
 
 
 @pytest.mark.parametrize(

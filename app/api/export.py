@@ -5,8 +5,8 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from app import export
 from app.api.run import checked_budget
+from app.export import run as export
 from app.schemas import ErrorMessage, ExportRequest
 from app.settings import Settings
 
@@ -68,7 +68,7 @@ async def export_program_body(body: dict, fmt: str, settings: Settings) -> Respo
     from pydantic import ValidationError
 
     from app.api.program import admit
-    from app.programs import export as program_export
+    from app.export import program as program_export
     from app.programs.schemas import ProgramRequest
 
     try:

@@ -20,6 +20,7 @@ from app.api.run import VALIDATION_ERROR
 from app.api.streaming import iterate_in_slices
 from app.api.train import JSON_ERROR
 from app.api.train import _event as event
+from app.cost.work import WORK_LIMIT_S
 from app.lab.statements import ProgramError
 from app.ops.base import cancel_token
 from app.programs import presets
@@ -29,7 +30,6 @@ from app.programs.schemas import ProgramRequest, ProgramResponse, ProgramTrainRe
 from app.schemas import ErrorMessage
 from app.server.limits import TRAIN_SLICE_S, CancelToken, guarded
 from app.settings import Settings
-from app.work import WORK_LIMIT_S
 
 router = APIRouter(tags=["program"])
 DRY_RUN_INLINE_CHARS = 1500  # shorter programs (an exercise's few lines) dry-run inline

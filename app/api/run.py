@@ -3,14 +3,16 @@
 import anyio
 from fastapi import APIRouter, Request
 
-from app import budget, follow, network, pipeline, work
 from app.api.responses import StrictJSONResponse
+from app.cost import budget, work
+from app.engine import network, pipeline
 from app.lab import formulas
 from app.lab.evaluator import FormulaError
 from app.lab.formulas import UnknownGradient
 from app.schemas import ErrorMessage, RunRequest, RunResponse
 from app.server.limits import CancelToken, guarded
 from app.settings import Settings
+from app.views import follow
 
 router = APIRouter(tags=["run"])
 VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"  # FastAPI's own 422 body

@@ -12,9 +12,9 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from app import train as training
 from app.api.run import VALIDATION_ERROR, checked_budget
 from app.api.streaming import iterate_in_slices
+from app.engine import train as training
 from app.schemas import TrainRequest
 from app.server.limits import TRAIN_SLICE_S, CancelToken
 from app.settings import Settings

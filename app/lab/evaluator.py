@@ -462,7 +462,9 @@ def _check_node(node: ast.AST, source: str, program: bool = False) -> None:
             )
         if isinstance(node.value, ast.Name) and node.value.id in NAMESPACES:
             space = node.value.id
-            if node.attr not in NAMESPACES[space] and not (space == "torch" and node.attr in DTYPES):
+            if node.attr not in NAMESPACES[space] and not (
+                space == "torch" and node.attr in DTYPES
+            ):
                 allowed = ", ".join(f"{space}.{n}" for n in NAMESPACES[space])
                 raise FormulaError(
                     f"`{_segment(source, node)}` is not allowed; allowed: {allowed}", "not_allowed"
@@ -940,8 +942,18 @@ class _Evaluation:
 # as app.lab.statements.Interpreter can say what a name means)
 _HANDLERS: dict[type, str] = {
     node: f"_{node.__name__}"
-    for node in (ast.Constant, ast.Name, ast.Attribute, ast.UnaryOp, ast.BinOp, ast.Compare,
-                 ast.Subscript, ast.Slice, ast.Tuple, ast.Call)  # fmt: skip
+    for node in (
+        ast.Constant,
+        ast.Name,
+        ast.Attribute,
+        ast.UnaryOp,
+        ast.BinOp,
+        ast.Compare,
+        ast.Subscript,
+        ast.Slice,
+        ast.Tuple,
+        ast.Call,
+    )  # fmt: skip
 }
 
 

@@ -137,7 +137,7 @@ def step_work(step: dict) -> int:
 
 def step_flops(step: dict) -> int:
     """Floating-point operations of a matmul or einsum (2 per multiply-add), else 0: these
-    run at the BLAS rate, the way the built-in strategies are costed (app/work.py)."""
+    run at the BLAS rate, the way the built-in strategies are costed (app/cost/work.py)."""
     if step["action"] == "matmul":
         a, _ = step["inputs"]
         return 2 * math.prod(step["output"]) * (a[-1] if a else 1)

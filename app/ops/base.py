@@ -572,7 +572,6 @@ class Traced:
         expr = f"{self._wrapped(ATOM)}.gather({dim}, {index.expr})"
         return self._make(t, expr, ATOM, "index", "gather", [self, index])
 
-
     # ---- what course notebooks write (the program mode; the formula lab takes them too)
 
     def index_with(self, parts: tuple[Any, ...]) -> Traced:

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from app.check import TOLERANCES, compare
+from app.check.autograd import TOLERANCES, compare
+from app.cost.work import OP_S, _elementwise_s, _matmul_s
 from app.lab import formulas, hints
 from app.lab.evaluator import FormulaError, Pair
 from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
@@ -29,8 +30,7 @@ from app.ops.base import RunCancelled, Step, Traced, cancel_token, check_cancell
 from app.programs.inputs import DTYPES, make_inputs, meta_of
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS
-from app.views import gradient_view, response_max_cells
-from app.work import OP_S, _elementwise_s, _matmul_s
+from app.views.heatmap import gradient_view, response_max_cells
 
 GRAD_PREFIX = "d"
 GRAD_SUFFIX = ".g"

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
+from app.engine.train import stop_reason
 from app.lab.statements import Program, ProgramError
 from app.ops.base import RunCancelled, Traced
 from app.programs import run as programs
 from app.programs.inputs import ALPHABET, DTYPES, make_inputs, names_data
 from app.programs.schemas import ProgramRequest
-from app.train import stop_reason
 
 VAL_ROWS = 2000  # rows of the val part (and of a fixed train block) a loss is measured on
 SAMPLE_ROWS = 256  # the sampling batch: the names being drawn plus training contexts

@@ -365,7 +365,7 @@ class RunLimiter:
             self._semaphores_here()[name].release()
 
     def pacer(self, cancel: CancelToken) -> Callable[[], None]:
-        """What a dry run calls between two formulas (app.network.PACE): Stopped once
+        """What a dry run calls between two formulas (app.engine.network.PACE): Stopped once
         `cancel` is set (its deadline, its client gone); while a run is in flight, a sleep
         (GIL released) of up to PACE_YIELD_S, so that the run is not slowed by the dry run."""
 

@@ -7,8 +7,8 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from app import assets
 from app.main import create_app
+from app.server import assets
 
 SMALL = "?batch=8&in_features=6&hidden=4,3&seed=3"
 ARTICLE_GRADS = {"x", "w1", "b1", "w2", "b2"}

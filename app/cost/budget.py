@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 from fastapi.exceptions import RequestValidationError
 
-from app.check import RECHECK_MAX_BYTES
+from app.check.autograd import RECHECK_MAX_BYTES
+from app.cost.work import ELEMENTWISE_BYTES, MATMUL_FLOPS, WORK_LIMIT_S
+from app.cost.work import estimate as estimate_work
+from app.engine.tensors import DTYPES, input_specs, layer_sizes, lead_shape
 from app.lab.formulas import is_view
 from app.ops.linear import chunk_rows
-from app.tensors import DTYPES, input_specs, layer_sizes, lead_shape
-from app.views import JSON_BYTES_PER_CELL, heatmap_cap
-from app.work import ELEMENTWISE_BYTES, MATMUL_FLOPS, WORK_LIMIT_S
-from app.work import estimate as estimate_work
+from app.views.heatmap import JSON_BYTES_PER_CELL, heatmap_cap
 
 ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
@@ -180,7 +180,7 @@ def refuse_over_budget(cfg, est: Estimate, per_row: Estimate, budget: int) -> No
 
 
 def refuse_too_much_work(cfg, chunk_bytes: int = 4 << 20) -> None:
-    """422 for runs whose time, not memory, is out of bounds (app/work.py counts every pass):
+    """422 for runs whose time, not memory, is out of bounds (app/cost/work.py counts every pass):
     they would hold a run slot too long. The field named is the one whose change brings the
     run within the limit: compare, fd_samples, strategy (the literal broadcast form), else
     batch or the widest width."""
@@ -226,8 +226,8 @@ def refuse_too_much_work(cfg, chunk_bytes: int = 4 << 20) -> None:
 
 # A learner's formula runs as written: its work (elements read or written, a stretched view
 # counting in full; its matmuls' and einsums' flops) is bounded here on its own (and counted
-# in app/work.py with the rest). The flops bound takes as long as the elements' at the rates
-# of app/work.py (5 s in float32).
+# in app/cost/work.py with the rest). The flops bound takes as long as the elements' at the rates
+# of app/cost/work.py (5 s in float32).
 MAX_FORMULA_ELEMENTS = 2.5e9
 MAX_FORMULA_FLOPS = MAX_FORMULA_ELEMENTS * 4 / ELEMENTWISE_BYTES * MATMUL_FLOPS
 

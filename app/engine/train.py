@@ -3,7 +3,7 @@
 `train(cfg, ...)` is a generator of event dicts (`progress` every `eval_every` steps and at
 the end, then one `done`); it knows nothing of HTTP. Every progress step's manual gradients
 are also checked against autograd on the same minibatch. Deterministic per seed: the
-weights are the run's (app.tensors), the minibatches a seeded shuffle of the training part.
+weights are the run's (app.engine.tensors), the minibatches a seeded shuffle of the training part.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from app import data
-from app.check import autograd_gradients, cancelling_scale, compare
-from app.network import Network
+from app.check.autograd import autograd_gradients, cancelling_scale, compare
+from app.engine import data
+from app.engine.network import Network
+from app.engine.pipeline import learner_formulas
+from app.engine.tensors import data_name, examples, input_specs, make_tensors
 from app.ops import Context
 from app.ops.base import RunCancelled
-from app.pipeline import learner_formulas
-from app.tensors import data_name, examples, input_specs, make_tensors
-from app.views import gradient_view, unit_images
+from app.views.heatmap import gradient_view, unit_images
 
 SHUFFLE_SEED_OFFSET = 1  # the shuffle's generator: seed + 1, apart from the weights' (seed)
 MIN_EXAMPLES = 5  # so that the training and the validation parts are both non-empty

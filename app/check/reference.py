@@ -2,8 +2,8 @@
 functions (torch.nn.functional), independently of app.ops, so that a mistake in an op's
 forward cannot hide the same mistake in its checks.
 
-Both witnesses use it: the autograd check (app/check.py) differentiates it on the run's
-tensors, and the finite differences (app/fd.py) evaluate it in float64, stage by stage.
+Both witnesses use it: the autograd check (app/check/autograd.py) differentiates it on the run's
+tensors, and the finite differences (app/check/fd.py) evaluate it in float64, stage by stage.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app import data
+from app.engine import data
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

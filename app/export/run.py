@@ -5,7 +5,7 @@ statement is the `code` of a trace entry, i.e. the text the same `Traced` formul
 the server computed with them, so the exported formulas are exactly the ones that were
 checked. Nothing here knows a formula; it only lays the trace out:
 
-- the tensors, drawn as `app/tensors.py` draws them (`tensor_statements`, tested bit for bit
+- the tensors, drawn as `app/engine/tensors.py` draws them (`tensor_statements`, tested bit for bit
   against `make_tensors`);
 - the forward pass, then `loss <value>`;
 - the manual backward, one statement per line, each gradient in `.g` as in the article, with
@@ -13,8 +13,8 @@ checked. Nothing here knows a formula; it only lays the trace out:
   formula for the same gradient (a trace `variant`) goes into its own name and is checked,
   never propagated;
 - autograd on fresh leaves (`detach().requires_grad_()`), with the reference forward written
-  with torch.nn.functional, as app/check.py's `reference_loss`;
-- a check table, `abs()` on both sides, rtol plus atol scaled as app/check.py scales it, and
+  with torch.nn.functional, as app/check/autograd.py's `reference_loss`;
+- a check table, `abs()` on both sides, rtol plus atol scaled as app/check/autograd.py scales it, and
   exit status 0 exactly when every gradient matches (1 naming the ones that differ).
 
 The article's printed script has three slips that this file must not repeat: `back_mse`'s
@@ -36,19 +36,20 @@ from typing import Any
 import nbformat
 import torch
 
-from app import follow, pipeline
-from app.budget import human_bytes
-from app.check import (
+from app.check.autograd import (
     NOISE_FACTOR,
     NORM_EPS,
     RECHECK_MAX_BYTES,
     REFERENCE_LEAKY_SLOPE,
     TOLERANCES,
 )
-from app.data import INFO as DATA_INFO
-from app.network import Network
+from app.cost.budget import human_bytes
+from app.engine import pipeline
+from app.engine.data import INFO as DATA_INFO
+from app.engine.network import Network
+from app.engine.tensors import DTYPES, data_name, init_gain, input_specs, layer_sizes, lead_shape
 from app.ops.base import element, terms_expr
-from app.tensors import DTYPES, data_name, init_gain, input_specs, layer_sizes, lead_shape
+from app.views import follow
 
 FORMATS = ("py", "ipynb")
 MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipynb+json"}
@@ -287,7 +288,7 @@ def data_imports(cfg) -> list[str]:
 
 
 def data_statements(cfg) -> list[str]:
-    """x and target from a shipped dataset, as app/data.py reads it: the file in the
+    """x and target from a shipped dataset, as app/engine/data.py reads it: the file in the
     contract's fixed order, the first prod(batch) images, normalized in float64, then cast."""
     name, info = data_name(cfg), DATA_INFO[data_name(cfg)]
     lead = lead_shape(cfg.batch)
@@ -338,7 +339,7 @@ def data_statements(cfg) -> list[str]:
 
 def reference_statements(cfg) -> list[str]:
     """The reference forward as a function, written with torch.nn.functional (as
-    app/check.py's `reference_loss`): autograd differentiates it on fresh leaves, and every
+    app/check/autograd.py's `reference_loss`): autograd differentiates it on fresh leaves, and every
     intermediate whose gradient the API checks is kept (`retain_grad`)."""
     n_layers = len(cfg.hidden) + 1
     params = [s.name for s in input_specs(cfg) if s.role == "param"]
@@ -391,7 +392,7 @@ def reference_statements(cfg) -> list[str]:
 
 
 def kept_names(cfg) -> list[str]:
-    """The intermediates whose gradients the check compares too (as app/check.py keeps)."""
+    """The intermediates whose gradients the check compares too (as app/check/autograd.py keeps)."""
     names = ["out"]
     for k in range(1, len(cfg.hidden) + 1):
         names += [f"l{k}", *([f"n{k}"] if cfg.norm != "none" else []), f"a{k}"]
@@ -421,7 +422,7 @@ class Checked:
 
 
 def check_statements(cfg, checks: list[Checked], manual_pass: list[str], script: bool) -> list[str]:
-    """The check as app/check.py makes it: allclose per gradient, then, for a failed one, the
+    """The check as app/check/autograd.py makes it: allclose per gradient, then, for a failed one, the
     rounding recheck (the same formulas and autograd again in the other precision)."""
     rtol, atol_scale = TOLERANCES[DTYPES[cfg.dtype]]
     names = [s.name for s in input_specs(cfg)]
@@ -701,7 +702,7 @@ def _backward_sections(cfg, forward, backward, emitter: Emitter) -> list[Section
 
 def _cancelling_floor(cfg, name: str) -> str:
     """Before a batchnorm, b{k}.g sums l{k}.g over the batch, which is 0 in exact arithmetic:
-    atol scales with the terms summed instead (as app/check.py's `cancelling_scale`)."""
+    atol scales with the terms summed instead (as app/check/autograd.py's `cancelling_scale`)."""
     k = name[1:]
     if cfg.norm != "batchnorm" or name[0] != "b" or not k.isdigit() or int(k) > len(cfg.hidden):
         return "0.0"

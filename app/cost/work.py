@@ -27,10 +27,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from app.check import RECHECK_MAX_BYTES
-from app.fd import fd_cost_flops
+from app.check.autograd import RECHECK_MAX_BYTES
+from app.check.fd import fd_cost_flops
+from app.engine.tensors import input_specs, layer_sizes, lead_shape
 from app.ops.linear import chunk_rows
-from app.tensors import input_specs, layer_sizes, lead_shape
 
 # float32 rates; float64 takes twice as long per element (and half the flops per second)
 MATMUL_FLOPS = 25e9  # flops/s of the runs' matmuls on 2 threads (~50 at best, less for few rows)
@@ -42,8 +42,8 @@ ROW_S = 5e-9  # per row entry (N * (in + out)) of a broadcast layer: unsqueeze, 
 ACCUMULATE_S = 1e-9  # per w.g entry per chunk: the float64 sum of the chunks' shares
 OP_S = 20e-6  # per torch call from Python (dispatch, small tensors)
 FD_FLOPS = 2e9  # flops/s of the finite differences' small float64 passes
-COMPARE_SLOW_S = 0.25  # compare times one run above this (app/compare.py), else up to three
-# compare's first pass of each strategy runs under PeakMemory (app/memory.py), a dispatch
+COMPARE_SLOW_S = 0.25  # compare times one run above this (app/engine/compare.py), else up to three
+# compare's first pass of each strategy runs under PeakMemory (app/engine/memory.py), a dispatch
 # mode that sees every op and every live storage. A broadcast layer whose chunk does not stay
 # in cache (wide rows) takes this many plain passes' time under it (4096 -> 4096 -> 3000 at
 # batch 2: 2.5 s where a plain pass took 1.0 s, one thread); cached chunks about one
@@ -74,7 +74,9 @@ def _user_entries(cfg) -> list[dict]:
     """The meta-traced entries of the learner's formulas (app/lab); none without formulas."""
     if not getattr(cfg, "formulas", None):
         return []
-    from app import pipeline  # the traces are cached there (and it imports this module's users)
+    from app.engine import (
+        pipeline,  # the traces are cached there (and it imports this module's users)
+    )
 
     _, backward = pipeline.trace(cfg)
     return [entry for entry in backward if entry.get("source") == "user"]
@@ -100,7 +102,9 @@ def builtin_share(cfg) -> float:
     names = {key.removesuffix(".g") for key in getattr(cfg, "formulas", None) or {}}
     if not names:
         return 0.0
-    from app.network import Network  # the ops' order (app.network imports this module's users)
+    from app.engine.network import (
+        Network,  # the ops' order (app.engine.network imports this module's users)
+    )
 
     ops = Network.from_config(cfg).ops
     replaced = [i for i, op in enumerate(ops) if op.output in names]
@@ -215,7 +219,7 @@ def estimate(cfg, chunk_bytes: int) -> Work:
     rerun = small or (cfg.fd_samples > 0 and itemsize == 4)
     formulas = formulas_s(itemsize) + (formulas_s(8) if rerun else 0.0)
     # the built-in formulas again upstream of a learner's formula for an intermediate: the
-    # suspect verdict's measure of rounding (app/check.py mark_suspects)
+    # suspect verdict's measure of rounding (app/check/autograd.py mark_suspects)
     formulas += backward * builtin_share(cfg)
     # every tensor drawn from the generator (weights, biases, x, target), then cast
     draw = sum(math.prod(s.shape) for s in specs) * DRAW_S * (1 + (itemsize == 8))

@@ -17,7 +17,7 @@ import textwrap
 
 import nbformat
 
-from app.check import NOISE_FACTOR, TOLERANCES
+from app.check.autograd import NOISE_FACTOR, TOLERANCES
 from app.programs import run as programs
 from app.programs.inputs import DTYPES
 from app.programs.schemas import ProgramRequest

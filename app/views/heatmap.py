@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.engine.tensors import input_specs
 from app.schemas import MAX_RESPONSE_CELLS
-from app.tensors import input_specs
 
 
 def as_2d(t: torch.Tensor) -> torch.Tensor:

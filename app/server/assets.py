@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 from starlette.types import Scope
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STATIC = ROOT / "static"
 VENDOR = ROOT / "vendor"  # scripts/_setup.sh puts the npm cartesian bundle here (ignored by git)
 FULL_PLOTLY = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"

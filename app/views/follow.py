@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from fastapi.exceptions import RequestValidationError
 
-from app.network import Network
+from app.engine.network import Network
 from app.ops import Op
 from app.schemas import MAX_FOLLOW_TERMS
-from app.views import as_2d
+from app.views.heatmap import as_2d
 
 
 def followable(net: Network, backward: Sequence[dict[str, Any]]) -> dict[str, tuple[int, ...]]:
@@ -80,7 +80,7 @@ def refuse(cfg, backward: Sequence[dict[str, Any]]) -> None:
 
 
 def view_shape(shape: Sequence[int]) -> tuple[int, int]:
-    """(rows, cols) of a gradient's heatmap view (app.views.as_2d)."""
+    """(rows, cols) of a gradient's heatmap view (app.views.heatmap.as_2d)."""
     return (1, shape[0]) if len(shape) == 1 else (math.prod(shape[:-1]), shape[-1])
 
 

@@ -1,9 +1,9 @@
 """The finite-difference spot check: float64 central differences at sampled entries of every
 gradient, a second witness beside autograd. It shares no code with the manual side (app/ops);
-with autograd it shares the reference forward (app/reference.py) and the check's rounding
-rules (app/check.py), not the differentiation: it evaluates losses, never a backward.
+with autograd it shares the reference forward (app/check/reference.py) and the check's rounding
+rules (app/check/autograd.py), not the differentiation: it evaluates losses, never a backward.
 
-The reference network (app/reference.py, the autograd check's too) runs here in float64 on
+The reference network (app/check/reference.py, the autograd check's too) runs here in float64 on
 (rows, features) views, stage by stage, so that a perturbed entry re-runs only the layers
 after it (see `_FDNet`).
 """
@@ -15,12 +15,12 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from app import reference
-from app.check import NOISE_FACTOR, cancelling_scale
+from app.check import reference
+from app.check.autograd import NOISE_FACTOR, cancelling_scale
 
 FD_REL_STEP = 1e-6  # h = 1e-6 * max(1, |entry|): near the float64 optimum for central differences
 # A yardstick, not a limit: about 2 s of float64 work. What is refused is a whole run over the
-# work limit (app/work.py counts fd_cost_flops in it; the 422 names fd_samples when dropping
+# work limit (app/cost/work.py counts fd_cost_flops in it; the 422 names fd_samples when dropping
 # them would fit); a test holds the article's run with the most samples under this.
 FD_MAX_FLOPS = 4e9
 FD_SEED_OFFSET = 0x5EED  # the samples' own generator: seed + this, apart from the run's tensors
@@ -156,7 +156,7 @@ def _split_name(name: str) -> tuple[str, int]:
 
 def _fd_layout(cfg) -> tuple[int, list[tuple[str, int, int]]]:
     """(rows, [(gradient name, numel, first layer its perturbation reaches)])."""
-    from app.tensors import input_specs
+    from app.engine.tensors import input_specs
 
     specs = [s for s in input_specs(cfg) if s.role != "target"]
     rows = math.prod(specs[0].shape[:-1])

@@ -13,23 +13,24 @@ from typing import Any
 
 import torch
 
-from app import budget, data
-from app.check import (
+from app.check.autograd import (
     autograd_gradients,
     cast_floats,
     check_against,
     mark_suspects,
     recheck_rounding,
 )
-from app.compare import compare_strategies
-from app.fd import finite_difference_check
-from app.follow import follow
+from app.check.fd import finite_difference_check
+from app.cost import budget
+from app.engine import data
+from app.engine.compare import compare_strategies
+from app.engine.network import Network
+from app.engine.tensors import DTYPES, data_name, input_specs, lead_shape, make_tensors
 from app.lab.formulas import LearnerFormula, bind
-from app.network import Network
 from app.ops import Context
 from app.ops.base import cancel_token
-from app.tensors import DTYPES, data_name, input_specs, lead_shape, make_tensors
-from app.views import (
+from app.views.follow import follow
+from app.views.heatmap import (
     MAX_IMAGES,
     data_view,
     gradient_view,

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from app.check import autograd_gradients
-from app.memory import PeakMemory
-from app.network import Network
+from app.check.autograd import autograd_gradients
+from app.engine.memory import PeakMemory
+from app.engine.network import Network
 from app.ops import Context
 
 STRATEGIES = ("broadcast", "einsum", "matmul")

@@ -1,6 +1,6 @@
 """The check: every manual gradient against torch.autograd on fresh leaves.
 
-The reference forward pass (app/reference.py) is written independently of app.ops, with
+The reference forward pass (app/check/reference.py) is written independently of app.ops, with
 torch.nn.functional, so a mistake in an op's forward cannot hide the same mistake in its check.
 
 Tolerances (per dtype): an element passes when |manual - autograd| <= atol + rtol * |autograd|
@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from app import reference
+from app.check import reference
+from app.check.reference import NORM_EPS, REFERENCE_LEAKY_SLOPE  # noqa: F401  (the check's constants)
 from app.ops.base import split_variant
-from app.reference import NORM_EPS, REFERENCE_LEAKY_SLOPE  # noqa: F401  (the check's constants)
 
 activation_reference = reference.activation
 NOISE_FACTOR = 4  # a gradient may differ from autograd by 4x their rounding errors together

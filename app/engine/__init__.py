@@ -1,0 +1,1 @@
+"""The engine: a run's tensors, its network of ops, the forward and the manual backward, training."""

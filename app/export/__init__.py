@@ -1,0 +1,1 @@
+"""Take a run home: a script or a notebook that reproduces it."""
