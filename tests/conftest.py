@@ -14,12 +14,49 @@ from fastapi.testclient import TestClient
 os.environ.setdefault("BROADPROP_RUN_DEADLINE_S", "600")
 
 from app.main import create_app  # noqa: E402  (after the environment it reads)
+from app.settings import Settings  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "app_settings(raise_server_exceptions=True, **settings): the `client` fixture of this "
+        "module serves an app made with these Settings",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests and load tests are `slow`: `-m "not slow"` is the fast lane."""
+    for item in items:
+        if "browser" in item.keywords or item.get_closest_marker("load"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
-def client() -> TestClient:
+def _default_client() -> TestClient:
     with TestClient(create_app()) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def client(request) -> TestClient:
+    """The one TestClient fixture. By default one app for the whole session; a module that
+    needs other settings says so once, `pytestmark = pytest.mark.app_settings(...)`, and gets
+    an app of its own (torch's thread count, which an app's lifespan sets, given back)."""
+    marker = request.node.get_closest_marker("app_settings")
+    if marker is None:
+        yield request.getfixturevalue("_default_client")
+        return
+    settings = dict(marker.kwargs)
+    raise_errors = settings.pop("raise_server_exceptions", True)
+    base_url = settings.pop("base_url", "http://testserver")
+    threads = torch.get_num_threads()
+    try:
+        app = create_app(Settings(**settings))
+        with TestClient(app, raise_server_exceptions=raise_errors, base_url=base_url) as c:
+            yield c
+    finally:
+        torch.set_num_threads(threads)
 
 
 def article_reference(seed: int = 0, batch: int = 1000, n_in: int = 784, n_hidden: int = 50):

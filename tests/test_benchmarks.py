@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# starts every benchmark as a script
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
 # the README's other script: it retakes the screenshots

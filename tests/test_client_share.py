@@ -8,7 +8,12 @@ import json
 import socket
 import time
 
+import pytest
+
 from tests.servers import LiveServer
+
+# many requests or sockets at once: the slow lane
+pytestmark = pytest.mark.load
 
 
 def test_one_address_with_many_silent_sockets_does_not_keep_another_out():

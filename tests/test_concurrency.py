@@ -7,10 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+# several runs at once, each on one thread, and a long queue wait: no 503 is expected, but the
+# limiter's own refusal is allowed (assert_saturated); a 200 must never differ.
+pytestmark = [
+    pytest.mark.load,
+    pytest.mark.app_settings(
+        max_concurrent_runs=4, torch_threads=1, queue_wait_s=60, raise_server_exceptions=False
+    ),
+]
 
 THREADS = 16
 # max_cells over every tensor's size: the heatmaps are the gradients themselves, so equal
@@ -28,21 +33,6 @@ def answer(response) -> dict:
     body = response.json()
     body.pop("timing")
     return body
-
-
-@pytest.fixture(scope="module")
-def client() -> TestClient:
-    # several runs at once, each on one thread, and a long queue wait: no 503 is expected,
-    # but the limiter's own refusal is allowed (assert_saturated); a 200 must never differ.
-    # The app's lifespan sets torch's thread count for every thread started after it: give
-    # later tests theirs back.
-    threads = torch.get_num_threads()
-    app = create_app(Settings(max_concurrent_runs=4, torch_threads=1, queue_wait_s=60))
-    try:
-        with TestClient(app, raise_server_exceptions=False) as c:
-            yield c
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_fixture_runs_on_one_thread(client):

@@ -16,6 +16,9 @@ import pytest
 from app.server.errors import RateLimitFilter
 from tests.servers import LiveServer
 
+# many requests or sockets at once: the slow lane
+pytestmark = pytest.mark.load
+
 # the body that made 189 MB answers (issue 13): now downsampled to the response bound
 HEAVY = {
     "in_features": 1024,

@@ -142,6 +142,7 @@ def test_a_config_the_data_contradicts_is_a_422_naming_the_field(client, body, f
         assert word in error["msg"]
 
 
+@pytest.mark.slow
 def test_a_process_that_imports_the_app_and_exits_at_once_exits_cleanly():
     """The datasets' background parse must be over before the interpreter finalizes: a daemon
     thread still inside torch then aborted the process (exit 134) about one time in ten. A

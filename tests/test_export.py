@@ -24,6 +24,9 @@ from app.export import run as export
 from app.ops import Context
 from app.schemas import RunRequest
 
+# runs every exported script and notebook in a process of its own
+pytestmark = pytest.mark.slow
+
 SMALL = dict(batch=6, in_features=5, hidden=[4], out_features=1)
 CONFIGS = {
     "article": {},  # the article's default, at full size

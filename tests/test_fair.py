@@ -18,6 +18,9 @@ from app.server import limits
 from app.server.limits import CancelToken, RunLimiter, Saturated, Stopped
 from app.settings import Settings
 
+# many requests or sockets at once: the slow lane
+pytestmark = pytest.mark.load
+
 SMALL = {"batch": 4, "in_features": 3, "hidden": [5] * 8, "norm": "layernorm"}
 GRADS = [f"{p}{k}" for k in range(8, 0, -1) for p in ("a", "n", "l", "gamma", "beta")]
 

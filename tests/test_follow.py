@@ -385,6 +385,7 @@ def test_a_norms_gamma_and_beta_elements_sum_over_the_batch(client, norm, grad):
     ],
     ids=["linear", "layernorm"],
 )
+@pytest.mark.slow
 def test_the_exported_script_prints_the_followed_elements_check(client, tmp_path, config):
     response = client.post("/api/export", json={"config": config, "format": "py"})
     assert response.status_code == 200, response.text

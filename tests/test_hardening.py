@@ -20,15 +20,10 @@ from app.schemas import RunRequest, RunResponse
 from app.server import limits
 from app.settings import Settings
 
+# a client that shows server errors as responses (a 5xx must fail the assertion, not the request)
+pytestmark = pytest.mark.app_settings(raise_server_exceptions=False)
+
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def raw_client() -> TestClient:
-    """A client that shows server errors as responses (a 5xx must fail the assertion, not
-    the request)."""
-    with TestClient(create_app(), raise_server_exceptions=False) as c:
-        yield c
 
 
 def nested(depth: int) -> bytes:
@@ -109,9 +104,9 @@ MALFORMED: dict[str, tuple[bytes, dict[str, str]]] = {
 
 @pytest.mark.parametrize("route", ["/api/run", "/api/broadcast"])
 @pytest.mark.parametrize("name", list(MALFORMED))
-def test_malformed_request_gets_4xx(raw_client, route, name):
+def test_malformed_request_gets_4xx(client, route, name):
     body, headers = MALFORMED[name]
-    r = raw_client.post(route, content=body, headers=headers)
+    r = client.post(route, content=body, headers=headers)
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     assert r.headers["content-type"].startswith("application/json")
     json.loads(r.text, parse_constant=_refuse_constant)  # strict JSON, even echoing NaN
@@ -122,46 +117,46 @@ def _refuse_constant(token: str):
     raise AssertionError(f"non-strict JSON token {token}")
 
 
-def test_nan_literal_is_422_naming_the_field(raw_client):
-    r = raw_client.post("/api/run", content=b'{"init_scale": NaN}', headers=JSON)
+def test_nan_literal_is_422_naming_the_field(client):
+    r = client.post("/api/run", content=b'{"init_scale": NaN}', headers=JSON)
     assert r.status_code == 422
     (error,) = r.json()["detail"]
     assert error["loc"] == ["body", "init_scale"]
     assert error["input"] is None  # NaN echoed as null
 
 
-def test_invalid_enum_with_fd_samples_is_422_naming_the_field(raw_client):
-    r = raw_client.post("/api/run", json={"loss": "bogus", "fd_samples": 1})
+def test_invalid_enum_with_fd_samples_is_422_naming_the_field(client):
+    r = client.post("/api/run", json={"loss": "bogus", "fd_samples": 1})
     assert r.status_code == 422, r.text[:300]
     locs = [error["loc"] for error in r.json()["detail"]]
     assert ["body", "loss"] in locs, locs
 
 
-def test_huge_seed_is_422_with_the_limit(raw_client):
-    r = raw_client.post("/api/run", content=b'{"seed": 18446744073709551617}', headers=JSON)
+def test_huge_seed_is_422_with_the_limit(client):
+    r = client.post("/api/run", content=b'{"seed": 18446744073709551617}', headers=JSON)
     assert r.status_code == 422
     (error,) = r.json()["detail"]
     assert error["loc"] == ["body", "seed"]
     assert error["ctx"]["le"] == 2**63 - 1
 
 
-def test_undecodable_body_is_422_json_invalid(raw_client):
+def test_undecodable_body_is_422_json_invalid(client):
     for body in (b"\xff\xfe\xfd", nested(10_000)):
-        r = raw_client.post("/api/run", content=body, headers=JSON)
+        r = client.post("/api/run", content=body, headers=JSON)
         assert r.status_code == 422
         assert r.json()["detail"][0]["type"] == "json_invalid"
 
 
-def test_seed_limits_accepted(raw_client):
+def test_seed_limits_accepted(client):
     small = {"batch": 2, "in_features": 3, "hidden": [2]}
     for seed in (0, 2**63 - 1):
-        r = raw_client.post("/api/run", json={**small, "seed": seed})
+        r = client.post("/api/run", json={**small, "seed": seed})
         assert r.status_code == 200, r.text[:300]
         assert r.json()["config"]["seed"] == seed
 
 
-def test_over_budget_names_field_and_budget(raw_client):
-    r = raw_client.post("/api/run", json={"batch": 1_000_000, "in_features": 784})
+def test_over_budget_names_field_and_budget(client):
+    r = client.post("/api/run", json={"batch": 1_000_000, "in_features": 784})
     assert r.status_code == 422
     (error,) = r.json()["detail"]
     assert error["loc"] == ["body", "batch"]
@@ -169,8 +164,8 @@ def test_over_budget_names_field_and_budget(raw_client):
     assert error["ctx"]["estimated_bytes"] > error["ctx"]["budget_bytes"]
 
 
-def test_openapi_shows_the_limits(raw_client):
-    props = raw_client.get("/openapi.json").json()["components"]["schemas"]["RunRequest"]
+def test_openapi_shows_the_limits(client):
+    props = client.get("/openapi.json").json()["components"]["schemas"]["RunRequest"]
     props = props["properties"]
     assert props["seed"]["maximum"] == 2**63 - 1 and props["seed"]["minimum"] == 0
     assert props["hidden"]["maxItems"] == 8
@@ -324,8 +319,8 @@ def test_errors_in_a_run_are_mapped(monkeypatch, error, status):
 # --- strict JSON ----------------------------------------------------------------------------
 
 
-def test_exploding_run_is_strict_json_with_counts_and_warnings(raw_client):
-    r = raw_client.post("/api/run", json={"init_scale": 1e6, "hidden": [50, 50, 50]})
+def test_exploding_run_is_strict_json_with_counts_and_warnings(client):
+    r = client.post("/api/run", json={"init_scale": 1e6, "hidden": [50, 50, 50]})
     assert r.status_code == 200
     body = json.loads(r.text, parse_constant=_refuse_constant)
     assert body["loss"] is None
@@ -338,16 +333,16 @@ def test_exploding_run_is_strict_json_with_counts_and_warnings(raw_client):
     assert body["check"]["all_close"] in (True, False)
 
 
-def test_overflow_response_matches_the_response_schema(raw_client):
+def test_overflow_response_matches_the_response_schema(client):
     body = {"hidden": [50] * 8, "init_scale": 1e6, "batch": 16, "in_features": 8}
-    r = raw_client.post("/api/run", json=body)
+    r = client.post("/api/run", json=body)
     assert r.status_code == 200, r.text[:300]
     assert r.json()["warnings"]  # it did overflow: the nulls below are really exercised
     RunResponse.model_validate(r.json())
 
 
-def test_clean_run_has_no_warnings(raw_client):
-    r = raw_client.post("/api/run", json={"batch": 4, "in_features": 3})
+def test_clean_run_has_no_warnings(client):
+    r = client.post("/api/run", json={"batch": 4, "in_features": 3})
     assert r.status_code == 200
     assert r.json()["warnings"] == []
 
@@ -355,32 +350,32 @@ def test_clean_run_has_no_warnings(raw_client):
 # --- offline docs ---------------------------------------------------------------------------
 
 
-def test_docs_use_only_same_origin_assets(raw_client):
+def test_docs_use_only_same_origin_assets(client):
     import re
 
-    r = raw_client.get("/docs")
+    r = client.get("/docs")
     assert r.status_code == 200
     urls = re.findall(r'(?:src|href)="([^"]+)"', r.text)
     assert len(urls) >= 4  # css, favicon, js bundle, its starter
     for url in urls:
         assert url.startswith("/") and not url.startswith("//"), url
-        asset = raw_client.get(url)
+        asset = client.get(url)
         assert asset.status_code == 200, url
         assert len(asset.content) > 0
-    starter = raw_client.get("/static/js/docs.js").text
+    starter = client.get("/static/js/docs.js").text
     assert 'url: "/openapi.json"' in starter
     assert "validatorUrl: null" in starter  # no badge fetched from validator.swagger.io
-    assert raw_client.get("/docs/assets/../../app/main.py").status_code == 404
+    assert client.get("/docs/assets/../../app/main.py").status_code == 404
 
 
 # --- determinism and shared state -----------------------------------------------------------
 
 
-def test_cached_traces_are_never_mutated(raw_client):
+def test_cached_traces_are_never_mutated(client):
     cfg = RunRequest(batch=8, in_features=5, hidden=[4, 3])
     before = copy.deepcopy(pipeline.trace(cfg))
     for _ in range(2):
-        r = raw_client.post("/api/run", json=cfg.model_dump())
+        r = client.post("/api/run", json=cfg.model_dump())
         assert r.status_code == 200
     assert pipeline.trace(cfg) == before
 

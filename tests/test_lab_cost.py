@@ -128,6 +128,7 @@ print(json.dumps([held, max(peak[0], rss()) - base]))
 @pytest.mark.parametrize(
     "source", [_src(s) for s, _, _ in HIDDEN if "@" in s or "einsum" in s or "t()" in s][:4]
 )
+@pytest.mark.slow
 def test_the_estimate_holds_what_torch_really_allocates(source):
     """Measured, not assumed: the process's peak grows by the copy (36 MB for a stretched
     3000 x 3000), and the dry run's bytes cover it."""

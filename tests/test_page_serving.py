@@ -5,17 +5,10 @@ import re
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+pytestmark = pytest.mark.app_settings(max_body_bytes=4096)
 
 GZIP = {"accept-encoding": "gzip"}
-
-
-@pytest.fixture(scope="module")
-def client():
-    return TestClient(create_app(Settings(max_body_bytes=4096)))
 
 
 def test_runs_are_gzipped_and_timed(client):

@@ -116,6 +116,7 @@ def test_budget_counts_the_chunk_not_the_literal_product():
         },
     ],
 )
+@pytest.mark.slow
 def test_budget_estimate_bounds_what_a_run_allocates(fields):
     """The estimate refuses runs before allocating, so it must be an upper bound of the real
     peak (measured allocation by allocation), and not so loose that it refuses fair runs."""

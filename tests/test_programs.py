@@ -486,6 +486,7 @@ def _run_script(text: str, tmp_path) -> subprocess.CompletedProcess:
     ],
     ids=["makemore", "cs231n", "makemore-wrong-dh"],
 )
+@pytest.mark.slow
 def test_an_exported_program_checks_itself_as_the_server_did(
     client, tmp_path, preset, change, verdict
 ):

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Using Broadprop from your own pytest suite"
 
@@ -23,6 +25,7 @@ def readme_block(heading: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_the_readmes_pytest_suite_passes_as_written(tmp_path):
     (tmp_path / "test_grading.py").write_text(readme_block(SECTION))
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROADPROP_")}

@@ -3,12 +3,16 @@ conforms to the schema (status codes, content types, headers, bodies)."""
 
 from __future__ import annotations
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
 from app.main import create_app
 from app.settings import Settings
+
+# many requests or sockets at once: the slow lane
+pytestmark = pytest.mark.load
 
 # A small memory budget keeps every generated run quick (bigger ones get the budget's 422);
 # a short time limit, every generated training (which stops with "time_limit"). The body limit

@@ -11,15 +11,11 @@ from app.main import create_app
 from app.server.security import HostAllowlist
 from app.settings import Settings
 
+pytestmark = pytest.mark.app_settings(raise_server_exceptions=False)
+
 JSON = {"content-type": "application/json"}
 SMALL = {"batch": 2, "in_features": 3, "hidden": [2]}
 ROUTES = {"/api/run": SMALL, "/api/broadcast": {"a": [2, 1], "b": [3]}}
-
-
-@pytest.fixture(scope="module")
-def client() -> TestClient:
-    with TestClient(create_app(), raise_server_exceptions=False) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +103,7 @@ def test_only_the_test_clients_defaults_are_taken_for_it(kwargs, headers):
         assert "BROADPROP_ALLOWED_HOSTS" in r.json()["detail"]
 
 
+@pytest.mark.load
 def test_no_socket_passes_for_the_test_client():
     """Over a real socket to `python -m app` (uvicorn, whose proxy headers are on for
     127.0.0.1: it turns `X-Forwarded-For: testclient:50000` into that very scope client), a

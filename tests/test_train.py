@@ -7,32 +7,20 @@ import math
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from app.check.autograd import reference_loss
 from app.engine.tensors import make_tensors
 from app.engine.train import SGD, minibatches, split, train
-from app.main import create_app
 from app.schemas import TrainRequest
-from app.settings import Settings
+
+# one torch thread (the machine is shared: threads contend)
+pytestmark = pytest.mark.app_settings(torch_threads=1, max_concurrent_runs=2, queue_wait_s=0.5)
 
 DIGITS = {"data": "digits", "loss": "cross_entropy", "init": "kaiming", "hidden": [16]}
 
 
 def events_of(cfg: TrainRequest, **kw) -> list[tuple[str, dict]]:
     return list(train(cfg, 4 << 20, **kw))
-
-
-@pytest.fixture(scope="module")
-def client():
-    """One torch thread (the machine is shared: threads contend), restored afterwards."""
-    threads = torch.get_num_threads()
-    app = create_app(Settings(torch_threads=1, max_concurrent_runs=2, queue_wait_s=0.5))
-    try:
-        with TestClient(app) as c:
-            yield c
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -174,6 +162,7 @@ def test_an_overflow_is_flagged_and_not_blamed_on_correct_gradients():
 PAGE_MNIST = {"data": "mnist", "init": "kaiming", "loss": "cross_entropy", "hidden": [50]}
 
 
+@pytest.mark.slow
 def test_the_pages_settings_for_mnist_train_to_85_percent_in_the_default_steps():
     cfg = TrainRequest(**PAGE_MNIST)
     assert (cfg.steps, cfg.lr, cfg.train_batch, cfg.out_features) == (500, 0.1, 64, 10)

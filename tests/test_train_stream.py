@@ -13,6 +13,9 @@ import pytest
 
 from tests.servers import LiveServer
 
+# many requests or sockets at once: the slow lane
+pytestmark = pytest.mark.load
+
 # ~100 s of work at least: only a stop ends it within the test's deadline; an event every
 # 200 steps shows it going on
 LONG = {"data": "mnist", "loss": "cross_entropy", "init": "kaiming", "hidden": [64],

@@ -5,19 +5,11 @@ handed out as a link (hidden reference formulas never reach the DOM)."""
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
-from fastapi.testclient import TestClient
 from test_page import assert_clean
-
-from app.main import create_app
 
 NET = "?batch=8&in_features=6&hidden=4"
 CONFIG = {"batch": 8, "in_features": 6, "hidden": [4]}
 REFUSED = r"status of 422"  # the browser logs a refused run; the page shows it at the formula
-
-
-@pytest.fixture(scope="module")
-def api():
-    return TestClient(create_app())
 
 
 def line(page, key: str):
@@ -87,8 +79,8 @@ def test_a_shape_error_shows_at_the_formula_then_the_fix_passes(watched):
 
 
 @pytest.mark.browser
-def test_break_it_applies_a_gallery_bug_and_the_check_and_difference_map_light_up(watched, api):
-    bugs = {b["id"]: b for b in api.get("/api/bugs").json()}
+def test_break_it_applies_a_gallery_bug_and_the_check_and_difference_map_light_up(watched, client):
+    bugs = {b["id"]: b for b in client.get("/api/bugs").json()}
     w = watched
     w.open(NET)
     page = w.page
@@ -119,8 +111,8 @@ def test_break_it_applies_a_gallery_bug_and_the_check_and_difference_map_light_u
 
 
 @pytest.mark.browser
-def test_an_exercise_link_hides_the_reference_and_a_right_answer_passes(watched, api):
-    ref = api.post("/api/run", json=CONFIG).json()
+def test_an_exercise_link_hides_the_reference_and_a_right_answer_passes(watched, client):
+    ref = client.post("/api/run", json=CONFIG).json()
     hidden = {b["grad"]: b for b in ref["backward"] if b["grad"] in ("x", "w1")}
     w = watched
     w.open(f"{NET}&hide=x.g,w1.g")
