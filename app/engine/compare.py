@@ -46,7 +46,7 @@ def compare_strategies(
     leaves = {n: manual[n] for n in tensors if n != "target"}
     rows = {
         strategy: _cost(
-            lambda s=strategy: net.backward(env, Context(s, chunk_bytes, cancel)), leaves
+            lambda s=strategy: net.backward(env, Context(s, chunk_bytes, cancel=cancel)), leaves
         )
         for strategy in STRATEGIES
     }
