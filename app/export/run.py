@@ -36,13 +36,8 @@ from typing import Any
 import nbformat
 import torch
 
-from app.check.autograd import (
-    NOISE_FACTOR,
-    NORM_EPS,
-    RECHECK_MAX_BYTES,
-    REFERENCE_LEAKY_SLOPE,
-    TOLERANCES,
-)
+from app.check.autograd import NOISE_FACTOR, RECHECK_MAX_BYTES, TOLERANCES
+from app.check.reference import NORM_EPS, REFERENCE_LEAKY_SLOPE
 from app.cost.budget import human_bytes
 from app.engine import pipeline
 from app.engine.data import INFO as DATA_INFO
