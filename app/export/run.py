@@ -276,7 +276,6 @@ def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section
         ),
         _forward_section(forward, emitter),
         *_backward_sections(cfg, forward, backward, emitter),
-        *_follow_sections(cfg, forward),
         Section(
             "Autograd",
             "The same network with `torch.nn.functional`: Broadprop's reference functions, "
@@ -284,6 +283,7 @@ def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section
             "(`detach().requires_grad_()`).",
             [*reference_statements(cfg), "", "", *autograd_statements(cfg)],
         ),
+        *_follow_sections(cfg, forward),  # after the reference: xhat is its normalize
         Section(
             "Check",
             "Every manual gradient against autograd's, as Broadprop checks: `allclose` with "
@@ -319,15 +319,9 @@ def _follow_sections(cfg, forward: Sequence[dict[str, Any]]) -> list[Section]:
     at = dict(trail.at)
     lines = []
     if "xhat" in at:  # a norm's xhat, made again for this layer (the forward's is the last's)
-        k, size = op.output.removeprefix("n"), shapes[op.output][-1]
-        l_name = op.inputs[0]
-        if cfg.norm == "layernorm":
-            made = f"F.layer_norm({l_name}, ({size},), eps=1e-5)"
-        else:
-            made = (
-                f"F.batch_norm({l_name}.reshape(-1, {size}), None, None, training=True, "
-                f"eps=1e-5).reshape({l_name}.shape)"
-            )
+        k, l_name = op.output.removeprefix("n"), op.inputs[0]
+        # the reference's normalize without gamma, beta (defined above, in the autograd section)
+        made = f'normalize("{cfg.norm}", {l_name}, None, None)'
         lines.append(f"xhat{k} = {made}  # layer {k}'s normalized input")
         at = {(f"xhat{k}" if n == "xhat" else n): i for n, i in at.items()}
     target = element(request.grad, index)
