@@ -1,7 +1,8 @@
 """The check: every manual gradient against torch.autograd on fresh leaves.
 
-The reference forward pass (app/check/reference.py) is written independently of app.ops, with
-torch.nn.functional, so a mistake in an op's forward cannot hide the same mistake in its check.
+Autograd differentiates the reference forward pass (app/check/reference.py's `forward`), written
+independently of app.ops with torch.nn.functional, so a mistake in an op's forward cannot hide
+the same mistake in its check.
 
 Tolerances (per dtype): an element passes when |manual - autograd| <= atol + rtol * |autograd|
 with atol = atol_scale * max|autograd|. The absolute part scales with the gradient, so tiny
@@ -16,10 +17,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 from app.check import reference
-from app.check.reference import NORM_EPS, REFERENCE_LEAKY_SLOPE  # noqa: F401  (the check's constants)
 from app.ops.base import split_variant
 
-activation_reference = reference.activation
 NOISE_FACTOR = 4  # a gradient may differ from autograd by 4x their rounding errors together
 COMPARE_CHUNK = 1 << 20  # elements per comparison pass
 
@@ -34,30 +33,17 @@ TOLERANCES = {
 def reference_loss(
     cfg, leaves: Mapping[str, torch.Tensor], keep: dict[str, torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """The loss, computed with torch's own ops so autograd can differentiate it.
+    """The reference loss (app/check/reference.py), for autograd to differentiate.
 
-    With `keep`, the pre-norm linear outputs `l{k}` and `out` are stored there with
-    `retain_grad()`, so their gradients can be checked too."""
-    n_layers = len(cfg.hidden) + 1
-    a = leaves["x"]
-    for k in range(1, n_layers + 1):
-        z = reference.linear(a, leaves[f"w{k}"], leaves[f"b{k}"])
-        _keep(keep, "out" if k == n_layers else f"l{k}", z)
-        if k == n_layers:
-            break
-        z = reference.normalize(cfg.norm, z, leaves.get(f"gamma{k}"), leaves.get(f"beta{k}"))
-        if cfg.norm != "none":
-            _keep(keep, f"n{k}", z)
-        a = reference.activation(cfg.activation, z)
-        _keep(keep, f"a{k}", a)
-    return reference.loss(cfg, z, leaves["target"])
-
-
-def _keep(keep: dict[str, torch.Tensor] | None, name: str, t: torch.Tensor) -> None:
-    """Keep an intermediate (retain_grad) so its gradient can be checked by name."""
-    if keep is not None and t.requires_grad:
-        t.retain_grad()
-        keep[name] = t
+    With `keep`, the intermediates `out`, `l{k}`, `n{k}`, `a{k}` that need a gradient are
+    stored there with `retain_grad()`, so their gradients can be checked too."""
+    stages: dict[str, torch.Tensor] | None = {} if keep is not None else None
+    loss = reference.forward(cfg, leaves, stages)
+    for name, t in (stages or {}).items():
+        if t.requires_grad:
+            t.retain_grad()
+            keep[name] = t
+    return loss
 
 
 def autograd_gradients(

@@ -4,8 +4,8 @@ with autograd it shares the reference forward (app/check/reference.py) and the c
 rules (app/check/autograd.py), not the differentiation: it evaluates losses, never a backward.
 
 The reference network (app/check/reference.py, the autograd check's too) runs here in float64 on
-(rows, features) views, stage by stage, so that a perturbed entry re-runs only the layers
-after it (see `_FDNet`).
+(rows, features) views, from the stage a perturbed entry first reaches (`forward_from`), so
+that it re-runs only the layers after it (see `_FDNet`).
 """
 
 from __future__ import annotations
@@ -52,41 +52,30 @@ class _FDNet:
             self.target = target.detach().to(torch.float64).reshape(p["x"].shape[0], -1)
             self.count = target.numel()
         self.p = p
-        self.a, self.l, self.xhat = {0: p["x"]}, {}, {}  # the unperturbed pass, per stage
-        self.n: dict[int, torch.Tensor] = {}  # normalized l{k}, made when first needed
-        for k in range(1, self.L + 1):
-            self.l[k] = reference.linear(self.a[k - 1], p[f"w{k}"], p[f"b{k}"])
-            if k < self.L:
-                if self.norm != "none":
-                    ones, zeros = torch.ones_like(p[f"b{k}"]), torch.zeros_like(p[f"b{k}"])
-                    self.xhat[k] = reference.normalize(self.norm, self.l[k], ones, zeros)
-                self.a[k] = reference.activation(cfg.activation, self._norm(k, self.l[k]))
-
-    def _norm(self, k: int, z: torch.Tensor) -> torch.Tensor:
-        if self.norm == "none":
-            return z
-        return reference.normalize(self.norm, z, self.p[f"gamma{k}"], self.p[f"beta{k}"])
+        # the unperturbed pass, per stage: l{k} (out as l{L}), n{k} (with a norm), a{k}
+        stages: dict[str, torch.Tensor] = {}
+        reference.forward(cfg, {**p, "target": self.target}, stages)
+        self.a = {0: p["x"], **{k: stages[f"a{k}"] for k in range(1, self.L)}}
+        self.l = {**{k: stages[f"l{k}"] for k in range(1, self.L)}, self.L: stages["out"]}
+        self.n = {k: stages[f"n{k}"] for k in range(1, self.L) if self.norm != "none"}
+        self.xhat = {}  # l{k} normalized without gamma, beta: what gamma{k}[j] scales
+        for k in self.n:
+            ones, zeros = torch.ones_like(p[f"b{k}"]), torch.zeros_like(p[f"b{k}"])
+            self.xhat[k] = reference.normalize(self.norm, self.l[k], ones, zeros)
 
     def tail(
         self, k: int, z: torch.Tensor, normed: bool, rows: slice
     ) -> tuple[float, list[torch.Tensor]]:
         """Loss summed over `rows` / the loss's count, from layer k's `z` (l{k}, or its
         normalized value when `normed`), and the sign masks of every kinked pre-activation."""
+        stages: dict[str, torch.Tensor] = {}
+        leaves = {**self.p, "target": self.target[rows]}
+        total = reference.forward_from(self.cfg, leaves, k, z, stages, normed, reduction="sum")
         masks = []
-        while True:
-            if k == self.L:
-                return self._loss(z, rows), masks
-            if not normed:
-                z = self._norm(k, z)
-            if self.kinked:
-                masks.append(z > 0)
-            a = reference.activation(self.cfg.activation, z)
-            k, normed = k + 1, False
-            z = reference.linear(a, self.p[f"w{k}"], self.p[f"b{k}"])
-
-    def _loss(self, out: torch.Tensor, rows: slice) -> float:
-        total = reference.loss(self.cfg, out, self.target[rows], reduction="sum")
-        return total.item() / self.count
+        if self.kinked:  # the activation's input: n{j} with a norm, l{j} without
+            kind = "l" if self.norm == "none" else "n"
+            masks = [stages[f"{kind}{j}"] > 0 for j in range(k, self.L)]
+        return total.item() / self.count, masks
 
     def perturbed(self, name: str, index: int, h: float):
         """How one entry's +-h reaches its first stage: (k, add(z, sign), normed, rows)."""
@@ -137,8 +126,6 @@ class _FDNet:
 
     def _central(self, name: str, index: int, h: float) -> tuple[float, float] | None:
         k, add, normed, rows = self.perturbed(name, index, h)
-        if normed and k not in self.n:
-            self.n[k] = self._norm(k, self.l[k])
         base = self.n[k] if normed else self.l[k]
         plus, plus_masks = self.tail(k, add(base, 1), normed, rows)
         minus, minus_masks = self.tail(k, add(base, -1), normed, rows)

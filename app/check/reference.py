@@ -2,13 +2,14 @@
 functions (torch.nn.functional), independently of app.ops, so that a mistake in an op's
 forward cannot hide the same mistake in its checks.
 
-Both witnesses use it: the autograd check (app/check/autograd.py) differentiates it on the run's
-tensors, and the finite differences (app/check/fd.py) evaluate it in float64, stage by stage.
+Every witness uses this one copy: the autograd check (app/check/autograd.py) differentiates
+`forward` on fresh leaves, the finite differences (app/check/fd.py) evaluate it in float64
+from any stage (`forward_from`), and the exported file (app/export/) carries these functions'
+own source. Annotations name only builtins and torch, so the source runs as it is in a file
+that imports torch alone.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ def normalize(norm: str, z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tenso
     if norm == "layernorm":
         return F.layer_norm(z, z.shape[-1:], gamma, beta, NORM_EPS)
     if norm == "batchnorm":
-        flat = z.reshape(-1, z.shape[-1])
+        flat = z.reshape(-1, z.shape[-1])  # (rows, h): every leading position is a row
         flat = F.batch_norm(flat, None, None, gamma, beta, True, 0.0, NORM_EPS)
         return flat.reshape(z.shape)
     return z
@@ -48,9 +49,10 @@ def activation(name: str, z: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def loss(cfg, out: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def loss_of(cfg, out: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """mse against the target (a (*B,) target beside a (*B, 1) output: the output squeezed),
-    or cross-entropy over every leading position."""
+    or cross-entropy over every leading position. (Not `loss`: a file that carries this
+    source has a tensor of that name.)"""
     if cfg.loss == "mse":
         if cfg.out_features == 1 and out.shape != target.shape:
             out = out.squeeze(-1)
@@ -58,7 +60,42 @@ def loss(cfg, out: torch.Tensor, target: torch.Tensor, reduction: str = "mean") 
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), reduction=reduction)
 
 
-def hidden(cfg, k: int, z: torch.Tensor, leaves: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Hidden layer k after its linear output z = l{k}: the norm, then the activation."""
-    gamma, beta = leaves.get(f"gamma{k}"), leaves.get(f"beta{k}")
-    return activation(cfg.activation, normalize(cfg.norm, z, gamma, beta))
+def forward(
+    cfg, leaves: dict[str, torch.Tensor], stages: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The loss of the contract's network on `leaves` (x, target, and w{k}, b{k}, gamma{k},
+    beta{k} by name). With `stages`, every intermediate goes there by name as it is made:
+    l{k}, n{k} (with a norm), a{k} and out."""
+    l1 = linear(leaves["x"], leaves["w1"], leaves["b1"])
+    return forward_from(cfg, leaves, 1, l1, stages)
+
+
+def forward_from(
+    cfg,
+    leaves: dict[str, torch.Tensor],
+    k: int,
+    z: torch.Tensor,
+    stages: dict[str, torch.Tensor] | None = None,
+    normed: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The loss from layer k on: `z` is its linear output l{k}, or with `normed` its
+    normalized n{k}. Each hidden layer is linear -> norm -> activation; the last, linear."""
+    n_layers = len(cfg.hidden) + 1
+    while k < n_layers:
+        if not normed:
+            _stage(stages, f"l{k}", z)
+            z = normalize(cfg.norm, z, leaves.get(f"gamma{k}"), leaves.get(f"beta{k}"))
+        if cfg.norm != "none":
+            _stage(stages, f"n{k}", z)
+        a = _stage(stages, f"a{k}", activation(cfg.activation, z))
+        k, normed = k + 1, False
+        z = linear(a, leaves[f"w{k}"], leaves[f"b{k}"])
+    _stage(stages, "out", z)
+    return loss_of(cfg, z, leaves["target"], reduction)
+
+
+def _stage(stages: dict[str, torch.Tensor] | None, name: str, t: torch.Tensor) -> torch.Tensor:
+    if stages is not None:
+        stages[name] = t
+    return t
