@@ -17,6 +17,7 @@ import torch
 
 from app.check import reference
 from app.check.reference import NORM_EPS, REFERENCE_LEAKY_SLOPE  # noqa: F401  (the check's constants)
+from app.cost.plan import RECHECK_MAX_BYTES, gets_recheck  # noqa: F401  (the one recheck rule)
 from app.ops.base import split_variant
 
 activation_reference = reference.activation
@@ -151,7 +152,6 @@ def autograd_check(
     return check_against(cfg, manual, reference, inter)
 
 
-RECHECK_MAX_BYTES = 64 << 20  # runs whose inputs and gradients fit in this get the recheck
 
 
 def cast_floats(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict:
@@ -186,7 +186,7 @@ def recheck_rounding(
     if all(c["allclose"] for section in sections for c in section.values()):
         return check
     held = [*tensors.values(), *manual.values()]
-    if sum(t.numel() * t.element_size() for t in held) > RECHECK_MAX_BYTES:
+    if not gets_recheck(sum(t.numel() * t.element_size() for t in held)):
         return check
     other = torch.float64 if tensors["x"].dtype == torch.float32 else torch.float32
     inter_other: dict[str, torch.Tensor] = {}
