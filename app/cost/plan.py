@@ -37,6 +37,7 @@ class RunPlan:
     inputs: int  # bytes of x, target and the parameters (an integer target at 8)
     activations: int  # bytes of every forward output
     float_inputs: int  # bytes of the inputs that get a gradient (all but the target)
+    held: int  # bytes of the tensors and the manual gradients: what gets_recheck weighs
     recheck: bool  # a failing check reruns both sides in the other precision
     fd_rerun: bool  # a float32 run with fd_samples reruns the manual formulas in float64
 
@@ -70,7 +71,9 @@ def plan(cfg, traces: Traces | None = None) -> RunPlan:
     inputs = sum(math.prod(s.shape) * (8 if s.integer else itemsize) for s in specs)
     float_inputs = sum(math.prod(s.shape) * itemsize for s in specs if s.role != "target")
     activations = sum(math.prod(entry["shape"]) * itemsize for entry in forward)
-    held = inputs + float_inputs + activations  # the check weighs the tensors and gradients
+    # the check weighs the run's tensors and its manual gradients (every one but the loss's)
+    loss = sum(math.prod(e["shape"]) * itemsize for e in forward if e["output"] == "loss")
+    held = inputs + float_inputs + activations - loss
     return RunPlan(
         cfg=cfg,
         forward=forward,
@@ -80,6 +83,7 @@ def plan(cfg, traces: Traces | None = None) -> RunPlan:
         inputs=inputs,
         activations=activations,
         float_inputs=float_inputs,
+        held=held,
         recheck=gets_recheck(held),
         fd_rerun=cfg.fd_samples > 0 and itemsize == 4,
     )
