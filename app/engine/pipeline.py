@@ -17,6 +17,7 @@ from app.check.autograd import (
 )
 from app.check.fd import finite_difference_check
 from app.cost import budget
+from app.cost.plan import plan
 from app.engine import data
 from app.engine.compare import compare_strategies
 from app.engine.network import Network
@@ -45,8 +46,8 @@ def learner_formulas(cfg, net: Network) -> dict[str, LearnerFormula]:
 
 
 def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
-    forward, backward = trace(cfg)
-    return budget.estimate(cfg, forward, backward, chunk_bytes)
+    """A run's peak bytes, estimated from its plan (app/cost/plan.py, app/cost/budget.py)."""
+    return budget.estimate(plan(cfg), chunk_bytes)
 
 
 def run(cfg, chunk_bytes: int, cancel=None, traces: Traces | None = None) -> dict[str, Any]:
@@ -92,7 +93,7 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
     ctx.check()
     check = mark_suspects(check, grads, builtin, reference, inter)
     builtin = None  # freed before the finite differences
-    if cfg.fd_samples > 0:  # cost bounded before the run (budget.refuse_too_much_work)
+    if cfg.fd_samples > 0:  # cost bounded before the run (admission.refuse_too_much_work)
         noise = {n: c.get("rounding_noise", 0.0) for n, c in check["tensors"].items()}
         if tensors["x"].dtype == torch.float32:
             # float64 differences judge a float32 gradient: measure its own rounding (the
