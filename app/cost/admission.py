@@ -292,13 +292,13 @@ def admit_program(request: ProgramRequest, settings) -> programs.Plan:
     """The dry run on meta tensors: a 422 at the line for anything refused. An accepted
     program's plan is kept (the page posts the same program again as its views change)."""
     try:
-        return _admitted(request.model_dump_json(), settings.memory_budget_bytes)
+        return _program_plan(request.model_dump_json(), settings.memory_budget_bytes)
     except programs.ProgramRefused as err:
         refuse_program(err)
 
 
 @lru_cache(maxsize=64)  # a plan holds its program's trace: shapes and steps, tens of KB
-def _admitted(body: str, memory_budget: int) -> programs.Plan:
+def _program_plan(body: str, memory_budget: int) -> programs.Plan:
     request = ProgramRequest.model_validate_json(body)
     return programs.admit(request, memory_budget, WORK_LIMIT_S)
 
