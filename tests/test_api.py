@@ -9,7 +9,7 @@ import pytest
 import torch
 from fastapi.exceptions import RequestValidationError
 
-from app.api.run import check_budget
+from app.cost.admission import admit
 from app.engine.memory import PeakMemory
 from app.schemas import RunRequest
 from app.settings import Settings
@@ -175,7 +175,7 @@ def test_over_the_memory_budget_is_refused_before_allocating(client, body, field
     # the refusal itself, in this thread (TestClient runs the app in another one, out of
     # PeakMemory's sight): shapes only, not one byte of tensor storage allocated
     with PeakMemory() as memory, pytest.raises(RequestValidationError) as refused:
-        check_budget(RunRequest(**body), Settings())
+        admit(RunRequest(**body), Settings())
     assert memory.peak_bytes == 0
     assert refused.value.errors()[0]["loc"] == ("body", field)
 
@@ -222,7 +222,7 @@ def test_a_batch_over_the_budget_says_how_many_rows_fit_and_names_the_widths():
 
     settings = Settings()
     with pytest.raises(RequestValidationError) as refused:
-        check_budget(RunRequest(hidden=[4096, 4096]), settings)
+        admit(RunRequest(hidden=[4096, 4096]), settings)
     error = refused.value.errors()[0]
     assert error["loc"] == ("body", "batch") and error["type"] == "memory_budget"
     found = re.search(r"reduce batch to about (\d+) rows or fewer, or hidden", error["msg"])
@@ -232,7 +232,7 @@ def test_a_batch_over_the_budget_says_how_many_rows_fit_and_names_the_widths():
 
     def over_budget(batch: int) -> bool:
         try:
-            check_budget(RunRequest(hidden=[4096, 4096], batch=batch), settings)
+            admit(RunRequest(hidden=[4096, 4096], batch=batch), settings)
         except RequestValidationError as e:
             return e.errors()[0]["type"] == "memory_budget"
         return False

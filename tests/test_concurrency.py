@@ -78,7 +78,7 @@ def test_only_the_limiters_503_passes_for_busy(client, monkeypatch):
 
     for error in (KeyError("w9"), MemoryError()):
 
-        def failing(cfg, chunk_bytes, cancel=None, error=error):
+        def failing(cfg, chunk_bytes, cancel=None, traces=None, error=error):
             raise error
 
         monkeypatch.setattr(pipeline, "run", failing)

@@ -10,8 +10,7 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 
-from app.api import run as run_route
-from app.cost import work
+from app.cost import admission, work
 from app.main import create_app
 from app.schemas import RunRequest
 from app.server import limits
@@ -46,15 +45,15 @@ def test_the_dry_run_is_costed_by_its_length_before_it_starts():
 
 @pytest.fixture
 def threads_of_check(monkeypatch):
-    """The name of the thread each check_budget ran on."""
+    """The name of the thread each admission ran on."""
     names: list[str] = []
-    real = run_route.check_budget
+    real = admission.admit
 
     def spy(cfg, settings):
         names.append(threading.current_thread().name)
         return real(cfg, settings)
 
-    monkeypatch.setattr(run_route, "check_budget", spy)
+    monkeypatch.setattr(admission, "admit", spy)
     return names
 
 
@@ -200,7 +199,7 @@ ISSUE_WIDE = {"batch": 2, "in_features": 128, "hidden": [4096, 4096], "out_featu
 def test_the_issues_wide_compare_config_is_refused_naming_compare():
     from fastapi.exceptions import RequestValidationError
 
-    from app.cost.budget import refuse_too_much_work
+    from app.cost.admission import refuse_too_much_work
 
     estimate = work.estimate(RunRequest(**ISSUE_WIDE), 4 << 20)
     # drawing its 30 M weights counts, and w.g's whole outer products in every pass

@@ -253,7 +253,7 @@ class Blocker:
         self.started = threading.Semaphore(0)
         self.release = threading.Event()
 
-    def __call__(self, cfg, chunk_bytes, cancel=None):
+    def __call__(self, cfg, chunk_bytes, cancel=None, traces=None):
         self.started.release()
         assert self.release.wait(10)
         return {"loss": 0.0, "gradients": {}}
@@ -304,7 +304,7 @@ def test_errors_in_a_run_are_mapped(monkeypatch, error, status):
     """Out of memory is busy (503); any other error in the engine is our own bug: a 500 (not
     a 422 at the body, which would blame the client), without its traceback."""
 
-    def failing(cfg, chunk_bytes, cancel=None):
+    def failing(cfg, chunk_bytes, cancel=None, traces=None):
         raise error
 
     monkeypatch.setattr(pipeline, "run", failing)

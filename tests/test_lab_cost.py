@@ -13,8 +13,9 @@ import pytest
 import torch
 from fastapi.exceptions import RequestValidationError
 
-from app.api.run import check_budget
-from app.cost import budget, work
+from app.cost import admission, work
+from app.cost.admission import admit
+from app.cost.plan import plan
 from app.engine import pipeline
 from app.lab.evaluator import evaluate, parse
 from app.lab.formulas import formula_cost
@@ -151,10 +152,11 @@ def test_the_rerun_counts_its_float64_bytes_against_the_budget():
     cfg = RunRequest(**SMALL, formulas={"x.g": "(x.unsqueeze(-1) * w1).sum(-1) * 0 + l1.g @ w1.T"})
     _, backward = pipeline.trace(cfg)
     (entry,) = [e for e in backward if e.get("source") == "user"]
-    assert budget.formula_passes(cfg) == 2  # small: the recheck may rerun it
-    budget.refuse_formula_cost(cfg, backward, 2 * entry["bytes"])  # float64 fits
+    run = plan(cfg)
+    assert run.formula_passes == 2  # small: the recheck may rerun it
+    admission.refuse_formula_cost(run, 2 * entry["bytes"])  # float64 fits
     with pytest.raises(RequestValidationError) as refused:
-        budget.refuse_formula_cost(cfg, backward, 2 * entry["bytes"] - 1)
+        admission.refuse_formula_cost(run, 2 * entry["bytes"] - 1)
     assert "float64" in refused.value.errors()[0]["msg"]
 
 
@@ -182,7 +184,7 @@ ACCEPTED = [
 def test_matmul_and_einsum_formulas_are_costed_by_their_flops(config, formulas):
     """The issue's three: no broadcast intermediate, so no refusal (decided from shapes)."""
     cfg = RunRequest(**config, formulas=formulas)
-    seconds, _ = check_budget(cfg, Settings())
+    seconds = admit(cfg, Settings()).seconds
     assert seconds <= work.WORK_LIMIT_S
     # the formulas' share is about what the same matmuls cost as a built-in strategy
     flops = work.formula_flops(cfg)

@@ -82,7 +82,7 @@ def test_a_formula_that_fails_only_on_the_numbers_is_a_422_at_its_key(client, so
 def test_our_own_bug_is_a_500_without_a_traceback(monkeypatch, client, error):
     """Not a 422 (the client did nothing wrong), not a 503 (retrying cannot help)."""
 
-    def failing(cfg, chunk_bytes, cancel=None):
+    def failing(cfg, chunk_bytes, cancel=None, traces=None):
         raise error
 
     monkeypatch.setattr(pipeline, "run", failing)
@@ -114,7 +114,7 @@ def test_a_500_keeps_the_connection(monkeypatch, live_app):
     """The bug stops at the app: the server neither logs it again nor closes the socket, so
     the next request goes out on the same connection."""
 
-    def failing(cfg, chunk_bytes, cancel=None):
+    def failing(cfg, chunk_bytes, cancel=None, traces=None):
         return {}["w9"]
 
     monkeypatch.setattr(pipeline, "run", failing)

@@ -165,7 +165,7 @@ def test_a_stopped_run_is_a_422_naming_the_deadline_or_a_503_when_the_machine_is
     app = create_app(Settings(run_deadline_s=0.1))
     for run, status in ((burning_run, 422), (polling_run, 503)):
 
-        def slow(cfg, chunk_bytes, cancel, run=run):
+        def slow(cfg, chunk_bytes, cancel, traces=None, run=run):
             run(cancel, threading.Event())
 
         monkeypatch.setattr(pipeline, "run", slow)
@@ -234,7 +234,7 @@ def test_the_work_model_counts_every_pass():
 def test_the_issues_slow_runs_are_refused():
     from fastapi.exceptions import RequestValidationError
 
-    from app.api.run import check_budget
+    from app.cost.admission import admit
 
     for fields in (
         {
@@ -247,7 +247,7 @@ def test_the_issues_slow_runs_are_refused():
         {"in_features": 4096, "hidden": [4096], "batch": 74},
     ):
         with pytest.raises(RequestValidationError):
-            check_budget(RunRequest(**fields), Settings())
+            admit(RunRequest(**fields), Settings())
 
 
 # --- memory ------------------------------------------------------------------------------

@@ -153,11 +153,11 @@ def test_runs_that_would_hold_a_slot_for_minutes_are_refused(fields, field):
     """Within the memory budget but not the work limits: a 422 naming what to change."""
     from fastapi.exceptions import RequestValidationError
 
-    from app.api.run import check_budget
+    from app.cost.admission import admit
     from app.settings import Settings
 
     with pytest.raises(RequestValidationError) as refused:
-        check_budget(RunRequest(**fields), Settings())
+        admit(RunRequest(**fields), Settings())
     detail = refused.value.errors()[0]
     assert detail["loc"] == ("body", field)
     assert "over the limit" in detail["msg"]
@@ -173,7 +173,7 @@ def test_runs_that_would_hold_a_slot_for_minutes_are_refused(fields, field):
     ],
 )
 def test_the_contracts_sizes_stay_within_the_work_limits(fields):
-    from app.api.run import check_budget
+    from app.cost.admission import admit
     from app.settings import Settings
 
-    check_budget(RunRequest(**fields), Settings())  # raises if refused
+    admit(RunRequest(**fields), Settings())  # raises if refused

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import gc
 
-from app.engine import pipeline
-from app.engine.pipeline import TraceCache
+from app.engine import pipeline, traces
+from app.engine.traces import TraceCache
 from app.schemas import RunRequest
 from app.server import limits
 
@@ -42,8 +42,8 @@ def test_each_get_gives_fresh_objects_and_the_cache_holds_only_bytes():
     assert first == second and first is not second
     second[1][0]["code"] = "changed"
     assert pipeline.trace(cfg) == first
-    assert pipeline._traces.bytes <= pipeline.TRACE_CACHE_BYTES
-    held = list(pipeline._traces._items.values())
+    assert traces._traces.bytes <= traces.TRACE_CACHE_BYTES
+    held = list(traces._traces._items.values())
     assert held and all(isinstance(b, bytes) and not gc.is_tracked(b) for b in held)
 
 

@@ -5,13 +5,13 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from app.api.run import checked_budget
+from app.api.responses import VALIDATION_ERROR
+from app.cost import admission
 from app.export import run as export
 from app.schemas import ErrorMessage, ExportRequest
 from app.settings import Settings
 
 router = APIRouter(tags=["export"])
-VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"
 
 
 @router.post(
@@ -49,7 +49,7 @@ async def export_run(http: Request, request: ExportRequest | None = None) -> Res
     if request.program is not None:
         return await export_program_body(request.program, request.format, settings)
     try:  # what the run would refuse (formulas dry-run on meta tensors: nothing allocated)
-        await checked_budget(http, request.config)
+        await admission.admitted(http, request.config)
     except RequestValidationError as exc:
         errors = [{**e, "loc": ("body", "config", *e["loc"][1:])} for e in exc.errors()]
         raise RequestValidationError(errors) from None
@@ -67,7 +67,6 @@ async def export_program_body(body: dict, fmt: str, settings: Settings) -> Respo
     """A program's file; its body validated as POST /api/program's, errors under "program"."""
     from pydantic import ValidationError
 
-    from app.api.program import admit
     from app.export import program as program_export
     from app.programs.schemas import ProgramRequest
 
@@ -77,7 +76,7 @@ async def export_program_body(body: dict, fmt: str, settings: Settings) -> Respo
         errors = [{**e, "loc": ("body", "program", *e["loc"])} for e in exc.errors()]
         raise RequestValidationError(errors) from None
     try:
-        plan = await anyio.to_thread.run_sync(admit, program, settings)
+        plan = await anyio.to_thread.run_sync(admission.admit_program, program, settings)
     except RequestValidationError as exc:
         errors = [{**e, "loc": ("body", "program", *e["loc"][1:])} for e in exc.errors()]
         raise RequestValidationError(errors) from None

@@ -7,22 +7,16 @@ import functools
 import math
 import threading
 from collections.abc import AsyncIterator
-from functools import lru_cache
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from app.api.responses import StrictJSONResponse
-from app.api.run import VALIDATION_ERROR
-from app.api.streaming import iterate_in_slices
-from app.api.train import JSON_ERROR
-from app.api.train import _event as event
-from app.cost.work import WORK_LIMIT_S
+from app.api.responses import JSON_ERROR, VALIDATION_ERROR, StrictJSONResponse
+from app.api.streaming import event, iterate_in_slices
+from app.cost.admission import admit_program, admit_program_watched, refuse_program
 from app.lab.statements import ProgramError
-from app.ops.base import cancel_token
 from app.programs import presets
 from app.programs import run as programs
 from app.programs import train as training
@@ -61,11 +55,11 @@ DRY_RUN_INLINE_CHARS = 1500  # shorter programs (an exercise's few lines) dry-ru
 async def program(http: Request, request: ProgramRequest) -> StrictJSONResponse:
     settings: Settings = http.app.state.settings
     if len(request.forward) + len(request.backward) <= DRY_RUN_INLINE_CHARS:
-        plan = await anyio.to_thread.run_sync(admit, request, settings)
+        plan = await anyio.to_thread.run_sync(admit_program, request, settings)
     else:  # a long program's dry run takes the dry-run lane, under the run deadline
         watch = CancelToken()
         plan = await http.app.state.limiter.dry_run(
-            _admit_watched, request, settings, watch, cancel=watch, receive=http.receive
+            admit_program_watched, request, settings, watch, cancel=watch, receive=http.receive
         )
     cancel = CancelToken()
     return await http.app.state.limiter.run(
@@ -80,47 +74,11 @@ async def program(http: Request, request: ProgramRequest) -> StrictJSONResponse:
     )
 
 
-def admit(request: ProgramRequest, settings: Settings) -> programs.Plan:
-    """The dry run on meta tensors: a 422 at the line for anything refused. An accepted
-    program's plan is kept (the page posts the same program again as its views change)."""
-    try:
-        return _admitted(request.model_dump_json(), settings.memory_budget_bytes)
-    except programs.ProgramRefused as err:
-        refuse(err)
-
-
-@lru_cache(maxsize=64)  # a plan holds its program's trace: shapes and steps, tens of KB
-def _admitted(body: str, memory_budget: int) -> programs.Plan:
-    request = ProgramRequest.model_validate_json(body)
-    return programs.admit(request, memory_budget, WORK_LIMIT_S)
-
-
-def _admit_watched(
-    request: ProgramRequest, settings: Settings, cancel: CancelToken
-) -> programs.Plan:
-    with cancel_token(cancel):  # the dry run polls it between statements
-        return admit(request, settings)
-
-
-def refuse(err: programs.ProgramRefused) -> None:
-    raise RequestValidationError(
-        [
-            {
-                "type": f"program_{err.kind}",
-                "loc": ("body", err.which, err.line),
-                "msg": str(err),
-                "input": None,
-                "ctx": {"kind": err.kind, "line": err.line, **err.ctx},
-            }
-        ]
-    )
-
-
 def _execute(request: ProgramRequest, plan: programs.Plan, cancel: CancelToken):
     try:
         return StrictJSONResponse(programs.run(request, plan, cancel))
     except ProgramError as err:  # the forward failed on real data (an index out of range)
-        refuse(programs.ProgramRefused("forward", err.line, str(err), err.kind))
+        refuse_program(programs.ProgramRefused("forward", err.line, str(err), err.kind))
 
 
 @router.get(
@@ -143,7 +101,7 @@ def prepare(request: ProgramTrainRequest, settings: Settings) -> training.Setup:
         seed=request.seed,
         eval_every=request.eval_every,
         report_every=request.report_every,
-        admit=lambda req: admit(req, settings),
+        admit=lambda req: admit_program(req, settings),
     )
 
 

@@ -1,21 +1,18 @@
 """POST /api/run: forward pass, manual broadcasting backward pass, check against autograd."""
 
-import anyio
 from fastapi import APIRouter, Request
 
-from app.api.responses import StrictJSONResponse
-from app.cost import budget, work
-from app.engine import network, pipeline
+from app.api.responses import VALIDATION_ERROR, StrictJSONResponse
+from app.cost import admission
+from app.engine import pipeline
+from app.engine.pipeline import Traces
 from app.lab import formulas
 from app.lab.evaluator import FormulaError
-from app.lab.formulas import UnknownGradient
 from app.schemas import ErrorMessage, RunRequest, RunResponse
 from app.server.limits import CancelToken, guarded
 from app.settings import Settings
-from app.views import follow
 
 router = APIRouter(tags=["run"])
-VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"  # FastAPI's own 422 body
 
 
 @router.post(
@@ -44,8 +41,7 @@ VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"  # FastAPI's own 4
 )
 async def run(http: Request, request: RunRequest) -> StrictJSONResponse:
     settings: Settings = http.app.state.settings
-    # refused before waiting for a run slot
-    seconds, nbytes = await checked_budget(http, request)
+    admitted = await admission.admitted(http, request)  # refused before waiting for a slot
     cancel = CancelToken()
     execute = guarded(_execute, settings)
     return await http.app.state.limiter.run(
@@ -53,57 +49,20 @@ async def run(http: Request, request: RunRequest) -> StrictJSONResponse:
         request,
         settings.chunk_bytes,
         cancel,
-        work_s=seconds,
+        admitted.traces,
+        work_s=admitted.seconds,
         cancel=cancel,
         receive=http.receive,
-        memory_bytes=nbytes,
+        memory_bytes=admitted.bytes,
     )
 
 
-async def checked_budget(http: Request, cfg: RunRequest) -> tuple[float, int]:
-    """`check_budget`, off the event loop. Shapes only: cheap, on any thread; but a long dry
-    run of the learner's formulas (estimated from their length: `work.dry_run_s`) takes the
-    dry-run lane's one slot, with the run deadline, and steps aside for the runs in flight
-    between two formulas (app/server/limits.py, RunLimiter.pacer)."""
-    settings: Settings = http.app.state.settings
-    if work.dry_run_s(cfg) <= work.DRY_RUN_INLINE_S:
-        return await anyio.to_thread.run_sync(check_budget, cfg, settings)
-    limiter = http.app.state.limiter
-    cancel = CancelToken()
-    pacing = network.PACE.set(limiter.pacer(cancel))  # copied into the lane's job
-    try:
-        return await limiter.dry_run(
-            check_budget, cfg, settings, cancel=cancel, receive=http.receive
-        )
-    finally:
-        network.PACE.reset(pacing)
-
-
-def check_budget(cfg: RunRequest, settings: Settings) -> tuple[float, int]:
-    """422 naming the field and the limit when the run would not fit in memory or would hold
-    a run slot for too long (decided from shapes: nothing allocated). The learner's formulas
-    are dry-run here, on meta tensors. Returns the estimated seconds (without the rounding
-    recheck, which only a failing check runs: they choose the run's lane) and bytes."""
-    try:
-        _, backward = pipeline.trace(cfg)
-    except (FormulaError, UnknownGradient) as err:
-        formulas.refuse(err, cfg.formulas)
-    follow.refuse(cfg, backward)
-    budget.refuse_formula_cost(cfg, backward, settings.memory_budget_bytes)
-    estimate = pipeline.estimate(cfg, settings.chunk_bytes)
-    if estimate.total > settings.memory_budget_bytes:
-        one_row = cfg.model_copy(update={"batch": 1})
-        per_row = pipeline.estimate(one_row, settings.chunk_bytes)
-        budget.refuse_over_budget(cfg, estimate, per_row, settings.memory_budget_bytes)
-    budget.refuse_too_much_work(cfg, settings.chunk_bytes)
-    seconds = work.estimate(cfg, settings.chunk_bytes)
-    return seconds.total - seconds.recheck, estimate.total
-
-
-def _execute(cfg: RunRequest, chunk_bytes: int, cancel: CancelToken) -> StrictJSONResponse:
+def _execute(
+    cfg: RunRequest, chunk_bytes: int, cancel: CancelToken, traces: Traces
+) -> StrictJSONResponse:
     """The run and its JSON rendering, both in the worker thread. A formula that passed the
     dry run and fails on the real numbers (`F.one_hot(-target, 3)`) is a 422 at its key."""
     try:
-        return StrictJSONResponse(pipeline.run(cfg, chunk_bytes, cancel))
+        return StrictJSONResponse(pipeline.run(cfg, chunk_bytes, cancel, traces))
     except FormulaError as err:
         formulas.refuse(err, cfg.formulas)

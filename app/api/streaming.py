@@ -18,6 +18,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 import anyio
+import orjson
+from fastapi.sse import ServerSentEvent
 
 from app.server.limits import Lane
 
@@ -58,3 +60,11 @@ async def iterate_in_slices(
             return
         if item is not _PAUSE:
             yield item  # type: ignore[misc]
+
+
+def event(kind: str, payload: dict) -> ServerSentEvent:
+    """One server-sent event of a training stream."""
+    # orjson: numpy arrays natively, NaN and Infinity as null (strict JSON)
+    return ServerSentEvent(
+        event=kind, raw_data=orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    )

@@ -8,20 +8,18 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from app.api.run import VALIDATION_ERROR, checked_budget
-from app.api.streaming import iterate_in_slices
+from app.api.responses import JSON_ERROR, VALIDATION_ERROR
+from app.api.streaming import event, iterate_in_slices
+from app.cost import admission
 from app.engine import train as training
 from app.schemas import TrainRequest
 from app.server.limits import TRAIN_SLICE_S, CancelToken
 from app.settings import Settings
 
 router = APIRouter(tags=["train"])
-# errors are JSON, whatever the stream's media type
-JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorMessage"}}}
 
 
 async def checked(http: Request, request: TrainRequest | None = None) -> TrainRequest:
@@ -30,7 +28,7 @@ async def checked(http: Request, request: TrainRequest | None = None) -> TrainRe
     cfg = request or TrainRequest()
     n = training.n_examples(cfg)
     widest = cfg.model_copy(update={"batch": max(cfg.train_batch, n // 5)})
-    await checked_budget(http, widest)
+    await admission.admitted(http, widest)
     return cfg
 
 
@@ -103,15 +101,8 @@ async def train(
         async for kind, payload in iterate_in_slices(
             events, stop, slices, TRAIN_SLICE_S, skip=lambda item: item[0] == "step"
         ):
-            yield _event(kind, payload)
+            yield event(kind, payload)
     except (MemoryError, RuntimeError, ValueError) as e:  # the stream has started: an event
-        yield _event("error", {"detail": f"training failed: {type(e).__name__}: {e}"})
+        yield event("error", {"detail": f"training failed: {type(e).__name__}: {e}"})
     finally:
         stop.set()
-
-
-def _event(kind: str, payload: dict) -> ServerSentEvent:
-    # orjson: numpy arrays natively, NaN and Infinity as null (strict JSON)
-    return ServerSentEvent(
-        event=kind, raw_data=orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-    )

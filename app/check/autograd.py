@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from app.check import reference
+from app.cost.plan import RECHECK_MAX_BYTES, gets_recheck  # noqa: F401  (the one recheck rule)
 from app.ops.base import split_variant
 
 NOISE_FACTOR = 4  # a gradient may differ from autograd by 4x their rounding errors together
@@ -137,7 +138,6 @@ def autograd_check(
     return check_against(cfg, manual, reference, inter)
 
 
-RECHECK_MAX_BYTES = 64 << 20  # runs whose inputs and gradients fit in this get the recheck
 
 
 def cast_floats(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict:
@@ -172,7 +172,7 @@ def recheck_rounding(
     if all(c["allclose"] for section in sections for c in section.values()):
         return check
     held = [*tensors.values(), *manual.values()]
-    if sum(t.numel() * t.element_size() for t in held) > RECHECK_MAX_BYTES:
+    if not gets_recheck(sum(t.numel() * t.element_size() for t in held)):
         return check
     other = torch.float64 if tensors["x"].dtype == torch.float32 else torch.float32
     inter_other: dict[str, torch.Tensor] = {}

@@ -27,8 +27,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from app.check.autograd import RECHECK_MAX_BYTES
 from app.check.fd import fd_cost_flops
+from app.cost.plan import RunPlan, plan
+from app.engine.network import Network
 from app.engine.tensors import input_specs, layer_sizes, lead_shape
 from app.ops.linear import chunk_rows
 
@@ -70,28 +71,20 @@ class Work:
     draw: float = 0.0  # drawing the tensors (x, the weights: randn) before any pass
 
 
-def _user_entries(cfg) -> list[dict]:
-    """The meta-traced entries of the learner's formulas (app/lab); none without formulas."""
-    if not getattr(cfg, "formulas", None):
-        return []
-    from app.engine import (
-        pipeline,  # the traces are cached there (and it imports this module's users)
-    )
-
-    _, backward = pipeline.trace(cfg)
-    return [entry for entry in backward if entry.get("source") == "user"]
+def _plan(run) -> RunPlan:
+    return run if isinstance(run, RunPlan) else plan(run)
 
 
-def formula_elements(cfg) -> int:
+def formula_elements(run) -> int:
     """Elements the learner's own formulas read or write in one backward pass: the `work` of
-    their meta-traced entries; 0 without formulas."""
-    return sum(entry.get("work", 0) for entry in _user_entries(cfg))
+    their meta-traced entries; 0 without formulas. `run`: a RunPlan, or a config."""
+    return sum(entry.get("work", 0) for entry in _plan(run).user)
 
 
-def formula_flops(cfg) -> int:
+def formula_flops(run) -> int:
     """Flops of the learner's matmuls and einsums in one backward pass: they run at the BLAS
     rate, as the built-in matmul and einsum strategies do."""
-    return sum(entry.get("flops", 0) for entry in _user_entries(cfg))
+    return sum(entry.get("flops", 0) for entry in _plan(run).user)
 
 
 def builtin_share(cfg) -> float:
@@ -102,10 +95,6 @@ def builtin_share(cfg) -> float:
     names = {key.removesuffix(".g") for key in getattr(cfg, "formulas", None) or {}}
     if not names:
         return 0.0
-    from app.engine.network import (
-        Network,  # the ops' order (app.engine.network imports this module's users)
-    )
-
     ops = Network.from_config(cfg).ops
     replaced = [i for i, op in enumerate(ops) if op.output in names]
     return (max(replaced) + 1) / len(ops) if replaced else 0.0
@@ -170,15 +159,17 @@ def _passes(cfg, itemsize: int, chunk_bytes: int) -> dict[str, float]:
     }
 
 
-def estimate(cfg, chunk_bytes: int) -> Work:
-    """Seconds a run of `cfg` holds its slot, every pass counted (see the module's doc)."""
-    itemsize = 8 if cfg.dtype == "float64" else 4
-    other = 12 - itemsize  # the recheck's and the fd rerun's precision
+def estimate(run, chunk_bytes: int) -> Work:
+    """Seconds a run holds its slot, every pass its plan makes counted (see the module's doc).
+    `run`: a RunPlan (app/cost/plan.py), or a config (planned here)."""
+    run = _plan(run)
+    cfg, itemsize = run.cfg, run.itemsize
+    other = run.other_itemsize  # the recheck's and the fd rerun's precision
     here = _passes(cfg, itemsize, chunk_bytes)
     there = _passes(cfg, other, chunk_bytes)
     specs = input_specs(cfg)
-    float_bytes = sum(math.prod(s.shape) * itemsize for s in specs if not s.integer)
-    gradients = float_bytes + sum(
+    # what the comparison and the views walk: the float tensors and the layers' outputs
+    gradients = sum(math.prod(s.shape) * itemsize for s in specs if not s.integer) + sum(
         math.prod(lead_shape(cfg.batch)) * o * itemsize
         for _, o in layer_sizes(cfg.in_features, cfg.hidden, cfg.out_features)
     )
@@ -190,15 +181,14 @@ def estimate(cfg, chunk_bytes: int) -> Work:
     passes = 8 + (24 if cfg.reference_heatmaps else 0)
     check = here["autograd"] + _elementwise_s(passes * gradients) + len(specs) * 20 * OP_S
     manual_other = there["forward"] + there[cfg.strategy]
-    small = float_bytes + gradients <= RECHECK_MAX_BYTES
-    recheck = manual_other + there["autograd"] if small else 0.0
+    recheck = manual_other + there["autograd"] if run.recheck else 0.0
     fd = 0.0
     if cfg.fd_samples:
         widths = [cfg.in_features, *cfg.hidden, cfg.out_features]
         samples = sum(min(cfg.fd_samples, math.prod(s.shape)) for s in specs if not s.integer)
         fd_ops = samples * 4 * len(widths) * 8  # per sample: 4 passes of a few ops per layer
         fd = fd_cost_flops(cfg) / FD_FLOPS + fd_ops * OP_S
-        if itemsize == 4 and not small:  # the float64 rerun (shared with the recheck if any)
+        if run.fd_rerun and not run.recheck:  # the float64 rerun (shared with the recheck)
             fd += manual_other
     compare = 0.0
     if cfg.compare:
@@ -211,13 +201,12 @@ def estimate(cfg, chunk_bytes: int) -> Work:
     # the learner's formulas run as written (no chunks), in every manual backward but
     # compare's: the run's, and the rerun in the other precision (recheck or fd's float64),
     # costed in float64 (the slower of the two, whichever the run's is)
-    elements, flops = formula_elements(cfg), formula_flops(cfg)
+    elements, flops = formula_elements(run), formula_flops(run)
 
     def formulas_s(size: int) -> float:
         return _elementwise_s(elements * size) + _matmul_s(flops, size)
 
-    rerun = small or (cfg.fd_samples > 0 and itemsize == 4)
-    formulas = formulas_s(itemsize) + (formulas_s(8) if rerun else 0.0)
+    formulas = formulas_s(itemsize) + (formulas_s(8) if run.rerun else 0.0)
     # the built-in formulas again upstream of a learner's formula for an intermediate: the
     # suspect verdict's measure of rounding (app/check/autograd.py mark_suspects)
     formulas += backward * builtin_share(cfg)
