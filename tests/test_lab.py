@@ -15,7 +15,7 @@ from app.engine.pipeline import learner_formulas
 from app.engine.tensors import make_tensors
 from app.lab.evaluator import FormulaError, evaluate, parse
 from app.ops import Context
-from app.ops.base import Traced
+from app.ops.traced import Traced
 from app.schemas import RunRequest
 
 SMALL = {"batch": 6, "in_features": 5, "hidden": [4], "seed": 3}

@@ -18,7 +18,7 @@ from app.cost import budget, work
 from app.engine import pipeline
 from app.lab.evaluator import evaluate, parse
 from app.lab.formulas import formula_cost
-from app.ops.base import Traced
+from app.ops.traced import Traced
 from app.schemas import RunRequest
 from app.settings import Settings
 

@@ -22,7 +22,7 @@ from app.api.train import JSON_ERROR
 from app.api.train import _event as event
 from app.cost.work import WORK_LIMIT_S
 from app.lab.statements import ProgramError
-from app.ops.base import cancel_token
+from app.ops.cancel import cancel_token
 from app.programs import presets
 from app.programs import run as programs
 from app.programs import train as training

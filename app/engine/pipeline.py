@@ -28,7 +28,7 @@ from app.engine.network import Network
 from app.engine.tensors import DTYPES, data_name, input_specs, lead_shape, make_tensors
 from app.lab.formulas import LearnerFormula, bind
 from app.ops import Context
-from app.ops.base import cancel_token
+from app.ops.cancel import cancel_token
 from app.views.follow import follow
 from app.views.heatmap import (
     MAX_IMAGES,
@@ -138,7 +138,7 @@ def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
 def run(cfg, chunk_bytes: int, cancel=None) -> dict[str, Any]:
     """`cancel`: a token (anything with `is_set()`) checked between ops and chunks, and after
     every op a learner's formula makes (`check_cancelled`); once set, the run raises
-    app.ops.base.RunCancelled there."""
+    app.ops.cancel.RunCancelled there."""
     with cancel_token(cancel):
         return _run(cfg, chunk_bytes, cancel)
 

@@ -27,20 +27,10 @@ from typing import Any
 import torch
 
 from app.lab import hints
-from app.ops.base import (
-    COMPARISONS,
-    BroadcastError,
-    Traced,
-    _merge_steps,
-    arange,
-    broadcast_rule,
-    check_cancelled,
-    cross_entropy,
-    einsum,
-    filled_like,
-    one_hot,
-    where,
-)
+from app.ops.broadcast import BroadcastError, broadcast_rule
+from app.ops.cancel import check_cancelled
+from app.ops.functional import arange, cross_entropy, einsum, filled_like, one_hot, where
+from app.ops.traced import COMPARISONS, Traced, _merge_steps
 
 MAX_SOURCE_CHARS = 2000
 MAX_STATEMENTS = 24

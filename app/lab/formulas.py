@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 
 from app.lab import hints
 from app.lab.evaluator import Formula, FormulaError, evaluate, parse
-from app.ops.base import Traced
+from app.ops.traced import Traced
 
 GRAD_SUFFIX = ".g"
 

@@ -37,7 +37,7 @@ from app.lab.evaluator import (
     _is_number,
     _segment,
 )
-from app.ops.base import ATOM, Step, Traced, meta_index
+from app.ops.traced import ATOM, Step, Traced, meta_index
 
 MAX_PROGRAM_CHARS = 20_000  # per text (forward, backward)
 MAX_PROGRAM_NODES = 12_000

@@ -26,7 +26,8 @@ from app.cost.work import OP_S, _elementwise_s, _matmul_s
 from app.lab import formulas, hints
 from app.lab.evaluator import FormulaError, Pair
 from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
-from app.ops.base import RunCancelled, Step, Traced, cancel_token, check_cancelled
+from app.ops.cancel import RunCancelled, cancel_token, check_cancelled
+from app.ops.traced import Step, Traced
 from app.programs.inputs import DTYPES, make_inputs, meta_of
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS

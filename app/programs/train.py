@@ -32,7 +32,8 @@ import torch
 
 from app.engine.train import stop_reason
 from app.lab.statements import Program, ProgramError
-from app.ops.base import RunCancelled, Traced
+from app.ops.cancel import RunCancelled
+from app.ops.traced import Traced
 from app.programs import run as programs
 from app.programs.inputs import ALPHABET, DTYPES, make_inputs, names_data
 from app.programs.schemas import ProgramRequest
