@@ -33,7 +33,7 @@ MAX_RESPONSE_CELLS = 640_000
 MAX_FD_SAMPLES = 64
 MAX_SEED = 2**63 - 1
 MAX_INIT_SCALE = 1e6
-MAX_FORMULA_CHARS = 2000  # app.lab.evaluator.MAX_SOURCE_CHARS
+MAX_FORMULA_CHARS = 2000  # app.lab.parse.MAX_SOURCE_CHARS
 MAX_FORMULAS = 64
 
 StrictInt = Annotated[int, Field(strict=True)]

@@ -11,7 +11,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.engine import pipeline
-from app.lab.evaluator import evaluate, parse
+from app.lab.evaluator import evaluate
+from app.lab.parse import parse
 from app.main import create_app
 from app.ops.cancel import RunCancelled, cancel_token, check_cancelled
 from app.ops.traced import Traced

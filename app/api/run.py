@@ -7,7 +7,7 @@ from app.api.responses import StrictJSONResponse
 from app.cost import budget, work
 from app.engine import network, pipeline
 from app.lab import formulas
-from app.lab.evaluator import FormulaError
+from app.lab.allowlist import FormulaError
 from app.lab.formulas import UnknownGradient
 from app.schemas import ErrorMessage, RunRequest, RunResponse
 from app.server.limits import CancelToken, guarded

@@ -27,16 +27,9 @@ from typing import Any
 
 import torch
 
-from app.lab.evaluator import (
-    _NODES,
-    _PARSE_LOCK,
-    FormulaError,
-    Pair,
-    _check_tree,
-    _Evaluation,
-    _is_number,
-    _segment,
-)
+from app.lab.allowlist import NODES, FormulaError, Pair, is_number
+from app.lab.evaluator import Evaluation
+from app.lab.parse import _PARSE_LOCK, check_tree, source_segment
 from app.ops.traced import ATOM, Step, Traced, meta_index
 
 MAX_PROGRAM_CHARS = 20_000  # per text (forward, backward)
@@ -44,7 +37,7 @@ MAX_PROGRAM_NODES = 12_000
 MAX_LINES = 400  # statements written, loops' bodies included
 MAX_EXECUTED = 10_000  # statements run, loops' iterations counted in full
 
-PROGRAM_NODES = _NODES | {ast.AugAssign, ast.For}
+PROGRAM_NODES = NODES | {ast.AugAssign, ast.For}
 # a notebook's own comparison lines, accepted and skipped (every gradient is checked anyway)
 CHECK_CALLS = frozenset({"cmp"})
 _AUG = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
@@ -106,7 +99,7 @@ def parse_program(source: str, which: str) -> Program:
     lines = 0
     for stmt in tree.body:
         try:
-            _check_tree(stmt, source, PROGRAM_NODES, MAX_PROGRAM_NODES, program=True)
+            check_tree(stmt, source, PROGRAM_NODES, MAX_PROGRAM_NODES, program=True)
             lines += _check_statement(stmt, source, which, top=True)
         except FormulaError as err:
             bad = getattr(err, "node_line", None) or stmt.lineno
@@ -129,7 +122,7 @@ def _check_statement(stmt: ast.stmt, source: str, which: str, top: bool) -> int:
     """The statement kinds a forward / backward may hold; returns how many statements."""
 
     def refuse(message: str, node: ast.AST = stmt) -> None:
-        err = FormulaError(f"`{_segment(source, node)[:120]}`: {message}", "not_allowed")
+        err = FormulaError(f"`{source_segment(source, node)[:120]}`: {message}", "not_allowed")
         err.node_line = getattr(node, "lineno", stmt.lineno)
         raise err
 
@@ -219,7 +212,7 @@ class Executed:
     grad_of: str | None = None  # a backward line: the tensor whose gradient it writes
 
 
-class Interpreter(_Evaluation):
+class Interpreter(Evaluation):
     """Runs a checked program over a scope of names (meta tensors: the dry run; real: the
     numbers). Subclasses decide what a name means (`resolve`) and what an assignment writes
     (`assign`)."""
@@ -371,7 +364,7 @@ class Interpreter(_Evaluation):
         """`name op= value`: a tensor is changed in place (as PyTorch does); a number is
         rebound (as Python does)."""
         current = self.resolve(stmt.target, name)
-        if _is_number(current):
+        if is_number(current):
             combined = self._binary(stmt, symbol, current, value)
             self.assign(stmt, name, combined)
             return
@@ -424,7 +417,7 @@ class Interpreter(_Evaluation):
                         made=list(value.shape),
                         wanted=list(part.shape),
                     )
-            elif not _is_number(updated):
+            elif not is_number(updated):
                 self.fail(stmt, "writes a tensor or a number", "not_allowed")
         if isinstance(updated, Traced):
             self._note(updated)
@@ -462,11 +455,11 @@ class Interpreter(_Evaluation):
         node = ast.BinOp(left=getattr(stmt, "target", stmt), op=_op_node(symbol), right=stmt.value)
         ast.copy_location(node, stmt)
         node.end_lineno, node.end_col_offset = stmt.end_lineno, stmt.end_col_offset
-        if _is_number(left) and _is_number(right):
+        if is_number(left) and is_number(right):
             return self._number(node, symbol, left, right)
         if isinstance(left, Pair) or isinstance(right, Pair):
             self._pair_misused(node)
-        if not all(isinstance(v, Traced) or _is_number(v) for v in (left, right)):
+        if not all(isinstance(v, Traced) or is_number(v) for v in (left, right)):
             self.fail(stmt, f"{symbol}= takes tensors and numbers", "not_allowed")
         if isinstance(left, Traced) and isinstance(right, Traced):
             self._check_broadcast(node, symbol, left, right)

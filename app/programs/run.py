@@ -24,7 +24,7 @@ import torch
 from app.check.autograd import TOLERANCES, compare
 from app.cost.work import OP_S, _elementwise_s, _matmul_s
 from app.lab import formulas, hints
-from app.lab.evaluator import FormulaError, Pair
+from app.lab.allowlist import FormulaError, Pair
 from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
 from app.ops.cancel import RunCancelled, cancel_token, check_cancelled
 from app.ops.traced import Step, Traced
