@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from app.lab.statements import MAX_PROGRAM_CHARS
+from app.lab.parse_program import MAX_PROGRAM_CHARS
 from app.schemas import MAX_CELLS, MAX_SEED, DType, GradientView
 
 MAX_INPUTS = 64
