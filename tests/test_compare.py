@@ -11,7 +11,7 @@ from app.engine.compare import compare_strategies
 from app.engine.network import Network
 from app.engine.tensors import make_tensors
 from app.ops import Context
-from app.ops.base import RunCancelled
+from app.ops.cancel import RunCancelled
 from app.schemas import RunRequest
 
 

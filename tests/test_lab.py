@@ -13,9 +13,11 @@ from app.check.autograd import autograd_gradients
 from app.engine.network import Network
 from app.engine.pipeline import learner_formulas
 from app.engine.tensors import make_tensors
-from app.lab.evaluator import FormulaError, evaluate, parse
+from app.lab.allowlist import FormulaError
+from app.lab.evaluator import evaluate
+from app.lab.parse import parse
 from app.ops import Context
-from app.ops.base import Traced
+from app.ops.traced import Traced
 from app.schemas import RunRequest
 
 SMALL = {"batch": 6, "in_features": 5, "hidden": [4], "seed": 3}

@@ -17,9 +17,10 @@ from app.cost import admission, work
 from app.cost.admission import admit
 from app.cost.plan import plan
 from app.engine import pipeline
-from app.lab.evaluator import evaluate, parse
+from app.lab.evaluator import evaluate
 from app.lab.formulas import formula_cost
-from app.ops.base import Traced
+from app.lab.parse import parse
+from app.ops.traced import Traced
 from app.schemas import RunRequest
 from app.settings import Settings
 
@@ -85,9 +86,10 @@ def peak_rss_growth(source: str) -> tuple[int, int]:
     on real tensors, in a process of its own, the resident set sampled every 0.5 ms."""
     code = f"""
 import json, os, threading, time, torch
-from app.lab.evaluator import evaluate, parse
+from app.lab.evaluator import evaluate
+from app.lab.parse import parse
 from app.lab.formulas import formula_cost
-from app.ops.base import Traced
+from app.ops.traced import Traced
 torch.set_num_threads(1)
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():

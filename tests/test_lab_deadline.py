@@ -11,9 +11,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.engine import pipeline
-from app.lab.evaluator import evaluate, parse
+from app.lab.evaluator import evaluate
+from app.lab.parse import parse
 from app.main import create_app
-from app.ops.base import RunCancelled, Traced, cancel_token, check_cancelled
+from app.ops.cancel import RunCancelled, cancel_token, check_cancelled
+from app.ops.traced import Traced
 from app.schemas import RunRequest
 from app.settings import Settings
 

@@ -75,8 +75,9 @@ def test_var_and_std_mean_what_torch_means(client):
         ("x.var(0, unbiased=False)", x.var(0, unbiased=False)),
         ("x.std(0, correction=0)", x.std(0, correction=0)),
     ]:
-        from app.lab.evaluator import evaluate, parse
-        from app.ops.base import Traced
+        from app.lab.evaluator import evaluate
+        from app.lab.parse import parse
+        from app.ops.traced import Traced
 
         got = evaluate(parse("x.g", source), {"x": Traced(x, "x")}, {})
         assert torch.allclose(got.t, expected), source

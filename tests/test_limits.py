@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from app.cost import work
 from app.engine import pipeline
 from app.main import create_app
-from app.ops.base import RunCancelled
+from app.ops.cancel import RunCancelled
 from app.schemas import RunRequest
 from app.server.limits import (
     CancelToken,

@@ -14,7 +14,7 @@ from app.engine import pipeline
 from app.engine.network import Network
 from app.engine.tensors import input_specs, make_tensors
 from app.ops import Op, Traced, broadcast_rule, unbroadcast
-from app.ops.base import BroadcastError
+from app.ops.broadcast import BroadcastError
 from app.schemas import RunRequest
 
 ELEMENTWISE = {

@@ -3,7 +3,7 @@
 CPython 3.11's AST constructor keeps its recursion depth in interpreter-wide state: two
 threads converting trees at once (a thread switch inside the conversion, e.g. a collection
 running a finalizer) raise `SystemError: AST constructor recursion depth mismatch`, which
-would be a 503 for an innocent learner. `evaluator.parse` serializes the parse."""
+would be a 503 for an innocent learner. `app.lab.parse.parse` serializes the parse."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import sys
 import threading
 from types import SimpleNamespace
 
-from app.lab import evaluator
+from app.lab import allowlist
+from app.lab import parse as reading
 
 # a long formula (within the 2,000 characters) of deep chains: many nested nodes for the constructor to walk
 LONG = "\n".join(f"a{i} = x" + ".unsqueeze(0).squeeze(0)" * 9 for i in range(6)) + "\nx"
@@ -48,14 +49,14 @@ def test_parse_is_safe_from_many_threads(monkeypatch):
             with guard:
                 inside[0] -= 1
 
-    monkeypatch.setattr(evaluator, "ast", SimpleNamespace(**{**vars(ast), "parse": counted}))
+    monkeypatch.setattr(reading, "ast", SimpleNamespace(**{**vars(ast), "parse": counted}))
 
     def work() -> None:
         for _ in range(60):
             for _ in range(50):
                 _Cyclic()
             try:
-                parsed.append(evaluator.parse("x.g", LONG))
+                parsed.append(reading.parse("x.g", LONG))
             except BaseException as e:  # noqa: BLE001 (collected, asserted below)
                 errors.append(e)
 
@@ -78,11 +79,11 @@ def test_a_system_error_while_parsing_is_a_formula_error(monkeypatch):
     def broken(*args, **kwargs):
         raise SystemError("AST constructor recursion depth mismatch (before=1, after=0)")
 
-    # the evaluator's own view of the ast module, with a parse that fails as 3.11's can
-    monkeypatch.setattr(evaluator, "ast", SimpleNamespace(**{**vars(ast), "parse": broken}))
+    # the parser's own view of the ast module, with a parse that fails as 3.11's can
+    monkeypatch.setattr(reading, "ast", SimpleNamespace(**{**vars(ast), "parse": broken}))
     try:  # (it fails twice: parse tries once more)
-        evaluator.parse("x.g", "x")
-    except evaluator.FormulaError as err:
+        reading.parse("x.g", "x")
+    except allowlist.FormulaError as err:
         assert "cannot be read" in str(err)
     else:
         raise AssertionError("no FormulaError")

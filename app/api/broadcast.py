@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 
-from app.ops.base import BroadcastError, broadcast_rule
+from app.ops.broadcast import BroadcastError, broadcast_rule
 from app.schemas import BroadcastRequest, BroadcastResponse, ErrorMessage
 
 router = APIRouter(tags=["broadcast"])

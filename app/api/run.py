@@ -7,7 +7,7 @@ from app.cost import admission
 from app.engine import pipeline
 from app.engine.pipeline import Traces
 from app.lab import formulas
-from app.lab.evaluator import FormulaError
+from app.lab.allowlist import FormulaError
 from app.schemas import ErrorMessage, RunRequest, RunResponse
 from app.server.limits import CancelToken, guarded
 from app.settings import Settings

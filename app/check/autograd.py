@@ -138,8 +138,6 @@ def autograd_check(
     return check_against(cfg, manual, reference, inter)
 
 
-
-
 def cast_floats(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict:
     """The run's tensors in another precision (the integer target as it is)."""
     return {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}

@@ -32,9 +32,9 @@ from app.engine import network
 from app.engine.tensors import lead_shape
 from app.engine.traces import trace
 from app.lab import formulas
-from app.lab.evaluator import FormulaError
+from app.lab.allowlist import FormulaError
 from app.lab.formulas import UnknownGradient, is_view
-from app.ops.base import cancel_token
+from app.ops.cancel import cancel_token
 from app.programs import run as programs
 from app.programs.schemas import ProgramRequest
 from app.server.limits import CancelToken

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from app.lab.evaluator import FormulaError
+from app.lab.allowlist import FormulaError
 from app.lab.formulas import LearnerFormula, formula_cost
 from app.ops import Context, Op, Traced
 from app.ops.base import split_variant

@@ -25,7 +25,7 @@ from app.engine.tensors import data_name, input_specs, lead_shape, make_tensors
 from app.engine.traces import learner_sources, trace
 from app.lab.formulas import LearnerFormula, bind
 from app.ops import Context
-from app.ops.base import cancel_token
+from app.ops.cancel import cancel_token
 from app.views.follow import follow
 from app.views.heatmap import (
     MAX_IMAGES,
@@ -53,7 +53,7 @@ def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
 def run(cfg, chunk_bytes: int, cancel=None, traces: Traces | None = None) -> dict[str, Any]:
     """`cancel`: a token (anything with `is_set()`) checked between ops and chunks, and after
     every op a learner's formula makes (`check_cancelled`); once set, the run raises
-    app.ops.base.RunCancelled there. `traces`: the config's traces, as admission made them
+    app.ops.cancel.RunCancelled there. `traces`: the config's traces, as admission made them
     (made here when not given); the response holds them."""
     with cancel_token(cancel):
         return _run(cfg, chunk_bytes, cancel, traces or trace(cfg))

@@ -7,7 +7,7 @@ gradient matches.
 The learner's lines are copied verbatim: they passed the allowlist, and every call they make
 means in PyTorch what it meant on the server (app/lab/statements.py). They run inside a
 function `program(dtype)`, twice: in the run's dtype, and in float64 to measure the rounding
-both sides carry, as the server does (`app.programs.run._rounding_noise`).
+both sides carry, as the server does (`app.programs.check._rounding_noise`).
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ import torch
 from fastapi.exceptions import RequestValidationError
 
 from app.lab import hints
-from app.lab.evaluator import Formula, FormulaError, evaluate, parse
-from app.ops.base import Traced
+from app.lab.allowlist import FormulaError
+from app.lab.evaluator import evaluate
+from app.lab.parse import Formula, parse
+from app.ops.traced import Traced
 
 GRAD_SUFFIX = ".g"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from app.ops.base import BroadcastError, BroadcastRule, broadcast_rule
+from app.ops.broadcast import BroadcastError, BroadcastRule, broadcast_rule
 
 Shape = tuple[int, ...]
 

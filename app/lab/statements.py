@@ -27,180 +27,13 @@ from typing import Any
 
 import torch
 
-from app.lab.evaluator import (
-    _NODES,
-    _PARSE_LOCK,
-    FormulaError,
-    Pair,
-    _check_tree,
-    _Evaluation,
-    _is_number,
-    _segment,
-)
-from app.ops.base import ATOM, Step, Traced, meta_index
+from app.lab.allowlist import FormulaError, Pair, is_number
+from app.lab.evaluator import Evaluation
+from app.lab.parse_program import AUG, Program, ProgramError, is_cmp, parse_program
+from app.ops.traced import ATOM, Step, Traced, meta_index
 
-MAX_PROGRAM_CHARS = 20_000  # per text (forward, backward)
-MAX_PROGRAM_NODES = 12_000
-MAX_LINES = 400  # statements written, loops' bodies included
 MAX_EXECUTED = 10_000  # statements run, loops' iterations counted in full
-
-PROGRAM_NODES = _NODES | {ast.AugAssign, ast.For}
-# a notebook's own comparison lines, accepted and skipped (every gradient is checked anyway)
-CHECK_CALLS = frozenset({"cmp"})
-_AUG = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 _IN_PLACE = {"+": "add_", "-": "sub_", "*": "mul_", "/": "div_"}
-
-
-class ProgramError(FormulaError):
-    """A statement that cannot run, with its line (1-based, in its own text)."""
-
-    def __init__(self, err: FormulaError, line: int, code: str):
-        super().__init__(str(err), err.kind, **err.details)
-        self.line = line
-        self.code = code
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-@dataclass(frozen=True)
-class Program:
-    """A checked text: its statements, and each line's source for messages."""
-
-    which: str  # "forward" or "backward"
-    source: str
-    body: tuple[ast.stmt, ...]
-
-    def code(self, stmt: ast.stmt) -> str:
-        """The statement's first line as written (a loop's header, not its body)."""
-        return self.source.splitlines()[stmt.lineno - 1].strip()
-
-
-def parse_program(source: str, which: str) -> Program:
-    """Read and check a forward or backward text against the allowlist; nothing runs.
-    ProgramError (with its line) for what cannot be read or is not allowed."""
-    if len(source) > MAX_PROGRAM_CHARS:
-        raise ProgramError(
-            FormulaError(
-                f"the {which} is {len(source)} characters long; at most {MAX_PROGRAM_CHARS}",
-                "too_long",
-            ),
-            1,
-            "",
-        )
-    try:
-        with _PARSE_LOCK:  # one ast.parse at a time (CPython 3.11's shared state)
-            tree = ast.parse(source, mode="exec")  # a tree only: no code object, nothing runs
-    except SyntaxError as err:
-        line = err.lineno or 1
-        raise ProgramError(
-            FormulaError(f"syntax error (line {line}, column {err.offset}): {err.msg}", "syntax"),
-            line,
-            _line(source, line),
-        ) from None
-    except (ValueError, MemoryError, RecursionError, SystemError) as err:
-        raise ProgramError(
-            FormulaError(f"the {which} cannot be read: {err}", "syntax"), 1, ""
-        ) from None
-    program = Program(which, source, tuple(tree.body))
-    lines = 0
-    for stmt in tree.body:
-        try:
-            _check_tree(stmt, source, PROGRAM_NODES, MAX_PROGRAM_NODES, program=True)
-            lines += _check_statement(stmt, source, which, top=True)
-        except FormulaError as err:
-            bad = getattr(err, "node_line", None) or stmt.lineno
-            raise ProgramError(err, bad, _line(source, bad)) from None
-        if lines > MAX_LINES:
-            raise ProgramError(
-                FormulaError(f"the {which} has over {MAX_LINES} statements", "too_long"),
-                stmt.lineno,
-                program.code(stmt),
-            )
-    return program
-
-
-def _line(source: str, line: int) -> str:
-    lines = source.splitlines()
-    return lines[line - 1].strip() if 0 < line <= len(lines) else ""
-
-
-def _check_statement(stmt: ast.stmt, source: str, which: str, top: bool) -> int:
-    """The statement kinds a forward / backward may hold; returns how many statements."""
-
-    def refuse(message: str, node: ast.AST = stmt) -> None:
-        err = FormulaError(f"`{_segment(source, node)[:120]}`: {message}", "not_allowed")
-        err.node_line = getattr(node, "lineno", stmt.lineno)
-        raise err
-
-    if isinstance(stmt, ast.Expr):
-        if _is_cmp(stmt):
-            return 0  # a notebook's own check line: Broadprop checks every gradient itself
-        refuse(f"a line of the {which} assigns a name: `name = expression`")
-    if which == "forward":
-        if not isinstance(stmt, ast.Assign):
-            refuse(
-                "the forward is a list of `name = expression` lines (loops and in-place "
-                "forms belong to the backward)"
-            )
-        _check_targets(stmt.targets, refuse, allow_index=False)
-        return 1
-    if isinstance(stmt, ast.Assign):
-        _check_targets(stmt.targets, refuse, allow_index=True)
-        return 1
-    if isinstance(stmt, ast.AugAssign):
-        if type(stmt.op) not in _AUG:
-            refuse("in-place forms are += -= *= /=")
-        _check_targets([stmt.target], refuse, allow_index=True, allow_tuple=False)
-        return 1
-    if isinstance(stmt, ast.For):
-        if stmt.orelse:
-            refuse("a loop has no else")
-        if not isinstance(stmt.target, ast.Name):
-            refuse("a loop runs one name over range(...): `for i in range(n):`")
-        it = stmt.iter
-        if not (
-            isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
-        ):
-            refuse("a loop runs over range(...) only: `for i in range(n):`")
-        return 1 + sum(_check_statement(s, source, which, top=False) for s in stmt.body)
-    refuse("not a statement a program takes")
-    return 0
-
-
-def _is_cmp(stmt: ast.stmt) -> bool:
-    """`cmp('logits', dlogits, logits)`, as makemore's notebook checks each gradient."""
-    value = getattr(stmt, "value", None)
-    return (
-        isinstance(value, ast.Call)
-        and isinstance(value.func, ast.Name)
-        and value.func.id in CHECK_CALLS
-    )
-
-
-def _check_targets(
-    targets: list[ast.expr], refuse: Callable, allow_index: bool, allow_tuple: bool = True
-) -> None:
-    if len(targets) != 1:
-        refuse("one assignment per line (`a = b = ...` is two)")
-    target = targets[0]
-    if isinstance(target, ast.Tuple) and allow_tuple:
-        if not all(isinstance(e, ast.Name) for e in target.elts) or len(target.elts) != 2:
-            refuse("unpack into two plain names: `values, indices = x.max(1)`", target)
-        return
-    if isinstance(target, ast.Name) or _is_grad_target(target):
-        return
-    if isinstance(target, ast.Subscript) and allow_index:
-        if isinstance(target.value, ast.Name) or _is_grad_target(target.value):
-            return
-        refuse("index a name directly: `dx[i] = ...`", target)
-    if isinstance(target, ast.Subscript):
-        refuse("the forward assigns whole names; indexed writes belong to the backward", target)
-    refuse("assign to a name, `name.g`, or `name[index]`", target)
-
-
-def _is_grad_target(node: ast.AST) -> bool:
-    return isinstance(node, ast.Attribute) and node.attr == "g" and isinstance(node.value, ast.Name)
 
 
 # --------------------------------------------------------------------------- running
@@ -219,7 +52,7 @@ class Executed:
     grad_of: str | None = None  # a backward line: the tensor whose gradient it writes
 
 
-class Interpreter(_Evaluation):
+class Interpreter(Evaluation):
     """Runs a checked program over a scope of names (meta tensors: the dry run; real: the
     numbers). Subclasses decide what a name means (`resolve`) and what an assignment writes
     (`assign`)."""
@@ -256,7 +89,7 @@ class Interpreter(_Evaluation):
     def _block(self, body: tuple[ast.stmt, ...] | list[ast.stmt]) -> None:
         for stmt in body:
             self.check()
-            if _is_cmp(stmt):
+            if is_cmp(stmt):
                 continue
             try:
                 if isinstance(stmt, ast.For):
@@ -334,7 +167,7 @@ class Interpreter(_Evaluation):
                 name = self._target_name(target)
                 self.assign(stmt, name, value)
         else:
-            symbol = _AUG[type(stmt.op)]
+            symbol = AUG[type(stmt.op)]
             value = self.eval(stmt.value)
             if isinstance(stmt.target, ast.Subscript):
                 name = self._write_index(stmt, stmt.target, symbol, value)
@@ -371,7 +204,7 @@ class Interpreter(_Evaluation):
         """`name op= value`: a tensor is changed in place (as PyTorch does); a number is
         rebound (as Python does)."""
         current = self.resolve(stmt.target, name)
-        if _is_number(current):
+        if is_number(current):
             combined = self._binary(stmt, symbol, current, value)
             self.assign(stmt, name, combined)
             return
@@ -424,7 +257,7 @@ class Interpreter(_Evaluation):
                         made=list(value.shape),
                         wanted=list(part.shape),
                     )
-            elif not _is_number(updated):
+            elif not is_number(updated):
                 self.fail(stmt, "writes a tensor or a number", "not_allowed")
         if isinstance(updated, Traced):
             self._note(updated)
@@ -462,11 +295,11 @@ class Interpreter(_Evaluation):
         node = ast.BinOp(left=getattr(stmt, "target", stmt), op=_op_node(symbol), right=stmt.value)
         ast.copy_location(node, stmt)
         node.end_lineno, node.end_col_offset = stmt.end_lineno, stmt.end_col_offset
-        if _is_number(left) and _is_number(right):
+        if is_number(left) and is_number(right):
             return self._number(node, symbol, left, right)
         if isinstance(left, Pair) or isinstance(right, Pair):
             self._pair_misused(node)
-        if not all(isinstance(v, Traced) or _is_number(v) for v in (left, right)):
+        if not all(isinstance(v, Traced) or is_number(v) for v in (left, right)):
             self.fail(stmt, f"{symbol}= takes tensors and numbers", "not_allowed")
         if isinstance(left, Traced) and isinstance(right, Traced):
             self._check_broadcast(node, symbol, left, right)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from app.ops.base import Op, Traced, where
+from app.ops.base import Op
+from app.ops.functional import where
+from app.ops.traced import Traced
 
 LEAKY_SLOPE = 0.01
 

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from app.ops.base import Context, Op, Traced, Trail, sum_formula, unbroadcast
+from app.ops.base import Context, Op, Trail, sum_formula
+from app.ops.functional import unbroadcast
+from app.ops.traced import Traced
 
 
 class Linear(Op):

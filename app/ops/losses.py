@@ -8,7 +8,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from app.ops.base import Context, Op, Traced, one_hot, unbroadcast, variant
+from app.ops.base import Context, Op, variant
+from app.ops.functional import one_hot, unbroadcast
+from app.ops.traced import Traced
 
 
 class MSE(Op):

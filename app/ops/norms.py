@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from app.ops.base import Op, Traced, Trail, sum_formula, unbroadcast
+from app.ops.base import Op, Trail, sum_formula
+from app.ops.functional import unbroadcast
+from app.ops.traced import Traced
 
 EPS = 1e-5
 

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from app.lab.statements import MAX_PROGRAM_CHARS
+from app.lab.allowlist import is_number
+from app.lab.parse_program import MAX_PROGRAM_CHARS
 from app.schemas import MAX_CELLS, MAX_SEED, DType, GradientView
 
 MAX_INPUTS = 64
@@ -101,7 +102,7 @@ class InputSpec(BaseModel):
 
 def _check_value(value: Any) -> None:
     """A number, or a rectangular nested list of numbers, of bounded size."""
-    if _is_number(value):
+    if is_number(value):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("a value is a finite number")
         return
@@ -118,15 +119,11 @@ def _check_value(value: Any) -> None:
                 raise ValueError("value is not rectangular: rows of different lengths")
             stack.extend((x, depth + 1) for x in item)
             continue
-        if not _is_number(item) or (isinstance(item, float) and not math.isfinite(item)):
+        if not is_number(item) or (isinstance(item, float) and not math.isfinite(item)):
             raise ValueError("value holds finite numbers only")
         count += 1
         if count > MAX_VALUE_ENTRIES:
             raise ValueError(f"value has over {MAX_VALUE_ENTRIES} entries")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _all_ints(value: Any) -> bool:

@@ -3,7 +3,7 @@ gradient, with the gradients the learner's backward wrote.
 
 `train(setup, ...)` is a generator of ("step" | "done", payload) events; it knows nothing of
 HTTP (app/api/program.py streams it). Each step runs the forward and the backward through the
-same interpreters as `POST /api/program` (app.programs.run.ForwardRun / BackwardRun), under
+same interpreters as `POST /api/program` (app.programs.plan.ForwardRun / BackwardRun), under
 no_grad: no autograd anywhere, so a wrong backward trains as wrongly as it is written.
 
 A names program (an input `{"data": "names", ...}`) trains on random minibatches of the names
@@ -32,9 +32,11 @@ import torch
 
 from app.engine.train import stop_reason
 from app.lab.statements import Program, ProgramError
-from app.ops.base import RunCancelled, Traced
+from app.ops.cancel import RunCancelled
+from app.ops.traced import Traced
 from app.programs import run as programs
 from app.programs.inputs import ALPHABET, DTYPES, make_inputs, names_data
+from app.programs.plan import ForwardRun, Plan, detached
 from app.programs.schemas import ProgramRequest
 
 VAL_ROWS = 2000  # rows of the val part (and of a fixed train block) a loss is measured on
@@ -51,7 +53,7 @@ class Setup:
 
     program: ProgramRequest  # as sent: its inputs' seed makes the starting weights
     step: ProgramRequest  # the same program at the training batch size
-    plan: programs.Plan  # the step's dry run
+    plan: Plan  # the step's dry run
     steps: int
     lr: float
     seed: int
@@ -68,7 +70,7 @@ class NamesTask:
     y_input: str | None
     block_size: int
     val: ProgramRequest
-    val_plan: programs.Plan
+    val_plan: Plan
     sample: ProgramRequest | None  # the program at SAMPLE_ROWS
     sample_forward: Program | None  # its forward up to `logits`; None: no line assigns it
 
@@ -96,7 +98,7 @@ def prepare(
     seed: int,
     eval_every: int | None,
     report_every: int | None,
-    admit: Callable[[ProgramRequest], programs.Plan],
+    admit: Callable[[ProgramRequest], Plan],
 ) -> Setup:
     """Every dry run a training needs (`admit` raises ProgramRefused: a 422)."""
     admit(program)
@@ -153,7 +155,7 @@ def _scope(made: dict[str, Any], params: dict[str, torch.Tensor]) -> dict[str, A
 
 
 def _forward(program: Program, scope: dict[str, Any], check: Callable[[], None]):
-    fwd = programs.ForwardRun(program, scope, check)
+    fwd = ForwardRun(program, scope, check)
     with torch.no_grad():
         fwd.run()
     return fwd
@@ -189,11 +191,11 @@ class Trainer:
         plan = self.setup.plan
         fwd = _forward(plan.forward, _scope(self.minibatch(), self.params), self.check)
         loss = fwd.scope[self.setup.program.loss].t.item()
-        env = {n: programs._detached(v) for n, v in fwd.scope.items()}
+        env = {n: detached(v) for n, v in fwd.scope.items()}
         bwd, error = programs.run_backward(plan, env, self.check)
         return loss, {n: g.t for n, g in bwd.gradients.items()}, error
 
-    def loss_on(self, req: ProgramRequest, plan: programs.Plan, part: str) -> float:
+    def loss_on(self, req: ProgramRequest, plan: Plan, part: str) -> float:
         """The loss on VAL_ROWS fixed rows of `part` (a forward only)."""
         names = self.setup.names
         made = make_inputs(req.inputs, req.seed, req.dtype)

@@ -1,4 +1,4 @@
-// The shape-flow diagram, drawn as plain SVG (no Plotly: a redraw takes a few ms): the forward
+// The shape-flow diagram, drawn as plain SVG (a redraw takes a few ms): the forward
 // lane (tensors, labelled with their shapes, joined through op nodes: @ +, relu, mse) above,
 // the backward lane below, one column per gradient formula with its steps stacked in order.
 // A tensor sits right above the column that computes its gradient; columns are numbered in the
@@ -10,18 +10,18 @@
 import { actionColour, actionKey, actionLabel, actionSymbol, ROLE_COLOURS } from "./colours.js";
 import { bytes, esc, h, shape } from "./format.js";
 
-// Geometry, in px: the axes run in px (x right, y up from the top edge, so steps sit at y < 0),
-// so marker sizes, label widths and spacing are all measured in the same unit.
+// Geometry, in px: x right, y up from the top edge (steps sit at y < 0; `draw` flips y for
+// SVG), so marker sizes, label widths and spacing are all measured in the same unit.
 const FONT = '"Open Sans", verdana, arial, sans-serif';
 const STEP_FONT = 10; // step labels
 const FWD_FONT = 11; // forward-lane labels
 const HEAD_FONT = 12; // column heads ("x.g")
-const LINE = 1.3; // Plotly's line spacing, in ems
+const LINE = 1.3; // line spacing, in ems
 const GAP = 8; // px between neighbouring labels / markers
 const DOT = 12; // px, a plain step marker
 const DIAMOND_MIN = 11; // px, marker size of the smallest broadcast
 const DIAMOND_MAX = 26; // px, of the largest: a diamond spans 1.3 x its size, less than its 3-line label
-const DIAMOND_SPAN = 1.3; // Plotly draws a diamond of size s 1.3 s tall and wide
+const DIAMOND_SPAN = 1.3; // a diamond of size s is drawn 1.3 s tall and wide
 const MAX_STRETCH = 70; // px a column may widen to fill a wide container
 
 /** Columns: tensors in order of first use in the forward pass; each tensor gets one column
@@ -50,13 +50,16 @@ export function layout(data) {
   return { columns, tensorCols };
 }
 
+/** Label text as it reads: the inverse of format.js's `esc` (`&amp;` last, so an escaped
+ * `&lt;` stays the four characters it was). */
+const unescape = (t) => t.replace(/&lt;/g, "<").replace(/&gt;/g, ">").replace(/&quot;/g, '"').replace(/&#39;/g, "'").replace(/&amp;/g, "&");
+
 let measurer = null;
-/** Width in px of one line of label text as Plotly draws it (tags stripped; <b> measured bold). */
+/** Width in px of one line of label text as `text` draws it (tags stripped; <b> measured bold). */
 function textWidth(line, size) {
   measurer ||= document.createElement("canvas").getContext("2d");
   measurer.font = `${/<b>/.test(line) ? "bold " : ""}${size}px ${FONT}`;
-  const plain = line.replace(/<[^>]+>/g, "").replace(/&lt;/g, "<").replace(/&gt;/g, ">").replace(/&amp;/g, "&").replace(/&quot;/g, '"').replace(/&#39;/g, "'");
-  return measurer.measureText(plain).width;
+  return measurer.measureText(unescape(line.replace(/<[^>]+>/g, ""))).width;
 }
 const labelWidth = (text, size) => Math.max(0, ...text.split("<br>").map((l) => textWidth(l, size)));
 const labelHeight = (text, size) => text.split("<br>").length * size * LINE;
@@ -183,8 +186,6 @@ function svg(tag, attrs = {}, ...children) {
   return el;
 }
 
-const unescape = (t) => t.replace(/&lt;/g, "<").replace(/&gt;/g, ">").replace(/&quot;/g, '"').replace(/&#39;/g, "'").replace(/&amp;/g, "&");
-
 /** Label markup ("a<br><b>(2, 3)</b>") as an SVG <text> of tspans, its block placed at (x, y):
  * `v` = "middle" (centred on y), "top" (top edge at y) or "bottom" (bottom edge at y). */
 function text(x, y, markup, size, { anchor = "start", v = "middle", fill = null, cls = null } = {}) {
@@ -209,7 +210,7 @@ function text(x, y, markup, size, { anchor = "start", v = "middle", fill = null,
   return t;
 }
 
-/** A marker of `size` px (Plotly's sense: a diamond spans 1.3 x size) centred at (x, y). */
+/** A marker of `size` px (a diamond spans DIAMOND_SPAN x size) centred at (x, y). */
 function marker(symbol, x, y, size, fill) {
   const r = size / 2;
   if (symbol === "square") return svg("rect", { x: x - r, y: y - r, width: size, height: size, fill });

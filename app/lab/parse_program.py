@@ -1,0 +1,176 @@
+"""Reading a program: each text (forward, backward) -> checked statements, no tensor touched.
+
+The formula's allowlist (app/lab/allowlist.py) plus the statements a notebook's backward pass
+writes (augmented assignment, indexed assignment, `for ... in range(...)`); each refusal names
+its line. Running them is app/lab/statements.py.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.lab.allowlist import NODES, FormulaError
+from app.lab.parse import _PARSE_LOCK, check_tree, source_segment
+
+MAX_PROGRAM_CHARS = 20_000  # per text (forward, backward)
+MAX_PROGRAM_NODES = 12_000
+MAX_LINES = 400  # statements written, loops' bodies included
+
+PROGRAM_NODES = NODES | {ast.AugAssign, ast.For}
+# a notebook's own comparison lines, accepted and skipped (every gradient is checked anyway)
+CHECK_CALLS = frozenset({"cmp"})
+AUG = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+class ProgramError(FormulaError):
+    """A statement that cannot run, with its line (1-based, in its own text)."""
+
+    def __init__(self, err: FormulaError, line: int, code: str):
+        super().__init__(str(err), err.kind, **err.details)
+        self.line = line
+        self.code = code
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class Program:
+    """A checked text: its statements, and each line's source for messages."""
+
+    which: str  # "forward" or "backward"
+    source: str
+    body: tuple[ast.stmt, ...]
+
+    def code(self, stmt: ast.stmt) -> str:
+        """The statement's first line as written (a loop's header, not its body)."""
+        return self.source.splitlines()[stmt.lineno - 1].strip()
+
+
+def parse_program(source: str, which: str) -> Program:
+    """Read and check a forward or backward text against the allowlist; nothing runs.
+    ProgramError (with its line) for what cannot be read or is not allowed."""
+    if len(source) > MAX_PROGRAM_CHARS:
+        raise ProgramError(
+            FormulaError(
+                f"the {which} is {len(source)} characters long; at most {MAX_PROGRAM_CHARS}",
+                "too_long",
+            ),
+            1,
+            "",
+        )
+    try:
+        with _PARSE_LOCK:  # one ast.parse at a time (CPython 3.11's shared state)
+            tree = ast.parse(source, mode="exec")  # a tree only: no code object, nothing runs
+    except SyntaxError as err:
+        line = err.lineno or 1
+        raise ProgramError(
+            FormulaError(f"syntax error (line {line}, column {err.offset}): {err.msg}", "syntax"),
+            line,
+            _line(source, line),
+        ) from None
+    except (ValueError, MemoryError, RecursionError, SystemError) as err:
+        raise ProgramError(
+            FormulaError(f"the {which} cannot be read: {err}", "syntax"), 1, ""
+        ) from None
+    program = Program(which, source, tuple(tree.body))
+    lines = 0
+    for stmt in tree.body:
+        try:
+            check_tree(stmt, source, PROGRAM_NODES, MAX_PROGRAM_NODES, program=True)
+            lines += _check_statement(stmt, source, which, top=True)
+        except FormulaError as err:
+            bad = getattr(err, "node_line", None) or stmt.lineno
+            raise ProgramError(err, bad, _line(source, bad)) from None
+        if lines > MAX_LINES:
+            raise ProgramError(
+                FormulaError(f"the {which} has over {MAX_LINES} statements", "too_long"),
+                stmt.lineno,
+                program.code(stmt),
+            )
+    return program
+
+
+def _line(source: str, line: int) -> str:
+    lines = source.splitlines()
+    return lines[line - 1].strip() if 0 < line <= len(lines) else ""
+
+
+def _check_statement(stmt: ast.stmt, source: str, which: str, top: bool) -> int:
+    """The statement kinds a forward / backward may hold; returns how many statements."""
+
+    def refuse(message: str, node: ast.AST = stmt) -> None:
+        err = FormulaError(f"`{source_segment(source, node)[:120]}`: {message}", "not_allowed")
+        err.node_line = getattr(node, "lineno", stmt.lineno)
+        raise err
+
+    if isinstance(stmt, ast.Expr):
+        if is_cmp(stmt):
+            return 0  # a notebook's own check line: Broadprop checks every gradient itself
+        refuse(f"a line of the {which} assigns a name: `name = expression`")
+    if which == "forward":
+        if not isinstance(stmt, ast.Assign):
+            refuse(
+                "the forward is a list of `name = expression` lines (loops and in-place "
+                "forms belong to the backward)"
+            )
+        _check_targets(stmt.targets, refuse, allow_index=False)
+        return 1
+    if isinstance(stmt, ast.Assign):
+        _check_targets(stmt.targets, refuse, allow_index=True)
+        return 1
+    if isinstance(stmt, ast.AugAssign):
+        if type(stmt.op) not in AUG:
+            refuse("in-place forms are += -= *= /=")
+        _check_targets([stmt.target], refuse, allow_index=True, allow_tuple=False)
+        return 1
+    if isinstance(stmt, ast.For):
+        if stmt.orelse:
+            refuse("a loop has no else")
+        if not isinstance(stmt.target, ast.Name):
+            refuse("a loop runs one name over range(...): `for i in range(n):`")
+        it = stmt.iter
+        if not (
+            isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
+        ):
+            refuse("a loop runs over range(...) only: `for i in range(n):`")
+        return 1 + sum(_check_statement(s, source, which, top=False) for s in stmt.body)
+    refuse("not a statement a program takes")
+    return 0
+
+
+def is_cmp(stmt: ast.stmt) -> bool:
+    """`cmp('logits', dlogits, logits)`, as makemore's notebook checks each gradient."""
+    value = getattr(stmt, "value", None)
+    return (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and value.func.id in CHECK_CALLS
+    )
+
+
+def _check_targets(
+    targets: list[ast.expr], refuse: Callable, allow_index: bool, allow_tuple: bool = True
+) -> None:
+    if len(targets) != 1:
+        refuse("one assignment per line (`a = b = ...` is two)")
+    target = targets[0]
+    if isinstance(target, ast.Tuple) and allow_tuple:
+        if not all(isinstance(e, ast.Name) for e in target.elts) or len(target.elts) != 2:
+            refuse("unpack into two plain names: `values, indices = x.max(1)`", target)
+        return
+    if isinstance(target, ast.Name) or _is_grad_target(target):
+        return
+    if isinstance(target, ast.Subscript) and allow_index:
+        if isinstance(target.value, ast.Name) or _is_grad_target(target.value):
+            return
+        refuse("index a name directly: `dx[i] = ...`", target)
+    if isinstance(target, ast.Subscript):
+        refuse("the forward assigns whole names; indexed writes belong to the backward", target)
+    refuse("assign to a name, `name.g`, or `name[index]`", target)
+
+
+def _is_grad_target(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "g" and isinstance(node.value, ast.Name)

@@ -1,0 +1,265 @@
+"""A program's check: every gradient the learner's backward wrote against autograd's, with
+the hint that names the slip, and the views of each gradient for the page."""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.check.autograd import TOLERANCES, compare
+from app.lab import hints
+from app.lab.statements import ProgramError
+from app.ops.traced import Traced
+from app.programs.plan import GRAD_PREFIX, Plan
+from app.programs.schemas import ProgramRequest
+from app.schemas import MAX_RESPONSE_CELLS
+from app.views.heatmap import gradient_view, response_max_cells
+
+FINER = 2.0**-29  # float64's unit roundoff over float32's
+
+
+@dataclass
+class Outcome:
+    """One pass over real tensors: the forward's values, autograd's gradients, the
+    learner's, and where the backward stopped."""
+
+    inputs: dict[str, Any]
+    forward: dict[str, Any]
+    loss: float
+    autograd: dict[str, torch.Tensor]
+    manual: dict[str, torch.Tensor]
+    lines: dict[str, list[int]]
+    spelling: dict[str, str]
+    helpers: dict[str, Any]
+    error: ProgramError | None
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str) -> dict[str, Any]:
+    """Every tensor with a gradient, in the order the backward finishes them (then the
+    unwritten ones, from the loss back)."""
+    # in the order the gradients are finished (their last write): a gradient built over
+    # several lines (`dx = ...`, later `dx += ...`) comes after what its last line used
+    written = sorted(main.manual, key=lambda n: (max(main.lines.get(n, [10**9])), n))
+    # the loss's own gradient is 1: checked only when the backward writes it
+    unwritten = [n for n in reversed(plan.has_grad) if n not in main.manual and n != loss_name]
+    order = written + unwritten
+    rows: dict[str, dict[str, Any]] = {}
+    first_failure = None
+    for name in order:
+        auto = main.autograd[name]
+        rtol, atol_scale = TOLERANCES[auto.dtype]
+        if name not in main.manual:
+            rows[name] = {"written": False, "shape_ok": False, "exact": False, "allclose": False,
+                          "suspect": False, "max_abs_err": None, "max_rel_err": None,
+                          "rtol": rtol, "atol": None, "lines": [], "hint": None}  # fmt: skip
+            continue
+        manual = main.manual[name]
+        row: dict[str, Any] = {"written": True, "lines": main.lines.get(name, []),
+                               "spelling": main.spelling.get(name), "suspect": False,
+                               "hint": None}  # fmt: skip
+        if tuple(manual.shape) != tuple(auto.shape) and _same_entries(manual.shape, auto.shape):
+            # (64,) written for (1, 64): the same numbers in the same order (PyTorch's
+            # allclose, as a notebook's cmp() uses it, broadcasts one onto the other)
+            row["shape_note"] = (
+                f"{main.spelling.get(name, name)} is {hints.fmt_shape(tuple(manual.shape))}, "
+                f"{name} is {hints.fmt_shape(tuple(auto.shape))}: the same entries; "
+                "keepdim=True would make the shapes equal too"
+            )
+            row["made"] = list(manual.shape)
+            manual = manual.reshape(auto.shape)
+            main.manual[name] = manual
+            if rerun is not None and name in rerun.manual:
+                rerun.manual[name] = rerun.manual[name].reshape(auto.shape)
+        if tuple(manual.shape) != tuple(auto.shape):
+            row.update(shape_ok=False, exact=False, allclose=False, max_abs_err=None,
+                       max_rel_err=None, rtol=rtol, atol=None,
+                       shape=list(manual.shape), wanted=list(auto.shape))  # fmt: skip
+            row["hint"] = hints.result_shape(
+                main.spelling.get(name, name), tuple(manual.shape), tuple(auto.shape), []
+            )
+        elif not manual.is_floating_point():
+            row.update(shape_ok=True, exact=False, allclose=False, max_abs_err=None,
+                       max_rel_err=None, rtol=rtol, atol=None)  # fmt: skip
+            row["hint"] = f"{main.spelling.get(name)} is an integer tensor: a gradient is float"
+        else:
+            noise = _rounding_noise(name, main, rerun)
+            result = compare(manual.to(auto.dtype), auto, rounding_noise=noise)
+            if noise:
+                result["rounding_noise"] = noise
+            row.update(result, shape_ok=True)
+            row["exact"] = bool(torch.equal(manual.to(auto.dtype), auto))
+            if rerun is not None and result["allclose"] and name in rerun.manual:
+                m64, a64 = rerun.manual[name], rerun.autograd[name]
+                if m64.shape == a64.shape and m64.is_floating_point():
+                    # float64's own rounding, scaled from float32's (2**-29 finer): a sum
+                    # that cancels to 0 is still noise, a dropped eps is far above it
+                    strict = compare(m64.to(a64.dtype), a64, rounding_noise=noise * FINER)
+                    if not strict["allclose"]:
+                        row["suspect"] = True
+                        row["float64_rel_err"] = strict["max_rel_err"]
+                        row["why"] = (
+                            f"within float32's tolerance, but the same line in float64 still "
+                            f"differs from autograd by {strict['max_rel_err']:.1e} (relative), "
+                            "far above float64's rounding: the formula is not exactly the "
+                            "forward's derivative (a changed eps? n vs n - 1?)"
+                        )
+            if not row["allclose"]:
+                row["hint"] = _slip_hint(name, manual, auto, plan, main)
+        if first_failure is None and (not row["allclose"]):
+            first_failure = name
+        rows[name] = row
+    for name, row in rows.items():
+        if first_failure and row["written"] and name != first_failure and not row["allclose"]:
+            row["after"] = first_failure  # may be wrong only because it uses a wrong gradient
+    written_rows = [r for r in rows.values() if r["written"]]
+    return {
+        "reference": "torch.autograd",
+        # the tolerance verdict over what is written; `all_written` says whether that is all
+        "all_close": bool(written_rows) and all(r["allclose"] for r in written_rows),
+        "all_written": all(r["written"] for r in rows.values()),
+        "written": len(written_rows),
+        "total": len(rows),
+        "suspects": [n for n, r in rows.items() if r.get("suspect")],
+        "first_failure": first_failure,
+        "tensors": rows,
+    }
+
+
+def _same_entries(a: tuple, b: tuple) -> bool:
+    """Shapes that differ only by size-1 dims: one tensor's entries are the other's."""
+    return [d for d in a if d != 1] == [d for d in b if d != 1]
+
+
+def _rounding_noise(name: str, main: Outcome, rerun: Outcome | None) -> float:
+    """The rounding error both sides carry: how far each moves between the run's precision
+    and float64. A gradient that cancels to about 0 (a bias before a batchnorm) is then
+    judged by its rounding, not by its own tiny scale."""
+    if rerun is None or name not in rerun.manual:
+        return 0.0
+    m, m64 = main.manual[name], rerun.manual[name]
+    a, a64 = main.autograd[name], rerun.autograd[name]
+    if m.shape != m64.shape or not m.is_floating_point() or not m64.is_floating_point():
+        return 0.0
+    noise = (m.double() - m64.double()).abs().max() + (a.double() - a64).abs().max()
+    return float(noise) if math.isfinite(float(noise)) else 0.0
+
+
+def _slip_hint(
+    name: str, manual: torch.Tensor, auto: torch.Tensor, plan: Plan, main: Outcome
+) -> str | None:
+    """The classic slips of these exercises, recognized from the numbers and the code."""
+    spelled = main.spelling.get(name, name)
+    reads = plan.forward_reads.get(name, [])
+    lines = main.lines.get(name, [])
+    scale = _scale(manual, auto)
+    if len(reads) > 1 and len(lines) == 1:
+        return (
+            f"{name} is used by {len(reads)} forward lines ({', '.join(map(str, reads))}): its "
+            f"gradient is the sum of what each use sends back. Did one use's share get lost? "
+            f"Accumulate the second with `{spelled} += ...`"
+        )
+    if scale is not None:
+        for n in sorted({d for t in main.forward.values() if isinstance(t, Traced)
+                         for d in t.t.shape if d > 2}):  # fmt: skip
+            for ratio, what in ((n / (n - 1), "n / (n - 1)"), ((n - 1) / n, "(n - 1) / n")):
+                if abs(scale - ratio) < 1e-3 * ratio:
+                    return (
+                        f"{spelled} is off by the factor {what} with n = {n}: Bessel's "
+                        "correction. The forward's variance and the backward must divide by "
+                        "the same n - 1 (or n)"
+                    )
+    for stmt in plan.forward.body:
+        if not isinstance(stmt, ast.Assign) or not isinstance(stmt.targets[0], ast.Name):
+            continue
+        out = stmt.targets[0].id
+        pre = _tanh_argument(stmt.value)
+        if pre == name:
+            code = " ".join(
+                plan.backward_lines[ln].code for ln in lines if ln in plan.backward_lines
+            )
+            if re.search(rf"\b{re.escape(pre)}\s*\*\*\s*2", code):
+                return (
+                    f"tanh's derivative is 1 - tanh(x)**2, taken from tanh's output: "
+                    f"1 - {out}**2, not 1 - {pre}**2"
+                )
+    return None
+
+
+def _tanh_argument(node: ast.expr) -> str | None:
+    """`pre` in `torch.tanh(pre)` or `pre.tanh()`."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        return None
+    if node.func.attr != "tanh":
+        return None
+    if isinstance(node.func.value, ast.Name) and node.func.value.id in ("torch", "F"):
+        arg = node.args[0] if node.args else None
+    else:
+        arg = node.func.value
+    return arg.id if isinstance(arg, ast.Name) else None
+
+
+def _scale(manual: torch.Tensor, auto: torch.Tensor) -> float | None:
+    """The factor c with manual ~= c * autograd, when one factor explains the difference."""
+    a, m = auto.double().reshape(-1), manual.double().reshape(-1)
+    denom = float((a * a).sum())
+    if denom == 0 or not math.isfinite(denom):
+        return None
+    c = float((a * m).sum()) / denom
+    residual = float((m - c * a).abs().max())
+    return c if residual <= 1e-4 * float(a.abs().max()) * max(1.0, abs(c)) else None
+
+
+# --------------------------------------------------------------------------- views
+
+
+def tensor_table(req: ProgramRequest, plan: Plan, main: Outcome) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+
+    def add(name: str, t: Any, role: str) -> None:
+        if isinstance(t, Traced):
+            t = t.t
+        if isinstance(t, torch.Tensor):
+            table[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                           "role": role, "bytes": t.numel() * t.element_size()}  # fmt: skip
+
+    for name, value in main.inputs.items():
+        add(name, value, "param" if name in plan.has_grad else "input")
+    for name in plan.intermediates:
+        add(name, main.forward.get(name), "loss" if name == req.loss else "intermediate")
+    for tensor, value in main.manual.items():
+        add(main.spelling.get(tensor, GRAD_PREFIX + tensor), value, "gradient")
+    for name, value in main.helpers.items():
+        if name not in table:
+            add(name, value, "helper")
+    return table
+
+
+def gradient_views(req: ProgramRequest, plan: Plan, main: Outcome, table: dict) -> dict[str, Any]:
+    names = list(table["tensors"])
+    sizes = [main.autograd[n].numel() for n in names]
+    cells = response_max_cells(sizes, req.max_cells, 4, MAX_RESPONSE_CELLS)
+    views: dict[str, Any] = {}
+    for name in names:
+        row = table["tensors"][name]
+        auto = main.autograd[name]
+        if row["written"] and row["shape_ok"] and main.manual[name].is_floating_point():
+            tol = (row["rtol"], row["atol"]) if row.get("atol") is not None else None
+            view = gradient_view(main.manual[name].to(auto.dtype), cells, auto, tol)
+            view["source"] = "manual"
+        elif row["written"] and main.manual[name].is_floating_point():
+            view = gradient_view(main.manual[name], cells)
+            view["source"] = "manual"
+            view["autograd"] = gradient_view(auto, cells)
+        else:
+            view = gradient_view(auto, cells)
+            view["source"] = "autograd"
+        views[name] = view
+    return views

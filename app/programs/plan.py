@@ -1,0 +1,390 @@
+"""A program's dry run: before anything real runs, `admit` runs both texts on meta tensors
+through the same interpreters the real run uses: shapes, bytes and work of every line (loops
+counted in full), and every refusal (a 422 at `["body", "forward" | "backward", line]`). A
+backward line that cannot run is not refused: it becomes the plan's `stops_at`, and the lines
+before it are run and checked, as a notebook would have run them.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from app.cost.work import OP_S, _elementwise_s, _matmul_s
+from app.lab import formulas
+from app.lab.allowlist import FormulaError, Pair
+from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
+from app.ops.cancel import check_cancelled
+from app.ops.traced import Step, Traced
+from app.programs.inputs import DTYPES, meta_of
+from app.programs.schemas import ProgramRequest
+
+GRAD_PREFIX = "d"
+GRAD_SUFFIX = ".g"
+# rerun in float64 to tell a real difference from float32 rounding (the `suspect` verdict)
+# when the whole program is estimated under this
+SUSPECT_RERUN_MAX_S = 0.6
+# kinds of evaluator error that refuse the request (422) rather than stop the backward
+REFUSING_KINDS = frozenset({"syntax", "not_allowed", "too_long", "budget", "work"})
+
+
+class ProgramRefused(Exception):
+    """A 422 at `["body", which, line]` (app/api/program.py raises it as FastAPI's own)."""
+
+    def __init__(self, which: str, line: int | None, message: str, kind: str, **ctx: Any):
+        super().__init__(message)
+        self.which, self.line, self.kind, self.ctx = which, line, kind, ctx
+
+
+# --------------------------------------------------------------------------- the interpreters
+
+
+class ForwardRun(Interpreter):
+    """The forward: `name = expression` lines over the inputs; each name assigned once, so
+    each has one gradient."""
+
+    def __init__(self, program: Program, inputs: dict[str, Any], check: Callable[[], None]):
+        super().__init__(program, dict(inputs), [], check)
+        self.input_names = set(inputs)
+        self.assigned: list[str] = []
+
+    def resolve(self, node: ast.AST, name: str) -> Any:
+        if name.endswith(GRAD_SUFFIX):
+            self.fail(node, "the forward reads no gradients; .g belongs to the backward", "name")
+        if name not in self.scope:
+            known = ", ".join([*self.input_names, *self.assigned]) or "none"
+            self.fail(
+                node,
+                f"{name} is not an input and no line above assigns it (known here: {known}); "
+                "add it to `inputs`, or assign it first",
+                "name",
+            )
+        return self.scope[name]
+
+    def assign(self, stmt: ast.stmt, name: str, value: Any) -> None:
+        if name.endswith(GRAD_SUFFIX):
+            self.fail(stmt, "the forward assigns values; gradients (.g) belong to the backward",
+                      "not_allowed")  # fmt: skip
+        if name in self.input_names:
+            self.fail(stmt, f"{name} is an input; the forward makes new names from it",
+                      "not_allowed")  # fmt: skip
+        if name in self.assigned:
+            self.fail(
+                stmt,
+                f"{name} is assigned twice; in a program every forward name is assigned once, "
+                "so that its gradient is one tensor (call the new value another name)",
+                "not_allowed",
+            )
+        if isinstance(value, range):
+            self.fail(stmt, "a range is for indexing and loops, not a value", "not_allowed")
+        self.assigned.append(name)
+        super().assign(stmt, name, value)
+
+
+class BackwardRun(Interpreter):
+    """The learner's backward: reads the forward's tensors (never writes them), writes
+    gradients (`d<name>` / `<name>.g`) and helpers of its own."""
+
+    def __init__(
+        self,
+        program: Program,
+        forward: dict[str, Any],
+        has_grad: set[str],
+        check: Callable[[], None],
+    ):
+        protected = [v.t for v in forward.values() if isinstance(v, Traced)]
+        super().__init__(program, {}, protected, check)
+        self.forward = forward
+        self.has_grad = has_grad
+        self.gradients: dict[str, Traced] = {}  # tensor name -> its gradient, as written
+        self.lines: dict[str, list[int]] = {}  # tensor name -> the lines that wrote it
+        self.spelling: dict[str, str] = {}  # tensor name -> how the learner named its grad
+
+    def grad_of(self, name: str) -> str | None:
+        """The tensor whose gradient `name` is, or None for a helper."""
+        if name.endswith(GRAD_SUFFIX):
+            return name.removesuffix(GRAD_SUFFIX)
+        if name.startswith(GRAD_PREFIX) and name[1:] in self.has_grad:
+            return name[1:]
+        return None
+
+    def resolve(self, node: ast.AST, name: str) -> Any:
+        if name in self.forward:
+            return self.forward[name]
+        tensor = self.grad_of(name)
+        if tensor is not None:
+            if tensor not in self.has_grad:
+                self.fail(node, self._no_grad(tensor), "name")
+            if tensor not in self.gradients:
+                self.fail(node, f"{name} is read before any line writes it", "name")
+            return self.gradients[tensor]
+        if name not in self.scope:
+            self.fail(node, f"{name} is not a tensor of the forward, a gradient written above, "
+                      "or a helper assigned above", "name")  # fmt: skip
+        return self.scope[name]
+
+    def _no_grad(self, tensor: str) -> str:
+        if tensor in self.forward:
+            return f"{tensor} has no gradient: nothing that needs one flows through it"
+        return f"the forward has no tensor {tensor}"
+
+    def assign(self, stmt: ast.stmt, name: str, value: Any) -> None:
+        if name in self.forward:
+            self.fail(
+                stmt,
+                f"{name} is the forward's; the backward writes gradients ({GRAD_PREFIX}{name} "
+                f"or {name}.g) and helpers of its own",
+                "not_allowed",
+            )
+        tensor = self.grad_of(name)
+        if tensor is None:
+            self.scope[name] = self.atom(name, value)
+            return
+        if tensor not in self.has_grad:
+            self.fail(stmt, self._no_grad(tensor), "name")
+        if not isinstance(value, Traced):
+            self.fail(stmt, f"{name} is a gradient: a tensor, not {type(value).__name__}",
+                      "not_allowed")  # fmt: skip
+        self.gradients[tensor] = self.atom(name, value)
+        self.spelling.setdefault(tensor, name)
+
+    def rebind(self, name: str, value: Traced) -> None:
+        tensor = self.grad_of(name)
+        if tensor is None:
+            self.scope[name] = Traced(value.t, name)
+            return
+        self.gradients[tensor] = Traced(value.t, name)
+
+    def _record(self, stmt: ast.stmt, name: str) -> None:
+        """Which gradients the line wrote (assigned, or changed in place), and where."""
+        super()._record(stmt, name)
+        written = [t for t in map(self.grad_of, name.split(", ")) if t in self.gradients]
+        self.executed[stmt.lineno].grad_of = written[0] if written else None
+        for tensor in written:
+            lines = self.lines.setdefault(tensor, [])
+            if stmt.lineno not in lines:
+                lines.append(stmt.lineno)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """What the dry run learned: the traces, the cost, and where the backward stops."""
+
+    forward: Program
+    backward: Program
+    forward_lines: dict[int, Executed]
+    backward_lines: dict[int, Executed]
+    has_grad: list[str]  # tensors with a gradient, inputs first, then the forward's order
+    intermediates: list[str]  # the forward's names, in order
+    stops_at: ProgramError | None  # the first backward line that cannot run
+    seconds: float
+    bytes: int
+    rerun: bool  # a float64 rerun judges `suspect`
+    forward_reads: dict[str, list[int]] = field(default_factory=dict)
+    known: frozenset[str] = frozenset()  # the inputs' and the forward's names
+
+
+class _Cost:
+    """Seconds and bytes, step by step, as the dry run goes (loops counted in full)."""
+
+    def __init__(self, itemsize: int, seconds_limit: float, bytes_limit: int, which: str):
+        self.itemsize, self.seconds_limit, self.bytes_limit = itemsize, seconds_limit, bytes_limit
+        self.which = which
+        self.seconds = 0.0
+        self.peak_temp = 0
+        self.kept = 0
+
+    def add(self, entry: Executed, steps: list[Step]) -> None:
+        temp = 0
+        for step in steps:
+            d = step.as_dict()
+            flops = formulas.step_flops(d)
+            if flops:  # matmuls and einsums at the BLAS rate, as the built-in strategies
+                self.seconds += _matmul_s(flops, self.itemsize)
+            self.seconds += _elementwise_s(formulas.step_work(d) * self.itemsize)
+            self.seconds += OP_S
+            if not formulas.is_view(d) and d["action"] != "write":
+                temp += d["bytes"] + d.get("temp_bytes", 0)
+        self.peak_temp = max(self.peak_temp, temp)
+        if entry.runs == 1:
+            self.kept += (
+                steps[-1].bytes if steps and not formulas.is_view(steps[-1].as_dict()) else 0
+            )
+        if self.seconds > self.seconds_limit:
+            raise ProgramRefused(
+                self.which,
+                entry.line,
+                f"line {entry.line} (`{entry.code}`): the {self.which} would take about "
+                f"{self.seconds:.1f} s of work by here, over the limit of "
+                f"{self.seconds_limit:.1f} s (loops are counted in full): shrink the shapes, "
+                "or write a loop as one tensor operation",
+                "work",
+                seconds=self.seconds,
+                limit_s=self.seconds_limit,
+            )
+        if self.kept + self.peak_temp > self.bytes_limit:
+            raise ProgramRefused(
+                self.which,
+                entry.line,
+                f"line {entry.line} (`{entry.code}`): the {self.which}'s tensors would take "
+                f"{_mib(self.kept + self.peak_temp)} by here, over the server's memory budget "
+                f"of {_mib(self.bytes_limit)} per run",
+                "budget",
+                bytes=self.kept + self.peak_temp,
+                budget_bytes=self.bytes_limit,
+            )
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def _meta_inputs(req: ProgramRequest) -> tuple[dict[str, Any], int]:
+    dtype = DTYPES[req.dtype]
+    scope: dict[str, Any] = {}
+    total = 0
+    for name, spec in req.inputs.items():
+        info = meta_of(spec)
+        if info.shape is None:
+            scope[name] = spec.value
+            continue
+        t = torch.empty(info.shape, dtype=torch.int64 if info.integer else dtype, device="meta")
+        if info.grad:
+            t.requires_grad_()
+        total += t.numel() * t.element_size()
+        scope[name] = Traced(t, name)
+    return scope, total
+
+
+def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
+    """The dry run: every refusal before anything real is made (ProgramRefused)."""
+    forward = _parse(req.forward, "forward")
+    backward = _parse(req.backward, "backward")
+    scope, input_bytes = _meta_inputs(req)
+    itemsize = torch.empty((), dtype=DTYPES[req.dtype]).element_size()
+    cost = _Cost(itemsize, work_limit_s, memory_budget - input_bytes, "forward")
+    fwd = ForwardRun(forward, scope, check_cancelled)
+    fwd.on_statement = cost.add
+    with torch.enable_grad():
+        _run(fwd, "forward")
+    loss = _loss_of(req, fwd, forward)
+    if not loss.t.requires_grad:
+        raise ProgramRefused("forward", _line_of(forward, req.loss), f"{req.loss} does not "
+                             "depend on any input with a gradient (grad: true)", "name")  # fmt: skip
+    env = {n: detached(v) for n, v in fwd.scope.items()}
+    has_grad = [n for n in req.inputs if _requires_grad(scope.get(n))] + [
+        n for n in fwd.assigned if _requires_grad(fwd.scope[n])
+    ]
+    # the run keeps the forward, autograd's saved tensors and the retained gradients
+    forward_bytes = cost.kept
+    back_cost = _Cost(
+        itemsize, max(0.0, work_limit_s - 3 * cost.seconds),
+        memory_budget - input_bytes - 3 * forward_bytes, "backward",
+    )  # fmt: skip
+    bwd = BackwardRun(backward, env, set(has_grad), check_cancelled)
+    bwd.on_statement = back_cost.add
+    stops_at = None
+    with torch.no_grad():
+        try:
+            bwd.run()
+        except ProgramError as err:
+            if err.kind in REFUSING_KINDS:
+                raise ProgramRefused(
+                    "backward", err.line, str(err), err.kind, **error_context(err)
+                ) from None
+            stops_at = err
+    seconds = 3 * cost.seconds + back_cost.seconds
+    rerun = req.dtype == "float32" and seconds * 2.2 <= min(SUSPECT_RERUN_MAX_S, work_limit_s)
+    return Plan(
+        forward=forward,
+        backward=backward,
+        forward_lines=fwd.executed,
+        backward_lines=bwd.executed,
+        has_grad=has_grad,
+        intermediates=list(fwd.assigned),
+        stops_at=stops_at,
+        seconds=seconds * (2.2 if rerun else 1.0),
+        bytes=input_bytes + 3 * forward_bytes + back_cost.kept + back_cost.peak_temp,
+        rerun=rerun,
+        forward_reads=_reads(forward),
+        known=frozenset([*req.inputs, *fwd.assigned]),
+    )
+
+
+def _parse(source: str, which: str) -> Program:
+    try:
+        return parse_program(source, which)
+    except ProgramError as err:
+        raise ProgramRefused(which, err.line, str(err), err.kind, **error_context(err)) from None
+
+
+def _run(interp: Interpreter, which: str) -> None:
+    try:
+        interp.run()
+    except ProgramError as err:
+        raise ProgramRefused(which, err.line, str(err), err.kind, **error_context(err)) from None
+
+
+def error_context(err: FormulaError) -> dict[str, Any]:
+    return {k: v for k, v in err.details.items() if k in ("operands", "dim", "sizes", "made",
+                                                          "wanted", "expr")}  # fmt: skip
+
+
+def _loss_of(req: ProgramRequest, fwd: ForwardRun, forward: Program) -> Traced:
+    last = forward.body[-1].lineno if forward.body else 1
+    if req.loss not in fwd.assigned:
+        raise ProgramRefused("forward", last, f"the forward never assigns {req.loss}: end it "
+                             f"with `{req.loss} = ...` (the scalar loss)", "name")  # fmt: skip
+    loss = fwd.scope[req.loss]
+    line = _line_of(forward, req.loss)
+    if not isinstance(loss, Traced) or loss.t.numel() != 1 or not loss.t.is_floating_point():
+        shape = tuple(loss.t.shape) if isinstance(loss, Traced) else type(loss).__name__
+        raise ProgramRefused("forward", line, f"{req.loss} must be a scalar float tensor; it is "
+                             f"{shape} (take .mean() or .sum())", "shape")  # fmt: skip
+    return loss
+
+
+def _line_of(program: Program, name: str) -> int:
+    for stmt in program.body:
+        if isinstance(stmt, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in stmt.targets
+        ):
+            return stmt.lineno
+    return 1
+
+
+def _reads(program: Program) -> dict[str, list[int]]:
+    """name -> the forward lines that read it (a tensor read twice gets two gradients)."""
+    reads: dict[str, list[int]] = {}
+    for stmt in program.body:
+        for node in ast.walk(stmt.value if isinstance(stmt, ast.Assign) else stmt):
+            if isinstance(node, ast.Name):
+                reads.setdefault(node.id, [])
+                if stmt.lineno not in reads[node.id]:
+                    reads[node.id].append(stmt.lineno)
+    return reads
+
+
+def line_reads(plan: Plan, line: int) -> list[str]:
+    """The inputs and forward names that forward line `line` reads, in order of first read
+    (the edges of the page's shape-flow diagram)."""
+    return [n for n, lines in plan.forward_reads.items() if line in lines and n in plan.known]
+
+
+def _requires_grad(value: Any) -> bool:
+    return isinstance(value, Traced) and value.t.requires_grad
+
+
+def detached(value: Any) -> Any:
+    if isinstance(value, Traced):
+        return Traced(value.t.detach(), value.expr)
+    if isinstance(value, Pair):
+        return Pair(tuple(detached(v) for v in value))
+    return value
