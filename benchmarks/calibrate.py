@@ -20,7 +20,7 @@ import torch
 from app.cost import work
 from app.engine import pipeline
 from app.schemas import RunRequest
-from app.server.limits import derive_concurrency
+from app.server.lanes import derive_concurrency
 from app.settings import Settings
 
 CONFIGS = [

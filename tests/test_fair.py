@@ -14,8 +14,8 @@ from app.api import run as run_route
 from app.cost import work
 from app.main import create_app
 from app.schemas import RunRequest
-from app.server import limits
-from app.server.limits import CancelToken, RunLimiter, Saturated, Stopped
+from app.server import lanes
+from app.server.lanes import CancelToken, RunLimiter, Saturated, Stopped
 from app.settings import Settings
 
 SMALL = {"batch": 4, "in_features": 3, "hidden": [5] * 8, "norm": "layernorm"}
@@ -110,7 +110,7 @@ def test_one_dry_run_at_a_time():
 
 def test_the_pacer_steps_aside_while_a_run_is_in_flight_and_stops_when_cancelled(monkeypatch):
     sleeps: list[float] = []
-    monkeypatch.setattr(limits.time, "sleep", sleeps.append)
+    monkeypatch.setattr(lanes.time, "sleep", sleeps.append)
     limiter = RunLimiter(slots=1, wait_s=0)
     token = CancelToken()
     pace = limiter.pacer(token)
@@ -118,7 +118,7 @@ def test_the_pacer_steps_aside_while_a_run_is_in_flight_and_stops_when_cancelled
     assert sleeps == []  # nothing in flight: on at once
     limiter.in_flight = 1
     pace()
-    assert sum(sleeps) == pytest.approx(limits.PACE_YIELD_S)  # a bounded wait, then on
+    assert sum(sleeps) == pytest.approx(lanes.PACE_YIELD_S)  # a bounded wait, then on
     token.set("disconnect")
     with pytest.raises(Stopped):
         pace()

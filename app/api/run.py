@@ -10,7 +10,8 @@ from app.lab import formulas
 from app.lab.evaluator import FormulaError
 from app.lab.formulas import UnknownGradient
 from app.schemas import ErrorMessage, RunRequest, RunResponse
-from app.server.limits import CancelToken, guarded
+from app.server.errors import guarded
+from app.server.lanes import CancelToken
 from app.settings import Settings
 from app.views import follow
 
@@ -64,7 +65,7 @@ async def checked_budget(http: Request, cfg: RunRequest) -> tuple[float, int]:
     """`check_budget`, off the event loop. Shapes only: cheap, on any thread; but a long dry
     run of the learner's formulas (estimated from their length: `work.dry_run_s`) takes the
     dry-run lane's one slot, with the run deadline, and steps aside for the runs in flight
-    between two formulas (app/server/limits.py, RunLimiter.pacer)."""
+    between two formulas (app/server/lanes.py, RunLimiter.pacer)."""
     settings: Settings = http.app.state.settings
     if work.dry_run_s(cfg) <= work.DRY_RUN_INLINE_S:
         return await anyio.to_thread.run_sync(check_budget, cfg, settings)

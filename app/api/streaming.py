@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import anyio
 
-from app.server.limits import Lane
+from app.server.lanes import Lane
 
 T = TypeVar("T")
 _END = object()  # the generator is over

@@ -16,7 +16,7 @@ from app.api.run import VALIDATION_ERROR, checked_budget
 from app.api.streaming import iterate_in_slices
 from app.engine import train as training
 from app.schemas import TrainRequest
-from app.server.limits import TRAIN_SLICE_S, CancelToken
+from app.server.lanes import TRAIN_SLICE_S, CancelToken
 from app.settings import Settings
 
 router = APIRouter(tags=["train"])
