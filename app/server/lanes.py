@@ -28,7 +28,6 @@ from app.settings import Settings
 T = TypeVar("T")
 
 
-
 @dataclass(frozen=True)
 class Concurrency:
     runs: int  # heavy runs at once (per lane)
