@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from app.cost import work
-from app.engine import pipeline
-from app.schemas import RunRequest
-from app.server.limits import derive_concurrency
-from app.settings import Settings
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's app/
+from app.cost import work  # noqa: E402
+from app.engine import pipeline  # noqa: E402
+from app.schemas import RunRequest  # noqa: E402
+from app.server.lanes import derive_concurrency  # noqa: E402
+from app.settings import Settings  # noqa: E402
 
 CONFIGS = [
     {},

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from app.cost import admission, work
 from app.main import create_app
 from app.schemas import RunRequest
-from app.server import limits
-from app.server.limits import CancelToken, RunLimiter, Saturated, Stopped
+from app.server import lanes
+from app.server.lanes import CancelToken, RunLimiter, Saturated, Stopped
 from app.settings import Settings
 
 # many requests or sockets at once: the slow lane
@@ -112,7 +112,7 @@ def test_one_dry_run_at_a_time():
 
 def test_the_pacer_steps_aside_while_a_run_is_in_flight_and_stops_when_cancelled(monkeypatch):
     sleeps: list[float] = []
-    monkeypatch.setattr(limits.time, "sleep", sleeps.append)
+    monkeypatch.setattr(lanes.time, "sleep", sleeps.append)
     limiter = RunLimiter(slots=1, wait_s=0)
     token = CancelToken()
     pace = limiter.pacer(token)
@@ -120,7 +120,7 @@ def test_the_pacer_steps_aside_while_a_run_is_in_flight_and_stops_when_cancelled
     assert sleeps == []  # nothing in flight: on at once
     limiter.in_flight = 1
     pace()
-    assert sum(sleeps) == pytest.approx(limits.PACE_YIELD_S)  # a bounded wait, then on
+    assert sum(sleeps) == pytest.approx(lanes.PACE_YIELD_S)  # a bounded wait, then on
     token.set("disconnect")
     with pytest.raises(Stopped):
         pace()

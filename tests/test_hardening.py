@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 from app.engine import pipeline
 from app.main import create_app
 from app.schemas import RunRequest, RunResponse
-from app.server import limits
+from app.server.body import BodyLimitMiddleware
+from app.server.lanes import derive_concurrency
 from app.settings import Settings
 
 # a client that shows server errors as responses (a 5xx must fail the assertion, not the request)
@@ -219,7 +220,7 @@ def test_body_limit_stops_reading_early():
             sent.append(message)
 
         scope = {"type": "http", "method": "POST", "path": "/api/run", "headers": headers}
-        limited = limits.BodyLimitMiddleware(app, max_bytes=4096)
+        limited = BodyLimitMiddleware(app, max_bytes=4096)
         # a thread of its own: the browser tests' sync Playwright keeps a loop on this one
         with ThreadPoolExecutor(1) as pool:
             pool.submit(anyio.run, limited, scope, receive, send).result()
@@ -236,7 +237,7 @@ def test_body_limit_stops_reading_early():
 @pytest.mark.parametrize("cores", [1, 2, 3, 4, 8, 16, 64])
 @pytest.mark.parametrize("runs,threads", [(0, 0), (2, 0), (0, 2), (3, 0)])
 def test_derived_concurrency_fits_the_cores(cores, runs, threads):
-    c = limits.derive_concurrency(Settings(max_concurrent_runs=runs, torch_threads=threads), cores)
+    c = derive_concurrency(Settings(max_concurrent_runs=runs, torch_threads=threads), cores)
     assert c.runs >= 1 and c.torch_threads >= 1
     if runs:
         assert c.runs == runs

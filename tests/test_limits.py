@@ -18,13 +18,8 @@ from app.engine import pipeline
 from app.main import create_app
 from app.ops.cancel import RunCancelled
 from app.schemas import RunRequest
-from app.server.limits import (
-    CancelToken,
-    RunLimiter,
-    Saturated,
-    Stopped,
-    release_memory,
-)
+from app.server.allocator import release_memory
+from app.server.lanes import CancelToken, RunLimiter, Saturated, Stopped
 from app.settings import Settings
 
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import anyio
 
 from app.api.streaming import iterate_in_slices
-from app.server.limits import RunLimiter
+from app.server.lanes import RunLimiter
 
 
 def run_apart(main, timeout: float = 20) -> list:

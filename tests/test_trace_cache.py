@@ -8,7 +8,7 @@ import gc
 from app.engine import pipeline, traces
 from app.engine.traces import TraceCache
 from app.schemas import RunRequest
-from app.server import limits
+from app.server import allocator
 
 
 def test_the_cache_is_bounded_by_bytes_least_recent_first_out():
@@ -49,8 +49,10 @@ def test_each_get_gives_fresh_objects_and_the_cache_holds_only_bytes():
 
 def test_release_memory_never_runs_a_full_collection(monkeypatch):
     generations = []
-    monkeypatch.setattr(limits.gc, "collect", lambda generation=2: generations.append(generation))
-    if limits.release_memory():  # False on a C library without malloc_trim
+    monkeypatch.setattr(
+        allocator.gc, "collect", lambda generation=2: generations.append(generation)
+    )
+    if allocator.release_memory():  # False on a C library without malloc_trim
         assert generations and max(generations) < 2
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from app.views.heatmap import block_extreme, block_mean, block_sizes, gradient_view
+from app.views.heatmap import block_extreme, block_max, block_mean, block_sizes, gradient_view
 
 
 @pytest.mark.parametrize(
@@ -128,3 +128,23 @@ def test_tolerance_heatmap_lights_up_exactly_where_the_formula_is_wrong(client):
     assert [q > 1 for q in ratio] == wrong
     zeroed = [m == 0 and r != 0 for m, r in zip(manual, ref)]
     assert all(z or q <= 1 for z, q in zip(zeroed, ratio))  # only the zeroed entries light up
+
+
+@pytest.mark.parametrize(
+    "rows, cols, row_block, col_block",
+    [(1000, 784, 13, 15), (7, 5, 3, 2), (1, 9, 1, 4), (6, 4, 6, 4), (5, 8, 2, 8)],
+)
+def test_block_extremes_are_max_pool2ds_whatever_the_edges(rows, cols, row_block, col_block):
+    """The folded min and max give max_pool2d's (ceil_mode) answer, non-finite entries too."""
+    t = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols))
+    t[0, -1], t[-1, 0] = float("nan"), float("-inf")
+    pool = dict(kernel_size=(row_block, col_block), stride=(row_block, col_block), ceil_mode=True)
+    high = torch.nn.functional.max_pool2d(t[None, None], **pool)[0, 0]
+    low = -torch.nn.functional.max_pool2d(-t[None, None], **pool)[0, 0]
+    expected = torch.where(low.abs() > high.abs(), low, high)
+    torch.testing.assert_close(
+        block_extreme(t, row_block, col_block), expected, equal_nan=True, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        block_max(t, row_block, col_block), high, equal_nan=True, rtol=0, atol=0
+    )

@@ -22,7 +22,8 @@ from app.programs import run as programs
 from app.programs import train as training
 from app.programs.schemas import ProgramRequest, ProgramResponse, ProgramTrainRequest
 from app.schemas import ErrorMessage
-from app.server.limits import TRAIN_SLICE_S, CancelToken, guarded
+from app.server.errors import guarded
+from app.server.lanes import TRAIN_SLICE_S, CancelToken
 from app.settings import Settings
 
 router = APIRouter(tags=["program"])

@@ -9,7 +9,8 @@ from app.engine.pipeline import Traces
 from app.lab import formulas
 from app.lab.allowlist import FormulaError
 from app.schemas import ErrorMessage, RunRequest, RunResponse
-from app.server.limits import CancelToken, guarded
+from app.server.errors import guarded
+from app.server.lanes import CancelToken
 from app.settings import Settings
 
 router = APIRouter(tags=["run"])

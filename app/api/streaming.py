@@ -21,7 +21,7 @@ import anyio
 import orjson
 from fastapi.sse import ServerSentEvent
 
-from app.server.limits import Lane
+from app.server.lanes import Lane
 
 T = TypeVar("T")
 _END = object()  # the generator is over

@@ -16,7 +16,7 @@ from app.api.streaming import event, iterate_in_slices
 from app.cost import admission
 from app.engine import train as training
 from app.schemas import TrainRequest
-from app.server.limits import TRAIN_SLICE_S, CancelToken
+from app.server.lanes import TRAIN_SLICE_S, CancelToken
 from app.settings import Settings
 
 router = APIRouter(tags=["train"])

@@ -37,7 +37,7 @@ from app.lab.formulas import UnknownGradient, is_view
 from app.ops.cancel import cancel_token
 from app.programs import run as programs
 from app.programs.schemas import ProgramRequest
-from app.server.limits import CancelToken
+from app.server.lanes import CancelToken
 from app.views import follow
 
 
@@ -275,7 +275,7 @@ async def admitted(http, cfg) -> Admitted:
     """`admit`, off the event loop. Shapes only: cheap, on any thread; but a long dry run of
     the learner's formulas (estimated from their length: `work.dry_run_s`) takes the dry-run
     lane's one slot, with the run deadline, and steps aside for the runs in flight between
-    two formulas (app/server/limits.py, RunLimiter.pacer)."""
+    two formulas (app/server/lanes.py, RunLimiter.pacer)."""
     settings = http.app.state.settings
     if dry_run_s(cfg) <= DRY_RUN_INLINE_S:
         return await anyio.to_thread.run_sync(admit, cfg, settings)

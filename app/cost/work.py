@@ -19,7 +19,7 @@ A run makes several passes over its network, and every one of them counts:
 The constants were measured on the development machine (2 shared cores; see
 benchmarks/calibrate.py, which prints the model against measured runs) and err on the slow
 side. The model decides what is refused before the run (422 naming the field to change); the
-run's deadline (BROADPROP_RUN_DEADLINE_S, app/server/limits.py) stops whatever it misjudges.
+run's deadline (BROADPROP_RUN_DEADLINE_S, app/server/lanes.py) stops whatever it misjudges.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def estimate(run, chunk_bytes: int) -> Work:
 # cold process pays about 3x once.
 DRY_RUN_S_PER_CHAR = 15e-6
 # A dry run estimated at most this long runs where the check runs (any thread); a longer one
-# takes the dry-run lane's slot (app/server/limits.py), one at a time
+# takes the dry-run lane's slot (app/server/lanes.py), one at a time
 DRY_RUN_INLINE_S = 0.05
 
 

@@ -25,7 +25,7 @@ def _no_pace() -> None:
 
 # Called between two learner formulas of a dry run (`Network.trace`): the server sets it to
 # stop a dry run at its deadline and to step aside while a run is in flight
-# (app.server.limits.RunLimiter.pacer). Nothing by default.
+# (app.server.lanes.RunLimiter.pacer). Nothing by default.
 PACE: ContextVar[Callable[[], None]] = ContextVar("pace", default=_no_pace)
 
 

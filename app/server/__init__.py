@@ -1,4 +1,4 @@
-"""The server's plumbing, below the app: limits (body size, run slots, deadlines, memory),
+"""The server's plumbing, below the app: lanes (run slots, deadlines), body (size), allocator (memory),
 errors (never a 500; a log that cannot be flooded), security (hosts, origins, headers),
 OpenAPI (exact limits) and startup (lifespan, the connection guard). Nothing here imports
 from the rest of app/ but its settings; the app hands in what it needs (`install`)."""
@@ -13,13 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.server import errors
-from app.server.limits import (
-    BodyLimitMiddleware,
-    RunLimiter,
-    Saturated,
-    Stopped,
-    derive_concurrency,
-)
+from app.server.body import BodyLimitMiddleware
+from app.server.lanes import RunLimiter, Saturated, Stopped, derive_concurrency
 from app.server.openapi import exact_openapi
 from app.server.security import ComputeRoutes, GuardMiddleware, JsonBodyMiddleware
 from app.server.startup import lifespan_with

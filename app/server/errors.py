@@ -1,15 +1,18 @@
 """Errors mapped to statuses, as strict JSON: the client's mistakes to 4xx, busy to 503, our
-own bugs to 500 (never a traceback to the client); and a log that cannot be flooded."""
+own bugs to 500 (never a traceback to the client); running out of memory in a run to 503
+(`guarded`); and a log that cannot be flooded."""
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -17,10 +20,43 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.server.limits import Saturated, Stopped, retry_after
+from app.server.lanes import Saturated, Stopped
 from app.server.responses import StrictJSONResponse
+from app.settings import Settings
 
 log = logging.getLogger("broadprop")
+T = TypeVar("T")
+
+
+def retry_after(settings: Settings) -> str:
+    return str(max(1, math.ceil(settings.queue_wait_s)))
+
+
+def guarded(fn: Callable[..., T], settings: Settings) -> Callable[..., T]:
+    """`fn` with running out of memory mapped to 503 with Retry-After. Every other error
+    passes on: a learner's mistake is mapped to its 422 where it is known (at its field),
+    anything else is our own bug (a 500, app.server.errors)."""
+
+    def call(*args: Any) -> T:
+        try:
+            return fn(*args)
+        except MemoryError:
+            raise _run_out_of_memory(settings) from None
+        except RuntimeError as e:
+            if "memory" in str(e).lower() or "alloc" in str(e).lower():
+                raise _run_out_of_memory(settings) from e
+            raise
+
+    return call
+
+
+def _run_out_of_memory(settings: Settings) -> HTTPException:
+    return HTTPException(
+        503,
+        "the server ran out of memory for this run; retry later or shrink the run "
+        f"(BROADPROP_MEMORY_BUDGET_BYTES is {settings.memory_budget_bytes})",
+        headers={"Retry-After": retry_after(settings)},
+    )
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> StrictJSONResponse:

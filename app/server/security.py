@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.server.limits import refuse, replay
+from app.server.body import refuse, replay
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "[::1]"})
 # Starlette's TestClient with its defaults: scope["client"] and the Host it sends

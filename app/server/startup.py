@@ -14,8 +14,8 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from app.server.allocator import freeze_long_lived
 from app.server.errors import limit_log_rates
-from app.server.limits import freeze_long_lived
 from app.settings import Settings
 
 log = logging.getLogger("broadprop")

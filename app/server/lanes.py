@@ -1,16 +1,12 @@
-"""Limits on what one request may take: the body size, the run slots (two lanes, so a small
-run never waits behind a giant one), a deadline and cancellation for each run, and giving
-memory back to the system after big runs."""
+"""The run slots: two lanes of kept threads (so a small run never waits behind a giant one),
+a dry-run lane for the learner's formulas, trainings taking turns, and a deadline and
+cancellation for each run."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import contextvars
-import ctypes
-import ctypes.util
-import gc
-import logging
 import math
 import os
 import queue
@@ -24,16 +20,12 @@ from typing import Any, TypeVar
 
 import anyio
 import torch
-from fastapi import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message
 
-from app.server.responses import StrictJSONResponse
+from app.server.allocator import TRIM_DELAY_S, TRIM_MIN_BYTES, release_memory, tune_allocator
 from app.settings import Settings
 
-log = logging.getLogger("broadprop")
 T = TypeVar("T")
-
-# --- concurrency -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -462,177 +454,3 @@ class RunLimiter:
                 raise Stopped(cancel.reason or "deadline", self.deadline_s) from outcome["error"]
             raise outcome["error"]
         return outcome["value"]
-
-
-def retry_after(settings: Settings) -> str:
-    return str(max(1, math.ceil(settings.queue_wait_s)))
-
-
-def guarded(fn: Callable[..., T], settings: Settings) -> Callable[..., T]:
-    """`fn` with running out of memory mapped to 503 with Retry-After. Every other error
-    passes on: a learner's mistake is mapped to its 422 where it is known (at its field),
-    anything else is our own bug (a 500, app.server.errors)."""
-
-    def call(*args: Any) -> T:
-        try:
-            return fn(*args)
-        except MemoryError:
-            raise _out_of_memory(settings) from None
-        except RuntimeError as e:
-            if "memory" in str(e).lower() or "alloc" in str(e).lower():
-                raise _out_of_memory(settings) from e
-            raise
-
-    return call
-
-
-def _out_of_memory(settings: Settings) -> HTTPException:
-    return HTTPException(
-        503,
-        "the server ran out of memory for this run; retry later or shrink the run "
-        f"(BROADPROP_MEMORY_BUDGET_BYTES is {settings.memory_budget_bytes})",
-        headers={"Retry-After": retry_after(settings)},
-    )
-
-
-# --- memory ----------------------------------------------------------------------------------
-
-TRIM_MIN_BYTES = 32 << 20  # runs estimated at least this big give their memory back after
-TRIM_DELAY_S = 0.5  # after the run: its answer is sent, its last tensors collected
-
-
-def _libc_function(name: str, argtypes: list) -> Callable[..., int] | None:
-    """A glibc function (malloc_trim, mallopt), or None on another C library."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        function = getattr(libc, name)
-    except (OSError, AttributeError):
-        return None
-    function.argtypes, function.restype = argtypes, ctypes.c_int
-    return function
-
-
-_TRIM = _libc_function("malloc_trim", [ctypes.c_size_t])
-_MALLOPT = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-# Blocks up to this size come from the arenas and are reused; larger ones (a big run's x and
-# x.g) are mapped for themselves and unmapped when freed. 32 MiB is glibc's largest.
-MMAP_THRESHOLD_BYTES = 32 << 20
-# Free memory an arena keeps rather than handing back on every free (release_memory hands
-# it all back once a big run is over)
-TRIM_THRESHOLD_BYTES = 1 << 30
-
-
-def tune_allocator() -> bool:
-    """Fixed malloc thresholds instead of glibc's moving ones (False on another C library).
-
-    glibc's defaults move: the mmap threshold starts at 128 KiB and rises to each mapped
-    block freed, the trim threshold follows at twice that, and an arena whose free top passes
-    it is cut back on that free. A chunked broadcast allocates and frees its ~4 MiB chunk
-    products hundreds of times; depending on where they landed, each free cut the arena and
-    each next chunk faulted its pages in again: the backward at batch 20000 took 1.0-1.2 s
-    instead of 0.3-0.4 s, on some runs and not others (the first on a fresh server often)."""
-    if _MALLOPT is None:
-        return False
-    _MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    _MALLOPT(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    return True
-
-
-def release_memory() -> bool:
-    """Give the allocator's free pages back to the system (glibc: malloc_trim(0), which also
-    releases free pages inside every thread's arena). False where there is no malloc_trim."""
-    if _TRIM is None:
-        return False
-    # tensors a young reference cycle still holds are freed first. Never a full collection
-    # here: it walks every object of the process holding the GIL (seconds with big caches),
-    # and every request waits for it; the older generations are the collector's own business
-    gc.collect(YOUNG_GENERATIONS)
-    _TRIM(0)
-    return True
-
-
-YOUNG_GENERATIONS = 1  # gc.collect(1): generations 0 and 1
-
-
-def freeze_long_lived() -> None:
-    """Move every object alive now (modules, torch's and the app's startup state) out of the
-    collector's reach (gc.freeze): later collections walk only what came after. Called once
-    the app has started and warmed up; after one full collection, so no garbage is frozen."""
-    gc.collect()
-    gc.freeze()
-
-
-# --- request bodies --------------------------------------------------------------------------
-
-
-class BodyLimitMiddleware:
-    """413 for a body over `max_bytes`, without reading it whole.
-
-    A Content-Length over the limit is refused before reading anything; otherwise (chunked
-    bodies included) the chunks are counted as they arrive and the request is refused as
-    soon as they pass the limit. A body within the limit is handed on unchanged."""
-
-    def __init__(
-        self, app: ASGIApp, max_bytes: int, route_limits: dict[str, int] | None = None
-    ) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.route_limits = route_limits or {}  # paths whose bodies may be larger
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.route_limits.get(scope.get("path", ""), self.max_bytes)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                await refuse(send, 400, "Content-Length is not a non-negative integer")
-                return
-            if int(length) > limit:
-                await self._refuse_size(send, limit)
-                return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                await self.app(scope, replay([message], receive), send)
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await self._refuse_size(send, limit)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, replay([body], receive), send)
-
-    async def _refuse_size(self, send: Send, limit: int) -> None:
-        setting = "" if limit != self.max_bytes else " (BROADPROP_MAX_BODY_BYTES)"
-        await refuse(send, 413, f"request body over the limit of {limit} bytes{setting}")
-
-
-async def refuse(send: Send, status: int, detail: Any, close: bool = True) -> None:
-    """Answer `{"detail": detail}` with `status`, without reading the rest of the request."""
-    response = StrictJSONResponse({"detail": detail}, status_code=status)
-    if close:
-        response.headers["connection"] = "close"  # the rest of the body is never read
-    await response({"type": "http"}, _never_receive, send)
-
-
-def replay(messages: list[Message], receive: Receive) -> Receive:
-    """A receive() that gives `messages` first, then defers to the real one."""
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replayed
-
-
-async def _never_receive() -> Message:
-    return {"type": "http.disconnect"}
