@@ -2,7 +2,7 @@
 
 Each entry is one formula for one gradient of the article's default network (x (1000, 784)
 -> 50 -> relu -> 1 -> mse). Its `kind` says what Broadprop does with it, and
-tests/test_bugs.py holds every entry to that:
+tests/lab/test_bugs.py holds every entry to that:
 - "shape": refused before anything runs, with the shapes that clash;
 - "value": runs, and the check against autograd fails;
 - "silent": runs and fails the check, yet passes the article's own `is_same`, which has no

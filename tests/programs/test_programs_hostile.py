@@ -2,7 +2,7 @@
 fuzz over generated programs.
 
 Every hostile program gets a 4xx within 2 s (a bound on a hang, not a speed target), with
-nothing written (the audit hook of tests/test_lab_hostile.py watches file writes and code run
+nothing written (the audit hook of tests/lab/test_lab_hostile.py watches file writes and code run
 from strings) and the server's answers unchanged afterwards."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_lab_hostile import watch  # noqa: F401  (the audit-hook fixture)
+from tests.lab.test_lab_hostile import watch  # noqa: F401  (the audit-hook fixture)
 
 INPUTS = {"x": {"shape": [4, 3]}, "w": {"shape": [3, 2]}, "i": {"value": [0, 2, 1, 0]}}
 FORWARD = "y = x @ w\nloss = y.sum()\n"

@@ -24,7 +24,7 @@ from app.export.checking import REFERENCE_FUNCTIONS
 from app.ops import Context
 from app.schemas import RunRequest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(batch=6, in_features=5, hidden=[4, 3], out_features=2, activation="tanh", seed=4)
 
 
