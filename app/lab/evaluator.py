@@ -82,8 +82,7 @@ class Evaluation:
         value = self.eval(self.formula.result)
         if not isinstance(value, Traced):
             raise FormulaError(
-                f"the formula gives the number {value!r}, not a tensor of the gradient's shape",
-                "result_shape",
+                f"{_what(value)}, not a tensor of the gradient's shape", "result_shape"
             )
         # every line runs, used or not: its steps are the formula's cost and its trace
         made = [v.steps for v in self.locals.values() if isinstance(v, Traced)]
@@ -392,6 +391,8 @@ class Evaluation:
                       "not_allowed")  # fmt: skip
         if len(args) == 3 and args[2] == 0:
             self.fail(node, "range's step cannot be 0", "not_allowed")
+        if tensor and args[0] < 0:  # torch.arange(-3) raises; range(-3) is merely empty
+            self.fail(node, f"torch.arange(n) needs n >= 0, not {args[0]}", "not_allowed")
         r = range(*args)
         if len(r) > MAX_RANGE:
             self.fail(node, f"{name} of {len(r)} numbers; at most {MAX_RANGE}", "budget")
@@ -487,3 +488,12 @@ def evaluate(
     name, each a `Traced` named `<name>.g`), `pending` why the run's other gradients are not
     available to it."""
     return Evaluation(formula, tensors, grads, pending or {}).run()
+
+
+def _what(value: Any) -> str:
+    """What a formula gave instead of a tensor, in the learner's words (never a repr)."""
+    if isinstance(value, Pair):
+        return "the formula gives a pair (values, indices), as .max(dim) does: pick one, e.g. [0]"
+    if isinstance(value, tuple):
+        return f"the formula gives a tuple of {len(value)}"
+    return f"the formula gives the number {value!r}"

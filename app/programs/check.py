@@ -148,6 +148,8 @@ def _rounding_noise(name: str, main: Outcome, rerun: Outcome | None) -> float:
     a, a64 = main.autograd[name], rerun.autograd[name]
     if m.shape != m64.shape or not m.is_floating_point() or not m64.is_floating_point():
         return 0.0
+    if m.numel() == 0:  # an empty gradient (of an `x[range(0)]`) carries no rounding
+        return 0.0
     noise = (m.double() - m64.double()).abs().max() + (a.double() - a64).abs().max()
     return float(noise) if math.isfinite(float(noise)) else 0.0
 

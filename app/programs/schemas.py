@@ -33,7 +33,7 @@ class InputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    shape: list[Annotated[int, Field(strict=True, ge=0, le=MAX_INPUT_ELEMENTS)]] | None = Field(
+    shape: list[Annotated[int, Field(strict=True, ge=1, le=MAX_INPUT_ELEMENTS)]] | None = Field(
         None, max_length=MAX_INPUT_DIMS, description="The tensor's shape (with `init`)"
     )
     init: Init | None = Field(

@@ -59,7 +59,10 @@ def block_mean(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Tensor
 
 def stats(t: torch.Tensor) -> dict[str, float]:
     """Exact over the whole tensor; sums accumulate in float64 so the mean and norm do not
-    round, without a float64 copy of the tensor."""
+    round, without a float64 copy of the tensor. A tensor with no entries (a program's
+    `x[range(0)]`) has none to describe: all four are 0."""
+    if t.numel() == 0:
+        return {"min": 0.0, "max": 0.0, "mean": 0.0, "norm": 0.0}
     return {
         "min": t.min().item(),
         "max": t.max().item(),

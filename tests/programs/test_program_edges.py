@@ -1,0 +1,82 @@
+"""Edges a fuzz found: a negative torch.arange, tensors with no entries, a pair as a result.
+Each is a 4xx naming where it is, or a run that answers; never a 500."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+
+
+@pytest.fixture(scope="module")
+def raw():
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def article(raw):
+    return next(p for p in raw.get("/api/programs").json() if p["id"] == "article")["request"]
+
+
+LOSS = "loss = (out.squeeze(-1) - target).pow(2).mean()"
+
+
+def with_forward(article, line: str, backward: str = "") -> dict:
+    req = copy.deepcopy(article)
+    req["forward"] = req["forward"].replace(LOSS, line)
+    if backward:
+        req["backward"] = backward + "\n" + req["backward"]
+    return req
+
+
+def test_a_negative_arange_is_refused_at_its_line(raw, article):
+    r = raw.post("/api/program", json=with_forward(article, "zz = x[torch.arange(-1)]\n" + LOSS))
+    assert r.status_code == 422, r.text[:300]
+    (detail,) = r.json()["detail"]
+    assert detail["loc"] == ["body", "forward", 4] and "n >= 0" in detail["msg"]
+
+
+def test_a_negative_arange_in_a_formula_is_refused_at_its_key(raw):
+    formula = "l1.g.sum(0) + 0 * torch.arange(-3).sum()"
+    body = {"batch": 4, "in_features": 3, "hidden": [2], "formulas": {"b1.g": formula}}
+    r = raw.post("/api/run", json=body)
+    assert r.status_code == 422, r.text[:300]
+    assert r.json()["detail"][0]["loc"] == ["body", "formulas", "b1.g"]
+
+
+def test_an_input_with_no_entries_is_refused_at_its_shape(raw, article):
+    req = copy.deepcopy(article)
+    req["inputs"]["x"]["shape"] = [0, 784]
+    r = raw.post("/api/program", json=req)
+    assert r.status_code == 422, r.text[:300]
+    assert ["body", "inputs", "x", "shape", 0] in [d["loc"] for d in r.json()["detail"]]
+
+
+@pytest.mark.parametrize(
+    "line, backward",
+    [
+        ("zz = b2[range(0)]\n" + LOSS, ""),
+        ("zz = (b2 * 1.0).expand(0)\n" + LOSS, ""),
+        ("zz = b2[range(0)]\n" + LOSS.replace(".mean()", ".mean() + zz.sum()"),
+         "zz.g = torch.ones_like(zz)"),
+    ],
+)  # fmt: skip
+def test_an_intermediate_with_no_entries_runs_and_is_checked(raw, article, line, backward):
+    r = raw.post("/api/program", json=with_forward(article, line, backward))
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["tensors"]["zz"]["shape"] == [0]
+
+
+def test_a_pair_as_a_result_is_named_in_the_learners_words(raw):
+    body = {
+        "batch": 4, "in_features": 3, "hidden": [2], "loss": "cross_entropy", "out_features": 3,
+        "formulas": {"out.g": "m = out.max(dim=-1)\nm"},
+    }  # fmt: skip
+    r = raw.post("/api/run", json=body)
+    assert r.status_code == 422, r.text[:300]
+    msg = r.json()["detail"][0]["msg"]
+    assert "pair (values, indices)" in msg and "Traced" not in msg and "0x" not in msg
