@@ -80,3 +80,19 @@ def test_a_pair_as_a_result_is_named_in_the_learners_words(raw):
     assert r.status_code == 422, r.text[:300]
     msg = r.json()["detail"][0]["msg"]
     assert "pair (values, indices)" in msg and "Traced" not in msg and "0x" not in msg
+
+
+def test_var_over_a_stretched_tensor_is_costed_as_two_passes(raw):
+    """A var reads its input twice; costed as a sum, a stretched (20000, 20000) var passed
+    the estimate and held the server for seconds past it."""
+    formula = (
+        "s = x.sum().reshape(1, 1)\ne = s.expand(20000, 20000)\n"
+        "e.t().var(0)[0:3].reshape(1, 3) * 0 + l1.g @ w1.T + 1"
+    )
+    body = {"batch": 4, "in_features": 3, "hidden": [2], "formulas": {"x.g": formula}}
+    r = raw.post("/api/run", json=body)
+    assert r.status_code == 422, r.text[:300]
+    (detail,) = r.json()["detail"]
+    assert detail["loc"][:2] == ["body", "formulas"], (
+        detail
+    )  # the run's work, named at its formulas
