@@ -48,9 +48,9 @@ class LiveServer:
                     return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    self._log.seek(0)
+                    self._log.seek(0)  # read before stop() closes the log
                     last = self._log.read().decode(errors="replace")[-2000:]
+                    self.stop()
                     raise RuntimeError(f"server did not start: {last}") from None
                 time.sleep(0.2)
 
