@@ -26,10 +26,17 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Browser tests and load tests are `slow`: `-m "not slow"` is the fast lane."""
+    """Browser tests and load tests are `slow`: `-m "not slow"` is the fast lane.
+
+    Under pytest-xdist (`--dist loadgroup`, as ./scripts/test runs), a module's tests stay on
+    one worker, so its module-scoped app and server start once; the load tests, which measure
+    a server from outside, share one group and so never run beside each other."""
     for item in items:
-        if "browser" in item.keywords or item.get_closest_marker("load"):
+        is_load = item.get_closest_marker("load") is not None
+        if "browser" in item.keywords or is_load:
             item.add_marker(pytest.mark.slow)
+        group = "load" if is_load else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
