@@ -6,7 +6,8 @@ from __future__ import annotations
 import anyio
 from fastapi import Request
 
-from app.cost.admission import Admitted, admit
+from app.cost import admission
+from app.cost.admission import Admitted
 from app.cost.work import DRY_RUN_INLINE_S, dry_run_s
 from app.engine import network
 from app.ops.cancel import CancelToken
@@ -19,11 +20,13 @@ async def admitted(http: Request, cfg) -> Admitted:
     two formulas (app/server/lanes.py, RunLimiter.pacer)."""
     settings = http.app.state.settings
     if dry_run_s(cfg) <= DRY_RUN_INLINE_S:
-        return await anyio.to_thread.run_sync(admit, cfg, settings)
+        return await anyio.to_thread.run_sync(admission.admit, cfg, settings)
     limiter = http.app.state.limiter
     cancel = CancelToken()
     pacing = network.PACE.set(limiter.pacer(cancel))  # copied into the lane's job
     try:
-        return await limiter.dry_run(admit, cfg, settings, cancel=cancel, receive=http.receive)
+        return await limiter.dry_run(
+            admission.admit, cfg, settings, cancel=cancel, receive=http.receive
+        )
     finally:
         network.PACE.reset(pacing)

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.refusal import Refused
+from app.sandbox.pool import sandbox_for
 from app.server import errors
 from app.server.body import BodyLimitMiddleware
 from app.server.lanes import RunLimiter, Saturated, Stopped, derive_concurrency
@@ -27,6 +28,7 @@ def install(
     settings: Settings,
     models: ModuleType | None = None,
     warm_up: Callable[[], None] | None = None,
+    body_models: tuple = (),
 ) -> None:
     """Limits, security, error handlers and the startup lifespan, on `app`. `models`: the
     module of the API's pydantic models (for exact integer limits in /openapi.json)."""
@@ -40,9 +42,11 @@ def install(
         settings.release_memory,
         torch_threads=concurrency.torch_threads,
     )
+    # learner programs run in worker processes, one per small-lane slot (app/sandbox)
+    app.state.sandbox = sandbox_for(app.state.limiter.programs)
     app.router.lifespan_context = lifespan_with(warm_up)
     if models is not None:
-        app.openapi = exact_openapi(app, models)  # type: ignore[method-assign]
+        app.openapi = exact_openapi(app, models, body_models)  # type: ignore[method-assign]
     # the last added runs first: guard (headers, host, origin, type) -> body limit -> JSON
     # -> internal errors
     compute = ComputeRoutes(lambda: app.routes)

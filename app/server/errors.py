@@ -150,8 +150,8 @@ async def stopped(request: Request, exc: Stopped) -> StrictJSONResponse:
         "type": "work_limit",
         "loc": ["body"],
         "msg": f"this run was still going after {exc.deadline_s:g} s, the most one run may "
-        "take (BROADPROP_RUN_DEADLINE_S), and was stopped; reduce batch or the widths, or "
-        "turn off compare and fd_samples",
+        "take (BROADPROP_RUN_DEADLINE_S), and was stopped; "
+        + (exc.advice or "reduce batch or the widths, or turn off compare and fd_samples"),
         "input": None,
         "ctx": {"deadline_s": exc.deadline_s},
     }

@@ -23,7 +23,7 @@ import torch
 from starlette.types import Message
 
 from app.ops.cancel import CancelToken
-from app.server.allocator import TRIM_DELAY_S, TRIM_MIN_BYTES, release_memory, tune_allocator
+from app.sandbox.allocator import TRIM_DELAY_S, TRIM_MIN_BYTES, release_memory, tune_allocator
 from app.settings import Settings
 
 T = TypeVar("T")
@@ -67,10 +67,11 @@ class Stopped(Exception):
     ("disconnect"), it used its deadline's CPU time ("deadline"), or the machine was too busy
     to give it that time within WALL_DEADLINE_FACTOR x the deadline ("busy")."""
 
-    def __init__(self, reason: str, deadline_s: float) -> None:
+    def __init__(self, reason: str, deadline_s: float, advice: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.deadline_s = deadline_s
+        self.advice = advice  # what to change, in the route's own fields (None: a run's)
 
 
 # The wall-clock bound on a run, as a multiple of its CPU-time deadline: a safety net for a
@@ -211,8 +212,10 @@ class RunLimiter:
         trim: bool = True,
         torch_threads: int = 1,
         trainings: int = 0,
+        programs: int = 0,
     ) -> None:
         self.slots = slots
+        self.programs = programs or slots * torch_threads
         self.trim = trim
         self.wait_s = wait_s
         self.deadline_s = deadline_s
@@ -249,6 +252,8 @@ class RunLimiter:
                 "small": anyio.Semaphore(self.slots * self.torch_threads),
                 "large": anyio.Semaphore(self.slots),
                 "dry": anyio.Semaphore(DRY_RUN_SLOTS),
+                # programs: one per sandbox worker (app/sandbox), queued like the runs
+                "program": anyio.Semaphore(self.programs),
             }
         return self._semaphores[loop]
 
@@ -303,6 +308,16 @@ class RunLimiter:
             yield lanes[name]
         finally:
             self.in_flight -= 1
+            self._semaphores_here()[name].release()
+
+    @asynccontextmanager
+    async def program_slot(self) -> AsyncIterator[None]:
+        """One of the `programs` places (one per sandbox worker) for a program's whole
+        request; Saturated after the queue wait."""
+        name = await self._acquire(False, "program")
+        try:
+            yield
+        finally:
             self._semaphores_here()[name].release()
 
     async def dry_run(

@@ -17,8 +17,8 @@ from app.cost import work
 from app.engine import pipeline
 from app.main import create_app
 from app.ops.cancel import RunCancelled
+from app.sandbox.allocator import release_memory
 from app.schemas import RunRequest
-from app.server.allocator import release_memory
 from app.server.lanes import CancelToken, RunLimiter, Saturated, Stopped
 from app.settings import Settings
 
