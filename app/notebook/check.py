@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import torch
 
-from app.lab.statements import ProgramError, parse_program
+from app.lab.statements import Executed, ProgramError, parse_program
 from app.ops.traced import Traced
 from app.programs.check import Outcome
 from app.programs.plan import GRAD_PREFIX, GRAD_SUFFIX, Plan, detached
@@ -200,7 +200,7 @@ def check(
         known=frozenset(tensors),
     )
     bwd, error = run_backward(plan, env, lambda: None)
-    plan.backward_lines = bwd.executed
+    plan.backward_lines = _traced_lines(plan, env, bwd.executed)
     written: dict[str, Any] = {}
     for tensor, value in bwd.gradients.items():
         written[bwd.spelling.get(tensor, GRAD_PREFIX + tensor)] = value.t
@@ -238,6 +238,19 @@ def check(
     req = ProgramRequest(forward="", backward=backward, loss=_loss_name(loss), max_cells=max_cells)
     body = answer(req, plan, main, None, (time.perf_counter() - start) * 1e3)
     return Report(body, written=written, missing_grad=missing)
+
+
+def _traced_lines(
+    plan: Plan, env: dict[str, Any], executed: dict[int, Executed]
+) -> dict[int, Executed]:
+    """Each line with its steps (shapes, broadcasts, bytes): the steps are recorded on meta
+    tensors, as POST /api/program's dry run records them, so the text runs once more there."""
+    meta = {
+        n: Traced(torch.empty_like(v.t, device="meta"), v.expr) if isinstance(v, Traced) else v
+        for n, v in env.items()
+    }
+    dry, _ = run_backward(plan, meta, lambda: None)
+    return {line: dry.executed.get(line, entry) for line, entry in executed.items()}
 
 
 def _rounding(
