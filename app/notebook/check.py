@@ -187,7 +187,7 @@ def check(
     }
     env = {n: detached(Traced(v, n)) if isinstance(v, torch.Tensor) else v for n, v in env.items()}
     plan = Plan(
-        forward=parse_program("", "forward"),
+        forward=parse_program(_forward_facts(tensors), "forward"),
         backward=program,
         forward_lines={},
         backward_lines={},
@@ -223,7 +223,7 @@ def check(
     loss_value = namespace.get(loss)
     main = Outcome(
         inputs={n: t.detach() for n, t in tensors.items() if t.is_leaf},
-        forward={n: t.detach() for n, t in tensors.items() if not t.is_leaf},
+        forward={n: Traced(t.detach(), n) for n, t in tensors.items() if not t.is_leaf},
         loss=float(loss_value.detach())
         if isinstance(loss_value, torch.Tensor) and loss_value.numel() == 1
         else None,
@@ -238,6 +238,22 @@ def check(
     req = ProgramRequest(forward="", backward=backward, loss=_loss_name(loss), max_cells=max_cells)
     body = answer(req, plan, main, None, (time.perf_counter() - start) * 1e3)
     return Report(body, written=written, missing_grad=missing)
+
+
+def _forward_facts(tensors: dict[str, torch.Tensor]) -> str:
+    """The forward lines the check's hints read, recovered from autograd's graph where the
+    kernel's forward left no text: `h = torch.tanh(hpre)` for a named tanh of a named tensor
+    (so a tanh derivative taken from its input is named as on the page)."""
+    made_by = {id(t.grad_fn): n for n, t in tensors.items() if t.grad_fn is not None}
+    lines = []
+    for name, t in tensors.items():
+        fn = t.grad_fn
+        if fn is None or fn.name() != "TanhBackward0" or not fn.next_functions:
+            continue
+        source = made_by.get(id(fn.next_functions[0][0]))
+        if source is not None:
+            lines.append(f"{name} = torch.tanh({source})")
+    return "\n".join(lines)
 
 
 def _traced_lines(

@@ -107,9 +107,12 @@ def test_the_check_is_post_api_programs_answer_with_a_verdict_per_tensor(ran):
     assert {n for n, r in rows.items() if r["written"]} == {"logits", "W2", "h", "hpre"}
     assert rows["logits"]["allclose"] and rows["W2"]["allclose"] and rows["h"]["allclose"]
     assert rows["logits"]["spelling"] == "dlogits" and rows["logits"]["lines"] == [1, 2, 3]
-    # the slip: tanh's derivative from its input, not its output
+    # the slip: tanh's derivative from its input, not its output, named as on the page (the
+    # forward's tanh read from autograd's graph)
     assert not rows["hpre"]["allclose"]
     assert answer["check"]["first_failure"] == "hpre"
+    assert "1 - h**2, not 1 - hpre**2" in rows["hpre"]["hint"]
+    assert "1 - h**2, not 1 - hpre**2" in data["text/plain"]
     assert not answer["check"]["all_close"]
     # W1 and b1 have a .grad and are not written; `t` (the retain_grad loop's last) is hpre's alias
     assert not rows["W1"]["written"] and not rows["b1"]["written"]
