@@ -76,12 +76,18 @@ def _notebook() -> nbformat.NotebookNode:
 @pytest.fixture(scope="module")
 def ran() -> nbformat.NotebookNode:
     nb = _notebook()
-    os.environ["PYTHONPATH"] = os.pathsep.join(  # the kernel imports this checkout's broadprop
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
-    NotebookClient(
-        nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
-    ).execute()
+    before = os.environ.get("PYTHONPATH")
+    # the kernel imports this checkout's broadprop, whichever checkout the venv installed
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [before])])
+    try:
+        NotebookClient(
+            nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        ).execute()
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
     return nb
 
 
