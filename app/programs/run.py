@@ -33,7 +33,7 @@ from app.programs.plan import (
 from app.programs.schemas import ProgramRequest
 
 # the program endpoint reaches the dry run through this module (`programs.admit`, `.Plan`)
-__all__ = ["Plan", "ProgramRefused", "admit", "execute_once", "run", "run_backward"]
+__all__ = ["Plan", "ProgramRefused", "admit", "answer", "execute_once", "run", "run_backward"]
 
 
 # --------------------------------------------------------------------------- the real run
@@ -117,6 +117,15 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         main = execute_once(req, plan, dtype, check)
         after_run = time.perf_counter()
         rerun = execute_once(req, plan, torch.float64, check) if plan.rerun else None
+    return answer(req, plan, main, rerun, (after_run - start) * 1e3)
+
+
+def answer(
+    req: ProgramRequest, plan: Plan, main: Outcome, rerun: Outcome | None, run_ms: float
+) -> dict[str, Any]:
+    """The contract's response from a run's outcome: the check, the traces and the views.
+    POST /api/program answers it; the notebook's %%backward shows it (app/notebook)."""
+    before_check = time.perf_counter()
     table = check_table(plan, main, rerun, req.loss)
     after_check = time.perf_counter()
     # the first line that cannot run: the dry run's explanation where both stop at one line
@@ -133,10 +142,7 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         "check": table,
         "gradients": gradient_views(req, plan, main, table),
         "backward_error": _error_entry(error) if error is not None else None,
-        "timing": {
-            "run_ms": (after_run - start) * 1e3,
-            "check_ms": (after_check - after_run) * 1e3,
-        },
+        "timing": {"run_ms": run_ms, "check_ms": (after_check - before_check) * 1e3},
     }
 
 

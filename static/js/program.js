@@ -4,10 +4,11 @@
 // the URL (program-state.js); panes are program-editor.js, the diagram program-diagram.js,
 // training program-train.js.
 import { ApiError, errorsByField } from "./api.js";
-import { esc, h, num, shape } from "./format.js";
+import { h, shape } from "./format.js";
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 import { CodeEditor } from "./program-editor.js";
 import { drawFlow } from "./program-diagram.js";
+import { checkRows, firstSelection, gradientMaps, heat, states, verdictLine } from "./program-view.js";
 import { fromQuery, hideLines, placeholders, queryFor } from "./program-state.js";
 import { ProgramTrainer } from "./program-train.js";
 
@@ -136,20 +137,6 @@ function showLineError(which, line, message, operands, hint) {
 
 // --------------------------------------------------------------------------- drawing
 
-/** Each gradient's state: match, suspect, first (the first failure), after (wrong, and
- * computed from the first failure's gradient), fail, unwritten. */
-function states(check) {
-  const out = {};
-  for (const [name, row] of Object.entries(check.tensors)) {
-    if (!row.written) out[name] = "unwritten";
-    else if (row.allclose) out[name] = row.suspect ? "suspect" : "match";
-    else if (name === check.first_failure) out[name] = "first";
-    else if (row.after) out[name] = "after";
-    else out[name] = "fail";
-  }
-  return out;
-}
-
 function draw(answer) {
   data = answer;
   clearLineErrors();
@@ -157,9 +144,7 @@ function draw(answer) {
   lastFailure = data.check.first_failure;
   if (newFailure) selected = data.check.first_failure; // a new first failure: show it
   if (!selected || !(selected in data.tensors)) {
-    // the first failure, else the first parameter the backward writes
-    const params = Object.keys(data.check.tensors).filter((n) => data.tensors[n]?.role === "param");
-    selected = data.check.first_failure || params[params.length - 1] || null;
+    selected = firstSelection(data); // the first failure, else the last parameter written
   }
   const st = states(data.check);
   const pending = placeholders(program.backward || "");
@@ -183,61 +168,11 @@ function setVerdict(kind, html) {
 }
 
 function verdict(st, pending) {
-  const c = data.check;
-  const total = c.total;
-  const written = c.written;
-  const matching = Object.values(st).filter((s) => s === "match" || s === "suspect").length;
-  const suspects = c.suspects?.length ? ` · <span class="warn">≈ ${c.suspects.length} suspect (${c.suspects.map(esc).join(", ")})</span>` : "";
-  const hidden = pending.length ? ` · ${pending.length} hidden line${pending.length > 1 ? "s" : ""} still to write` : "";
-  const loss = `<span class="muted">loss ${num(data.loss, 4)}</span>`;
-  if (data.backward_error) {
-    setVerdict("error", `<span class="bad">✗ Backward line ${data.backward_error.line} cannot run</span> · ${written} of ${total} written before it, ${matching} match${hidden} · ${loss}`);
-  } else if (c.first_failure) {
-    const row = c.tensors[c.first_failure];
-    setVerdict("fail", `<span class="bad">✗ First wrong gradient: ${esc(row.spelling || `d${c.first_failure}`)} (line ${row.lines.join(", ")})</span> · ${matching} of ${written} written match · ${written} of ${total} written${hidden} · ${loss}`);
-  } else if (written < total || pending.length) {
-    setVerdict("incomplete", `<span class="todo-count">${written} of ${total} written</span> · the ${written} written match autograd${hidden}${suspects} · ${loss}`);
-  } else {
-    setVerdict("all-match", `<span class="ok">✓ All ${total} gradients written, all match autograd</span>${suspects} · ${loss}`);
-  }
+  setVerdict(...verdictLine(data, st, pending));
 }
 
-const STATE_TEXT = {
-  match: "✓ matches",
-  suspect: "≈ suspect",
-  first: "✗ first failure",
-  fail: "✗ differs",
-  unwritten: "○ not written",
-};
-
 function table(st) {
-  const c = data.check;
-  const first = c.first_failure ? c.tensors[c.first_failure] : null;
-  const firstName = first ? first.spelling || `d${c.first_failure}` : "";
-  const rows = [];
-  for (const [name, row] of Object.entries(c.tensors)) {
-    const s = st[name];
-    const spelled = row.spelling || `d${name}`;
-    const wanted = data.tensors[name]?.shape;
-    const made = row.written ? (row.shape || (row.shape_ok ? wanted : null)) : null;
-    const note = s === "after" ? `⤷ uses ${firstName}` : s === "unwritten" && data.backward_error ? "○ not run" : STATE_TEXT[s];
-    const tr = h("tr", { class: `st-${s}${name === selected ? " selected" : ""}`, "data-name": name, tabindex: 0 },
-      h("td", {}, h("code", {}, spelled)),
-      h("td", { class: "num" }, row.lines?.length ? row.lines.join(", ") : "–"),
-      h("td", {}, shape(wanted)),
-      h("td", { class: row.written && !row.shape_ok ? "bad" : "" }, made ? shape(made) : "–"),
-      h("td", { class: "mark" }, row.written ? (row.exact ? "✓" : "–") : ""),
-      h("td", { class: "mark" }, row.written ? (row.allclose ? "✓" : "✗") : ""),
-      h("td", { class: "num" }, row.max_abs_err == null ? "–" : num(row.max_abs_err)),
-      h("td", { class: "state", title: s === "after" ? `may be wrong only because it is computed from ${firstName}, the first failure: fix that first` : null }, note),
-    );
-    tr.addEventListener("click", () => select(name));
-    tr.addEventListener("keydown", (ev) => ev.key === "Enter" && select(name));
-    rows.push(tr);
-    const why = row.hint || row.why;
-    if (why && s !== "match" && s !== "after") rows.push(h("tr", { class: `why st-${s}` }, h("td", { colspan: 8 }, why)));
-  }
-  $("checks").tBodies[0].replaceChildren(...rows);
+  $("checks").tBodies[0].replaceChildren(...checkRows(data, st, selected, select));
 }
 
 function todo(st) {
@@ -285,25 +220,6 @@ function select(name) {
 
 // --------------------------------------------------------------------------- gradient maps
 
-const DIVERGING = [[0, "#2166ac"], [0.25, "#67a9cf"], [0.45, "#d1e5f0"], [0.5, "#f7f7f7"], [0.55, "#fddbc7"], [0.75, "#ef8a62"], [1, "#b2182b"]];
-const TOLERANCE = [[0, "#ffffff"], [1 / 3, "#e7ecf2"], [1 / 3 + 0.001, "#f4a582"], [1, "#b2182b"]];
-
-function heat(el, hm, { zmax, tolerance }) {
-  if (!hm) {
-    Plotly.purge(el);
-    el.replaceChildren(h("p", { class: "muted empty" }, "not written"));
-    return;
-  }
-  el.querySelector(":scope > .empty")?.remove(); // Plotly's own nodes stay: react reuses them
-  const oneD = hm.z.length === 1;
-  const trace = tolerance
-    ? { type: "heatmap", z: hm.z, zmin: 0, zmax: 3, colorscale: TOLERANCE, colorbar: { thickness: 10, tickvals: [0, 1, 2, 3] } }
-    : { type: "heatmap", z: hm.z, zmid: 0, zmin: -zmax, zmax, colorscale: DIVERGING, colorbar: { thickness: 10 } };
-  Plotly.react(el, [trace], {
-    height: oneD ? 120 : 260, margin: { l: 34, r: 8, t: 6, b: 26 }, yaxis: { autorange: "reversed" }, paper_bgcolor: "#fff",
-  }, { displayModeBar: false, responsive: true, staticPlot: false });
-}
-
 async function maps() {
   const name = selected;
   const g = name && data.gradients[name];
@@ -323,13 +239,10 @@ async function maps() {
   document.body.dataset.maps = "pending";
   if (!window.Plotly) (loadPlotly(), await plotlyReady);
   if (selected !== name || data.gradients[name] !== g) return;
-  const manual = g.source === "manual" ? g.heatmap : null;
-  const auto = g.source === "manual" ? g.reference_heatmap || g.autograd?.heatmap : g.heatmap;
-  const vals = [manual, auto].filter(Boolean).flatMap((hm) => hm.z.flat()).filter((v) => v != null && Number.isFinite(v));
-  const zmax = Math.max(1e-30, ...vals.map(Math.abs));
+  const { manual, auto, difference, zmax } = gradientMaps(data, name);
   heat($("map-manual"), manual, { zmax });
   heat($("map-autograd"), auto, { zmax });
-  heat($("map-difference"), g.tolerance_heatmap || null, { tolerance: true });
+  heat($("map-difference"), difference, { tolerance: true });
   document.body.dataset.maps = name;
 }
 
