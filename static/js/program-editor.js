@@ -12,13 +12,17 @@ export class CodeEditor {
   constructor(root, { label, onInput }) {
     this.gutter = h("div", { class: "gutter", "aria-hidden": "true" });
     this.bands = h("div", { class: "bands", "aria-hidden": "true" });
-    this.area = h("textarea", { spellcheck: "false", autocapitalize: "off", autocomplete: "off", wrap: "off", "aria-label": label });
+    // Tab indents, as in a notebook; Escape then Tab leaves the pane (the editors' convention)
+    this.area = h("textarea", { spellcheck: "false", autocapitalize: "off", autocomplete: "off", wrap: "off",
+      "aria-label": `${label} (Tab indents; press Escape, then Tab, to move on)` });
+    this.escaped = false;
     root.append(h("div", { class: "code-wrap" }, this.gutter, h("div", { class: "code-area" }, this.bands, this.area)));
     this.marks = {};
     this.lines = 0;
     this.area.addEventListener("input", () => (this.layout(), onInput(this.area.value)));
     this.area.addEventListener("scroll", () => (this.bands.style.transform = `translateX(${-this.area.scrollLeft}px)`));
     this.area.addEventListener("keydown", (ev) => this.key(ev));
+    this.area.addEventListener("blur", () => (this.escaped = false));
   }
 
   get value() {
@@ -31,9 +35,14 @@ export class CodeEditor {
   }
 
   /** Tab indents by four spaces; Enter keeps the line's indentation (and adds a level after
-   * a `for ...:` line), as a notebook cell does. */
+   * a `for ...:` line), as a notebook cell does. Escape, then Tab, leaves the pane. */
   key(ev) {
     const a = this.area;
+    const escaped = this.escaped;
+    this.escaped = ev.key === "Escape";
+    if (ev.key === "Escape") a.closest(".editor")?.setAttribute("data-escaped", "1");
+    else a.closest(".editor")?.removeAttribute("data-escaped");
+    if (ev.key === "Tab" && escaped) return; // the browser moves the focus on
     if (ev.key === "Tab" && !ev.shiftKey && !ev.ctrlKey && !ev.metaKey && !ev.altKey) {
       ev.preventDefault();
       a.setRangeText("    ", a.selectionStart, a.selectionEnd, "end");
