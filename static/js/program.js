@@ -228,7 +228,7 @@ function verdict(st, pending) {
   } else if (c.first_failure) {
     const row = c.tensors[c.first_failure];
     setVerdict("fail", `<span class="bad">✗ First wrong gradient: ${esc(row.spelling || `d${c.first_failure}`)} (line ${row.lines.join(", ")})</span> · ${matching} of ${written} written match · ${written} of ${total} written${hidden} · ${loss}`);
-  } else if (!pending.length && paramsDone(st)) {
+  } else if (written < total && !pending.length && paramsDone(st)) {
     // every parameter's gradient written and matching: a course's shortcut (CS231n's dscores)
     // may skip intermediates, and says which
     const skipped = Object.keys(st).filter((n) => st[n] === "unwritten");
