@@ -39,6 +39,7 @@ def single_precision_as(dtype: torch.dtype) -> Iterator[None]:
     finally:
         _SINGLE.reset(token)
 
+
 # Operator precedence, for parenthesizing generated expressions the way a person would.
 ADD, MUL, UNARY, ATOM = 1, 2, 3, 4
 
