@@ -155,3 +155,34 @@ def test_the_exported_script_says_what_it_needs_and_prints_on_success(client):
     text = response.text
     assert "pip install torch names" in text
     assert "match autograd" in text and "else:" in text
+
+
+def test_export_takes_a_program_as_large_as_the_program_route_and_says_413_in_its_schema(client):
+    assert "413" in client.get("/openapi.json").json()["paths"]["/api/export"]["post"]["responses"]
+    # ~200 KiB of value input: over the 64 KiB default, within the program routes' 1 MiB
+    values = [[0.5] * 100 for _ in range(400)]
+    program = {
+        "inputs": {"x": {"value": values}, "W": {"shape": [100, 3]}},
+        "forward": "h = x @ W\nloss = h.sum()",
+        "backward": "dh = torch.ones_like(h)\ndW = x.T @ dh",
+    }
+    body = {"program": program, "format": "py"}
+    assert len(json.dumps(body)) > 1 << 16
+    assert client.post("/api/program", json=program).status_code == 200
+    assert client.post("/api/export", json=body).status_code == 200
+    huge = {**body, "program": {**program, "inputs": {"x": {"value": [[0.5] * 1000] * 300}}}}
+    assert client.post("/api/export", json=huge).status_code == 413
+
+
+def test_the_api_page_names_the_program_routes_and_their_body_limit():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "API.md").read_text()
+    for route in (
+        "POST /api/program`",
+        "GET /api/programs`",
+        "POST /api/program/train`",
+        "GET /program`",
+    ):
+        assert route in text, route
+    assert "1 MiB" in text and "check.all_close" in text
