@@ -4,7 +4,7 @@
 // a program line; the pane grows with its text, so the gutter never scrolls apart from it.
 import { h } from "./format.js";
 
-const LINE_PX = 18; // the line height, in px (program.css sets the same)
+const LINE_PX = 18; // the line height, in px (program.css sets it; presentation mode, more)
 const PAD_PX = 6; // the textarea's top padding
 
 export class CodeEditor {
@@ -60,9 +60,14 @@ export class CodeEditor {
   }
 
   /** Height, gutter numbers and marks for the current text. */
+  /** The line height the stylesheet gives (18 px; larger in presentation mode). */
+  get linePx() {
+    return Number.parseFloat(getComputedStyle(this.area).lineHeight) || LINE_PX;
+  }
+
   layout() {
     const n = Math.max(1, this.area.value.split("\n").length);
-    this.area.style.height = `${(n + 1) * LINE_PX + 2 * PAD_PX}px`;
+    this.area.style.height = `${(n + 1) * this.linePx + 2 * PAD_PX}px`;
     if (n !== this.lines) {
       this.lines = n;
       this.gutter.replaceChildren(...Array.from({ length: n }, (_, i) => h("div", { class: "ln", "data-line": i + 1 }, String(i + 1))));
@@ -84,7 +89,7 @@ export class CodeEditor {
       else el.removeAttribute("title");
     }
     this.bands.replaceChildren(...Object.entries(this.marks).filter(([line]) => line <= this.lines).map(([line, m]) =>
-      h("div", { class: `band ${m.cls}`, style: `top:${PAD_PX + (line - 1) * LINE_PX}px`, "data-line": line })));
+      h("div", { class: `band ${m.cls}`, style: `top:${PAD_PX + (line - 1) * this.linePx}px;height:${this.linePx}px`, "data-line": line })));
   }
 
   /** Puts the caret at the start of `line` and brings it into view. */

@@ -54,8 +54,19 @@ function schedule() {
   timer = setTimeout(() => (writeURL(), run()), DEBOUNCE_MS);
 }
 
+// presentation mode (?present=1): code and tables large enough for a projector
+let presenting = new URLSearchParams(location.search).get("present") === "1";
+
+function present(on) {
+  presenting = on;
+  document.body.classList.toggle("present", on);
+  $("present").setAttribute("aria-pressed", String(on));
+  forward.layout();
+  backward.layout();
+}
+
 async function writeURL() {
-  const query = await queryFor(program, preset());
+  const query = (await queryFor(program, preset())) + (presenting ? "&present=1" : "");
   if (query !== location.search) history.replaceState(null, "", `/program${query}`);
   $("preset").value = query.startsWith("?preset=") ? presetId : "";
 }
@@ -222,21 +233,22 @@ function verdict(st, pending) {
   const matching = Object.values(st).filter((s) => s === "match" || s === "suspect").length;
   const suspects = c.suspects?.length ? ` · <span class="warn">≈ ${c.suspects.length} suspect (${c.suspects.map(esc).join(", ")})</span>` : "";
   const hidden = pending.length ? ` · ${pending.length} hidden line${pending.length > 1 ? "s" : ""} still to write` : "";
-  const loss = `<span class="muted">loss ${num(data.loss, 4)}</span>`;
+  // the separator goes with the loss: a phone hides the summary's muted parts, dot and all
+  const loss = `<span class="muted">· loss ${num(data.loss, 4)}</span>`;
   if (data.backward_error) {
-    setVerdict("error", `<span class="bad">✗ Backward line ${data.backward_error.line} cannot run</span> · ${written} of ${total} written before it, ${matching} match${hidden} · ${loss}`);
+    setVerdict("error", `<span class="bad">✗ Backward line ${data.backward_error.line} cannot run</span> · ${written} of ${total} written before it, ${matching} match${hidden} ${loss}`);
   } else if (c.first_failure) {
     const row = c.tensors[c.first_failure];
-    setVerdict("fail", `<span class="bad">✗ First wrong gradient: ${esc(row.spelling || `d${c.first_failure}`)} (line ${row.lines.join(", ")})</span> · ${matching} of ${written} written match · ${written} of ${total} written${hidden} · ${loss}`);
+    setVerdict("fail", `<span class="bad">✗ First wrong gradient: ${esc(row.spelling || `d${c.first_failure}`)} (line ${row.lines.join(", ")})</span> · ${matching} of ${written} written match · ${written} of ${total} written${hidden} ${loss}`);
   } else if (written < total && !pending.length && paramsDone(st)) {
     // every parameter's gradient written and matching: a course's shortcut (CS231n's dscores)
     // may skip intermediates, and says which
     const skipped = Object.keys(st).filter((n) => st[n] === "unwritten");
-    setVerdict("params-match", `<span class="ok">✓ Every parameter's gradient matches autograd</span> · ${written} of ${total} written (not written: ${skipped.map((n) => `d${esc(n)}`).join(", ")}, which the backward goes past)${suspects} · ${loss}`);
+    setVerdict("params-match", `<span class="ok">✓ Every parameter's gradient matches autograd</span> · ${written} of ${total} written (not written: ${skipped.map((n) => `d${esc(n)}`).join(", ")}, which the backward goes past)${suspects} ${loss}`);
   } else if (written < total || pending.length) {
-    setVerdict("incomplete", `<span class="todo-count">${written} of ${total} written</span> · the ${written} written match autograd${hidden}${suspects} · ${loss}`);
+    setVerdict("incomplete", `<span class="todo-count">${written} of ${total} written</span> · the ${written} written match autograd${hidden}${suspects} ${loss}`);
   } else {
-    setVerdict("all-match", `<span class="ok">✓ All ${total} gradients written, all match autograd</span>${suspects} · ${loss}`);
+    setVerdict("all-match", `<span class="ok">✓ All ${total} gradients written, all match autograd</span>${suspects} ${loss}`);
   }
 }
 
@@ -458,6 +470,7 @@ $("preset").addEventListener("change", () => {
   run();
 });
 $("exercise-link").addEventListener("click", exerciseLink);
+$("present").addEventListener("click", () => (present(!presenting), writeURL()));
 for (const b of document.querySelectorAll(".share [data-format]")) b.addEventListener("click", () => download(b.dataset.format));
 
 new ProgramTrainer({
@@ -473,4 +486,5 @@ new ProgramTrainer({
 
 const start = await fromQuery(location.search, PRESETS);
 load(start.program, start.presetId && !start.hide ? start.presetId : null);
+present(presenting);
 run();

@@ -218,3 +218,34 @@ def test_presets_reach_the_page_in_their_order(client):
     shipped = json.loads(html[start : html.index("</script>", start)])
     for p, sent in zip(presets.PRESETS, shipped, strict=True):
         assert list(sent["request"]["inputs"]) == list(p["request"]["inputs"])
+
+
+@pytest.mark.browser
+def test_presentation_mode_makes_the_code_large_and_keeps_the_marks_on_their_lines(watched):
+    w = watched
+    open_program(w, "?preset=makemore&present=1")
+    page = w.page
+    assert "present" in page.get_attribute("body", "class")
+    size = page.eval_on_selector("#forward-editor textarea", "t => getComputedStyle(t).fontSize")
+    assert float(size.removesuffix("px")) >= 18
+    edit(w, "backward", BROKEN_DH)
+    assert "present=1" in page.url  # an edit keeps the mode in the link
+    band = page.eval_on_selector("#backward-editor .band.bad", "b => b.getBoundingClientRect().top")
+    line = page.eval_on_selector(
+        "#backward-editor .ln[data-line='16']", "l => l.getBoundingClientRect().top"
+    )
+    assert abs(band - line) <= 2  # the band sits on line 16 at the larger line height
+    page.click("#present")
+    assert "present" not in (page.get_attribute("body", "class") or "")
+
+
+@pytest.mark.browser
+def test_a_phone_verdict_ends_without_a_dangling_separator(browser, server):
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    try:
+        page = context.new_page()
+        page.goto(f"{server}/program?preset=makemore")
+        page.wait_for_function("() => document.body.dataset.state === 'ready'", timeout=90_000)
+        assert not page.inner_text("#verdict").rstrip().endswith("·")
+    finally:
+        context.close()
