@@ -28,6 +28,10 @@ router = APIRouter(tags=["export"])
     responses={
         403: {"model": ErrorMessage, "description": "A request from another origin"},
         415: {"model": ErrorMessage, "description": "A body not sent as application/json"},
+        413: {
+            "model": ErrorMessage,
+            "description": "A body over 1 MiB (a program's value inputs take room)",
+        },
         200: {
             "description": "The file, with Content-Disposition: attachment; filename=...",
             "content": {  # a notebook is a JSON document (nbformat 4), a script text

@@ -30,7 +30,11 @@ def names_data(block_size, rows, seed):
     order of torch.randperm(N, generator=manual_seed(seed)) over the first 90% (Broadprop's
     app/programs/inputs.py)."""
     import pathlib
-    import names
+
+    try:
+        import names
+    except ImportError:
+        sys.exit("this program reads the names data set: pip install names")
 
     folder = pathlib.Path(names.__file__).parent
     alphabet = "." + "abcdefghijklmnopqrstuvwxyz"
@@ -103,7 +107,8 @@ def sections(req: ProgramRequest, plan: programs.Plan) -> list[dict[str, str]]:
     backward = textwrap.indent(req.backward.strip("\n") or "pass", "    ")
     detach = [*req.inputs, *plan.intermediates]
     header = f'''"""Broadprop program, exported: your forward under autograd, your backward by hand,
-every gradient your backward writes checked against autograd (exit 0 when all match)."""
+every gradient your backward writes checked against autograd (exit 0 when all match).
+Needs torch{" and the names data set (pip install torch names)" if uses_names else " (pip install torch)"}."""
 import sys
 
 import torch
@@ -158,6 +163,8 @@ def check():
             failed.append(name)
     if failed:
         print("differs from autograd: " + ", ".join(failed))
+    else:
+        print(f"all {{len(manual)}} written gradients match autograd")
     return 1 if failed else 0
 
 

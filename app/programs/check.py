@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -48,6 +48,12 @@ class Outcome:
 def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str) -> dict[str, Any]:
     """Every tensor with a gradient, in the order the backward finishes them (then the
     unwritten ones, from the loss back)."""
+    # a gradient whose float64 rerun stopped before its last line has no float64 value: the
+    # recheck that cannot run is no evidence (its zeros would read as a 100% error)
+    unrechecked = {n for n in main.manual if rerun is not None and not _rechecked(n, main, rerun)}
+    if unrechecked:
+        rerun = _without(rerun, unrechecked)
+    rerun_error = rerun.error if rerun is not None else None
     # in the order the gradients are finished (their last write): a gradient built over
     # several lines (`dx = ...`, later `dx += ...`) comes after what its last line used
     written = sorted(main.manual, key=lambda n: (max(main.lines.get(n, [10**9])), n))
@@ -85,8 +91,10 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
             row.update(shape_ok=False, exact=False, allclose=False, max_abs_err=None,
                        max_rel_err=None, rtol=rtol, atol=None,
                        shape=list(manual.shape), wanted=list(auto.shape))  # fmt: skip
+            steps = [s.as_dict() for ln in row["lines"][-1:] if ln in plan.backward_lines
+                     for s in plan.backward_lines[ln].steps]  # fmt: skip
             row["hint"] = hints.result_shape(
-                main.spelling.get(name, name), tuple(manual.shape), tuple(auto.shape), []
+                main.spelling.get(name, name), tuple(manual.shape), tuple(auto.shape), steps, name
             )
         elif not manual.is_floating_point():
             row.update(shape_ok=True, exact=False, allclose=False, max_abs_err=None,
@@ -118,6 +126,8 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
                             "far above float64's rounding: the formula is not exactly the "
                             "forward's derivative (a changed eps? n vs n - 1?)"
                         )
+            if name in unrechecked:
+                row["recheck"] = _recheck_note(name, main, rerun_error)
             if not row["allclose"]:
                 row["hint"] = _slip_hint(name, manual, auto, plan, main)
         if first_failure is None and (not row["allclose"]):
@@ -138,6 +148,31 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
         "first_failure": first_failure,
         "tensors": rows,
     }
+
+
+def _rechecked(name: str, main: Outcome, rerun: Outcome) -> bool:
+    """Whether the float64 rerun ran every line that writes `name`, as the run did."""
+    if name not in rerun.manual or rerun.lines.get(name) != main.lines.get(name):
+        return False
+    stop = rerun.error.line if rerun.error is not None else None
+    if stop is None:
+        return True
+    return bool(stop) and stop > max(main.lines.get(name, [0]))
+
+
+def _without(rerun: Outcome, names: set[str]) -> Outcome:
+    """The rerun without the gradients it could not finish."""
+    keep = {n: g for n, g in rerun.manual.items() if n not in names}
+    return replace(rerun, manual=keep)
+
+
+def _recheck_note(name: str, main: Outcome, error: ProgramError | None) -> str:
+    where = f" at line {error.line}" if error is not None and error.line else ""
+    why = str(error).splitlines()[0] if error is not None else "it wrote no float64 value"
+    return (
+        f"checked in the run's dtype only: the float64 recheck of {main.spelling.get(name, name)} "
+        f"could not run{where} ({why}), so it says nothing about the formula"
+    )
 
 
 def _same_entries(a: tuple, b: tuple) -> bool:

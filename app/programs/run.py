@@ -17,7 +17,7 @@ import torch
 from app.lab.allowlist import FormulaError
 from app.lab.statements import Executed, ProgramError
 from app.ops.cancel import RunCancelled, cancel_token
-from app.ops.traced import Traced
+from app.ops.traced import Traced, single_precision_as
 from app.programs.check import Outcome, check_table, gradient_views, tensor_table
 from app.programs.inputs import DTYPES, make_inputs
 from app.programs.plan import (
@@ -116,7 +116,10 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
     with cancel_token(cancel):  # polled after every op as well as between statements
         main = execute_once(req, plan, dtype, check)
         after_run = time.perf_counter()
-        rerun = execute_once(req, plan, torch.float64, check) if plan.rerun else None
+        rerun = None
+        if plan.rerun:  # the same formulas in float64 throughout (`.float()` included)
+            with single_precision_as(torch.float64):
+                rerun = execute_once(req, plan, torch.float64, check)
     return answer(req, plan, main, rerun, (after_run - start) * 1e3)
 
 

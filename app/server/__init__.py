@@ -55,10 +55,11 @@ def install(
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
-        # a program's value inputs take room: its routes take up to 1 MiB (or the setting)
+        # a program's value inputs take room: its routes (export takes a program too) take up to
+        # 1 MiB (or the setting)
         route_limits={
             path: max(settings.max_body_bytes, 1 << 20)
-            for path in ("/api/program", "/api/program/train")
+            for path in ("/api/program", "/api/program/train", "/api/export")
         },
     )
     app.add_middleware(GuardMiddleware, compute=compute, allowed_hosts=settings.allowed_hosts)

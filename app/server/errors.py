@@ -131,6 +131,13 @@ async def saturated(request: Request, exc: Saturated) -> StrictJSONResponse:
     )
 
 
+def _smaller(path: str) -> str:
+    """How to make a run of this route smaller, in the settings the route has."""
+    if path.startswith("/api/program"):
+        return "make the inputs' shapes smaller, or the loops shorter"
+    return "reduce batch or the widths, or turn off compare and fd_samples"
+
+
 async def stopped(request: Request, exc: Stopped) -> StrictJSONResponse:
     """A run stopped at its deadline: 422 (retrying cannot help). One the machine was too
     busy to run in time: 503 with Retry-After (the run itself is within bounds). One whose
@@ -151,7 +158,7 @@ async def stopped(request: Request, exc: Stopped) -> StrictJSONResponse:
         "loc": ["body"],
         "msg": f"this run was still going after {exc.deadline_s:g} s, the most one run may "
         "take (BROADPROP_RUN_DEADLINE_S), and was stopped; "
-        + (exc.advice or "reduce batch or the widths, or turn off compare and fd_samples"),
+        + (exc.advice or _smaller(request.url.path)),
         "input": None,
         "ctx": {"deadline_s": exc.deadline_s},
     }

@@ -25,7 +25,8 @@ export function verdictLine(data, st, pending = []) {
   const matching = Object.values(st).filter((s) => s === "match" || s === "suspect").length;
   const suspects = c.suspects?.length ? ` · <span class="warn">≈ ${c.suspects.length} suspect (${c.suspects.map(esc).join(", ")})</span>` : "";
   const hidden = pending.length ? ` · ${pending.length} hidden line${pending.length > 1 ? "s" : ""} still to write` : "";
-  const loss = data.loss == null ? "" : ` · <span class="muted">loss ${num(data.loss, 4)}</span>`;
+  // the separator goes with the loss: a phone hides the summary's muted parts, dot and all
+  const loss = data.loss == null ? "" : ` <span class="muted">· loss ${num(data.loss, 4)}</span>`;
   if (data.backward_error) {
     return ["error", `<span class="bad">✗ Backward line ${data.backward_error.line} cannot run</span> · ${written} of ${total} written before it, ${matching} match${hidden}${loss}`];
   }
@@ -33,10 +34,28 @@ export function verdictLine(data, st, pending = []) {
     const row = c.tensors[c.first_failure];
     return ["fail", `<span class="bad">✗ First wrong gradient: ${esc(row.spelling || `d${c.first_failure}`)} (line ${row.lines.join(", ")})</span> · ${matching} of ${written} written match · ${written} of ${total} written${hidden}${loss}`];
   }
+  if (written < total && !pending.length && paramsDone(data, st)) {
+    // every parameter's gradient written and matching: a course's shortcut (CS231n's dscores)
+    // may skip intermediates, and says which
+    const skipped = Object.keys(st).filter((n) => st[n] === "unwritten");
+    return ["params-match", `<span class="ok">✓ Every parameter's gradient matches autograd</span> · ${written} of ${total} written (not written: ${skipped.map((n) => `d${esc(n)}`).join(", ")}, which the backward goes past)${suspects}${loss}`];
+  }
   if (written < total || pending.length) {
     return ["incomplete", `<span class="todo-count">${written} of ${total} written</span> · the ${written} written match autograd${hidden}${suspects}${loss}`];
   }
   return ["all-match", `<span class="ok">✓ All ${total} gradients written, all match autograd</span>${suspects}${loss}`];
+}
+
+/** Every parameter (an input with a gradient) written, and all that is written matches. */
+function paramsDone(data, st) {
+  const params = Object.keys(st).filter((n) => data.tensors[n]?.role === "param");
+  return params.length > 0 && params.every((n) => st[n] === "match" || st[n] === "suspect")
+    && Object.values(st).every((s) => s === "match" || s === "suspect" || s === "unwritten");
+}
+
+/** `text` with its `code` spans as <code> elements (for h's children). */
+export function rich(text) {
+  return String(text).split("`").map((part, i) => (i % 2 ? h("code", {}, part) : part));
 }
 
 const STATE_TEXT = {
@@ -73,7 +92,8 @@ export function checkRows(data, st, selected, onSelect) {
     tr.addEventListener("keydown", (ev) => ev.key === "Enter" && onSelect(name));
     rows.push(tr);
     const why = row.hint || row.why;
-    if (why && s !== "match" && s !== "after") rows.push(h("tr", { class: `why st-${s}` }, h("td", { colspan: 8 }, why)));
+    if (why && s !== "match" && s !== "after") rows.push(h("tr", { class: `why st-${s}` }, h("td", { colspan: 8 }, ...rich(why))));
+    else if (row.recheck && s === "match") rows.push(h("tr", { class: "why st-match recheck" }, h("td", { colspan: 8 }, ...rich(row.recheck))));
   }
   return rows;
 }
