@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ class Outcome:
     spelling: dict[str, str]
     helpers: dict[str, Any]
     error: ProgramError | None
+    dropped: dict[str, torch.Tensor] = field(default_factory=dict)  # see BackwardRun.dropped
 
 
 # --------------------------------------------------------------------------- the check

@@ -18,6 +18,7 @@ from app.lab.allowlist import FormulaError
 from app.lab.statements import Executed, ProgramError
 from app.ops.cancel import RunCancelled, cancel_token
 from app.ops.traced import Traced
+from app.programs.diagnose import PRECISION_RERUN_MAX_S, diagnose_table
 from app.programs.check import Outcome, check_table, gradient_views, tensor_table
 from app.programs.inputs import DTYPES, make_inputs
 from app.programs.plan import (
@@ -80,6 +81,7 @@ def execute_once(
         spelling=bwd.spelling,
         helpers=dict(bwd.scope),
         error=error,
+        dropped=bwd.dropped,
     )
 
 
@@ -118,6 +120,15 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         after_run = time.perf_counter()
         rerun = execute_once(req, plan, torch.float64, check) if plan.rerun else None
     table = check_table(plan, main, rerun, req.loss)
+
+    def lower() -> dict[str, torch.Tensor] | None:
+        """autograd's gradients in float32, for `precision` in a float64 run."""
+        if req.dtype != "float64" or plan.seconds > PRECISION_RERUN_MAX_S:
+            return None
+        with cancel_token(cancel):
+            return execute_once(req, plan, torch.float32, check).autograd
+
+    diagnose_table(table, plan, main, lower)
     after_check = time.perf_counter()
     # the first line that cannot run: the dry run's explanation where both stop at one line
     errors = [e for e in (plan.stops_at, main.error) if e is not None]
