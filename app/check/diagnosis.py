@@ -41,12 +41,13 @@ from typing import Any
 
 import torch
 
+from app.check.autograd import NOISE_FACTOR, compare
+
 Close = Callable[[torch.Tensor, torch.Tensor], bool]
 
 MAX_PARTS = 6  # consumers of one tensor split into parts: 2**6 - 2 subsets at most
 MAX_SUBSET_WORK = 64 << 20  # elements compared over the whole subset search
 MAX_DIAGNOSED_NUMEL = 16 << 20  # a gradient larger than this gets `unknown`, with the reason
-NOISE_FACTOR = 4  # as app/check/autograd.py: the rounding both sides may carry, 4x
 
 
 @dataclass
@@ -140,7 +141,9 @@ _FACTOR_STORIES = {
 }
 
 
-def name_factor(c: float, sizes: tuple[int, ...], rel: float = 2e-4) -> tuple[str, int | None] | None:
+def name_factor(
+    c: float, sizes: tuple[int, ...], rel: float = 2e-4
+) -> tuple[str, int | None] | None:
     """The known factor closest to c, within `rel`: ("1/n", 32), ("n/(n-1)", 32), ("2", None)
     ..., or None. The sizes are the program's (and their products by two: a mean over
     B * T)."""
@@ -293,15 +296,97 @@ def _precision(G, R, close: Close, ev: Evidence) -> dict[str, Any] | None:
 
 
 def _unknown(ev: Evidence, why: str | None = None, skipped: bool = False) -> dict[str, Any]:
-    message = why or ev.hint or (
-        f"{ev.spelled} differs from autograd's gradient in a way no single slip explains (not "
-        "a constant factor, the sign, a transpose, a missing part): perhaps two at once; "
-        "compare its formula with the chain rule step by step"
+    message = (
+        why
+        or ev.hint
+        or (
+            f"{ev.spelled} differs from autograd's gradient in a way no single slip explains (not "
+            "a constant factor, the sign, a transpose, a missing part): perhaps two at once; "
+            "compare its formula with the chain rule step by step"
+        )
     )
     out: dict[str, Any] = {"kind": "unknown", "message": message}
     if skipped or "skipped" in ev.extra:
         out["skipped"] = why if skipped else ev.extra["skipped"]
     return out
+
+
+# --------------------------------------------------------------------------- a run's check
+
+
+def diagnose_check(
+    check: dict[str, Any],
+    manual: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    reads: Mapping[str, set[str]],
+    sizes: tuple[int, ...] = (),
+    floors: Mapping[str, float] | None = None,
+    lower: Callable[[], Mapping[str, torch.Tensor] | None] | None = None,
+) -> dict[str, Any]:
+    """`diagnosis` on every entry of a run's check (`tensors` and `intermediates`, keyed
+    `w1`, `out:fused`): null where it passes. `reference`: autograd's gradients by tensor
+    name; `reads`: the gradients each gradient's formula reads (upstream); the tolerance is
+    the check's own (app/check/autograd.py's `compare`, its floor and noise); `lower`:
+    autograd's gradients in float32, for a float64 run's `precision`."""
+    floors = floors or {}
+    sections = [check[k] for k in ("tensors", "intermediates") if k in check]
+    verdict = {k.split(":")[0]: r["allclose"] for sec in sections for k, r in sec.items()
+               if ":" not in k}  # fmt: skip
+    cached: dict[str, Any] = {}
+
+    def lower_grads() -> Mapping[str, torch.Tensor]:
+        if "lower" not in cached:
+            cached["lower"] = (lower() if lower is not None else None) or {}
+        return cached["lower"]
+
+    for section in sections:
+        for key, result in section.items():
+            result["diagnosis"] = None
+            name = key.split(":")[0]
+            if result["allclose"] or key not in manual or name not in reference:
+                continue
+            up = next((d for d in sorted(reads.get(key, reads.get(name, ())))
+                       if d != name and verdict.get(d) is False), None)  # fmt: skip
+            noise, floor = result.get("rounding_noise", 0.0), floors.get(key, 0.0)
+
+            def close(g, h, noise=noise, floor=floor) -> bool:
+                return bool(compare(g.to(h.dtype), h, floor, noise)["allclose"])
+
+            ev = Evidence(
+                spelled=f"{key}.g" if ":" not in key else key,
+                upstream=f"{up}.g" if up else None,
+                upstream_tensor=up,
+                sizes=sizes,
+                lower=lambda name=name: lower_grads().get(name),
+                lower_close=lambda a, b: bool(compare(a, b)["allclose"]),
+            )
+            result["diagnosis"] = diagnose(manual[key], reference[name], close, ev)
+    link_roots(sections, lambda n: f"{n}.g")
+    return check
+
+
+def link_roots(sections: list[Mapping[str, Any]], spell: Callable[[str], str]) -> None:
+    """An upstream diagnosis names, beside the gradient it reads (`from`), the first wrong
+    one on its path (`root`): the one to fix."""
+    rows = {k: r for sec in sections for k, r in sec.items()}
+    for row in rows.values():
+        d = row.get("diagnosis")
+        if not d or d["kind"] != "upstream":
+            continue
+        seen, at = set(), d["from"]
+        while at in rows and at not in seen:
+            seen.add(at)
+            nxt = rows[at].get("diagnosis")
+            if not nxt or nxt["kind"] != "upstream":
+                break
+            at = nxt["from"]
+        if at != d["from"]:
+            d["root"] = at
+            root_spelled = spell(at)
+            d["message"] = d["message"].replace(
+                "(this line may be right)",
+                f"(this line may be right; the first wrong gradient on its path is {root_spelled})",
+            )
 
 
 # --------------------------------------------------------------------------- replays

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from app.check.autograd import compare
-from app.check.diagnosis import MAX_PARTS, Evidence, diagnose
+from app.check.diagnosis import MAX_PARTS, Evidence, diagnose, link_roots
 from app.lab.allowlist import FormulaError, Pair
 from app.ops.traced import Traced
 from app.programs.check import Outcome
@@ -77,6 +77,7 @@ def diagnose_table(
             return bool(compare(g.to(h.dtype), h, rounding_noise=noise)["allclose"])
 
         row["diagnosis"] = diagnose(G, R, close, ev)
+    link_roots([rows], lambda n: main.spelling.get(n, GRAD_PREFIX + n))
     return table
 
 
@@ -102,7 +103,11 @@ def gradient_reads(plan: Plan) -> dict[str, set[str]]:
     def read_in(node: ast.AST) -> set[str]:
         found: set[str] = set()
         for sub in ast.walk(node):
-            if isinstance(sub, ast.Attribute) and sub.attr == "g" and isinstance(sub.value, ast.Name):
+            if (
+                isinstance(sub, ast.Attribute)
+                and sub.attr == "g"
+                and isinstance(sub.value, ast.Name)
+            ):
                 found.add(sub.value.id)
             elif isinstance(sub, ast.Name):
                 tensor = grad_of(sub.id)

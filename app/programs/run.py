@@ -18,8 +18,14 @@ from app.lab.allowlist import FormulaError
 from app.lab.statements import Executed, ProgramError
 from app.ops.cancel import RunCancelled, cancel_token
 from app.ops.traced import Traced
+from app.programs.check import (
+    Outcome,
+    check_table,
+    gradient_views,
+    recheck_float64,
+    tensor_table,
+)
 from app.programs.diagnose import PRECISION_RERUN_MAX_S, diagnose_table
-from app.programs.check import Outcome, check_table, gradient_views, tensor_table
 from app.programs.inputs import DTYPES, make_inputs
 from app.programs.plan import (
     BackwardRun,
@@ -121,14 +127,21 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         rerun = execute_once(req, plan, torch.float64, check) if plan.rerun else None
     table = check_table(plan, main, rerun, req.loss)
 
+    low: list[Outcome] = []  # the program in float32, once, for a float64 run's failures
+
     def lower() -> dict[str, torch.Tensor] | None:
-        """autograd's gradients in float32, for `precision` in a float64 run."""
+        """autograd's gradients in float32: float64's rounding (`recheck_float64`) and the
+        `precision` diagnosis. Only for a run estimated under PRECISION_RERUN_MAX_S."""
         if req.dtype != "float64" or plan.seconds > PRECISION_RERUN_MAX_S:
             return None
-        with cancel_token(cancel):
-            return execute_once(req, plan, torch.float32, check).autograd
+        if not low:
+            low.append(execute_once(req, plan, torch.float32, check))
+        return low[0].autograd
 
-    diagnose_table(table, plan, main, lower)
+    with cancel_token(cancel):
+        if not table["all_close"] and lower() is not None:
+            table = recheck_float64(table, main, low[0])
+        diagnose_table(table, plan, main, lower)  # why each failing gradient is wrong
     after_check = time.perf_counter()
     # the first line that cannot run: the dry run's explanation where both stop at one line
     errors = [e for e in (plan.stops_at, main.error) if e is not None]
