@@ -28,8 +28,9 @@ R); the other hypotheses run only when these fail and only under their bounds
 build `parts`, `duplicates` and `lower` lazily, so a run pays for them only on a failing
 gradient that needs them.
 
-This module imports torch only: the exported script embeds `explain` and `name_factor`
-(their source, as it embeds the reference).
+No web imports: the notebook and the exported script use it too. A program's exported
+script embeds `explain`, `_scale` and `name_factor` (their source, as the run's file embeds
+the reference), so it prints the same sentence for a scale, a sign or a transpose.
 """
 
 from __future__ import annotations

@@ -309,7 +309,9 @@ LAYERS = {  # forward, backward (from d<out> to d<in>), for out = f(inp)
 }  # fmt: skip
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     layers=st.lists(st.sampled_from(sorted(LAYERS)), min_size=1, max_size=4),
     rows=st.integers(2, 9),
@@ -345,3 +347,25 @@ def test_a_correct_random_program_is_never_diagnosed(client, layers, rows, width
     assert check["all_written"]
     diagnoses = {n: r["diagnosis"] for n, r in check["tensors"].items() if r["diagnosis"]}
     assert check["all_close"] and not diagnoses, (body["forward"], body["backward"], diagnoses)
+
+
+# --------------------------------------------------------------------------- the export
+
+
+@pytest.mark.slow
+def test_the_exported_script_prints_the_diagnosis(client, tmp_path):
+    import subprocess
+    import sys
+
+    body = {**presets.preset("makemore")["request"], "backward": BACKWARD.replace(
+        "dbnmeani = -dbndiff.sum(0, keepdim=True)", "dbnmeani = -dbndiff.mean(0, keepdim=True)")}  # fmt: skip
+    r = client.post("/api/export", json={"program": body, "format": "py"})
+    assert r.status_code == 200
+    path = tmp_path / "program.py"
+    path.write_text(r.text)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    out = done.stdout
+    assert "why: dbnmeani is autograd's gradient times 1/n (n = 32)" in out
+    assert "why: dhprebn is computed from dbnmeani, which is already wrong" in out
+    assert out.strip().splitlines()[-1].startswith("differs from autograd:")
