@@ -17,13 +17,14 @@ from app.api.responses import JSON_ERROR, VALIDATION_ERROR, StrictJSONResponse
 from app.api.streaming import event, iterate_in_slices
 from app.cost.admission import admit_program, admit_program_watched, refuse_program
 from app.lab.statements import ProgramError
+from app.ops.cancel import CancelToken
 from app.programs import presets
 from app.programs import run as programs
 from app.programs import train as training
 from app.programs.schemas import ProgramRequest, ProgramResponse, ProgramTrainRequest
 from app.schemas import ErrorMessage
 from app.server.errors import guarded
-from app.server.lanes import TRAIN_SLICE_S, CancelToken
+from app.server.lanes import TRAIN_SLICE_S
 from app.settings import Settings
 
 router = APIRouter(tags=["program"])

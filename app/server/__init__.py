@@ -1,7 +1,7 @@
 """The server's plumbing, below the app: lanes (run slots, deadlines), body (size), allocator (memory),
 errors (never a 500; a log that cannot be flooded), security (hosts, origins, headers),
 OpenAPI (exact limits) and startup (lifespan, the connection guard). Nothing here imports
-from the rest of app/ but its settings; the app hands in what it needs (`install`)."""
+from the rest of app/ but its settings and the core's refusal and cancel token; the app hands in what it needs (`install`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.refusal import Refused
 from app.server import errors
 from app.server.body import BodyLimitMiddleware
 from app.server.lanes import RunLimiter, Saturated, Stopped, derive_concurrency
@@ -58,6 +59,7 @@ def install(
     )
     app.add_middleware(GuardMiddleware, compute=compute, allowed_hosts=settings.allowed_hosts)
     app.add_exception_handler(RequestValidationError, errors.validation_error)
+    app.add_exception_handler(Refused, errors.validation_error)  # the core's refusals
     app.add_exception_handler(StarletteHTTPException, errors.http_error)
     app.add_exception_handler(Saturated, errors.saturated)
     app.add_exception_handler(Stopped, errors.stopped)

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.refusal import Refused
 from app.server.lanes import Saturated, Stopped
 from app.server.responses import StrictJSONResponse
 from app.settings import Settings
@@ -59,7 +60,9 @@ def _run_out_of_memory(settings: Settings) -> HTTPException:
     )
 
 
-async def validation_error(request: Request, exc: RequestValidationError) -> StrictJSONResponse:
+async def validation_error(
+    request: Request, exc: RequestValidationError | Refused
+) -> StrictJSONResponse:
     """FastAPI's 422 body, written as strict JSON: an input of NaN or Infinity (which Python's
     json module accepts as literals) is echoed as null, and a deep, long or huge input is
     echoed clipped, instead of failing the response."""

@@ -22,6 +22,7 @@ import anyio
 import torch
 from starlette.types import Message
 
+from app.ops.cancel import CancelToken
 from app.server.allocator import TRIM_DELAY_S, TRIM_MIN_BYTES, release_memory, tune_allocator
 from app.settings import Settings
 
@@ -70,42 +71,6 @@ class Stopped(Exception):
         super().__init__(reason)
         self.reason = reason
         self.deadline_s = deadline_s
-
-
-class CancelToken:
-    """Set by the limiter when a run should stop; the run polls `is_set()` between its ops and
-    chunks (app.ops.Context.cancel) and raises there.
-
-    Armed with a deadline (`arm`), the token also turns set once the polling thread has used
-    that much CPU time since its first poll: the run's own work, what it would take on a quiet
-    machine, so that a machine busy with other work (a room of browsers on the same laptop)
-    does not stop runs that are within bounds."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.reason: str | None = None
-        self.cpu_deadline_s = math.inf
-        self._cpu_start: float | None = None
-
-    def arm(self, cpu_deadline_s: float) -> None:
-        self.cpu_deadline_s = cpu_deadline_s
-
-    def set(self, reason: str) -> None:
-        if not self._event.is_set():
-            self.reason = reason
-            self._event.set()
-
-    def is_set(self) -> bool:
-        if self._event.is_set():
-            return True
-        if self.cpu_deadline_s < math.inf:
-            now = time.thread_time()
-            if self._cpu_start is None:
-                self._cpu_start = now
-            elif now - self._cpu_start > self.cpu_deadline_s:
-                self.set("deadline")
-                return True
-        return False
 
 
 # The wall-clock bound on a run, as a multiple of its CPU-time deadline: a safety net for a
@@ -450,7 +415,7 @@ class RunLimiter:
             group.start_soon(work)
             group.start_soon(watch)
         if "error" in outcome:
-            if cancel.is_set():
+            if cancel.was_set():
                 raise Stopped(cancel.reason or "deadline", self.deadline_s) from outcome["error"]
             raise outcome["error"]
         return outcome["value"]

@@ -227,9 +227,8 @@ def test_the_work_model_counts_every_pass():
 
 
 def test_the_issues_slow_runs_are_refused():
-    from fastapi.exceptions import RequestValidationError
-
     from app.cost.admission import admit
+    from app.refusal import Refused as RequestValidationError
 
     for fields in (
         {
