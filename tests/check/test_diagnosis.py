@@ -299,7 +299,7 @@ def test_parts_that_do_not_add_up_never_make_a_missing_branch():
 
 LAYERS = {  # forward, backward (from d<out> to d<in>), for out = f(inp)
     "tanh": ("{o} = torch.tanh({i})", "d{i} = (1 - {o} ** 2) * d{o}"),
-    "relu": ("{o} = {i}.clamp_min(0.0)", "d{i} = ({i} > 0).float() * d{o}"),
+    "relu": ("{o} = {i}.relu()", "d{i} = ({o} > 0).float() * d{o}"),  # relu: 0 at 0
     "square": ("{o} = {i} ** 2", "d{i} = 2 * {i} * d{o}"),
     "scale": ("{o} = {i} * 0.5", "d{i} = 0.5 * d{o}"),
     "center": ("{o} = {i} - {i}.mean(0, keepdim=True)",
