@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 from app.lab.allowlist import is_number
 from app.lab.parse_program import MAX_PROGRAM_CHARS
 from app.schemas import MAX_CELLS, MAX_SEED, DType, GradientView
+from app.schemas.response import Diagnosis
 
 MAX_INPUTS = 64
 MAX_INPUT_DIMS = 6
@@ -221,6 +222,9 @@ class ProgramCheck(BaseModel):
     atol: float | None
     lines: list[int] = Field(default_factory=list, description="The lines that wrote it")
     hint: str | None = None
+    diagnosis: Diagnosis | None = Field(
+        None, description="null when all-close (or unwritten); else why the gradient is wrong"
+    )
 
 
 class BackwardError(BaseModel):

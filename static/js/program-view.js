@@ -91,11 +91,28 @@ export function checkRows(data, st, selected, onSelect) {
     tr.addEventListener("click", () => onSelect(name));
     tr.addEventListener("keydown", (ev) => ev.key === "Enter" && onSelect(name));
     rows.push(tr);
-    const why = row.hint || row.why;
-    if (why && s !== "match" && s !== "after") rows.push(h("tr", { class: `why st-${s}` }, h("td", { colspan: 8 }, ...rich(why))));
-    else if (row.recheck && s === "match") rows.push(h("tr", { class: "why st-match recheck" }, h("td", { colspan: 8 }, ...rich(row.recheck))));
+    // one sentence per failing row: the diagnosis (app/check/diagnosis.py chooses between it
+    // and a hand-written hint), else the hint; a row after the first failure only when its
+    // own slip is found (an upstream one is said by its state already)
+    const d = row.diagnosis;
+    const why = d?.message || row.hint || row.why;
+    const own = s !== "after" || (d && d.kind !== "upstream");
+    if (why && s !== "match" && own) {
+      rows.push(h("tr", { class: `why st-${s}`, "data-kind": d?.kind || null },
+        h("td", { colspan: 8 }, ...rich(why), d ? h("small", { class: "muted evidence" }, evidence(d)) : null)));
+    } else if (row.recheck && s === "match") {
+      rows.push(h("tr", { class: "why st-match recheck" }, h("td", { colspan: 8 }, ...rich(row.recheck))));
+    }
   }
   return rows;
+}
+
+/** What the diagnosis measured, beside its sentence. */
+function evidence(d) {
+  if (d.kind === "scale") return ` (G / R = ${num(d.factor)} in every entry)`;
+  if (d.kind === "missing_branch") return ` (missing: the part through ${d.missing.join(", ")})`;
+  if (d.kind === "upstream") return d.root ? ` (first wrong: d${d.root})` : "";
+  return "";
 }
 
 /** The name a view selects first: the first failure, else the last parameter written. */
