@@ -21,7 +21,7 @@ from app.lab.allowlist import FormulaError, Pair
 from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
 from app.ops.cancel import check_cancelled
 from app.ops.traced import Step, Traced
-from app.programs.inputs import DTYPES, meta_of
+from app.programs.inputs import DTYPES, meta_of, names_rows
 from app.programs.schemas import ProgramRequest
 
 GRAD_PREFIX = "d"
@@ -321,6 +321,18 @@ def _mib(n: float) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
 
+def _refuse_rows_past_the_data(req: ProgramRequest) -> None:
+    """A names input asks for at most the data's training rows (a 422 at the input)."""
+    for name, spec in req.inputs.items():
+        if spec.data == "names" and spec.rows > (available := names_rows()):
+            raise ProgramRefused(
+                "inputs", name,
+                f"{name}: rows {spec.rows:,} is more than the names data's {available:,} "
+                "training rows; ask for at most that many",
+                "rows", rows=spec.rows, available=available,
+            )  # fmt: skip
+
+
 def _meta_inputs(req: ProgramRequest) -> tuple[dict[str, Any], int]:
     dtype = DTYPES[req.dtype]
     scope: dict[str, Any] = {}
@@ -342,6 +354,7 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
     """The dry run: every refusal before anything real is made (ProgramRefused)."""
     forward = _parse(req.forward, "forward")
     backward = _parse(req.backward, "backward")
+    _refuse_rows_past_the_data(req)
     scope, input_bytes = _meta_inputs(req)
     itemsize = torch.empty((), dtype=DTYPES[req.dtype]).element_size()
     cost = _Cost(itemsize, work_limit_s, memory_budget - input_bytes, "forward", memory_budget)

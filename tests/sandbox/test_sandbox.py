@@ -184,7 +184,7 @@ def test_n7_names_rows_beyond_the_data_are_a_422_at_rows(client):
     r = post(client, body)
     assert r.status_code == 422, r.text[:300]
     (error,) = r.json()["detail"]
-    assert error["loc"][:3] == ["body", "inputs", "X"]
+    assert error["loc"] == ["body", "inputs", "X"]
     assert "training rows" in error["msg"]
 
 
