@@ -16,6 +16,7 @@ from app.lab.allowlist import (
     ATTRIBUTES,
     DTYPES,
     FUNCTIONAL,
+    LIST_METHODS,
     METHODS,
     NAMESPACES,
     NODES,
@@ -159,7 +160,7 @@ def _check_node(node: ast.AST, source: str, program: bool = False) -> None:
                     "not_allowed",
                 )
         allowed = {"g", *METHODS, *ATTRIBUTES, *PAIR_ATTRIBUTES, *TORCH_FUNCTIONS, *FUNCTIONAL,
-                   *DTYPES}  # fmt: skip
+                   *DTYPES, *LIST_METHODS}  # fmt: skip
         if node.attr not in allowed:
             raise FormulaError(_unknown_attribute(node, source), "not_allowed")
     if isinstance(node, ast.Constant) and not (

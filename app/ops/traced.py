@@ -176,22 +176,7 @@ class Traced:
         operands: Sequence[Traced],
         detail: dict[str, Any] | None = None,
     ) -> Traced:
-        if not t.is_meta:  # computing, not tracing: the numbers need no steps
-            check_cancelled()  # a learner's formula is many ops: the deadline can stop it here
-            named = [o.bindings for o in operands if o.bindings]
-            return Traced(t, expr, prec, None, _merge_steps(*named) if named else [])
-        step = Step(
-            action=action,
-            op=op,
-            expr=expr,
-            inputs=[o.shape for o in operands],
-            output=tuple(t.shape),
-            bytes=t.numel() * t.element_size(),
-            detail=detail or {},
-        )
-        steps = _merge_steps(*(o.steps for o in operands), [step])
-        bindings = _merge_steps(*(o.bindings for o in operands))
-        return Traced(t, expr, prec, steps, bindings)
+        return made(t, expr, action, op, operands, detail, prec)
 
     def _method(self, t: torch.Tensor, call: str, action: str, op: str, **detail: Any) -> Traced:
         return self._make(t, f"{self._wrapped(ATOM)}.{call}", ATOM, action, op, [self], detail)
@@ -270,11 +255,11 @@ class Traced:
             )
         return self._reduce("mean", dim, keepdim)
 
-    def amax(self, dim: int, keepdim: bool = False) -> Traced:
-        return self._reduce("max", dim, keepdim)
+    def amax(self, dim: int | tuple[int, ...], keepdim: bool = False) -> Traced:
+        return self._reduce("max" if isinstance(dim, int) else "amax", dim, keepdim)
 
-    def amin(self, dim: int, keepdim: bool = False) -> Traced:
-        return self._reduce("min", dim, keepdim)
+    def amin(self, dim: int | tuple[int, ...], keepdim: bool = False) -> Traced:
+        return self._reduce("min" if isinstance(dim, int) else "amin", dim, keepdim)
 
     def max(self, dim: int | None = None, keepdim: bool = False) -> Traced:
         """With a dim, the values (as `.max(dim).values`); without, the largest entry."""
@@ -476,6 +461,19 @@ class Traced:
         name = str(dtype).removeprefix("torch.")
         return self._method(self.t.to(dtype), f"to(torch.{name})", "mask", "to")
 
+    def cast(self, dtype: torch.dtype) -> Traced:
+        """`.bool()` / `.long()`: a mask or indices in another integer type."""
+        name = {torch.bool: "bool", torch.int64: "long"}[dtype]
+        return self._method(self.t.to(dtype), f"{name}()", "mask", name)
+
+    def contiguous(self) -> Traced:
+        """`.contiguous()`: itself when it is, else a copy (a transposed view's)."""
+        t = self.t.contiguous()
+        action = "copy" if t is not self.t and t.data_ptr() != self.t.data_ptr() else "reshape"
+        if self.t.is_meta:
+            action = "reshape" if self.t.is_contiguous() else "copy"
+        return self._method(t, "contiguous()", action, "contiguous")
+
     def gather(self, dim: int, index: Traced) -> Traced:
         t = self.t.gather(dim, index.t)
         expr = f"{self._wrapped(ATOM)}.gather({dim}, {index.expr})"
@@ -560,6 +558,35 @@ class Traced:
         t = torch.minimum(self.t, other.t)
         return self._make(t, f"torch.minimum({self.expr}, {other.expr})", ATOM, "elementwise",
                           "minimum", [self, other])  # fmt: skip
+
+
+def made(
+    t: torch.Tensor,
+    expr: str,
+    action: str,
+    op: str,
+    operands: Sequence[Traced] = (),
+    detail: dict[str, Any] | None = None,
+    prec: int = ATOM,
+) -> Traced:
+    """A new value and its one trace step (on meta tensors; real ones need no steps), from
+    any operands, or none (`torch.zeros(3, 4)`)."""
+    if not t.is_meta:  # computing, not tracing: the numbers need no steps
+        check_cancelled()  # a learner's formula is many ops: the deadline can stop it here
+        named = [o.bindings for o in operands if o.bindings]
+        return Traced(t, expr, prec, None, _merge_steps(*named) if named else [])
+    step = Step(
+        action=action,
+        op=op,
+        expr=expr,
+        inputs=[o.shape for o in operands],
+        output=tuple(t.shape),
+        bytes=t.numel() * t.element_size(),
+        detail=detail or {},
+    )
+    steps = _merge_steps(*(o.steps for o in operands), [step])
+    bindings = _merge_steps(*(o.bindings for o in operands))
+    return Traced(t, expr, prec, steps, bindings)
 
 
 def meta_index(index: torch.Tensor) -> Any:

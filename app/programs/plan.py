@@ -19,6 +19,8 @@ from app.lab import formulas
 from app.lab.allowlist import FormulaError, Pair
 from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
 from app.ops.cancel import check_cancelled
+from app.ops.joining import TensorList
+from app.ops.making import Maker
 from app.ops.traced import Step, Traced
 from app.programs.inputs import DTYPES, meta_of
 from app.programs.schemas import ProgramRequest
@@ -44,11 +46,14 @@ class ProgramRefused(Exception):
 
 
 class ForwardRun(Interpreter):
-    """The forward: `name = expression` lines over the inputs; each name assigned once, so
-    each has one gradient."""
+    """The forward: lines over the inputs (loops, lists and in-place fills of its own fresh
+    tensors too). A name may be rebound (`h = ...` in a loop): its gradient is that of its
+    value after the statement that last wrote it."""
 
-    def __init__(self, program: Program, inputs: dict[str, Any], check: Callable[[], None]):
-        super().__init__(program, dict(inputs), [], check)
+    def __init__(self, program: Program, inputs: dict[str, Any], check: Callable[[], None],
+                 maker: Maker | None = None):  # fmt: skip
+        protected = [v.t for v in inputs.values() if isinstance(v, Traced)]
+        super().__init__(program, dict(inputs), protected, check, maker=maker)
         self.input_names = set(inputs)
         self.assigned: list[str] = []
 
@@ -72,16 +77,10 @@ class ForwardRun(Interpreter):
         if name in self.input_names:
             self.fail(stmt, f"{name} is an input; the forward makes new names from it",
                       "not_allowed")  # fmt: skip
-        if name in self.assigned:
-            self.fail(
-                stmt,
-                f"{name} is assigned twice; in a program every forward name is assigned once, "
-                "so that its gradient is one tensor (call the new value another name)",
-                "not_allowed",
-            )
         if isinstance(value, range):
             self.fail(stmt, "a range is for indexing and loops, not a value", "not_allowed")
-        self.assigned.append(name)
+        if name not in self.assigned:
+            self.assigned.append(name)
         super().assign(stmt, name, value)
 
 
@@ -95,9 +94,10 @@ class BackwardRun(Interpreter):
         forward: dict[str, Any],
         has_grad: set[str],
         check: Callable[[], None],
+        maker: Maker | None = None,
     ):
-        protected = [v.t for v in forward.values() if isinstance(v, Traced)]
-        super().__init__(program, {}, protected, check)
+        protected = [t.t for v in forward.values() for t in _tensors(v)]
+        super().__init__(program, {}, protected, check, maker=maker)
         self.forward = forward
         self.has_grad = has_grad
         self.gradients: dict[str, Traced] = {}  # tensor name -> its gradient, as written
@@ -191,8 +191,19 @@ class Plan:
     known: frozenset[str] = frozenset()  # the inputs' and the forward's names
 
 
+def _tensors(value: Any) -> list[Traced]:
+    """The tensors a value holds: itself, or a list's or a pair's."""
+    if isinstance(value, Traced):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, Traced)]
+    return []
+
+
 class _Cost:
-    """Seconds and bytes, step by step, as the dry run goes (loops counted in full)."""
+    """Seconds and bytes, step by step, as the dry run goes (loops counted in full). In the
+    forward every run of a line keeps its result (autograd saves it); in the backward a
+    rebound name frees the old value, so a loop's line keeps one; a list keeps all it holds."""
 
     def __init__(self, itemsize: int, seconds_limit: float, bytes_limit: int, which: str):
         self.itemsize, self.seconds_limit, self.bytes_limit = itemsize, seconds_limit, bytes_limit
@@ -212,11 +223,13 @@ class _Cost:
             self.seconds += OP_S
             if not formulas.is_view(d) and d["action"] != "write":
                 temp += d["bytes"] + d.get("temp_bytes", 0)
+            if self.which != "forward":  # (the forward keeps every result already)
+                self.kept += d.get("keeps", 0)  # a list's append keeps what it holds
         self.peak_temp = max(self.peak_temp, temp)
-        if entry.runs == 1:
-            self.kept += (
-                steps[-1].bytes if steps and not formulas.is_view(steps[-1].as_dict()) else 0
-            )
+        if entry.runs == 1 or self.which == "forward":
+            last = steps[-1].as_dict() if steps else None
+            if last is not None and not formulas.is_view(last) and last["action"] != "write":
+                self.kept += last["bytes"]
         if self.seconds > self.seconds_limit:
             raise ProgramRefused(
                 self.which,
@@ -270,7 +283,8 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
     scope, input_bytes = _meta_inputs(req)
     itemsize = torch.empty((), dtype=DTYPES[req.dtype]).element_size()
     cost = _Cost(itemsize, work_limit_s, memory_budget - input_bytes, "forward")
-    fwd = ForwardRun(forward, scope, check_cancelled)
+    maker = Maker("meta", DTYPES[req.dtype])
+    fwd = ForwardRun(forward, scope, check_cancelled, maker=maker)
     fwd.on_statement = cost.add
     with torch.enable_grad():
         _run(fwd, "forward")
@@ -278,17 +292,19 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
     if not loss.t.requires_grad:
         raise ProgramRefused("forward", _line_of(forward, req.loss), f"{req.loss} does not "
                              "depend on any input with a gradient (grad: true)", "name")  # fmt: skip
-    env = {n: detached(v) for n, v in fwd.scope.items()}
     has_grad = [n for n in req.inputs if _requires_grad(scope.get(n))] + [
         n for n in fwd.assigned if _requires_grad(fwd.scope[n])
     ]
+    if writes_in_place(forward):
+        _autograd_on_meta(req, forward, loss, [fwd.scope[n].t for n in has_grad])
+    env = {n: detached(v) for n, v in fwd.scope.items()}
     # the run keeps the forward, autograd's saved tensors and the retained gradients
     forward_bytes = cost.kept
     back_cost = _Cost(
         itemsize, max(0.0, work_limit_s - 3 * cost.seconds),
         memory_budget - input_bytes - 3 * forward_bytes, "backward",
     )  # fmt: skip
-    bwd = BackwardRun(backward, env, set(has_grad), check_cancelled)
+    bwd = BackwardRun(backward, env, set(has_grad), check_cancelled, maker=maker)
     bwd.on_statement = back_cost.add
     stops_at = None
     with torch.no_grad():
@@ -316,6 +332,36 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
         forward_reads=_reads(forward),
         known=frozenset([*req.inputs, *fwd.assigned]),
     )
+
+
+def writes_in_place(program: Program) -> bool:
+    """Whether a text writes a tensor in place anywhere (`+=`, `x[i] = ...`, `x.f_(...)`)."""
+    for stmt in program.body:
+        for node in ast.walk(stmt):
+            if isinstance(node, (ast.AugAssign, ast.Expr)):
+                return True
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Subscript):
+                return True
+    return False
+
+
+def _autograd_on_meta(req: ProgramRequest, forward: Program, loss: Traced,
+                      tensors: list[torch.Tensor]) -> None:  # fmt: skip
+    """The forward's backward on meta tensors: an in-place write into a tensor autograd saved
+    (PyTorch's "modified by an inplace operation") is refused here, before anything runs."""
+    try:
+        torch.autograd.grad(loss.t, tensors, allow_unused=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0].replace("MetaFloatType", "tensor").replace(
+            "MetaDoubleType", "tensor")  # fmt: skip
+        raise ProgramRefused(
+            "forward",
+            _line_of(forward, req.loss),
+            f"autograd cannot run this forward backwards: {first.split('. Hint')[0]}. An in-place "
+            "write changed a tensor that a line above saved for its gradient: write into a "
+            "fresh tensor (torch.zeros) or rebind the name (`x = x + ...`)",
+            "not_allowed",
+        ) from None
 
 
 def _parse(source: str, which: str) -> Program:
@@ -387,4 +433,10 @@ def detached(value: Any) -> Any:
         return Traced(value.t.detach(), value.expr)
     if isinstance(value, Pair):
         return Pair(tuple(detached(v) for v in value))
+    if isinstance(value, TensorList):  # the forward's list: the backward reads, never grows it
+        out = TensorList(detached(v) for v in value)
+        out.name, out.frozen = value.name, True
+        return out
+    if isinstance(value, tuple):
+        return tuple(detached(v) for v in value)
     return value
