@@ -113,6 +113,8 @@ class BackwardRun(Interpreter):
         return None
 
     def resolve(self, node: ast.AST, name: str) -> Any:
+        if name in self.scope and not _tensors(self.forward.get(name)):
+            return self.scope[name]  # a loop's name or a number of its own shadows the forward's
         if name in self.forward:
             return self.forward[name]
         tensor = self.grad_of(name)
@@ -133,7 +135,7 @@ class BackwardRun(Interpreter):
         return f"the forward has no tensor {tensor}"
 
     def assign(self, stmt: ast.stmt, name: str, value: Any) -> None:
-        if name in self.forward:
+        if name in self.forward and (_tensors(self.forward[name]) or _tensors(value)):
             self.fail(
                 stmt,
                 f"{name} is the forward's; the backward writes gradients ({GRAD_PREFIX}{name} "
