@@ -303,10 +303,12 @@ METHODS: dict[str, Method] = {
     **{op: Method(lambda x, other, op=op: x.compare(op, other)) for op in COMPARISONS},
     # v4: masks, the chapters after the MLP, and writes into the program's own tensors
     "masked_fill": Method(layers.masked_fill, _kw("mask", "value")),
-    "argmax": Method(lambda x, dim=None, keepdim=False: layers.arg_extreme(x, "argmax", dim,
-                                                                           keepdim), _REDUCE),
-    "argmin": Method(lambda x, dim=None, keepdim=False: layers.arg_extreme(x, "argmin", dim,
-                                                                           keepdim), _REDUCE),
+    "argmax": Method(
+        lambda x, dim=None, keepdim=False: layers.arg_extreme(x, "argmax", dim, keepdim), _REDUCE
+    ),
+    "argmin": Method(
+        lambda x, dim=None, keepdim=False: layers.arg_extreme(x, "argmin", dim, keepdim), _REDUCE
+    ),
     "tril": Method(_triangle(False), _kw("diagonal")),
     "triu": Method(_triangle(True), _kw("diagonal")),
     "split": Method(joining.split, _kw("split_size", "dim")),
@@ -316,14 +318,26 @@ METHODS: dict[str, Method] = {
     "contiguous": Method(lambda x: x.contiguous()),
     "scatter_add": Method(layers.scatter_add, _kw("dim", "index", "src")),
     "index_put": Method(layers.index_put, _kw("indices", "values", "accumulate")),
-    "index_add_": Method(lambda *a, **k: layers.index_add(*a, **k, in_place=True),
-                         _kw("dim", "index", "source", "alpha"), writes=True),
-    "scatter_add_": Method(lambda *a, **k: layers.scatter_add(*a, **k, in_place=True),
-                           _kw("dim", "index", "src"), writes=True),
-    "index_put_": Method(lambda *a, **k: layers.index_put(*a, **k, in_place=True),
-                         _kw("indices", "values", "accumulate"), writes=True),
-    "masked_fill_": Method(lambda *a, **k: layers.masked_fill(*a, **k, in_place=True),
-                           _kw("mask", "value"), writes=True),
+    "index_add_": Method(
+        lambda *a, **k: layers.index_add(*a, **k, in_place=True),
+        _kw("dim", "index", "source", "alpha"),
+        writes=True,
+    ),
+    "scatter_add_": Method(
+        lambda *a, **k: layers.scatter_add(*a, **k, in_place=True),
+        _kw("dim", "index", "src"),
+        writes=True,
+    ),
+    "index_put_": Method(
+        lambda *a, **k: layers.index_put(*a, **k, in_place=True),
+        _kw("indices", "values", "accumulate"),
+        writes=True,
+    ),
+    "masked_fill_": Method(
+        lambda *a, **k: layers.masked_fill(*a, **k, in_place=True),
+        _kw("mask", "value"),
+        writes=True,
+    ),
 }
 # methods of a list (`hs = []`): Python's own
 LIST_METHODS: dict[str, Method] = {"append": Method(joining.append)}
@@ -353,10 +367,16 @@ TORCH_FUNCTIONS: dict[str, Method] = {
     "ones": Method(_sized("ones", 1.0), _kw("dtype"), made=True),
     "empty": Method(_sized("empty", 0.0), _kw("dtype"), made=True),
     "full": Method(_full, _kw("size", "fill_value", "dtype"), made=True),
-    "eye": Method(lambda maker, n, m=None, dtype=None: making.eye(maker, n, m, _dtype(dtype)),
-                  _kw("dtype"), made=True),
-    "arange": Method(lambda maker, *a, dtype=None: making.arange(maker, *a, dtype=_dtype(dtype)),
-                     _kw("dtype"), made=True),
+    "eye": Method(
+        lambda maker, n, m=None, dtype=None: making.eye(maker, n, m, _dtype(dtype)),
+        _kw("dtype"),
+        made=True,
+    ),
+    "arange": Method(
+        lambda maker, *a, dtype=None: making.arange(maker, *a, dtype=_dtype(dtype)),
+        _kw("dtype"),
+        made=True,
+    ),
     "rand": Method(_drawn("rand"), made=True),
     "randn": Method(_drawn("randn"), made=True),
     "cat": Method(joining.cat, _kw("dim")),
@@ -380,10 +400,13 @@ FUNCTIONAL: dict[str, Method] = {
     "fold": Method(conv.fold, _kw("output_size", "kernel_size", "dilation", "padding", "stride")),
     "pad": Method(conv.pad, _kw("pad", "mode", "value")),
     "conv2d": Method(conv.conv2d, _kw("weight", "bias", "stride", "padding", "dilation", "groups")),
-    "max_pool2d": Method(conv.max_pool2d, _kw("kernel_size", "stride", "padding", "dilation",
-                                               "ceil_mode", "return_indices")),
-    "avg_pool2d": Method(conv.avg_pool2d, _kw("kernel_size", "stride", "padding", "ceil_mode",
-                                               "count_include_pad")),
+    "max_pool2d": Method(
+        conv.max_pool2d,
+        _kw("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    ),
+    "avg_pool2d": Method(
+        conv.avg_pool2d, _kw("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+    ),
     "tanh": METHODS["tanh"],
     "sigmoid": METHODS["sigmoid"],
 }

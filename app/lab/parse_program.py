@@ -111,8 +111,10 @@ def _check_statement(stmt: ast.stmt, source: str, which: str, top: bool) -> int:
         if is_cmp(stmt):
             return 0  # a notebook's own check line: Broadprop checks every gradient itself
         if not _is_write_call(stmt.value):
-            refuse(f"a line of the {which} assigns a name (`name = expression`), appends to a "
-                   "list (`hs.append(h)`) or writes in place (`dW.index_add_(0, ids, dY)`)")
+            refuse(
+                f"a line of the {which} assigns a name (`name = expression`), appends to a "
+                "list (`hs.append(h)`) or writes in place (`dW.index_add_(0, ids, dY)`)"
+            )
         return 1
     if isinstance(stmt, ast.Assign):
         _check_targets(stmt.targets, refuse, allow_index=True)

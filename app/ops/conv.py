@@ -147,7 +147,9 @@ def conv2d(x: Traced, weight: Traced, bias: Traced | None = None, stride: Any = 
     t = F.conv2d(x.t, weight.t, None if bias is None else bias.t, s, p, d, groups)
     operands = [x, weight] + ([bias] if bias is not None else [])
     args = ", ".join(o.expr for o in operands)
-    expr = f"F.conv2d({args}{_kw(stride=stride, padding=padding, dilation=dilation, groups=groups)})"
+    expr = (
+        f"F.conv2d({args}{_kw(stride=stride, padding=padding, dilation=dilation, groups=groups)})"
+    )
     flops = 2 * entries * weight.shape[1] * k[0] * k[1]
     # im2col's columns on the CPU: N·Cin·kh·kw·L floats
     cols = lead * x.shape[-3] * k[0] * k[1] * out[0] * out[1] * x.t.element_size()
@@ -170,7 +172,9 @@ def max_pool2d(x: Traced, kernel_size: Any, stride: Any = None, padding: Any = 0
     _bounded(_lead(x) * out[0] * out[1], "F.max_pool2d")
     values, indices = F.max_pool2d(x.t, k, s, p, d, ceil_mode, return_indices=True)
     extra = _stride(stride) + _kw(padding=padding, dilation=dilation)
-    expr = f"F.max_pool2d({x.expr}, {kernel_size!r}{extra}{', ceil_mode=True' if ceil_mode else ''})"
+    expr = (
+        f"F.max_pool2d({x.expr}, {kernel_size!r}{extra}{', ceil_mode=True' if ceil_mode else ''})"
+    )
     work = {"reduced_dims": [], "window": k[0] * k[1]}
     pooled = made(values, expr, "reduce", "max_pool2d", [x], work)
     if not return_indices:

@@ -74,7 +74,9 @@ def stack(items: Any, dim: int = 0) -> Traced:
     tensors = _tensors(items, "torch.stack")
     shapes = {x.shape for x in tensors}
     if len(shapes) > 1:
-        raise MakeError(f"torch.stack needs tensors of one shape; got {sorted(shapes)[:3]}", "shape")
+        raise MakeError(
+            f"torch.stack needs tensors of one shape; got {sorted(shapes)[:3]}", "shape"
+        )
     t = torch.stack([x.t for x in tensors], dim)
     return made(t, f"torch.stack({_shown(items)}, {dim})", "copy", "stack", _few(tensors))
 

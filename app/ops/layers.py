@@ -144,7 +144,10 @@ def index_put(x: Traced, indices: Any, values: Any, accumulate: bool = False,
     if isinstance(values, Traced):
         update, shown = values.t, values.expr
     elif isinstance(values, (int, float)) and not isinstance(values, bool):
-        update, shown = torch.tensor(values, dtype=x.t.dtype, device=x.t.device), _fmt_scalar(values)
+        update, shown = (
+            torch.tensor(values, dtype=x.t.dtype, device=x.t.device),
+            _fmt_scalar(values),
+        )
     else:
         raise MakeError(".index_put's values are a tensor or a number")
     name = "index_put_" if in_place else "index_put"

@@ -83,11 +83,19 @@ def filled(maker: Maker, name: str, sizes: tuple[int, ...], value: float,
     return made(t, f"torch.{name}({_args(sizes)}{_dtype_arg(dtype)})", "fill", name)
 
 
-def full(maker: Maker, sizes: tuple[int, ...], value: Any, dtype: torch.dtype | None = None) -> Traced:
+def full(
+    maker: Maker, sizes: tuple[int, ...], value: Any, dtype: torch.dtype | None = None
+) -> Traced:
     """`torch.full(size, value)`: torch's dtype rule (a bool fill is bool, an int fill int64,
     a float fill the run's dtype), unless dtype= says."""
     if dtype is None:
-        dtype = torch.bool if isinstance(value, bool) else torch.int64 if isinstance(value, int) else None
+        dtype = (
+            torch.bool
+            if isinstance(value, bool)
+            else torch.int64
+            if isinstance(value, int)
+            else None
+        )
     t = torch.full(sizes, value, dtype=maker.float_dtype(dtype), device=maker.device)
     expr = f"torch.full(({_args(sizes)}{',' if len(sizes) == 1 else ''}), {_fmt_scalar(value)})"
     return made(t, expr, "fill", "full")

@@ -227,8 +227,7 @@ class Trainer:
             for name, spec in req.inputs.items():
                 if spec.data is not None:
                     made[name] = X if spec.field == "X" else Y
-            fwd = _forward(names.sample_forward, _scope(made, self.params), self.check,
-                           self.maker)
+            fwd = _forward(names.sample_forward, _scope(made, self.params), self.check, self.maker)
             logits = fwd.scope[LOGITS].t[:count].double()
             probs = torch.softmax(logits, -1)
             nxt = torch.multinomial(probs, 1, generator=self.sampler).squeeze(1)

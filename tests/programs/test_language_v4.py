@@ -318,7 +318,7 @@ def test_a_conv_layer_through_unfold_and_fold_with_max_pool(client):
 
 
 def test_max_pool_gradient_sent_to_every_entry_of_a_window_is_flagged(client):
-    every = ("dr = dpooled.unsqueeze(3).unsqueeze(-1).expand(N, K, 3, 2, 3, 2).reshape(N, K, -1)")
+    every = "dr = dpooled.unsqueeze(3).unsqueeze(-1).expand(N, K, 3, 2, 3, 2).reshape(N, K, -1)"
     backward = slip(CONV_BACKWARD, "dr.scatter_add_(2, idx.view(N, K, -1), dpooled.view(N, K, -1))",
                     every)  # fmt: skip
     body = post(client, CONV_INPUTS, CONV_FORWARD, backward)
