@@ -165,7 +165,7 @@ def max_pool2d(x: Traced, kernel_size: Any, stride: Any = None, padding: Any = 0
     s = k if stride is None else pair(stride, "stride", 1)
     p, d = pair(padding, "padding"), pair(dilation, "dilation", 1)
     if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
-        raise MakeError("F.max_pool2d: padding is at most half the kernel size", "shape")
+        raise MakeError("F.max_pool2d: padding is at most half the kernel size")
     if not isinstance(ceil_mode, bool) or not isinstance(return_indices, bool):
         raise MakeError("ceil_mode= and return_indices= are True or False")
     out = _grid(x, k, s, p, d, "F.max_pool2d", ceil_mode)
@@ -190,7 +190,7 @@ def avg_pool2d(x: Traced, kernel_size: Any, stride: Any = None, padding: Any = 0
     s = k if stride is None else pair(stride, "stride", 1)
     p = pair(padding, "padding")
     if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
-        raise MakeError("F.avg_pool2d: padding is at most half the kernel size", "shape")
+        raise MakeError("F.avg_pool2d: padding is at most half the kernel size")
     if not isinstance(ceil_mode, bool) or not isinstance(count_include_pad, bool):
         raise MakeError("ceil_mode= and count_include_pad= are True or False")
     out = _grid(x, k, s, p, (1, 1), "F.avg_pool2d", ceil_mode)

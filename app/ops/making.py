@@ -150,7 +150,7 @@ def dropout(maker: Maker, x: Traced, p: float, training: bool = True) -> Traced:
     if not training or p == 0 or x.t.numel() == 0:
         return x
     if maker.meta:
-        noise = torch.empty_like(x.t)
+        noise = torch.empty(x.shape, dtype=x.t.dtype, device="meta")
     elif p == 1:
         noise = torch.zeros_like(x.t)
     else:
@@ -166,6 +166,9 @@ def triangle(x: Traced, upper: bool, diagonal: int = 0) -> Traced:
     if x.ndim < 2:
         raise MakeError(f"torch.{'triu' if upper else 'tril'} needs at least 2 dims, got {x.ndim}")
     name = "triu" if upper else "tril"
-    t = torch.triu(x.t, diagonal) if upper else torch.tril(x.t, diagonal)
+    if x.t.is_meta:  # the same shape (torch's meta tril loads its Python refs: 2 s, once)
+        t = torch.empty(x.shape, dtype=x.t.dtype, device="meta")
+    else:
+        t = torch.triu(x.t, diagonal) if upper else torch.tril(x.t, diagonal)
     extra = f", diagonal={diagonal}" if diagonal else ""
     return made(t, f"torch.{name}({x.expr}{extra})", "mask", name, [x])

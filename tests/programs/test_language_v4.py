@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from app.programs.inputs import make_inputs
 from app.programs.schemas import ProgramRequest
+from tests.lab.test_lab_hostile import watch  # noqa: F401  (the audit-hook fixture)
 
 
 def post(client, inputs: dict, forward: str, backward: str, dtype: str = "float64", **kw):
@@ -520,3 +521,88 @@ def test_an_in_place_write_autograd_saved_is_refused_before_anything_runs(client
     r = client.post("/api/program", json={"inputs": {"x": {"shape": [3]}}, "forward": forward})
     assert r.status_code == 422, r.text[:400]
     assert "in-place" in r.json()["detail"][0]["msg"]
+
+
+# --------------------------------------------------------------------------- hostile
+
+HOSTILE_INPUTS = {"x": {"shape": [4, 3]}, "w": {"shape": [3, 2]}, "i": {"value": [0, 2, 1, 0]}}
+HOSTILE_FORWARD = "y = x @ w\nloss = y.sum()\n"
+# (which text, source): each a 4xx within 2 s, nothing written, nothing allocated
+HOSTILE_V4 = [
+    ("forward", "z = torch.zeros(10**5, 10**5)\nloss = x.sum()"),
+    ("backward", "dx = torch.zeros(10**5, 10**5)"),
+    ("backward", "dx = torch.zeros(10**10, 10**10)"),
+    ("backward", "dx = torch.ones((2**40, 2**40))"),
+    ("forward", "m = torch.tril(torch.ones(10**5, 10**5))\nloss = x.sum()"),
+    ("backward", "m = torch.triu(torch.ones(60000, 60000), diagonal=1)"),
+    ("forward", "r = torch.rand(10**5, 10**5)\nloss = x.sum()"),
+    ("backward", "r = torch.randn(10**6, 10**6)"),
+    ("backward", "e = torch.eye(10**6)"),
+    ("backward", "f = torch.full((10**5, 10**5), float('-inf'))"),
+    ("backward", "a = torch.arange(0, 10**15)"),
+    ("backward", "a = torch.arange(0.0, 1.0, 1e-15)"),
+    ("backward", "d = F.dropout(torch.empty(10**5, 10**5), 0.5)"),
+    ("backward", "c = F.fold(x.view(1, 1, 12)[:, :, :1], (60000, 60000), 1, stride=60000)"),
+    ("backward", "u = F.unfold(x.view(1, 1, 4, 3), 1, padding=60000)"),
+    ("backward", "u = F.unfold(x.view(1, 1, 4, 3), 10**9)"),
+    ("backward", "p = F.pad(x, (60000, 60000, 60000, 60000))"),
+    ("backward", "p = F.pad(x, (10**9, 0))"),
+    ("backward", "c = F.conv2d(x.view(1, 1, 4, 3), w.view(1, 1, 3, 2), padding=60000)"),
+    ("backward", "p = F.max_pool2d(x.view(1, 1, 4, 3), 1, padding=60000)"),
+    ("backward", "hs = []\nfor k in range(10**6):\n    hs.append(x)"),
+    ("forward", "hs = []\nfor k in range(10**6):\n    hs.append(x)\nloss = x.sum()"),
+    ("forward", "h = x\nfor k in range(20000):\n    h = h * 1\nloss = h.sum()"),
+    ("backward", "for k in reversed(range(10**9)):\n    dx = x"),
+    ("backward", "parts = x.chunk(10**9)"),
+    ("backward", "parts = x.split(0)"),
+    ("backward", "s = torch.stack([x] * 10**6)"),
+    ("backward", "s = torch.cat([x, x] * 600000)"),
+    ("forward", "x.index_add_(0, i, x)\nloss = x.sum()"),
+    ("forward", "x.masked_fill_(x > 0, 0.0)\nloss = x.sum()"),
+    ("backward", "w.index_put_((i,), x, accumulate=True)"),
+    ("backward", "y.scatter_add_(0, i.view(4, 1), x)"),
+    ("backward", "dx = x.view(-1)\ndx.masked_fill_(dx > 0, 1.0)"),
+    ("backward", "dx = torch.zeros(3).__class__"),
+    ("backward", "dx = x.masked_fill.__self__"),
+    ("backward", "hs = []\nhs.append.__self__"),
+    ("backward", "hs = []\nhs.__setitem__(0, x)"),
+    ("backward", "hs = []\nhs.extend([x])"),
+    ("backward", "hs = []\nhs.pop()"),
+    ("backward", "dx = torch.zeros(3, dtype='float32')"),
+    ("backward", "dx = torch.full((2,), 'abc')"),
+    ("backward", "dx = float('1e400000' * 10)"),
+    ("backward", "dx = x.masked_fill(x > 0, x)"),
+    ("backward", "dx = len(3)"),
+    ("backward", "dx = 7 // 0"),
+    ("backward", "dx = x // 2"),
+    ("backward", "dx = [x, 1]"),
+    ("backward", "dx = torch.zeros(-1)"),
+    ("backward", "dx = F.dropout(x, 2.0)"),
+    ("backward", "dx = F.dropout(x, 0.5, inplace=True)"),
+    ("backward", "dx = torch.rand(3, generator=None)"),
+    ("backward", "dx = F.gelu(x, approximate='exact')"),
+    ("backward", "dx = F.pad(x, (1, 1), mode='reflect')"),
+]
+
+
+def test_hostile_uses_of_the_new_ops_get_a_4xx_quickly_and_change_nothing(client, watch):  # noqa: F811
+    import time
+
+    warm = {"inputs": HOSTILE_INPUTS, "forward": HOSTILE_FORWARD, "backward": "dy = y * 1"}
+    assert client.post("/api/program", json=warm).status_code == 200  # torch's first meta op
+    watch.seen.clear()
+    watch.on = True
+    try:
+        for which, source in HOSTILE_V4:
+            body = {"inputs": HOSTILE_INPUTS, "forward": HOSTILE_FORWARD, "backward": ""}
+            body[which] = source
+            start = time.perf_counter()
+            r = client.post("/api/program", json=body)
+            took = time.perf_counter() - start
+            assert 400 <= r.status_code < 500, (source, r.status_code, r.text[:300])
+            assert took < 2.0, (source, took)
+            loc = r.json()["detail"][0]["loc"]
+            assert loc[1] == which, (source, loc)
+    finally:
+        watch.on = False
+    assert watch.seen == [], watch.seen
