@@ -115,8 +115,13 @@ RTOL, ATOL_SCALE = {rtol!r}, {atol_scale!r}  # allclose: |d| <= atol + rtol * |a
     body = [
         "def program(DTYPE):",
         '    """Inputs, forward, autograd and your backward, in precision DTYPE."""',
+        "    torch.set_default_dtype(torch.float32)  # the inputs are drawn as the server draws them",
         textwrap.indent("\n".join(inputs), "    "),
         *(f"    {n} = {n}.to(DTYPE).requires_grad_()" for n in grad_inputs),
+        "    # tensors the program makes take the run's dtype, and its draws (torch.rand, randn,",
+        "    # F.dropout) continue the inputs' generator, as on the server",
+        "    torch.set_default_dtype(DTYPE)",
+        "    torch.set_rng_state(g.get_state())",
         "    torch.set_grad_enabled(True)",
         "    # ---- your forward",
         forward,

@@ -606,3 +606,36 @@ def test_hostile_uses_of_the_new_ops_get_a_4xx_quickly_and_change_nothing(client
     finally:
         watch.on = False
     assert watch.seen == [], watch.seen
+
+
+# --------------------------------------------------------------------------- export
+
+EXPORT_FORWARD = RNN_LIST.replace(
+    "hs = torch.stack(steps, 1)", "hs = F.dropout(torch.stack(steps, 1), 0.2)"
+)
+EXPORT_BACKWARD = RNN_BACKWARD.replace(
+    "dhs = target", "kept = (hs != 0) / 0.8\ndhs = target\nds = dhs * kept"
+).replace("prev = torch.cat([torch.zeros(B, 1, H), hs[:, :-1]], 1)",
+          "hh = torch.stack(steps, 1)\nprev = torch.cat([torch.zeros(B, 1, H), hh[:, :-1]], 1)").replace(
+    "dh_t = dhs[:, t] + dnext", "dh_t = ds[:, t] + dnext").replace(
+    "(1 - hs[:, t] ** 2)", "(1 - hh[:, t] ** 2)")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_an_exported_rnn_with_dropout_runs_the_same_program_in_plain_pytorch(
+    client, tmp_path, dtype
+):
+    import subprocess
+    import sys
+
+    request = {"inputs": RNN_INPUTS, "forward": EXPORT_FORWARD, "backward": EXPORT_BACKWARD,
+               "dtype": dtype}  # fmt: skip
+    server = post(client, RNN_INPUTS, EXPORT_FORWARD, EXPORT_BACKWARD, dtype)
+    assert_all_close(server, ["hs", "Wx", "Wh", "b", "x"])
+    r = client.post("/api/export", json={"program": request, "format": "py"})
+    assert r.status_code == 200, r.text[:300]
+    path = tmp_path / "program.py"
+    path.write_text(r.text)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"loss {server['loss']}" in done.stdout
