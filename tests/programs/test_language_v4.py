@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from app.programs.inputs import make_inputs
 from app.programs.schemas import ProgramRequest
@@ -639,3 +641,52 @@ def test_an_exported_rnn_with_dropout_runs_the_same_program_in_plain_pytorch(
     done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"loss {server['loss']}" in done.stdout
+
+
+# --------------------------------------------------------------------------- fuzz
+
+V4_EXPRS = [
+    "x", "w", "y", "i", "torch.zeros(4, 3)", "torch.ones(x.shape)", "torch.full((4, 3), float('-inf'))",
+    "torch.empty(3, 2)", "torch.eye(3)", "torch.tril(torch.ones(4, 4))", "torch.triu(x, diagonal=1)",
+    "torch.arange(0, 4, 2)", "torch.arange(1.0, 2.0, 0.25)", "torch.rand(4, 3)", "torch.randn(2)",
+    "F.dropout(x, 0.5)", "x.masked_fill(x > 0, float('-inf'))", "x.argmax(1)", "x.argmin()",
+    "i >= 1", "torch.cat([x, x], 0)", "torch.stack([x, x])", "x.split(2)", "x.chunk(2, 1)",
+    "x.split(2)[0]", "len(x)", "x.sum((0, 1))", "F.gelu(x, approximate='tanh')",
+    "F.layer_norm(x, (3,))", "F.embedding(i, w)", "F.unfold(x.view(1, 1, 4, 3), 2)",
+    "F.fold(x.view(1, 4, 3), (3, 4), 2)", "F.pad(x, (1, 1))", "F.max_pool2d(x.view(1, 1, 4, 3), 2)",
+    "F.avg_pool2d(x.view(1, 1, 4, 3), 2)", "F.conv2d(x.view(1, 1, 4, 3), w.view(1, 1, 3, 2))",
+    "x.scatter_add(0, i.view(4, 1), x)", "x.index_put((i,), x, accumulate=True)", "7 // 2",
+    "7 % 3", "[x, y]", "[]", "hs", "hs[0]", "hs[-1]", "x[range(0, 4, 2)]", "float('inf')",
+]  # fmt: skip
+V4_STATEMENTS = [
+    "{t} = {e}", "{t} += {e}", "hs.append({e})", "dx.index_add_(0, i, {e})",
+    "dx.scatter_add_(0, i.view(4, 1).expand(4, 3), {e})", "dx.masked_fill_(x > 0, 0.0)",
+    "dx.index_put_((i,), {e}, accumulate=True)", "{t}[:, 0] = {e}", "q, k = {e}",
+    "for t in reversed(range(3)):\n    {t} = {e}", "for t in range(0, 4, 2):\n    hs.append({e})",
+]  # fmt: skip
+
+
+@st.composite
+def v4_programs(draw) -> str:
+    lines = ["hs = []", "dx = torch.zeros_like(x)"]
+    for _ in range(draw(st.integers(1, 5))):
+        template = draw(st.sampled_from(V4_STATEMENTS))
+        target = draw(st.sampled_from(["dx", "dw", "dy", "h", "hs", "x"]))
+        lines.append(template.format(t=target, e=draw(st.sampled_from(V4_EXPRS))))
+    return "\n".join(lines)
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(source=v4_programs(), where=st.sampled_from(["forward", "backward"]))
+def test_fuzz_v4_programs_never_answer_5xx(client, source, where):
+    body = {"inputs": HOSTILE_INPUTS, "forward": HOSTILE_FORWARD, "backward": ""}
+    if where == "forward":
+        body["forward"] = source + "\n" + HOSTILE_FORWARD
+    else:
+        body["backward"] = source
+    r = client.post("/api/program", json=body)
+    assert r.status_code in (200, 422), (where, source, r.status_code, r.text[:500])
+    if r.status_code == 422:
+        assert r.json()["detail"][0]["loc"][:2] == ["body", where], (source, r.text[:300])
