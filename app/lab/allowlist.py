@@ -313,9 +313,9 @@ METHODS: dict[str, Method] = {
     "triu": Method(_triangle(True), _kw("diagonal")),
     "split": Method(joining.split, _kw("split_size", "dim")),
     "chunk": Method(joining.chunk, _kw("chunks", "dim")),
-    "bool": Method(lambda x: x.cast(torch.bool)),
-    "long": Method(lambda x: x.cast(torch.int64)),
-    "contiguous": Method(lambda x: x.contiguous()),
+    "bool": Method(lambda x: layers.cast(x, torch.bool)),
+    "long": Method(lambda x: layers.cast(x, torch.int64)),
+    "contiguous": Method(layers.contiguous),
     "scatter_add": Method(layers.scatter_add, _kw("dim", "index", "src")),
     "index_put": Method(layers.index_put, _kw("indices", "values", "accumulate")),
     "index_add_": Method(

@@ -92,6 +92,18 @@ def arg_extreme(x: Traced, op: str, dim: int | None = None, keepdim: bool = Fals
     return made(t, f"{x._wrapped(4)}.{op}({args})", "reduce", op, [x], {"reduced_dims": dims})
 
 
+def cast(x: Traced, dtype: torch.dtype) -> Traced:
+    """`.bool()` / `.long()`: a mask or indices in another integer type."""
+    name = {torch.bool: "bool", torch.int64: "long"}[dtype]
+    return made(x.t.to(dtype), f"{x._wrapped(4)}.{name}()", "mask", name, [x])
+
+
+def contiguous(x: Traced) -> Traced:
+    """`.contiguous()`: itself when it is, else a copy (a transposed view's)."""
+    action = "reshape" if x.t.is_contiguous() else "copy"
+    return made(x.t.contiguous(), f"{x._wrapped(4)}.contiguous()", action, "contiguous", [x])
+
+
 def _index(index: Any, what: str) -> Traced:
     if not isinstance(index, Traced) or index.t.is_floating_point():
         raise MakeError(f"{what} takes an integer index tensor")

@@ -461,19 +461,6 @@ class Traced:
         name = str(dtype).removeprefix("torch.")
         return self._method(self.t.to(dtype), f"to(torch.{name})", "mask", "to")
 
-    def cast(self, dtype: torch.dtype) -> Traced:
-        """`.bool()` / `.long()`: a mask or indices in another integer type."""
-        name = {torch.bool: "bool", torch.int64: "long"}[dtype]
-        return self._method(self.t.to(dtype), f"{name}()", "mask", name)
-
-    def contiguous(self) -> Traced:
-        """`.contiguous()`: itself when it is, else a copy (a transposed view's)."""
-        t = self.t.contiguous()
-        action = "copy" if t is not self.t and t.data_ptr() != self.t.data_ptr() else "reshape"
-        if self.t.is_meta:
-            action = "reshape" if self.t.is_contiguous() else "copy"
-        return self._method(t, "contiguous()", action, "contiguous")
-
     def gather(self, dim: int, index: Traced) -> Traced:
         t = self.t.gather(dim, index.t)
         expr = f"{self._wrapped(ATOM)}.gather({dim}, {index.expr})"
