@@ -104,6 +104,7 @@ def sections(req: ProgramRequest, plan: programs.Plan) -> list[dict[str, str]]:
     detach = [*req.inputs, *plan.intermediates]
     header = f'''"""Broadprop program, exported: your forward under autograd, your backward by hand,
 every gradient your backward writes checked against autograd (exit 0 when all match)."""
+import math  # noqa: F401  (a program may scale by math.sqrt)
 import sys
 
 import torch

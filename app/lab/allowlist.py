@@ -412,7 +412,25 @@ FUNCTIONAL: dict[str, Method] = {
 }
 KEYWORD_ALIASES = {"keepdims": "keepdim"}  # numpy's spelling, which torch accepts too
 MAX_RANGE = 1 << 20  # range(n) / torch.arange(n) as an index
-NAMESPACES = {"torch": TORCH_FUNCTIONS, "F": FUNCTIONAL}
+
+
+def _math(name: str) -> Callable[[Any], float]:
+    def call(value: Any) -> float:
+        if not is_number(value):
+            raise FormulaError(f"math.{name} takes a number (a tensor's: torch.{name})",
+                               "not_allowed")  # fmt: skip
+        try:
+            return float(getattr(math, name)(value))
+        except (ValueError, OverflowError) as err:
+            raise FormulaError(f"math.{name}({value!r}): {err}", "not_allowed") from None
+
+    return call
+
+
+# Python's math on plain numbers, as nanoGPT scales attention: 1.0 / math.sqrt(k.size(-1))
+MATH: dict[str, Method] = {name: Method(_math(name)) for name in ("sqrt", "log", "exp")}
+MATH_CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
+NAMESPACES = {"torch": TORCH_FUNCTIONS, "F": FUNCTIONAL, "math": MATH}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32,
           "double": torch.float64, "long": torch.int64, "int64": torch.int64,
           "bool": torch.bool}  # fmt: skip

@@ -24,6 +24,7 @@ from app.lab.allowlist import (
     DTYPES,
     KEYWORD_ALIASES,
     LIST_METHODS,
+    MATH_CONSTANTS,
     MAX_INT,
     MAX_RANGE,
     METHODS,
@@ -124,6 +125,11 @@ class Evaluation:
             return self._gradient(node)
         if isinstance(node.value, ast.Name) and node.value.id == "torch" and node.attr in DTYPES:
             return DTYPES[node.attr]
+        if isinstance(node.value, ast.Name) and node.value.id == "math":
+            if node.attr not in MATH_CONSTANTS:
+                self.fail(node, f"math.{node.attr} is called: math.{node.attr}(number)",
+                          "not_allowed")  # fmt: skip
+            return MATH_CONSTANTS[node.attr]
         value = self.eval(node.value)
         if node.attr in PAIR_ATTRIBUTES:
             if isinstance(value, Pair):

@@ -512,3 +512,12 @@ def test_an_exported_rnn_with_dropout_runs_the_same_program_in_plain_pytorch(
     done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"loss {server['loss']}" in done.stdout
+
+
+def test_nanogpt_scales_attention_with_math_sqrt(client):
+    forward = GPT_FORWARD.replace("* hs ** -0.5", "* (1.0 / math.sqrt(k.size(-1)))")
+    assert forward != GPT_FORWARD
+    assert_all_close(post(client, GPT_INPUTS, forward, GPT_BACKWARD), GPT_GRADS)
+    r = client.post("/api/program", json={"inputs": GPT_INPUTS, "forward": forward,
+                                          "backward": "dx = math.sqrt(x)"})  # fmt: skip
+    assert r.status_code == 422 and "takes a number" in r.json()["detail"][0]["msg"]
