@@ -8,6 +8,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from app import schemas, server
 from app.api import broadcast, bugs, docs, export, pages, program, run, train
 from app.engine import data
+from app.programs.schemas import ProgramRequest, ProgramTrainRequest
 from app.server import assets
 from app.server.timing import ServerTimingMiddleware
 from app.settings import Settings, get_settings
@@ -34,7 +35,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # served by app.api.docs from local assets (no CDN)
         redoc_url=None,
     )
-    server.install(app, settings or get_settings(), models=schemas, warm_up=warm_up)
+    # the program routes read their bodies as bytes (a sandbox worker validates them)
+    server.install(app, settings or get_settings(), models=schemas, warm_up=warm_up,
+                   body_models=(ProgramRequest, ProgramTrainRequest))  # fmt: skip
     # compresses JSON and HTML over 1 KB (the article run's 450 KB JSON to 180 KB); level 1:
     # 10 ms where level 6 takes 45 ms, for 12% more bytes
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0)  # per run; 0: derived from the cores
     queue_wait_s: float = Field(2.0, ge=0)  # a run that cannot start within this gets 503
     train_time_limit_s: float = Field(300.0, gt=0)  # a training stops (done) after this
+    # the hard limit on a program's worker process (app/sandbox): its address space may grow
+    # this much past its start; 0: the memory budget plus 256 MiB for torch itself
+    worker_memory_bytes: int = Field(0, ge=0)
     # a run that has used this much CPU time (its own thread) is stopped between two ops or
     # chunks (422); 4x this of wall time stops it whatever the machine's load
     run_deadline_s: float = Field(3.0, gt=0)

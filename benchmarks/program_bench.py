@@ -32,8 +32,8 @@ from app.programs import presets  # noqa: E402
 from app.programs.inputs import make_inputs  # noqa: E402
 from app.programs.run import admit  # noqa: E402
 from app.programs.schemas import ProgramRequest  # noqa: E402
-from tests.servers import LiveServer  # noqa: E402
 from tests.programs.test_programs import STUDENT_BACKWARD  # noqa: E402
+from tests.servers import LiveServer  # noqa: E402
 
 
 def plain_script(made: dict) -> bool:

@@ -18,6 +18,7 @@ from app.settings import Settings  # noqa: E402
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker")
     config.addinivalue_line(
         "markers",
         "app_settings(raise_server_exceptions=True, **settings): the `client` fixture of this "

@@ -5,9 +5,11 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from app.api import gate
 from app.api.responses import VALIDATION_ERROR
 from app.cost import admission
 from app.export import run as export
+from app.refusal import Refused
 from app.schemas import ErrorMessage, ExportRequest
 from app.settings import Settings
 
@@ -26,6 +28,10 @@ router = APIRouter(tags=["export"])
     responses={
         403: {"model": ErrorMessage, "description": "A request from another origin"},
         415: {"model": ErrorMessage, "description": "A body not sent as application/json"},
+        413: {
+            "model": ErrorMessage,
+            "description": "A body over 1 MiB (a program's value inputs take room)",
+        },
         200: {
             "description": "The file, with Content-Disposition: attachment; filename=...",
             "content": {  # a notebook is a JSON document (nbformat 4), a script text
@@ -49,10 +55,9 @@ async def export_run(http: Request, request: ExportRequest | None = None) -> Res
     if request.program is not None:
         return await export_program_body(request.program, request.format, settings)
     try:  # what the run would refuse (formulas dry-run on meta tensors: nothing allocated)
-        await admission.admitted(http, request.config)
-    except RequestValidationError as exc:
-        errors = [{**e, "loc": ("body", "config", *e["loc"][1:])} for e in exc.errors()]
-        raise RequestValidationError(errors) from None
+        await gate.admitted(http, request.config)
+    except Refused as refused:
+        raise refused.relocated("body", "config") from None
     text, name = await anyio.to_thread.run_sync(
         export.export, request.config, request.format, request.hide
     )
@@ -77,9 +82,8 @@ async def export_program_body(body: dict, fmt: str, settings: Settings) -> Respo
         raise RequestValidationError(errors) from None
     try:
         plan = await anyio.to_thread.run_sync(admission.admit_program, program, settings)
-    except RequestValidationError as exc:
-        errors = [{**e, "loc": ("body", "program", *e["loc"][1:])} for e in exc.errors()]
-        raise RequestValidationError(errors) from None
+    except Refused as refused:
+        raise refused.relocated("body", "program") from None
     text, name = program_export.export(program, plan, fmt)
     return Response(
         text,

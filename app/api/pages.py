@@ -13,6 +13,9 @@ from app.server import assets
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).resolve().parents[2] / "templates")
 templates.env.globals["asset"] = assets.asset_url  # {{ asset('js/main.js') }}: a versioned URL
+# `tojson` keeps a dict's order: a program's inputs are made in the order given (so sorted
+# keys would draw other numbers than the preset's request as sent)
+templates.env.policies["json.dumps_kwargs"] = {"sort_keys": False}
 
 
 def _num(value: Any) -> str:
@@ -115,7 +118,6 @@ def program_page(request: Request) -> HTMLResponse:
     defaults = ProgramTrainRequest.model_fields
     context = {
         "presets": PRESETS,
-        "fields": run_fields(),  # static/js/state.js (imported by api.js) reads them on load
         "plotly_url": f"/vendor/{name}",
         "train_defaults": {k: defaults[k].default for k in ("steps", "batch", "lr", "seed")},
     }

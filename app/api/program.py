@@ -3,35 +3,32 @@ GET /api/programs: the worked presets."""
 
 from __future__ import annotations
 
-import functools
-import math
-import threading
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from app.api import sandboxed
 from app.api.responses import JSON_ERROR, VALIDATION_ERROR, StrictJSONResponse
-from app.api.streaming import event, iterate_in_slices
-from app.cost.admission import admit_program, admit_program_watched, refuse_program
-from app.lab.statements import ProgramError
+from app.api.streaming import event
 from app.programs import presets
-from app.programs import run as programs
-from app.programs import train as training
 from app.programs.schemas import ProgramRequest, ProgramResponse, ProgramTrainRequest
 from app.schemas import ErrorMessage
-from app.server.errors import guarded
-from app.server.lanes import TRAIN_SLICE_S, CancelToken
-from app.settings import Settings
 
 router = APIRouter(tags=["program"])
-DRY_RUN_INLINE_CHARS = 1500  # shorter programs (an exercise's few lines) dry-run inline
+
+
+def body_schema(model: type) -> dict:
+    """The route's body, for /openapi.json: the route reads it as bytes (a worker decodes and
+    validates it), so FastAPI does not see the model; app/server/openapi.py adds it."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 @router.post(
     "/api/program",
+    openapi_extra=body_schema(ProgramRequest),
     response_model=ProgramResponse,
     response_class=StrictJSONResponse,
     summary="Run a forward written as lines under autograd, then the learner's backward, and "
@@ -53,33 +50,9 @@ DRY_RUN_INLINE_CHARS = 1500  # shorter programs (an exercise's few lines) dry-ru
         },
     },
 )
-async def program(http: Request, request: ProgramRequest) -> StrictJSONResponse:
-    settings: Settings = http.app.state.settings
-    if len(request.forward) + len(request.backward) <= DRY_RUN_INLINE_CHARS:
-        plan = await anyio.to_thread.run_sync(admit_program, request, settings)
-    else:  # a long program's dry run takes the dry-run lane, under the run deadline
-        watch = CancelToken()
-        plan = await http.app.state.limiter.dry_run(
-            admit_program_watched, request, settings, watch, cancel=watch, receive=http.receive
-        )
-    cancel = CancelToken()
-    return await http.app.state.limiter.run(
-        guarded(_execute, settings),
-        request,
-        plan,
-        cancel,
-        work_s=plan.seconds,
-        cancel=cancel,
-        receive=http.receive,
-        memory_bytes=plan.bytes,
-    )
-
-
-def _execute(request: ProgramRequest, plan: programs.Plan, cancel: CancelToken):
-    try:
-        return StrictJSONResponse(programs.run(request, plan, cancel))
-    except ProgramError as err:  # the forward failed on real data (an index out of range)
-        refuse_program(programs.ProgramRefused("forward", err.line, str(err), err.kind))
+async def program(http: Request) -> Response:
+    # the body is read here and decoded, validated, dry-run and run in a sandbox worker
+    return await sandboxed.run_program(http)
 
 
 @router.get(
@@ -91,27 +64,9 @@ async def program_presets() -> list[dict]:
     return presets.PRESETS
 
 
-def prepare(request: ProgramTrainRequest, settings: Settings) -> training.Setup:
-    """Every dry run the training needs (the step's, the val pass's, sampling's): a 422 at
-    the line for anything refused, before the stream starts."""
-    return training.prepare(
-        request.program,
-        steps=request.steps,
-        batch=request.batch,
-        lr=request.lr,
-        seed=request.seed,
-        eval_every=request.eval_every,
-        report_every=request.report_every,
-        admit=lambda req: admit_program(req, settings),
-    )
-
-
-async def checked(http: Request, request: ProgramTrainRequest) -> training.Setup:
-    return await anyio.to_thread.run_sync(prepare, request, http.app.state.settings)
-
-
 @router.post(
     "/api/program/train",
+    openapi_extra=body_schema(ProgramTrainRequest),
     response_class=EventSourceResponse,
     summary="Train a program with its own backward's gradients (SGD), streamed as server-sent "
     "events",
@@ -143,19 +98,8 @@ async def checked(http: Request, request: ProgramTrainRequest) -> training.Setup
     },
 )
 async def train(
-    http: Request,
-    setup: Annotated[training.Setup, Depends(checked)],
+    training: Annotated[sandboxed.Training, Depends(sandboxed.prepared_training)],
 ) -> AsyncIterator[ServerSentEvent]:
-    settings: Settings = http.app.state.settings
-    stop = threading.Event()
-    events = training.train(setup, stop.is_set, settings.train_time_limit_s)
-    # as /api/train: the steps run in slices, each on a run slot taken for it and given back
-    # after, so a waiting run gets a slot within one slice
-    slices = functools.partial(http.app.state.limiter.slot, None, math.inf)
-    try:
-        async for kind, payload in iterate_in_slices(events, stop, slices, TRAIN_SLICE_S):
-            yield event(kind, payload)
-    except (MemoryError, RuntimeError, ValueError) as e:  # the stream has started: an event
-        yield event("error", {"detail": f"training failed: {type(e).__name__}: {e}"})
-    finally:
-        stop.set()
+    # the steps run in the training's own worker process (niced, so runs come first)
+    async for kind, payload in training.events():
+        yield event(kind, payload)

@@ -2,15 +2,15 @@
 
 from fastapi import APIRouter, Request
 
+from app.api import gate
 from app.api.responses import VALIDATION_ERROR, StrictJSONResponse
-from app.cost import admission
 from app.engine import pipeline
 from app.engine.pipeline import Traces
 from app.lab import formulas
 from app.lab.allowlist import FormulaError
+from app.ops.cancel import CancelToken
 from app.schemas import ErrorMessage, RunRequest, RunResponse
 from app.server.errors import guarded
-from app.server.lanes import CancelToken
 from app.settings import Settings
 
 router = APIRouter(tags=["run"])
@@ -42,7 +42,7 @@ router = APIRouter(tags=["run"])
 )
 async def run(http: Request, request: RunRequest) -> StrictJSONResponse:
     settings: Settings = http.app.state.settings
-    admitted = await admission.admitted(http, request)  # refused before waiting for a slot
+    admitted = await gate.admitted(http, request)  # refused before waiting for a slot
     cancel = CancelToken()
     execute = guarded(_execute, settings)
     return await http.app.state.limiter.run(

@@ -11,12 +11,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from app.api import gate
 from app.api.responses import JSON_ERROR, VALIDATION_ERROR
 from app.api.streaming import event, iterate_in_slices
-from app.cost import admission
 from app.engine import train as training
+from app.ops.cancel import CancelToken
 from app.schemas import TrainRequest
-from app.server.lanes import TRAIN_SLICE_S, CancelToken
+from app.server.lanes import TRAIN_SLICE_S
 from app.settings import Settings
 
 router = APIRouter(tags=["train"])
@@ -28,7 +29,7 @@ async def checked(http: Request, request: TrainRequest | None = None) -> TrainRe
     cfg = request or TrainRequest()
     n = training.n_examples(cfg)
     widest = cfg.model_copy(update={"batch": max(cfg.train_batch, n // 5)})
-    await admission.admitted(http, widest)
+    await gate.admitted(http, widest)
     return cfg
 
 

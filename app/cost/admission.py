@@ -3,7 +3,7 @@
 A request's config is traced once (`app.engine.traces.trace`: shapes, and the learner's
 formulas dry-run on meta tensors), planned once (`app.cost.plan.plan`), and costed twice
 from that plan: in bytes (app/cost/budget.py) and in seconds (app/cost/work.py). Each refusal
-is FastAPI's own 422 shape, naming the field to change. The API's routes (run, export,
+is a Refused (FastAPI's 422 shape, answered at the edge), naming the field to change. The API's routes (run, export,
 train, program) admit through `admit` and `admit_program` only.
 """
 
@@ -13,31 +13,25 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-import anyio
-from fastapi.exceptions import RequestValidationError
-
 from app.cost.budget import Estimate, human_bytes
 from app.cost.budget import estimate as estimate_bytes
 from app.cost.plan import RunPlan, Traces, plan
 from app.cost.work import (
-    DRY_RUN_INLINE_S,
     ELEMENTWISE_BYTES,
     MATMUL_FLOPS,
     WORK_LIMIT_S,
     Work,
-    dry_run_s,
 )
 from app.cost.work import estimate as estimate_work
-from app.engine import network
 from app.engine.tensors import lead_shape
 from app.engine.traces import trace
 from app.lab import formulas
 from app.lab.allowlist import FormulaError
 from app.lab.formulas import UnknownGradient, is_view
-from app.ops.cancel import cancel_token
+from app.ops.cancel import CancelToken, cancel_token
 from app.programs import run as programs
 from app.programs.schemas import ProgramRequest
-from app.server.lanes import CancelToken
+from app.refusal import Refused
 from app.views import follow
 
 
@@ -71,8 +65,8 @@ def admit(cfg, settings) -> Admitted:
 
 
 def _refuse(kind: str, field: str, msg: str, cfg, **ctx) -> None:
-    """FastAPI's own 422 shape, naming the field to change."""
-    raise RequestValidationError(
+    """a Refused (FastAPI's 422 shape, answered at the edge), naming the field to change."""
+    raise Refused(
         [
             {
                 "type": kind,
@@ -258,7 +252,7 @@ def refuse_formula_cost(run: RunPlan, budget: int) -> None:
 
 
 def _refuse_formula(key: str, msg: str, cfg, kind: str, **ctx) -> None:
-    raise RequestValidationError(
+    raise Refused(
         [
             {
                 "type": f"formula_{kind}",
@@ -269,23 +263,6 @@ def _refuse_formula(key: str, msg: str, cfg, kind: str, **ctx) -> None:
             }
         ]
     )
-
-
-async def admitted(http, cfg) -> Admitted:
-    """`admit`, off the event loop. Shapes only: cheap, on any thread; but a long dry run of
-    the learner's formulas (estimated from their length: `work.dry_run_s`) takes the dry-run
-    lane's one slot, with the run deadline, and steps aside for the runs in flight between
-    two formulas (app/server/lanes.py, RunLimiter.pacer)."""
-    settings = http.app.state.settings
-    if dry_run_s(cfg) <= DRY_RUN_INLINE_S:
-        return await anyio.to_thread.run_sync(admit, cfg, settings)
-    limiter = http.app.state.limiter
-    cancel = CancelToken()
-    pacing = network.PACE.set(limiter.pacer(cancel))  # copied into the lane's job
-    try:
-        return await limiter.dry_run(admit, cfg, settings, cancel=cancel, receive=http.receive)
-    finally:
-        network.PACE.reset(pacing)
 
 
 def admit_program(request: ProgramRequest, settings) -> programs.Plan:
@@ -310,7 +287,7 @@ def admit_program_watched(request: ProgramRequest, settings, cancel: CancelToken
 
 def refuse_program(err: programs.ProgramRefused) -> None:
     """A program's refusal: a 422 at its line (`body.forward.<n>` or `body.backward.<n>`)."""
-    raise RequestValidationError(
+    raise Refused(
         [
             {
                 "type": f"program_{err.kind}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import time
 from typing import Any
@@ -10,11 +11,14 @@ import torch
 
 from app.check.autograd import (
     autograd_gradients,
+    cancelling_scale,
     cast_floats,
     check_against,
+    gets_recheck,
     mark_suspects,
     recheck_rounding,
 )
+from app.check.diagnosis import diagnose_check
 from app.check.fd import finite_difference_check
 from app.cost import budget
 from app.cost.plan import plan
@@ -92,6 +96,7 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
     check = recheck_rounding(cfg, tensors, grads, reference, inter, check, manual_at)
     ctx.check()
     check = mark_suspects(check, grads, builtin, reference, inter)
+    check = _diagnose(cfg, net, formulas, tensors, env, check, grads, {**reference, **inter})
     builtin = None  # freed before the finite differences
     if cfg.fd_samples > 0:  # cost bounded before the run (admission.refuse_too_much_work)
         noise = {n: c.get("rounding_noise", 0.0) for n, c in check["tensors"].items()}
@@ -171,6 +176,34 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
     if values is not None:
         result["values"] = values
     return result
+
+
+def _diagnose(cfg, net: Network, formulas, tensors, env, check, grads, reference) -> dict:
+    """Why each failing gradient is wrong (app/check/diagnosis.py). A gradient reads what its
+    learner's formula names (`l1.g`), or, built in, its consumer's output gradient; a float64
+    run's `precision` compares with autograd in float32 (within the recheck's size rule)."""
+    reads: dict[str, set[str]] = {}
+    for op in net.ops:
+        for name in op.grad_inputs:
+            reads.setdefault(name, set()).add(op.output)
+    for name, formula in formulas.items():
+        f = formula.formula
+        nodes = [f.result, *(value for _, value in f.locals)]
+        reads[name] = {n.value.id for node in nodes for n in ast.walk(node)
+                       if isinstance(n, ast.Attribute) and n.attr == "g"
+                       and isinstance(n.value, ast.Name)}  # fmt: skip
+    floors = {n: cancelling_scale(cfg, n, reference) for n in check["tensors"]}
+    sizes = tuple(sorted({int(d) for t in env.values() for d in t.shape if d > 1}))
+
+    def lower() -> dict[str, torch.Tensor] | None:
+        held = sum(t.numel() * t.element_size() for t in tensors.values())
+        if tensors["x"].dtype != torch.float64 or not gets_recheck(held):
+            return None
+        inter32: dict[str, torch.Tensor] = {}
+        low = autograd_gradients(cfg, cast_floats(tensors, torch.float32), inter32)
+        return {**low, **inter32}
+
+    return diagnose_check(check, grads, reference, reads, sizes, floors, lower)
 
 
 def _config_echo(cfg) -> dict[str, Any]:

@@ -12,15 +12,23 @@ both sides carry, as the server does (`app.programs.check._rounding_noise`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import textwrap
 
 import nbformat
 
+from app.check import diagnosis
 from app.check.autograd import NOISE_FACTOR, TOLERANCES
 from app.programs import run as programs
+from app.programs.diagnose import gradient_reads
 from app.programs.inputs import DTYPES
 from app.programs.schemas import ProgramRequest
+
+# the diagnosis the file prints for a failing gradient: the hypotheses on G and R alone
+# (scale, sign, transpose), as the server tests them; their source, as the run's file embeds
+# the reference
+DIAGNOSIS_FUNCTIONS = (diagnosis.name_factor, diagnosis._scale, diagnosis.explain)
 
 MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipynb+json"}
 
@@ -30,7 +38,11 @@ def names_data(block_size, rows, seed):
     order of torch.randperm(N, generator=manual_seed(seed)) over the first 90% (Broadprop's
     app/programs/inputs.py)."""
     import pathlib
-    import names
+
+    try:
+        import names
+    except ImportError:
+        sys.exit("this program reads the names data set: pip install names")
 
     folder = pathlib.Path(names.__file__).parent
     alphabet = "." + "abcdefghijklmnopqrstuvwxyz"
@@ -103,9 +115,14 @@ def sections(req: ProgramRequest, plan: programs.Plan) -> list[dict[str, str]]:
     backward = textwrap.indent(req.backward.strip("\n") or "pass", "    ")
     detach = [*req.inputs, *plan.intermediates]
     header = f'''"""Broadprop program, exported: your forward under autograd, your backward by hand,
-every gradient your backward writes checked against autograd (exit 0 when all match)."""
+every gradient your backward writes checked against autograd (exit 0 when all match).
+Needs torch{" and the names data set (pip install torch names)" if uses_names else " (pip install torch)"}."""
+from __future__ import annotations
+
+import itertools
 import math  # noqa: F401  (a program may scale by math.sqrt)
 import sys
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,28 +159,44 @@ def check():
     loss, manual, autograd = program(DTYPE)
     _, manual64, autograd64 = program(torch.float64)
     print(f"loss {{loss}}")
-    failed = []
+    sizes = tuple(sorted({{d for t in autograd.values() for d in t.shape if d > 1}}))
+    failed, lines = [], []
     for name, got in manual.items():
         want = autograd[name]
         if got.numel() != want.numel() or [d for d in got.shape if d != 1] != [
             d for d in want.shape if d != 1
         ]:
-            print(f"{{name:16s}} shape {{tuple(got.shape)}} but the tensor is {{tuple(want.shape)}}")
+            lines.append((name, f"{{name:16s}} shape {{tuple(got.shape)}} but the tensor is {{tuple(want.shape)}}", None))
             failed.append(name)
             continue
         got, got64 = got.reshape(want.shape), manual64[name].reshape(want.shape)
         noise = ((got.double() - got64).abs().max() + (want.double() - autograd64[name]).abs().max()).item()
+
+        def close(g, h, noise=noise):
+            atol = max(ATOL_SCALE * h.abs().max().item(), {NOISE_FACTOR} * noise)
+            return bool(((g.to(h.dtype) - h).abs() <= atol + RTOL * h.abs()).all())
+
         diff = (got.to(want.dtype) - want).abs()
-        scale = want.abs().max().item()
-        atol = max(ATOL_SCALE * scale, {NOISE_FACTOR} * noise)
-        close = bool((diff <= atol + RTOL * want.abs()).all())
         exact = bool(torch.equal(got.to(want.dtype), want))
-        print(f"{{name:16s}} exact: {{str(exact):5s}} approximate: {{str(close):5s}} "
-              f"maxdiff: {{diff.max().item():.3e}}")
-        if not close:
+        ok = close(got, want)
+        why = None
+        if not ok:
             failed.append(name)
+            why = explain(got.to(want.dtype), want, close, sizes, SPELLED.get(name, name))
+        lines.append((name, f"{{name:16s}} exact: {{str(exact):5s}} approximate: {{str(ok):5s}} "
+                      f"maxdiff: {{diff.max().item():.3e}}", why))
+    for name, line, why in lines:
+        print(line)
+        up = [d for d in READS.get(name, ()) if d in failed and d != name]
+        if name in failed and up:  # the line reads a gradient that is already wrong
+            print(f"    why: {{SPELLED.get(name, name)}} is computed from "
+                  f"{{SPELLED.get(up[-1], up[-1])}}, which is already wrong: fix that first")
+        elif why is not None:
+            print(f"    why: {{why['message']}}")
     if failed:
         print("differs from autograd: " + ", ".join(failed))
+    else:
+        print(f"all {{len(manual)}} written gradients match autograd")
     return 1 if failed else 0
 
 
@@ -178,6 +211,16 @@ def _skip(*args):
 if __name__ == "__main__":
     sys.exit(check())
 """
+    reads = {t: sorted(r) for t, r in gradient_reads(plan).items() if r}
+    why = "\n".join(
+        [
+            "# why a gradient is wrong, from the numbers: Broadprop's own app/check/diagnosis.py",
+            f"SPELLED = {written!r}",
+            f"READS = {reads!r}  # the gradients each gradient's lines read",
+            f"_FACTOR_STORIES = {diagnosis._FACTOR_STORIES!r}",
+            *(inspect.getsource(f) for f in DIAGNOSIS_FUNCTIONS),
+        ]
+    )
     return [
         {
             "note": "# A Broadprop program\nYour network, written as lines, checked by autograd.",
@@ -191,7 +234,7 @@ if __name__ == "__main__":
         {
             "note": "Every gradient your backward wrote, against autograd's (float64 once more, "
             "to tell rounding from a real difference).",
-            "code": check,
+            "code": why + "\n" + check,
         },  # fmt: skip
     ]
 

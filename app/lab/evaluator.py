@@ -479,10 +479,17 @@ class Evaluation:
         return r
 
     def maker(self) -> Maker:
-        """Where a tensor the formula makes goes: the run's device and float dtype."""
-        t = self.device()
-        dtype = t.dtype if t.is_floating_point() else torch.float32
-        return Maker(device="meta" if t.is_meta else "cpu", dtype=dtype)
+        """Where a tensor the formula makes goes: the run's device and float dtype (its
+        first float tensor's)."""
+        tensors = [v.t for v in self.operands() if isinstance(v, Traced)]
+        floats = [t for t in tensors if t.is_floating_point()]
+        meta = bool(tensors) and tensors[0].is_meta
+        dtype = floats[0].dtype if floats else torch.float32
+        return Maker(device="meta" if meta else "cpu", dtype=dtype)
+
+    def operands(self) -> list[Any]:
+        """The values a formula reads: the run's tensors and gradients."""
+        return [*self.tensors.values(), *self.grads.values()]
 
     def device(self) -> torch.Tensor:
         """A tensor on the run's device (meta in the dry run), for what a formula makes."""

@@ -13,13 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from fastapi.exceptions import RequestValidationError
 
 from app.lab import hints
 from app.lab.allowlist import FormulaError
 from app.lab.evaluator import evaluate
 from app.lab.parse import Formula, parse
 from app.ops.traced import Traced
+from app.refusal import Refused
 
 GRAD_SUFFIX = ".g"
 
@@ -166,9 +166,9 @@ def formula_cost(steps: list[dict]) -> tuple[int, int, int]:
 
 
 def refuse(err: FormulaError | UnknownGradient, sources: Mapping[str, str]) -> None:
-    """FastAPI's own 422, at `["body", "formulas", "<name>.g"]`."""
+    """a Refused (FastAPI's 422 shape), at `["body", "formulas", "<name>.g"]`."""
     if isinstance(err, UnknownGradient):
-        raise RequestValidationError(
+        raise Refused(
             [
                 {
                     "type": "formula_key",
@@ -181,7 +181,7 @@ def refuse(err: FormulaError | UnknownGradient, sources: Mapping[str, str]) -> N
             ]
         )
     key = getattr(err, "key", None)
-    raise RequestValidationError(
+    raise Refused(
         [
             {
                 "type": f"formula_{err.kind}",

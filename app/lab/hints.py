@@ -124,9 +124,14 @@ def matmul_clash(exprs: Sequence[str], shapes: Sequence[Shape], problem: str) ->
     return f"{head}{hint}\n{aligned_table([ea, eb], [sa, sb])}"
 
 
-def result_shape(key: str, made: Shape, wanted: Shape, broadcasts: Sequence[dict]) -> str:
-    """The result is `made`, the gradient must be `wanted`: say so, and how to get there."""
-    head = f"{key} must have {key[:-2]}'s shape {fmt_shape(wanted)}, but the formula gives " + (
+def result_shape(
+    key: str, made: Shape, wanted: Shape, broadcasts: Sequence[dict], of: str | None = None
+) -> str:
+    """The result is `made`, the gradient must be `wanted`: say so, and how to get there.
+    `key`: the gradient as written (`x.g`, `db1`); `of`: its tensor (`x` of `x.g` by default);
+    `broadcasts`: the line's steps (a reduction over the wrong dim is named too)."""
+    of = of or key.removesuffix(".g")
+    head = f"{key} must have {of}'s shape {fmt_shape(wanted)}, but the formula gives " + (
         "a scalar ()" if not made else fmt_shape(made)
     )
     hint = _result_hint(made, wanted, broadcasts)
@@ -159,6 +164,10 @@ def _result_hint(made: Shape, wanted: Shape, broadcasts: Sequence[dict]) -> str:
                     " (a broadcast over the batch: the gradient sums over it)" if 0 in dims else ""
                 )
                 return f"sum away what the broadcast added: `.sum({dim_text})`{why}"
+    for step in broadcasts:
+        hint = _wrong_reduction(step, wanted)
+        if hint:
+            return hint
     outer = [b for b in broadcasts if _stretched_both(b)]
     if outer and math.prod(made) > math.prod(wanted):
         step = outer[0]
@@ -167,6 +176,22 @@ def _result_hint(made: Shape, wanted: Shape, broadcasts: Sequence[dict]) -> str:
             f"{fmt_shape(step['inputs'][1])} -> {fmt_shape(step['output'])}): a (N,) meeting "
             "a (N, 1) gives (N, N); squeeze or unsqueeze one side so they match"
         )
+    return ""
+
+
+def _wrong_reduction(step: dict, wanted: Shape) -> str:
+    """A sum over the wrong dims: `x.sum(1)` of a (32, 64) where (64,) is wanted."""
+    if step.get("action") != "reduce" or not step.get("inputs") or not step.get("reduced_dims"):
+        return ""
+    source = tuple(step["inputs"][0])
+    done = tuple(d % len(source) for d in step["reduced_dims"]) if source else ()
+    for dims in _dim_choices(len(source), len(source) - len(wanted)):
+        kept = tuple(s for i, s in enumerate(source) if i not in dims)
+        if kept == wanted and dims != done:
+            dim_text = str(dims[0]) if len(dims) == 1 else str(dims)
+            why = " (the batch dim: a bias's gradient sums over the batch)" if dims == (0,) else ""
+            op = step.get("op") or "sum"
+            return f"`{step['expr']}` reduces the wrong dim of {fmt_shape(source)}: `.{op}({dim_text})`{why}"
     return ""
 
 

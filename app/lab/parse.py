@@ -236,6 +236,13 @@ _REFUSED: dict[type, tuple[str, str]] = {
 def _unknown_attribute(node: ast.Attribute, source: str) -> str:
     name = node.attr
     if name.endswith("_"):
+        out_of_place = name[:-1]
+        if out_of_place in METHODS:  # `dC.index_add_(...)` has a form that returns the result
+            owner = node.value.id if isinstance(node.value, ast.Name) else "x"
+            return (
+                f"`.{name}`: in-place methods (a trailing _) are not allowed: formulas never "
+                f"write; assign the out-of-place form instead, `{owner} = {owner}.{out_of_place}(...)`"
+            )
         return f"`.{name}`: in-place methods (a trailing _) are not allowed: formulas never write"
     if name in ("data", "numpy", "storage", "untyped_storage", "tolist", "item", "grad"):
         return f"`.{name}` is not allowed: formulas work on the traced tensors only"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextvars
+import math
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,3 +37,51 @@ def check_cancelled() -> None:
     token = _CANCEL.get()
     if token is not None and token.is_set():
         raise RunCancelled("the run was stopped")
+
+
+class CancelToken:
+    """Set by the limiter when a run should stop; the run polls `is_set()` between its ops and
+    chunks (app.ops.Context.cancel) and raises there.
+
+    Armed with a deadline (`arm`), the token also turns set once the polling thread has used
+    that much CPU time since its first poll: the run's own work, what it would take on a quiet
+    machine, so that a machine busy with other work (a room of browsers on the same laptop)
+    does not stop runs that are within bounds."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: str | None = None
+        self.cpu_deadline_s = math.inf
+        self._cpu_start: float | None = None
+        self._cpu_thread: int | None = None  # the run's thread: the only clock that counts
+
+    def arm(self, cpu_deadline_s: float) -> None:
+        self.cpu_deadline_s = cpu_deadline_s
+
+    def set(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        """Set, or (polled from the run's own thread) past its CPU deadline. The CPU clock is
+        the first polling thread's: a poll from any other thread (the event loop's, whose CPU
+        time is the whole server's) only reads the flag, so it can never turn a run's own
+        error into a false "deadline"."""
+        if self._event.is_set():
+            return True
+        if self.cpu_deadline_s < math.inf:
+            here = threading.get_ident()
+            if self._cpu_thread is None:
+                self._cpu_thread, self._cpu_start = here, time.thread_time()
+            elif here == self._cpu_thread and (
+                time.thread_time() - self._cpu_start > self.cpu_deadline_s  # type: ignore[operator]
+            ):
+                self.set("deadline")
+                return True
+        return False
+
+    def was_set(self) -> bool:
+        """Whether the token was set (by the limiter, a client gone, or a deadline the run's
+        thread saw), without polling any clock: for threads other than the run's."""
+        return self._event.is_set()

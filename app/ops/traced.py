@@ -8,9 +8,11 @@ an op writes once is therefore both the computation and the text the API shows.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,24 @@ import torch
 from app.ops.broadcast import Shape, broadcast_rule
 from app.ops.cancel import check_cancelled
 from app.ops.copies import blas_copy_bytes
+
+# What `.float()` and `.to(torch.float32)` make: float32, except in a program's float64
+# recheck (app/programs/run.py), which reruns the same formulas in float64 throughout, so a
+# line that pins float32 and then meets a float64 operand (`@` refuses mixed dtypes) reruns too
+_SINGLE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar(
+    "broadprop_single", default=torch.float32
+)
+
+
+@contextmanager
+def single_precision_as(dtype: torch.dtype) -> Iterator[None]:
+    """`.float()` and `.to(torch.float32)` make `dtype` within (the float64 recheck's)."""
+    token = _SINGLE.set(dtype)
+    try:
+        yield
+    finally:
+        _SINGLE.reset(token)
+
 
 # Operator precedence, for parenthesizing generated expressions the way a person would.
 ADD, MUL, UNARY, ATOM = 1, 2, 3, 4
@@ -450,7 +470,7 @@ class Traced:
 
     def float(self) -> Traced:
         """`.float()` as in the article; a mask becomes 0./1. (exact in every dtype)."""
-        return self._method(self.t.float(), "float()", "mask", "float")
+        return self._method(self.t.to(_SINGLE.get()), "float()", "mask", "float")
 
     def to_dtype_of(self, other: Traced) -> Traced:
         return self.to(other.t.dtype)
@@ -459,7 +479,8 @@ class Traced:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(".to() takes torch.float32 or torch.float64")
         name = str(dtype).removeprefix("torch.")
-        return self._method(self.t.to(dtype), f"to(torch.{name})", "mask", "to")
+        made = _SINGLE.get() if dtype == torch.float32 else dtype
+        return self._method(self.t.to(made), f"to(torch.{name})", "mask", "to")
 
     def gather(self, dim: int, index: Traced) -> Traced:
         t = self.t.gather(dim, index.t)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,6 +37,10 @@ class Outcome:
     spelling: dict[str, str]
     helpers: dict[str, Any]
     error: ProgramError | None
+    # each gradient's rounding noise where no float64 rerun of the forward exists (the
+    # notebook: its forward ran in the kernel, so only the backward is rerun in float64)
+    rounding: dict[str, float] | None = None
+    dropped: dict[str, torch.Tensor] = field(default_factory=dict)  # see BackwardRun.dropped
 
 
 # --------------------------------------------------------------------------- the check
@@ -45,6 +49,12 @@ class Outcome:
 def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str) -> dict[str, Any]:
     """Every tensor with a gradient, in the order the backward finishes them (then the
     unwritten ones, from the loss back)."""
+    # a gradient whose float64 rerun stopped before its last line has no float64 value: the
+    # recheck that cannot run is no evidence (its zeros would read as a 100% error)
+    unrechecked = {n for n in main.manual if rerun is not None and not _rechecked(n, main, rerun)}
+    if unrechecked:
+        rerun = _without(rerun, unrechecked)
+    rerun_error = rerun.error if rerun is not None else None
     # in the order the gradients are finished (their last write): a gradient built over
     # several lines (`dx = ...`, later `dx += ...`) comes after what its last line used
     written = sorted(main.manual, key=lambda n: (max(main.lines.get(n, [10**9])), n))
@@ -82,15 +92,21 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
             row.update(shape_ok=False, exact=False, allclose=False, max_abs_err=None,
                        max_rel_err=None, rtol=rtol, atol=None,
                        shape=list(manual.shape), wanted=list(auto.shape))  # fmt: skip
+            steps = [s.as_dict() for ln in row["lines"][-1:] if ln in plan.backward_lines
+                     for s in plan.backward_lines[ln].steps]  # fmt: skip
             row["hint"] = hints.result_shape(
-                main.spelling.get(name, name), tuple(manual.shape), tuple(auto.shape), []
+                main.spelling.get(name, name), tuple(manual.shape), tuple(auto.shape), steps, name
             )
         elif not manual.is_floating_point():
             row.update(shape_ok=True, exact=False, allclose=False, max_abs_err=None,
                        max_rel_err=None, rtol=rtol, atol=None)  # fmt: skip
             row["hint"] = f"{main.spelling.get(name)} is an integer tensor: a gradient is float"
         else:
-            noise = _rounding_noise(name, main, rerun)
+            noise = (
+                main.rounding.get(name, 0.0)
+                if main.rounding is not None
+                else _rounding_noise(name, main, rerun)
+            )
             result = compare(manual.to(auto.dtype), auto, rounding_noise=noise)
             if noise:
                 result["rounding_noise"] = noise
@@ -111,6 +127,8 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
                             "far above float64's rounding: the formula is not exactly the "
                             "forward's derivative (a changed eps? n vs n - 1?)"
                         )
+            if name in unrechecked:
+                row["recheck"] = _recheck_note(name, main, rerun_error)
             if not row["allclose"]:
                 row["hint"] = _slip_hint(name, manual, auto, plan, main)
         if first_failure is None and (not row["allclose"]):
@@ -133,6 +151,31 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
     }
 
 
+def _rechecked(name: str, main: Outcome, rerun: Outcome) -> bool:
+    """Whether the float64 rerun ran every line that writes `name`, as the run did."""
+    if name not in rerun.manual or rerun.lines.get(name) != main.lines.get(name):
+        return False
+    stop = rerun.error.line if rerun.error is not None else None
+    if stop is None:
+        return True
+    return bool(stop) and stop > max(main.lines.get(name, [0]))
+
+
+def _without(rerun: Outcome, names: set[str]) -> Outcome:
+    """The rerun without the gradients it could not finish."""
+    keep = {n: g for n, g in rerun.manual.items() if n not in names}
+    return replace(rerun, manual=keep)
+
+
+def _recheck_note(name: str, main: Outcome, error: ProgramError | None) -> str:
+    where = f" at line {error.line}" if error is not None and error.line else ""
+    why = str(error).splitlines()[0] if error is not None else "it wrote no float64 value"
+    return (
+        f"checked in the run's dtype only: the float64 recheck of {main.spelling.get(name, name)} "
+        f"could not run{where} ({why}), so it says nothing about the formula"
+    )
+
+
 def _same_entries(a: tuple, b: tuple) -> bool:
     """Shapes that differ only by size-1 dims: one tensor's entries are the other's."""
     return [d for d in a if d != 1] == [d for d in b if d != 1]
@@ -152,6 +195,39 @@ def _rounding_noise(name: str, main: Outcome, rerun: Outcome | None) -> float:
         return 0.0
     noise = (m.double() - m64.double()).abs().max() + (a.double() - a64).abs().max()
     return float(noise) if math.isfinite(float(noise)) else 0.0
+
+
+def recheck_float64(table: dict[str, Any], main: Outcome, low: Outcome) -> dict[str, Any]:
+    """A float64 run's failures judged again, knowing its rounding: a gradient that cancels to
+    about 0 (a bias before a batchnorm) is rounding noise on both sides, as in float32. The
+    same program in float32 (`low`) measures how far rounding moves each side; float64's own
+    rounding is that, 2**-29 finer (the mirror of `_rounding_noise`'s float64 rerun). A slip,
+    a `.float()` included, stands far above it."""
+    rows = table["tensors"]
+    for name, row in rows.items():
+        if not row["written"] or row["allclose"] or not row.get("shape_ok"):
+            continue
+        m, a = main.manual[name], main.autograd[name]
+        m32, a32 = low.manual.get(name), low.autograd.get(name)
+        if m32 is None or m32.numel() != m.numel() or not m32.is_floating_point():
+            continue
+        pairs = ((m.double(), m32.reshape(m.shape)), (a.double(), a32))
+        if not all(bool(torch.isfinite(t).all()) for pair in pairs for t in pair):
+            continue
+        noise = FINER * sum(float((x - y.double()).abs().max()) for x, y in pairs)
+        result = compare(m.to(a.dtype), a, rounding_noise=noise)
+        if result["allclose"]:
+            row.update(result, rounding_noise=noise, hint=None)
+            row.pop("after", None)
+    failing = [n for n, r in rows.items() if r["written"] and not r["allclose"]]
+    table["first_failure"] = failing[0] if failing else None
+    for name, row in rows.items():
+        row.pop("after", None)
+        if failing and name in failing and name != failing[0]:
+            row["after"] = failing[0]
+    written = [r for r in rows.values() if r["written"]]
+    table["all_close"] = bool(written) and all(r["allclose"] for r in written)
+    return table
 
 
 def _slip_hint(

@@ -13,7 +13,6 @@ Float tensors are then `.to(dtype)`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,11 +78,11 @@ def make_inputs(
         else:
             shape = tuple(spec.shape)
             if spec.init in (None, "randn"):
-                t = torch.randn(*shape, generator=g)
+                t = torch.randn(shape, generator=g)  # () is a scalar input
             elif spec.init == "zeros":
-                t = torch.zeros(*shape)
+                t = torch.zeros(shape)
             else:
-                t = torch.ones(*shape)
+                t = torch.ones(shape)
             made[name] = (t * spec.scale + spec.offset).to(float_dtype)
     return made
 
@@ -153,4 +152,7 @@ def names_data(
 
 
 def names_rows() -> int:
-    return math.floor(all_contexts(3)[0].shape[0] * 0.9)
+    """Rows of the names data's training part (the same for every block size: one context
+    per character)."""
+    n = all_contexts(3)[0].shape[0]
+    return n - n // 10  # as names_data splits it

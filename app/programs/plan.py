@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from app.check.diagnosis import has_repeats, one_write_delta
 from app.cost.work import OP_S, _elementwise_s, _matmul_s
 from app.lab import formulas
 from app.lab.allowlist import FormulaError, Pair
@@ -103,6 +104,12 @@ class BackwardRun(Interpreter):
         self.gradients: dict[str, Traced] = {}  # tensor name -> its gradient, as written
         self.lines: dict[str, list[int]] = {}  # tensor name -> the lines that wrote it
         self.spelling: dict[str, str] = {}  # tensor name -> how the learner named its grad
+        # tensor name -> what its indexed `+=` lost to one write per repeated index (the
+        # `dropped_duplicates` diagnosis; app/check/diagnosis.py)
+        self.dropped: dict[str, torch.Tensor] = {}
+
+    def operands(self) -> list[Any]:
+        return [*self.forward.values(), *self.scope.values()]
 
     def grad_of(self, name: str) -> str | None:
         """The tensor whose gradient `name` is, or None for a helper."""
@@ -160,6 +167,28 @@ class BackwardRun(Interpreter):
             self.scope[name] = Traced(value.t, name)
             return
         self.gradients[tensor] = Traced(value.t, name)
+
+    def _write(
+        self, stmt: ast.stmt, current: Traced, parts: tuple, symbol: str | None, value: Any
+    ) -> None:
+        """An indexed write, as the interpreter runs it; `g[ids] += v` into a gradient with
+        repeated ids also keeps what the one write per index lost (real tensors only)."""
+        super()._write(stmt, current, parts, symbol, value)
+        if symbol not in ("+", "-") or current.t.is_meta:
+            return
+        tensor = next((n for n, g in self.gradients.items() if g.t is current.t), None)
+        keys = tuple(
+            p.t if isinstance(p, Traced) else torch.arange(p.start, p.stop, p.step)
+            if isinstance(p, range) else p
+            for p in parts
+        )  # fmt: skip
+        key = keys[0] if len(keys) == 1 else keys
+        if tensor is None or not has_repeats(key):
+            return
+        update = value.t if isinstance(value, Traced) else torch.tensor(value)
+        update = update.to(current.t.dtype) * (1 if symbol == "+" else -1)
+        delta = one_write_delta(tuple(current.t.shape), key, update)
+        self.dropped[tensor] = self.dropped[tensor] + delta if tensor in self.dropped else delta
 
     def _record(self, stmt: ast.stmt, name: str) -> None:
         """Which gradients the line wrote (assigned, or changed in place), and where."""

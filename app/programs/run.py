@@ -18,8 +18,15 @@ from app.lab.allowlist import FormulaError
 from app.lab.statements import Executed, ProgramError
 from app.ops.cancel import RunCancelled, cancel_token
 from app.ops.making import Maker
-from app.ops.traced import Traced
-from app.programs.check import Outcome, check_table, gradient_views, tensor_table
+from app.ops.traced import Traced, single_precision_as
+from app.programs.check import (
+    Outcome,
+    check_table,
+    gradient_views,
+    recheck_float64,
+    tensor_table,
+)
+from app.programs.diagnose import PRECISION_RERUN_MAX_S, diagnose_table
 from app.programs.inputs import DTYPES, make_inputs
 from app.programs.plan import (
     BackwardRun,
@@ -34,7 +41,7 @@ from app.programs.plan import (
 from app.programs.schemas import ProgramRequest
 
 # the program endpoint reaches the dry run through this module (`programs.admit`, `.Plan`)
-__all__ = ["Plan", "ProgramRefused", "admit", "execute_once", "run", "run_backward"]
+__all__ = ["Plan", "ProgramRefused", "admit", "answer", "execute_once", "run", "run_backward"]
 
 
 # --------------------------------------------------------------------------- the real run
@@ -88,6 +95,7 @@ def execute_once(
         spelling=bwd.spelling,
         helpers=dict(bwd.scope),
         error=error,
+        dropped=bwd.dropped,
     )
 
 
@@ -124,8 +132,48 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
     with cancel_token(cancel):  # polled after every op as well as between statements
         main = execute_once(req, plan, dtype, check)
         after_run = time.perf_counter()
-        rerun = execute_once(req, plan, torch.float64, check) if plan.rerun else None
+        rerun = None
+        if plan.rerun:  # the same formulas in float64 throughout (`.float()` included)
+            with single_precision_as(torch.float64):
+                rerun = execute_once(req, plan, torch.float64, check)
+
+    low: list[Outcome] = []  # the program in float32, once, for a float64 run's failures
+
+    def lower() -> Outcome | None:
+        """autograd's gradients in float32: float64's rounding (`recheck_float64`) and the
+        `precision` diagnosis. Only for a run estimated under PRECISION_RERUN_MAX_S."""
+        if req.dtype != "float64" or plan.seconds > PRECISION_RERUN_MAX_S:
+            return None
+        if not low:
+            low.append(execute_once(req, plan, torch.float32, check))
+        return low[0]
+
+    with cancel_token(cancel):
+        return answer(req, plan, main, rerun, (after_run - start) * 1e3, lower)
+
+
+def answer(
+    req: ProgramRequest,
+    plan: Plan,
+    main: Outcome,
+    rerun: Outcome | None,
+    run_ms: float,
+    lower: Callable[[], Outcome | None] = lambda: None,
+) -> dict[str, Any]:
+    """The contract's response from a run's outcome: the check (with each failure's
+    diagnosis), the traces and the views. POST /api/program answers it; the notebook's
+    %%backward shows it (app/notebook). `lower`: the same program run in float32, made on
+    demand (None where it cannot be)."""
+    before_check = time.perf_counter()
     table = check_table(plan, main, rerun, req.loss)
+    if not table["all_close"] and (float32 := lower()) is not None:
+        table = recheck_float64(table, main, float32)
+
+    def lower_autograd() -> dict[str, torch.Tensor] | None:
+        float32 = lower()
+        return None if float32 is None else float32.autograd
+
+    diagnose_table(table, plan, main, lower_autograd)  # why each failing gradient is wrong
     after_check = time.perf_counter()
     # the first line that cannot run: the dry run's explanation where both stop at one line
     errors = [e for e in (plan.stops_at, main.error) if e is not None]
@@ -141,10 +189,7 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         "check": table,
         "gradients": gradient_views(req, plan, main, table),
         "backward_error": _error_entry(error) if error is not None else None,
-        "timing": {
-            "run_ms": (after_run - start) * 1e3,
-            "check_ms": (after_check - after_run) * 1e3,
-        },
+        "timing": {"run_ms": run_ms, "check_ms": (after_check - before_check) * 1e3},
     }
 
 

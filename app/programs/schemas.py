@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 from app.lab.allowlist import is_number
 from app.lab.parse_program import MAX_PROGRAM_CHARS
 from app.schemas import MAX_CELLS, MAX_SEED, DType, GradientView
+from app.schemas.response import Diagnosis
 
 MAX_INPUTS = 64
 MAX_INPUT_DIMS = 6
@@ -73,6 +74,15 @@ class InputSpec(BaseModel):
             raise ValueError("give exactly one of: shape (with init), value, or data (with field)")
         if self.data is not None and self.field is None:
             raise ValueError('data input needs field: "X" (contexts) or "Y" (next characters)')
+        if self.data == "names":
+            from app.programs.inputs import names_rows  # the data, parsed on first use
+
+            available = names_rows()
+            if self.rows > available:
+                raise ValueError(
+                    f"rows {self.rows:,} is more than the names data's {available:,} training "
+                    "rows; ask for at most that many"
+                )
         if self.shape is not None:
             if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
                 raise ValueError(
@@ -212,6 +222,9 @@ class ProgramCheck(BaseModel):
     atol: float | None
     lines: list[int] = Field(default_factory=list, description="The lines that wrote it")
     hint: str | None = None
+    diagnosis: Diagnosis | None = Field(
+        None, description="null when all-close (or unwritten); else why the gradient is wrong"
+    )
 
 
 class BackwardError(BaseModel):

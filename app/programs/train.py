@@ -307,8 +307,8 @@ def train(
             try:
                 if evaluate and names is not None:
                     event["val_loss"] = _finite(t.loss_on(names.val, names.val_plan, "val"))
-                    if sampling:
-                        event["samples"] = t.samples(SAMPLES // 2)
+                    if sampling and finite:
+                        event["samples"] = _samples(t, SAMPLES // 2)
             except RunCancelled:
                 stopped = "stopped"
                 break
@@ -330,12 +330,21 @@ def train(
         if names is not None and step:
             done["train_loss"] = _finite(t.loss_on(names.val, names.val_plan, "train"))
             done["val_loss"] = _finite(t.loss_on(names.val, names.val_plan, "val"))
-            if sampling:
-                done["samples"] = t.samples(SAMPLES)
+            if sampling and stopped != "diverged":
+                done["samples"] = _samples(t, SAMPLES)
     except RunCancelled:
         done["stopped"] = "stopped"
     done["seconds"] = time.perf_counter() - start
     yield "done", done
+
+
+def _samples(t: Trainer, count: int) -> list[str] | None:
+    """Names drawn from the network, or None when its weights no longer give probabilities
+    (a step that went to inf or NaN: sampling cannot draw from them)."""
+    try:
+        return t.samples(count)
+    except RuntimeError:  # torch.multinomial: "probability tensor contains inf, nan or < 0"
+        return None
 
 
 def _decide(

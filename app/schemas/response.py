@@ -128,6 +128,23 @@ class GradientView(BaseModel):
     )
 
 
+class Diagnosis(BaseModel):
+    """Why a failing gradient is wrong (app/check/diagnosis.py), tested against autograd."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    kind: Literal["upstream", "scale", "sign", "transpose", "shape", "missing_branch",
+                  "dropped_duplicates", "precision", "unknown"]  # fmt: skip
+    message: str = Field(description="The slip in the learner's words")
+    factor: float | None = Field(None, description="scale: G / R, the same everywhere")
+    factor_words: str | None = Field(None, description='scale: "1/n", "n/(n-1)", "2", ...')
+    from_: str | None = Field(None, alias="from", description="upstream: the wrong gradient "
+                              "the line reads (a tensor's name)")  # fmt: skip
+    root: str | None = Field(None, description="upstream: the first wrong gradient on its path")
+    missing: list[str] | None = Field(None, description="missing_branch: the forward lines "
+                                      "(by the names they assign) whose part is missing")  # fmt: skip
+
+
 class TensorCheck(BaseModel):
     max_abs_err: float | None
     max_rel_err: float | None
@@ -156,6 +173,9 @@ class TensorCheck(BaseModel):
         None,
         description="Where a learner's formula changed this gradient: the built-in formula's "
         "own max abs error against autograd on the same run (what suspect is measured by)",
+    )
+    diagnosis: Diagnosis | None = Field(
+        None, description="null when all-close; else why the gradient is wrong"
     )
 
 

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.refusal import Refused
 from app.server.lanes import Saturated, Stopped
 from app.server.responses import StrictJSONResponse
 from app.settings import Settings
@@ -59,7 +60,9 @@ def _run_out_of_memory(settings: Settings) -> HTTPException:
     )
 
 
-async def validation_error(request: Request, exc: RequestValidationError) -> StrictJSONResponse:
+async def validation_error(
+    request: Request, exc: RequestValidationError | Refused
+) -> StrictJSONResponse:
     """FastAPI's 422 body, written as strict JSON: an input of NaN or Infinity (which Python's
     json module accepts as literals) is echoed as null, and a deep, long or huge input is
     echoed clipped, instead of failing the response."""
@@ -128,6 +131,13 @@ async def saturated(request: Request, exc: Saturated) -> StrictJSONResponse:
     )
 
 
+def _smaller(path: str) -> str:
+    """How to make a run of this route smaller, in the settings the route has."""
+    if path.startswith("/api/program"):
+        return "make the inputs' shapes smaller, or the loops shorter"
+    return "reduce batch or the widths, or turn off compare and fd_samples"
+
+
 async def stopped(request: Request, exc: Stopped) -> StrictJSONResponse:
     """A run stopped at its deadline: 422 (retrying cannot help). One the machine was too
     busy to run in time: 503 with Retry-After (the run itself is within bounds). One whose
@@ -147,8 +157,8 @@ async def stopped(request: Request, exc: Stopped) -> StrictJSONResponse:
         "type": "work_limit",
         "loc": ["body"],
         "msg": f"this run was still going after {exc.deadline_s:g} s, the most one run may "
-        "take (BROADPROP_RUN_DEADLINE_S), and was stopped; reduce batch or the widths, or "
-        "turn off compare and fd_samples",
+        "take (BROADPROP_RUN_DEADLINE_S), and was stopped; "
+        + (exc.advice or _smaller(request.url.path)),
         "input": None,
         "ctx": {"deadline_s": exc.deadline_s},
     }

@@ -22,7 +22,8 @@ import anyio
 import torch
 from starlette.types import Message
 
-from app.server.allocator import TRIM_DELAY_S, TRIM_MIN_BYTES, release_memory, tune_allocator
+from app.ops.cancel import CancelToken
+from app.sandbox.allocator import TRIM_DELAY_S, TRIM_MIN_BYTES, release_memory, tune_allocator
 from app.settings import Settings
 
 T = TypeVar("T")
@@ -66,46 +67,11 @@ class Stopped(Exception):
     ("disconnect"), it used its deadline's CPU time ("deadline"), or the machine was too busy
     to give it that time within WALL_DEADLINE_FACTOR x the deadline ("busy")."""
 
-    def __init__(self, reason: str, deadline_s: float) -> None:
+    def __init__(self, reason: str, deadline_s: float, advice: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.deadline_s = deadline_s
-
-
-class CancelToken:
-    """Set by the limiter when a run should stop; the run polls `is_set()` between its ops and
-    chunks (app.ops.Context.cancel) and raises there.
-
-    Armed with a deadline (`arm`), the token also turns set once the polling thread has used
-    that much CPU time since its first poll: the run's own work, what it would take on a quiet
-    machine, so that a machine busy with other work (a room of browsers on the same laptop)
-    does not stop runs that are within bounds."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.reason: str | None = None
-        self.cpu_deadline_s = math.inf
-        self._cpu_start: float | None = None
-
-    def arm(self, cpu_deadline_s: float) -> None:
-        self.cpu_deadline_s = cpu_deadline_s
-
-    def set(self, reason: str) -> None:
-        if not self._event.is_set():
-            self.reason = reason
-            self._event.set()
-
-    def is_set(self) -> bool:
-        if self._event.is_set():
-            return True
-        if self.cpu_deadline_s < math.inf:
-            now = time.thread_time()
-            if self._cpu_start is None:
-                self._cpu_start = now
-            elif now - self._cpu_start > self.cpu_deadline_s:
-                self.set("deadline")
-                return True
-        return False
+        self.advice = advice  # what to change, in the route's own fields (None: a run's)
 
 
 # The wall-clock bound on a run, as a multiple of its CPU-time deadline: a safety net for a
@@ -246,8 +212,10 @@ class RunLimiter:
         trim: bool = True,
         torch_threads: int = 1,
         trainings: int = 0,
+        programs: int = 0,
     ) -> None:
         self.slots = slots
+        self.programs = programs or slots * torch_threads
         self.trim = trim
         self.wait_s = wait_s
         self.deadline_s = deadline_s
@@ -284,6 +252,8 @@ class RunLimiter:
                 "small": anyio.Semaphore(self.slots * self.torch_threads),
                 "large": anyio.Semaphore(self.slots),
                 "dry": anyio.Semaphore(DRY_RUN_SLOTS),
+                # programs: one per sandbox worker (app/sandbox), queued like the runs
+                "program": anyio.Semaphore(self.programs),
             }
         return self._semaphores[loop]
 
@@ -338,6 +308,16 @@ class RunLimiter:
             yield lanes[name]
         finally:
             self.in_flight -= 1
+            self._semaphores_here()[name].release()
+
+    @asynccontextmanager
+    async def program_slot(self) -> AsyncIterator[None]:
+        """One of the `programs` places (one per sandbox worker) for a program's whole
+        request; Saturated after the queue wait."""
+        name = await self._acquire(False, "program")
+        try:
+            yield
+        finally:
             self._semaphores_here()[name].release()
 
     async def dry_run(
@@ -450,7 +430,7 @@ class RunLimiter:
             group.start_soon(work)
             group.start_soon(watch)
         if "error" in outcome:
-            if cancel.is_set():
+            if cancel.was_set():
                 raise Stopped(cancel.reason or "deadline", self.deadline_s) from outcome["error"]
             raise outcome["error"]
         return outcome["value"]

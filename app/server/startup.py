@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from app.server.allocator import freeze_long_lived
+from app.sandbox.allocator import freeze_long_lived
 from app.server.errors import limit_log_rates
 from app.settings import Settings
 
@@ -34,6 +34,7 @@ def lifespan_with(warm_up: Callable[[], None] | None):
             await app.state.limiter.start(warm_up)
         except Exception:  # a failed warm-up only costs the first request its speed
             log.exception("warm-up failed")
+        app.state.sandbox.start_soon()  # the program workers warm up meanwhile
         freeze_long_lived()  # before the first request: collections skip the startup's objects
         yield
 

@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from fastapi.exceptions import RequestValidationError
 
 from app.engine.network import Network
 from app.ops import Op
+from app.refusal import Refused
 from app.schemas import MAX_FOLLOW_TERMS
 from app.views.heatmap import as_2d
 
@@ -98,7 +98,7 @@ def block_extreme(grad: torch.Tensor, block) -> tuple[int, ...]:
 
 
 def _refuse(field: str, value: Any, msg: str) -> None:
-    raise RequestValidationError(
+    raise Refused(
         [{"type": "follow", "loc": ("body", "follow", field), "msg": msg, "input": value}]
     )
 

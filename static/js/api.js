@@ -1,5 +1,5 @@
 // The API calls the page makes, and FastAPI's 422 detail sorted by the field it names.
-import { toJSON } from "./state.js";
+import { toJSON } from "./format.js";
 
 export class ApiError extends Error {
   constructor(status, body, retryAfter) {
@@ -42,15 +42,21 @@ function showQueued(seconds) {
   }
 }
 
-async function postJSON(url, body, signal) {
+/**
+ * Every request the pages make goes through here: a busy server's 503 with Retry-After is
+ * waited out ("queued"), and an answer that is not ok throws ApiError with the body read.
+ * `body`: sent as JSON (POST) when given; otherwise a GET. Gives the ok Response.
+ */
+export async function request(url, { body, signal } = {}) {
+  const init = body === undefined ? { signal } : {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: toJSON(body), // BigInt seeds as exact JSON numbers
+    signal,
+  };
   let res;
   for (let waited = 0; ; ) {
-    res = await fetch(url, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: toJSON(body), // BigInt seeds as exact JSON numbers
-      signal,
-    });
+    res = await fetch(url, init);
     const after = Number.parseInt(res.headers.get("Retry-After"), 10);
     if (res.status !== 503 || !(after >= 0) || waited + after > MAX_QUEUED_S) break;
     showQueued(after);
@@ -61,14 +67,61 @@ async function postJSON(url, body, signal) {
     }
     waited += after + 1;
   }
-  let data = null;
-  try {
-    data = await res.json();
-  } catch {
-    data = null;
+  if (!res.ok) {
+    let data = null;
+    try {
+      data = await res.json();
+    } catch {
+      data = null;
+    }
+    throw new ApiError(res.status, data, res.headers.get("Retry-After"));
   }
-  if (!res.ok) throw new ApiError(res.status, data, res.headers.get("Retry-After"));
-  return data;
+  return res;
+}
+
+async function postJSON(url, body, signal) {
+  return (await request(url, { body, signal })).json();
+}
+
+/** A streamed answer (server-sent events): once the server has taken the request, an async
+ * iterator of its {event, data}. */
+export async function stream(url, body, signal) {
+  const res = await request(url, { body, signal });
+  return events(res.body);
+}
+
+/** A file from the server, saved under the name the server gives it (Content-Disposition),
+ * else `fallback`. Gives the name it was saved as. */
+export async function download(url, body, fallback, signal) {
+  const res = await request(url, { body, signal });
+  const name = filename(res.headers.get("content-disposition")) || fallback;
+  save(await res.blob(), name);
+  return name;
+}
+
+/** The file name of a Content-Disposition header (RFC 6266's filename*= first), or null. */
+export function filename(disposition) {
+  const text = disposition || "";
+  const star = /filename\*\s*=\s*(?:UTF-8|utf-8)''([^;]+)/.exec(text);
+  if (star) {
+    try {
+      return decodeURIComponent(star[1].trim());
+    } catch {
+      /* fall through to the plain one */
+    }
+  }
+  const plain = /filename\s*=\s*"?([^";]+)"?/.exec(text);
+  return plain ? plain[1].trim() : null;
+}
+
+/** Hand a blob to the browser as a download (an object URL on a temporary link). */
+function save(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const link = Object.assign(document.createElement("a"), { href: url, download: name, hidden: true });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }
 
 /** Fields a panel adds to every run (e.g. the formula lab's `formulas`), beside the form's. */
@@ -85,10 +138,16 @@ export const broadcast = (a, b, signal) => postJSON("/api/broadcast", { a, b }, 
 
 /** The bug gallery (GET /api/bugs), for the lab's "Break it" menu. */
 export async function bugs(signal) {
-  const res = await fetch("/api/bugs", { signal });
-  if (!res.ok) throw new ApiError(res.status, null, null);
-  return res.json();
+  return (await request("/api/bugs", { signal })).json();
 }
+
+/** POST /api/program: a program checked line by line. */
+export const program = (body, signal) => postJSON("/api/program", body, signal);
+/** POST /api/program/train and POST /api/train: training, streamed. */
+export const trainProgram = (body, signal) => stream("/api/program/train", body, signal);
+export const train = (config, signal) => stream("/api/train", config, signal);
+/** POST /api/export: the run or program as a file. */
+export const exportFile = (body, fallback) => download("/api/export", body, fallback);
 
 /**
  * Error messages keyed by the request field they name: detail loc ["body", field, ...rest]
@@ -122,6 +181,15 @@ export function errorsByField(err) {
     add("", `The server answered ${err.status}.`);
   }
   return out;
+}
+
+/** errorsByField as one line for a banner: "field: message" (the field left out where the
+ * message stands alone). */
+export function errorText(err) {
+  return Object.entries(errorsByField(err))
+    .filter(([k]) => !k.startsWith("@"))
+    .map(([k, m]) => (k ? `${k}: ${m.join("; ")}` : m.join("; ")))
+    .join(" ");
 }
 
 /** Server-sent events from a fetch body: yields {event, data} as each one completes. */

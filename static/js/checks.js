@@ -34,7 +34,8 @@ export function drawChecks(el, data) {
         : c.suspect
           ? h("td", {}, h("span", { class: "verdict suspect" }, "suspect"), h("small", { class: "why" }, suspectWhy(c)))
           : h("td", {}, h("span", { class: `verdict ${c.allclose ? "pass" : "fail"}` }, c.allclose ? "pass" : "FAIL"),
-          wrong.has(name) && !variant ? h("small", { class: `blame ${wrong.get(name) ? "downstream" : "cause"}` }, blameText(wrong, name)) : null),
+          wrong.has(name) && !variant ? h("small", { class: `blame ${wrong.get(name) ? "downstream" : "cause"}` }, blameText(wrong, name)) : null,
+          diagnosisText(c)),
     ];
     if (fd) {
       const f = (inter ? {} : fd[name]) || {};
@@ -62,6 +63,13 @@ export function drawChecks(el, data) {
       h("tbody", {}, ...rows)),
     ...comparison(data.compare),
   );
+}
+
+/** Why a failing gradient is wrong (app/check/diagnosis.py); an upstream one is the blame's. */
+function diagnosisText(c) {
+  const d = c.diagnosis;
+  if (!d || d.kind === "upstream") return null;
+  return h("small", { class: "why diagnosis", "data-kind": d.kind }, ` ${d.message}`);
 }
 
 /** Why a gradient within tolerance is suspect: its error against the built-in formula's. */

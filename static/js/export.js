@@ -1,5 +1,6 @@
 // "Download script" and "Download notebook": the run on screen as a file (POST /api/export),
 // the learner's formulas included. main.js hands over each drawn run.
+import { errorText, exportFile } from "./api.js";
 
 export class ExportButtons {
   /** `buttons`: each with data-format "py" or "ipynb"; `statusEl`: where a failure is said. */
@@ -32,43 +33,12 @@ export class ExportButtons {
     btn.disabled = true;
     this.statusEl.textContent = "";
     try {
-      const res = await fetch("/api/export", {
-        method: "POST",
-        headers: { "content-type": "application/json" },
-        body: JSON.stringify({ config: this.follow ? { ...this.config, follow: this.follow } : this.config, format, hide: this.hide }),
-      });
-      if (!res.ok) throw new Error(await failure(res));
-      save(await res.blob(), filename(res.headers.get("content-disposition"), format));
+      const config = this.follow ? { ...this.config, follow: this.follow } : this.config;
+      await exportFile({ config, format, hide: this.hide }, `broadprop_run.${format}`);
     } catch (err) {
-      this.statusEl.textContent = `Export failed: ${err.message || err}`;
+      this.statusEl.textContent = `Export failed: ${errorText(err)}`;
     } finally {
       btn.disabled = false;
     }
   }
-}
-
-/** The name the server gave the attachment, or a plain one. */
-function filename(disposition, format) {
-  const match = /filename="?([^";]+)"?/.exec(disposition || "");
-  return match ? match[1] : `broadprop_run.${format}`;
-}
-
-async function failure(res) {
-  try {
-    const body = await res.json();
-    const detail = Array.isArray(body.detail) ? body.detail.map((d) => d.msg).join("; ") : body.detail;
-    return detail || `the server answered ${res.status}`;
-  } catch {
-    return `the server answered ${res.status}`;
-  }
-}
-
-/** Hand a blob to the browser as a download (an object URL on a temporary link). */
-function save(blob, name) {
-  const url = URL.createObjectURL(blob);
-  const link = Object.assign(document.createElement("a"), { href: url, download: name, hidden: true });
-  document.body.append(link);
-  link.click();
-  link.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }

@@ -41,3 +41,9 @@ export function h(tag, attrs = {}, ...children) {
   for (const c of children.flat()) if (c != null) el.append(c instanceof Node ? c : String(c));
   return el;
 }
+
+/** JSON text of a value, BigInts as exact JSON numbers (seeds beyond 2^53). */
+export function toJSON(value) {
+  const marked = JSON.stringify(value, (_, v) => (typeof v === "bigint" ? `\u0000big${v}` : v));
+  return marked === undefined ? "undefined" : marked.replace(/"\\u0000big(-?\d+)"/g, "$1");
+}

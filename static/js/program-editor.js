@@ -4,7 +4,7 @@
 // a program line; the pane grows with its text, so the gutter never scrolls apart from it.
 import { h } from "./format.js";
 
-const LINE_PX = 18; // the line height, in px (program.css sets the same)
+const LINE_PX = 18; // the line height, in px (program.css sets it; presentation mode, more)
 const PAD_PX = 6; // the textarea's top padding
 
 export class CodeEditor {
@@ -12,13 +12,17 @@ export class CodeEditor {
   constructor(root, { label, onInput }) {
     this.gutter = h("div", { class: "gutter", "aria-hidden": "true" });
     this.bands = h("div", { class: "bands", "aria-hidden": "true" });
-    this.area = h("textarea", { spellcheck: "false", autocapitalize: "off", autocomplete: "off", wrap: "off", "aria-label": label });
+    // Tab indents, as in a notebook; Escape then Tab leaves the pane (the editors' convention)
+    this.area = h("textarea", { spellcheck: "false", autocapitalize: "off", autocomplete: "off", wrap: "off",
+      "aria-label": `${label} (Tab indents; press Escape, then Tab, to move on)` });
+    this.escaped = false;
     root.append(h("div", { class: "code-wrap" }, this.gutter, h("div", { class: "code-area" }, this.bands, this.area)));
     this.marks = {};
     this.lines = 0;
     this.area.addEventListener("input", () => (this.layout(), onInput(this.area.value)));
     this.area.addEventListener("scroll", () => (this.bands.style.transform = `translateX(${-this.area.scrollLeft}px)`));
     this.area.addEventListener("keydown", (ev) => this.key(ev));
+    this.area.addEventListener("blur", () => (this.escaped = false));
   }
 
   get value() {
@@ -31,9 +35,14 @@ export class CodeEditor {
   }
 
   /** Tab indents by four spaces; Enter keeps the line's indentation (and adds a level after
-   * a `for ...:` line), as a notebook cell does. */
+   * a `for ...:` line), as a notebook cell does. Escape, then Tab, leaves the pane. */
   key(ev) {
     const a = this.area;
+    const escaped = this.escaped;
+    this.escaped = ev.key === "Escape";
+    if (ev.key === "Escape") a.closest(".editor")?.setAttribute("data-escaped", "1");
+    else a.closest(".editor")?.removeAttribute("data-escaped");
+    if (ev.key === "Tab" && escaped) return; // the browser moves the focus on
     if (ev.key === "Tab" && !ev.shiftKey && !ev.ctrlKey && !ev.metaKey && !ev.altKey) {
       ev.preventDefault();
       a.setRangeText("    ", a.selectionStart, a.selectionEnd, "end");
@@ -51,9 +60,14 @@ export class CodeEditor {
   }
 
   /** Height, gutter numbers and marks for the current text. */
+  /** The line height the stylesheet gives (18 px; larger in presentation mode). */
+  get linePx() {
+    return Number.parseFloat(getComputedStyle(this.area).lineHeight) || LINE_PX;
+  }
+
   layout() {
     const n = Math.max(1, this.area.value.split("\n").length);
-    this.area.style.height = `${(n + 1) * LINE_PX + 2 * PAD_PX}px`;
+    this.area.style.height = `${(n + 1) * this.linePx + 2 * PAD_PX}px`;
     if (n !== this.lines) {
       this.lines = n;
       this.gutter.replaceChildren(...Array.from({ length: n }, (_, i) => h("div", { class: "ln", "data-line": i + 1 }, String(i + 1))));
@@ -75,7 +89,7 @@ export class CodeEditor {
       else el.removeAttribute("title");
     }
     this.bands.replaceChildren(...Object.entries(this.marks).filter(([line]) => line <= this.lines).map(([line, m]) =>
-      h("div", { class: `band ${m.cls}`, style: `top:${PAD_PX + (line - 1) * LINE_PX}px`, "data-line": line })));
+      h("div", { class: `band ${m.cls}`, style: `top:${PAD_PX + (line - 1) * this.linePx}px;height:${this.linePx}px`, "data-line": line })));
   }
 
   /** Puts the caret at the start of `line` and brings it into view. */

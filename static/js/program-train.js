@@ -2,7 +2,7 @@
 // events: live train and val curves (points batched into one Plotly.extendTraces per animation
 // frame, as train.js does), sampled names as they come, and each training kept on the chart
 // beside the earlier ones, labelled, so a wrong backward's curve sits next to a right one's.
-import { ApiError, errorsByField, events } from "./api.js";
+import * as api from "./api.js";
 import { esc, num } from "./format.js";
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 
@@ -114,16 +114,9 @@ export class ProgramTrainer {
     let last = null;
     try {
       if (!window.Plotly) (loadPlotly(), await plotlyReady);
-      const res = await fetch("/api/program/train", {
-        method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body), signal: mine.signal,
-      });
-      if (!res.ok) {
-        let data = null;
-        try { data = await res.json(); } catch { data = null; }
-        throw new ApiError(res.status, data, res.headers.get("Retry-After"));
-      }
+      const answer = await api.trainProgram(body, mine.signal);
       const traces = this.addTraces(this.describe());
-      for await (const { event, data } of events(res.body)) {
+      for await (const { event, data } of answer) {
         if (event === "step") {
           this.addPoint(traces, data);
           this.bar.value = data.step;
@@ -147,8 +140,7 @@ export class ProgramTrainer {
         this.panel.dataset.state = "stopped";
         return;
       }
-      const errs = errorsByField(err);
-      this.error(Object.entries(errs).map(([k, m]) => (k && !k.startsWith("@") ? `${k}: ${m.join("; ")}` : m.join("; "))).join(" "));
+      this.error(api.errorText(err));
       this.status.textContent = "Not started.";
       this.panel.dataset.state = "error";
     } finally {

@@ -3,23 +3,35 @@
 // shape-flow diagram, the selected name's gradient maps and training. The program lives in
 // the URL (program-state.js); panes are program-editor.js, the diagram program-diagram.js,
 // training program-train.js.
-import { ApiError, errorsByField } from "./api.js";
-import { esc, h, num, shape } from "./format.js";
+import * as api from "./api.js";
+import { esc, h, shape } from "./format.js";
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 import { CodeEditor } from "./program-editor.js";
 import { drawFlow } from "./program-diagram.js";
+import { checkRows, firstSelection, gradientMaps, heat, rich, states, verdictLine } from "./program-view.js";
 import { fromQuery, hideLines, placeholders, queryFor } from "./program-state.js";
 import { ProgramTrainer } from "./program-train.js";
 
 const $ = (id) => document.getElementById(id);
 const PRESETS = JSON.parse($("program-presets").textContent);
 const DEBOUNCE_MS = 300;
+// "A blank start": the smallest program there is, its backward still to write
+const BLANK = {
+  inputs: { x: { shape: [4, 3], grad: false }, W: { shape: [3, 2] }, b: { shape: [2] } },
+  forward: "h = x @ W + b\nloss = (h ** 2).sum()\n",
+  backward: "dh = 2 * h\n# TODO: write dW, db\n",
+  loss: "loss",
+  seed: 0,
+  dtype: "float32",
+};
 
 let program = null; // the POST /api/program body on screen
 let presetId = null; // the preset it came from, while unchanged
 let data = null; // the last answer drawn
 let selected = null;
 let lastFailure = null;
+let lastVerdict = ""; // the verdict of the last run that worked, as text
+let refusedLine = null; // {which, line, title}: the line the server refused, marked over the last run's marks
 let controller = null;
 let timer = 0;
 let runs = 0;
@@ -43,8 +55,19 @@ function schedule() {
   timer = setTimeout(() => (writeURL(), run()), DEBOUNCE_MS);
 }
 
+// presentation mode (?present=1): code and tables large enough for a projector
+let presenting = new URLSearchParams(location.search).get("present") === "1";
+
+function present(on) {
+  presenting = on;
+  document.body.classList.toggle("present", on);
+  $("present").setAttribute("aria-pressed", String(on));
+  forward.layout();
+  backward.layout();
+}
+
 async function writeURL() {
-  const query = await queryFor(program, preset());
+  const query = (await queryFor(program, preset())) + (presenting ? "&present=1" : "");
   if (query !== location.search) history.replaceState(null, "", `/program${query}`);
   $("preset").value = query.startsWith("?preset=") ? presetId : "";
 }
@@ -71,13 +94,9 @@ async function run() {
   document.body.dataset.state = "loading";
   $("loading").hidden = false;
   try {
-    const res = await fetch("/api/program", {
-      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(program), signal: mine.signal,
-    });
-    let body = null;
-    try { body = await res.json(); } catch { body = null; }
-    if (!res.ok) throw new ApiError(res.status, body, res.headers.get("Retry-After"));
+    const body = await api.program(program, mine.signal);
     const t0 = performance.now();
+    setStale(false);
     draw(body);
     document.body.dataset.redrawMs = (performance.now() - t0).toFixed(1);
     document.body.dataset.state = "ready";
@@ -94,24 +113,40 @@ async function run() {
   }
 }
 
-/** A 422 at a line: shown under its pane, the line marked; anything else in the banner. */
+/** A 422 at a line: shown under its pane, the line marked; anything else in the banner.
+ * Either way nothing was checked: what is drawn below is the last run that worked, greyed. */
 function refused(err) {
   clearLineErrors();
-  const detail = err instanceof ApiError && Array.isArray(err.body?.detail) ? err.body.detail : [];
+  const detail = err instanceof api.ApiError && Array.isArray(err.body?.detail) ? err.body.detail : [];
   const at = detail.find((d) => Array.isArray(d.loc) && ["forward", "backward"].includes(d.loc[1]) && Number.isInteger(d.loc[2]));
-  setVerdict("error", at ? `Line ${at.loc[2]} of the ${at.loc[1]} is refused: nothing was checked.` : "The program was not run.");
+  const last = data ? ` <span class="stale-verdict">Showing the last run that worked (greyed): ${esc(lastVerdict)}</span>` : "";
+  const what = at ? `Line ${at.loc[2]} of the ${at.loc[1]} is refused` : "The program was not run";
+  setVerdict("error", `<span class="bad">✗ ${what}: nothing was checked.</span>${last}`);
+  setStale(true);
   if (at) {
-    const which = at.loc[1];
-    showLineError(which, at.loc[2], at.msg, at.ctx?.operands, null);
-    (which === "forward" ? forward : backward).mark({ [at.loc[2]]: { cls: "err", title: at.msg.split("\n")[0] } });
-    (which === "forward" ? backward : forward).mark({});
+    showLineError(at.loc[1], at.loc[2], at.msg, at.ctx?.operands, null);
+    refusedLine = { which: at.loc[1], line: at.loc[2], title: at.msg.split("\n")[0] };
     $("run-error").hidden = true;
-    return;
+  } else {
+    const errs = api.errorsByField(err);
+    if (errs.inputs) $("inputs-error").textContent = errs.inputs.join("; ");
+    $("run-error").hidden = false;
+    $("run-error").textContent = api.errorText(err);
+    refusedLine = null;
   }
-  const errs = errorsByField(err);
-  if (errs.inputs) $("inputs-error").textContent = errs.inputs.join("; ");
-  $("run-error").hidden = false;
-  $("run-error").textContent = Object.entries(errs).map(([k, m]) => (k && !k.startsWith("@") ? `${k}: ${m.join("; ")}` : m.join("; "))).join(" ");
+  if (data) markLines();
+  else {
+    forward.mark(refusedLine?.which === "forward" ? { [refusedLine.line]: { cls: "err", title: refusedLine.title } } : {});
+    backward.mark(refusedLine?.which === "backward" ? { [refusedLine.line]: { cls: "err", title: refusedLine.title } } : {});
+  }
+}
+
+/** The check, the flow and the maps greyed, with a note, while they are not the program's. */
+function setStale(on) {
+  document.body.dataset.stale = on ? "1" : "";
+  $("main").classList.toggle("stale", on);
+  for (const el of document.querySelectorAll(".stale-note")) el.hidden = !on;
+  if (!on) refusedLine = null;
 }
 
 function clearLineErrors() {
@@ -120,35 +155,27 @@ function clearLineErrors() {
   $("run-error").hidden = true;
 }
 
+/** Text with `code` spans as <code> (the server's messages quote code in backticks). */
+
 function showLineError(which, line, message, operands, hint) {
   const box = $(`${which}-error`);
-  const [head, ...rest] = String(message).split("\n");
-  const shapes = operands?.length ? h("p", { class: "shapes" }, ...operands.map((o) => h("code", {}, `${o.expr} ${shape(o.shape)}`))) : null;
-  box.replaceChildren(
-    h("p", {}, h("b", {}, `Line ${line}: `), head),
+  let [head, ...rest] = String(message).split("\n");
+  if (hint && head.endsWith(`; ${hint}`)) head = head.slice(0, -hint.length - 2); // said once, below
+  // the message's own operand table (`  W1  [ 30  64 ]`) already shows the shapes
+  const shapes = operands?.length && !rest.length
+    ? h("p", { class: "shapes" }, ...operands.map((o) => h("code", {}, `${o.expr} ${shape(o.shape)}`)))
+    : null;
+  box.replaceChildren(...[
+    h("p", {}, h("b", {}, `Line ${line}: `), ...rich(head)),
     rest.length ? h("pre", {}, rest.join("\n")) : null,
     shapes,
-    hint ? h("p", { class: "hint" }, "Hint: ", hint) : null,
-  );
+    hint ? h("p", { class: "hint" }, "Hint: ", ...rich(hint)) : null,
+  ].filter(Boolean));
   box.dataset.line = line;
   box.hidden = false;
 }
 
 // --------------------------------------------------------------------------- drawing
-
-/** Each gradient's state: match, suspect, first (the first failure), after (wrong, and
- * computed from the first failure's gradient), fail, unwritten. */
-function states(check) {
-  const out = {};
-  for (const [name, row] of Object.entries(check.tensors)) {
-    if (!row.written) out[name] = "unwritten";
-    else if (row.allclose) out[name] = row.suspect ? "suspect" : "match";
-    else if (name === check.first_failure) out[name] = "first";
-    else if (row.after) out[name] = "after";
-    else out[name] = "fail";
-  }
-  return out;
-}
 
 function draw(answer) {
   data = answer;
@@ -157,13 +184,12 @@ function draw(answer) {
   lastFailure = data.check.first_failure;
   if (newFailure) selected = data.check.first_failure; // a new first failure: show it
   if (!selected || !(selected in data.tensors)) {
-    // the first failure, else the first parameter the backward writes
-    const params = Object.keys(data.check.tensors).filter((n) => data.tensors[n]?.role === "param");
-    selected = data.check.first_failure || params[params.length - 1] || null;
+    selected = firstSelection(data); // the first failure, else the last parameter written
   }
   const st = states(data.check);
   const pending = placeholders(program.backward || "");
   verdict(st, pending);
+  lastVerdict = $("verdict").textContent;
   table(st);
   todo(st);
   markLines();
@@ -183,61 +209,11 @@ function setVerdict(kind, html) {
 }
 
 function verdict(st, pending) {
-  const c = data.check;
-  const total = c.total;
-  const written = c.written;
-  const matching = Object.values(st).filter((s) => s === "match" || s === "suspect").length;
-  const suspects = c.suspects?.length ? ` · <span class="warn">≈ ${c.suspects.length} suspect (${c.suspects.map(esc).join(", ")})</span>` : "";
-  const hidden = pending.length ? ` · ${pending.length} hidden line${pending.length > 1 ? "s" : ""} still to write` : "";
-  const loss = `<span class="muted">loss ${num(data.loss, 4)}</span>`;
-  if (data.backward_error) {
-    setVerdict("error", `<span class="bad">✗ Backward line ${data.backward_error.line} cannot run</span> · ${written} of ${total} written before it, ${matching} match${hidden} · ${loss}`);
-  } else if (c.first_failure) {
-    const row = c.tensors[c.first_failure];
-    setVerdict("fail", `<span class="bad">✗ First wrong gradient: ${esc(row.spelling || `d${c.first_failure}`)} (line ${row.lines.join(", ")})</span> · ${matching} of ${written} written match · ${written} of ${total} written${hidden} · ${loss}`);
-  } else if (written < total || pending.length) {
-    setVerdict("incomplete", `<span class="todo-count">${written} of ${total} written</span> · the ${written} written match autograd${hidden}${suspects} · ${loss}`);
-  } else {
-    setVerdict("all-match", `<span class="ok">✓ All ${total} gradients written, all match autograd</span>${suspects} · ${loss}`);
-  }
+  setVerdict(...verdictLine(data, st, pending));
 }
 
-const STATE_TEXT = {
-  match: "✓ matches",
-  suspect: "≈ suspect",
-  first: "✗ first failure",
-  fail: "✗ differs",
-  unwritten: "○ not written",
-};
-
 function table(st) {
-  const c = data.check;
-  const first = c.first_failure ? c.tensors[c.first_failure] : null;
-  const firstName = first ? first.spelling || `d${c.first_failure}` : "";
-  const rows = [];
-  for (const [name, row] of Object.entries(c.tensors)) {
-    const s = st[name];
-    const spelled = row.spelling || `d${name}`;
-    const wanted = data.tensors[name]?.shape;
-    const made = row.written ? (row.shape || (row.shape_ok ? wanted : null)) : null;
-    const note = s === "after" ? `⤷ uses ${firstName}` : s === "unwritten" && data.backward_error ? "○ not run" : STATE_TEXT[s];
-    const tr = h("tr", { class: `st-${s}${name === selected ? " selected" : ""}`, "data-name": name, tabindex: 0 },
-      h("td", {}, h("code", {}, spelled)),
-      h("td", { class: "num" }, row.lines?.length ? row.lines.join(", ") : "–"),
-      h("td", {}, shape(wanted)),
-      h("td", { class: row.written && !row.shape_ok ? "bad" : "" }, made ? shape(made) : "–"),
-      h("td", { class: "mark" }, row.written ? (row.exact ? "✓" : "–") : ""),
-      h("td", { class: "mark" }, row.written ? (row.allclose ? "✓" : "✗") : ""),
-      h("td", { class: "num" }, row.max_abs_err == null ? "–" : num(row.max_abs_err)),
-      h("td", { class: "state", title: s === "after" ? `may be wrong only because it is computed from ${firstName}, the first failure: fix that first` : null }, note),
-    );
-    tr.addEventListener("click", () => select(name));
-    tr.addEventListener("keydown", (ev) => ev.key === "Enter" && select(name));
-    rows.push(tr);
-    const why = row.hint || row.why;
-    if (why && s !== "match" && s !== "after") rows.push(h("tr", { class: `why st-${s}` }, h("td", { colspan: 8 }, why)));
-  }
-  $("checks").tBodies[0].replaceChildren(...rows);
+  $("checks").tBodies[0].replaceChildren(...checkRows(data, st, selected, select));
 }
 
 function todo(st) {
@@ -267,6 +243,7 @@ function markLines() {
   const first = data.check.first_failure;
   if (first) for (const l of data.check.tensors[first].lines) bwd[l] = { cls: "bad", title: `the first failing gradient: d${first}` };
   if (data.backward_error) bwd[data.backward_error.line] = { cls: "err", title: data.backward_error.message.split("\n")[0] };
+  if (refusedLine) (refusedLine.which === "forward" ? fwd : bwd)[refusedLine.line] = { cls: "err", title: refusedLine.title };
   forward.mark(fwd);
   backward.mark(bwd);
 }
@@ -284,25 +261,6 @@ function select(name) {
 }
 
 // --------------------------------------------------------------------------- gradient maps
-
-const DIVERGING = [[0, "#2166ac"], [0.25, "#67a9cf"], [0.45, "#d1e5f0"], [0.5, "#f7f7f7"], [0.55, "#fddbc7"], [0.75, "#ef8a62"], [1, "#b2182b"]];
-const TOLERANCE = [[0, "#ffffff"], [1 / 3, "#e7ecf2"], [1 / 3 + 0.001, "#f4a582"], [1, "#b2182b"]];
-
-function heat(el, hm, { zmax, tolerance }) {
-  if (!hm) {
-    Plotly.purge(el);
-    el.replaceChildren(h("p", { class: "muted empty" }, "not written"));
-    return;
-  }
-  el.querySelector(":scope > .empty")?.remove(); // Plotly's own nodes stay: react reuses them
-  const oneD = hm.z.length === 1;
-  const trace = tolerance
-    ? { type: "heatmap", z: hm.z, zmin: 0, zmax: 3, colorscale: TOLERANCE, colorbar: { thickness: 10, tickvals: [0, 1, 2, 3] } }
-    : { type: "heatmap", z: hm.z, zmid: 0, zmin: -zmax, zmax, colorscale: DIVERGING, colorbar: { thickness: 10 } };
-  Plotly.react(el, [trace], {
-    height: oneD ? 120 : 260, margin: { l: 34, r: 8, t: 6, b: 26 }, yaxis: { autorange: "reversed" }, paper_bgcolor: "#fff",
-  }, { displayModeBar: false, responsive: true, staticPlot: false });
-}
 
 async function maps() {
   const name = selected;
@@ -323,13 +281,10 @@ async function maps() {
   document.body.dataset.maps = "pending";
   if (!window.Plotly) (loadPlotly(), await plotlyReady);
   if (selected !== name || data.gradients[name] !== g) return;
-  const manual = g.source === "manual" ? g.heatmap : null;
-  const auto = g.source === "manual" ? g.reference_heatmap || g.autograd?.heatmap : g.heatmap;
-  const vals = [manual, auto].filter(Boolean).flatMap((hm) => hm.z.flat()).filter((v) => v != null && Number.isFinite(v));
-  const zmax = Math.max(1e-30, ...vals.map(Math.abs));
+  const { manual, auto, difference, zmax } = gradientMaps(data, name);
   heat($("map-manual"), manual, { zmax });
   heat($("map-autograd"), auto, { zmax });
-  heat($("map-difference"), g.tolerance_heatmap || null, { tolerance: true });
+  heat($("map-difference"), difference, { tolerance: true });
   document.body.dataset.maps = name;
 }
 
@@ -346,16 +301,13 @@ function exportState() {
 async function download(format) {
   $("share-status").textContent = "";
   try {
-    const res = await fetch("/api/export", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ program, format }) });
-    if (!res.ok) throw new Error(`the server answered ${res.status}`);
-    const blob = await res.blob();
-    const a = h("a", { href: URL.createObjectURL(blob), download: `program.${format}` });
-    document.body.append(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+    const name = await api.exportFile({ program, format }, `broadprop_program.${format}`);
+    $("share-status").textContent = `Saved as ${name}.`;
   } catch (err) {
-    $("share-status").textContent = `Download failed: ${err.message}`;
+    const detail = err instanceof api.ApiError && Array.isArray(err.body?.detail) ? err.body.detail : [];
+    const at = detail.find((d) => Array.isArray(d.loc) && d.loc[1] === "program");
+    const where = at && Number.isInteger(at.loc[3]) ? `line ${at.loc[3]} of the ${at.loc[2]}: ` : "";
+    $("share-status").replaceChildren("Download failed: ", where, ...rich(at ? at.msg : api.errorText(err)));
   }
 }
 
@@ -388,6 +340,7 @@ $("inputs").addEventListener("input", () => {
   try {
     const inputs = JSON.parse($("inputs").value);
     $("inputs-error").textContent = "";
+    $("inputs-summary").textContent = inputs && typeof inputs === "object" ? `(${Object.keys(inputs).length})` : "";
     edit({ inputs });
   } catch (err) {
     $("inputs-error").textContent = `Not JSON yet: ${err.message}`;
@@ -399,6 +352,13 @@ $("seed").addEventListener("input", () => {
 });
 $("dtype").addEventListener("change", () => edit({ dtype: $("dtype").value }));
 $("preset").addEventListener("change", () => {
+  if ($("preset").value === "blank") {
+    load(structuredClone(BLANK), null);
+    $("preset").value = "blank";
+    writeURL();
+    run();
+    return;
+  }
   const p = PRESETS.find((x) => x.id === $("preset").value);
   if (!p) return;
   load(structuredClone(p.request), p.id);
@@ -406,6 +366,7 @@ $("preset").addEventListener("change", () => {
   run();
 });
 $("exercise-link").addEventListener("click", exerciseLink);
+$("present").addEventListener("click", () => (present(!presenting), writeURL()));
 for (const b of document.querySelectorAll(".share [data-format]")) b.addEventListener("click", () => download(b.dataset.format));
 
 new ProgramTrainer({
@@ -421,4 +382,5 @@ new ProgramTrainer({
 
 const start = await fromQuery(location.search, PRESETS);
 load(start.program, start.presetId && !start.hide ? start.presetId : null);
+present(presenting);
 run();

@@ -3,6 +3,10 @@
 // point at a step. Field kinds and limits come from the server (RunRequest's schema), handed
 // over once as JSON.
 
+import { toJSON } from "./format.js";
+
+export { toJSON }; // main.js's comparisons; it lives in format.js, so api.js needs no form
+
 export const FIELDS = JSON.parse(document.getElementById("run-fields").textContent);
 export const DEFAULTS = Object.fromEntries(FIELDS.map((f) => [f.name, f.default]));
 
@@ -38,12 +42,6 @@ export function parseValue(field, text) {
 /** A value -> its text in the URL and in the form: lists as "4,3", [] as "". */
 export function formatValue(value) {
   return Array.isArray(value) ? value.join(",") : String(value);
-}
-
-/** JSON.stringify, with BigInts written as plain JSON numbers (exact, any size). */
-export function toJSON(value) {
-  const marked = JSON.stringify(value, (_, v) => (typeof v === "bigint" ? `\u0000big${v}` : v));
-  return marked === undefined ? "undefined" : marked.replace(/"\\u0000big(-?\d+)"/g, "$1");
 }
 
 const same = (a, b) => toJSON(a) === toJSON(b);

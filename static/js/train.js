@@ -5,7 +5,7 @@
 // its gradients and settings, with their final numbers side by side in a table; a run whose
 // manual gradients differed from autograd says so in a red banner; a divergence explains
 // itself (an overflow is the numbers', never the formulas').
-import { ApiError, errorsByField, events } from "./api.js";
+import { errorsByField, train as trainRun } from "./api.js";
 import { dropDataOwned, drawUnitImages } from "./digits.js";
 import { h, num } from "./format.js";
 import { labFromQuery } from "./lab.js";
@@ -283,16 +283,8 @@ async function start() {
   let firstLoss = null;
   try {
     if (!window.Plotly) (loadPlotly(), await plotlyReady); // the curves need it
-    const res = await fetch("/api/train", {
-      method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify(config), signal: mine.signal,
-    });
-    if (!res.ok) {
-      let body = null;
-      try { body = await res.json(); } catch { body = null; }
-      throw new ApiError(res.status, body, res.headers.get("Retry-After"));
-    }
-    for await (const { event, data } of events(res.body)) {
+    const answer = await trainRun(config, mine.signal);
+    for await (const { event, data } of answer) {
       if (event === "progress") {
         if (run.accuracy === null) {
           run.accuracy = data.val_accuracy != null;

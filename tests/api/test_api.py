@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from fastapi.exceptions import RequestValidationError
 
 from app.cost.admission import admit
 from app.engine.memory import PeakMemory
+from app.refusal import Refused as RequestValidationError
 from app.schemas import RunRequest
 from app.settings import Settings
 from tests.conftest import article_reference

@@ -171,3 +171,20 @@ def test_training_draws_curves_and_a_second_training_joins_the_chart(watched):
     points = page.evaluate("() => document.getElementById('train-curves').data[2].x.length")
     assert points >= 2
     assert w.errors == []
+
+
+@pytest.mark.browser
+def test_a_failing_row_says_why_from_the_diagnosis(watched):
+    w = watched
+    open_program(w, "?preset=makemore")
+    page = w.page
+    edit(w, "backward", MAKEMORE["backward"].replace(
+        "dbnmeani = -dbndiff.sum(0, keepdim=True)", "dbnmeani = -dbndiff.mean(0, keepdim=True)"))  # fmt: skip
+    assert verdict(w) == "fail"
+    why = page.locator("#checks tr.why.st-first")
+    assert why.get_attribute("data-kind") == "scale"
+    text = why.inner_text()
+    assert "dbnmeani is autograd's gradient times 1/n (n = 32)" in text and "G / R" in text
+    # the gradients computed from it say so by their state, not by a sentence of their own
+    assert page.locator("#checks tr.why").count() == 1
+    assert w.errors == [] and w.foreign() == []

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from fastapi.exceptions import RequestValidationError
 
 from app.cost import admission, work
 from app.cost.admission import admit
@@ -21,6 +20,7 @@ from app.lab.evaluator import evaluate
 from app.lab.formulas import formula_cost
 from app.lab.parse import parse
 from app.ops.traced import Traced
+from app.refusal import Refused as RequestValidationError
 from app.schemas import RunRequest
 from app.settings import Settings
 

@@ -151,9 +151,8 @@ def test_budget_estimate_bounds_what_a_run_allocates(fields):
 )
 def test_runs_that_would_hold_a_slot_for_minutes_are_refused(fields, field):
     """Within the memory budget but not the work limits: a 422 naming what to change."""
-    from fastapi.exceptions import RequestValidationError
-
     from app.cost.admission import admit
+    from app.refusal import Refused as RequestValidationError
     from app.settings import Settings
 
     with pytest.raises(RequestValidationError) as refused:

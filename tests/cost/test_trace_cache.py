@@ -7,8 +7,8 @@ import gc
 
 from app.engine import pipeline, traces
 from app.engine.traces import TraceCache
+from app.sandbox import allocator
 from app.schemas import RunRequest
-from app.server import allocator
 
 
 def test_the_cache_is_bounded_by_bytes_least_recent_first_out():

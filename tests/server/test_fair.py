@@ -197,9 +197,8 @@ ISSUE_WIDE = {"batch": 2, "in_features": 128, "hidden": [4096, 4096], "out_featu
 
 
 def test_the_issues_wide_compare_config_is_refused_naming_compare():
-    from fastapi.exceptions import RequestValidationError
-
     from app.cost.admission import refuse_too_much_work
+    from app.refusal import Refused as RequestValidationError
 
     estimate = work.estimate(RunRequest(**ISSUE_WIDE), 4 << 20)
     # drawing its 30 M weights counts, and w.g's whole outer products in every pass

@@ -17,8 +17,8 @@ from app.cost import work
 from app.engine import pipeline
 from app.main import create_app
 from app.ops.cancel import RunCancelled
+from app.sandbox.allocator import release_memory
 from app.schemas import RunRequest
-from app.server.allocator import release_memory
 from app.server.lanes import CancelToken, RunLimiter, Saturated, Stopped
 from app.settings import Settings
 
@@ -227,9 +227,8 @@ def test_the_work_model_counts_every_pass():
 
 
 def test_the_issues_slow_runs_are_refused():
-    from fastapi.exceptions import RequestValidationError
-
     from app.cost.admission import admit
+    from app.refusal import Refused as RequestValidationError
 
     for fields in (
         {

@@ -1,0 +1,262 @@
+"""The sandbox's workers as the server sees them: a few kept warm for program runs, and one of
+its own for each training. Blocking calls: the web edge runs them off its event loop."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import spawn
+from typing import Any
+
+WORKER_START_S = 60.0  # a worker's fork and warm-up (a few hundred ms on a quiet machine)
+
+
+class WorkerLost(Exception):
+    """The worker ended without answering (killed, or it exited after a memory failure)."""
+
+
+class WorkerLate(Exception):
+    """The worker did not answer within the wall-clock limit; it has been killed. `cpu_s`: the
+    CPU time it had used (its own work), which tells a deadline from a busy machine."""
+
+    def __init__(self, cpu_s: float) -> None:
+        super().__init__(f"no answer; {cpu_s:.2f} s of CPU used")
+        self.cpu_s = cpu_s
+
+
+_forkserver_lock = threading.Lock()
+
+
+def _context() -> Any:
+    """Forkserver: workers fork from a process that imported torch and the interpreter but
+    never ran a parallel op (a fork after OpenMP has started its threads may hang)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["app.sandbox.worker"])
+    return context
+
+
+@contextmanager
+def _without_main() -> Iterator[None]:
+    """Start the forkserver and its workers without the serving process's __main__:
+    multiprocessing would import it in each (a script that made an app at its top level, or a
+    notebook's kernel, would run again there). Workers need only app.sandbox.worker."""
+    original = spawn.get_preparation_data
+
+    def without_main(name: str) -> dict:
+        data = original(name)
+        data.pop("main_path", None)
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+        return data
+
+    with _forkserver_lock:
+        spawn.get_preparation_data = without_main
+        try:
+            yield
+        finally:
+            spawn.get_preparation_data = original
+
+
+class Worker:
+    """One worker process and its end of the pipe."""
+
+    def __init__(self) -> None:
+        from app.sandbox import worker  # the forkserver imports it; here only its name
+
+        context = _context()
+        self.conn, child = context.Pipe(duplex=True)
+        self.process = context.Process(target=worker.serve, args=(child,), daemon=True,
+                                       name="broadprop-sandbox")  # fmt: skip
+        with _without_main():
+            self.process.start()
+        child.close()
+        self.ready = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def wait_ready(self, timeout: float = WORKER_START_S) -> Worker:
+        if not self.ready:
+            reply = self.receive(timeout)
+            if reply[0] != "ready":
+                raise WorkerLost(f"unexpected first message {reply[0]!r}")
+            self.ready = True
+        return self
+
+    def send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except (OSError, ValueError) as e:
+            raise WorkerLost(str(e)) from None
+
+    def receive(self, timeout: float | None) -> tuple:
+        """The worker's next message; WorkerLate (and the worker killed) after `timeout`."""
+        try:
+            if not self.conn.poll(timeout):
+                cpu = self.cpu_s()
+                self.kill()
+                raise WorkerLate(cpu)
+            return self.conn.recv()
+        except (EOFError, OSError, ValueError):
+            self.kill()
+            raise WorkerLost(f"exit code {self.process.exitcode}") from None
+
+    def cpu_s(self) -> float:
+        """CPU time the process has used (user + system), from /proc; 0 if it is gone."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def rss_bytes(self) -> int:
+        try:
+            with open(f"/proc/{self.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive() and not self.conn.closed
+
+    def kill(self) -> None:
+        if self.process.pid is not None and self.process.exitcode is None:
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.join(5)
+        if not self.conn.closed:
+            self.conn.close()
+
+
+class Sandbox:
+    """`size` workers kept warm for program runs (`take`, `give`), and a fresh one for each
+    training (`dedicated`). A worker given back dead or failed is replaced in the background,
+    so the next run finds one warm."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._idle: list[Worker] = []
+        self._busy: set[Worker] = set()
+        self._starting = 0
+        self._lock = threading.Lock()
+        self._start_lock = threading.Lock()  # held while the first workers warm up
+        self._started = False
+        self.replaced = 0  # workers replaced after a kill or a failure (for tests and logs)
+
+    def start(self) -> None:
+        """Start the pool's workers (once; blocking until they are warm, for every caller)."""
+        with self._start_lock:
+            if self._started:
+                return
+            workers = [Worker() for _ in range(self.size)]
+            for w in workers:
+                w.wait_ready()
+            with self._lock:
+                self._idle.extend(workers)
+            self._started = True
+
+    def start_soon(self) -> None:
+        """`start` in the background (the server answers meanwhile; a program waits)."""
+        threading.Thread(target=self.start, name="broadprop-sandbox-start", daemon=True).start()
+
+    def take(self) -> Worker:
+        """A warm worker (the one used last, whose caches are warmest), or a new one."""
+        self.start()
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.alive:
+                    self._busy.add(worker)
+                    return worker
+                worker.kill()
+        worker = Worker().wait_ready()
+        with self._lock:
+            self._busy.add(worker)
+        return worker
+
+    def give(self, worker: Worker) -> None:
+        """A worker back after a job; a dead one is replaced."""
+        with self._lock:
+            self._busy.discard(worker)
+        if worker.alive:
+            with self._lock:
+                if len(self._idle) < self.size:
+                    self._idle.append(worker)
+                    return
+            worker.kill()
+            return
+        self.discard(worker)
+
+    def discard(self, worker: Worker) -> None:
+        """Kill `worker` and start its replacement in the background."""
+        with self._lock:
+            self._busy.discard(worker)
+        worker.kill()
+        self.replaced += 1
+        threading.Thread(target=self._replace, name="broadprop-sandbox-start", daemon=True).start()
+
+    def _replace(self) -> None:
+        with self._lock:
+            if len(self._idle) + self._starting >= self.size:
+                return
+            self._starting += 1
+        try:
+            fresh = Worker().wait_ready()
+        except (WorkerLost, WorkerLate):
+            return
+        finally:
+            with self._lock:
+                self._starting -= 1
+        self.give(fresh)
+
+    def dedicated(self) -> Worker:
+        """A fresh worker of its own (a training's), ended by its caller."""
+        return Worker().wait_ready()
+
+    def idle_pids(self) -> list[int]:
+        with self._lock:
+            return [w.pid for w in self._idle if w.pid is not None]
+
+    def busy_pids(self) -> list[int]:
+        """The workers running a program now (a test kills one mid-run)."""
+        with self._lock:
+            return [w.pid for w in self._busy if w.pid is not None]
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.kill()
+
+
+_pools: dict[int, Sandbox] = {}
+_pools_lock = threading.Lock()
+
+
+def sandbox_for(size: int) -> Sandbox:
+    """The process's sandbox of `size` workers (made on first use, shared by every app in the
+    process, as the run lanes are)."""
+    with _pools_lock:
+        if size not in _pools:
+            _pools[size] = Sandbox(size)
+        return _pools[size]
+
+
+def wall_limit_s(deadline_s: float) -> float:
+    """The wall-clock limit of a sandboxed job whose CPU deadline is `deadline_s`: room for a
+    loaded machine, and still under 1.5 x the deadline (4.5 s for the default 3 s)."""
+    return deadline_s * 1.4
+
+
+def elapsed_since(start: float) -> float:
+    return time.monotonic() - start

@@ -1,0 +1,226 @@
+"""A sandbox worker: a process forked from the forkserver (which imported this module, and so
+torch and the program interpreter, once), serving one job at a time over a pipe.
+
+Its limits, set here for each job:
+- memory: RLIMIT_AS at the worker's own address space after warm-up, plus the job's memory
+  budget, plus HEADROOM_BYTES. An allocation past it fails inside torch ("can't allocate"),
+  which the worker reports as `memory`, then exits (the pool starts another).
+- time: the job's deadline on this process's own CPU clock (every thread of it, torch's
+  included, and nothing of any other process), polled between the program's statements and
+  ops; the pool kills the process at its wall-clock limit if a poll never comes.
+
+Messages in: ("program", body, settings) then ("go", threads); ("train", body, settings) then
+("go",) and maybe ("stop",). Out: ("ready", pid) once; then per job ("admitted", seconds, bytes)
+and ("ok", json bytes), or ("refused", errors), ("stopped", reason, cpu_s), ("memory", detail),
+("error", detail); a training streams ("event", kind, payload) and ends with ("end",)."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from app.cost.budget import human_bytes
+from app.ops.cancel import RunCancelled
+from app.programs import presets
+from app.refusal import Refused
+from app.sandbox import jobs
+from app.sandbox.allocator import release_memory, tune_allocator
+from app.settings import Settings
+
+HEADROOM_BYTES = 256 << 20  # torch's and Python's own allocations beside the budget's
+RECYCLE_GROWTH_BYTES = 256 << 20  # a worker whose RSS stays this far above its start retires
+TRAINING_NICENESS = 10  # trainings yield the CPU to interactive runs
+
+
+def hard_memory_bytes(settings: Settings) -> int:
+    """How far a worker's address space may grow past its start during one job."""
+    return settings.worker_memory_bytes or settings.memory_budget_bytes + HEADROOM_BYTES
+
+
+class ProcessDeadline:
+    """A cancel token (`is_set()`, polled by the run) that turns set once this process has
+    used `cpu_s` of CPU time since it was made: the job's own work, whatever else the machine
+    is doing (other processes' time is not counted)."""
+
+    def __init__(self, cpu_s: float) -> None:
+        self.cpu_s = cpu_s
+        self.start = time.process_time()
+        self.reason: str | None = None
+
+    def used_s(self) -> float:
+        return time.process_time() - self.start
+
+    def set(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def is_set(self) -> bool:
+        if self.reason is None and self.used_s() > self.cpu_s:
+            self.reason = "deadline"
+        return self.reason is not None
+
+
+def serve(conn: Connection) -> None:
+    """The worker's loop: warm up, say ready, then answer jobs until the pipe closes."""
+    tune_allocator()
+    _warm_up()
+    baseline_vm, baseline_rss = _memory()
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        kind, *args = message
+        keep = _JOBS[kind](conn, baseline_vm, *args)
+        _limit_memory(None)
+        release_memory()
+        if not keep or _memory()[1] - baseline_rss > RECYCLE_GROWTH_BYTES:
+            return  # the pool sees the pipe close and starts another
+
+
+def _program(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) -> bool:
+    """Admit (decode, validate, dry-run), say what the run will take, and run once the server
+    says go (with the threads of the run slot it took). One CPU deadline covers both."""
+    _limit_memory(baseline_vm + hard_memory_bytes(settings))
+    deadline = ProcessDeadline(settings.run_deadline_s)
+    admitted: jobs.Admitted | None = None
+
+    def admit() -> tuple[float, int]:
+        nonlocal admitted
+        admitted = jobs.admit(body, settings, deadline)
+        return admitted.seconds, admitted.bytes
+
+    if not _answer(conn, deadline, admit, tag="admitted"):
+        return False
+    if admitted is None:  # refused or stopped: the worker is ready for another job
+        return True
+    go = conn.recv()
+    if go[0] != "go":
+        return True
+    torch.set_num_threads(go[1])
+    return _answer(conn, deadline, lambda: jobs.run(admitted, deadline))
+
+
+def _train(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) -> bool:
+    os.nice(TRAINING_NICENESS)
+    _limit_memory(baseline_vm + hard_memory_bytes(settings))
+    deadline = ProcessDeadline(settings.run_deadline_s)  # the dry runs' deadline
+    setup = None
+
+    def prepare() -> None:
+        nonlocal setup
+        setup = jobs.prepare_training(body, settings, deadline)
+
+    if not _answer(conn, deadline, prepare, reply=False) or setup is None:
+        return False
+    conn.send(("prepared",))
+    if conn.recv()[0] != "go":
+        return False
+    stop = False
+
+    def should_stop() -> bool:
+        nonlocal stop
+        if not stop and conn.poll(0):
+            stop = conn.recv()[0] == "stop"
+        return stop
+
+    try:
+        for kind, payload in jobs.training_events(setup, should_stop, settings.train_time_limit_s):
+            conn.send(("event", kind, payload))
+    except MemoryError:
+        conn.send(("event", "error", {"detail": _memory_detail(settings)}))
+    conn.send(("end",))
+    return False  # a training's worker ends with it: its memory goes back to the system
+
+
+def _answer(
+    conn: Connection, deadline: Any, work: Any, reply: bool = True, tag: str = "ok"
+) -> bool:
+    """Run `work` and send its outcome; whether the worker may serve another job."""
+    try:
+        value = work()
+    except Refused as refused:
+        conn.send(("refused", refused.errors()))
+    except RunCancelled:
+        conn.send(("stopped", deadline.reason or "deadline", deadline.used_s()))
+    except MemoryError:
+        conn.send(("memory", "MemoryError"))
+        return False
+    except RuntimeError as e:
+        if not _is_allocation_failure(e):
+            conn.send(("error", _described(e)))
+            return False
+        conn.send(("memory", _allocation_detail(e)))
+        return False
+    except Exception as e:  # our bug: the server logs it and answers 500
+        conn.send(("error", _described(e)))
+        return False
+    else:
+        if reply:
+            conn.send((tag, *value) if isinstance(value, tuple) else (tag, value))
+    return True
+
+
+def _is_allocation_failure(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return "alloc" in text or "memory" in text
+
+
+def _allocation_detail(e: RuntimeError) -> str:
+    """torch's allocation failure, in the learner's terms (its text names C++ files)."""
+    asked = re.search(r"allocate (\d+) bytes", str(e))
+    if asked is None:
+        return "an allocation failed"
+    return f"an allocation of {human_bytes(int(asked.group(1)))} failed"
+
+
+def _described(e: BaseException) -> str:
+    return "".join(traceback.format_exception(e))[-4000:]
+
+
+def _memory_detail(settings: Settings) -> str:
+    return (f"the training needed more memory than its worker may hold "
+            f"({hard_memory_bytes(settings)} bytes past its start)")  # fmt: skip
+
+
+def _limit_memory(limit: int | None) -> None:
+    """The soft address-space limit (None: none); the hard one stays open, so that the next
+    job can set its own."""
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = resource.RLIM_INFINITY if limit is None else limit
+    if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+        soft = hard
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _memory() -> tuple[int, int]:
+    """(address space, resident set) of this process, in bytes."""
+    with open("/proc/self/statm") as f:
+        size, resident = (int(v) for v in f.read().split()[:2])
+    page = os.sysconf("SC_PAGE_SIZE")
+    return size * page, resident * page
+
+
+def _warm_up() -> None:
+    """Torch's and the interpreter's first-call costs, paid before the first job."""
+    article = presets.preset("article")
+    if article is None:
+        return
+    import orjson
+
+    body = orjson.dumps(article["request"])
+    deadline = ProcessDeadline(60.0)
+    try:
+        jobs.run(jobs.admit(body, Settings.model_construct(), deadline), deadline)
+    except Exception:  # a warm-up that fails leaves the first job to pay the costs
+        pass
+
+
+_JOBS = {"program": _program, "train": _train}

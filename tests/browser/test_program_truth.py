@@ -1,0 +1,251 @@
+"""The program page tells the truth (issue 35), in a real browser: a refused program greys the
+last run that worked and keeps its first-failure mark, a correct pinned-dtype line is never
+suspect, a line error has no "null" and prints its hint once, with code as code, Escape then
+Tab leaves a code pane, a wrong reduction names its tensor, inputs keep their order and count,
+a blank start and CS231n's shortcut read as what they are, a refused download says why, the
+file keeps the server's name, and a busy server is waited out."""
+
+import json
+
+import pytest
+
+from app.programs import presets
+from tests.browser.test_program_page import MAKEMORE, edit, open_program, runs, verdict, wait_run
+
+BROKEN_DH = MAKEMORE["backward"].replace("dh = dlogits @ W2.T", "dh = dlogits @ W2.T * 2")
+LOOP = MAKEMORE["backward"][MAKEMORE["backward"].index("dC = torch.zeros_like(C)") :]
+
+
+def stale(w) -> bool:
+    return w.page.get_attribute("body", "data-stale") == "1"
+
+
+@pytest.mark.browser
+def test_a_refused_program_greys_the_last_run_and_keeps_its_first_failure_mark(watched):
+    w = watched
+    open_program(w, "?preset=makemore")
+    page = w.page
+    edit(w, "backward", BROKEN_DH)
+    assert verdict(w) == "fail" and not stale(w)
+    assert "bad" in page.get_attribute("#backward-editor .ln[data-line='16']", "class")
+    for refused in (BROKEN_DH + "\nfoo = torch.fancy(dh)\n", BROKEN_DH + "\ndW2 = h.T @@ x\n"):
+        edit(w, "backward", refused)
+        assert verdict(w) == "error" and stale(w)
+        text = page.inner_text("#verdict")
+        assert "nothing was checked" in text and "Showing the last run that worked" in text
+        assert "stale" in page.get_attribute("#main", "class")
+        assert page.locator(".stale-note:visible").count() == 3
+        # the table is greyed (not at full opacity) and still the last run's
+        opacity = page.eval_on_selector("#checks", "t => getComputedStyle(t).opacity")
+        assert float(opacity) < 0.6
+        # the first failure's mark stays in the pane, beside the refused line's
+        assert "bad" in page.get_attribute("#backward-editor .ln[data-line='16']", "class")
+        assert "err" in page.get_attribute("#backward-editor .ln[data-line='44']", "class")
+    edit(w, "backward", MAKEMORE["backward"])
+    assert verdict(w) == "all-match" and not stale(w)
+    assert page.locator(".stale-note:visible").count() == 0
+    assert all("422" in e for e in w.errors)
+
+
+@pytest.mark.browser
+def test_a_correct_one_hot_line_is_a_match_never_suspect(watched):
+    w = watched
+    open_program(w, "?preset=makemore")
+    one_hot = "dC = F.one_hot(Xb.view(-1), num_classes=27).float().T @ demb.view(-1, 10)"
+    edit(
+        w, "backward", MAKEMORE["backward"].replace(LOOP, f"dC = torch.zeros_like(C)\n{one_hot}\n")
+    )
+    assert verdict(w) == "all-match"
+    assert "suspect" not in w.page.inner_text("#verdict")
+    assert "st-match" in w.page.get_attribute("#checks tr[data-name='C']", "class")
+    assert w.errors == []
+
+
+@pytest.mark.browser
+def test_a_line_error_has_no_null_and_says_its_hint_once_with_code_as_code(watched):
+    w = watched
+    open_program(w, "?preset=makemore")
+    page = w.page
+    edit(w, "backward", MAKEMORE["backward"] + "\nfoo = torch.fancy(dh)\n")
+    box = page.inner_text("#backward-error")
+    assert "null" not in box and "`" not in box
+    assert page.locator("#backward-error code", has_text="torch.fancy").count() == 1
+    edit(
+        w,
+        "backward",
+        MAKEMORE["backward"].replace("dembcat = dhprebn @ W1.T", "dembcat = dhprebn @ W1"),
+    )
+    box = page.inner_text("#backward-error")
+    assert "null" not in box and "`" not in box
+    assert box.count("is (32, 30)") == 1  # the hint, once
+    assert page.locator("#backward-error .shapes").count() == 0  # the message's table shows them
+    assert "W1       [ 30  64 ]" in box
+
+
+@pytest.mark.browser
+def test_escape_then_tab_leaves_a_code_pane(watched):
+    w = watched
+    open_program(w, "?preset=makemore")
+    page = w.page
+    area = "#forward-editor textarea"
+    assert "Escape, then Tab" in page.get_attribute(area, "aria-label")
+    assert "Esc" in page.inner_text("#forward-pane .pane-head")
+    page.focus(area)
+    page.evaluate(
+        "() => document.querySelector('#forward-editor textarea').setSelectionRange(0, 0)"
+    )
+    before = runs(w)
+    page.keyboard.press("Tab")  # indents
+    assert page.input_value(area).startswith("    emb")
+    assert page.evaluate(
+        "() => document.activeElement === document.querySelector('#forward-editor textarea')"
+    )
+    page.keyboard.press("Escape")
+    page.keyboard.press("Tab")  # moves on
+    assert page.evaluate(
+        "() => document.activeElement !== document.querySelector('#forward-editor textarea')"
+    )
+    assert page.input_value(area).startswith("    emb") and not page.input_value(area).startswith(
+        "        "
+    )
+    wait_run(w, before)
+
+
+@pytest.mark.browser
+def test_a_sum_over_the_wrong_dim_names_b1_and_the_batch_dim(watched):
+    w = watched
+    open_program(w, "?preset=makemore")
+    edit(
+        w, "backward", MAKEMORE["backward"].replace("db1 = dhprebn.sum(0)", "db1 = dhprebn.sum(1)")
+    )
+    why = w.page.inner_text("#checks tr.why")
+    assert "db1 must have b1's shape (64,)" in why and "d's shape" not in why
+    assert ".sum(0)" in why and "batch" in why
+
+
+@pytest.mark.browser
+def test_inputs_keep_their_order_and_count_and_say_what_each_key_means(watched):
+    w = watched
+    open_program(w, "?preset=makemore")
+    page = w.page
+    shown = list(json.loads(page.input_value("#inputs")))
+    assert shown == list(MAKEMORE["inputs"])  # the preset's order: the numbers it draws
+    assert shown != sorted(shown)
+    page.click("#inputs-box summary")
+    help_text = page.inner_text("#inputs-box")
+    assert (
+        '"grad": false' in help_text and "randint" in help_text and '"data": "names"' in help_text
+    )
+    assert page.inner_text("#inputs-summary") == f"({len(MAKEMORE['inputs'])})"
+    fewer = {k: v for k, v in list(MAKEMORE["inputs"].items())[:7]}
+    before = runs(w)
+    page.fill("#inputs", json.dumps(fewer))
+    assert page.inner_text("#inputs-summary") == "(7)"
+    wait_run(w, before)
+
+
+@pytest.mark.browser
+def test_the_page_loss_is_the_preset_request_loss(watched, client):
+    w = watched
+    open_program(w, "?preset=makemore")
+    loss = client.post("/api/program", json=MAKEMORE).json()["loss"]
+    assert f"loss {float(f'{loss:.4g}')}" in w.page.inner_text("#verdict")  # num(loss, 4)
+
+
+@pytest.mark.browser
+def test_a_blank_start_and_the_cs231n_shortcut_read_as_what_they_are(watched):
+    w = watched
+    open_program(w, "?preset=cs231n")
+    page = w.page
+    assert verdict(w) == "params-match"
+    text = page.inner_text("#verdict")
+    assert "Every parameter's gradient matches" in text and "dprobs" in text
+    before = runs(w)
+    page.select_option("#preset", "blank")
+    wait_run(w, before)
+    assert "h = x @ W + b" in page.input_value("#forward-editor textarea")
+    assert "# TODO: write dW, db" in page.input_value("#backward-editor textarea")
+    assert verdict(w) == "incomplete"
+    assert w.errors == []
+
+
+@pytest.mark.browser
+def test_downloads_keep_the_server_name_and_a_refused_one_says_why(watched):
+    w = watched
+    open_program(w, "?preset=makemore")
+    page = w.page
+    with page.expect_download() as got:
+        page.click(".share [data-format='py']")
+    assert got.value.suggested_filename == "broadprop_program.py"
+    edit(w, "backward", MAKEMORE["backward"] + "\nfoo = torch.fancy(dh)\n")
+    page.click(".share [data-format='py']")
+    page.wait_for_function(
+        "() => document.getElementById('share-status').textContent.includes('failed')"
+    )
+    status = page.inner_text("#share-status")
+    assert "line 44 of the backward" in status and "torch.fancy" in status
+    assert "answered 422" not in status
+
+
+@pytest.mark.browser
+def test_the_program_page_waits_out_a_busy_server(watched):
+    w = watched
+    page = w.page
+    busy = {"left": 1}
+
+    def answer(route):
+        if busy["left"]:
+            busy["left"] -= 1
+            route.fulfill(status=503, headers={"Retry-After": "1"}, body='{"detail": "busy"}')
+        else:
+            route.continue_()
+
+    page.route("**/api/program", answer)
+    page.goto(f"{w.base}/program?preset=makemore")
+    page.wait_for_function("() => document.body.dataset.queued === '1'")
+    wait_run(w, 0)
+    assert verdict(w) == "all-match" and busy["left"] == 0
+
+
+def test_the_first_step_button_has_no_glyph_chromium_lacks(client):
+    html = client.get("/").text
+    assert "⏮" not in html and "First</button>" in html
+
+
+def test_presets_reach_the_page_in_their_order(client):
+    html = client.get("/program").text
+    start = html.index('id="program-presets">') + len('id="program-presets">')
+    shipped = json.loads(html[start : html.index("</script>", start)])
+    for p, sent in zip(presets.PRESETS, shipped, strict=True):
+        assert list(sent["request"]["inputs"]) == list(p["request"]["inputs"])
+
+
+@pytest.mark.browser
+def test_presentation_mode_makes_the_code_large_and_keeps_the_marks_on_their_lines(watched):
+    w = watched
+    open_program(w, "?preset=makemore&present=1")
+    page = w.page
+    assert "present" in page.get_attribute("body", "class")
+    size = page.eval_on_selector("#forward-editor textarea", "t => getComputedStyle(t).fontSize")
+    assert float(size.removesuffix("px")) >= 18
+    edit(w, "backward", BROKEN_DH)
+    assert "present=1" in page.url  # an edit keeps the mode in the link
+    band = page.eval_on_selector("#backward-editor .band.bad", "b => b.getBoundingClientRect().top")
+    line = page.eval_on_selector(
+        "#backward-editor .ln[data-line='16']", "l => l.getBoundingClientRect().top"
+    )
+    assert abs(band - line) <= 2  # the band sits on line 16 at the larger line height
+    page.click("#present")
+    assert "present" not in (page.get_attribute("body", "class") or "")
+
+
+@pytest.mark.browser
+def test_a_phone_verdict_ends_without_a_dangling_separator(browser, server):
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    try:
+        page = context.new_page()
+        page.goto(f"{server}/program?preset=makemore")
+        page.wait_for_function("() => document.body.dataset.state === 'ready'", timeout=90_000)
+        assert not page.inner_text("#verdict").rstrip().endswith("·")
+    finally:
+        context.close()

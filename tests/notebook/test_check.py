@@ -1,0 +1,71 @@
+"""broadprop.check in a script or a learner's pytest: the namespace's tensors and their .grad,
+no kernel. Each case is checked against autograd's own gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from broadprop import check
+
+
+@pytest.fixture
+def net() -> dict:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, generator=g)
+    W = torch.randn(4, 3, generator=g).requires_grad_()
+    b = torch.randn(3, generator=g).requires_grad_()
+    out = x @ W + b
+    h = torch.tanh(out)
+    loss = (h**2).sum()
+    for t in [out, h]:
+        t.retain_grad()
+    loss.backward()
+    return {"x": x, "W": W, "b": b, "out": out, "h": h, "loss": loss, "t": h, "n": 5}
+
+
+RIGHT = """\
+dh = 2 * h
+dout = (1 - h**2) * dh
+dW = x.T @ dout
+b.g = dout.sum(0)
+"""
+
+
+def test_a_right_backward_is_all_close(net):
+    report = check(RIGHT, net)
+    assert report.all_close and report.all_written
+    assert report["b"]["spelling"] == "b.g" and report["W"]["exact"] in (True, False)
+    assert torch.allclose(report.written["dW"], net["W"].grad)
+    assert "t" not in report.check["tensors"]  # the loop's alias of h is not a second tensor
+    assert report.answer["backward"][2]["steps"][-1]["output"] == [4, 3]
+
+
+def test_a_slip_is_flagged_at_its_tensor_with_the_pages_hint(net):
+    report = check(RIGHT.replace("(1 - h**2)", "(1 - out**2)"), net)
+    assert not report.all_close
+    assert report.first_failure == "out"
+    assert "1 - h**2, not 1 - out**2" in report["out"]["hint"]
+    assert report["W"]["after"] == "out"  # computed from the wrong one
+
+
+def test_a_line_that_cannot_run_is_the_answers_backward_error(net):
+    report = check("dh = 2 * h\ndout = dh @ W\n", net)
+    assert report.answer["backward_error"]["line"] == 2
+    assert not report.all_close
+
+
+def test_text_outside_the_language_is_refused_in_one_line_and_nothing_runs(net):
+    report = check("import os\n", net)
+    assert report.answer is None and report.refused.startswith("line 1 of the backward")
+    assert not report.all_close
+
+
+def test_a_leaf_whose_backward_never_ran_asks_for_loss_backward(net):
+    W = net["W"].detach().clone().requires_grad_()
+    report = check("dW = x.T @ x[:, :3]\n", {**net, "W": W})
+    assert [m.add for m in report.missing_grad] == ["backward"]
+    assert report.missing_lines() == [
+        "dW: W has no .grad yet: run `loss.backward()` after the forward, then this cell again"
+    ]
+    assert not report.all_close
