@@ -120,6 +120,7 @@ Needs torch{" and the names data set (pip install torch names)" if uses_names el
 from __future__ import annotations
 
 import itertools
+import math  # noqa: F401  (a program may scale by math.sqrt)
 import sys
 from typing import Any
 
@@ -132,8 +133,13 @@ RTOL, ATOL_SCALE = {rtol!r}, {atol_scale!r}  # allclose: |d| <= atol + rtol * |a
     body = [
         "def program(DTYPE):",
         '    """Inputs, forward, autograd and your backward, in precision DTYPE."""',
+        "    torch.set_default_dtype(torch.float32)  # the inputs are drawn as the server draws them",
         textwrap.indent("\n".join(inputs), "    "),
         *(f"    {n} = {n}.to(DTYPE).requires_grad_()" for n in grad_inputs),
+        "    # tensors the program makes take the run's dtype, and its draws (torch.rand, randn,",
+        "    # F.dropout) continue the inputs' generator, as on the server",
+        "    torch.set_default_dtype(DTYPE)",
+        "    torch.set_rng_state(g.get_state())",
         "    torch.set_grad_enabled(True)",
         "    # ---- your forward",
         forward,
