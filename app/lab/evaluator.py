@@ -520,7 +520,7 @@ class Evaluation:
         except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
             if is_allocation_failure(err):  # the run's memory limit, not the learner's formula
                 raise MemoryError(str(err)) from err
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
             self.fail(node, first_line, "shape" if "size" in first_line else "formula")
 
 
