@@ -23,7 +23,7 @@ from app.ops.cancel import check_cancelled
 from app.ops.joining import TensorList
 from app.ops.making import Maker
 from app.ops.traced import Step, Traced
-from app.programs.inputs import DTYPES, meta_of, names_rows
+from app.programs.inputs import DTYPES, data_rows, meta_of
 from app.programs.schemas import ProgramRequest
 
 GRAD_PREFIX = "d"
@@ -340,12 +340,12 @@ def _mib(n: float) -> str:
 
 
 def _refuse_rows_past_the_data(req: ProgramRequest) -> None:
-    """A names input asks for at most the data's training rows (a 422 at the input)."""
+    """A data input asks for at most the data's training rows (a 422 at the input)."""
     for name, spec in req.inputs.items():
-        if spec.data == "names" and spec.rows > (available := names_rows()):
+        if spec.data is not None and spec.rows > (available := data_rows(spec.data)):
             raise ProgramRefused(
                 "inputs", name,
-                f"{name}: rows {spec.rows:,} is more than the names data's {available:,} "
+                f"{name}: rows {spec.rows:,} is more than the {spec.data} data's {available:,} "
                 "training rows; ask for at most that many",
                 "rows", rows=spec.rows, available=available,
             )  # fmt: skip

@@ -58,12 +58,15 @@ class InputSpec(BaseModel):
         f"of at most {MAX_VALUE_ENTRIES} entries, or one number (a plain Python number, "
         "such as a batch size n)",
     )
-    data: Literal["names"] | None = Field(
+    data: Literal["names", "mnist", "digits"] | None = Field(
         None,
-        description="Character contexts (X) and next characters (Y) from the US Census "
-        "first-name lists of the `names` package: lower-cased, '.' as start/end, 27 symbols",
+        description="names: character contexts (X, (rows, block_size)), next characters (Y, "
+        "(rows,)) or the character after every position (Yseq, (rows, block_size)) from the "
+        "US Census first-name lists of the `names` package: lower-cased, '.' as start/end, 27 "
+        "symbols. mnist / digits: images (X, (rows, 1, 28, 28) / (rows, 1, 8, 8) in [0, 1]) "
+        "and labels (Y, (rows,) int64) of the training part, shuffled with the seed",
     )
-    field: Literal["X", "Y"] | None = None
+    field: Literal["X", "Y", "Yseq"] | None = None
     block_size: Annotated[int, Field(strict=True, ge=1, le=MAX_BLOCK)] = 3
     rows: Annotated[int, Field(strict=True, ge=1, le=MAX_ROWS)] = 32
 
@@ -74,6 +77,9 @@ class InputSpec(BaseModel):
             raise ValueError("give exactly one of: shape (with init), value, or data (with field)")
         if self.data is not None and self.field is None:
             raise ValueError('data input needs field: "X" (contexts) or "Y" (next characters)')
+        if self.data in ("mnist", "digits") and self.field == "Yseq":
+            raise ValueError(f'{self.data} has field "X" (images) or "Y" (labels); Yseq is '
+                             "the names' targets at every position")  # fmt: skip
         if self.shape is not None:
             if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
                 raise ValueError(
@@ -88,7 +94,9 @@ class InputSpec(BaseModel):
 
     @property
     def integer(self) -> bool:
-        if self.data is not None or self.init == "randint":
+        if self.data is not None:
+            return self.data == "names" or self.field == "Y"
+        if self.init == "randint":
             return True
         if self.value is not None:
             return _all_ints(self.value)
