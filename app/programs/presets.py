@@ -450,7 +450,7 @@ PRESETS = [
         "causal multi-head self-attention, residuals, an MLP, a head tied to the embedding",
         "source": "in the manner of nanoGPT and makemore's later parts; written from the maths",
         "request": _gpt(),
-        "train": {"steps": 1500, "lr": 0.5, "batch": 32, "seed": 0},
+        "train": {"steps": 2000, "lr": 0.5, "batch": 32, "seed": 0},
     },
     {
         "id": "conv",
@@ -458,7 +458,7 @@ PRESETS = [
         "a linear head, softmax loss",
         "source": "in the manner of CS231n's convolutional networks assignment (im2col)",
         "request": _conv(),
-        "train": {"steps": 400, "lr": 0.1, "batch": 32, "seed": 0},
+        "train": {"steps": 500, "lr": 0.1, "batch": 32, "seed": 0},
     },
     {
         "id": "rnn",
@@ -466,7 +466,7 @@ PRESETS = [
         "next character",
         "source": "in the manner of min-char-rnn and CS231n's RNN assignment",
         "request": _rnn(),
-        "train": {"steps": 1500, "lr": 0.5, "batch": 32, "seed": 0},
+        "train": {"steps": 2000, "lr": 0.5, "batch": 32, "seed": 0},
     },
 ]
 
