@@ -220,6 +220,7 @@ class Plan:
     rerun: bool  # a float64 rerun judges `suspect`
     forward_reads: dict[str, list[int]] = field(default_factory=dict)
     known: frozenset[str] = frozenset()  # the inputs' and the forward's names
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of has_grad's tensors
 
 
 def _tensors(value: Any) -> list[Traced]:
@@ -426,7 +427,32 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
         rerun=rerun,
         forward_reads=_reads(forward),
         known=frozenset([*req.inputs, *fwd.assigned]),
+        shapes={n: tuple(fwd.scope[n].t.shape) for n in has_grad if n in fwd.scope},
     )
+
+
+def followed_tensor(grad: str, has_grad: set[str]) -> str | None:
+    """The tensor whose gradient `grad` names: dWq, Wq.g or Wq itself (None: no such)."""
+    for name in (grad, grad.removesuffix(GRAD_SUFFIX), grad[len(GRAD_PREFIX):]):
+        if name in has_grad and (name != grad[len(GRAD_PREFIX):] or grad.startswith(GRAD_PREFIX)):
+            return name
+    return None
+
+
+def admit_follow(req: ProgramRequest, plan: Plan) -> None:
+    """`follow` names a tensor with a gradient, and an index inside it (a 422 at the field)."""
+    has_grad = set(plan.has_grad)
+    tensor = followed_tensor(req.follow.grad, has_grad)
+    if tensor is None:
+        raise ProgramRefused("follow", "grad", f"follow: {req.follow.grad} is not a gradient of "
+                             f"this program (these have one: {', '.join(sorted(has_grad))})",
+                             "follow")  # fmt: skip
+    shape = plan.shapes.get(tensor)
+    index = tuple(req.follow.index)
+    if shape is not None and (len(index) != len(shape) or any(
+            i >= s for i, s in zip(index, shape))):  # fmt: skip
+        raise ProgramRefused("follow", "index", f"follow: index {list(index)} is not inside "
+                             f"{tensor}'s shape {list(shape)}", "follow")  # fmt: skip
 
 
 def writes_in_place(program: Program) -> bool:

@@ -27,6 +27,7 @@ from app.programs.check import (
     recheck_float64,
     tensor_table,
 )
+from app.programs import follow
 from app.programs.diagnose import PRECISION_RERUN_MAX_S, diagnose_table
 from app.programs.inputs import DTYPES, make_inputs
 from app.programs.plan import (
@@ -35,14 +36,16 @@ from app.programs.plan import (
     Plan,
     ProgramRefused,
     admit,
+    admit_follow,
     detached,
     error_context,
+    followed_tensor,
     line_reads,
 )
 from app.programs.schemas import ProgramRequest
 
 # the program endpoint reaches the dry run through this module (`programs.admit`, `.Plan`)
-__all__ = ["Plan", "ProgramRefused", "admit", "answer", "execute_once", "run", "run_backward"]
+__all__ = ["Plan", "ProgramRefused", "admit", "admit_follow", "answer", "execute_once", "run", "run_backward"]
 
 
 # --------------------------------------------------------------------------- the real run
@@ -154,7 +157,25 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         return low[0]
 
     with cancel_token(cancel):
-        return answer(req, plan, main, rerun, (after_run - start) * 1e3, lower)
+        out = answer(req, plan, main, rerun, (after_run - start) * 1e3, lower)
+        if req.follow is not None:
+            out["follow"] = follow_element(req, plan, main, check)
+        return out
+
+
+def follow_element(req: ProgramRequest, plan: Plan, main: Outcome,
+                   check: Callable[[], None]) -> dict[str, Any] | None:  # fmt: skip
+    """The contract's `follow` (app/programs/follow.py); null when the backward did not write
+    that gradient."""
+    tensor = followed_tensor(req.follow.grad, set(plan.has_grad))
+    if tensor is None or tensor not in main.manual:
+        return None
+    index = tuple(req.follow.index)
+    grad = main.manual[tensor]
+    if len(index) != grad.dim() or any(i >= s for i, s in zip(index, grad.shape)):
+        return None
+    maker = Maker("cpu", DTYPES[req.dtype], torch.Generator().manual_seed(req.seed))
+    return follow.follow(plan, main.forward, main.manual, maker, tensor, index, check)
 
 
 def answer(

@@ -144,6 +144,19 @@ def _all_ints(value: Any) -> bool:
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]
 
 
+class ProgramFollow(BaseModel):
+    """One element of a written gradient to follow back to the terms that made it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grad: Annotated[str, Field(min_length=1, max_length=66)] = Field(
+        description="The gradient as the backward writes it (dWq, Wq.g) or its tensor (Wq)"
+    )
+    index: list[Annotated[int, Field(strict=True, ge=0)]] = Field(
+        max_length=MAX_INPUT_DIMS + 2, description="The element's index in that gradient"
+    )
+
+
 class ProgramRequest(BaseModel):
     """A network written as lines: the inputs it reads, its forward (ending with the scalar
     loss) and the learner's backward. Every gradient the backward writes (`d<name>` or
@@ -173,6 +186,11 @@ class ProgramRequest(BaseModel):
     dtype: DType = "float32"
     max_cells: Annotated[int, Field(strict=True, ge=1, le=MAX_CELLS)] = Field(
         4096, description="Each gradient heatmap is block-downsampled to at most this many cells"
+    )
+    follow: ProgramFollow | None = Field(
+        None,
+        description="Answer `follow`: the line that last wrote this element of a gradient and "
+        "the terms of its last reduction (at most 4096 listed; terms_total and sum cover all)",
     )
 
     @field_validator("inputs")

@@ -175,3 +175,88 @@ def test_each_chapter_learns_with_its_own_backward_and_not_with_a_broken_one(pre
     assert broken["stopped"] == "diverged" or broken["val_loss"] is None or (
         broken["val_loss"] > done["val_loss"] + 0.5
     ), broken
+
+
+# --------------------------------------------------------------------------- follow
+
+
+def follow(client, request: dict, grad: str, index: list[int]) -> dict:
+    r = client.post("/api/program", json={**request, "follow": {"grad": grad, "index": index}})
+    assert r.status_code == 200, r.text[:500]
+    out = r.json()["follow"]
+    assert out["index"] == index
+    assert out["sum"] == pytest.approx(out["value"], rel=1e-4, abs=1e-7), out
+    if out["terms_total"] <= 4096:
+        assert sum(t["value"] for t in out["terms"]) == pytest.approx(out["sum"], abs=1e-7)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt_inputs():
+    return make_inputs(ProgramRequest(**request_of("gpt")).inputs, 0, "float32")
+
+
+def test_follow_a_gpt_attention_weight_through_its_matmul(client):
+    out = follow(client, request_of("gpt"), "dWq", [3, 5])
+    assert out["grad"] == "dWq" and out["code"] == "dWq = xn.view(B * T, C).T @ dq2"
+    assert out["terms_total"] == 32 * 8 == len(out["terms"])  # one product per row of B*T
+    term = out["terms"][7]
+    (a, ia), (b, ib) = term["index"].items()
+    assert ia == [3, 7] and ib == [7, 5]
+    assert term["value"] == pytest.approx(term["factors"][a] * term["factors"][b], rel=1e-5)
+    same = follow(client, request_of("gpt"), "Wq", [3, 5])  # the tensor's own name
+    assert same["value"] == out["value"]
+
+
+def test_follow_index_add_lists_every_repeat_of_the_id(client, gpt_inputs):
+    ids = gpt_inputs["Xb"].reshape(-1)
+    row = int(ids[ids != 0][0])
+    out = follow(client, request_of("gpt"), "dwte", [row, 3])
+    assert out["code"].startswith("dwte.index_add_")
+    assert out["terms_total"] == 1 + int((ids == row).sum())  # the head's part, then each id
+    assert next(iter(out["terms"][0]["index"])) == "dwte (before)"
+
+
+def test_follow_a_masked_attention_position_has_p_zero(client):
+    out = follow(client, request_of("gpt"), "datt", [0, 1, 2, 5])  # t=2 cannot see s=5
+    assert out["terms_total"] == 1 and out["value"] == 0
+    assert out["terms"][0]["factors"]["p"] == 0
+    seen = follow(client, request_of("gpt"), "datt", [0, 1, 5, 2])
+    assert seen["terms"][0]["factors"]["p"] > 0
+
+
+def test_follow_a_broadcast_sum_and_an_accumulation_in_a_loop(client):
+    out = follow(client, request_of("gpt"), "dlnf_g", [4])
+    assert out["terms_total"] == 32 * 8
+    rnn = follow(client, request_of("rnn"), "dWhh", [1, 2])
+    assert rnn["code"] == "dWhh += prev[:, t].T @ dhraw"
+    assert rnn["terms_total"] == 1 + 32  # the sum so far, then this step's products
+
+
+def test_follow_max_pool_and_fold_windows(client):
+    from tests.programs.test_language_v4 import CONV_BACKWARD, CONV_FORWARD, CONV_INPUTS
+
+    request = {"inputs": CONV_INPUTS, "forward": CONV_FORWARD, "backward": CONV_BACKWARD,
+               "dtype": "float64"}  # fmt: skip
+    inner = follow(client, request, "dx", [1, 2, 3, 3])
+    assert inner["code"].startswith("dx = F.fold") and inner["terms_total"] == 9  # 3x3 windows
+    corner = follow(client, request, "dx", [1, 2, 0, 0])
+    assert corner["terms_total"] == 4  # padding 1: only four windows reach a corner
+    # a max-pool winner gets its window's gradient through scatter_add_
+    body = client.post("/api/program", json=request).json()
+    r = make_inputs(ProgramRequest(**request).inputs, 0, "float64")
+    cols = torch.nn.functional.conv2d(r["x"], r["w"], r["b"], padding=1).relu()
+    _, idx = torch.nn.functional.max_pool2d(cols, 2, return_indices=True)
+    place = int(idx[0, 1, 0, 0])
+    out = follow(client, request, "dr", [0, 1, place // 6, place % 6])
+    assert out["code"].startswith("dr.scatter_add_") and out["terms_total"] == 2
+    assert body["check"]["all_close"]
+
+
+def test_follow_names_a_gradient_and_an_index_inside_it(client):
+    r = client.post("/api/program", json={**request_of("rnn"),
+                                          "follow": {"grad": "dWz", "index": [0]}})  # fmt: skip
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "follow", "grad"]
+    r = client.post("/api/program", json={**request_of("rnn"),
+                                          "follow": {"grad": "dWhh", "index": [64, 0]}})  # fmt: skip
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "follow", "index"]
