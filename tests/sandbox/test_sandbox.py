@@ -329,3 +329,16 @@ def test_n10_the_export_stops_where_the_server_stops(client, tmp_path):
     assert "backward line 3 cannot run" in run.stdout
     checked = sorted(line.split()[0] for line in run.stdout.splitlines() if " exact: " in line)
     assert checked == written == ["h", "w"]
+
+
+def test_n12_follow_on_a_replaced_gradient_is_refused_not_misleading(client):
+    """N12: with `w1.g` replaced by the learner's formula, follow would show the built-in
+    formula's terms, which do not add up to the value shown: a 422 at follow.grad instead."""
+    body = {"batch": 4, "in_features": 3, "hidden": [2], "formulas": {"w1.g": "2 * x.T @ l1.g"},
+            "follow": {"grad": "w1.g", "index": [0, 0]}}  # fmt: skip
+    r = client.post("/api/run", json=body)
+    assert r.status_code == 422, r.text[:300]
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "follow", "grad"] and "your own formula" in error["msg"]
+    del body["formulas"]
+    assert client.post("/api/run", json=body).status_code == 200
