@@ -177,8 +177,9 @@ def _check_targets(
     if len(targets) != 1:
         refuse("one assignment per line (`a = b = ...` is two)")
     target = targets[0]
-    for name in ast.walk(target):  # a module or builtin keeps its meaning (Python would rebind
-        if isinstance(name, ast.Name) and name.id in RESERVED:  # it; the server would not)
+    # a module or builtin keeps its meaning (Python would rebind it; the server would not)
+    for name in ast.walk(target):
+        if isinstance(name, ast.Name) and isinstance(name.ctx, ast.Store) and name.id in RESERVED:
             refuse(f"`{name.id}` is {RESERVED[name.id]}, which the program calls; name your "
                    "tensor something else", target)  # fmt: skip
     if isinstance(target, ast.Tuple) and allow_tuple:
