@@ -33,7 +33,8 @@ from app.lab.parse import source_segment
 from app.lab.parse_program import AUG, Program, ProgramError, is_cmp, parse_program
 from app.ops.joining import TensorList
 from app.ops.making import Maker
-from app.ops.traced import ATOM, Step, Traced, meta_index
+from app.ops.meta_index import meta_index
+from app.ops.traced import ATOM, Step, Traced
 
 MAX_EXECUTED = 10_000  # statements run, loops' iterations counted in full
 _IN_PLACE = {"+": "add_", "-": "sub_", "*": "mul_", "/": "div_"}
