@@ -6,7 +6,12 @@ statement for what course notebooks write in a backward pass:
 - `name = expr` (and `a, b = x.max(1)`), as in a formula;
 - `name op= expr` (`+= -= *= /=`): in place, as PyTorch does it, on the program's own tensors;
 - `name[index] = expr` and `name[index] op= expr`: the same, through an index;
-- `for name in range(...):` blocks.
+- `for name in range(...):` (or `reversed(range(...))`) blocks;
+- `hs.append(h)` and in-place methods (`dW.index_add_(0, ids, dY)`, `scatter_add_`,
+  `index_put_`, `masked_fill_`) as lines of their own (v4), on the program's own tensors.
+
+The forward takes the same statements (v4): loops that rebind a name, fill a fresh tensor
+(`hs[:, t] = h`) or grow a list; inputs are its `protected`.
 
 An in-place form writes the tensor the name holds, exactly as PyTorch would, so every view of
 it sees the write too. It never writes a tensor that the forward made or an input: those are
