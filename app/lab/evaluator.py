@@ -39,7 +39,7 @@ from app.lab.allowlist import (
 )
 from app.lab.parse import Formula, source_segment
 from app.ops.broadcast import BroadcastError, broadcast_rule
-from app.ops.cancel import check_cancelled
+from app.ops.cancel import check_cancelled, is_allocation_failure
 from app.ops.joining import TensorList
 from app.ops.making import MakeError, Maker
 from app.ops.traced import COMPARISONS, Traced, _merge_steps
@@ -518,9 +518,9 @@ class Evaluation:
         except MakeError as err:  # refused by an op before torch saw it
             self.fail(node, str(err), err.kind)
         except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
-            first_line = (
-                str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            )
+            if is_allocation_failure(err):  # the run's memory limit, not the learner's formula
+                raise MemoryError(str(err)) from err
+            first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
             self.fail(node, first_line, "shape" if "size" in first_line else "formula")
 
 

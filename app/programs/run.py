@@ -16,7 +16,7 @@ import torch
 
 from app.lab.allowlist import FormulaError
 from app.lab.statements import Executed, ProgramError
-from app.ops.cancel import RunCancelled, cancel_token
+from app.ops.cancel import RunCancelled, cancel_token, is_allocation_failure
 from app.ops.making import Maker
 from app.ops.precision import single_precision_as
 from app.ops.traced import Traced
@@ -78,8 +78,8 @@ def execute_once(
         try:
             loss.backward()
         except RuntimeError as err:  # the dry run's meta backward catches these first
-            if "inplace" not in str(err):  # (an allocation the OS refused: the sandbox's)
-                raise
+            if is_allocation_failure(err):
+                raise MemoryError(str(err)) from err
             raise ProgramError(FormulaError(_first_line(err), "formula"), 1, "") from None
     check()
     autograd = {
@@ -114,6 +114,8 @@ def run_backward(
         except ProgramError as err:
             return bwd, err
         except (IndexError, RuntimeError, ValueError, TypeError) as err:  # real data only
+            if is_allocation_failure(err):
+                raise MemoryError(str(err)) from err
             return bwd, ProgramError(FormulaError(_first_line(err), "formula"), 0, "")
     return bwd, None
 
