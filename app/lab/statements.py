@@ -169,6 +169,7 @@ class Interpreter(Evaluation):
     def _statement(self, stmt: ast.Assign | ast.AugAssign | ast.Expr) -> None:
         self._count(1, stmt)
         self._last_steps: list[Step] = []
+        self.take_made_steps()  # (a line before that stopped half way leaves nothing here)
         if isinstance(stmt, ast.Expr):  # `hs.append(h)`, `dW.index_add_(0, ids, dY)`
             value = self.eval(stmt.value)
             if isinstance(value, Traced):
@@ -199,7 +200,8 @@ class Interpreter(Evaluation):
 
     def _record(self, stmt: ast.stmt, name: str) -> None:
         entry = self.executed.get(stmt.lineno)
-        steps = _unique(self._last_steps)
+        made = self.take_made_steps()  # every op of the line, its dropped values' too
+        steps = sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
         if entry is None:
             entry = self.executed[stmt.lineno] = Executed(
                 stmt.lineno, self.program.code(stmt), name, steps
