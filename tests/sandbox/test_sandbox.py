@@ -342,3 +342,18 @@ def test_n12_follow_on_a_replaced_gradient_is_refused_not_misleading(client):
     assert error["loc"] == ["body", "follow", "grad"] and "your own formula" in error["msg"]
     del body["formulas"]
     assert client.post("/api/run", json=body).status_code == 200
+
+
+def test_n13_openmp_waits_passively_unless_told_otherwise():
+    """N13: spinning OpenMP threads count as a run's own CPU time; passive unless the
+    environment chose (the variable is read once, when torch loads, after app/__init__)."""
+    import subprocess
+    import sys
+
+    code = "import app, torch, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "passive", out.stderr[-300:]
+    env["OMP_WAIT_POLICY"] = "active"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "active"
