@@ -11,7 +11,7 @@ import ast
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.lab.allowlist import NODES, FormulaError
+from app.lab.allowlist import BUILTINS, NAMESPACES, NODES, FormulaError
 from app.lab.parse import _PARSE_LOCK, check_tree, source_segment
 
 MAX_PROGRAM_CHARS = 20_000  # per text (forward, backward)
@@ -164,12 +164,23 @@ def is_cmp(stmt: ast.stmt) -> bool:
     )
 
 
+# names a program reads but never assigns: the namespaces and builtins the language calls
+RESERVED = {
+    **{space: f"the module `{space}`" for space in NAMESPACES},
+    **{name: f"Python's `{name}`" for name in BUILTINS},
+}
+
+
 def _check_targets(
     targets: list[ast.expr], refuse: Callable, allow_index: bool, allow_tuple: bool = True
 ) -> None:
     if len(targets) != 1:
         refuse("one assignment per line (`a = b = ...` is two)")
     target = targets[0]
+    for name in _bound(target):  # a module or builtin keeps its meaning (Python would rebind
+        if name.id in RESERVED:  # it; the server would not); an index may still read range(n)
+            refuse(f"`{name.id}` is {RESERVED[name.id]}, which the program calls; name your "
+                   "tensor something else", target)  # fmt: skip
     if isinstance(target, ast.Tuple) and allow_tuple:
         if not all(isinstance(e, ast.Name) or _is_grad_target(e) for e in target.elts) or not (
             2 <= len(target.elts) <= MAX_UNPACK
@@ -184,6 +195,18 @@ def _check_targets(
             return
         refuse("index a name directly: `dx[i] = ...`", target)
     refuse("assign to a name, `name.g`, or `name[index]`", target)
+
+
+def _bound(target: ast.expr) -> list[ast.Name]:
+    """The names an assignment target binds or writes into (not those its index reads)."""
+    parts = target.elts if isinstance(target, ast.Tuple) else [target]
+    names = []
+    for part in parts:
+        while isinstance(part, (ast.Subscript, ast.Attribute)):
+            part = part.value
+        if isinstance(part, ast.Name):
+            names.append(part)
+    return names
 
 
 def _is_grad_target(node: ast.AST) -> bool:
