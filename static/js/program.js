@@ -198,8 +198,19 @@ function draw(answer) {
     showLineError("backward", e.line, e.message, e.operands, e.hint);
   }
   drawFlow($("flow"), data, { states: st, selected, onSelect: select });
+  fitFlow();
   maps();
   exportState();
+}
+
+/** A flow wider than its column (a GPT block: 40 names, side branches) gets the page's whole
+ * width: the check and the flow stack instead of sitting side by side. */
+function fitFlow() {
+  const two = $("flow-card").parentElement;
+  two.classList.remove("stacked");
+  const flow = $("flow");
+  two.classList.toggle("stacked", flow.scrollWidth > flow.clientWidth + 4);
+  document.body.dataset.flow = two.classList.contains("stacked") ? "stacked" : "beside";
 }
 
 function setVerdict(kind, html) {
@@ -354,6 +365,7 @@ $("dtype").addEventListener("change", () => edit({ dtype: $("dtype").value }));
 $("preset").addEventListener("change", () => {
   if ($("preset").value === "blank") {
     load(structuredClone(BLANK), null);
+    trainer.defaults(null);
     $("preset").value = "blank";
     writeURL();
     run();
@@ -362,6 +374,7 @@ $("preset").addEventListener("change", () => {
   const p = PRESETS.find((x) => x.id === $("preset").value);
   if (!p) return;
   load(structuredClone(p.request), p.id);
+  trainer.defaults(p.train);
   history.replaceState(null, "", `/program?preset=${encodeURIComponent(p.id)}`);
   run();
 });
@@ -369,7 +382,7 @@ $("exercise-link").addEventListener("click", exerciseLink);
 $("present").addEventListener("click", () => (present(!presenting), writeURL()));
 for (const b of document.querySelectorAll(".share [data-format]")) b.addEventListener("click", () => download(b.dataset.format));
 
-new ProgramTrainer({
+const trainer = new ProgramTrainer({
   program: () => program,
   describe: () => {
     const c = data?.check;
@@ -382,5 +395,6 @@ new ProgramTrainer({
 
 const start = await fromQuery(location.search, PRESETS);
 load(start.program, start.presetId && !start.hide ? start.presetId : null);
+trainer.defaults(PRESETS.find((p) => p.id === start.presetId)?.train);
 present(presenting);
 run();
