@@ -60,7 +60,7 @@ export class ProgramTrainer {
     this.runs += 1;
     const run = this.runs;
     const line = (name, dash, width) => ({ x: [], y: [], name, mode: "lines", line: { color: colour, width, dash } });
-    const traces = [line(`#${run} train (batch) · ${label}`, "solid", 1.2), { ...line(`#${run} val · ${label}`, "dot", 2.5), mode: "lines+markers", marker: { size: 5 } }];
+    const traces = [line(`#${run} train · ${label}`, "solid", 1.2), { ...line(`#${run} val · ${label}`, "dot", 2.5), mode: "lines+markers", marker: { size: 5 } }];
     if (!this.curves.data || !this.curves.data.length) {
       Plotly.newPlot(this.curves, traces, {
         height: 320, margin: { l: 52, r: 12, t: 8, b: 40 },

@@ -237,7 +237,7 @@ function todo(st) {
 }
 
 function forwardLine(name) {
-  return data.forward.find((f) => f.target === name)?.line ?? null;
+  return data.forward.find((f) => f.target.split(", ").includes(name))?.line ?? null;
 }
 
 /** Marks in both panes: the first failure's lines, the line that cannot run, the hidden
