@@ -2,7 +2,8 @@
 
 app/cost/budget.py costs a plan in bytes, app/cost/work.py in seconds, app/cost/admission.py
 refuses from both; the run (app/engine/pipeline.py, app/check) makes the same passes. Whether
-a run gets the rounding recheck is decided by `gets_recheck` alone, here and in the check.
+a run gets the rounding recheck is decided by app/check/recheck.py alone, from the bytes it
+weighs there (`held_bytes`), for the costs here and for the run.
 """
 
 from __future__ import annotations
@@ -10,19 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from app.check.recheck import gets_recheck, held_bytes
 from app.engine.tensors import input_specs
 from app.engine.traces import trace
 
-RECHECK_MAX_BYTES = 64 << 20  # runs whose inputs and gradients fit in this get the recheck
-
 Traces = tuple[list[dict], list[dict]]  # the forward and backward traces
-
-
-def gets_recheck(held_bytes: int) -> bool:
-    """The one rule for the rounding recheck (app/check/autograd.py recheck_rounding): a run
-    whose inputs and gradients hold at most RECHECK_MAX_BYTES reruns a failing check in the
-    other precision. Only a failing check runs it; the costs count it for every such run."""
-    return held_bytes <= RECHECK_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -71,9 +64,7 @@ def plan(cfg, traces: Traces | None = None) -> RunPlan:
     inputs = sum(math.prod(s.shape) * (8 if s.integer else itemsize) for s in specs)
     float_inputs = sum(math.prod(s.shape) * itemsize for s in specs if s.role != "target")
     activations = sum(math.prod(entry["shape"]) * itemsize for entry in forward)
-    # the check weighs the run's tensors and its manual gradients (every one but the loss's)
-    loss = sum(math.prod(e["shape"]) * itemsize for e in forward if e["output"] == "loss")
-    held = inputs + float_inputs + activations - loss
+    held = held_bytes(cfg, forward)  # the run's tensors and its manual gradients
     return RunPlan(
         cfg=cfg,
         forward=forward,

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from app.check.autograd import autograd_gradients, cancelling_scale, compare
+from app.check.autograd import autograd_gradients, cancelling_scale
+from app.check.tolerance import compare
 from app.engine import data
 from app.engine.network import Network
 from app.engine.pipeline import learner_formulas

@@ -35,6 +35,7 @@ from typing import Any
 import nbformat
 import torch
 
+from app.check.recheck import recheck_of
 from app.cost.budget import human_bytes
 from app.engine import pipeline
 from app.engine.network import Network
@@ -291,7 +292,13 @@ def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section
             "gradient that fails is checked again knowing the rounding both sides carry (the "
             "same formulas and autograd in the other precision): one that cancels to ~0 passes, "
             "a wrong formula does not.",
-            check_statements(cfg, checked_gradients(cfg, backward), emitter.written, script=script),
+            check_statements(
+                cfg,
+                checked_gradients(cfg, backward),
+                emitter.written,
+                script=script,
+                recheck=recheck_of(cfg, forward),
+            ),
         ),
     ]
 

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.check.autograd import compare
+from app.check.tolerance import compare
 from app.check.diagnosis import (
     Evidence,
     diagnose,

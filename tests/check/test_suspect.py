@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.check.autograd import SUSPECT_RATIO
+from app.check.suspect import SUSPECT_RATIO
 from app.engine import pipeline
 from app.schemas import RunRequest
 
