@@ -8,11 +8,9 @@ an op writes once is therefore both the computation and the text the API shows.
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,24 +19,7 @@ import torch
 from app.ops.broadcast import Shape, broadcast_rule
 from app.ops.cancel import check_cancelled
 from app.ops.copies import blas_copy_bytes
-
-# What `.float()` and `.to(torch.float32)` make: float32, except in a program's float64
-# recheck (app/programs/run.py), which reruns the same formulas in float64 throughout, so a
-# line that pins float32 and then meets a float64 operand (`@` refuses mixed dtypes) reruns too
-_SINGLE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar(
-    "broadprop_single", default=torch.float32
-)
-
-
-@contextmanager
-def single_precision_as(dtype: torch.dtype) -> Iterator[None]:
-    """`.float()` and `.to(torch.float32)` make `dtype` within (the float64 recheck's)."""
-    token = _SINGLE.set(dtype)
-    try:
-        yield
-    finally:
-        _SINGLE.reset(token)
-
+from app.ops.precision import single_precision
 
 # Operator precedence, for parenthesizing generated expressions the way a person would.
 ADD, MUL, UNARY, ATOM = 1, 2, 3, 4
@@ -485,7 +466,7 @@ class Traced:
 
     def float(self) -> Traced:
         """`.float()` as in the article; a mask becomes 0./1. (exact in every dtype)."""
-        return self._method(self.t.to(_SINGLE.get()), "float()", "mask", "float")
+        return self._method(self.t.to(single_precision()), "float()", "mask", "float")
 
     def to_dtype_of(self, other: Traced) -> Traced:
         return self.to(other.t.dtype)
@@ -494,7 +475,7 @@ class Traced:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(".to() takes torch.float32 or torch.float64")
         name = str(dtype).removeprefix("torch.")
-        made = _SINGLE.get() if dtype == torch.float32 else dtype
+        made = single_precision() if dtype == torch.float32 else dtype
         return self._method(self.t.to(made), f"to(torch.{name})", "mask", "to")
 
     def gather(self, dim: int, index: Traced) -> Traced:

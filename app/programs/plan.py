@@ -21,7 +21,7 @@ from app.lab.allowlist import FormulaError, Pair
 from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
 from app.ops.cancel import check_cancelled
 from app.ops.traced import Step, Traced
-from app.programs.inputs import DTYPES, meta_of
+from app.programs.inputs import DTYPES, meta_of, names_rows
 from app.programs.schemas import ProgramRequest
 
 GRAD_PREFIX = "d"
@@ -220,9 +220,12 @@ class Plan:
 class _Cost:
     """Seconds and bytes, step by step, as the dry run goes (loops counted in full)."""
 
-    def __init__(self, itemsize: int, seconds_limit: float, bytes_limit: int, which: str):
+    def __init__(
+        self, itemsize: int, seconds_limit: float, bytes_limit: int, which: str, budget: int = 0
+    ):
         self.itemsize, self.seconds_limit, self.bytes_limit = itemsize, seconds_limit, bytes_limit
         self.which = which
+        self.budget = max(budget, bytes_limit)  # the whole budget: bytes_limit is what it leaves
         self.seconds = 0.0
         self.peak_temp = 0
         self.kept = 0
@@ -260,16 +263,74 @@ class _Cost:
                 self.which,
                 entry.line,
                 f"line {entry.line} (`{entry.code}`): the {self.which}'s tensors would take "
-                f"{_mib(self.kept + self.peak_temp)} by here, over the server's memory budget "
-                f"of {_mib(self.bytes_limit)} per run",
+                f"{_mib(self.kept + self.peak_temp)} by here, over "
+                + (
+                    f"the server's memory budget of {_mib(self.bytes_limit)} per run"
+                    if self.bytes_limit >= self.budget
+                    else f"the {_mib(max(self.bytes_limit, 0))} that the server's memory "
+                    f"budget of {_mib(self.budget)} per run leaves beside the inputs and "
+                    "what autograd keeps"
+                ),
                 "budget",
                 bytes=self.kept + self.peak_temp,
                 budget_bytes=self.bytes_limit,
             )
 
 
+def _gradients_made(
+    req: ProgramRequest, forward: Program, fwd: ForwardRun, has_grad: list[str],
+    itemsize: int, room: int,
+) -> int:  # fmt: skip
+    """Bytes autograd makes that the forward's own count misses, refused past `room`: the
+    gradient of every input with one, and of every view the forward names (an `expand` takes
+    no memory, but its gradient is made whole); and the check's two float64 temporaries of
+    the largest gradient."""
+    sizes: dict[str, int] = {}
+    for name in has_grad:
+        t = fwd.scope[name].t if name in fwd.scope else None
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        if name in req.inputs or t._is_view():
+            sizes[name] = t.numel() * itemsize
+    largest = max((fwd.scope[n].t.numel() for n in has_grad if n in fwd.scope), default=0)
+    check = 2 * largest * 8
+    total = sum(sizes.values()) + check
+    if total > room:
+        name = max(sizes, key=sizes.get, default=None)
+        why = (
+            f"the gradient of `{name}` ({_mib(sizes[name])}: autograd makes a view's or an "
+            "input's gradient whole, whatever the view costs)"
+            if name is not None
+            else "the check's copies of its largest gradient"
+        )
+        line = _line_of(forward, name) if name is not None and name not in req.inputs else None
+        raise ProgramRefused(
+            "forward" if line is not None else "inputs",
+            line if line is not None else name,
+            f"autograd would make {_mib(total)} more than the forward's own tensors, "
+            f"mostly {why}; that is over what the server's memory budget leaves "
+            f"({_mib(max(room, 0))}): make the shapes smaller",
+            "budget",
+            bytes=total,
+            budget_bytes=room,
+        )
+    return total
+
+
 def _mib(n: float) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
+
+
+def _refuse_rows_past_the_data(req: ProgramRequest) -> None:
+    """A names input asks for at most the data's training rows (a 422 at the input)."""
+    for name, spec in req.inputs.items():
+        if spec.data == "names" and spec.rows > (available := names_rows()):
+            raise ProgramRefused(
+                "inputs", name,
+                f"{name}: rows {spec.rows:,} is more than the names data's {available:,} "
+                "training rows; ask for at most that many",
+                "rows", rows=spec.rows, available=available,
+            )  # fmt: skip
 
 
 def _meta_inputs(req: ProgramRequest) -> tuple[dict[str, Any], int]:
@@ -293,9 +354,10 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
     """The dry run: every refusal before anything real is made (ProgramRefused)."""
     forward = _parse(req.forward, "forward")
     backward = _parse(req.backward, "backward")
+    _refuse_rows_past_the_data(req)
     scope, input_bytes = _meta_inputs(req)
     itemsize = torch.empty((), dtype=DTYPES[req.dtype]).element_size()
-    cost = _Cost(itemsize, work_limit_s, memory_budget - input_bytes, "forward")
+    cost = _Cost(itemsize, work_limit_s, memory_budget - input_bytes, "forward", memory_budget)
     fwd = ForwardRun(forward, scope, check_cancelled)
     fwd.on_statement = cost.add
     with torch.enable_grad():
@@ -310,9 +372,11 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
     ]
     # the run keeps the forward, autograd's saved tensors and the retained gradients
     forward_bytes = cost.kept
+    made_bytes = _gradients_made(req, forward, fwd, has_grad, itemsize,
+                                 memory_budget - input_bytes - 3 * forward_bytes)  # fmt: skip
     back_cost = _Cost(
         itemsize, max(0.0, work_limit_s - 3 * cost.seconds),
-        memory_budget - input_bytes - 3 * forward_bytes, "backward",
+        memory_budget - input_bytes - 3 * forward_bytes - made_bytes, "backward", memory_budget,
     )  # fmt: skip
     bwd = BackwardRun(backward, env, set(has_grad), check_cancelled)
     bwd.on_statement = back_cost.add
@@ -337,7 +401,7 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
         intermediates=list(fwd.assigned),
         stops_at=stops_at,
         seconds=seconds * (2.2 if rerun else 1.0),
-        bytes=input_bytes + 3 * forward_bytes + back_cost.kept + back_cost.peak_temp,
+        bytes=input_bytes + 3 * forward_bytes + made_bytes + back_cost.kept + back_cost.peak_temp,
         rerun=rerun,
         forward_reads=_reads(forward),
         known=frozenset([*req.inputs, *fwd.assigned]),

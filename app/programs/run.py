@@ -17,7 +17,8 @@ import torch
 from app.lab.allowlist import FormulaError
 from app.lab.statements import Executed, ProgramError
 from app.ops.cancel import RunCancelled, cancel_token
-from app.ops.traced import Traced, single_precision_as
+from app.ops.precision import single_precision_as
+from app.ops.traced import Traced
 from app.programs.check import (
     Outcome,
     check_table,

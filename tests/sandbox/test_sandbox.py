@@ -5,6 +5,7 @@ costs that program, never the server. Each finding of the probe (N1-N13) has a t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -183,7 +184,7 @@ def test_n7_names_rows_beyond_the_data_are_a_422_at_rows(client):
     r = post(client, body)
     assert r.status_code == 422, r.text[:300]
     (error,) = r.json()["detail"]
-    assert error["loc"][:3] == ["body", "inputs", "X"]
+    assert error["loc"] == ["body", "inputs", "X"]
     assert "training rows" in error["msg"]
 
 
@@ -247,3 +248,48 @@ def test_n5_program_trainings_share_the_training_bound():
         finally:
             for s in streams:
                 s.__exit__(None, None, None)
+
+
+def test_n1_the_estimate_counts_a_views_gradient_at_its_line(client):
+    """The estimate refuses the stretched view at the line that names it (before anything
+    real runs), saying that autograd makes a view's gradient whole."""
+    body = {
+        "inputs": {"x": {"shape": [64, 64]}},
+        "forward": "y = x.unsqueeze(0).expand(100000, 64, 64)\nloss = y.sum()",
+        "backward": "",
+    }
+    r = post(client, body)
+    assert r.status_code == 422, r.text[:300]
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "forward", 1]
+    assert "gradient of `y`" in error["msg"] and "whole" in error["msg"]
+
+
+def test_n2_inputs_gradients_are_counted():
+    """Ten inputs of 2^24 floats: 640 MiB of values and as much again of gradients, over a
+    1 GiB budget: refused at an input, not a 200 that took 1.4 GB."""
+    inputs = {f"x{i}": {"shape": [1 << 24]} for i in range(10)}
+    body = {
+        "inputs": inputs,
+        "forward": "loss = " + " + ".join(f"x{i}.sum()" for i in range(10)),
+        "backward": "",
+    }
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        r = post(c, body)
+    assert r.status_code == 422, r.text[:300]
+    (error,) = r.json()["detail"]
+    assert error["loc"][:2] == ["body", "inputs"] and "budget" in error["msg"]
+
+
+def test_n11_a_budget_left_is_never_negative_in_a_message(client):
+    body = {
+        "inputs": {"x": {"shape": [3000, 3000]}, "w": {"shape": [3000, 3000]}},
+        "forward": "a = x * w\nb = a * w\nc = b * w\nd = c * w\ne = d * w\nloss = e.sum()",
+        "backward": "",
+    }
+    with TestClient(create_app(Settings(memory_budget_bytes=300 << 20)),
+                    raise_server_exceptions=False) as c:  # fmt: skip
+        r = post(c, body)
+    assert r.status_code == 422, r.text[:300]
+    message = r.json()["detail"][0]["msg"]
+    assert "budget" in message and re.search(r"-\d", message) is None, message
