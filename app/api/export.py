@@ -7,8 +7,8 @@ from fastapi.responses import Response
 
 from app.api import gate
 from app.api.responses import VALIDATION_ERROR
-from app.cost import admission
 from app.export import run as export
+from app.programs import admission as program_admission
 from app.refusal import Refused
 from app.schemas import ErrorMessage, ExportRequest
 from app.settings import Settings
@@ -81,7 +81,7 @@ async def export_program_body(body: dict, fmt: str, settings: Settings) -> Respo
         errors = [{**e, "loc": ("body", "program", *e["loc"])} for e in exc.errors()]
         raise RequestValidationError(errors) from None
     try:
-        plan = await anyio.to_thread.run_sync(admission.admit_program, program, settings)
+        plan = await anyio.to_thread.run_sync(program_admission.admit_program, program, settings)
     except Refused as refused:
         raise refused.relocated("body", "program") from None
     text, name = program_export.export(program, plan, fmt)

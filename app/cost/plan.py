@@ -1,7 +1,7 @@
 """The passes one run makes, decided once from its config and its traces (shapes only).
 
 app/cost/budget.py costs a plan in bytes, app/cost/work.py in seconds, app/cost/admission.py
-refuses from both; the run (app/engine/pipeline.py, app/check) makes the same passes. Whether
+refuses from both; the run (app/runs/pipeline.py, app/check) makes the same passes. Whether
 a run gets the rounding recheck is decided by app/check/recheck.py alone, from the bytes it
 weighs there (`held_bytes`), for the costs here and for the run.
 """
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from app.check.recheck import gets_recheck, held_bytes
 from app.engine.tensors import input_specs
 from app.engine.traces import trace
+from app.schemas import MAX_RESPONSE_CELLS
+from app.views.heatmap import response_max_cells
 
 Traces = tuple[list[dict], list[dict]]  # the forward and backward traces
 
@@ -78,3 +80,12 @@ def plan(cfg, traces: Traces | None = None) -> RunPlan:
         recheck=gets_recheck(held),
         fd_rerun=cfg.fd_samples > 0 and itemsize == 4,
     )
+
+
+def heatmap_cap(cfg) -> int:
+    """The cap on each heatmap's cells for a run of `cfg`: max_cells, lowered where all the
+    response's heatmaps together would pass MAX_RESPONSE_CELLS (the views take the cap as
+    given; the budget counts the cells it allows)."""
+    sizes = [math.prod(s.shape) for s in input_specs(cfg) if s.role != "target"]
+    maps = 4 if cfg.reference_heatmaps else 1  # manual; autograd, difference, tolerance
+    return response_max_cells(sizes, cfg.max_cells, maps, MAX_RESPONSE_CELLS)

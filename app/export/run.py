@@ -37,7 +37,7 @@ import torch
 
 from app.check.recheck import recheck_of
 from app.cost.budget import human_bytes
-from app.engine import pipeline
+from app.engine import follow
 from app.engine.network import Network
 from app.engine.tensors import data_name, input_specs
 from app.export.checking import (
@@ -59,7 +59,7 @@ from app.export.lines import (
 )
 from app.export.tensors import data_imports, tensor_statements
 from app.ops.base import element, terms_expr
-from app.views import follow
+from app.runs import pipeline
 
 FORMATS = ("py", "ipynb")
 MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipynb+json"}

@@ -18,12 +18,12 @@ import torch
 
 from app.check import tolerance
 from app.check.autograd import autograd_gradients
-from app.engine import pipeline
 from app.engine.network import Network
 from app.engine.tensors import make_tensors
 from app.export import run as export
 from app.export.lines import module_body
 from app.ops import Context
+from app.runs import pipeline
 from app.schemas import RunRequest
 
 # runs every exported script and notebook in a process of its own

@@ -20,22 +20,21 @@ from app.check.diagnosis import diagnose_check
 from app.check.fd import finite_difference_check
 from app.check.recheck import recheck_of
 from app.check.suspect import mark_suspects
-from app.cost import budget
-from app.cost.plan import plan
+from app.cost.plan import heatmap_cap
 from app.engine import data
-from app.engine.compare import compare_strategies
+from app.engine.follow import follow
 from app.engine.network import Network
 from app.engine.tensors import data_name, input_specs, lead_shape, make_tensors
 from app.engine.traces import learner_sources, trace
 from app.lab.formulas import LearnerFormula, bind
 from app.ops import Context
 from app.ops.cancel import cancel_token
-from app.views.follow import follow
+from app.runs.compare import compare_strategies
+from app.schemas import MAX_FOLLOW_TERMS
 from app.views.heatmap import (
     MAX_IMAGES,
     data_view,
     gradient_view,
-    heatmap_cap,
     overflow_warnings,
     small_values,
 )
@@ -47,11 +46,6 @@ def learner_formulas(cfg, net: Network) -> dict[str, LearnerFormula]:
     """The learner's formulas bound to `net`, for Network.backward (already dry-run by
     `trace`)."""
     return bind(learner_sources(cfg), net.grad_order)
-
-
-def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
-    """A run's peak bytes, estimated from its plan (app/cost/plan.py, app/cost/budget.py)."""
-    return budget.estimate(plan(cfg), chunk_bytes)
 
 
 def run(cfg, chunk_bytes: int, cancel=None, traces: Traces | None = None) -> dict[str, Any]:
@@ -115,7 +109,7 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
     followed = None
     if cfg.follow is not None:  # one slice of one broadcast product: about its terms' cost
         user = cfg.follow.grad in learner_sources(cfg)
-        followed = follow(cfg.follow, net, env, grads, user)
+        followed = follow(cfg.follow, net, env, grads, user, max_terms=MAX_FOLLOW_TERMS)
     after_follow = time.perf_counter()
 
     specs = input_specs(cfg)
