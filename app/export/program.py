@@ -83,7 +83,8 @@ def sections(req: ProgramRequest, plan: programs.Plan) -> list[dict[str, str]]:
     grad_inputs = [n for n in req.inputs if n in plan.has_grad]
     retain = [n for n in plan.has_grad if n not in req.inputs]
     forward = textwrap.indent(req.forward.strip("\n"), "    ")
-    backward = textwrap.indent(req.backward.strip("\n") or "pass", "    ")
+    # leading blank lines kept: the script's backward lines count as the server's do
+    backward = textwrap.indent(req.backward.rstrip() or "pass", "        ")
     detach = [*req.inputs, *plan.intermediates]
     rerun_note = (
         "rerun in float64 to measure the rounding both sides carry, as the server does"
@@ -97,7 +98,7 @@ Needs torch{" and the names data set (pip install torch names)" if uses_names el
 from __future__ import annotations
 
 import itertools
-import math
+import math  # the check's, and a program may scale by math.sqrt
 import sys
 from typing import Any
 
@@ -110,8 +111,13 @@ RERUN = {plan.rerun!r}  # {rerun_note}
     body = [
         "def program(DTYPE):",
         '    """Inputs, forward, autograd and your backward, in precision DTYPE."""',
+        "    torch.set_default_dtype(torch.float32)  # the inputs are drawn as the server draws them",
         textwrap.indent("\n".join(inputs), "    "),
         *(f"    {n} = {n}.to(DTYPE).requires_grad_()" for n in grad_inputs),
+        "    # tensors the program makes take the run's dtype, and its draws (torch.rand, randn,",
+        "    # F.dropout) continue the inputs' generator, as on the server",
+        "    torch.set_default_dtype(DTYPE)",
+        "    torch.set_rng_state(g.get_state())",
         "    torch.set_grad_enabled(True)",
         "    # ---- your forward",
         forward,
@@ -122,8 +128,14 @@ RERUN = {plan.rerun!r}  # {rerun_note}
         "    torch.set_grad_enabled(False)",
         *(f"    {n} = {n}.detach() if isinstance({n}, torch.Tensor) else {n}" for n in detach),
         "    cmp = _skip  # a notebook's own check lines: the check below covers them",
+        "    first = sys._getframe().f_lineno + 2  # the line of your backward's line 1",
+        "    try:",
         backward,
-        "    manual = {" + ", ".join(f"{t!r}: {spelled}" for t, spelled in written.items()) + "}",
+        "    except Exception as error:  # as on the server: the lines before it are checked",
+        "        _stopped(error, first)",
+        "    manual = _written({"
+        + ", ".join(f"{t!r}: lambda: {spelled}" for t, spelled in written.items())
+        + "})",
         f"    return {req.loss}.item(), manual, autograd",
     ]
     check = f"\n\n{SCRIPT_END}\n"

@@ -64,7 +64,35 @@ def check_program(program, dtype, rerun, spelled, reads):
         print("differs from autograd: " + ", ".join(failed))
     else:
         print(f"all {len(manual)} written gradients match autograd")
-    return 1 if failed else 0
+    return 1 if failed or STOPPED else 0
+
+
+# the backward line that could not run, as the server's backward_error (the file's program()
+# calls `_stopped` when the learner's backward raises; a file runs its check once)
+STOPPED = []
+
+
+def _stopped(error, first):
+    """Your backward stopped at a line: said once (as the server says it); the gradients
+    written before it are still checked. `first`: the file's line of the backward's line 1."""
+    line = error.__traceback__.tb_lineno - first + 1
+    if not STOPPED:
+        print(f"backward line {line} cannot run: {type(error).__name__}: "
+              f"{str(error).splitlines()[0] if str(error) else ''}; the lines before it are "
+              "checked, the rest are not run")  # fmt: skip
+    STOPPED.append(line)
+
+
+def _written(gradients):
+    """The gradients your backward wrote before it stopped (all of them, when it ran):
+    `gradients` maps each tensor to a function reading its gradient's name."""
+    out = {}
+    for name, value in gradients.items():
+        try:
+            out[name] = value()
+        except (NameError, AttributeError):  # never written: the backward stopped before
+            pass
+    return out
 
 
 def _squeezed(shape):

@@ -177,22 +177,7 @@ class Traced:
         operands: Sequence[Traced],
         detail: dict[str, Any] | None = None,
     ) -> Traced:
-        if not t.is_meta:  # computing, not tracing: the numbers need no steps
-            check_cancelled()  # a learner's formula is many ops: the deadline can stop it here
-            named = [o.bindings for o in operands if o.bindings]
-            return Traced(t, expr, prec, None, _merge_steps(*named) if named else [])
-        step = Step(
-            action=action,
-            op=op,
-            expr=expr,
-            inputs=[o.shape for o in operands],
-            output=tuple(t.shape),
-            bytes=t.numel() * t.element_size(),
-            detail=detail or {},
-        )
-        steps = _merge_steps(*(o.steps for o in operands), [step])
-        bindings = _merge_steps(*(o.bindings for o in operands))
-        return Traced(t, expr, prec, steps, bindings)
+        return made(t, expr, action, op, operands, detail, prec)
 
     def _method(self, t: torch.Tensor, call: str, action: str, op: str, **detail: Any) -> Traced:
         return self._make(t, f"{self._wrapped(ATOM)}.{call}", ATOM, action, op, [self], detail)
@@ -271,11 +256,11 @@ class Traced:
             )
         return self._reduce("mean", dim, keepdim)
 
-    def amax(self, dim: int, keepdim: bool = False) -> Traced:
-        return self._reduce("max", dim, keepdim)
+    def amax(self, dim: int | tuple[int, ...], keepdim: bool = False) -> Traced:
+        return self._reduce("max" if isinstance(dim, int) else "amax", dim, keepdim)
 
-    def amin(self, dim: int, keepdim: bool = False) -> Traced:
-        return self._reduce("min", dim, keepdim)
+    def amin(self, dim: int | tuple[int, ...], keepdim: bool = False) -> Traced:
+        return self._reduce("min" if isinstance(dim, int) else "amin", dim, keepdim)
 
     def max(self, dim: int | None = None, keepdim: bool = False) -> Traced:
         """With a dim, the values (as `.max(dim).values`); without, the largest entry."""
@@ -562,6 +547,35 @@ class Traced:
         t = torch.minimum(self.t, other.t)
         return self._make(t, f"torch.minimum({self.expr}, {other.expr})", ATOM, "elementwise",
                           "minimum", [self, other])  # fmt: skip
+
+
+def made(
+    t: torch.Tensor,
+    expr: str,
+    action: str,
+    op: str,
+    operands: Sequence[Traced] = (),
+    detail: dict[str, Any] | None = None,
+    prec: int = ATOM,
+) -> Traced:
+    """A new value and its one trace step (on meta tensors; real ones need no steps), from
+    any operands, or none (`torch.zeros(3, 4)`)."""
+    if not t.is_meta:  # computing, not tracing: the numbers need no steps
+        check_cancelled()  # a learner's formula is many ops: the deadline can stop it here
+        named = [o.bindings for o in operands if o.bindings]
+        return Traced(t, expr, prec, None, _merge_steps(*named) if named else [])
+    step = Step(
+        action=action,
+        op=op,
+        expr=expr,
+        inputs=[o.shape for o in operands],
+        output=tuple(t.shape),
+        bytes=t.numel() * t.element_size(),
+        detail=detail or {},
+    )
+    steps = _merge_steps(*(o.steps for o in operands), [step])
+    bindings = _merge_steps(*(o.bindings for o in operands))
+    return Traced(t, expr, prec, steps, bindings)
 
 
 def meta_index(index: torch.Tensor) -> Any:

@@ -20,6 +20,8 @@ from app.lab import formulas
 from app.lab.allowlist import FormulaError, Pair
 from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
 from app.ops.cancel import check_cancelled
+from app.ops.joining import TensorList
+from app.ops.making import Maker
 from app.ops.traced import Step, Traced
 from app.programs.inputs import DTYPES, meta_of, names_rows
 from app.programs.schemas import ProgramRequest
@@ -45,11 +47,14 @@ class ProgramRefused(Exception):
 
 
 class ForwardRun(Interpreter):
-    """The forward: `name = expression` lines over the inputs; each name assigned once, so
-    each has one gradient."""
+    """The forward: lines over the inputs (loops, lists and in-place fills of its own fresh
+    tensors too). A name may be rebound (`h = ...` in a loop): its gradient is that of its
+    value after the statement that last wrote it."""
 
-    def __init__(self, program: Program, inputs: dict[str, Any], check: Callable[[], None]):
-        super().__init__(program, dict(inputs), [], check)
+    def __init__(self, program: Program, inputs: dict[str, Any], check: Callable[[], None],
+                 maker: Maker | None = None):  # fmt: skip
+        protected = [v.t for v in inputs.values() if isinstance(v, Traced)]
+        super().__init__(program, dict(inputs), protected, check, maker=maker)
         self.input_names = set(inputs)
         self.assigned: list[str] = []
 
@@ -73,16 +78,10 @@ class ForwardRun(Interpreter):
         if name in self.input_names:
             self.fail(stmt, f"{name} is an input; the forward makes new names from it",
                       "not_allowed")  # fmt: skip
-        if name in self.assigned:
-            self.fail(
-                stmt,
-                f"{name} is assigned twice; in a program every forward name is assigned once, "
-                "so that its gradient is one tensor (call the new value another name)",
-                "not_allowed",
-            )
         if isinstance(value, range):
             self.fail(stmt, "a range is for indexing and loops, not a value", "not_allowed")
-        self.assigned.append(name)
+        if name not in self.assigned:
+            self.assigned.append(name)
         super().assign(stmt, name, value)
 
 
@@ -96,9 +95,10 @@ class BackwardRun(Interpreter):
         forward: dict[str, Any],
         has_grad: set[str],
         check: Callable[[], None],
+        maker: Maker | None = None,
     ):
-        protected = [v.t for v in forward.values() if isinstance(v, Traced)]
-        super().__init__(program, {}, protected, check)
+        protected = [t.t for v in forward.values() for t in _tensors(v)]
+        super().__init__(program, {}, protected, check, maker=maker)
         self.forward = forward
         self.has_grad = has_grad
         self.gradients: dict[str, Traced] = {}  # tensor name -> its gradient, as written
@@ -107,6 +107,9 @@ class BackwardRun(Interpreter):
         # tensor name -> what its indexed `+=` lost to one write per repeated index (the
         # `dropped_duplicates` diagnosis; app/check/diagnosis.py)
         self.dropped: dict[str, torch.Tensor] = {}
+
+    def operands(self) -> list[Any]:
+        return [*self.forward.values(), *self.scope.values()]
 
     def grad_of(self, name: str) -> str | None:
         """The tensor whose gradient `name` is, or None for a helper."""
@@ -117,6 +120,8 @@ class BackwardRun(Interpreter):
         return None
 
     def resolve(self, node: ast.AST, name: str) -> Any:
+        if name in self.scope and not _tensors(self.forward.get(name)):
+            return self.scope[name]  # a loop's name or a number of its own shadows the forward's
         if name in self.forward:
             return self.forward[name]
         tensor = self.grad_of(name)
@@ -137,7 +142,7 @@ class BackwardRun(Interpreter):
         return f"the forward has no tensor {tensor}"
 
     def assign(self, stmt: ast.stmt, name: str, value: Any) -> None:
-        if name in self.forward:
+        if name in self.forward and (_tensors(self.forward[name]) or _tensors(value)):
             self.fail(
                 stmt,
                 f"{name} is the forward's; the backward writes gradients ({GRAD_PREFIX}{name} "
@@ -217,8 +222,19 @@ class Plan:
     known: frozenset[str] = frozenset()  # the inputs' and the forward's names
 
 
+def _tensors(value: Any) -> list[Traced]:
+    """The tensors a value holds: itself, or a list's or a pair's."""
+    if isinstance(value, Traced):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, Traced)]
+    return []
+
+
 class _Cost:
-    """Seconds and bytes, step by step, as the dry run goes (loops counted in full)."""
+    """Seconds and bytes, step by step, as the dry run goes (loops counted in full). In the
+    forward every run of a line keeps its result (autograd saves it); in the backward a
+    rebound name frees the old value, so a loop's line keeps one; a list keeps all it holds."""
 
     def __init__(
         self, itemsize: int, seconds_limit: float, bytes_limit: int, which: str, budget: int = 0
@@ -241,11 +257,13 @@ class _Cost:
             self.seconds += OP_S
             if not formulas.is_view(d) and d["action"] != "write":
                 temp += d["bytes"] + d.get("temp_bytes", 0)
+            if self.which != "forward":  # (the forward keeps every result already)
+                self.kept += d.get("keeps", 0)  # a list's append keeps what it holds
         self.peak_temp = max(self.peak_temp, temp)
-        if entry.runs == 1:
-            self.kept += (
-                steps[-1].bytes if steps and not formulas.is_view(steps[-1].as_dict()) else 0
-            )
+        if entry.runs == 1 or self.which == "forward":
+            last = steps[-1].as_dict() if steps else None
+            if last is not None and not formulas.is_view(last) and last["action"] != "write":
+                self.kept += last["bytes"]
         if self.seconds > self.seconds_limit:
             raise ProgramRefused(
                 self.which,
@@ -358,7 +376,8 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
     scope, input_bytes = _meta_inputs(req)
     itemsize = torch.empty((), dtype=DTYPES[req.dtype]).element_size()
     cost = _Cost(itemsize, work_limit_s, memory_budget - input_bytes, "forward", memory_budget)
-    fwd = ForwardRun(forward, scope, check_cancelled)
+    maker = Maker("meta", DTYPES[req.dtype])
+    fwd = ForwardRun(forward, scope, check_cancelled, maker=maker)
     fwd.on_statement = cost.add
     with torch.enable_grad():
         _run(fwd, "forward")
@@ -366,10 +385,12 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
     if not loss.t.requires_grad:
         raise ProgramRefused("forward", _line_of(forward, req.loss), f"{req.loss} does not "
                              "depend on any input with a gradient (grad: true)", "name")  # fmt: skip
-    env = {n: detached(v) for n, v in fwd.scope.items()}
     has_grad = [n for n in req.inputs if _requires_grad(scope.get(n))] + [
         n for n in fwd.assigned if _requires_grad(fwd.scope[n])
     ]
+    if writes_in_place(forward):
+        _autograd_on_meta(req, forward, loss, [fwd.scope[n].t for n in has_grad])
+    env = {n: detached(v) for n, v in fwd.scope.items()}
     # the run keeps the forward, autograd's saved tensors and the retained gradients
     forward_bytes = cost.kept
     made_bytes = _gradients_made(req, forward, fwd, has_grad, itemsize,
@@ -378,7 +399,7 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
         itemsize, max(0.0, work_limit_s - 3 * cost.seconds),
         memory_budget - input_bytes - 3 * forward_bytes - made_bytes, "backward", memory_budget,
     )  # fmt: skip
-    bwd = BackwardRun(backward, env, set(has_grad), check_cancelled)
+    bwd = BackwardRun(backward, env, set(has_grad), check_cancelled, maker=maker)
     bwd.on_statement = back_cost.add
     stops_at = None
     with torch.no_grad():
@@ -406,6 +427,36 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
         forward_reads=_reads(forward),
         known=frozenset([*req.inputs, *fwd.assigned]),
     )
+
+
+def writes_in_place(program: Program) -> bool:
+    """Whether a text writes a tensor in place anywhere (`+=`, `x[i] = ...`, `x.f_(...)`)."""
+    for stmt in program.body:
+        for node in ast.walk(stmt):
+            if isinstance(node, (ast.AugAssign, ast.Expr)):
+                return True
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Subscript):
+                return True
+    return False
+
+
+def _autograd_on_meta(req: ProgramRequest, forward: Program, loss: Traced,
+                      tensors: list[torch.Tensor]) -> None:  # fmt: skip
+    """The forward's backward on meta tensors: an in-place write into a tensor autograd saved
+    (PyTorch's "modified by an inplace operation") is refused here, before anything runs."""
+    try:
+        torch.autograd.grad(loss.t, tensors, allow_unused=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0].replace("MetaFloatType", "tensor").replace(
+            "MetaDoubleType", "tensor")  # fmt: skip
+        raise ProgramRefused(
+            "forward",
+            _line_of(forward, req.loss),
+            f"autograd cannot run this forward backwards: {first.split('. Hint')[0]}. An in-place "
+            "write changed a tensor that a line above saved for its gradient: write into a "
+            "fresh tensor (torch.zeros) or rebind the name (`x = x + ...`)",
+            "not_allowed",
+        ) from None
 
 
 def _parse(source: str, which: str) -> Program:
@@ -477,4 +528,10 @@ def detached(value: Any) -> Any:
         return Traced(value.t.detach(), value.expr)
     if isinstance(value, Pair):
         return Pair(tuple(detached(v) for v in value))
+    if isinstance(value, TensorList):  # the forward's list: the backward reads, never grows it
+        out = TensorList(detached(v) for v in value)
+        out.name, out.frozen = value.name, True
+        return out
+    if isinstance(value, tuple):
+        return tuple(detached(v) for v in value)
     return value

@@ -16,7 +16,8 @@ import torch
 
 from app.lab.allowlist import FormulaError
 from app.lab.statements import Executed, ProgramError
-from app.ops.cancel import RunCancelled, cancel_token
+from app.ops.cancel import RunCancelled, cancel_token, is_allocation_failure
+from app.ops.making import Maker
 from app.ops.precision import single_precision_as
 from app.ops.traced import Traced
 from app.programs.check import (
@@ -50,7 +51,11 @@ __all__ = ["Plan", "ProgramRefused", "admit", "answer", "execute_once", "run", "
 def execute_once(
     req: ProgramRequest, plan: Plan, dtype: torch.dtype, check: Callable[[], None]
 ) -> Outcome:
-    made = make_inputs(req.inputs, req.seed, req.dtype)
+    g = torch.Generator().manual_seed(req.seed)  # the run's one generator: inputs, then draws
+    made = make_inputs(req.inputs, req.seed, req.dtype, generator=g)
+    # the program's own tensors in this pass's dtype; its draws in the run's (so the float64
+    # recheck of a float32 run sees the same numbers, widened)
+    maker = Maker("cpu", dtype, g, draw_dtype=DTYPES[req.dtype])
     inputs: dict[str, Any] = {}
     for name, value in made.items():
         if isinstance(value, torch.Tensor):
@@ -60,24 +65,29 @@ def execute_once(
                     value.requires_grad_()
             value = Traced(value, name)
         inputs[name] = value
-    fwd = ForwardRun(plan.forward, inputs, check)
+    fwd = ForwardRun(plan.forward, inputs, check, maker=maker)
     with torch.enable_grad():
         fwd.run()
         retained = {}
-        for name in plan.has_grad:
+        for name in plan.has_grad:  # each name's value after the line that last wrote it
             t = fwd.scope[name].t
             if not t.is_leaf:
                 t.retain_grad()
             retained[name] = t
         loss = fwd.scope[req.loss].t
-        loss.backward()
+        try:
+            loss.backward()
+        except RuntimeError as err:  # the dry run's meta backward catches these first
+            if is_allocation_failure(err):
+                raise MemoryError(str(err)) from err
+            raise ProgramError(FormulaError(_first_line(err), "formula"), 1, "") from None
     check()
     autograd = {
         n: (t.grad if t.grad is not None else torch.zeros_like(t)).detach()
         for n, t in retained.items()
     }
     env = {n: detached(v) for n, v in fwd.scope.items()}
-    bwd, error = run_backward(plan, env, check)
+    bwd, error = run_backward(plan, env, check, maker)
     return Outcome(
         inputs={n: v.t.detach() if isinstance(v, Traced) else v for n, v in inputs.items()},
         forward={n: v for n, v in env.items()},
@@ -93,17 +103,19 @@ def execute_once(
 
 
 def run_backward(
-    plan: Plan, env: dict[str, Any], check: Callable[[], None]
+    plan: Plan, env: dict[str, Any], check: Callable[[], None], maker: Maker | None = None
 ) -> tuple[BackwardRun, ProgramError | None]:
     """The learner's backward over the forward's detached values, no autograd: what it
     wrote, and the first line that could not run (None when every line ran)."""
-    bwd = BackwardRun(plan.backward, env, set(plan.has_grad), check)
+    bwd = BackwardRun(plan.backward, env, set(plan.has_grad), check, maker=maker)
     with torch.no_grad():
         try:
             bwd.run()
         except ProgramError as err:
             return bwd, err
         except (IndexError, RuntimeError, ValueError, TypeError) as err:  # real data only
+            if is_allocation_failure(err):
+                raise MemoryError(str(err)) from err
             return bwd, ProgramError(FormulaError(_first_line(err), "formula"), 0, "")
     return bwd, None
 

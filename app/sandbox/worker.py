@@ -151,8 +151,8 @@ def _answer(
         conn.send(("refused", refused.errors()))
     except RunCancelled:
         conn.send(("stopped", deadline.reason or "deadline", deadline.used_s()))
-    except MemoryError:
-        conn.send(("memory", "MemoryError"))
+    except MemoryError as e:
+        conn.send(("memory", _allocation_detail(e)))
         return False
     except RuntimeError as e:
         if not _is_allocation_failure(e):
@@ -174,7 +174,7 @@ def _is_allocation_failure(e: RuntimeError) -> bool:
     return "alloc" in text or "memory" in text
 
 
-def _allocation_detail(e: RuntimeError) -> str:
+def _allocation_detail(e: BaseException) -> str:
     """torch's allocation failure, in the learner's terms (its text names C++ files)."""
     asked = re.search(r"allocate (\d+) bytes", str(e))
     if asked is None:

@@ -293,3 +293,52 @@ def test_n11_a_budget_left_is_never_negative_in_a_message(client):
     assert r.status_code == 422, r.text[:300]
     message = r.json()["detail"][0]["msg"]
     assert "budget" in message and re.search(r"-\d", message) is None, message
+
+
+@pytest.mark.parametrize("line", ["torch = x", "F = x * 2", "dx, len = x.max(0)", "range = 3"])
+def test_n10_a_module_or_builtin_is_never_rebound(client, line):
+    """N10: Python would rebind `torch`, the server would not; neither does: a 422 at the
+    line, in both texts."""
+    body = {**SQUARE, "backward": line + "\n" + SQUARE["backward"]}
+    r = post(client, body)
+    assert r.status_code == 422, r.text[:300]
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "backward", 1] and "something else" in error["msg"]
+
+
+def test_n10_the_export_stops_where_the_server_stops(client, tmp_path):
+    """N10: a backward that stops at a shape error: the server checks the lines before it;
+    the exported script says the same line cannot run, checks the same gradients, exits 1."""
+    import subprocess
+    import sys
+
+    body = {
+        "inputs": {"x": {"shape": [4, 3]}, "w": {"shape": [3, 2]}},
+        "forward": "h = x @ w\nloss = h.sum()",
+        "backward": "dh = torch.ones_like(h)\ndw = x.T @ dh\ndx = dh @ w\n",
+    }
+    answer = post(client, body).json()
+    assert answer["backward_error"]["line"] == 3
+    written = sorted(n for n, row in answer["check"]["tensors"].items() if row["written"])
+    script = client.post("/api/export", json={"program": body, "format": "py"})
+    assert script.status_code == 200
+    path = tmp_path / "program.py"
+    path.write_text(script.text)
+    run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr[-500:]
+    assert "backward line 3 cannot run" in run.stdout
+    checked = sorted(line.split()[0] for line in run.stdout.splitlines() if " exact: " in line)
+    assert checked == written == ["h", "w"]
+
+
+def test_n12_follow_on_a_replaced_gradient_is_refused_not_misleading(client):
+    """N12: with `w1.g` replaced by the learner's formula, follow would show the built-in
+    formula's terms, which do not add up to the value shown: a 422 at follow.grad instead."""
+    body = {"batch": 4, "in_features": 3, "hidden": [2], "formulas": {"w1.g": "2 * x.T @ l1.g"},
+            "follow": {"grad": "w1.g", "index": [0, 0]}}  # fmt: skip
+    r = client.post("/api/run", json=body)
+    assert r.status_code == 422, r.text[:300]
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "follow", "grad"] and "your own formula" in error["msg"]
+    del body["formulas"]
+    assert client.post("/api/run", json=body).status_code == 200
