@@ -26,7 +26,6 @@ from app.lab.allowlist import (
     LIST_METHODS,
     MATH_CONSTANTS,
     MAX_INT,
-    MAX_RANGE,
     METHODS,
     NAMESPACES,
     OPERATORS,
@@ -37,6 +36,7 @@ from app.lab.allowlist import (
     is_number,
     literal_exponent,
 )
+from app.lab.builtins import PythonBuiltins
 from app.lab.parse import Formula, source_segment
 from app.ops.broadcast import BroadcastError, broadcast_rule
 from app.ops.cancel import check_cancelled, is_allocation_failure
@@ -47,7 +47,7 @@ from app.ops.traced import COMPARISONS, Traced, _merge_steps
 # --------------------------------------------------------------------------- evaluation
 
 
-class Evaluation:
+class Evaluation(PythonBuiltins):
     """One evaluation of a formula over named `Traced` operands."""
 
     def __init__(
@@ -90,7 +90,7 @@ class Evaluation:
             )
         # every line runs, used or not: its steps are the formula's cost and its trace
         made = [v.steps for v in self.locals.values() if isinstance(v, Traced)]
-        steps = _merge_steps(*made, value.steps)
+        steps = _merge_steps(*made, value.steps, self.take_made_steps())
         return Traced(value.t, value.expr, value.prec, steps, value.bindings)
 
     def eval(self, node: ast.AST) -> Any:
@@ -422,6 +422,26 @@ class Evaluation:
             self.after_write(func.value, result)
         return result
 
+    def _made(self, value: Any) -> None:
+        """Every step an op makes is costed, even one whose value is dropped (`(huge, x)[1]`,
+        `[huge, x][1]`): the steps of each tensor made, kept until the line is costed."""
+        if not hasattr(self, "made_steps"):
+            self.made_steps: list = []
+            self._made_ids: set[int] = set()
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        for v in values:
+            if isinstance(v, Traced):
+                for step in v.steps:
+                    if id(step) not in self._made_ids:
+                        self._made_ids.add(id(step))
+                        self.made_steps.append(step)
+
+    def take_made_steps(self) -> list:
+        """The steps made since the last call (a statement's, for its cost)."""
+        steps = getattr(self, "made_steps", [])
+        self.made_steps, self._made_ids = [], set()
+        return steps
+
     def before_write(self, node: ast.AST, target: ast.expr, value: Any) -> None:
         """An in-place method: a formula never writes (a program's interpreter decides)."""
         self.fail(node, "in-place methods (a trailing _) are not allowed: formulas never write",
@@ -429,54 +449,6 @@ class Evaluation:
 
     def after_write(self, target: ast.expr, value: Any) -> None:
         """After an in-place method wrote `target`'s tensor (a program rebinds the name)."""
-
-    def _builtin(self, node: ast.Call, name: str) -> Any:
-        """Python's own: range, len, float, int, reversed."""
-        if name == "range":
-            return self._range(node)
-        if node.keywords or len(node.args) != 1:
-            self.fail(node, f"{name}() takes one argument here", "not_allowed")
-        arg = self._argument(node.args[0])
-        if name == "len":
-            if isinstance(arg, Traced):
-                if arg.ndim == 0:
-                    self.fail(node, "len() of a 0-d tensor", "not_allowed")
-                return arg.shape[0]
-            if isinstance(arg, (list, tuple, range)):
-                return len(arg)
-            self.fail(node, "len() takes a tensor, a list or a shape", "not_allowed")
-        if name == "reversed":
-            if not isinstance(arg, range):
-                self.fail(node, "reversed() takes a range here: reversed(range(T))", "not_allowed")
-            return arg[::-1]
-        if name == "float":
-            if isinstance(arg, str):
-                text = arg.strip().lower()
-                if text not in ("inf", "-inf", "+inf", "nan", "infinity", "-infinity"):
-                    self.fail(node, "float() takes a number, or 'inf', '-inf', 'nan'",
-                              "not_allowed")  # fmt: skip
-                return float(text)
-            if is_number(arg):
-                return float(arg)
-            self.fail(node, "float() takes a number, or 'inf', '-inf', 'nan'", "not_allowed")
-        if is_number(arg) and math.isfinite(arg):  # int()
-            return int(arg)
-        self.fail(node, "int() takes a finite number", "not_allowed")
-
-    def _range(self, node: ast.Call) -> range:
-        """`range(n)`, `range(start, stop[, step])`: a Python range (a loop's or an index's)."""
-        if node.keywords or not 1 <= len(node.args) <= 3:
-            self.fail(node, "range takes n, or start, stop[, step]", "not_allowed")
-        args = [self.eval(a) for a in node.args]
-        if not all(is_int(a) for a in args):
-            self.fail(node, "range takes whole numbers (a shape's size: x.shape[0])",
-                      "not_allowed")  # fmt: skip
-        if len(args) == 3 and args[2] == 0:
-            self.fail(node, "range's step cannot be 0", "not_allowed")
-        r = range(*args)
-        if len(r) > MAX_RANGE:
-            self.fail(node, f"range of {len(r)} numbers; at most {MAX_RANGE}", "budget")
-        return r
 
     def maker(self) -> Maker:
         """Where a tensor the formula makes goes: the run's device and float dtype (its
@@ -510,7 +482,9 @@ class Evaluation:
     def _apply(self, node: ast.AST, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one allowed operation; torch's own complaints become the learner's message."""
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            self._made(result)
+            return result
         except FormulaError as err:
             if err.details.get("expr"):
                 raise

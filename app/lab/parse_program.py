@@ -177,8 +177,8 @@ def _check_targets(
     if len(targets) != 1:
         refuse("one assignment per line (`a = b = ...` is two)")
     target = targets[0]
-    for name in ast.walk(target):  # a module or builtin keeps its meaning (Python would rebind
-        if isinstance(name, ast.Name) and name.id in RESERVED:  # it; the server would not)
+    for name in _bound(target):  # a module or builtin keeps its meaning (Python would rebind
+        if name.id in RESERVED:  # it; the server would not); an index may still read range(n)
             refuse(f"`{name.id}` is {RESERVED[name.id]}, which the program calls; name your "
                    "tensor something else", target)  # fmt: skip
     if isinstance(target, ast.Tuple) and allow_tuple:
@@ -195,6 +195,18 @@ def _check_targets(
             return
         refuse("index a name directly: `dx[i] = ...`", target)
     refuse("assign to a name, `name.g`, or `name[index]`", target)
+
+
+def _bound(target: ast.expr) -> list[ast.Name]:
+    """The names an assignment target binds or writes into (not those its index reads)."""
+    parts = target.elts if isinstance(target, ast.Tuple) else [target]
+    names = []
+    for part in parts:
+        while isinstance(part, (ast.Subscript, ast.Attribute)):
+            part = part.value
+        if isinstance(part, ast.Name):
+            names.append(part)
+    return names
 
 
 def _is_grad_target(node: ast.AST) -> bool:

@@ -6,7 +6,12 @@ statement for what course notebooks write in a backward pass:
 - `name = expr` (and `a, b = x.max(1)`), as in a formula;
 - `name op= expr` (`+= -= *= /=`): in place, as PyTorch does it, on the program's own tensors;
 - `name[index] = expr` and `name[index] op= expr`: the same, through an index;
-- `for name in range(...):` blocks.
+- `for name in range(...):` (or `reversed(range(...))`) blocks;
+- `hs.append(h)` and in-place methods (`dW.index_add_(0, ids, dY)`, `scatter_add_`,
+  `index_put_`, `masked_fill_`) as lines of their own (v4), on the program's own tensors.
+
+The forward takes the same statements (v4): loops that rebind a name, fill a fresh tensor
+(`hs[:, t] = h`) or grow a list; inputs are its `protected`.
 
 An in-place form writes the tensor the name holds, exactly as PyTorch would, so every view of
 it sees the write too. It never writes a tensor that the forward made or an input: those are
@@ -33,7 +38,8 @@ from app.lab.parse import source_segment
 from app.lab.parse_program import AUG, Program, ProgramError, is_cmp, parse_program
 from app.ops.joining import TensorList
 from app.ops.making import Maker
-from app.ops.traced import ATOM, Step, Traced, meta_index
+from app.ops.meta_index import meta_index
+from app.ops.traced import ATOM, Step, Traced
 
 MAX_EXECUTED = 10_000  # statements run, loops' iterations counted in full
 _IN_PLACE = {"+": "add_", "-": "sub_", "*": "mul_", "/": "div_"}
@@ -163,6 +169,7 @@ class Interpreter(Evaluation):
     def _statement(self, stmt: ast.Assign | ast.AugAssign | ast.Expr) -> None:
         self._count(1, stmt)
         self._last_steps: list[Step] = []
+        self.take_made_steps()  # (a line before that stopped half way leaves nothing here)
         if isinstance(stmt, ast.Expr):  # `hs.append(h)`, `dW.index_add_(0, ids, dY)`
             value = self.eval(stmt.value)
             if isinstance(value, Traced):
@@ -193,7 +200,8 @@ class Interpreter(Evaluation):
 
     def _record(self, stmt: ast.stmt, name: str) -> None:
         entry = self.executed.get(stmt.lineno)
-        steps = _unique(self._last_steps)
+        made = self.take_made_steps()  # every op of the line, its dropped values' too
+        steps = sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
         if entry is None:
             entry = self.executed[stmt.lineno] = Executed(
                 stmt.lineno, self.program.code(stmt), name, steps

@@ -19,6 +19,7 @@ import torch
 from app.ops.broadcast import Shape, broadcast_rule
 from app.ops.cancel import check_cancelled
 from app.ops.copies import blas_copy_bytes
+from app.ops.meta_index import meta_index, meta_masked
 from app.ops.precision import single_precision
 
 # Operator precedence, for parenthesizing generated expressions the way a person would.
@@ -478,7 +479,7 @@ class Traced:
         index = raw[0] if len(raw) == 1 else raw
         masks = [p for p in raw if isinstance(p, torch.Tensor) and p.dtype == torch.bool]
         if self.t.is_meta and masks:
-            t = _meta_masked(self.t, raw)
+            t = meta_masked(self.t, raw)
         else:
             t = self.t[index]
         text = ", ".join(p.expr if isinstance(p, Traced) else _fmt_index(p) for p in parts)
@@ -576,25 +577,3 @@ def made(
     steps = _merge_steps(*(o.steps for o in operands), [step])
     bindings = _merge_steps(*(o.bindings for o in operands))
     return Traced(t, expr, prec, steps, bindings)
-
-
-def meta_index(index: torch.Tensor) -> Any:
-    """An index tensor as the dry run can use it: a 0-d integer tensor picks like the int 0
-    would (the same shape; meta tensors have no value to read)."""
-    if index.is_meta and index.ndim == 0 and not index.dtype.is_floating_point:
-        return 0 if index.dtype != torch.bool else index
-    return index
-
-
-def _meta_masked(t: torch.Tensor, parts: tuple) -> torch.Tensor:
-    """`x[mask]` on meta tensors: how many entries a mask picks is data, so the dry run
-    takes the most it can pick (every one): the shape (mask.numel(), *rest)."""
-    if len(parts) != 1:
-        raise IndexError("a bool mask indexes alone here: x[mask]")
-    mask = parts[0]
-    if tuple(mask.shape) != tuple(t.shape[: mask.ndim]):
-        raise IndexError(
-            f"the mask's shape {tuple(mask.shape)} does not match the indexed tensor's leading "
-            f"dims {tuple(t.shape[: mask.ndim])}"
-        )
-    return torch.empty((mask.numel(), *t.shape[mask.ndim :]), dtype=t.dtype, device="meta")

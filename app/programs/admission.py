@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from app.cost.work import WORK_LIMIT_S
+from app.ops.cancel import CancelToken, cancel_token
 from app.programs import run as programs
 from app.programs.schemas import ProgramRequest
 from app.refusal import Refused
@@ -40,3 +41,10 @@ def refuse_program(err: programs.ProgramRefused) -> None:
             }
         ]
     )
+
+
+def admit_program_watched(request: ProgramRequest, settings, cancel: CancelToken) -> programs.Plan:
+    """`admit_program` under `cancel` (the run deadline): the dry run polls it between
+    statements."""
+    with cancel_token(cancel):
+        return admit_program(request, settings)

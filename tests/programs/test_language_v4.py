@@ -521,3 +521,17 @@ def test_nanogpt_scales_attention_with_math_sqrt(client):
     r = client.post("/api/program", json={"inputs": GPT_INPUTS, "forward": forward,
                                           "backward": "dx = math.sqrt(x)"})  # fmt: skip
     assert r.status_code == 422 and "takes a number" in r.json()["detail"][0]["msg"]
+
+
+def test_the_readmes_rnn_example_checks_all_close(client):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text.split("#### Beyond the MLP", 1)[1], re.S)[1]
+    forward, backward = (
+        re.search(f'{n} = """\\n(.*?)"""', code, re.S)[1] for n in ("forward", "backward")
+    )
+    assert_all_close(post(client, RNN_INPUTS, forward, backward), ["hs", "Wx", "Wh", "b", "x"])
+    wrong = post(client, RNN_INPUTS, forward, backward.replace("dWh += prev", "dWh = prev"))
+    assert not rows(wrong)["Wh"]["allclose"] and rows(wrong)["Wx"]["allclose"]

@@ -183,3 +183,14 @@ def test_fuzz_v4_programs_never_answer_5xx(client, source, where):
     assert r.status_code in (200, 422), (where, source, r.status_code, r.text[:500])
     if r.status_code == 422:
         assert r.json()["detail"][0]["loc"][:2] == ["body", where], (source, r.text[:300])
+
+
+def test_a_value_a_container_drops_is_still_costed(client):
+    """`[huge, x][1]` and `(huge, x)[1]` keep only x, but the huge product was made: 422."""
+    for source in ("dy = [x.unsqueeze(0).expand(10**9, 4, 3) * 2.0, x][1]",
+                   "dy = (x.unsqueeze(0).expand(10**9, 4, 3) * 2.0, x)[1]",
+                   "q, k = (x.unsqueeze(0).expand(10**9, 4, 3) * 2.0, x)"):  # fmt: skip
+        body = {"inputs": HOSTILE_INPUTS, "forward": HOSTILE_FORWARD, "backward": source}
+        r = client.post("/api/program", json=body)
+        assert r.status_code == 422, (source, r.text[:300])
+        assert r.json()["detail"][0]["loc"] == ["body", "backward", 1]

@@ -30,7 +30,7 @@ SQUARE = {
 SLOW = {
     "inputs": {"a": {"shape": [256, 256]}},
     "forward": "loss = (a @ a).sum()",
-    "backward": "s = a\nfor i in range(600):\n    s = torch.tanh(s @ a)\nda = s",
+    "backward": "s = a\nfor i in range(1000):\n    s = torch.tanh(s @ a)\nda = s",
 }
 
 
@@ -113,7 +113,7 @@ def test_the_hard_memory_limit_holds_where_the_estimate_lets_a_program_through(c
 def test_n3_a_long_running_program_stops_at_its_deadline_with_a_program_message():
     """N3, N11: a long loop is stopped at the deadline, whatever the program's length, and
     the message names what a program can change (no compare or fd_samples here)."""
-    with TestClient(create_app(Settings(run_deadline_s=0.5)), raise_server_exceptions=False) as c:
+    with TestClient(create_app(Settings(run_deadline_s=0.1)), raise_server_exceptions=False) as c:
         started = time.monotonic()
         r = post(c, SLOW)
         took = time.monotonic() - started
@@ -123,7 +123,7 @@ def test_n3_a_long_running_program_stops_at_its_deadline_with_a_program_message(
             assert "BROADPROP_RUN_DEADLINE_S" in error["msg"]
             assert "compare" not in error["msg"] and "fd_samples" not in error["msg"]
             assert "loop" in error["msg"]
-        assert took < 30  # the wall limit is 1.4 x 0.5 s; this only catches a hang
+        assert took < 30  # the wall limit is 1.1 s; this only catches a hang
         assert post(c, SQUARE).status_code == 200
 
 
