@@ -260,3 +260,29 @@ def test_follow_names_a_gradient_and_an_index_inside_it(client):
     r = client.post("/api/program", json={**request_of("rnn"),
                                           "follow": {"grad": "dWhh", "index": [64, 0]}})  # fmt: skip
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "follow", "index"]
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("preset_id", CHAPTERS)
+def test_each_chapter_exports_a_script_that_reaches_the_servers_verdict(client, tmp_path, preset_id):
+    import subprocess
+    import sys
+
+    request = request_of(preset_id)
+    server = client.post("/api/program", json=request).json()
+    r = client.post("/api/export", json={"program": request, "format": "py"})
+    assert r.status_code == 200, r.text[:300]
+    path = tmp_path / "program.py"
+    path.write_text(r.text)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"loss {server['loss']}" in done.stdout  # the same data, the same numbers
+    assert f"all {len(server['check']['tensors'])} written gradients match" in done.stdout
+    broken = {**request, "backward": request["backward"].replace(BROKEN[preset_id][0],
+                                                                 BROKEN[preset_id][1])}  # fmt: skip
+    r = client.post("/api/export", json={"program": broken, "format": "py"})
+    path.write_text(r.text)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
