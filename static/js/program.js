@@ -11,6 +11,7 @@ import { drawFlow } from "./program-diagram.js";
 import { checkRows, firstSelection, gradientMaps, heat, rich, states, verdictLine } from "./program-view.js";
 import { fromQuery, hideLines, placeholders, queryFor } from "./program-state.js";
 import { ProgramTrainer } from "./program-train.js";
+import { attachFollow } from "./program-follow.js";
 
 const $ = (id) => document.getElementById(id);
 const PRESETS = JSON.parse($("program-presets").textContent);
@@ -278,6 +279,7 @@ async function maps() {
   const g = name && data.gradients[name];
   const t = name && data.tensors[name];
   $("selected-title").textContent = name ? `Gradient of ${name}` : "Gradient";
+  $("follow-box").hidden = true;
   if (!name || !g) {
     $("selected-note").textContent = name ? `${name} has no gradient (${t?.role ?? "not a tensor"})` : "Click a name in the diagram or a row of the check.";
     for (const id of ["map-manual", "map-autograd", "map-difference"]) {
@@ -294,6 +296,10 @@ async function maps() {
   if (selected !== name || data.gradients[name] !== g) return;
   const { manual, auto, difference, zmax } = gradientMaps(data, name);
   heat($("map-manual"), manual, { zmax });
+  if (manual) {
+    attachFollow($("map-manual"), { program: () => program, name, shape: g.shape, heatmap: manual, box: $("follow-box"),
+      onLine: (line) => backward.reveal(line) });
+  }
   heat($("map-autograd"), auto, { zmax });
   heat($("map-difference"), difference, { tolerance: true });
   document.body.dataset.maps = name;

@@ -73,3 +73,24 @@ def test_a_conv_training_shows_val_accuracy_and_an_rnn_samples_names(watched):
     assert page.locator("#samples li").count() == 20
     shot(page, "program-rnn-trained")
     assert w.errors == []
+
+
+@pytest.mark.browser
+def test_clicking_the_gpt_attention_weight_map_follows_an_entry(watched):
+    w = watched
+    open_program(w, "?preset=gpt")
+    page = w.page
+    page.click('#checks tbody tr[data-name="Wq"]')
+    page.wait_for_function("() => document.body.dataset.maps === 'Wq'")
+    # a click on cell (row 3, col 5) of the manual map: Plotly's own click event
+    page.evaluate("""() => {
+        const el = document.getElementById('map-manual');
+        el.emit('plotly_click', {points: [{x: 5, y: 3}]});
+    }""")
+    page.wait_for_function("() => document.getElementById('follow-box').dataset.terms")
+    box = page.inner_text("#follow-box")
+    assert "dWq[3, 5]" in box and "dWq = xn.view(B * T, C).T @ dq2" in box
+    assert page.get_attribute("#follow-box", "data-terms") == "256"
+    assert page.locator("#follow-box tbody tr").count() == 12
+    shot(page, "program-gpt-follow")
+    assert w.errors == []
