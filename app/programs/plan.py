@@ -433,9 +433,12 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
 
 def followed_tensor(grad: str, has_grad: set[str]) -> str | None:
     """The tensor whose gradient `grad` names: dWq, Wq.g or Wq itself (None: no such)."""
-    for name in (grad, grad.removesuffix(GRAD_SUFFIX), grad[len(GRAD_PREFIX):]):
-        if name in has_grad and (name != grad[len(GRAD_PREFIX):] or grad.startswith(GRAD_PREFIX)):
-            return name
+    if grad in has_grad:
+        return grad
+    if grad.endswith(GRAD_SUFFIX) and grad.removesuffix(GRAD_SUFFIX) in has_grad:
+        return grad.removesuffix(GRAD_SUFFIX)
+    if grad.startswith(GRAD_PREFIX) and grad[len(GRAD_PREFIX) :] in has_grad:
+        return grad[len(GRAD_PREFIX) :]
     return None
 
 

@@ -176,7 +176,6 @@ def _cs231n(n: int = 64, d: int = 32, hidden: int = 50, classes: int = 10) -> di
     }
 
 
-
 # --------------------------------------------------------------------------- the new chapters
 # (v4): a GPT block, a conv net and an RNN, each with its backward worked from the maths
 
@@ -374,18 +373,21 @@ def _gpt(block_size: int = 8, n: int = 32, C: int = 32) -> dict[str, Any]:
             **_names_inputs(block_size, n, True),
             "wte": {"shape": [vocab, C], "scale": 0.1},
             "wpe": {"shape": [block_size, C], "scale": 0.1},
-            "ln1_g": ln, "ln1_b": bias,
+            "ln1_g": ln,
+            "ln1_b": bias,
             "Wq": {"shape": [C, C], "scale": C**-0.5},
             "Wk": {"shape": [C, C], "scale": C**-0.5},
             "Wv": {"shape": [C, C], "scale": C**-0.5},
             "Wo": {"shape": [C, C], "scale": 0.5 * C**-0.5},
             "bo": bias,
-            "ln2_g": ln, "ln2_b": bias,
+            "ln2_g": ln,
+            "ln2_b": bias,
             "W1": {"shape": [C, 4 * C], "scale": C**-0.5},
             "b1": {"shape": [4 * C], "scale": 0.1},
             "W2": {"shape": [4 * C, C], "scale": 0.5 * (4 * C) ** -0.5},
             "b2": bias,
-            "lnf_g": ln, "lnf_b": bias,
+            "lnf_g": ln,
+            "lnf_b": bias,
         },  # fmt: skip
         "forward": GPT_FORWARD,
         "backward": GPT_BACKWARD,
@@ -422,6 +424,7 @@ def _rnn(block_size: int = 8, n: int = 32, emb: int = 16, hidden: int = 64) -> d
         "forward": RNN_FORWARD,
         "backward": RNN_BACKWARD,
     }
+
 
 PRESETS = [
     {

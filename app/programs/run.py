@@ -20,6 +20,7 @@ from app.ops.cancel import RunCancelled, cancel_token, is_allocation_failure
 from app.ops.making import Maker
 from app.ops.precision import single_precision_as
 from app.ops.traced import Traced
+from app.programs import follow
 from app.programs.check import (
     Outcome,
     check_table,
@@ -27,7 +28,6 @@ from app.programs.check import (
     recheck_float64,
     tensor_table,
 )
-from app.programs import follow
 from app.programs.diagnose import PRECISION_RERUN_MAX_S, diagnose_table
 from app.programs.inputs import DTYPES, make_inputs
 from app.programs.plan import (
@@ -45,7 +45,16 @@ from app.programs.plan import (
 from app.programs.schemas import ProgramRequest
 
 # the program endpoint reaches the dry run through this module (`programs.admit`, `.Plan`)
-__all__ = ["Plan", "ProgramRefused", "admit", "admit_follow", "answer", "execute_once", "run", "run_backward"]
+__all__ = [
+    "Plan",
+    "ProgramRefused",
+    "admit",
+    "admit_follow",
+    "answer",
+    "execute_once",
+    "run",
+    "run_backward",
+]
 
 
 # --------------------------------------------------------------------------- the real run

@@ -172,8 +172,10 @@ def test_each_chapter_learns_with_its_own_backward_and_not_with_a_broken_one(pre
     backward = request_of(preset_id)["backward"]
     assert old in backward
     broken = run_training(preset_id, steps, backward.replace(old, new))[-1][1]
-    assert broken["stopped"] == "diverged" or broken["val_loss"] is None or (
-        broken["val_loss"] > done["val_loss"] + 0.5
+    assert (
+        broken["stopped"] == "diverged"
+        or broken["val_loss"] is None
+        or (broken["val_loss"] > done["val_loss"] + 0.5)
     ), broken
 
 
@@ -266,7 +268,9 @@ def test_follow_names_a_gradient_and_an_index_inside_it(client):
 
 
 @pytest.mark.parametrize("preset_id", CHAPTERS)
-def test_each_chapter_exports_a_script_that_reaches_the_servers_verdict(client, tmp_path, preset_id):
+def test_each_chapter_exports_a_script_that_reaches_the_servers_verdict(
+    client, tmp_path, preset_id
+):
     import subprocess
     import sys
 
