@@ -290,7 +290,9 @@ async function maps() {
     return;
   }
   const row = data.check.tensors[name];
-  $("selected-note").textContent = `${shape(g.shape)} · ${row.written ? `written at line ${row.lines.join(", ")} as ${row.spelling}` : "not written: autograd's only"}`;
+  // a tensor of more than 2 dims is drawn folded, (product of the leading dims, last dim)
+  const fold = g.shape.length > 2 ? ` · drawn folded as (${g.shape.slice(0, -1).join("·")}, ${g.shape.at(-1)}): a row per index of the leading dims` : "";
+  $("selected-note").textContent = `${shape(g.shape)} · ${row.written ? `written at line ${row.lines.join(", ")} as ${row.spelling}` : "not written: autograd's only"}${fold}`;
   document.body.dataset.maps = "pending";
   if (!window.Plotly) (loadPlotly(), await plotlyReady);
   if (selected !== name || data.gradients[name] !== g) return;

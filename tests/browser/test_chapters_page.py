@@ -94,3 +94,14 @@ def test_clicking_the_gpt_attention_weight_map_follows_an_entry(watched):
     assert page.locator("#follow-box tbody tr").count() == 12
     shot(page, "program-gpt-follow")
     assert w.errors == []
+
+
+@pytest.mark.browser
+def test_a_4d_gradient_map_names_its_fold(watched):
+    w = watched
+    open_program(w, "?preset=gpt")
+    page = w.page
+    page.click('#checks tbody tr[data-name="att"]')
+    page.wait_for_function("() => document.body.dataset.maps === 'att'")
+    assert "drawn folded as (32·4·8, 8)" in page.inner_text("#selected-note")
+    assert w.errors == []
