@@ -47,14 +47,21 @@ __all__ = ["Plan", "ProgramRefused", "admit", "answer", "execute_once", "run", "
 
 
 def execute_once(
-    req: ProgramRequest, plan: Plan, dtype: torch.dtype, check: Callable[[], None]
+    req: ProgramRequest,
+    plan: Plan,
+    dtype: torch.dtype,
+    check: Callable[[], None],
+    made: dict[str, Any] | None = None,
 ) -> Outcome:
-    made = make_inputs(req.inputs, req.seed, req.dtype)
+    """The program run once in `dtype`. `made`: its inputs as `make_inputs` makes them (made
+    here when not given), shared by the run's executions: each takes fresh float leaves."""
+    if made is None:
+        made = make_inputs(req.inputs, req.seed, req.dtype)
     inputs: dict[str, Any] = {}
     for name, value in made.items():
         if isinstance(value, torch.Tensor):
             if value.is_floating_point():
-                value = value.to(dtype)
+                value = value.to(dtype, copy=True)  # a leaf of this execution's own
                 if name in plan.has_grad:
                     value.requires_grad_()
             value = Traced(value, name)
@@ -121,13 +128,15 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
 
     start = time.perf_counter()
     dtype = DTYPES[req.dtype]
+    # the inputs once (a value input's nested list becomes a tensor once, not per execution)
+    made = make_inputs(req.inputs, req.seed, req.dtype)
     with cancel_token(cancel):  # polled after every op as well as between statements
-        main = execute_once(req, plan, dtype, check)
+        main = execute_once(req, plan, dtype, check, made)
         after_run = time.perf_counter()
         rerun = None
         if plan.rerun:  # the same formulas in float64 throughout (`.float()` included)
             with single_precision_as(torch.float64):
-                rerun = execute_once(req, plan, torch.float64, check)
+                rerun = execute_once(req, plan, torch.float64, check, made)
 
     low: list[Outcome] = []  # the program in float32, once, for a float64 run's failures
 
@@ -137,7 +146,7 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         if req.dtype != "float64" or plan.seconds > PRECISION_RERUN_MAX_S:
             return None
         if not low:
-            low.append(execute_once(req, plan, torch.float32, check))
+            low.append(execute_once(req, plan, torch.float32, check, made))
         return low[0]
 
     with cancel_token(cancel):
