@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     # this much past its start; 0: the memory budget plus 256 MiB for torch itself
     worker_memory_bytes: int = Field(0, ge=0)
     # a run that has used this much CPU time (its own thread) is stopped between two ops or
-    # chunks (422); 4x this of wall time stops it whatever the machine's load
+    # chunks (422); 1.4x this of wall time stops it whatever the load (503, Retry-After)
     run_deadline_s: float = Field(3.0, gt=0)
     # connections (python -m app): a request must arrive whole within request_timeout_s of
     # its first byte (a silent socket: the same while over half max_connections are open,

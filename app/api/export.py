@@ -1,16 +1,19 @@
 """POST /api/export: a run as a runnable Python script or a Jupyter notebook."""
 
+from typing import Any
+
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from app.api import gate
+from app.api import gate, sandboxed
 from app.api.responses import VALIDATION_ERROR
 from app.cost import admission
 from app.export import run as export
+from app.ops.cancel import CancelToken, RunCancelled
 from app.refusal import Refused
 from app.schemas import ErrorMessage, ExportRequest
+from app.server.lanes import Stopped
 from app.settings import Settings
 
 router = APIRouter(tags=["export"])
@@ -75,15 +78,24 @@ async def export_program_body(body: dict, fmt: str, settings: Settings) -> Respo
     from app.export import program as program_export
     from app.programs.schemas import ProgramRequest
 
+    watch = CancelToken()  # the dry run under the run deadline (its thread's CPU time)
+    watch.arm(settings.run_deadline_s)
+
+    def validated() -> tuple[ProgramRequest, Any]:  # off the event loop: up to 1 MiB of values
+        try:
+            program = ProgramRequest.model_validate(body)
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("body", "program", *e["loc"])} for e in exc.errors()]
+            raise Refused(errors) from None
+        try:
+            return program, admission.admit_program_watched(program, settings, watch)
+        except Refused as refused:
+            raise refused.relocated("body", "program") from None
+
     try:
-        program = ProgramRequest.model_validate(body)
-    except ValidationError as exc:
-        errors = [{**e, "loc": ("body", "program", *e["loc"])} for e in exc.errors()]
-        raise RequestValidationError(errors) from None
-    try:
-        plan = await anyio.to_thread.run_sync(admission.admit_program, program, settings)
-    except Refused as refused:
-        raise refused.relocated("body", "program") from None
+        program, plan = await anyio.to_thread.run_sync(validated)
+    except RunCancelled:
+        raise Stopped("deadline", settings.run_deadline_s, sandboxed.PROGRAM_ADVICE) from None
     text, name = program_export.export(program, plan, fmt)
     return Response(
         text,

@@ -112,7 +112,8 @@ def sections(req: ProgramRequest, plan: programs.Plan) -> list[dict[str, str]]:
     grad_inputs = [n for n in req.inputs if n in plan.has_grad]
     retain = [n for n in plan.has_grad if n not in req.inputs]
     forward = textwrap.indent(req.forward.strip("\n"), "    ")
-    backward = textwrap.indent(req.backward.strip("\n") or "pass", "    ")
+    # leading blank lines kept: the script's backward lines count as the server's do
+    backward = textwrap.indent(req.backward.rstrip() or "pass", "        ")
     detach = [*req.inputs, *plan.intermediates]
     header = f'''"""Broadprop program, exported: your forward under autograd, your backward by hand,
 every gradient your backward writes checked against autograd (exit 0 when all match).
@@ -120,6 +121,7 @@ Needs torch{" and the names data set (pip install torch names)" if uses_names el
 from __future__ import annotations
 
 import itertools
+import math  # noqa: F401  (a program may scale by math.sqrt)
 import sys
 from typing import Any
 
@@ -132,8 +134,13 @@ RTOL, ATOL_SCALE = {rtol!r}, {atol_scale!r}  # allclose: |d| <= atol + rtol * |a
     body = [
         "def program(DTYPE):",
         '    """Inputs, forward, autograd and your backward, in precision DTYPE."""',
+        "    torch.set_default_dtype(torch.float32)  # the inputs are drawn as the server draws them",
         textwrap.indent("\n".join(inputs), "    "),
         *(f"    {n} = {n}.to(DTYPE).requires_grad_()" for n in grad_inputs),
+        "    # tensors the program makes take the run's dtype, and its draws (torch.rand, randn,",
+        "    # F.dropout) continue the inputs' generator, as on the server",
+        "    torch.set_default_dtype(DTYPE)",
+        "    torch.set_rng_state(g.get_state())",
         "    torch.set_grad_enabled(True)",
         "    # ---- your forward",
         forward,
@@ -144,8 +151,14 @@ RTOL, ATOL_SCALE = {rtol!r}, {atol_scale!r}  # allclose: |d| <= atol + rtol * |a
         "    torch.set_grad_enabled(False)",
         *(f"    {n} = {n}.detach() if isinstance({n}, torch.Tensor) else {n}" for n in detach),
         "    cmp = _skip  # a notebook's own check lines: the check below covers them",
+        "    first = sys._getframe().f_lineno + 2  # the line of your backward's line 1",
+        "    try:",
         backward,
-        "    manual = {" + ", ".join(f"{t!r}: {spelled}" for t, spelled in written.items()) + "}",
+        "    except Exception as error:  # as on the server: the lines before it are checked",
+        "        _stopped(error, first)",
+        "    manual = _written({"
+        + ", ".join(f"{t!r}: lambda: {spelled}" for t, spelled in written.items())
+        + "})",
         f"    return {req.loss}.item(), manual, autograd",
     ]
     check = f"""
@@ -191,11 +204,36 @@ def check():
         print("differs from autograd: " + ", ".join(failed))
     else:
         print(f"all {{len(manual)}} written gradients match autograd")
-    return 1 if failed else 0
+    return 1 if failed or STOPPED else 0
 
 
 def _grad(t):
     return t.grad if t.grad is not None else torch.zeros_like(t)
+
+
+STOPPED = []  # the backward line that could not run, as the server's backward_error
+
+
+def _stopped(error, first):
+    # your backward stopped at a line: said once (as the server says it), and the gradients
+    # written before it are still checked
+    line = error.__traceback__.tb_lineno - first + 1
+    if not STOPPED:
+        print(f"backward line {{line}} cannot run: {{type(error).__name__}}: "
+              f"{{str(error).splitlines()[0] if str(error) else ''}}; the lines before it are "
+              "checked, the rest are not run")
+    STOPPED.append(line)
+
+
+def _written(gradients):
+    # the gradients your backward wrote before it stopped (all of them, when it ran)
+    out = {{}}
+    for name, value in gradients.items():
+        try:
+            out[name] = value()
+        except (NameError, AttributeError):  # never written: the backward stopped before
+            pass
+    return out
 
 
 def _skip(*args):

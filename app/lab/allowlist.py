@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from app.ops import conv, joining, layers, making
 from app.ops.functional import cross_entropy, einsum, filled_like, one_hot, where
 from app.ops.traced import COMPARISONS, Traced
 
@@ -43,6 +44,8 @@ OPERATORS: dict[type, str] = {
     ast.Div: "/",
     ast.MatMult: "@",
     ast.Pow: "**",
+    ast.FloorDiv: "//",  # whole numbers only
+    ast.Mod: "%",  # whole numbers only
 }
 COMPARE_OPS: dict[type, str] = {
     ast.Gt: "gt",
@@ -72,6 +75,7 @@ NODES = frozenset(
         ast.Subscript,
         ast.Slice,
         ast.Tuple,
+        ast.List,
         *OPERATORS,
         *COMPARE_OPS,
     }
@@ -84,6 +88,8 @@ class Method:
 
     call: Callable[..., Any]
     keywords: frozenset[str] = field(default_factory=frozenset)
+    made: bool = False  # makes a tensor: called with the run's Maker first (device, dtype, draws)
+    writes: bool = False  # in place (a trailing _): only on the program's own tensors
 
 
 def _kw(*names: str) -> frozenset[str]:
@@ -198,6 +204,57 @@ def _binary_tensor(name: str) -> Callable[..., Traced]:
     return call
 
 
+def _sized(name: str, value: float) -> Callable[..., Traced]:
+    """`torch.zeros(2, 3)`, `torch.ones((2, 3))`, `torch.empty(x.shape)`."""
+
+    def call(maker: making.Maker, *sizes: Any, dtype: Any = None) -> Traced:
+        return making.filled(maker, name, making.sizes_of(sizes, f"torch.{name}"), value,
+                             _dtype(dtype))  # fmt: skip
+
+    return call
+
+
+def _full(maker: making.Maker, size: Any, fill_value: Any, dtype: Any = None) -> Traced:
+    if not is_number(fill_value) and not isinstance(fill_value, bool):
+        raise FormulaError("torch.full(size, value): the value is a number", "not_allowed")
+    return making.full(maker, making.sizes_of((size,), "torch.full"), fill_value, _dtype(dtype))
+
+
+def _drawn(name: str) -> Callable[..., Traced]:
+    def call(maker: making.Maker, *sizes: Any) -> Traced:
+        return making.drawn(maker, name, making.sizes_of(sizes, f"torch.{name}"))
+
+    return call
+
+
+def _dropout(maker: making.Maker, x: Any, p: Any = 0.5, training: Any = True,
+             inplace: Any = False) -> Traced:  # fmt: skip
+    if not isinstance(x, Traced) or not x.t.is_floating_point():
+        raise FormulaError("F.dropout takes a float tensor", "not_allowed")
+    if not is_number(p) or not 0 <= p <= 1:
+        raise FormulaError("F.dropout's p is a probability, from 0 to 1", "not_allowed")
+    if not isinstance(training, bool) or inplace is not False:
+        raise FormulaError("F.dropout takes training=True/False (and never inplace=True)",
+                           "not_allowed")  # fmt: skip
+    return making.dropout(maker, x, p, training)
+
+
+def _triangle(upper: bool) -> Callable[..., Traced]:
+    def call(x: Any, diagonal: Any = 0) -> Traced:
+        if not isinstance(x, Traced) or not is_int(diagonal):
+            raise FormulaError("torch.tril / triu(x, diagonal=k): a tensor and a whole number",
+                               "not_allowed")  # fmt: skip
+        return making.triangle(x, upper, diagonal)
+
+    return call
+
+
+def _dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    raise FormulaError("dtype= is a torch dtype, e.g. torch.long", "not_allowed")
+
+
 def _shape(shape: tuple) -> str:
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
@@ -244,7 +301,46 @@ METHODS: dict[str, Method] = {
     "relu": Method(Traced.relu),
     "index_add": Method(_index_add, _kw("dim", "index", "source", "alpha")),
     **{op: Method(lambda x, other, op=op: x.compare(op, other)) for op in COMPARISONS},
+    # v4: masks, the chapters after the MLP, and writes into the program's own tensors
+    "masked_fill": Method(layers.masked_fill, _kw("mask", "value")),
+    "argmax": Method(
+        lambda x, dim=None, keepdim=False: layers.arg_extreme(x, "argmax", dim, keepdim), _REDUCE
+    ),
+    "argmin": Method(
+        lambda x, dim=None, keepdim=False: layers.arg_extreme(x, "argmin", dim, keepdim), _REDUCE
+    ),
+    "tril": Method(_triangle(False), _kw("diagonal")),
+    "triu": Method(_triangle(True), _kw("diagonal")),
+    "split": Method(joining.split, _kw("split_size", "dim")),
+    "chunk": Method(joining.chunk, _kw("chunks", "dim")),
+    "bool": Method(lambda x: layers.cast(x, torch.bool)),
+    "long": Method(lambda x: layers.cast(x, torch.int64)),
+    "contiguous": Method(layers.contiguous),
+    "scatter_add": Method(layers.scatter_add, _kw("dim", "index", "src")),
+    "index_put": Method(layers.index_put, _kw("indices", "values", "accumulate")),
+    "index_add_": Method(
+        lambda *a, **k: layers.index_add(*a, **k, in_place=True),
+        _kw("dim", "index", "source", "alpha"),
+        writes=True,
+    ),
+    "scatter_add_": Method(
+        lambda *a, **k: layers.scatter_add(*a, **k, in_place=True),
+        _kw("dim", "index", "src"),
+        writes=True,
+    ),
+    "index_put_": Method(
+        lambda *a, **k: layers.index_put(*a, **k, in_place=True),
+        _kw("indices", "values", "accumulate"),
+        writes=True,
+    ),
+    "masked_fill_": Method(
+        lambda *a, **k: layers.masked_fill(*a, **k, in_place=True),
+        _kw("mask", "value"),
+        writes=True,
+    ),
 }
+# methods of a list (`hs = []`): Python's own
+LIST_METHODS: dict[str, Method] = {"append": Method(joining.append)}
 # attributes read without a call
 ATTRIBUTES: dict[str, Callable[[Traced], Any]] = {
     "T": lambda x: x.T,
@@ -255,7 +351,8 @@ PAIR_ATTRIBUTES = ("values", "indices")  # of the pair `.max(dim)` / `.min(dim)`
 # `torch.exp(x)` is `x.exp()`: these functions are the methods of the same name
 _AS_FUNCTIONS = ("exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "abs", "softmax",
                  "log_softmax", "sum", "mean", "clamp", "relu", "var", "std", "clone",
-                 "max", "min", "amax", "amin")  # fmt: skip
+                 "max", "min", "amax", "amin", "masked_fill", "argmax", "argmin", "tril",
+                 "triu", "split", "chunk", "index_add", "scatter_add")  # fmt: skip
 TORCH_FUNCTIONS: dict[str, Method] = {
     "where": Method(where),
     "einsum": Method(lambda equation, *ops: einsum(equation, *_flat_traced(ops))),
@@ -264,8 +361,27 @@ TORCH_FUNCTIONS: dict[str, Method] = {
     "zeros_like": Method(lambda x: filled_like(x, 0.0)),
     "maximum": Method(_binary_tensor("maximum")),
     "minimum": Method(_binary_tensor("minimum")),
-    "arange": Method(lambda end: end),  # made in `_Call`, on the run's device
     **{name: METHODS[name] for name in _AS_FUNCTIONS},
+    # tensors a program makes: on the run's device, in its dtype, drawn from its generator
+    "zeros": Method(_sized("zeros", 0.0), _kw("dtype"), made=True),
+    "ones": Method(_sized("ones", 1.0), _kw("dtype"), made=True),
+    "empty": Method(_sized("empty", 0.0), _kw("dtype"), made=True),
+    "full": Method(_full, _kw("size", "fill_value", "dtype"), made=True),
+    "eye": Method(
+        lambda maker, n, m=None, dtype=None: making.eye(maker, n, m, _dtype(dtype)),
+        _kw("dtype"),
+        made=True,
+    ),
+    "arange": Method(
+        lambda maker, *a, dtype=None: making.arange(maker, *a, dtype=_dtype(dtype)),
+        _kw("dtype"),
+        made=True,
+    ),
+    "rand": Method(_drawn("rand"), made=True),
+    "randn": Method(_drawn("randn"), made=True),
+    "cat": Method(joining.cat, _kw("dim")),
+    "concat": Method(joining.cat, _kw("dim")),
+    "stack": Method(joining.stack, _kw("dim")),
 }
 
 
@@ -276,17 +392,56 @@ FUNCTIONAL: dict[str, Method] = {
     "log_softmax": METHODS["log_softmax"],
     "cross_entropy": Method(_cross_entropy, _kw("reduction")),
     "relu": METHODS["relu"],
+    "gelu": Method(layers.gelu, _kw("approximate")),
+    "layer_norm": Method(layers.layer_norm, _kw("normalized_shape", "weight", "bias", "eps")),
+    "embedding": Method(layers.embedding),
+    "dropout": Method(_dropout, _kw("p", "training", "inplace"), made=True),
+    "unfold": Method(conv.unfold, _kw("kernel_size", "dilation", "padding", "stride")),
+    "fold": Method(conv.fold, _kw("output_size", "kernel_size", "dilation", "padding", "stride")),
+    "pad": Method(conv.pad, _kw("pad", "mode", "value")),
+    "conv2d": Method(conv.conv2d, _kw("weight", "bias", "stride", "padding", "dilation", "groups")),
+    "max_pool2d": Method(
+        conv.max_pool2d,
+        _kw("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    ),
+    "avg_pool2d": Method(
+        conv.avg_pool2d, _kw("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+    ),
+    "tanh": METHODS["tanh"],
+    "sigmoid": METHODS["sigmoid"],
 }
 KEYWORD_ALIASES = {"keepdims": "keepdim"}  # numpy's spelling, which torch accepts too
 MAX_RANGE = 1 << 20  # range(n) / torch.arange(n) as an index
-NAMESPACES = {"torch": TORCH_FUNCTIONS, "F": FUNCTIONAL}
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _math(name: str) -> Callable[[Any], float]:
+    def call(value: Any) -> float:
+        if not is_number(value):
+            raise FormulaError(f"math.{name} takes a number (a tensor's: torch.{name})",
+                               "not_allowed")  # fmt: skip
+        try:
+            return float(getattr(math, name)(value))
+        except (ValueError, OverflowError) as err:
+            raise FormulaError(f"math.{name}({value!r}): {err}", "not_allowed") from None
+
+    return call
+
+
+# Python's math on plain numbers, as nanoGPT scales attention: 1.0 / math.sqrt(k.size(-1))
+MATH: dict[str, Method] = {name: Method(_math(name)) for name in ("sqrt", "log", "exp")}
+MATH_CONSTANTS = {"pi": math.pi, "e": math.e, "inf": math.inf}
+NAMESPACES = {"torch": TORCH_FUNCTIONS, "F": FUNCTIONAL, "math": MATH}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32,
+          "double": torch.float64, "long": torch.int64, "int64": torch.int64,
+          "bool": torch.bool}  # fmt: skip
+# Python's own functions a program calls (`len(x)`, `float('-inf')`, `reversed(range(T))`)
+BUILTINS = frozenset({"range", "len", "float", "int", "reversed"})
 
 
 def _flat_ints(args: tuple) -> tuple[int, ...]:
     """`reshape(2, 3)` and `reshape((2, 3))` alike."""
-    if len(args) == 1 and isinstance(args[0], tuple):
-        args = args[0]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = tuple(args[0])
     if not all(is_int(a) for a in args):
         raise FormulaError("sizes and dims must be whole numbers", "not_allowed")
     return args

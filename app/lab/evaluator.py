@@ -19,11 +19,13 @@ import torch
 from app.lab import hints
 from app.lab.allowlist import (
     ATTRIBUTES,
+    BUILTINS,
     COMPARE_OPS,
     DTYPES,
     KEYWORD_ALIASES,
+    LIST_METHODS,
+    MATH_CONSTANTS,
     MAX_INT,
-    MAX_RANGE,
     METHODS,
     NAMESPACES,
     OPERATORS,
@@ -34,16 +36,18 @@ from app.lab.allowlist import (
     is_number,
     literal_exponent,
 )
+from app.lab.builtins import PythonBuiltins
 from app.lab.parse import Formula, source_segment
 from app.ops.broadcast import BroadcastError, broadcast_rule
-from app.ops.cancel import check_cancelled
-from app.ops.functional import arange
+from app.ops.cancel import check_cancelled, is_allocation_failure
+from app.ops.joining import TensorList
+from app.ops.making import MakeError, Maker
 from app.ops.traced import COMPARISONS, Traced, _merge_steps
 
 # --------------------------------------------------------------------------- evaluation
 
 
-class Evaluation:
+class Evaluation(PythonBuiltins):
     """One evaluation of a formula over named `Traced` operands."""
 
     def __init__(
@@ -86,7 +90,7 @@ class Evaluation:
             )
         # every line runs, used or not: its steps are the formula's cost and its trace
         made = [v.steps for v in self.locals.values() if isinstance(v, Traced)]
-        steps = _merge_steps(*made, value.steps)
+        steps = _merge_steps(*made, value.steps, self.take_made_steps())
         return Traced(value.t, value.expr, value.prec, steps, value.bindings)
 
     def eval(self, node: ast.AST) -> Any:
@@ -121,6 +125,11 @@ class Evaluation:
             return self._gradient(node)
         if isinstance(node.value, ast.Name) and node.value.id == "torch" and node.attr in DTYPES:
             return DTYPES[node.attr]
+        if isinstance(node.value, ast.Name) and node.value.id == "math":
+            if node.attr not in MATH_CONSTANTS:
+                self.fail(node, f"math.{node.attr} is called: math.{node.attr}(number)",
+                          "not_allowed")  # fmt: skip
+            return MATH_CONSTANTS[node.attr]
         value = self.eval(node.value)
         if node.attr in PAIR_ATTRIBUTES:
             if isinstance(value, Pair):
@@ -177,6 +186,12 @@ class Evaluation:
             self._pair_misused(node)
         if symbol == "**":
             return self._power(node, left, right)
+        if symbol in ("//", "%"):
+            if not (is_int(left) and is_int(right)):
+                self.fail(node, f"{symbol} is for whole numbers here (sizes, steps)", "not_allowed")
+            if right == 0:
+                self.fail(node, f"{symbol} by zero", "not_allowed")
+            return left // right if symbol == "//" else left % right
         if symbol == "@" and not (isinstance(left, Traced) and isinstance(right, Traced)):
             self.fail(node, "@ multiplies two tensors", "not_allowed")
         if is_number(left) and is_number(right):
@@ -287,7 +302,16 @@ class Evaluation:
         if not all(p is None or p is Ellipsis or is_int(p) or isinstance(p, slice) for p in parts):
             self.fail(node, "index with whole numbers, slices, None, ... and tensors only",
                       "not_allowed")  # fmt: skip
-        if isinstance(value, tuple):  # a shape
+        if isinstance(value, (list, tuple)) and (
+            isinstance(value, TensorList) or any(isinstance(v, Traced) for v in value)
+        ):  # a list of tensors, or split's pieces: hs[t], hs[-1], hs[1:]
+            if is_int(index):
+                return self._apply(node, lambda v: v[index], value)
+            if isinstance(index, slice):
+                return TensorList(value[index])
+            self.fail(node, "a list of tensors is indexed by a whole number or a slice",
+                      "not_allowed")  # fmt: skip
+        if isinstance(value, (tuple, list)):  # a shape
             if not is_int(index):
                 self.fail(node, "a shape is indexed by one whole number", "not_allowed")
             return self._apply(node, lambda v: v[index], value)
@@ -306,14 +330,17 @@ class Evaluation:
         converted = []
         for p in parts:
             if isinstance(p, range):
-                if p.step != 1 or p.start != 0:
-                    raise FormulaError("index with range(n) (from 0, step 1)", "not_allowed")
-                p = arange(p.stop, value.t)
+                ids = torch.arange(p.start, p.stop, p.step, device=value.t.device) if len(p) else (
+                    torch.zeros(0, dtype=torch.int64, device=value.t.device))  # fmt: skip
+                p = Traced(ids, _range_expr(p))
             elif isinstance(p, Traced) and p.t.is_floating_point():
                 raise FormulaError(
                     "a float tensor cannot index: indices are integer (or bool mask) tensors",
                     "not_allowed",
                 )
+            elif isinstance(p, list):
+                raise FormulaError("index with a tensor (torch.tensor is not here: use "
+                                   "torch.arange, or an input)", "not_allowed")  # fmt: skip
             elif not (p is None or p is Ellipsis or is_int(p) or isinstance(p, (slice, Traced))):
                 raise FormulaError("index with whole numbers, slices, None, ... and tensors",
                                    "not_allowed")  # fmt: skip
@@ -328,26 +355,29 @@ class Evaluation:
 
     def _Tuple(self, node: ast.Tuple) -> tuple:
         values = tuple(self.eval(e) for e in node.elts)
-        if any(isinstance(v, Traced) for v in values):  # tuples are for sizes, dims, indices
-            self.fail(node, "tuples hold sizes, dims or indices, not tensors", "not_allowed")
+        if any(isinstance(v, (TensorList, Pair, range)) for v in values):
+            self.fail(node, "tuples hold numbers, sizes and tensors", "not_allowed")
         return values
+
+    def _List(self, node: ast.List) -> Any:
+        """`[a, b]` of tensors (a list the program may grow with .append), or of sizes."""
+        values = [self.eval(e) for e in node.elts]
+        if all(isinstance(v, Traced) for v in values):
+            return TensorList(values)
+        if all(is_int(v) for v in values):
+            return list(values)
+        self.fail(node, "a list holds tensors (or whole numbers: sizes), not a mix",
+                  "not_allowed")  # fmt: skip
 
     # ---- calls
 
     def _Call(self, node: ast.Call) -> Any:
         func = node.func
-        if isinstance(func, ast.Name) and func.id == "range":
-            return self._range(node)
+        if isinstance(func, ast.Name) and func.id in BUILTINS:
+            return self._builtin(node, func.id)
         if not isinstance(func, ast.Attribute):
-            self.fail(node, "only tensor methods, torch.<function>, F.<function> and range(n) "
-                      "can be called", "not_allowed")  # fmt: skip
-        if (
-            isinstance(func.value, ast.Name)
-            and func.value.id == "torch"
-            and func.attr == "arange"
-            and func.value.id not in getattr(self, "locals", {})
-        ):
-            return self._range(node, tensor=True)
+            self.fail(node, "only tensor methods, torch.<function>, F.<function> and range, len, "
+                      "float, int, reversed can be called", "not_allowed")  # fmt: skip
         if isinstance(func.value, ast.Name) and func.value.id in NAMESPACES:
             space = func.value.id
             method = NAMESPACES[space].get(func.attr)
@@ -357,15 +387,25 @@ class Evaluation:
                           "not_allowed")  # fmt: skip
             receiver: tuple = ()
         else:
-            method = METHODS.get(func.attr)
-            if method is None:
-                self.fail(node, f".{func.attr} is not a method here", "not_allowed")
             value = self.eval(func.value)
             if isinstance(value, Pair):
                 self._pair_misused(node)
-            if not isinstance(value, Traced):
-                self.fail(node, f".{func.attr}() is called on a tensor", "not_allowed")
+            if isinstance(value, list):
+                method = LIST_METHODS.get(func.attr)
+                if method is None or not isinstance(value, TensorList):
+                    self.fail(node, f".{func.attr}() is not a list method here (lists take "
+                              ".append(tensor))", "not_allowed")  # fmt: skip
+            else:
+                method = METHODS.get(func.attr)
+                if method is None:
+                    self.fail(node, f".{func.attr} is not a method here", "not_allowed")
+                if not isinstance(value, Traced):
+                    self.fail(node, f".{func.attr}() is called on a tensor", "not_allowed")
+            if method.writes:
+                self.before_write(node, func.value, value)
             receiver = (value,)
+        if method.made:
+            receiver = (self.maker(), *receiver)
         args = [self._argument(a) for a in node.args]
         kwargs = {}
         for kw in node.keywords:
@@ -377,28 +417,51 @@ class Evaluation:
             if arg in kwargs:
                 self.fail(node, f"keyword {arg}= is given twice", "not_allowed")
             kwargs[arg] = self._argument(kw.value)
-        return self._apply(node, method.call, *receiver, *args, **kwargs)
+        result = self._apply(node, method.call, *receiver, *args, **kwargs)
+        if method.writes:
+            self.after_write(func.value, result)
+        return result
 
-    def _range(self, node: ast.Call, tensor: bool = False) -> Any:
-        """`range(n)` (a Python range: a loop's or an index's) and `torch.arange(n)`."""
-        name = "torch.arange" if tensor else "range"
-        if node.keywords or not 1 <= len(node.args) <= (1 if tensor else 3):
-            self.fail(node, f"{name} takes {'n' if tensor else 'n, or start, stop[, step]'}",
-                      "not_allowed")  # fmt: skip
-        args = [self.eval(a) for a in node.args]
-        if not all(is_int(a) for a in args):
-            self.fail(node, f"{name} takes whole numbers (a shape's size: x.shape[0])",
-                      "not_allowed")  # fmt: skip
-        if len(args) == 3 and args[2] == 0:
-            self.fail(node, "range's step cannot be 0", "not_allowed")
-        if tensor and args[0] < 0:  # torch.arange(-3) raises; range(-3) is merely empty
-            self.fail(node, f"torch.arange(n) needs n >= 0, not {args[0]}", "not_allowed")
-        r = range(*args)
-        if len(r) > MAX_RANGE:
-            self.fail(node, f"{name} of {len(r)} numbers; at most {MAX_RANGE}", "budget")
-        if tensor:
-            return arange(r.stop, self.device())
-        return r
+    def _made(self, value: Any) -> None:
+        """Every step an op makes is costed, even one whose value is dropped (`(huge, x)[1]`,
+        `[huge, x][1]`): the steps of each tensor made, kept until the line is costed."""
+        if not hasattr(self, "made_steps"):
+            self.made_steps: list = []
+            self._made_ids: set[int] = set()
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        for v in values:
+            if isinstance(v, Traced):
+                for step in v.steps:
+                    if id(step) not in self._made_ids:
+                        self._made_ids.add(id(step))
+                        self.made_steps.append(step)
+
+    def take_made_steps(self) -> list:
+        """The steps made since the last call (a statement's, for its cost)."""
+        steps = getattr(self, "made_steps", [])
+        self.made_steps, self._made_ids = [], set()
+        return steps
+
+    def before_write(self, node: ast.AST, target: ast.expr, value: Any) -> None:
+        """An in-place method: a formula never writes (a program's interpreter decides)."""
+        self.fail(node, "in-place methods (a trailing _) are not allowed: formulas never write",
+                  "not_allowed")  # fmt: skip
+
+    def after_write(self, target: ast.expr, value: Any) -> None:
+        """After an in-place method wrote `target`'s tensor (a program rebinds the name)."""
+
+    def maker(self) -> Maker:
+        """Where a tensor the formula makes goes: the run's device and float dtype (its
+        first float tensor's)."""
+        tensors = [v.t for v in self.operands() if isinstance(v, Traced)]
+        floats = [t for t in tensors if t.is_floating_point()]
+        meta = bool(tensors) and tensors[0].is_meta
+        dtype = floats[0].dtype if floats else torch.float32
+        return Maker(device="meta" if meta else "cpu", dtype=dtype)
+
+    def operands(self) -> list[Any]:
+        """The values a formula reads: the run's tensors and gradients."""
+        return [*self.tensors.values(), *self.grads.values()]
 
     def device(self) -> torch.Tensor:
         """A tensor on the run's device (meta in the dry run), for what a formula makes."""
@@ -410,7 +473,7 @@ class Evaluation:
     def _argument(self, node: ast.AST) -> Any:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             if len(node.value) > 64:
-                self.fail(node, "an einsum equation is at most 64 characters", "not_allowed")
+                self.fail(node, "a string argument is at most 64 characters", "not_allowed")
             return node.value
         return self.eval(node)
 
@@ -419,15 +482,19 @@ class Evaluation:
     def _apply(self, node: ast.AST, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one allowed operation; torch's own complaints become the learner's message."""
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            self._made(result)
+            return result
         except FormulaError as err:
             if err.details.get("expr"):
                 raise
             self.fail(node, str(err), err.kind)
+        except MakeError as err:  # refused by an op before torch saw it
+            self.fail(node, str(err), err.kind)
         except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
-            first_line = (
-                str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            )
+            if is_allocation_failure(err):  # the run's memory limit, not the learner's formula
+                raise MemoryError(str(err)) from err
+            first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
             self.fail(node, first_line, "shape" if "size" in first_line else "formula")
 
 
@@ -445,6 +512,7 @@ _HANDLERS: dict[type, str] = {
         ast.Subscript,
         ast.Slice,
         ast.Tuple,
+        ast.List,
         ast.Call,
     )  # fmt: skip
 }
@@ -488,6 +556,12 @@ def evaluate(
     name, each a `Traced` named `<name>.g`), `pending` why the run's other gradients are not
     available to it."""
     return Evaluation(formula, tensors, grads, pending or {}).run()
+
+
+def _range_expr(r: range) -> str:
+    if r.step != 1:
+        return f"torch.arange({r.start}, {r.stop}, {r.step})"
+    return f"torch.arange({r.stop})" if r.start == 0 else f"torch.arange({r.start}, {r.stop})"
 
 
 def _what(value: Any) -> str:

@@ -143,6 +143,8 @@ def step_work(step: dict) -> int:
 def step_flops(step: dict) -> int:
     """Floating-point operations of a matmul or einsum (2 per multiply-add), else 0: these
     run at the BLAS rate, the way the built-in strategies are costed (app/cost/work.py)."""
+    if "flops" in step:  # an op that states its own (F.conv2d)
+        return step["flops"]
     if step["action"] == "matmul":
         a, _ = step["inputs"]
         return 2 * math.prod(step["output"]) * (a[-1] if a else 1)

@@ -16,6 +16,8 @@ from app.lab.allowlist import (
     ATTRIBUTES,
     DTYPES,
     FUNCTIONAL,
+    LIST_METHODS,
+    MATH_CONSTANTS,
     METHODS,
     NAMESPACES,
     NODES,
@@ -151,7 +153,10 @@ def _check_node(node: ast.AST, source: str, program: bool = False) -> None:
         if isinstance(node.value, ast.Name) and node.value.id in NAMESPACES:
             space = node.value.id
             if node.attr not in NAMESPACES[space] and not (
-                space == "torch" and node.attr in DTYPES
+                space == "torch"
+                and node.attr in DTYPES
+                or space == "math"
+                and node.attr in MATH_CONSTANTS
             ):
                 allowed = ", ".join(f"{space}.{n}" for n in NAMESPACES[space])
                 raise FormulaError(
@@ -159,7 +164,7 @@ def _check_node(node: ast.AST, source: str, program: bool = False) -> None:
                     "not_allowed",
                 )
         allowed = {"g", *METHODS, *ATTRIBUTES, *PAIR_ATTRIBUTES, *TORCH_FUNCTIONS, *FUNCTIONAL,
-                   *DTYPES}  # fmt: skip
+                   *DTYPES, *LIST_METHODS, *NAMESPACES["math"], *MATH_CONSTANTS}  # fmt: skip
         if node.attr not in allowed:
             raise FormulaError(_unknown_attribute(node, source), "not_allowed")
     if isinstance(node, ast.Constant) and not (

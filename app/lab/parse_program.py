@@ -11,7 +11,7 @@ import ast
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.lab.allowlist import NODES, FormulaError
+from app.lab.allowlist import BUILTINS, NAMESPACES, NODES, FormulaError
 from app.lab.parse import _PARSE_LOCK, check_tree, source_segment
 
 MAX_PROGRAM_CHARS = 20_000  # per text (forward, backward)
@@ -19,6 +19,7 @@ MAX_PROGRAM_NODES = 12_000
 MAX_LINES = 400  # statements written, loops' bodies included
 
 PROGRAM_NODES = NODES | {ast.AugAssign, ast.For}
+MAX_UNPACK = 16  # `q, k, v = x.split(C, dim=2)`
 # a notebook's own comparison lines, accepted and skipped (every gradient is checked anyway)
 CHECK_CALLS = frozenset({"cmp"})
 AUG = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
@@ -109,14 +110,11 @@ def _check_statement(stmt: ast.stmt, source: str, which: str, top: bool) -> int:
     if isinstance(stmt, ast.Expr):
         if is_cmp(stmt):
             return 0  # a notebook's own check line: Broadprop checks every gradient itself
-        refuse(f"a line of the {which} assigns a name: `name = expression`")
-    if which == "forward":
-        if not isinstance(stmt, ast.Assign):
+        if not _is_write_call(stmt.value):
             refuse(
-                "the forward is a list of `name = expression` lines (loops and in-place "
-                "forms belong to the backward)"
+                f"a line of the {which} assigns a name (`name = expression`), appends to a "
+                "list (`hs.append(h)`) or writes in place (`dW.index_add_(0, ids, dY)`)"
             )
-        _check_targets(stmt.targets, refuse, allow_index=False)
         return 1
     if isinstance(stmt, ast.Assign):
         _check_targets(stmt.targets, refuse, allow_index=True)
@@ -132,13 +130,28 @@ def _check_statement(stmt: ast.stmt, source: str, which: str, top: bool) -> int:
         if not isinstance(stmt.target, ast.Name):
             refuse("a loop runs one name over range(...): `for i in range(n):`")
         it = stmt.iter
-        if not (
-            isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
-        ):
-            refuse("a loop runs over range(...) only: `for i in range(n):`")
+        if _calls(it, "reversed") and len(it.args) == 1:
+            it = it.args[0]
+        if not _calls(it, "range"):
+            refuse("a loop runs over range(...) or reversed(range(...)) only: "
+                   "`for i in range(n):`")  # fmt: skip
         return 1 + sum(_check_statement(s, source, which, top=False) for s in stmt.body)
     refuse("not a statement a program takes")
     return 0
+
+
+def _calls(node: ast.expr, name: str) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
+
+
+def _is_write_call(node: ast.expr) -> bool:
+    """`hs.append(h)` or an in-place method `x.index_add_(...)` called on something."""
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and (node.func.attr == "append" or node.func.attr.endswith("_"))
+        and not node.func.attr.startswith("_")
+    )
 
 
 def is_cmp(stmt: ast.stmt) -> bool:
@@ -151,15 +164,29 @@ def is_cmp(stmt: ast.stmt) -> bool:
     )
 
 
+# names a program reads but never assigns: the namespaces and builtins the language calls
+RESERVED = {
+    **{space: f"the module `{space}`" for space in NAMESPACES},
+    **{name: f"Python's `{name}`" for name in BUILTINS},
+}
+
+
 def _check_targets(
     targets: list[ast.expr], refuse: Callable, allow_index: bool, allow_tuple: bool = True
 ) -> None:
     if len(targets) != 1:
         refuse("one assignment per line (`a = b = ...` is two)")
     target = targets[0]
+    for name in _bound(target):  # a module or builtin keeps its meaning (Python would rebind
+        if name.id in RESERVED:  # it; the server would not); an index may still read range(n)
+            refuse(f"`{name.id}` is {RESERVED[name.id]}, which the program calls; name your "
+                   "tensor something else", target)  # fmt: skip
     if isinstance(target, ast.Tuple) and allow_tuple:
-        if not all(isinstance(e, ast.Name) for e in target.elts) or len(target.elts) != 2:
-            refuse("unpack into two plain names: `values, indices = x.max(1)`", target)
+        if not all(isinstance(e, ast.Name) or _is_grad_target(e) for e in target.elts) or not (
+            2 <= len(target.elts) <= MAX_UNPACK
+        ):
+            refuse(f"unpack into 2 to {MAX_UNPACK} plain names: `q, k, v = x.split(C, dim=2)`",
+                   target)  # fmt: skip
         return
     if isinstance(target, ast.Name) or _is_grad_target(target):
         return
@@ -167,9 +194,19 @@ def _check_targets(
         if isinstance(target.value, ast.Name) or _is_grad_target(target.value):
             return
         refuse("index a name directly: `dx[i] = ...`", target)
-    if isinstance(target, ast.Subscript):
-        refuse("the forward assigns whole names; indexed writes belong to the backward", target)
     refuse("assign to a name, `name.g`, or `name[index]`", target)
+
+
+def _bound(target: ast.expr) -> list[ast.Name]:
+    """The names an assignment target binds or writes into (not those its index reads)."""
+    parts = target.elts if isinstance(target, ast.Tuple) else [target]
+    names = []
+    for part in parts:
+        while isinstance(part, (ast.Subscript, ast.Attribute)):
+            part = part.value
+        if isinstance(part, ast.Name):
+            names.append(part)
+    return names
 
 
 def _is_grad_target(node: ast.AST) -> bool:

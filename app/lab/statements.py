@@ -6,7 +6,12 @@ statement for what course notebooks write in a backward pass:
 - `name = expr` (and `a, b = x.max(1)`), as in a formula;
 - `name op= expr` (`+= -= *= /=`): in place, as PyTorch does it, on the program's own tensors;
 - `name[index] = expr` and `name[index] op= expr`: the same, through an index;
-- `for name in range(...):` blocks.
+- `for name in range(...):` (or `reversed(range(...))`) blocks;
+- `hs.append(h)` and in-place methods (`dW.index_add_(0, ids, dY)`, `scatter_add_`,
+  `index_put_`, `masked_fill_`) as lines of their own (v4), on the program's own tensors.
+
+The forward takes the same statements (v4): loops that rebind a name, fill a fresh tensor
+(`hs[:, t] = h`) or grow a list; inputs are its `protected`.
 
 An in-place form writes the tensor the name holds, exactly as PyTorch would, so every view of
 it sees the write too. It never writes a tensor that the forward made or an input: those are
@@ -29,8 +34,12 @@ import torch
 
 from app.lab.allowlist import FormulaError, Pair, is_number
 from app.lab.evaluator import Evaluation
+from app.lab.parse import source_segment
 from app.lab.parse_program import AUG, Program, ProgramError, is_cmp, parse_program
-from app.ops.traced import ATOM, Step, Traced, meta_index
+from app.ops.joining import TensorList
+from app.ops.making import Maker
+from app.ops.meta_index import meta_index
+from app.ops.traced import ATOM, Step, Traced
 
 MAX_EXECUTED = 10_000  # statements run, loops' iterations counted in full
 _IN_PLACE = {"+": "add_", "-": "sub_", "*": "mul_", "/": "div_"}
@@ -64,8 +73,10 @@ class Interpreter(Evaluation):
         protected: list[torch.Tensor],
         check: Callable[[], None] | None = None,
         executed_limit: int = MAX_EXECUTED,
+        maker: Maker | None = None,
     ):
         self.program = program
+        self._maker = maker
         self.source = program.source
         self.scope = scope
         self.locals = scope  # the evaluator's `torch.arange` check reads it
@@ -75,6 +86,9 @@ class Interpreter(Evaluation):
         self.protected = protected
         self._protected_ptrs = {
             t.untyped_storage().data_ptr() for t in protected if not t.is_meta and t.numel()
+        }
+        self._protected_ids = {id(p) for p in protected} | {
+            id(p._base) for p in protected if p._base is not None
         }
         self.check = check or (lambda: None)
         self.remaining = executed_limit
@@ -152,15 +166,23 @@ class Interpreter(Evaluation):
                 self.scope[name] = saved
         return len(iterations) * per_pass
 
-    def _statement(self, stmt: ast.Assign | ast.AugAssign) -> None:
+    def _statement(self, stmt: ast.Assign | ast.AugAssign | ast.Expr) -> None:
         self._count(1, stmt)
         self._last_steps: list[Step] = []
-        if isinstance(stmt, ast.Assign):
+        self.take_made_steps()  # (a line before that stopped half way leaves nothing here)
+        if isinstance(stmt, ast.Expr):  # `hs.append(h)`, `dW.index_add_(0, ids, dY)`
+            value = self.eval(stmt.value)
+            if isinstance(value, Traced):
+                self._note(value)
+            receiver = stmt.value.func.value
+            name = (self._target_name(receiver) if isinstance(receiver, ast.Name)
+                    or _is_grad(receiver) else source_segment(self.source, receiver))  # fmt: skip
+        elif isinstance(stmt, ast.Assign):
             target = stmt.targets[0]
             value = self.eval(stmt.value)
             if isinstance(target, ast.Tuple):
                 self._unpack(stmt, target, value)
-                name = ", ".join(e.id for e in target.elts)
+                name = ", ".join(self._target_name(e) for e in target.elts)
             elif isinstance(target, ast.Subscript):
                 name = self._write_index(stmt, target, None, value)
             else:
@@ -178,7 +200,8 @@ class Interpreter(Evaluation):
 
     def _record(self, stmt: ast.stmt, name: str) -> None:
         entry = self.executed.get(stmt.lineno)
-        steps = _unique(self._last_steps)
+        made = self.take_made_steps()  # every op of the line, its dropped values' too
+        steps = sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
         if entry is None:
             entry = self.executed[stmt.lineno] = Executed(
                 stmt.lineno, self.program.code(stmt), name, steps
@@ -194,11 +217,14 @@ class Interpreter(Evaluation):
         return f"{target.value.id}.g"
 
     def _unpack(self, stmt: ast.Assign, target: ast.Tuple, value: Any) -> None:
-        if not isinstance(value, tuple) or len(value) != len(target.elts):
+        if not isinstance(value, (tuple, list)):
             self.fail(stmt.value, f"gives one value, not {len(target.elts)} to unpack",
                       "not_allowed")  # fmt: skip
+        if len(value) != len(target.elts):
+            self.fail(stmt.value, f"gives {len(value)} values, not {len(target.elts)} to unpack",
+                      "not_allowed")  # fmt: skip
         for element, part in zip(target.elts, value):
-            self.assign(stmt, element.id, part)
+            self.assign(stmt, self._target_name(element), part)
 
     def _augment(self, stmt: ast.AugAssign, name: str, symbol: str, value: Any) -> None:
         """`name op= value`: a tensor is changed in place (as PyTorch does); a number is
@@ -347,11 +373,23 @@ class Interpreter(Evaluation):
             chain = [t]
             while chain[-1]._base is not None and len(chain) < 8:
                 chain.append(chain[-1]._base)
-            roots = {id(p) for p in self.protected} | {
-                id(p._base) for p in self.protected if p._base is not None
-            }
-            return any(id(c) in roots for c in chain)
+            return any(id(c) in self._protected_ids for c in chain)
         return t.numel() > 0 and t.untyped_storage().data_ptr() in self._protected_ptrs
+
+    # ---- in-place methods (`dW.index_add_(...)`, `att.masked_fill_(...)`)
+
+    def before_write(self, node: ast.AST, target: ast.expr, value: Any) -> None:
+        if not isinstance(value, Traced):
+            self.fail(node, "only tensors are written in place", "not_allowed")
+        self._writable(node, source_segment(self.source, target), value)
+
+    def after_write(self, target: ast.expr, value: Any) -> None:
+        if isinstance(target, ast.Name) or _is_grad(target):
+            name = self._target_name(target)
+            self.rebind(name, self.resolve(target, name))
+
+    def maker(self) -> Maker:
+        return self._maker if self._maker is not None else super().maker()
 
     # ---- what subclasses decide
 
@@ -373,6 +411,15 @@ class Interpreter(Evaluation):
             return Traced(value.t, name)
         if isinstance(value, Pair):
             return Pair(tuple(self.atom(f"{name}[{i}]", v) for i, v in enumerate(value)))
+        if isinstance(value, TensorList):  # the same list (Python's aliasing), named
+            for i, v in enumerate(value):
+                if v.steps:
+                    value[i] = self.atom(f"{name}[{i}]", v)
+            if not value.name:
+                value.name = name
+            return value
+        if isinstance(value, tuple) and any(isinstance(v, Traced) for v in value):
+            return tuple(self.atom(f"{name}[{i}]", v) for i, v in enumerate(value))
         return value
 
     # ---- the statement's steps
@@ -400,6 +447,10 @@ class Interpreter(Evaluation):
                 self.fail(node, ".g is read on a tensor's name, as in out.g", "not_allowed")
             return self.resolve(node, f"{node.value.id}.g")
         return super()._Attribute(node)
+
+
+def _is_grad(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "g" and isinstance(node.value, ast.Name)
 
 
 def _advanced(parts: tuple) -> bool:

@@ -1,4 +1,5 @@
-"""Stopping a run at its deadline: the run's cancel token, reachable from every op."""
+"""Stopping a run at its deadline (the run's cancel token, reachable from every op), and
+telling its memory limit's failure from a formula's."""
 
 from __future__ import annotations
 
@@ -85,3 +86,10 @@ class CancelToken:
         """Whether the token was set (by the limiter, a client gone, or a deadline the run's
         thread saw), without polling any clock: for threads other than the run's."""
         return self._event.is_set()
+
+
+def is_allocation_failure(err: BaseException) -> bool:
+    """torch's allocator refused (a hard memory limit reached): "DefaultCPUAllocator: can't
+    allocate memory"."""
+    text = str(err)
+    return "can't allocate memory" in text or "DefaultCPUAllocator" in text

@@ -8,11 +8,9 @@ an op writes once is therefore both the computation and the text the API shows.
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,24 +19,8 @@ import torch
 from app.ops.broadcast import Shape, broadcast_rule
 from app.ops.cancel import check_cancelled
 from app.ops.copies import blas_copy_bytes
-
-# What `.float()` and `.to(torch.float32)` make: float32, except in a program's float64
-# recheck (app/programs/run.py), which reruns the same formulas in float64 throughout, so a
-# line that pins float32 and then meets a float64 operand (`@` refuses mixed dtypes) reruns too
-_SINGLE: contextvars.ContextVar[torch.dtype] = contextvars.ContextVar(
-    "broadprop_single", default=torch.float32
-)
-
-
-@contextmanager
-def single_precision_as(dtype: torch.dtype) -> Iterator[None]:
-    """`.float()` and `.to(torch.float32)` make `dtype` within (the float64 recheck's)."""
-    token = _SINGLE.set(dtype)
-    try:
-        yield
-    finally:
-        _SINGLE.reset(token)
-
+from app.ops.meta_index import meta_index, meta_masked
+from app.ops.precision import single_precision
 
 # Operator precedence, for parenthesizing generated expressions the way a person would.
 ADD, MUL, UNARY, ATOM = 1, 2, 3, 4
@@ -196,22 +178,7 @@ class Traced:
         operands: Sequence[Traced],
         detail: dict[str, Any] | None = None,
     ) -> Traced:
-        if not t.is_meta:  # computing, not tracing: the numbers need no steps
-            check_cancelled()  # a learner's formula is many ops: the deadline can stop it here
-            named = [o.bindings for o in operands if o.bindings]
-            return Traced(t, expr, prec, None, _merge_steps(*named) if named else [])
-        step = Step(
-            action=action,
-            op=op,
-            expr=expr,
-            inputs=[o.shape for o in operands],
-            output=tuple(t.shape),
-            bytes=t.numel() * t.element_size(),
-            detail=detail or {},
-        )
-        steps = _merge_steps(*(o.steps for o in operands), [step])
-        bindings = _merge_steps(*(o.bindings for o in operands))
-        return Traced(t, expr, prec, steps, bindings)
+        return made(t, expr, action, op, operands, detail, prec)
 
     def _method(self, t: torch.Tensor, call: str, action: str, op: str, **detail: Any) -> Traced:
         return self._make(t, f"{self._wrapped(ATOM)}.{call}", ATOM, action, op, [self], detail)
@@ -290,11 +257,11 @@ class Traced:
             )
         return self._reduce("mean", dim, keepdim)
 
-    def amax(self, dim: int, keepdim: bool = False) -> Traced:
-        return self._reduce("max", dim, keepdim)
+    def amax(self, dim: int | tuple[int, ...], keepdim: bool = False) -> Traced:
+        return self._reduce("max" if isinstance(dim, int) else "amax", dim, keepdim)
 
-    def amin(self, dim: int, keepdim: bool = False) -> Traced:
-        return self._reduce("min", dim, keepdim)
+    def amin(self, dim: int | tuple[int, ...], keepdim: bool = False) -> Traced:
+        return self._reduce("min" if isinstance(dim, int) else "amin", dim, keepdim)
 
     def max(self, dim: int | None = None, keepdim: bool = False) -> Traced:
         """With a dim, the values (as `.max(dim).values`); without, the largest entry."""
@@ -485,7 +452,7 @@ class Traced:
 
     def float(self) -> Traced:
         """`.float()` as in the article; a mask becomes 0./1. (exact in every dtype)."""
-        return self._method(self.t.to(_SINGLE.get()), "float()", "mask", "float")
+        return self._method(self.t.to(single_precision()), "float()", "mask", "float")
 
     def to_dtype_of(self, other: Traced) -> Traced:
         return self.to(other.t.dtype)
@@ -494,7 +461,7 @@ class Traced:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(".to() takes torch.float32 or torch.float64")
         name = str(dtype).removeprefix("torch.")
-        made = _SINGLE.get() if dtype == torch.float32 else dtype
+        made = single_precision() if dtype == torch.float32 else dtype
         return self._method(self.t.to(made), f"to(torch.{name})", "mask", "to")
 
     def gather(self, dim: int, index: Traced) -> Traced:
@@ -512,7 +479,7 @@ class Traced:
         index = raw[0] if len(raw) == 1 else raw
         masks = [p for p in raw if isinstance(p, torch.Tensor) and p.dtype == torch.bool]
         if self.t.is_meta and masks:
-            t = _meta_masked(self.t, raw)
+            t = meta_masked(self.t, raw)
         else:
             t = self.t[index]
         text = ", ".join(p.expr if isinstance(p, Traced) else _fmt_index(p) for p in parts)
@@ -583,23 +550,30 @@ class Traced:
                           "minimum", [self, other])  # fmt: skip
 
 
-def meta_index(index: torch.Tensor) -> Any:
-    """An index tensor as the dry run can use it: a 0-d integer tensor picks like the int 0
-    would (the same shape; meta tensors have no value to read)."""
-    if index.is_meta and index.ndim == 0 and not index.dtype.is_floating_point:
-        return 0 if index.dtype != torch.bool else index
-    return index
-
-
-def _meta_masked(t: torch.Tensor, parts: tuple) -> torch.Tensor:
-    """`x[mask]` on meta tensors: how many entries a mask picks is data, so the dry run
-    takes the most it can pick (every one): the shape (mask.numel(), *rest)."""
-    if len(parts) != 1:
-        raise IndexError("a bool mask indexes alone here: x[mask]")
-    mask = parts[0]
-    if tuple(mask.shape) != tuple(t.shape[: mask.ndim]):
-        raise IndexError(
-            f"the mask's shape {tuple(mask.shape)} does not match the indexed tensor's leading "
-            f"dims {tuple(t.shape[: mask.ndim])}"
-        )
-    return torch.empty((mask.numel(), *t.shape[mask.ndim :]), dtype=t.dtype, device="meta")
+def made(
+    t: torch.Tensor,
+    expr: str,
+    action: str,
+    op: str,
+    operands: Sequence[Traced] = (),
+    detail: dict[str, Any] | None = None,
+    prec: int = ATOM,
+) -> Traced:
+    """A new value and its one trace step (on meta tensors; real ones need no steps), from
+    any operands, or none (`torch.zeros(3, 4)`)."""
+    if not t.is_meta:  # computing, not tracing: the numbers need no steps
+        check_cancelled()  # a learner's formula is many ops: the deadline can stop it here
+        named = [o.bindings for o in operands if o.bindings]
+        return Traced(t, expr, prec, None, _merge_steps(*named) if named else [])
+    step = Step(
+        action=action,
+        op=op,
+        expr=expr,
+        inputs=[o.shape for o in operands],
+        output=tuple(t.shape),
+        bytes=t.numel() * t.element_size(),
+        detail=detail or {},
+    )
+    steps = _merge_steps(*(o.steps for o in operands), [step])
+    bindings = _merge_steps(*(o.bindings for o in operands))
+    return Traced(t, expr, prec, steps, bindings)

@@ -55,9 +55,12 @@ def _value_shape(value: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def make_inputs(specs: dict[str, InputSpec], seed: int, dtype: str) -> dict[str, Any]:
-    """name -> tensor (or plain number), made in the order given."""
-    g = torch.Generator().manual_seed(seed)
+def make_inputs(
+    specs: dict[str, InputSpec], seed: int, dtype: str, generator: torch.Generator | None = None
+) -> dict[str, Any]:
+    """name -> tensor (or plain number), made in the order given (from `generator`, a fresh
+    `manual_seed(seed)` one, when given: the run's program then draws on from it)."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     float_dtype = DTYPES[dtype]
     made: dict[str, Any] = {}
     for name, spec in specs.items():

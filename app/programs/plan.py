@@ -20,8 +20,10 @@ from app.lab import formulas
 from app.lab.allowlist import FormulaError, Pair
 from app.lab.statements import Executed, Interpreter, Program, ProgramError, parse_program
 from app.ops.cancel import check_cancelled
+from app.ops.joining import TensorList
+from app.ops.making import Maker
 from app.ops.traced import Step, Traced
-from app.programs.inputs import DTYPES, meta_of
+from app.programs.inputs import DTYPES, meta_of, names_rows
 from app.programs.schemas import ProgramRequest
 
 GRAD_PREFIX = "d"
@@ -45,11 +47,14 @@ class ProgramRefused(Exception):
 
 
 class ForwardRun(Interpreter):
-    """The forward: `name = expression` lines over the inputs; each name assigned once, so
-    each has one gradient."""
+    """The forward: lines over the inputs (loops, lists and in-place fills of its own fresh
+    tensors too). A name may be rebound (`h = ...` in a loop): its gradient is that of its
+    value after the statement that last wrote it."""
 
-    def __init__(self, program: Program, inputs: dict[str, Any], check: Callable[[], None]):
-        super().__init__(program, dict(inputs), [], check)
+    def __init__(self, program: Program, inputs: dict[str, Any], check: Callable[[], None],
+                 maker: Maker | None = None):  # fmt: skip
+        protected = [v.t for v in inputs.values() if isinstance(v, Traced)]
+        super().__init__(program, dict(inputs), protected, check, maker=maker)
         self.input_names = set(inputs)
         self.assigned: list[str] = []
 
@@ -73,16 +78,10 @@ class ForwardRun(Interpreter):
         if name in self.input_names:
             self.fail(stmt, f"{name} is an input; the forward makes new names from it",
                       "not_allowed")  # fmt: skip
-        if name in self.assigned:
-            self.fail(
-                stmt,
-                f"{name} is assigned twice; in a program every forward name is assigned once, "
-                "so that its gradient is one tensor (call the new value another name)",
-                "not_allowed",
-            )
         if isinstance(value, range):
             self.fail(stmt, "a range is for indexing and loops, not a value", "not_allowed")
-        self.assigned.append(name)
+        if name not in self.assigned:
+            self.assigned.append(name)
         super().assign(stmt, name, value)
 
 
@@ -96,9 +95,10 @@ class BackwardRun(Interpreter):
         forward: dict[str, Any],
         has_grad: set[str],
         check: Callable[[], None],
+        maker: Maker | None = None,
     ):
-        protected = [v.t for v in forward.values() if isinstance(v, Traced)]
-        super().__init__(program, {}, protected, check)
+        protected = [t.t for v in forward.values() for t in _tensors(v)]
+        super().__init__(program, {}, protected, check, maker=maker)
         self.forward = forward
         self.has_grad = has_grad
         self.gradients: dict[str, Traced] = {}  # tensor name -> its gradient, as written
@@ -107,6 +107,9 @@ class BackwardRun(Interpreter):
         # tensor name -> what its indexed `+=` lost to one write per repeated index (the
         # `dropped_duplicates` diagnosis; app/check/diagnosis.py)
         self.dropped: dict[str, torch.Tensor] = {}
+
+    def operands(self) -> list[Any]:
+        return [*self.forward.values(), *self.scope.values()]
 
     def grad_of(self, name: str) -> str | None:
         """The tensor whose gradient `name` is, or None for a helper."""
@@ -117,6 +120,8 @@ class BackwardRun(Interpreter):
         return None
 
     def resolve(self, node: ast.AST, name: str) -> Any:
+        if name in self.scope and not _tensors(self.forward.get(name)):
+            return self.scope[name]  # a loop's name or a number of its own shadows the forward's
         if name in self.forward:
             return self.forward[name]
         tensor = self.grad_of(name)
@@ -137,7 +142,7 @@ class BackwardRun(Interpreter):
         return f"the forward has no tensor {tensor}"
 
     def assign(self, stmt: ast.stmt, name: str, value: Any) -> None:
-        if name in self.forward:
+        if name in self.forward and (_tensors(self.forward[name]) or _tensors(value)):
             self.fail(
                 stmt,
                 f"{name} is the forward's; the backward writes gradients ({GRAD_PREFIX}{name} "
@@ -217,12 +222,26 @@ class Plan:
     known: frozenset[str] = frozenset()  # the inputs' and the forward's names
 
 
-class _Cost:
-    """Seconds and bytes, step by step, as the dry run goes (loops counted in full)."""
+def _tensors(value: Any) -> list[Traced]:
+    """The tensors a value holds: itself, or a list's or a pair's."""
+    if isinstance(value, Traced):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, Traced)]
+    return []
 
-    def __init__(self, itemsize: int, seconds_limit: float, bytes_limit: int, which: str):
+
+class _Cost:
+    """Seconds and bytes, step by step, as the dry run goes (loops counted in full). In the
+    forward every run of a line keeps its result (autograd saves it); in the backward a
+    rebound name frees the old value, so a loop's line keeps one; a list keeps all it holds."""
+
+    def __init__(
+        self, itemsize: int, seconds_limit: float, bytes_limit: int, which: str, budget: int = 0
+    ):
         self.itemsize, self.seconds_limit, self.bytes_limit = itemsize, seconds_limit, bytes_limit
         self.which = which
+        self.budget = max(budget, bytes_limit)  # the whole budget: bytes_limit is what it leaves
         self.seconds = 0.0
         self.peak_temp = 0
         self.kept = 0
@@ -238,11 +257,13 @@ class _Cost:
             self.seconds += OP_S
             if not formulas.is_view(d) and d["action"] != "write":
                 temp += d["bytes"] + d.get("temp_bytes", 0)
+            if self.which != "forward":  # (the forward keeps every result already)
+                self.kept += d.get("keeps", 0)  # a list's append keeps what it holds
         self.peak_temp = max(self.peak_temp, temp)
-        if entry.runs == 1:
-            self.kept += (
-                steps[-1].bytes if steps and not formulas.is_view(steps[-1].as_dict()) else 0
-            )
+        if entry.runs == 1 or self.which == "forward":
+            last = steps[-1].as_dict() if steps else None
+            if last is not None and not formulas.is_view(last) and last["action"] != "write":
+                self.kept += last["bytes"]
         if self.seconds > self.seconds_limit:
             raise ProgramRefused(
                 self.which,
@@ -260,16 +281,74 @@ class _Cost:
                 self.which,
                 entry.line,
                 f"line {entry.line} (`{entry.code}`): the {self.which}'s tensors would take "
-                f"{_mib(self.kept + self.peak_temp)} by here, over the server's memory budget "
-                f"of {_mib(self.bytes_limit)} per run",
+                f"{_mib(self.kept + self.peak_temp)} by here, over "
+                + (
+                    f"the server's memory budget of {_mib(self.bytes_limit)} per run"
+                    if self.bytes_limit >= self.budget
+                    else f"the {_mib(max(self.bytes_limit, 0))} that the server's memory "
+                    f"budget of {_mib(self.budget)} per run leaves beside the inputs and "
+                    "what autograd keeps"
+                ),
                 "budget",
                 bytes=self.kept + self.peak_temp,
                 budget_bytes=self.bytes_limit,
             )
 
 
+def _gradients_made(
+    req: ProgramRequest, forward: Program, fwd: ForwardRun, has_grad: list[str],
+    itemsize: int, room: int,
+) -> int:  # fmt: skip
+    """Bytes autograd makes that the forward's own count misses, refused past `room`: the
+    gradient of every input with one, and of every view the forward names (an `expand` takes
+    no memory, but its gradient is made whole); and the check's two float64 temporaries of
+    the largest gradient."""
+    sizes: dict[str, int] = {}
+    for name in has_grad:
+        t = fwd.scope[name].t if name in fwd.scope else None
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        if name in req.inputs or t._is_view():
+            sizes[name] = t.numel() * itemsize
+    largest = max((fwd.scope[n].t.numel() for n in has_grad if n in fwd.scope), default=0)
+    check = 2 * largest * 8
+    total = sum(sizes.values()) + check
+    if total > room:
+        name = max(sizes, key=sizes.get, default=None)
+        why = (
+            f"the gradient of `{name}` ({_mib(sizes[name])}: autograd makes a view's or an "
+            "input's gradient whole, whatever the view costs)"
+            if name is not None
+            else "the check's copies of its largest gradient"
+        )
+        line = _line_of(forward, name) if name is not None and name not in req.inputs else None
+        raise ProgramRefused(
+            "forward" if line is not None else "inputs",
+            line if line is not None else name,
+            f"autograd would make {_mib(total)} more than the forward's own tensors, "
+            f"mostly {why}; that is over what the server's memory budget leaves "
+            f"({_mib(max(room, 0))}): make the shapes smaller",
+            "budget",
+            bytes=total,
+            budget_bytes=room,
+        )
+    return total
+
+
 def _mib(n: float) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
+
+
+def _refuse_rows_past_the_data(req: ProgramRequest) -> None:
+    """A names input asks for at most the data's training rows (a 422 at the input)."""
+    for name, spec in req.inputs.items():
+        if spec.data == "names" and spec.rows > (available := names_rows()):
+            raise ProgramRefused(
+                "inputs", name,
+                f"{name}: rows {spec.rows:,} is more than the names data's {available:,} "
+                "training rows; ask for at most that many",
+                "rows", rows=spec.rows, available=available,
+            )  # fmt: skip
 
 
 def _meta_inputs(req: ProgramRequest) -> tuple[dict[str, Any], int]:
@@ -293,10 +372,12 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
     """The dry run: every refusal before anything real is made (ProgramRefused)."""
     forward = _parse(req.forward, "forward")
     backward = _parse(req.backward, "backward")
+    _refuse_rows_past_the_data(req)
     scope, input_bytes = _meta_inputs(req)
     itemsize = torch.empty((), dtype=DTYPES[req.dtype]).element_size()
-    cost = _Cost(itemsize, work_limit_s, memory_budget - input_bytes, "forward")
-    fwd = ForwardRun(forward, scope, check_cancelled)
+    cost = _Cost(itemsize, work_limit_s, memory_budget - input_bytes, "forward", memory_budget)
+    maker = Maker("meta", DTYPES[req.dtype])
+    fwd = ForwardRun(forward, scope, check_cancelled, maker=maker)
     fwd.on_statement = cost.add
     with torch.enable_grad():
         _run(fwd, "forward")
@@ -304,17 +385,21 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
     if not loss.t.requires_grad:
         raise ProgramRefused("forward", _line_of(forward, req.loss), f"{req.loss} does not "
                              "depend on any input with a gradient (grad: true)", "name")  # fmt: skip
-    env = {n: detached(v) for n, v in fwd.scope.items()}
     has_grad = [n for n in req.inputs if _requires_grad(scope.get(n))] + [
         n for n in fwd.assigned if _requires_grad(fwd.scope[n])
     ]
+    if writes_in_place(forward):
+        _autograd_on_meta(req, forward, loss, [fwd.scope[n].t for n in has_grad])
+    env = {n: detached(v) for n, v in fwd.scope.items()}
     # the run keeps the forward, autograd's saved tensors and the retained gradients
     forward_bytes = cost.kept
+    made_bytes = _gradients_made(req, forward, fwd, has_grad, itemsize,
+                                 memory_budget - input_bytes - 3 * forward_bytes)  # fmt: skip
     back_cost = _Cost(
         itemsize, max(0.0, work_limit_s - 3 * cost.seconds),
-        memory_budget - input_bytes - 3 * forward_bytes, "backward",
+        memory_budget - input_bytes - 3 * forward_bytes - made_bytes, "backward", memory_budget,
     )  # fmt: skip
-    bwd = BackwardRun(backward, env, set(has_grad), check_cancelled)
+    bwd = BackwardRun(backward, env, set(has_grad), check_cancelled, maker=maker)
     bwd.on_statement = back_cost.add
     stops_at = None
     with torch.no_grad():
@@ -337,11 +422,41 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
         intermediates=list(fwd.assigned),
         stops_at=stops_at,
         seconds=seconds * (2.2 if rerun else 1.0),
-        bytes=input_bytes + 3 * forward_bytes + back_cost.kept + back_cost.peak_temp,
+        bytes=input_bytes + 3 * forward_bytes + made_bytes + back_cost.kept + back_cost.peak_temp,
         rerun=rerun,
         forward_reads=_reads(forward),
         known=frozenset([*req.inputs, *fwd.assigned]),
     )
+
+
+def writes_in_place(program: Program) -> bool:
+    """Whether a text writes a tensor in place anywhere (`+=`, `x[i] = ...`, `x.f_(...)`)."""
+    for stmt in program.body:
+        for node in ast.walk(stmt):
+            if isinstance(node, (ast.AugAssign, ast.Expr)):
+                return True
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Subscript):
+                return True
+    return False
+
+
+def _autograd_on_meta(req: ProgramRequest, forward: Program, loss: Traced,
+                      tensors: list[torch.Tensor]) -> None:  # fmt: skip
+    """The forward's backward on meta tensors: an in-place write into a tensor autograd saved
+    (PyTorch's "modified by an inplace operation") is refused here, before anything runs."""
+    try:
+        torch.autograd.grad(loss.t, tensors, allow_unused=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0].replace("MetaFloatType", "tensor").replace(
+            "MetaDoubleType", "tensor")  # fmt: skip
+        raise ProgramRefused(
+            "forward",
+            _line_of(forward, req.loss),
+            f"autograd cannot run this forward backwards: {first.split('. Hint')[0]}. An in-place "
+            "write changed a tensor that a line above saved for its gradient: write into a "
+            "fresh tensor (torch.zeros) or rebind the name (`x = x + ...`)",
+            "not_allowed",
+        ) from None
 
 
 def _parse(source: str, which: str) -> Program:
@@ -413,4 +528,10 @@ def detached(value: Any) -> Any:
         return Traced(value.t.detach(), value.expr)
     if isinstance(value, Pair):
         return Pair(tuple(detached(v) for v in value))
+    if isinstance(value, TensorList):  # the forward's list: the backward reads, never grows it
+        out = TensorList(detached(v) for v in value)
+        out.name, out.frozen = value.name, True
+        return out
+    if isinstance(value, tuple):
+        return tuple(detached(v) for v in value)
     return value

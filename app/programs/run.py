@@ -16,8 +16,10 @@ import torch
 
 from app.lab.allowlist import FormulaError
 from app.lab.statements import Executed, ProgramError
-from app.ops.cancel import RunCancelled, cancel_token
-from app.ops.traced import Traced, single_precision_as
+from app.ops.cancel import RunCancelled, cancel_token, is_allocation_failure
+from app.ops.making import Maker
+from app.ops.precision import single_precision_as
+from app.ops.traced import Traced
 from app.programs.check import (
     Outcome,
     check_table,
@@ -51,14 +53,19 @@ def execute_once(
     plan: Plan,
     dtype: torch.dtype,
     check: Callable[[], None],
-    made: dict[str, Any] | None = None,
+    made: tuple[dict[str, Any], torch.Tensor] | None = None,
 ) -> Outcome:
-    """The program run once in `dtype`. `made`: its inputs as `make_inputs` makes them (made
-    here when not given), shared by the run's executions: each takes fresh float leaves."""
-    if made is None:
-        made = make_inputs(req.inputs, req.seed, req.dtype)
+    """The program run once in `dtype`. `made`: its inputs and the generator's state after
+    them (`made_inputs`), shared by the run's executions: each takes fresh float leaves and
+    a generator of its own from that state (made here when not given)."""
+    inputs_made, state = made if made is not None else made_inputs(req)
+    g = torch.Generator()  # the run's one generator: inputs, then draws
+    g.set_state(state)
+    # the program's own tensors in this pass's dtype; its draws in the run's (so the float64
+    # recheck of a float32 run sees the same numbers, widened)
+    maker = Maker("cpu", dtype, g, draw_dtype=DTYPES[req.dtype])
     inputs: dict[str, Any] = {}
-    for name, value in made.items():
+    for name, value in inputs_made.items():
         if isinstance(value, torch.Tensor):
             if value.is_floating_point():
                 value = value.to(dtype, copy=True)  # a leaf of this execution's own
@@ -66,24 +73,29 @@ def execute_once(
                     value.requires_grad_()
             value = Traced(value, name)
         inputs[name] = value
-    fwd = ForwardRun(plan.forward, inputs, check)
+    fwd = ForwardRun(plan.forward, inputs, check, maker=maker)
     with torch.enable_grad():
         fwd.run()
         retained = {}
-        for name in plan.has_grad:
+        for name in plan.has_grad:  # each name's value after the line that last wrote it
             t = fwd.scope[name].t
             if not t.is_leaf:
                 t.retain_grad()
             retained[name] = t
         loss = fwd.scope[req.loss].t
-        loss.backward()
+        try:
+            loss.backward()
+        except RuntimeError as err:  # the dry run's meta backward catches these first
+            if is_allocation_failure(err):
+                raise MemoryError(str(err)) from err
+            raise ProgramError(FormulaError(_first_line(err), "formula"), 1, "") from None
     check()
     autograd = {
         n: (t.grad if t.grad is not None else torch.zeros_like(t)).detach()
         for n, t in retained.items()
     }
     env = {n: detached(v) for n, v in fwd.scope.items()}
-    bwd, error = run_backward(plan, env, check)
+    bwd, error = run_backward(plan, env, check, maker)
     return Outcome(
         inputs={n: v.t.detach() if isinstance(v, Traced) else v for n, v in inputs.items()},
         forward={n: v for n, v in env.items()},
@@ -98,18 +110,28 @@ def execute_once(
     )
 
 
+def made_inputs(req: ProgramRequest) -> tuple[dict[str, Any], torch.Tensor]:
+    """The program's inputs, made from its seed, and the generator's state after them (where
+    the program's own draws go on)."""
+    g = torch.Generator().manual_seed(req.seed)
+    made = make_inputs(req.inputs, req.seed, req.dtype, generator=g)
+    return made, g.get_state()
+
+
 def run_backward(
-    plan: Plan, env: dict[str, Any], check: Callable[[], None]
+    plan: Plan, env: dict[str, Any], check: Callable[[], None], maker: Maker | None = None
 ) -> tuple[BackwardRun, ProgramError | None]:
     """The learner's backward over the forward's detached values, no autograd: what it
     wrote, and the first line that could not run (None when every line ran)."""
-    bwd = BackwardRun(plan.backward, env, set(plan.has_grad), check)
+    bwd = BackwardRun(plan.backward, env, set(plan.has_grad), check, maker=maker)
     with torch.no_grad():
         try:
             bwd.run()
         except ProgramError as err:
             return bwd, err
         except (IndexError, RuntimeError, ValueError, TypeError) as err:  # real data only
+            if is_allocation_failure(err):
+                raise MemoryError(str(err)) from err
             return bwd, ProgramError(FormulaError(_first_line(err), "formula"), 0, "")
     return bwd, None
 
@@ -129,7 +151,7 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
     start = time.perf_counter()
     dtype = DTYPES[req.dtype]
     # the inputs once (a value input's nested list becomes a tensor once, not per execution)
-    made = make_inputs(req.inputs, req.seed, req.dtype)
+    made = made_inputs(req)
     with cancel_token(cancel):  # polled after every op as well as between statements
         main = execute_once(req, plan, dtype, check, made)
         after_run = time.perf_counter()

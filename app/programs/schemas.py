@@ -74,15 +74,6 @@ class InputSpec(BaseModel):
             raise ValueError("give exactly one of: shape (with init), value, or data (with field)")
         if self.data is not None and self.field is None:
             raise ValueError('data input needs field: "X" (contexts) or "Y" (next characters)')
-        if self.data == "names":
-            from app.programs.inputs import names_rows  # the data, parsed on first use
-
-            available = names_rows()
-            if self.rows > available:
-                raise ValueError(
-                    f"rows {self.rows:,} is more than the names data's {available:,} training "
-                    "rows; ask for at most that many"
-                )
         if self.shape is not None:
             if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
                 raise ValueError(

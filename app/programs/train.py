@@ -33,6 +33,7 @@ import torch
 from app.engine.train import stop_reason
 from app.lab.statements import Program, ProgramError
 from app.ops.cancel import RunCancelled
+from app.ops.making import Maker
 from app.ops.traced import Traced
 from app.programs import run as programs
 from app.programs.inputs import ALPHABET, DTYPES, make_inputs, names_data
@@ -154,8 +155,9 @@ def _scope(made: dict[str, Any], params: dict[str, torch.Tensor]) -> dict[str, A
     return scope
 
 
-def _forward(program: Program, scope: dict[str, Any], check: Callable[[], None]):
-    fwd = ForwardRun(program, scope, check)
+def _forward(program: Program, scope: dict[str, Any], check: Callable[[], None],
+             maker: Maker | None = None):  # fmt: skip
+    fwd = ForwardRun(program, scope, check, maker=maker)
     with torch.no_grad():
         fwd.run()
     return fwd
@@ -174,6 +176,9 @@ class Trainer:
         self.base = make_inputs(setup.step.inputs, req.seed, req.dtype)  # the step's shapes
         self.draw = torch.Generator().manual_seed(setup.seed + DRAW_SEED_OFFSET)
         self.sampler = torch.Generator().manual_seed(setup.seed + DRAW_SEED_OFFSET + 1)
+        # the program's own tensors (torch.zeros, dropout's masks): the run's dtype, fresh draws
+        self.maker = Maker("cpu", self.dtype, torch.Generator().manual_seed(
+            setup.seed + DRAW_SEED_OFFSET + 2))  # fmt: skip
 
     def minibatch(self) -> dict[str, Any]:
         names = self.setup.names
@@ -189,10 +194,11 @@ class Trainer:
     def step(self) -> tuple[float, dict[str, torch.Tensor], ProgramError | None]:
         """One forward and the learner's backward: (loss, gradients written, error)."""
         plan = self.setup.plan
-        fwd = _forward(plan.forward, _scope(self.minibatch(), self.params), self.check)
+        fwd = _forward(plan.forward, _scope(self.minibatch(), self.params), self.check,
+                       self.maker)  # fmt: skip
         loss = fwd.scope[self.setup.program.loss].t.item()
         env = {n: detached(v) for n, v in fwd.scope.items()}
-        bwd, error = programs.run_backward(plan, env, self.check)
+        bwd, error = programs.run_backward(plan, env, self.check, self.maker)
         return loss, {n: g.t for n, g in bwd.gradients.items()}, error
 
     def loss_on(self, req: ProgramRequest, plan: Plan, part: str) -> float:
@@ -203,7 +209,7 @@ class Trainer:
         for name, spec in req.inputs.items():
             if spec.data is not None:
                 made[name] = X if spec.field == "X" else Y
-        fwd = _forward(plan.forward, _scope(made, self.params), self.check)
+        fwd = _forward(plan.forward, _scope(made, self.params), self.check, self.maker)
         return fwd.scope[req.loss].t.item()
 
     def samples(self, count: int) -> list[str]:
@@ -221,7 +227,7 @@ class Trainer:
             for name, spec in req.inputs.items():
                 if spec.data is not None:
                     made[name] = X if spec.field == "X" else Y
-            fwd = _forward(names.sample_forward, _scope(made, self.params), self.check)
+            fwd = _forward(names.sample_forward, _scope(made, self.params), self.check, self.maker)
             logits = fwd.scope[LOGITS].t[:count].double()
             probs = torch.softmax(logits, -1)
             nxt = torch.multinomial(probs, 1, generator=self.sampler).squeeze(1)

@@ -9,4 +9,5 @@ hands them on: decoding, validation, the dry run, the run, the training steps an
 JSON all happen in a worker.
 
 jobs.py: what a worker does (no process code); worker.py: a worker's loop and its limits;
+zygote.py: the forkserver's preload (torch imported and warmed once, on one thread);
 pool.py: the workers, as the server sees them. No web framework is imported here."""

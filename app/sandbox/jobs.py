@@ -6,7 +6,6 @@ into messages."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -116,7 +115,3 @@ def training_events(
         raise  # the worker says it in the learner's terms
     except Exception as e:  # the stream has started: an event, never a lost stream
         yield "error", {"detail": f"training failed: {type(e).__name__}: {e}"}
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

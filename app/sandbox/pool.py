@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing import spawn
@@ -36,7 +35,7 @@ def _context() -> Any:
     """Forkserver: workers fork from a process that imported torch and the interpreter but
     never ran a parallel op (a fork after OpenMP has started its threads may hang)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["app.sandbox.worker"])
+    context.set_forkserver_preload(["app.sandbox.zygote"])
     return context
 
 
@@ -65,12 +64,12 @@ def _without_main() -> Iterator[None]:
 class Worker:
     """One worker process and its end of the pipe."""
 
-    def __init__(self) -> None:
+    def __init__(self, warm: bool = True) -> None:
         from app.sandbox import worker  # the forkserver imports it; here only its name
 
         context = _context()
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=worker.serve, args=(child,), daemon=True,
+        self.process = context.Process(target=worker.serve, args=(child, warm), daemon=True,
                                        name="broadprop-sandbox")  # fmt: skip
         with _without_main():
             self.process.start()
@@ -220,8 +219,9 @@ class Sandbox:
         self.give(fresh)
 
     def dedicated(self) -> Worker:
-        """A fresh worker of its own (a training's), ended by its caller."""
-        return Worker().wait_ready()
+        """A fresh worker of its own (a training's), ended by its caller. Not warmed up: a
+        training pays torch's first-call costs once, in its first step."""
+        return Worker(warm=False).wait_ready()
 
     def idle_pids(self) -> list[int]:
         with self._lock:
@@ -239,24 +239,24 @@ class Sandbox:
             w.kill()
 
 
-_pools: dict[int, Sandbox] = {}
-_pools_lock = threading.Lock()
+_pool: Sandbox | None = None
+_pool_lock = threading.Lock()
 
 
 def sandbox_for(size: int) -> Sandbox:
-    """The process's sandbox of `size` workers (made on first use, shared by every app in the
-    process, as the run lanes are)."""
-    with _pools_lock:
-        if size not in _pools:
-            _pools[size] = Sandbox(size)
-        return _pools[size]
+    """The process's one sandbox, with at least `size` workers (made on first use, shared by
+    every app in the process, as the run lanes are; an app's own bound on programs at once
+    is its limiter's)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = Sandbox(size)
+        _pool.size = max(_pool.size, size)
+        return _pool
 
 
 def wall_limit_s(deadline_s: float) -> float:
-    """The wall-clock limit of a sandboxed job whose CPU deadline is `deadline_s`: room for a
-    loaded machine, and still under 1.5 x the deadline (4.5 s for the default 3 s)."""
-    return deadline_s * 1.4
-
-
-def elapsed_since(start: float) -> float:
-    return time.monotonic() - start
+    """The wall-clock limit of a job whose CPU deadline is `deadline_s`: 1.4 x it (4.2 s for
+    the default 3 s: no request is held past 4.5 s), and at least a second more than it (a
+    short deadline still leaves room for a loaded machine's scheduling)."""
+    return max(1.4 * deadline_s, deadline_s + 1.0)

@@ -28,7 +28,6 @@ import torch
 
 from app.cost.budget import human_bytes
 from app.ops.cancel import RunCancelled
-from app.programs import presets
 from app.refusal import Refused
 from app.sandbox import jobs
 from app.sandbox.allocator import release_memory, tune_allocator
@@ -66,10 +65,12 @@ class ProcessDeadline:
         return self.reason is not None
 
 
-def serve(conn: Connection) -> None:
-    """The worker's loop: warm up, say ready, then answer jobs until the pipe closes."""
+def serve(conn: Connection, warm: bool = True) -> None:
+    """The worker's loop: warm up (`warm`), say ready, then answer jobs until the pipe
+    closes."""
     tune_allocator()
-    _warm_up()
+    if warm:
+        warm_up()
     baseline_vm, baseline_rss = _memory()
     conn.send(("ready", os.getpid()))
     while True:
@@ -150,8 +151,8 @@ def _answer(
         conn.send(("refused", refused.errors()))
     except RunCancelled:
         conn.send(("stopped", deadline.reason or "deadline", deadline.used_s()))
-    except MemoryError:
-        conn.send(("memory", "MemoryError"))
+    except MemoryError as e:
+        conn.send(("memory", _allocation_detail(e)))
         return False
     except RuntimeError as e:
         if not _is_allocation_failure(e):
@@ -173,7 +174,7 @@ def _is_allocation_failure(e: RuntimeError) -> bool:
     return "alloc" in text or "memory" in text
 
 
-def _allocation_detail(e: RuntimeError) -> str:
+def _allocation_detail(e: BaseException) -> str:
     """torch's allocation failure, in the learner's terms (its text names C++ files)."""
     asked = re.search(r"allocate (\d+) bytes", str(e))
     if asked is None:
@@ -208,14 +209,21 @@ def _memory() -> tuple[int, int]:
     return size * page, resident * page
 
 
-def _warm_up() -> None:
+# a small program through every stage a request takes (decode, dry run, run, check, views):
+# torch's and the interpreter's first-call costs, for a fraction of the article's work
+WARM_UP_PROGRAM = {
+    "inputs": {"x": {"shape": [8, 5]}, "w": {"shape": [5, 3]}, "y": {"shape": [8, 3]}},
+    "forward": "h = x @ w\na = torch.relu(h)\nloss = ((a - y) ** 2).mean()",
+    "backward": "da = 2 * (a - y) / a.numel()\ndh = (h > 0).float() * da\ndw = x.T @ dh\n"
+    "dx = dh @ w.T",
+}
+
+
+def warm_up() -> None:
     """Torch's and the interpreter's first-call costs, paid before the first job."""
-    article = presets.preset("article")
-    if article is None:
-        return
     import orjson
 
-    body = orjson.dumps(article["request"])
+    body = orjson.dumps(WARM_UP_PROGRAM)
     deadline = ProcessDeadline(60.0)
     try:
         jobs.run(jobs.admit(body, Settings.model_construct(), deadline), deadline)

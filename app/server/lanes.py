@@ -24,6 +24,7 @@ from starlette.types import Message
 
 from app.ops.cancel import CancelToken
 from app.sandbox.allocator import TRIM_DELAY_S, TRIM_MIN_BYTES, release_memory, tune_allocator
+from app.sandbox.pool import wall_limit_s
 from app.settings import Settings
 
 T = TypeVar("T")
@@ -65,7 +66,8 @@ class Saturated(Exception):
 class Stopped(Exception):
     """A run was stopped between two ops or chunks (`reason`): its client hung up
     ("disconnect"), it used its deadline's CPU time ("deadline"), or the machine was too busy
-    to give it that time within WALL_DEADLINE_FACTOR x the deadline ("busy")."""
+    to give it that time within its wall-clock limit (app/sandbox/pool.py wall_limit_s:
+    1.4 x the deadline, 4.2 s for the default 3 s) ("busy")."""
 
     def __init__(self, reason: str, deadline_s: float, advice: str | None = None) -> None:
         super().__init__(reason)
@@ -73,10 +75,6 @@ class Stopped(Exception):
         self.deadline_s = deadline_s
         self.advice = advice  # what to change, in the route's own fields (None: a run's)
 
-
-# The wall-clock bound on a run, as a multiple of its CPU-time deadline: a safety net for a
-# starved machine (or a run stuck outside the checks)
-WALL_DEADLINE_FACTOR = 4
 
 # Runs estimated to take at most this long go to the small lane: they never queue behind a
 # run in the large lane (a small run beside a giant one takes about twice its time alone).
@@ -199,7 +197,7 @@ class RunLimiter:
     work) for the large lane (slots of torch_threads each); never the other lane, so that a
     config always runs with the same thread count. With a `cancel` token, the run is stopped (Stopped) when the
     client hangs up (`receive` gives http.disconnect), once it has used `deadline_s` of CPU
-    time, or after WALL_DEADLINE_FACTOR x `deadline_s` of wall time, between two of its ops
+    time, or after `wall_limit_s(deadline_s)` of wall time, between two of its ops
     or chunks. A large-lane run uses `torch_threads` intra-op threads, a small-lane run one.
 
     Semaphores are made per event loop (TestClient may start one loop per request)."""
@@ -416,7 +414,7 @@ class RunLimiter:
         cancel.arm(self.deadline_s)
 
         async def watch() -> None:
-            with anyio.move_on_after(self.deadline_s * WALL_DEADLINE_FACTOR):
+            with anyio.move_on_after(wall_limit_s(self.deadline_s)):
                 while receive is not None:
                     if (await receive())["type"] == "http.disconnect":
                         cancel.set("disconnect")

@@ -135,7 +135,7 @@ def test_an_accepted_formula_is_stopped_at_the_deadline_through_the_api(op_count
     the pipeline), and the answer is the deadline's 422 well before the formula would end
     (its ops counted: fewer than half the whole formula's). The wall-clock net is moved out of
     the way: on a loaded machine it would answer 503 (busy) first, a different test's case."""
-    monkeypatch.setattr(lanes, "WALL_DEADLINE_FACTOR", 1000)
+    monkeypatch.setattr(lanes, "wall_limit_s", lambda deadline_s: 1000.0)
     body = {**CONFIG, "formulas": {"x.g": heavy_formula(5)}}
     pipeline.run(RunRequest(**body), 4 << 20, Never())
     whole = op_count.take(real=True)

@@ -66,7 +66,7 @@ HOSTILE = [
     ("forward", "import os\nloss = x.sum()"),
     ("forward", "y = x\ny[0] = 1\nloss = y.sum()"),
     ("forward", "x += 1\nloss = x.sum()"),
-    ("forward", "for k in range(3):\n    y = x\nloss = x.sum()"),
+    ("forward", "for k in range(10**9):\n    y = x\nloss = x.sum()"),
     ("forward", "loss = x.__class__"),
     ("forward", "y = open('/etc/passwd')\nloss = x.sum()"),
 ]

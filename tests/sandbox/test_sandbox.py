@@ -5,6 +5,7 @@ costs that program, never the server. Each finding of the probe (N1-N13) has a t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ SQUARE = {
 SLOW = {
     "inputs": {"a": {"shape": [256, 256]}},
     "forward": "loss = (a @ a).sum()",
-    "backward": "s = a\nfor i in range(600):\n    s = torch.tanh(s @ a)\nda = s",
+    "backward": "s = a\nfor i in range(1000):\n    s = torch.tanh(s @ a)\nda = s",
 }
 
 
@@ -112,7 +113,7 @@ def test_the_hard_memory_limit_holds_where_the_estimate_lets_a_program_through(c
 def test_n3_a_long_running_program_stops_at_its_deadline_with_a_program_message():
     """N3, N11: a long loop is stopped at the deadline, whatever the program's length, and
     the message names what a program can change (no compare or fd_samples here)."""
-    with TestClient(create_app(Settings(run_deadline_s=0.5)), raise_server_exceptions=False) as c:
+    with TestClient(create_app(Settings(run_deadline_s=0.1)), raise_server_exceptions=False) as c:
         started = time.monotonic()
         r = post(c, SLOW)
         took = time.monotonic() - started
@@ -122,7 +123,7 @@ def test_n3_a_long_running_program_stops_at_its_deadline_with_a_program_message(
             assert "BROADPROP_RUN_DEADLINE_S" in error["msg"]
             assert "compare" not in error["msg"] and "fd_samples" not in error["msg"]
             assert "loop" in error["msg"]
-        assert took < 30  # the wall limit is 1.4 x 0.5 s; this only catches a hang
+        assert took < 30  # the wall limit is 1.1 s; this only catches a hang
         assert post(c, SQUARE).status_code == 200
 
 
@@ -183,7 +184,7 @@ def test_n7_names_rows_beyond_the_data_are_a_422_at_rows(client):
     r = post(client, body)
     assert r.status_code == 422, r.text[:300]
     (error,) = r.json()["detail"]
-    assert error["loc"][:3] == ["body", "inputs", "X"]
+    assert error["loc"] == ["body", "inputs", "X"]
     assert "training rows" in error["msg"]
 
 
@@ -247,3 +248,112 @@ def test_n5_program_trainings_share_the_training_bound():
         finally:
             for s in streams:
                 s.__exit__(None, None, None)
+
+
+def test_n1_the_estimate_counts_a_views_gradient_at_its_line(client):
+    """The estimate refuses the stretched view at the line that names it (before anything
+    real runs), saying that autograd makes a view's gradient whole."""
+    body = {
+        "inputs": {"x": {"shape": [64, 64]}},
+        "forward": "y = x.unsqueeze(0).expand(100000, 64, 64)\nloss = y.sum()",
+        "backward": "",
+    }
+    r = post(client, body)
+    assert r.status_code == 422, r.text[:300]
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "forward", 1]
+    assert "gradient of `y`" in error["msg"] and "whole" in error["msg"]
+
+
+def test_n2_inputs_gradients_are_counted():
+    """Ten inputs of 2^24 floats: 640 MiB of values and as much again of gradients, over a
+    1 GiB budget: refused at an input, not a 200 that took 1.4 GB."""
+    inputs = {f"x{i}": {"shape": [1 << 24]} for i in range(10)}
+    body = {
+        "inputs": inputs,
+        "forward": "loss = " + " + ".join(f"x{i}.sum()" for i in range(10)),
+        "backward": "",
+    }
+    with TestClient(create_app(), raise_server_exceptions=False) as c:
+        r = post(c, body)
+    assert r.status_code == 422, r.text[:300]
+    (error,) = r.json()["detail"]
+    assert error["loc"][:2] == ["body", "inputs"] and "budget" in error["msg"]
+
+
+def test_n11_a_budget_left_is_never_negative_in_a_message(client):
+    body = {
+        "inputs": {"x": {"shape": [3000, 3000]}, "w": {"shape": [3000, 3000]}},
+        "forward": "a = x * w\nb = a * w\nc = b * w\nd = c * w\ne = d * w\nloss = e.sum()",
+        "backward": "",
+    }
+    with TestClient(create_app(Settings(memory_budget_bytes=300 << 20)),
+                    raise_server_exceptions=False) as c:  # fmt: skip
+        r = post(c, body)
+    assert r.status_code == 422, r.text[:300]
+    message = r.json()["detail"][0]["msg"]
+    assert "budget" in message and re.search(r"-\d", message) is None, message
+
+
+@pytest.mark.parametrize("line", ["torch = x", "F = x * 2", "dx, len = x.max(0)", "range = 3"])
+def test_n10_a_module_or_builtin_is_never_rebound(client, line):
+    """N10: Python would rebind `torch`, the server would not; neither does: a 422 at the
+    line, in both texts."""
+    body = {**SQUARE, "backward": line + "\n" + SQUARE["backward"]}
+    r = post(client, body)
+    assert r.status_code == 422, r.text[:300]
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "backward", 1] and "something else" in error["msg"]
+
+
+def test_n10_the_export_stops_where_the_server_stops(client, tmp_path):
+    """N10: a backward that stops at a shape error: the server checks the lines before it;
+    the exported script says the same line cannot run, checks the same gradients, exits 1."""
+    import subprocess
+    import sys
+
+    body = {
+        "inputs": {"x": {"shape": [4, 3]}, "w": {"shape": [3, 2]}},
+        "forward": "h = x @ w\nloss = h.sum()",
+        "backward": "dh = torch.ones_like(h)\ndw = x.T @ dh\ndx = dh @ w\n",
+    }
+    answer = post(client, body).json()
+    assert answer["backward_error"]["line"] == 3
+    written = sorted(n for n, row in answer["check"]["tensors"].items() if row["written"])
+    script = client.post("/api/export", json={"program": body, "format": "py"})
+    assert script.status_code == 200
+    path = tmp_path / "program.py"
+    path.write_text(script.text)
+    run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr[-500:]
+    assert "backward line 3 cannot run" in run.stdout
+    checked = sorted(line.split()[0] for line in run.stdout.splitlines() if " exact: " in line)
+    assert checked == written == ["h", "w"]
+
+
+def test_n12_follow_on_a_replaced_gradient_is_refused_not_misleading(client):
+    """N12: with `w1.g` replaced by the learner's formula, follow would show the built-in
+    formula's terms, which do not add up to the value shown: a 422 at follow.grad instead."""
+    body = {"batch": 4, "in_features": 3, "hidden": [2], "formulas": {"w1.g": "2 * x.T @ l1.g"},
+            "follow": {"grad": "w1.g", "index": [0, 0]}}  # fmt: skip
+    r = client.post("/api/run", json=body)
+    assert r.status_code == 422, r.text[:300]
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "follow", "grad"] and "your own formula" in error["msg"]
+    del body["formulas"]
+    assert client.post("/api/run", json=body).status_code == 200
+
+
+def test_n13_openmp_waits_passively_unless_told_otherwise():
+    """N13: spinning OpenMP threads count as a run's own CPU time; passive unless the
+    environment chose (the variable is read once, when torch loads, after app/__init__)."""
+    import subprocess
+    import sys
+
+    code = "import app, torch, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "passive", out.stderr[-300:]
+    env["OMP_WAIT_POLICY"] = "active"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "active"
