@@ -115,7 +115,8 @@ class SetAfterPolls:
 def test_a_run_stops_inside_a_formula_within_one_op_of_the_deadline(op_count):
     """Counted, not timed: the run polls after every op, and the first poll that finds the
     token set stops it (no op is computed after it)."""
-    cfg = RunRequest(**CONFIG, formulas={"x.g": heavy_formula(10)})
+    # counted, so any size shows it: a batch of 10, not the 40M products of the API test
+    cfg = RunRequest(**{**CONFIG, "batch": 10}, formulas={"x.g": heavy_formula(10)})
     whole = SetAfterPolls(float("inf"))
     pipeline.run(cfg, 4 << 20, whole)
     ops = op_count.take(real=True)
