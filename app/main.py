@@ -9,6 +9,7 @@ from app import schemas, server
 from app.api import broadcast, bugs, docs, export, pages, program, run, train
 from app.engine import data
 from app.programs.schemas import ProgramRequest, ProgramTrainRequest
+from app.sandbox.allocator import release_memory
 from app.server import assets
 from app.server.timing import ServerTimingMiddleware
 from app.settings import Settings, get_settings
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def warm_up() -> None:
     """Pay torch's and the meta tracer's first-call costs (~1 s) at startup, not on the first
     request; and cache the article's trace."""
-    from app.engine import pipeline
+    from app.runs import pipeline
 
     small = schemas.RunRequest(batch=2, in_features=3, hidden=[4], max_cells=16)
     pipeline.run(small, 1 << 16)
@@ -43,7 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)
     # outermost: the server's share of a wait, compression included, for the browser
     app.add_middleware(ServerTimingMiddleware)
-    data.warm()  # the shipped datasets, parsed in a background thread (once per process)
+    # the shipped datasets, parsed in a background thread (once per process); the parse's
+    # temporaries (~100 MB for MNIST's text) are free but still held by that thread's malloc
+    # arena (the trim threshold is high), so the thread hands them back
+    data.warm(after=release_memory)
     assets.warm()  # the Plotly bundle's gzip, made once in the background
     app.mount("/static", assets.VersionedStatic(directory=ROOT / "static"), name="static")
     for module in (run, train, program, broadcast, bugs, export, pages, docs):

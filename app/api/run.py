@@ -8,11 +8,12 @@ from fastapi import APIRouter, Request
 from app.api import gate
 from app.api.responses import VALIDATION_ERROR, StrictJSONResponse
 from app.cost.work import DRY_RUN_INLINE_S, interpret_s
-from app.engine import network, pipeline
-from app.engine.pipeline import Traces
+from app.engine import network
 from app.lab import formulas
 from app.lab.allowlist import FormulaError
 from app.ops.cancel import CancelToken
+from app.runs import pipeline
+from app.runs.pipeline import Traces
 from app.schemas import ErrorMessage, RunRequest, RunResponse
 from app.server.errors import guarded
 from app.server.lanes import PACE_POLL_S, PACE_YIELD_S, SMALL_RUN_S

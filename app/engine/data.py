@@ -12,13 +12,12 @@ import functools
 import gzip
 import importlib.util
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from app.sandbox.allocator import release_memory
 
 IMAGE_DATA = ("mnist", "digits")
 
@@ -137,8 +136,9 @@ def load(name: str) -> Dataset:
 _warm_started = threading.Event()
 
 
-def warm() -> None:
-    """Load every dataset in a background daemon thread, once per process."""
+def warm(after: Callable[[], object] | None = None) -> None:
+    """Load every dataset in a background daemon thread, once per process; then `after` (the
+    server hands the parse's temporaries back: app/sandbox/allocator.py release_memory)."""
     if _warm_started.is_set():
         return
     _warm_started.set()
@@ -149,9 +149,8 @@ def warm() -> None:
                 load(name)
             except Exception:  # a missing package shows on the request that needs it
                 pass
-        # the parse's temporaries (~100 MB for MNIST's text) are free but still held by this
-        # thread's malloc arena (the trim threshold is high: app/sandbox/allocator.py)
-        release_memory()
+        if after is not None:
+            after()
 
     thread = threading.Thread(target=load_all, name="broadprop-data-warm", daemon=True)
     thread.start()
