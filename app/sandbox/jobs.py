@@ -6,7 +6,6 @@ into messages."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,11 +13,11 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from app.cost.admission import admit_program, refuse_program
 from app.lab.statements import ProgramError
 from app.ops.cancel import cancel_token
 from app.programs import run as programs
 from app.programs import train as training
+from app.programs.admission import admit_program, refuse_program
 from app.programs.schemas import ProgramRequest, ProgramTrainRequest
 from app.refusal import Refused
 from app.settings import Settings
@@ -116,7 +115,3 @@ def training_events(
         raise  # the worker says it in the learner's terms
     except Exception as e:  # the stream has started: an event, never a lost stream
         yield "error", {"detail": f"training failed: {type(e).__name__}: {e}"}
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

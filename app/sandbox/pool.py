@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing import spawn
@@ -261,7 +260,3 @@ def wall_limit_s(deadline_s: float) -> float:
     the default 3 s: no request is held past 4.5 s), and at least a second more than it (a
     short deadline still leaves room for a loaded machine's scheduling)."""
     return max(1.4 * deadline_s, deadline_s + 1.0)
-
-
-def elapsed_since(start: float) -> float:
-    return time.monotonic() - start
