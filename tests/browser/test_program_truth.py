@@ -328,3 +328,37 @@ def test_issue_35_11_inputs_have_a_form_that_edits_the_program(watched):
     page.wait_for_function("() => document.querySelectorAll('#inputs-form tbody tr').length === 3")
     assert form_row(page, "x").locator("input[name=grad]").is_checked() is False
     assert [e for e in w.errors if "422" not in e] == []
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [1280, 390])
+def test_issue_35_13_sampled_names_are_all_in_view_inside_the_train_card(browser, server, width):
+    """35.13: the sampled names were clipped by the Train card's edge (a list that scrolled in
+    340 px, with no sign of it)."""
+    from tests.browser.conftest import Watched
+
+    context = browser.new_context(viewport={"width": width, "height": 844})
+    context.route(lambda url: not url.startswith(server + "/"), lambda route: route.abort())
+    context.set_default_timeout(120_000)
+    w = Watched(context.new_page(), server)
+    try:
+        open_program(w, "?preset=makemore")
+        page = w.page
+        page.fill("#pt-steps", "20")
+        page.click("#train-start")
+        page.wait_for_function(
+            "() => document.getElementById('train-panel').dataset.state === 'done'"
+        )
+        box = page.evaluate(
+            """() => { const ol = document.getElementById('samples');
+                const card = document.getElementById('train-panel').getBoundingClientRect();
+                const items = [...ol.querySelectorAll('li')].map(li => li.getBoundingClientRect());
+                return { n: items.length, scrolls: ol.scrollHeight > ol.clientHeight + 1,
+                         out: items.filter(r => r.bottom > card.bottom || r.right > card.right
+                                                || r.left < card.left).length,
+                         cut: [...ol.querySelectorAll('li')].filter(li => li.scrollWidth > li.clientWidth + 1).length }; }"""
+        )
+        assert box["n"] >= 10 and not box["scrolls"] and box["out"] == 0 and box["cut"] == 0, box
+        page.locator("#train-panel").screenshot(path=f"/tmp/train-samples-{width}.png")
+    finally:
+        context.close()
