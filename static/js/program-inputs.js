@@ -9,8 +9,8 @@ const KINDS = {
   zeros: "zeros (+ offset)",
   ones: "ones × scale + offset",
   randint: "randint: integers 0 … high−1",
-  value: "a value: a number or the numbers",
-  names: "names data (contexts X or next characters Y)",
+  value: "a value",
+  names: "names data (X or Y)",
 };
 const HELP = {
   name: "The name the forward reads (letters, digits, _)",
