@@ -8,6 +8,7 @@ tensors play the run's forward, their `.grad` autograd's. No web framework is im
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import orjson
 import torch
 
-from app.lab.statements import Executed, ProgramError, parse_program
+from app.lab.statements import Executed, Program, ProgramError, parse_program
 from app.ops.traced import Traced
 from app.programs.check import Outcome
 from app.programs.plan import GRAD_PREFIX, GRAD_SUFFIX, Plan, detached
@@ -147,6 +148,27 @@ def _canonical(tensors: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, 
     return chosen
 
 
+def _assigned(program: Program) -> set[str]:
+    """The plain names a text binds: `x = ...`, `x += ...`, `x[i] = ...`, `for k in ...`."""
+
+    def bound(target: ast.expr) -> list[str]:
+        if isinstance(target, ast.Name):
+            return [target.id]
+        if isinstance(target, ast.Subscript):  # `dC[Xb[k, j]] += ...` writes into dC
+            return bound(target.value)
+        if isinstance(target, (ast.Tuple, ast.List)):
+            return [n for t in target.elts for n in bound(t)]
+        return []  # `x.g = ...`: an attribute, not a name of the kernel's
+
+    names: set[str] = set()
+    for node in (n for stmt in program.body for n in ast.walk(stmt)):
+        if isinstance(node, ast.Assign):
+            names.update(n for t in node.targets for n in bound(t))
+        elif isinstance(node, (ast.AugAssign, ast.For)):
+            names.update(bound(node.target))
+    return names
+
+
 def _grad_targets(source: str, candidates: set[str]) -> set[str]:
     """The tensors a text writes gradients for, read from its words (before it runs)."""
     words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*(?:\.g\b)?", source))
@@ -176,13 +198,18 @@ def check(
         return Report(None, refused=f"line {err.line} of the backward: {err}")
     every = _tensors(namespace)
     needs_grad = {n for n, t in every.items() if t.requires_grad and t.is_floating_point()}
+    # what this text writes is its own, not the forward's, even where an earlier cell (or
+    # this one, run before) left the name in the kernel; a forward tensor stays refused
+    own = _assigned(program) - needs_grad
+    earlier = {GRAD_PREFIX + n for n in needs_grad}  # gradients earlier cells left, read only
     canonical = _canonical(every, _grad_targets(backward, needs_grad))
-    tensors = {n: t for n, t in every.items() if canonical[n] == n}
+    tensors = {n: t for n, t in every.items() if canonical[n] == n and n not in own | earlier}
     has_grad = [n for n in tensors if n in needs_grad]
     env: dict[str, Any] = {
         n: v
         for n, v in namespace.items()
         if not n.startswith("_")
+        and n not in own
         and (isinstance(v, (bool, int, float)) or (isinstance(v, torch.Tensor) and n in every))
     }
     env = {n: detached(Traced(v, n)) if isinstance(v, torch.Tensor) else v for n, v in env.items()}
