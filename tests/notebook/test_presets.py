@@ -100,10 +100,15 @@ dbnbias = dhpreact.sum(0, keepdim=True)
 
 KEPT = "print(torch.allclose(dC, C.grad), torch.allclose(dhpreact, hpreact.grad))"
 
+# the whole exercise again, with makemore's own cmp() lines under it (the notebook defines
+# cmp; the check skips those lines, as it covers them)
+CMP = "\n".join(f"cmp({n!r}, d{n}, {n})" for n in sorted(MAKEMORE_GRADIENTS))
+
 
 @pytest.fixture(scope="module")
 def makemore() -> nbformat.NotebookNode:
-    return execute(preset_notebook("makemore", MAKEMORE_SLIP, KEPT))
+    again = "%%backward\n" + preset("makemore")["request"]["backward"] + CMP
+    return execute(preset_notebook("makemore", MAKEMORE_SLIP, KEPT, again))
 
 
 def test_makemores_backward_cell_checks_all_26_gradients_written_and_all_close(makemore):
@@ -200,3 +205,12 @@ def test_the_articles_net_checks_every_g_it_writes(article):
 def test_the_articles_g_names_stay_on_the_kernels_tensors(article):
     assert not errors(article.cells[3])
     assert printed(article.cells[3]).strip() == f"{torch.Size([1000, 1])} True"
+
+
+def test_the_cell_runs_again_with_makemores_cmp_lines_under_it(makemore):
+    cell = makemore.cells[5]
+    assert not errors(cell)
+    (data,) = displays(cell)
+    check = data[MIME]["check"]
+    assert check["all_close"] and check["all_written"] and len(check["tensors"]) == 26
+    assert data[MIME]["backward_error"] is None
