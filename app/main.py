@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def warm_up() -> None:
     """Pay torch's and the meta tracer's first-call costs (~1 s) at startup, not on the first
     request; and cache the article's trace."""
-    from app.engine import pipeline
+    from app.runs import pipeline
 
     small = schemas.RunRequest(batch=2, in_features=3, hidden=[4], max_cells=16)
     pipeline.run(small, 1 << 16)

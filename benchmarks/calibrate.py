@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's app/
 from app.cost import work  # noqa: E402
-from app.engine import pipeline  # noqa: E402
+from app.runs import pipeline  # noqa: E402
 from app.schemas import RunRequest  # noqa: E402
 from app.server.lanes import derive_concurrency  # noqa: E402
 from app.settings import Settings  # noqa: E402

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.engine.tensors import make_tensors  # noqa: E402
-from app.engine.train import minibatches, split  # noqa: E402
+from app.runs.train import minibatches, split  # noqa: E402
 from app.schemas import TrainRequest  # noqa: E402
 from tests.servers import LiveServer  # noqa: E402
 

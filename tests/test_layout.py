@@ -111,3 +111,59 @@ def test_no_source_file_over_600_lines():
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+# The floors of app/, lowest first: a folder (or top-level module) imports only from floors
+# below its own. Folders on one floor import nothing from each other.
+FLOORS = [
+    {"refusal", "settings"},  # the domain's refusal, the limits from the environment
+    {"ops"},  # each op's forward, manual backward and trace
+    {"lab"},  # the learner's formulas and statements, on Traced ops
+    {"engine"},  # a run's tensors, its network, traces, data; following one element
+    {"check"},  # autograd, the tolerance, the recheck rule, suspects, diagnosis, fd
+    {"schemas"},  # request and response models
+    {"views"},  # tensors -> heatmaps
+    {"cost"},  # plans, bytes, seconds, a run's admission
+    {"runs"},  # a run end to end, compare, training: the orchestration
+    {"programs"},  # programs: dry run, admission, run, check, training
+    {"export", "notebook", "sandbox"},  # files to take home, the notebook, worker processes
+    {"server"},  # how the app survives the world
+    {"api"},  # thin routes: the web at the edge
+    {"main", "__main__"},  # create_app, the command line
+]
+
+
+def _folder(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "app"
+
+
+def _folder_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        source = _folder(name)
+        graph.setdefault(source, set())
+        for target in _imports(name, path, set(modules)):
+            if _folder(target) not in (source, "app"):
+                graph[source].add(_folder(target))
+    return graph
+
+
+def test_floors_run_one_way():
+    floor = {folder: level for level, folders in enumerate(FLOORS) for folder in folders}
+    graph = _folder_graph()
+    unplaced = sorted(set(graph) - set(floor) - {"app"})
+    assert not unplaced, f"put these folders on a floor in FLOORS: {unplaced}"
+    upward = sorted(
+        f"{a} -> {b}" for a, targets in graph.items() for b in targets if floor[b] >= floor[a]
+    )
+    assert not upward, f"imports that do not run down the floors: {upward}"
+    assert _circles(graph) == []
+
+
+def test_the_floor_check_sees_an_arrow_upward():
+    """The check above is not vacuous: app/check is known to import app/engine, so that
+    arrow exists, and it runs down."""
+    graph = _folder_graph()
+    assert "engine" in graph["check"] and "check" not in graph["engine"]

@@ -8,9 +8,9 @@ from fastapi.responses import Response
 
 from app.api import gate, sandboxed
 from app.api.responses import VALIDATION_ERROR
-from app.cost import admission
 from app.export import run as export
 from app.ops.cancel import CancelToken, RunCancelled
+from app.programs import admission as program_admission
 from app.refusal import Refused
 from app.schemas import ErrorMessage, ExportRequest
 from app.server.lanes import Stopped
@@ -88,7 +88,7 @@ async def export_program_body(body: dict, fmt: str, settings: Settings) -> Respo
             errors = [{**e, "loc": ("body", "program", *e["loc"])} for e in exc.errors()]
             raise Refused(errors) from None
         try:
-            return program, admission.admit_program_watched(program, settings, watch)
+            return program, program_admission.admit_program_watched(program, settings, watch)
         except Refused as refused:
             raise refused.relocated("body", "program") from None
 

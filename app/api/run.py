@@ -4,11 +4,11 @@ from fastapi import APIRouter, Request
 
 from app.api import gate
 from app.api.responses import VALIDATION_ERROR, StrictJSONResponse
-from app.engine import pipeline
-from app.engine.pipeline import Traces
 from app.lab import formulas
 from app.lab.allowlist import FormulaError
 from app.ops.cancel import CancelToken
+from app.runs import pipeline
+from app.runs.pipeline import Traces
 from app.schemas import ErrorMessage, RunRequest, RunResponse
 from app.server.errors import guarded
 from app.settings import Settings

@@ -14,8 +14,8 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from app.api import gate
 from app.api.responses import JSON_ERROR, VALIDATION_ERROR
 from app.api.streaming import event, iterate_in_slices
-from app.engine import train as training
 from app.ops.cancel import CancelToken
+from app.runs import train as training
 from app.schemas import TrainRequest
 from app.server.lanes import TRAIN_SLICE_S
 from app.settings import Settings

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from app.check.autograd import NOISE_FACTOR, compare
+from app.check.tolerance import NOISE_FACTOR, compare
 
 Close = Callable[[torch.Tensor, torch.Tensor], bool]
 

@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 from app.check import reference
-from app.check.autograd import NOISE_FACTOR, cancelling_scale
+from app.check.autograd import cancelling_scale
+from app.check.tolerance import NOISE_FACTOR
 
 FD_REL_STEP = 1e-6  # h = 1e-6 * max(1, |entry|): near the float64 optimum for central differences
 # A yardstick, not a limit: about 2 s of float64 work. What is refused is a whole run over the

@@ -70,6 +70,21 @@ def forward(
     return forward_from(cfg, leaves, 1, l1, stages)
 
 
+def forward_keeping(
+    cfg, leaves: dict[str, torch.Tensor], keep: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The loss, as `forward`; every intermediate that needs a gradient (out, l{k}, n{k},
+    a{k}) goes into `keep` and keeps its gradient (`retain_grad`), so the check compares it
+    too."""
+    stages: dict[str, torch.Tensor] = {}
+    loss = forward(cfg, leaves, stages)
+    for name, t in stages.items():
+        if t.requires_grad:
+            t.retain_grad()
+            keep[name] = t
+    return loss
+
+
 def forward_from(
     cfg,
     leaves: dict[str, torch.Tensor],

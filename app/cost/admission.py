@@ -10,8 +10,9 @@ train, program) admit through `admit` and `admit_program` only.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import Any
 
 from app.cost.budget import Estimate, human_bytes
 from app.cost.budget import estimate as estimate_bytes
@@ -23,16 +24,14 @@ from app.cost.work import (
     Work,
 )
 from app.cost.work import estimate as estimate_work
+from app.engine.follow import followable, view_shape
+from app.engine.network import Network
 from app.engine.tensors import lead_shape
 from app.engine.traces import trace
 from app.lab import formulas
 from app.lab.allowlist import FormulaError
 from app.lab.formulas import UnknownGradient, is_view
-from app.ops.cancel import CancelToken, cancel_token
-from app.programs import run as programs
-from app.programs.schemas import ProgramRequest
 from app.refusal import Refused
-from app.views import follow
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def admit(cfg, settings) -> Admitted:
     except (FormulaError, UnknownGradient) as err:
         formulas.refuse(err, cfg.formulas)
     run = plan(cfg, traces)
-    follow.refuse(cfg, run.backward)
+    refuse_follow(cfg, run.backward)
     refuse_formula_cost(run, settings.memory_budget_bytes)
     estimate = estimate_bytes(run, settings.chunk_bytes)
     if estimate.total > settings.memory_budget_bytes:
@@ -76,6 +75,68 @@ def _refuse(kind: str, field: str, msg: str, cfg, **ctx) -> None:
                 "ctx": ctx,
             }
         ]
+    )
+
+
+def refuse_follow(cfg, backward: Sequence[dict[str, Any]]) -> None:
+    """For a run with `follow`: 422 at follow.grad (not a gradient this network follows: the
+    valid ones listed) or follow.index (wrong rank, or out of range: the dim, its size and
+    the value given). From the trace's shapes: nothing allocated."""
+    follow = cfg.follow
+    if follow is None:
+        return
+    shapes = followable(Network.from_config(cfg), backward)
+    if follow.grad not in shapes:
+        _refuse_follow(
+            "grad",
+            follow.grad,
+            f"{follow.grad!r} is not a gradient follow can trace in this network; "
+            f"it can follow {', '.join(shapes)}",
+        )
+    key = follow.grad if follow.grad.endswith(".g") else f"{follow.grad}.g"
+    if key in (getattr(cfg, "formulas", None) or {}):  # its value is the learner's formula's
+        _refuse_follow(
+            "grad",
+            follow.grad,
+            f"{key} is your own formula here: follow traces the built-in formula's products, "
+            f"whose terms would not add up to your value; clear the formula for {key} to "
+            "follow it, or write the network on /program, where every line can be followed",
+        )
+    shape = shapes[follow.grad]
+    shown = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+    if follow.block is not None:
+        view = view_shape(shape)
+        for part, n in zip(("rows", "cols"), view):
+            start, stop = getattr(follow.block, part)
+            if not 0 <= start < stop <= n:
+                _refuse_follow(
+                    "block",
+                    follow.block.model_dump(),
+                    f"block {part} [{start}, {stop}) is out of range for {follow.grad}'s "
+                    f"heatmap view {view}: it needs 0 <= start < stop <= {n}",
+                )
+        return
+    index = list(follow.index)
+    if len(index) != len(shape):
+        _refuse_follow(
+            "index",
+            index,
+            f"{follow.grad} has shape {shown}: the index needs {len(shape)} entries, "
+            f"got {len(index)}",
+        )
+    for dim, (i, n) in enumerate(zip(index, shape)):
+        if not 0 <= i < n:
+            _refuse_follow(
+                "index",
+                index,
+                f"index {index} is out of range for {follow.grad} of shape {shown}: "
+                f"dim {dim} must be from 0 to {n - 1}, got {i}",
+            )
+
+
+def _refuse_follow(field: str, value: Any, msg: str) -> None:
+    raise Refused(
+        [{"type": "follow", "loc": ("body", "follow", field), "msg": msg, "input": value}]
     )
 
 
@@ -260,41 +321,6 @@ def _refuse_formula(key: str, msg: str, cfg, kind: str, **ctx) -> None:
                 "msg": f"`{key}`: {msg}",
                 "input": cfg.formulas.get(key, ""),
                 "ctx": {"kind": kind, **ctx},
-            }
-        ]
-    )
-
-
-def admit_program(request: ProgramRequest, settings) -> programs.Plan:
-    """The dry run on meta tensors: a 422 at the line for anything refused. An accepted
-    program's plan is kept (the page posts the same program again as its views change)."""
-    try:
-        return _program_plan(request.model_dump_json(), settings.memory_budget_bytes)
-    except programs.ProgramRefused as err:
-        refuse_program(err)
-
-
-@lru_cache(maxsize=64)  # a plan holds its program's trace: shapes and steps, tens of KB
-def _program_plan(body: str, memory_budget: int) -> programs.Plan:
-    request = ProgramRequest.model_validate_json(body)
-    return programs.admit(request, memory_budget, WORK_LIMIT_S)
-
-
-def admit_program_watched(request: ProgramRequest, settings, cancel: CancelToken) -> programs.Plan:
-    with cancel_token(cancel):  # the dry run polls it between statements
-        return admit_program(request, settings)
-
-
-def refuse_program(err: programs.ProgramRefused) -> None:
-    """A program's refusal: a 422 at its line (`body.forward.<n>` or `body.backward.<n>`)."""
-    raise Refused(
-        [
-            {
-                "type": f"program_{err.kind}",
-                "loc": ("body", err.which, err.line),
-                "msg": str(err),
-                "input": None,
-                "ctx": {"kind": err.kind, "line": err.line, **err.ctx},
             }
         ]
     )

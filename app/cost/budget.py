@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from app.cost.plan import RunPlan
+from app.cost.plan import RunPlan, heatmap_cap
 from app.engine.tensors import input_specs, layer_sizes, lead_shape
 from app.ops.linear import chunk_rows
-from app.views.heatmap import JSON_BYTES_PER_CELL, heatmap_cap
+from app.views.heatmap import JSON_BYTES_PER_CELL
 
 
 @dataclass(frozen=True)

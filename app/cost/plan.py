@@ -1,8 +1,9 @@
 """The passes one run makes, decided once from its config and its traces (shapes only).
 
 app/cost/budget.py costs a plan in bytes, app/cost/work.py in seconds, app/cost/admission.py
-refuses from both; the run (app/engine/pipeline.py, app/check) makes the same passes. Whether
-a run gets the rounding recheck is decided by `gets_recheck` alone, here and in the check.
+refuses from both; the run (app/runs/pipeline.py, app/check) makes the same passes. Whether
+a run gets the rounding recheck is decided by app/check/recheck.py alone, from the bytes it
+weighs there (`held_bytes`), for the costs here and for the run.
 """
 
 from __future__ import annotations
@@ -10,19 +11,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from app.check.recheck import gets_recheck, held_bytes
 from app.engine.tensors import input_specs
 from app.engine.traces import trace
-
-RECHECK_MAX_BYTES = 64 << 20  # runs whose inputs and gradients fit in this get the recheck
+from app.schemas import MAX_RESPONSE_CELLS
+from app.views.heatmap import response_max_cells
 
 Traces = tuple[list[dict], list[dict]]  # the forward and backward traces
-
-
-def gets_recheck(held_bytes: int) -> bool:
-    """The one rule for the rounding recheck (app/check/autograd.py recheck_rounding): a run
-    whose inputs and gradients hold at most RECHECK_MAX_BYTES reruns a failing check in the
-    other precision. Only a failing check runs it; the costs count it for every such run."""
-    return held_bytes <= RECHECK_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -71,9 +66,7 @@ def plan(cfg, traces: Traces | None = None) -> RunPlan:
     inputs = sum(math.prod(s.shape) * (8 if s.integer else itemsize) for s in specs)
     float_inputs = sum(math.prod(s.shape) * itemsize for s in specs if s.role != "target")
     activations = sum(math.prod(entry["shape"]) * itemsize for entry in forward)
-    # the check weighs the run's tensors and its manual gradients (every one but the loss's)
-    loss = sum(math.prod(e["shape"]) * itemsize for e in forward if e["output"] == "loss")
-    held = inputs + float_inputs + activations - loss
+    held = held_bytes(cfg, forward)  # the run's tensors and its manual gradients
     return RunPlan(
         cfg=cfg,
         forward=forward,
@@ -87,3 +80,12 @@ def plan(cfg, traces: Traces | None = None) -> RunPlan:
         recheck=gets_recheck(held),
         fd_rerun=cfg.fd_samples > 0 and itemsize == 4,
     )
+
+
+def heatmap_cap(cfg) -> int:
+    """The cap on each heatmap's cells for a run of `cfg`: max_cells, lowered where all the
+    response's heatmaps together would pass MAX_RESPONSE_CELLS (the views take the cap as
+    given; the budget counts the cells it allows)."""
+    sizes = [math.prod(s.shape) for s in input_specs(cfg) if s.role != "target"]
+    maps = 4 if cfg.reference_heatmaps else 1  # manual; autograd, difference, tolerance
+    return response_max_cells(sizes, cfg.max_cells, maps, MAX_RESPONSE_CELLS)

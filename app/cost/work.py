@@ -43,7 +43,7 @@ ROW_S = 5e-9  # per row entry (N * (in + out)) of a broadcast layer: unsqueeze, 
 ACCUMULATE_S = 1e-9  # per w.g entry per chunk: the float64 sum of the chunks' shares
 OP_S = 20e-6  # per torch call from Python (dispatch, small tensors)
 FD_FLOPS = 2e9  # flops/s of the finite differences' small float64 passes
-COMPARE_SLOW_S = 0.25  # compare times one run above this (app/engine/compare.py), else up to three
+COMPARE_SLOW_S = 0.25  # compare times one run above this (app/runs/compare.py), else up to three
 # compare's first pass of each strategy runs under PeakMemory (app/engine/memory.py), a dispatch
 # mode that sees every op and every live storage. A broadcast layer whose chunk does not stay
 # in cache (wide rows) takes this many plain passes' time under it (4096 -> 4096 -> 3000 at

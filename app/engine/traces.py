@@ -1,5 +1,5 @@
 """A run's traces from shapes alone (the learner's formulas dry-run on meta tensors), cached:
-what admission (app/cost) costs and what the run (app/engine/pipeline.py) shows."""
+what admission (app/cost) costs and what the run (app/runs/pipeline.py) shows."""
 
 from __future__ import annotations
 

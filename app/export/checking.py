@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.check import reference
-from app.check.autograd import NOISE_FACTOR, RECHECK_MAX_BYTES, TOLERANCES
-from app.engine.tensors import DTYPES, input_specs
+from app.check import reference, tolerance
+from app.check.recheck import RECHECK_MAX_BYTES
+from app.engine.tensors import input_specs
+from app.export.lines import module_body
 
 # --------------------------------------------------------------------------- the reference
 
@@ -23,6 +24,7 @@ REFERENCE_FUNCTIONS = (
     reference.activation,
     reference.loss_of,
     reference.forward,
+    reference.forward_keeping,
     reference.forward_from,
     reference._stage,
 )
@@ -31,8 +33,8 @@ REFERENCE_FUNCTIONS = (
 def reference_statements(cfg) -> list[str]:
     """The reference forward, app/check/reference.py's own source (`inspect.getsource`), so
     the file's autograd differentiates the very functions Broadprop's check does; then what
-    they read of the run's config, and `reference_loss`, which keeps every intermediate whose
-    gradient the API checks (`retain_grad`), as app/check/autograd.py's `reference_loss`."""
+    they read of the run's config; `forward_keeping` keeps every intermediate whose gradient
+    the API checks (`retain_grad`), as app/check/autograd.py's `reference_loss` does."""
     lines = [
         f"NORM_EPS = {reference.NORM_EPS!r}",
         f"REFERENCE_LEAKY_SLOPE = {reference.REFERENCE_LEAKY_SLOPE!r}",
@@ -52,15 +54,6 @@ def reference_statements(cfg) -> list[str]:
         "",
         "",
         f"cfg = SimpleNamespace({fields})  # what the reference reads of the run's config",
-        "",
-        "",
-        "def reference_loss(leaves, keep):",
-        '    """The reference loss, for autograd; `keep` gets `out` and each l{k}, n{k}, a{k},',
-        '    each keeping its gradient (`retain_grad`)."""',
-        "    value = forward(cfg, leaves, keep)",
-        "    for t in keep.values():",
-        "        t.retain_grad()",
-        "    return value",
     ]
 
 
@@ -79,7 +72,7 @@ def autograd_statements(cfg) -> list[str]:
     lines += [
         "}",
         "keep = {}  # out and each l{k}, n{k}, a{k}, whose gradients are checked too",
-        'reference_loss({**leaves, "target": target}, keep).backward()',
+        'forward_keeping(cfg, {**leaves, "target": target}, keep).backward()',
     ]
     return lines
 
@@ -94,29 +87,26 @@ class Checked:
     floor: str = "0.0"  # atol's scale floor (a gradient that cancels to ~0)
 
 
-def check_statements(cfg, checks: list[Checked], manual_pass: list[str], script: bool) -> list[str]:
-    """The check as app/check/autograd.py makes it: allclose per gradient, then, for a failed one, the
-    rounding recheck (the same formulas and autograd again in the other precision)."""
-    rtol, atol_scale = TOLERANCES[DTYPES[cfg.dtype]]
+def check_statements(
+    cfg, checks: list[Checked], manual_pass: list[str], script: bool, recheck: bool
+) -> list[str]:
+    """The check as app/check/autograd.py makes it: allclose per gradient (app/check/
+    tolerance.py's own code, embedded), then, for a failed one, the rounding recheck (the same
+    formulas and autograd again in the other precision) where Broadprop's rule gives the run
+    one (`recheck`, app/check/recheck.py: the file carries the verdict, it does not weigh
+    again)."""
     names = [s.name for s in input_specs(cfg)]
     lines = [
-        f"RTOL, ATOL_SCALE = {rtol!r}, {atol_scale!r}  # {cfg.dtype}, as Broadprop's check",
-        f"NOISE_FACTOR = {NOISE_FACTOR}  # a gradient may differ by 4x the rounding both sides carry",
-        f"RECHECK_MAX_BYTES = {RECHECK_MAX_BYTES}  # runs up to this size get the rounding recheck",
+        "# the tolerance, Broadprop's own app/check/tolerance.py: every entry within",
+        "# atol + rtol * |autograd|, atol = atol_scale * max|autograd| (abs() on both sides,",
+        "# which the article's is_same forgot; NaN never passes), never below NOISE_FACTOR",
+        "# times the rounding both sides carry, measured by the recheck",
+        *module_body(tolerance),
         "",
         "",
-        "def compare(manual, reference, atol_floor=0.0, noise=0.0):",
-        '    """max|manual - autograd|, max relative error, and allclose: every entry within',
-        "    atol + RTOL * |autograd|, atol = ATOL_SCALE * max|autograd| (abs() on both sides,",
-        "    which the article's is_same forgot; NaN never passes), never below NOISE_FACTOR",
-        '    times the rounding `noise` measured by the recheck."""',
-        "    scale = reference.abs().max().item()",
-        "    atol = max(ATOL_SCALE * max(scale, atol_floor), NOISE_FACTOR * noise)",
-        "    diff = (manual - reference).abs()",
-        "    allclose = bool((diff <= atol + RTOL * reference.abs()).all())",
-        "    err = diff.max().item()",
-        "    rel = err / scale if scale > 0 else (0.0 if err == 0 else float('inf'))",
-        "    return err, rel, allclose",
+        f"RECHECK = {recheck}  # Broadprop's rule: "
+        + ("this run is small enough (at most " if recheck else "this run is over ")
+        + f"{RECHECK_MAX_BYTES >> 20} MiB of tensors and gradients) to rerun a failing check",
         "",
         "",
         f"def manual_gradients({', '.join(names)}):",
@@ -137,8 +127,7 @@ def check_statements(cfg, checks: list[Checked], manual_pass: list[str], script:
         "    for key, m in manual.items()",
         "}",
         "noise = {}",
-        f"held = sum(t.numel() * t.element_size() for t in [{', '.join(names)}, *manual.values()])",
-        "if not all(ok for _, _, ok in results.values()) and held <= RECHECK_MAX_BYTES:",
+        'if RECHECK and not all(r["allclose"] for r in results.values()):',
         "    # Where a gradient cancels to ~0 (a norm over 1 or 2 features or rows), both sides",
         "    # are rounding noise. Run both again in the other precision: rounding moves, a wrong",
         "    # formula does not. noise = |autograd - autograd'| + |manual - manual'|.",
@@ -149,21 +138,22 @@ def check_statements(cfg, checks: list[Checked], manual_pass: list[str], script:
         "    }",
         '    leaves_o = {n: t.detach().requires_grad_() for n, t in cast.items() if n != "target"}',
         "    keep_o = {}",
-        '    reference_loss({**leaves_o, "target": cast["target"]}, keep_o).backward()',
+        '    forward_keeping(cfg, {**leaves_o, "target": cast["target"]}, keep_o).backward()',
         "    autograd_o = {n: t.grad for n, t in [*leaves_o.items(), *keep_o.items()]}",
         "    manual_o = manual_gradients(**cast)",
-        "    for key, (_, _, ok) in results.items():",
+        "    for key, result in results.items():",
         '        name = key.split(":")[0]',
         "        pairs = [(autograd[name], autograd_o[name]), (manual[key], manual_o[key])]",
-        "        if ok or not all(torch.isfinite(t).all() for pair in pairs for t in pair):",
+        '        if result["allclose"] or not all(torch.isfinite(t).all() for p in pairs for t in p):',
         "            continue",
-        "        noise[key] = sum((a.double() - b.double()).abs().max().item() for a, b in pairs)",
+        "        noise[key] = noise_between(pairs)",
         "        floor = floors.get(key, 0.0)",
         "        results[key] = compare(manual[key], autograd[name], floor, noise[key])",
         "",
-        "differ = [key for key, (_, _, ok) in results.items() if not ok]",
+        'differ = [key for key, result in results.items() if not result["allclose"]]',
         "print(f\"{'gradient':<12}{'shape':<20}{'max_abs_err':>12}{'max_rel_err':>12}  allclose\")",
-        "for key, (err, rel, ok) in results.items():",
+        "for key, result in results.items():",
+        '    err, rel, ok = result["max_abs_err"], result["max_rel_err"], result["allclose"]',
         "    shape = str(tuple(manual[key].shape))",
         "    # the recheck's allowance, said so that a failure never reads as if it were noise",
         "    note = (",

@@ -4,9 +4,12 @@ pair (markdown, code)."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 # how a binary step's operator is written in a shape comment
@@ -173,3 +176,25 @@ class Emitter:
                 del self.holds[name]
         self.holds[target] = expr
         self.written.append(f"{target} = {expr}")
+
+
+# --------------------------------------------------------------------------- embedded code
+
+
+def module_body(module: ModuleType) -> list[str]:
+    """A module's own source after its docstring and imports (`inspect.getsource`): the code
+    an exported file carries, so the file runs what Broadprop runs and tests, not a copy. The
+    module imports nothing the file does not define before it (tests/export check each)."""
+    source = inspect.getsource(module)
+    tree = ast.parse(source)
+    head = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    start = max(node.end_lineno for node in head) if head else 0
+    return _strip(source.split("\n")[start:])
+
+
+def _strip(lines: list[str]) -> list[str]:
+    while lines and not lines[0].strip():
+        lines = lines[1:]
+    while lines and not lines[-1].strip():
+        lines = lines[:-1]
+    return lines

@@ -6,8 +6,10 @@ gradient matches.
 
 The learner's lines are copied verbatim: they passed the allowlist, and every call they make
 means in PyTorch what it meant on the server (app/lab/statements.py). They run inside a
-function `program(dtype)`, twice: in the run's dtype, and in float64 to measure the rounding
-both sides carry, as the server does (`app.programs.check._rounding_noise`).
+function `program(dtype)`: in the run's dtype, and again in float64 to measure the rounding
+both sides carry exactly where the server reruns (`Plan.rerun`, app/programs/plan.py). The
+check itself is Broadprop's code, embedded: app/check/tolerance.py, the diagnosis's `explain`
+and app/export/witness.py.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import textwrap
 
 import nbformat
 
-from app.check import diagnosis
-from app.check.autograd import NOISE_FACTOR, TOLERANCES
+from app.check import diagnosis, tolerance
+from app.export import witness
+from app.export.lines import module_body
 from app.programs import run as programs
 from app.programs.diagnose import gradient_reads
-from app.programs.inputs import DTYPES
 from app.programs.schemas import ProgramRequest
 
 # the diagnosis the file prints for a failing gradient: the hypotheses on G and R alone
@@ -30,41 +32,11 @@ from app.programs.schemas import ProgramRequest
 # the reference
 DIAGNOSIS_FUNCTIONS = (diagnosis.name_factor, diagnosis._scale, diagnosis.explain)
 
+# the file's last lines: the check, run as a script (its exit status) or in a notebook's cell
+RUN_CHECK = "check_program(program, DTYPE, RERUN, SPELLED, READS)"
+SCRIPT_END = f'if __name__ == "__main__":\n    sys.exit({RUN_CHECK})'
+
 MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipynb+json"}
-
-NAMES_HELPER = '''\
-def names_data(block_size, rows, seed):
-    """Contexts and next characters from the `names` package's first-name lists, in the
-    order of torch.randperm(N, generator=manual_seed(seed)) over the first 90% (Broadprop's
-    app/programs/inputs.py)."""
-    import pathlib
-
-    try:
-        import names
-    except ImportError:
-        sys.exit("this program reads the names data set: pip install names")
-
-    folder = pathlib.Path(names.__file__).parent
-    alphabet = "." + "abcdefghijklmnopqrstuvwxyz"
-    stoi = {c: i for i, c in enumerate(alphabet)}
-    words = {}
-    for file in ("dist.female.first", "dist.male.first"):
-        for row in (folder / file).read_text().splitlines():
-            word = row.split()[0].lower() if row.strip() else ""
-            if word and all(c in stoi for c in word):
-                words.setdefault(word, None)
-    xs, ys = [], []
-    for word in words:
-        context = [0] * block_size
-        for ch in word + ".":
-            xs.append(context)
-            ys.append(stoi[ch])
-            context = context[1:] + [stoi[ch]]
-    X, Y = torch.tensor(xs), torch.tensor(ys)
-    order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))
-    pick = order[: len(xs) - len(xs) // 10][:rows]
-    return X[pick], Y[pick]
-'''
 
 
 def _inputs_code(req: ProgramRequest, has_grad: list[str]) -> list[str]:
@@ -105,7 +77,6 @@ def script(req: ProgramRequest, plan: programs.Plan) -> str:
 def sections(req: ProgramRequest, plan: programs.Plan) -> list[dict[str, str]]:
     """The file's parts, each a markdown note and its code (cells of the notebook)."""
     dtype = f"torch.{req.dtype}"
-    rtol, atol_scale = TOLERANCES[DTYPES[req.dtype]]
     written = _written(plan)
     inputs = _inputs_code(req, plan.has_grad)
     uses_names = any(s.data is not None for s in req.inputs.values())
@@ -115,13 +86,19 @@ def sections(req: ProgramRequest, plan: programs.Plan) -> list[dict[str, str]]:
     # leading blank lines kept: the script's backward lines count as the server's do
     backward = textwrap.indent(req.backward.rstrip() or "pass", "        ")
     detach = [*req.inputs, *plan.intermediates]
+    rerun_note = (
+        "rerun in float64 to measure the rounding both sides carry, as the server does"
+        if plan.rerun
+        else "no float64 rerun, as on the server (" + ("already float64)" if req.dtype ==
+              "float64" else "too long a program to run twice)")
+    )  # fmt: skip
     header = f'''"""Broadprop program, exported: your forward under autograd, your backward by hand,
 every gradient your backward writes checked against autograd (exit 0 when all match).
 Needs torch{" and the names data set (pip install torch names)" if uses_names else " (pip install torch)"}."""
 from __future__ import annotations
 
 import itertools
-import math  # noqa: F401  (a program may scale by math.sqrt)
+import math  # the check's, and a program may scale by math.sqrt
 import sys
 from typing import Any
 
@@ -129,7 +106,7 @@ import torch
 import torch.nn.functional as F
 
 RUN_DTYPE = DTYPE = {dtype}
-RTOL, ATOL_SCALE = {rtol!r}, {atol_scale!r}  # allclose: |d| <= atol + rtol * |autograd|
+RERUN = {plan.rerun!r}  # {rerun_note}
 '''
     body = [
         "def program(DTYPE):",
@@ -161,88 +138,7 @@ RTOL, ATOL_SCALE = {rtol!r}, {atol_scale!r}  # allclose: |d| <= atol + rtol * |a
         + "})",
         f"    return {req.loss}.item(), manual, autograd",
     ]
-    check = f"""
-def check():
-    loss, manual, autograd = program(DTYPE)
-    _, manual64, autograd64 = program(torch.float64)
-    print(f"loss {{loss}}")
-    sizes = tuple(sorted({{d for t in autograd.values() for d in t.shape if d > 1}}))
-    failed, lines = [], []
-    for name, got in manual.items():
-        want = autograd[name]
-        if got.numel() != want.numel() or [d for d in got.shape if d != 1] != [
-            d for d in want.shape if d != 1
-        ]:
-            lines.append((name, f"{{name:16s}} shape {{tuple(got.shape)}} but the tensor is {{tuple(want.shape)}}", None))
-            failed.append(name)
-            continue
-        got, got64 = got.reshape(want.shape), manual64[name].reshape(want.shape)
-        noise = ((got.double() - got64).abs().max() + (want.double() - autograd64[name]).abs().max()).item()
-
-        def close(g, h, noise=noise):
-            atol = max(ATOL_SCALE * h.abs().max().item(), {NOISE_FACTOR} * noise)
-            return bool(((g.to(h.dtype) - h).abs() <= atol + RTOL * h.abs()).all())
-
-        diff = (got.to(want.dtype) - want).abs()
-        exact = bool(torch.equal(got.to(want.dtype), want))
-        ok = close(got, want)
-        why = None
-        if not ok:
-            failed.append(name)
-            why = explain(got.to(want.dtype), want, close, sizes, SPELLED.get(name, name))
-        lines.append((name, f"{{name:16s}} exact: {{str(exact):5s}} approximate: {{str(ok):5s}} "
-                      f"maxdiff: {{diff.max().item():.3e}}", why))
-    for name, line, why in lines:
-        print(line)
-        up = [d for d in READS.get(name, ()) if d in failed and d != name]
-        if name in failed and up:  # the line reads a gradient that is already wrong
-            print(f"    why: {{SPELLED.get(name, name)}} is computed from "
-                  f"{{SPELLED.get(up[-1], up[-1])}}, which is already wrong: fix that first")
-        elif why is not None:
-            print(f"    why: {{why['message']}}")
-    if failed:
-        print("differs from autograd: " + ", ".join(failed))
-    else:
-        print(f"all {{len(manual)}} written gradients match autograd")
-    return 1 if failed or STOPPED else 0
-
-
-def _grad(t):
-    return t.grad if t.grad is not None else torch.zeros_like(t)
-
-
-STOPPED = []  # the backward line that could not run, as the server's backward_error
-
-
-def _stopped(error, first):
-    # your backward stopped at a line: said once (as the server says it), and the gradients
-    # written before it are still checked
-    line = error.__traceback__.tb_lineno - first + 1
-    if not STOPPED:
-        print(f"backward line {{line}} cannot run: {{type(error).__name__}}: "
-              f"{{str(error).splitlines()[0] if str(error) else ''}}; the lines before it are "
-              "checked, the rest are not run")
-    STOPPED.append(line)
-
-
-def _written(gradients):
-    # the gradients your backward wrote before it stopped (all of them, when it ran)
-    out = {{}}
-    for name, value in gradients.items():
-        try:
-            out[name] = value()
-        except (NameError, AttributeError):  # never written: the backward stopped before
-            pass
-    return out
-
-
-def _skip(*args):
-    pass
-
-
-if __name__ == "__main__":
-    sys.exit(check())
-"""
+    check = f"\n\n{SCRIPT_END}\n"
     reads = {t: sorted(r) for t, r in gradient_reads(plan).items() if r}
     why = "\n".join(
         [
@@ -251,12 +147,18 @@ if __name__ == "__main__":
             f"READS = {reads!r}  # the gradients each gradient's lines read",
             f"_FACTOR_STORIES = {diagnosis._FACTOR_STORIES!r}",
             *(inspect.getsource(f) for f in DIAGNOSIS_FUNCTIONS),
+            "# the tolerance: Broadprop's own app/check/tolerance.py",
+            *module_body(tolerance),
+            "",
+            "",
+            "# the check: Broadprop's own app/export/witness.py",
+            *module_body(witness),
         ]
     )
     return [
         {
             "note": "# A Broadprop program\nYour network, written as lines, checked by autograd.",
-            "code": header + (NAMES_HELPER if uses_names else ""),
+            "code": header,
         },  # fmt: skip
         {
             "note": "Inputs, your forward under autograd (every named tensor's gradient kept), "
@@ -290,7 +192,7 @@ def notebook(req: ProgramRequest, plan: programs.Plan) -> str:
     parts = sections(req, plan)
     for part in parts:
         nb.cells.append(nbformat.v4.new_markdown_cell(part["note"]))
-        code = part["code"].replace('if __name__ == "__main__":\n    sys.exit(check())', "check()")
+        code = part["code"].replace(SCRIPT_END, RUN_CHECK)
         nb.cells.append(nbformat.v4.new_code_cell(code.strip("\n")))
     nbformat.validate(nb)
     return nbformat.writes(nb)

@@ -35,8 +35,9 @@ from typing import Any
 import nbformat
 import torch
 
+from app.check.recheck import recheck_of
 from app.cost.budget import human_bytes
-from app.engine import pipeline
+from app.engine import follow
 from app.engine.network import Network
 from app.engine.tensors import data_name, input_specs
 from app.export.checking import (
@@ -58,7 +59,7 @@ from app.export.lines import (
 )
 from app.export.tensors import data_imports, tensor_statements
 from app.ops.base import element, terms_expr
-from app.views import follow
+from app.runs import pipeline
 
 FORMATS = ("py", "ipynb")
 MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipynb+json"}
@@ -291,7 +292,13 @@ def sections(cfg, script: bool = True, hide: Sequence[str] = ()) -> list[Section
             "gradient that fails is checked again knowing the rounding both sides carry (the "
             "same formulas and autograd in the other precision): one that cancels to ~0 passes, "
             "a wrong formula does not.",
-            check_statements(cfg, checked_gradients(cfg, backward), emitter.written, script=script),
+            check_statements(
+                cfg,
+                checked_gradients(cfg, backward),
+                emitter.written,
+                script=script,
+                recheck=recheck_of(cfg, forward),
+            ),
         ),
     ]
 

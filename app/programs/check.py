@@ -1,5 +1,16 @@
 """A program's check: every gradient the learner's backward wrote against autograd's, with
-the hint that names the slip, and the views of each gradient for the page."""
+the hint that names the slip, and the views of each gradient for the page.
+
+The tolerance is the runs' own (app/check/tolerance.py `compare`, `noise_between`). Two rules
+differ from a run's check (app/check/autograd.py), because a program has no built-in formula:
+- the rerun: a run reruns in the other precision only when its check fails and it is small
+  (app/check/recheck.py, by bytes), since its suspect verdict needs no rerun; a program reruns
+  in float64 whenever it is float32 and cheap (app/programs/plan.py `Plan.rerun`, by
+  estimated seconds: a program's sizes are only known by running it), since the rerun is
+  also its only measure of rounding for `suspect`;
+- the suspect verdict: app/check/suspect.py `float64_suspect`, not `mark_suspects` (its
+  docstring says why).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +22,8 @@ from typing import Any
 
 import torch
 
-from app.check.autograd import TOLERANCES, compare
+from app.check.suspect import FINER, float64_suspect
+from app.check.tolerance import TOLERANCES, compare, noise_between
 from app.lab import hints
 from app.lab.statements import ProgramError
 from app.ops.traced import Traced
@@ -19,8 +31,6 @@ from app.programs.plan import GRAD_PREFIX, Plan
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS
 from app.views.heatmap import gradient_view, response_max_cells
-
-FINER = 2.0**-29  # float64's unit roundoff over float32's
 
 
 @dataclass
@@ -113,20 +123,18 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
             row.update(result, shape_ok=True)
             row["exact"] = bool(torch.equal(manual.to(auto.dtype), auto))
             if rerun is not None and result["allclose"] and name in rerun.manual:
-                m64, a64 = rerun.manual[name], rerun.autograd[name]
-                if m64.shape == a64.shape and m64.is_floating_point():
-                    # float64's own rounding, scaled from float32's (2**-29 finer): a sum
-                    # that cancels to 0 is still noise, a dropped eps is far above it
-                    strict = compare(m64.to(a64.dtype), a64, rounding_noise=noise * FINER)
-                    if not strict["allclose"]:
-                        row["suspect"] = True
-                        row["float64_rel_err"] = strict["max_rel_err"]
-                        row["why"] = (
-                            f"within float32's tolerance, but the same line in float64 still "
-                            f"differs from autograd by {strict['max_rel_err']:.1e} (relative), "
-                            "far above float64's rounding: the formula is not exactly the "
-                            "forward's derivative (a changed eps? n vs n - 1?)"
-                        )
+                # app/check/suspect.py: a sum that cancels to 0 is still noise in float64, a
+                # dropped eps is far above it
+                strict = float64_suspect(rerun.manual[name], rerun.autograd[name], noise)
+                if strict is not None:
+                    row["suspect"] = True
+                    row["float64_rel_err"] = strict["max_rel_err"]
+                    row["why"] = (
+                        f"within float32's tolerance, but the same line in float64 still "
+                        f"differs from autograd by {strict['max_rel_err']:.1e} (relative), "
+                        "far above float64's rounding: the formula is not exactly the "
+                        "forward's derivative (a changed eps? n vs n - 1?)"
+                    )
             if name in unrechecked:
                 row["recheck"] = _recheck_note(name, main, rerun_error)
             if not row["allclose"]:
@@ -193,8 +201,8 @@ def _rounding_noise(name: str, main: Outcome, rerun: Outcome | None) -> float:
         return 0.0
     if m.numel() == 0:  # an empty gradient (of an `x[range(0)]`) carries no rounding
         return 0.0
-    noise = (m.double() - m64.double()).abs().max() + (a.double() - a64).abs().max()
-    return float(noise) if math.isfinite(float(noise)) else 0.0
+    noise = noise_between(((m, m64), (a, a64)))
+    return noise if math.isfinite(noise) else 0.0
 
 
 def recheck_float64(table: dict[str, Any], main: Outcome, low: Outcome) -> dict[str, Any]:
@@ -214,7 +222,7 @@ def recheck_float64(table: dict[str, Any], main: Outcome, low: Outcome) -> dict[
         pairs = ((m.double(), m32.reshape(m.shape)), (a.double(), a32))
         if not all(bool(torch.isfinite(t).all()) for pair in pairs for t in pair):
             continue
-        noise = FINER * sum(float((x - y.double()).abs().max()) for x, y in pairs)
+        noise = FINER * noise_between(pairs)
         result = compare(m.to(a.dtype), a, rounding_noise=noise)
         if result["allclose"]:
             row.update(result, rounding_noise=noise, hint=None)

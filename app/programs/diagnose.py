@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from app.check.autograd import compare
 from app.check.diagnosis import MAX_PARTS, Evidence, diagnose, link_roots
+from app.check.tolerance import compare
 from app.lab.allowlist import FormulaError, Pair
 from app.ops.traced import Traced
 from app.programs.check import Outcome

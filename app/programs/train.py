@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from app.engine.train import stop_reason
 from app.lab.statements import Program, ProgramError
 from app.ops.cancel import RunCancelled
 from app.ops.making import Maker
@@ -39,6 +38,7 @@ from app.programs import run as programs
 from app.programs.inputs import ALPHABET, DTYPES, make_inputs, names_data
 from app.programs.plan import ForwardRun, Plan, detached
 from app.programs.schemas import ProgramRequest
+from app.runs.train import stop_reason
 
 VAL_ROWS = 2000  # rows of the val part (and of a fixed train block) a loss is measured on
 SAMPLE_ROWS = 256  # the sampling batch: the names being drawn plus training contexts

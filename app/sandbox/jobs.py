@@ -13,11 +13,11 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from app.cost.admission import admit_program, refuse_program
 from app.lab.statements import ProgramError
 from app.ops.cancel import cancel_token
 from app.programs import run as programs
 from app.programs import train as training
+from app.programs.admission import admit_program, refuse_program
 from app.programs.schemas import ProgramRequest, ProgramTrainRequest
 from app.refusal import Refused
 from app.settings import Settings

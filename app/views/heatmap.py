@@ -12,9 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.engine.tensors import input_specs
-from app.schemas import MAX_RESPONSE_CELLS
-
 
 def as_2d(t: torch.Tensor) -> torch.Tensor:
     if t.ndim == 0:
@@ -165,14 +162,6 @@ def response_max_cells(sizes: list[int], max_cells: int, maps: int, total: int) 
 
 
 JSON_BYTES_PER_CELL = 25  # at most: "-1.2345678901234567e-05," (float64)
-
-
-def heatmap_cap(cfg) -> int:
-    """The cap on each heatmap's cells for a run of `cfg`: max_cells, lowered where all the
-    response's heatmaps together would pass MAX_RESPONSE_CELLS."""
-    sizes = [math.prod(s.shape) for s in input_specs(cfg) if s.role != "target"]
-    maps = 4 if cfg.reference_heatmaps else 1  # manual; autograd, difference, tolerance
-    return response_max_cells(sizes, cfg.max_cells, maps, MAX_RESPONSE_CELLS)
 
 
 def tolerance_ratio(diff: torch.Tensor, r2: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:

@@ -13,7 +13,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.check.autograd import compare
 from app.check.diagnosis import (
     Evidence,
     diagnose,
@@ -22,6 +21,7 @@ from app.check.diagnosis import (
     name_factor,
     one_write_delta,
 )
+from app.check.tolerance import compare
 from app.programs import presets
 
 BACKWARD = presets.MAKEMORE_BACKWARD

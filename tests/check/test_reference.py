@@ -16,12 +16,12 @@ import torch
 from app.check import reference
 from app.check.autograd import autograd_check, autograd_gradients, reference_loss
 from app.check.fd import finite_difference_check
-from app.engine import train
 from app.engine.network import Network
 from app.engine.tensors import make_tensors
 from app.export import run as export
 from app.export.checking import REFERENCE_FUNCTIONS
 from app.ops import Context
+from app.runs import train
 from app.schemas import RunRequest
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.check.autograd import SUSPECT_RATIO
-from app.engine import pipeline
+from app.check.suspect import SUSPECT_RATIO
+from app.runs import pipeline
 from app.schemas import RunRequest
 
 # batchnorm's l1.g in one line (biased variance, as the run's batchnorm)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.check import autograd
+from app.check import recheck as rule
 from app.cost import plan as planning
 from app.engine import traces
 from app.engine.network import Network
@@ -18,7 +18,10 @@ SMALL = {"batch": 4, "in_features": 5, "hidden": [3], "max_cells": 64}
 
 
 def test_the_check_uses_the_plans_recheck_rule():
-    assert autograd.gets_recheck is planning.gets_recheck
+    assert planning.gets_recheck is rule.gets_recheck
+    cfg = RunRequest(**SMALL)
+    forward, _ = traces.trace(cfg)
+    assert planning.plan(cfg).held == rule.held_bytes(cfg, forward)
 
 
 @pytest.mark.parametrize(
@@ -31,8 +34,8 @@ def test_the_check_uses_the_plans_recheck_rule():
     ],
 )
 def test_the_plans_recheck_is_what_the_check_does(fields, recheck):
-    """The plan weighs from shapes exactly the bytes the check weighs on the real tensors
-    (app/check/autograd.py recheck_rounding: the run's tensors and its manual gradients)."""
+    """The one measure (app/check/recheck.py, from shapes) is exactly the bytes of the real
+    tensors and manual gradients the recheck reruns."""
     cfg = RunRequest(**fields)
     run = planning.plan(cfg)
     net = Network.from_config(cfg)
@@ -41,7 +44,7 @@ def test_the_plans_recheck_is_what_the_check_does(fields, recheck):
     grads = net.backward(net.forward(tensors, ctx), ctx, {}, None)
     held = sum(t.numel() * t.element_size() for t in [*tensors.values(), *grads.values()])
     assert run.held == held
-    assert run.recheck == autograd.gets_recheck(held) == recheck
+    assert run.recheck == rule.gets_recheck(held) == rule.recheck_of(cfg, run.forward) == recheck
 
 
 def test_the_plan_counts_the_rerun_of_the_learners_formulas():

@@ -15,12 +15,12 @@ import torch
 from app.cost import admission, work
 from app.cost.admission import admit
 from app.cost.plan import plan
-from app.engine import pipeline
 from app.lab.evaluator import evaluate
 from app.lab.formulas import formula_cost
 from app.lab.parse import parse
 from app.ops.traced import Traced
 from app.refusal import Refused as RequestValidationError
+from app.runs import pipeline
 from app.schemas import RunRequest
 from app.settings import Settings
 

@@ -75,16 +75,22 @@ def test_article_payload_is_compact(client):
     assert len(response.content) < 300_000
 
 
+def _estimate(cfg, chunk_bytes: int):
+    """A run's peak bytes, from its plan (as admission estimates them)."""
+    from app.cost import budget
+    from app.cost.plan import plan
+
+    return budget.estimate(plan(cfg), chunk_bytes)
+
+
 def test_budget_counts_the_chunk_not_the_literal_product():
     """batch 20000 at the article's widths: the literal product would be 3.1 GB, the run is not."""
-    from app.engine import pipeline
-
-    estimate = pipeline.estimate(RunRequest(batch=20000), chunk_bytes=4 << 20)
+    estimate = _estimate(RunRequest(batch=20000), chunk_bytes=4 << 20)
     assert estimate.broadcast_chunk <= 4 << 20
     assert estimate.total < 1 << 30
-    matmul = pipeline.estimate(RunRequest(batch=20000, strategy="matmul"), chunk_bytes=4 << 20)
+    matmul = _estimate(RunRequest(batch=20000, strategy="matmul"), chunk_bytes=4 << 20)
     assert matmul.broadcast_chunk == 0
-    compare = pipeline.estimate(RunRequest(strategy="matmul", compare=True), chunk_bytes=4 << 20)
+    compare = _estimate(RunRequest(strategy="matmul", compare=True), chunk_bytes=4 << 20)
     assert compare.broadcast_chunk > 0  # compare runs the broadcast strategy too
 
 
@@ -120,10 +126,10 @@ def test_budget_counts_the_chunk_not_the_literal_product():
 def test_budget_estimate_bounds_what_a_run_allocates(fields):
     """The estimate refuses runs before allocating, so it must be an upper bound of the real
     peak (measured allocation by allocation), and not so loose that it refuses fair runs."""
-    from app.engine import pipeline
+    from app.runs import pipeline
 
     cfg = RunRequest(**fields)
-    estimate = pipeline.estimate(cfg, chunk_bytes=4 << 20)
+    estimate = _estimate(cfg, chunk_bytes=4 << 20)
     with PeakMemory() as memory:
         result = pipeline.run(cfg, chunk_bytes=4 << 20)
     assert memory.peak_bytes <= estimate.total

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import gc
 
-from app.engine import pipeline, traces
+from app.engine import traces
 from app.engine.traces import TraceCache
+from app.runs import pipeline
 from app.sandbox import allocator
 from app.schemas import RunRequest
 

@@ -6,12 +6,12 @@ import threading
 
 import pytest
 
-from app.engine import pipeline
-from app.engine.compare import compare_strategies
 from app.engine.network import Network
 from app.engine.tensors import make_tensors
 from app.ops import Context
 from app.ops.cancel import RunCancelled
+from app.runs import pipeline
+from app.runs.compare import compare_strategies
 from app.schemas import RunRequest
 
 

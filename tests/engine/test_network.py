@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from app.check import autograd as check
-from app.engine import pipeline
+from app.check import tolerance
 from app.engine.network import Network
 from app.engine.tensors import make_tensors
 from app.ops import Context
+from app.runs import pipeline
 from app.schemas import RunRequest
 
 TOL = {
@@ -116,17 +117,17 @@ def test_relu_gradient_at_exactly_zero_is_zero():
 
 def test_check_reports_wrong_and_all_zero_gradients():
     ref = torch.randn(50, 20, dtype=torch.float32) * 100
-    good = check.compare(ref + 1e-7 * ref.abs().max(), ref)
+    good = tolerance.compare(ref + 1e-7 * ref.abs().max(), ref)
     assert good["allclose"] and not good["exact"]
-    zero = check.compare(torch.zeros_like(ref), ref)
+    zero = tolerance.compare(torch.zeros_like(ref), ref)
     assert not zero["allclose"] and zero["max_rel_err"] == pytest.approx(1.0)
     off = ref.clone()
     off[3, 4] += 0.01 * ref.abs().max()  # one entry wrong by 1% of the scale
-    assert not check.compare(off, ref)["allclose"]
-    assert check.compare(torch.zeros(3), torch.zeros(3)) == {
+    assert not tolerance.compare(off, ref)["allclose"]
+    assert tolerance.compare(torch.zeros(3), torch.zeros(3)) == {
         "max_abs_err": 0.0, "max_rel_err": 0.0, "allclose": True, "exact": True, "rtol": 1e-4, "atol": 0.0,
     }  # fmt: skip
-    assert not check.compare(-ref, ref)["allclose"]  # signs matter: |a - b|, not a - b
+    assert not tolerance.compare(-ref, ref)["allclose"]  # signs matter: |a - b|, not a - b
 
 
 def test_pipeline_flags_a_broken_op(monkeypatch):
@@ -190,15 +191,15 @@ def test_a_wrong_formula_stays_wrong_through_the_rounding_recheck(monkeypatch, d
 
 
 def test_check_compares_large_gradients_chunk_by_chunk_without_missing_an_entry():
-    n = 2 * check.COMPARE_CHUNK + 5  # three chunks, the last one short
+    n = 2 * tolerance.COMPARE_CHUNK + 5  # three chunks, the last one short
     ref = torch.randn(n, dtype=torch.float64)
-    assert check.compare(ref * (1 + 1e-12), ref)["allclose"]
+    assert tolerance.compare(ref * (1 + 1e-12), ref)["allclose"]
     wrong = ref.clone()
     wrong[-1] += 1.0  # in the last, short chunk
-    result = check.compare(wrong, ref)
+    result = tolerance.compare(wrong, ref)
     assert not result["allclose"] and result["max_abs_err"] == pytest.approx(1.0)
     wrong[-1] = float("nan")
-    result = check.compare(wrong, ref)
+    result = tolerance.compare(wrong, ref)
     assert not result["allclose"] and math.isnan(result["max_abs_err"])
 
 

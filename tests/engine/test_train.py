@@ -1,4 +1,4 @@
-"""Training with the manual gradients (app.engine.train) and POST /api/train as server-sent events."""
+"""Training with the manual gradients (app.runs.train) and POST /api/train as server-sent events."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from app.check.autograd import reference_loss
 from app.engine.tensors import make_tensors
-from app.engine.train import SGD, minibatches, split, train
+from app.runs.train import SGD, minibatches, split, train
 from app.schemas import TrainRequest
 
 # one torch thread (the machine is shared: threads contend)

@@ -8,10 +8,10 @@ import torch
 
 from app.check.autograd import autograd_gradients
 from app.engine.network import Network
-from app.engine.pipeline import learner_formulas
 from app.engine.tensors import make_tensors
 from app.lab.bugs import BUGS, article_is_same
 from app.ops import Context
+from app.runs.pipeline import learner_formulas
 from app.schemas import RunRequest
 
 

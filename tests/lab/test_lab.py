@@ -11,13 +11,13 @@ import torch
 
 from app.check.autograd import autograd_gradients
 from app.engine.network import Network
-from app.engine.pipeline import learner_formulas
 from app.engine.tensors import make_tensors
 from app.lab.allowlist import FormulaError
 from app.lab.evaluator import evaluate
 from app.lab.parse import parse
 from app.ops import Context
 from app.ops.traced import Traced
+from app.runs.pipeline import learner_formulas
 from app.schemas import RunRequest
 
 SMALL = {"batch": 6, "in_features": 5, "hidden": [4], "seed": 3}

@@ -10,12 +10,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.engine import pipeline
 from app.lab.evaluator import evaluate
 from app.lab.parse import parse
 from app.main import create_app
 from app.ops.cancel import RunCancelled, cancel_token, check_cancelled
 from app.ops.traced import Traced
+from app.runs import pipeline
 from app.schemas import RunRequest
 from app.settings import Settings
 

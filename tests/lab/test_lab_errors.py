@@ -15,8 +15,8 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.engine import pipeline
 from app.main import create_app
+from app.runs import pipeline
 from tests.servers import free_port
 
 SMALL = {"batch": 4, "in_features": 3, "hidden": [2], "seed": 1}

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from app.engine import pipeline
 from app.engine.network import Network
 from app.engine.tensors import input_specs, make_tensors
 from app.ops import Op, Traced, broadcast_rule, unbroadcast
 from app.ops.broadcast import BroadcastError
+from app.runs import pipeline
 from app.schemas import RunRequest
 
 ELEMENTWISE = {

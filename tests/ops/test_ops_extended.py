@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from app.check.autograd import autograd_check
-from app.engine import pipeline
 from app.engine.network import Network
 from app.engine.tensors import make_tensors
 from app.ops import Context, Op, Traced
+from app.runs import pipeline
 from app.schemas import RunRequest
 
 LEADS = [[4, 3], 5]

@@ -74,7 +74,7 @@ def assert_saturated(r) -> None:
 def test_only_the_limiters_503_passes_for_busy(client, monkeypatch):
     """The check above is not blind: a run that fails (a bug: 500) or runs out of memory
     (503, but not busy) is not taken for the limiter's refusal."""
-    from app.engine import pipeline
+    from app.runs import pipeline
 
     for error in (KeyError("w9"), MemoryError()):
 

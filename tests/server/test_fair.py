@@ -134,8 +134,8 @@ TINY_TRAINING = {"batch": 40, "in_features": 3, "hidden": [4], "train_batch": 8,
 def test_training_never_runs_a_formula_for_a_gradient_it_skips(monkeypatch):
     """x.g is not needed to train: the learner's x.g formula is not run (unless another
     formula reads x.g); the other formulas are."""
-    from app.engine import train as training
     from app.lab.formulas import LearnerFormula
+    from app.runs import train as training
     from app.schemas import TrainRequest
 
     ran: list[str] = []
@@ -154,9 +154,9 @@ def test_training_never_runs_a_formula_for_a_gradient_it_skips(monkeypatch):
 
 
 def test_a_formula_reading_a_skipped_gradient_keeps_it():
-    from app.engine import pipeline
-    from app.engine import train as training
     from app.engine.network import Network
+    from app.runs import pipeline
+    from app.runs import train as training
     from app.schemas import TrainRequest
 
     formulas = {"x.g": "l1.g @ w1.T", "w1.g": "x.T @ l1.g + 0 * x.g.sum()"}
@@ -168,7 +168,7 @@ def test_a_formula_reading_a_skipped_gradient_keeps_it():
 
 
 def test_a_step_over_its_deadline_ends_the_training():
-    from app.engine import train as training
+    from app.runs import train as training
     from app.schemas import TrainRequest
 
     cfg = TrainRequest(**TINY_TRAINING, steps=50, eval_every=10)

@@ -14,8 +14,8 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 
-from app.engine import pipeline
 from app.main import create_app
+from app.runs import pipeline
 from app.schemas import RunRequest, RunResponse
 from app.server.body import BodyLimitMiddleware
 from app.server.lanes import derive_concurrency

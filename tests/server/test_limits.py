@@ -14,9 +14,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.cost import work
-from app.engine import pipeline
 from app.main import create_app
 from app.ops.cancel import RunCancelled
+from app.runs import pipeline
 from app.sandbox.allocator import release_memory
 from app.schemas import RunRequest
 from app.server.lanes import CancelToken, RunLimiter, Saturated, Stopped

@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from app.check.autograd import autograd_gradients, cancelling_scale, compare
+from app.check.autograd import autograd_gradients, cancelling_scale
+from app.check.tolerance import compare
 from app.engine import data
 from app.engine.network import Network
-from app.engine.pipeline import learner_formulas
 from app.engine.tensors import data_name, examples, input_specs, make_tensors
 from app.ops import Context
 from app.ops.cancel import RunCancelled
+from app.runs.pipeline import learner_formulas
 from app.views.heatmap import gradient_view, unit_images
 
 SHUFFLE_SEED_OFFSET = 1  # the shuffle's generator: seed + 1, apart from the weights' (seed)

@@ -2,9 +2,10 @@
 
 `x.g = (l1.g.unsqueeze(1) * w1).sum(-1)` makes each `x.g[i, j]` the sum of 50 products
 `l1.g[i, k] * w1[j, k]`. The op that computes a gradient knows which slice of its broadcast
-product that is (`Op.follow`, beside its backward); this module checks the request against
-the network's shapes, asks the op, and cuts the terms for the response. Only the slice is
-computed, so a follow costs about what its terms cost, whatever the batch.
+product that is (`Op.follow`, beside its backward); this module asks the op and cuts the
+terms for the response. Only the slice is computed, so a follow costs about what its terms
+cost, whatever the batch. The request is checked against the network's shapes before the run
+(app/cost/admission.py `refuse_follow`, from `followable` and `view_shape`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ import torch
 
 from app.engine.network import Network
 from app.ops import Op
-from app.refusal import Refused
-from app.schemas import MAX_FOLLOW_TERMS
-from app.views.heatmap import as_2d
 
 
 def followable(net: Network, backward: Sequence[dict[str, Any]]) -> dict[str, tuple[int, ...]]:
@@ -32,64 +30,10 @@ def followable(net: Network, backward: Sequence[dict[str, Any]]) -> dict[str, tu
     }
 
 
-def refuse(cfg, backward: Sequence[dict[str, Any]]) -> None:
-    """For a run with `follow`: 422 at follow.grad (not a gradient this network follows: the
-    valid ones listed) or follow.index (wrong rank, or out of range: the dim, its size and
-    the value given). From the trace's shapes: nothing allocated."""
-    follow = cfg.follow
-    if follow is None:
-        return
-    shapes = followable(Network.from_config(cfg), backward)
-    if follow.grad not in shapes:
-        _refuse(
-            "grad",
-            follow.grad,
-            f"{follow.grad!r} is not a gradient follow can trace in this network; "
-            f"it can follow {', '.join(shapes)}",
-        )
-    key = follow.grad if follow.grad.endswith(".g") else f"{follow.grad}.g"
-    if key in (getattr(cfg, "formulas", None) or {}):  # its value is the learner's formula's
-        _refuse(
-            "grad",
-            follow.grad,
-            f"{key} is your own formula here: follow traces the built-in formula's products, "
-            f"whose terms would not add up to your value; clear the formula for {key} to "
-            "follow it, or write the network on /program, where every line can be followed",
-        )
-    shape = shapes[follow.grad]
-    shown = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
-    if follow.block is not None:
-        view = view_shape(shape)
-        for part, n in zip(("rows", "cols"), view):
-            start, stop = getattr(follow.block, part)
-            if not 0 <= start < stop <= n:
-                _refuse(
-                    "block",
-                    follow.block.model_dump(),
-                    f"block {part} [{start}, {stop}) is out of range for {follow.grad}'s "
-                    f"heatmap view {view}: it needs 0 <= start < stop <= {n}",
-                )
-        return
-    index = list(follow.index)
-    if len(index) != len(shape):
-        _refuse(
-            "index",
-            index,
-            f"{follow.grad} has shape {shown}: the index needs {len(shape)} entries, "
-            f"got {len(index)}",
-        )
-    for dim, (i, n) in enumerate(zip(index, shape)):
-        if not 0 <= i < n:
-            _refuse(
-                "index",
-                index,
-                f"index {index} is out of range for {follow.grad} of shape {shown}: "
-                f"dim {dim} must be from 0 to {n - 1}, got {i}",
-            )
-
-
 def view_shape(shape: Sequence[int]) -> tuple[int, int]:
     """(rows, cols) of a gradient's heatmap view (app.views.heatmap.as_2d)."""
+    if len(shape) == 0:
+        return (1, 1)
     return (1, shape[0]) if len(shape) == 1 else (math.prod(shape[:-1]), shape[-1])
 
 
@@ -97,19 +41,15 @@ def block_extreme(grad: torch.Tensor, block) -> tuple[int, ...]:
     """The index (into `grad`'s own shape) of the entry of largest magnitude in `block` of
     its heatmap view: the entry a downsampled heatmap's cell shows."""
     (r0, r1), (c0, c1) = block.rows, block.cols
-    part = as_2d(grad)[r0:r1, c0:c1].abs()  # (rows, cols) of the block: a view
+    part = grad.reshape(view_shape(grad.shape))[
+        r0:r1, c0:c1
+    ].abs()  # (rows, cols) of the block: a view
     at = int(torch.nan_to_num(part, nan=math.inf).argmax())  # a NaN is never hidden
     row, col = r0 + at // part.shape[1], c0 + at % part.shape[1]
     if grad.ndim == 1:
         return (col,)
     lead = torch.unravel_index(torch.tensor(row), grad.shape[:-1])
     return (*(int(i) for i in lead), col)
-
-
-def _refuse(field: str, value: Any, msg: str) -> None:
-    raise Refused(
-        [{"type": "follow", "loc": ("body", "follow", field), "msg": msg, "input": value}]
-    )
 
 
 def op_for(net: Network, name: str) -> Op:
@@ -123,10 +63,12 @@ def follow(
     env: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor],
     user: bool = False,
+    *,
+    max_terms: int,
 ) -> dict[str, Any]:
     """The response's `follow`: the element's value in the gradient the run computed, and the
-    terms of its formula from the gradients the run used (the learner's, where given).
-    `user`: the learner's formula computed this gradient."""
+    terms of its formula from the gradients the run used (the learner's, where given), the
+    first `max_terms` of them. `user`: the learner's formula computed this gradient."""
     name = request.grad.removesuffix(".g")
     if request.index is None:
         index = block_extreme(grads[name], request.block)
@@ -136,7 +78,7 @@ def follow(
     trail = op.follow(name, index, grads[op.output], [env[n] for n in op.inputs])
     products = trail.products()  # (terms,): only this element's slice
     total = products.numel()
-    shown = min(total, MAX_FOLLOW_TERMS)
+    shown = min(total, max_terms)
     factors = {n: f[:shown].tolist() for n, f in trail.factors.items()}
     values = products[:shown].tolist()
     terms = [

@@ -14,28 +14,27 @@ from app.check.autograd import (
     cancelling_scale,
     cast_floats,
     check_against,
-    gets_recheck,
-    mark_suspects,
     recheck_rounding,
 )
 from app.check.diagnosis import diagnose_check
 from app.check.fd import finite_difference_check
-from app.cost import budget
-from app.cost.plan import plan
+from app.check.recheck import recheck_of
+from app.check.suspect import mark_suspects
+from app.cost.plan import heatmap_cap
 from app.engine import data
-from app.engine.compare import compare_strategies
+from app.engine.follow import follow
 from app.engine.network import Network
 from app.engine.tensors import data_name, input_specs, lead_shape, make_tensors
 from app.engine.traces import learner_sources, trace
 from app.lab.formulas import LearnerFormula, bind
 from app.ops import Context
 from app.ops.cancel import cancel_token
-from app.views.follow import follow
+from app.runs.compare import compare_strategies
+from app.schemas import MAX_FOLLOW_TERMS
 from app.views.heatmap import (
     MAX_IMAGES,
     data_view,
     gradient_view,
-    heatmap_cap,
     overflow_warnings,
     small_values,
 )
@@ -47,11 +46,6 @@ def learner_formulas(cfg, net: Network) -> dict[str, LearnerFormula]:
     """The learner's formulas bound to `net`, for Network.backward (already dry-run by
     `trace`)."""
     return bind(learner_sources(cfg), net.grad_order)
-
-
-def estimate(cfg, chunk_bytes: int) -> budget.Estimate:
-    """A run's peak bytes, estimated from its plan (app/cost/plan.py, app/cost/budget.py)."""
-    return budget.estimate(plan(cfg), chunk_bytes)
 
 
 def run(cfg, chunk_bytes: int, cancel=None, traces: Traces | None = None) -> dict[str, Any]:
@@ -93,10 +87,13 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
     reference = autograd_gradients(cfg, tensors, inter)
     ctx.check()
     check = check_against(cfg, grads, reference, inter)
-    check = recheck_rounding(cfg, tensors, grads, reference, inter, check, manual_at)
+    recheck = recheck_of(cfg, forward_trace)  # the one rule, weighed from shapes
+    check = recheck_rounding(cfg, tensors, grads, reference, inter, check, manual_at, recheck)
     ctx.check()
     check = mark_suspects(check, grads, builtin, reference, inter)
-    check = _diagnose(cfg, net, formulas, tensors, env, check, grads, {**reference, **inter})
+    check = _diagnose(
+        cfg, net, formulas, tensors, env, check, grads, {**reference, **inter}, recheck
+    )
     builtin = None  # freed before the finite differences
     if cfg.fd_samples > 0:  # cost bounded before the run (admission.refuse_too_much_work)
         noise = {n: c.get("rounding_noise", 0.0) for n, c in check["tensors"].items()}
@@ -112,7 +109,7 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
     followed = None
     if cfg.follow is not None:  # one slice of one broadcast product: about its terms' cost
         user = cfg.follow.grad in learner_sources(cfg)
-        followed = follow(cfg.follow, net, env, grads, user)
+        followed = follow(cfg.follow, net, env, grads, user, max_terms=MAX_FOLLOW_TERMS)
     after_follow = time.perf_counter()
 
     specs = input_specs(cfg)
@@ -178,10 +175,13 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
     return result
 
 
-def _diagnose(cfg, net: Network, formulas, tensors, env, check, grads, reference) -> dict:
+def _diagnose(
+    cfg, net: Network, formulas, tensors, env, check, grads, reference, recheck: bool
+) -> dict:
     """Why each failing gradient is wrong (app/check/diagnosis.py). A gradient reads what its
     learner's formula names (`l1.g`), or, built in, its consumer's output gradient; a float64
-    run's `precision` compares with autograd in float32 (within the recheck's size rule)."""
+    run's `precision` compares with autograd in float32 (where the recheck's rule allows the
+    other precision: `recheck`)."""
     reads: dict[str, set[str]] = {}
     for op in net.ops:
         for name in op.grad_inputs:
@@ -196,8 +196,7 @@ def _diagnose(cfg, net: Network, formulas, tensors, env, check, grads, reference
     sizes = tuple(sorted({int(d) for t in env.values() for d in t.shape if d > 1}))
 
     def lower() -> dict[str, torch.Tensor] | None:
-        held = sum(t.numel() * t.element_size() for t in tensors.values())
-        if tensors["x"].dtype != torch.float64 or not gets_recheck(held):
+        if tensors["x"].dtype != torch.float64 or not recheck:
             return None
         inter32: dict[str, torch.Tensor] = {}
         low = autograd_gradients(cfg, cast_floats(tensors, torch.float32), inter32)
