@@ -86,3 +86,18 @@ def test_a_text_runs_again_over_the_names_it_left_and_a_later_one_reads_them(net
     # a forward tensor is still the forward's
     refused = check("h = 2 * h\n", net)
     assert "h is the forward's" in refused.answer["backward_error"]["message"]
+
+
+def test_a_tensor_an_older_forward_left_is_no_tensor_of_this_loss(net):
+    """After the forward runs again, the kernel may still hold the old run's tensors under
+    other names (an earlier loop's `t`): they are not rows of this loss's check."""
+    net["old_h"] = torch.tanh(net["x"] @ net["W"])  # requires grad, not in loss's graph
+    net["old_h"].retain_grad()
+    (net["old_h"] ** 2).sum().backward()
+    net["W"].grad = None
+    net["b"].grad = None
+    net["loss"] = (torch.tanh(net["x"] @ net["W"] + net["b"]) ** 2).sum()
+    net["loss"].backward()
+    report = check("dW = x.T @ x[:, :3]\n", net)
+    assert "old_h" not in report.check["tensors"]
+    assert {"W", "b"} <= set(report.check["tensors"])

@@ -182,7 +182,10 @@ def test_the_names_both_cells_wrote_stay_in_the_kernel(makemore):
 def article() -> nbformat.NotebookNode:
     # w1.g's sums over 1000 rows round apart from autograd's matmul, relative to its largest
     kept = "print(out.g.shape, bool((w1.g - w1.grad).abs().max() < 1e-5 * w1.grad.abs().max()))"
-    return execute(preset_notebook("article", kept))
+    req = ProgramRequest(**preset("article")["request"])
+    # then the forward again through Broadprop: no retain_grad, its trace drawn
+    again = ("%%forward\n" + req.forward, "%%backward\n" + req.backward)
+    return execute(preset_notebook("article", kept, *again))
 
 
 def test_the_articles_net_checks_every_g_it_writes(article):
@@ -214,3 +217,20 @@ def test_the_cell_runs_again_with_makemores_cmp_lines_under_it(makemore):
     check = data[MIME]["check"]
     assert check["all_close"] and check["all_written"] and len(check["tensors"]) == 26
     assert data[MIME]["backward_error"] is None
+
+
+def test_forward_runs_the_forward_through_broadprop_and_the_backward_draws_its_flow(article):
+    fwd, bwd = article.cells[4], article.cells[5]
+    assert not errors(fwd) and not errors(bwd)
+    (data,) = displays(fwd)
+    assert set(data) == {WIDGET, "text/html", "text/plain", MIME}
+    assert data[MIME]["check"] is None
+    assert [line["target"] for line in data[MIME]["forward"]] == ["l1", "a1", "out", "loss"]
+    assert data[MIME]["forward"][0]["steps"][-1]["output"] == [1000, 50]
+    assert "l1 = x @ w1 + b1" in data["text/html"]
+    (data,) = displays(bwd)
+    answer = data[MIME]
+    assert answer["check"]["all_close"] and answer["check"]["all_written"]
+    assert [line["target"] for line in answer["forward"]] == ["l1", "a1", "out", "loss"]
+    assert set(answer["forward"][0]["reads"]) == {"x", "w1", "b1"}
+    assert answer["loss"] == pytest.approx(preset_run("article")["loss"], rel=1e-6)
