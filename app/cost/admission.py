@@ -93,15 +93,6 @@ def refuse_follow(cfg, backward: Sequence[dict[str, Any]]) -> None:
             f"{follow.grad!r} is not a gradient follow can trace in this network; "
             f"it can follow {', '.join(shapes)}",
         )
-    key = follow.grad if follow.grad.endswith(".g") else f"{follow.grad}.g"
-    if key in (getattr(cfg, "formulas", None) or {}):  # its value is the learner's formula's
-        _refuse_follow(
-            "grad",
-            follow.grad,
-            f"{key} is your own formula here: follow traces the built-in formula's products, "
-            f"whose terms would not add up to your value; clear the formula for {key} to "
-            "follow it, or write the network on /program, where every line can be followed",
-        )
     shape = shapes[follow.grad]
     shown = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
     if follow.block is not None:

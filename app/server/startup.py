@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
+import anyio
 import h11
 import torch
 import uvicorn
@@ -34,7 +35,10 @@ def lifespan_with(warm_up: Callable[[], None] | None):
             await app.state.limiter.start(warm_up)
         except Exception:  # a failed warm-up only costs the first request its speed
             log.exception("warm-up failed")
-        app.state.sandbox.start_soon()  # the program workers warm up meanwhile
+        try:  # the program workers, warm before the first request (a few seconds, once)
+            await anyio.to_thread.run_sync(app.state.sandbox.start)
+        except Exception:  # a program then starts its worker itself
+            log.exception("the sandbox's workers did not start")
         freeze_long_lived()  # before the first request: collections skip the startup's objects
         yield
 

@@ -193,6 +193,8 @@ export class FollowPanel {
         " → ", h("code", {}, ref), " = ", h("b", {}, exact(f.value)),
         diff != null ? h("span", { class: diff <= bound ? "ok" : "bad" },
           ` · difference ${short(diff)}${bound != null ? (diff <= bound ? `, rounding (≤ ${short(bound)})` : `, beyond rounding (${short(bound)})`) : ""}`) : null),
+      // your formula in place: the terms are the built-in formula's; say so where they differ
+      f.note ? h("p", { class: "follow-note bad" }, f.note) : null,
     );
     drawFollowChart(chart, f, { ref, names, present: document.body.classList.contains("present") });
     this.onMark(f);
