@@ -102,7 +102,24 @@ def follow(
         "slice": list(trail.slice),
         "factor_index": {n: list(i) for n, i in trail.at.items()},
         "source": "user" if user else "reference",
+        **(_yours(grads[name][index].item(), products, trail.formula) if user else {}),
     }
+
+
+def _yours(value: float, products: torch.Tensor, formula: str) -> dict[str, Any]:
+    """With the learner's formula in place, the terms are the built-in formula's (from the
+    gradients the run used): `formula_value` is what they add up to, and `note` says so when
+    the learner's `value` differs, so the page never shows terms that seem not to add up."""
+    built_in = products.sum(dtype=torch.float64).item()
+    scale = max(products.abs().sum(dtype=torch.float64).item(), abs(value), 1e-30)
+    agrees = abs(built_in - value) <= 1e-5 * scale + 1e-12
+    out: dict[str, Any] = {"formula_value": _finite(built_in), "agrees": agrees}
+    if not agrees:
+        out["note"] = (
+            f"your formula gives {value:.6g} here; these terms are the built-in formula's "
+            f"({formula}), which add up to {built_in:.6g}: the difference is your formula's"
+        )
+    return out
 
 
 def _finite(x: float) -> float | None:

@@ -17,17 +17,23 @@ from app.check.diagnosis import explain
 from app.check.tolerance import compare, noise_between
 
 
-def check_program(program, dtype, rerun, spelled, reads):
+def check_program(program, dtype, rerun, spelled, reads, hints=None, where=None):
     """Run `program(dtype)` (-> loss, manual gradients, autograd's) and print the check; 1 when
     a written gradient differs from autograd, else 0. `rerun`: run it again in float64 to
     measure the rounding both sides carry. `spelled`: tensor -> the backward's name for its
-    gradient; `reads`: tensor -> the gradients its lines read."""
+    gradient, in the page's order (as the backward finishes them); `reads`: tensor -> the
+    gradients its lines read; `hints`: tensor -> the page's hint read from the code, said when
+    the numbers explain nothing; `where`: tensor -> the backward lines that write it. The first
+    failure is marked and said last, with its reason, as the page says it."""
+    hints, where = hints or {}, where or {}
     loss, manual, autograd = program(dtype)
     again = program(torch.float64) if rerun else None
     print(f"loss {loss}")
     sizes = tuple(sorted({d for t in autograd.values() for d in t.shape if d > 1}))
     failed, lines = [], []
-    for name, got in manual.items():
+    order = [n for n in spelled if n in manual] + [n for n in manual if n not in spelled]
+    for name in order:
+        got = manual[name]
         want = autograd[name]
         if got.numel() != want.numel() or _squeezed(got.shape) != _squeezed(want.shape):
             shapes = f"shape {tuple(got.shape)} but the tensor is {tuple(want.shape)}"
@@ -50,18 +56,33 @@ def check_program(program, dtype, rerun, spelled, reads):
         if not result["allclose"]:
             failed.append(name)
             why = explain(got.to(want.dtype), want, close, sizes, spelled.get(name, name))
+            if why is None and hints.get(name):
+                why = {"kind": "hint", "message": hints[name]}
         lines.append((name, f"{name:16s} exact: {str(exact):5s} approximate: "
                       f"{str(result['allclose']):5s} maxdiff: {result['max_abs_err']:.3e}", why))  # fmt: skip
+    first = failed[0] if failed else None
+    said = {}  # the first failure's reason, said again at the end
     for name, line, why in lines:
-        print(line)
+        at = f" (line {', '.join(map(str, where[name]))})" if where.get(name) else ""
+        mark = (f"  <- first failure{at}" if name == first else
+                f"  <- uses {spelled.get(first, first)}" if name in failed else "")  # fmt: skip
+        print(line + mark)
         up = [d for d in reads.get(name, ()) if d in failed and d != name]
         if name in failed and up:  # the line reads a gradient that is already wrong
-            print(f"    why: {spelled.get(name, name)} is computed from "
-                  f"{spelled.get(up[-1], up[-1])}, which is already wrong: fix that first")  # fmt: skip
+            said[name] = (f"{spelled.get(name, name)} is computed from "
+                          f"{spelled.get(up[-1], up[-1])}, which is already wrong: fix that first")  # fmt: skip
         elif why is not None:
-            print(f"    why: {why['message']}")
+            said[name] = why["message"]
+        if name in said:
+            print(f"    why: {said[name]}")
     if failed:
         print("differs from autograd: " + ", ".join(failed))
+        at = f" (backward line {', '.join(map(str, where[first]))})" if where.get(first) else ""
+        print(f"first failure: {spelled.get(first, first)}{at}: fix it first"
+              + ("; the gradients after it may be wrong only because they use it"
+                 if len(failed) > 1 else ""))  # fmt: skip
+        if first in said:
+            print(f"    {said[first]}")
     else:
         print(f"all {len(manual)} written gradients match autograd")
     return 1 if failed or STOPPED else 0

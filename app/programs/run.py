@@ -61,18 +61,26 @@ __all__ = [
 
 
 def execute_once(
-    req: ProgramRequest, plan: Plan, dtype: torch.dtype, check: Callable[[], None]
+    req: ProgramRequest,
+    plan: Plan,
+    dtype: torch.dtype,
+    check: Callable[[], None],
+    made: tuple[dict[str, Any], torch.Tensor] | None = None,
 ) -> Outcome:
-    g = torch.Generator().manual_seed(req.seed)  # the run's one generator: inputs, then draws
-    made = make_inputs(req.inputs, req.seed, req.dtype, generator=g)
+    """The program run once in `dtype`. `made`: its inputs and the generator's state after
+    them (`made_inputs`), shared by the run's executions: each takes fresh float leaves and
+    a generator of its own from that state (made here when not given)."""
+    inputs_made, state = made if made is not None else made_inputs(req)
+    g = torch.Generator()  # the run's one generator: inputs, then draws
+    g.set_state(state)
     # the program's own tensors in this pass's dtype; its draws in the run's (so the float64
     # recheck of a float32 run sees the same numbers, widened)
     maker = Maker("cpu", dtype, g, draw_dtype=DTYPES[req.dtype])
     inputs: dict[str, Any] = {}
-    for name, value in made.items():
+    for name, value in inputs_made.items():
         if isinstance(value, torch.Tensor):
             if value.is_floating_point():
-                value = value.to(dtype)
+                value = value.to(dtype, copy=True)  # a leaf of this execution's own
                 if name in plan.has_grad:
                     value.requires_grad_()
             value = Traced(value, name)
@@ -114,6 +122,14 @@ def execute_once(
     )
 
 
+def made_inputs(req: ProgramRequest) -> tuple[dict[str, Any], torch.Tensor]:
+    """The program's inputs, made from its seed, and the generator's state after them (where
+    the program's own draws go on)."""
+    g = torch.Generator().manual_seed(req.seed)
+    made = make_inputs(req.inputs, req.seed, req.dtype, generator=g)
+    return made, g.get_state()
+
+
 def run_backward(
     plan: Plan, env: dict[str, Any], check: Callable[[], None], maker: Maker | None = None
 ) -> tuple[BackwardRun, ProgramError | None]:
@@ -146,13 +162,15 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
 
     start = time.perf_counter()
     dtype = DTYPES[req.dtype]
+    # the inputs once (a value input's nested list becomes a tensor once, not per execution)
+    made = made_inputs(req)
     with cancel_token(cancel):  # polled after every op as well as between statements
-        main = execute_once(req, plan, dtype, check)
+        main = execute_once(req, plan, dtype, check, made)
         after_run = time.perf_counter()
         rerun = None
         if plan.rerun:  # the same formulas in float64 throughout (`.float()` included)
             with single_precision_as(torch.float64):
-                rerun = execute_once(req, plan, torch.float64, check)
+                rerun = execute_once(req, plan, torch.float64, check, made)
 
     low: list[Outcome] = []  # the program in float32, once, for a float64 run's failures
 
@@ -162,7 +180,7 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         if req.dtype != "float64" or plan.seconds > PRECISION_RERUN_MAX_S:
             return None
         if not low:
-            low.append(execute_once(req, plan, torch.float32, check))
+            low.append(execute_once(req, plan, torch.float32, check, made))
         return low[0]
 
     with cancel_token(cancel):

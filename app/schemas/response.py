@@ -252,6 +252,16 @@ class Follow(BaseModel):
         description='"user" where the learner\'s formula computed the gradient (value is '
         "that formula's; the terms are the built-in formula's, from the gradients the run used)"
     )
+    formula_value: float | None = Field(
+        None, description='With source "user": what the built-in formula\'s terms add up to'
+    )
+    agrees: bool | None = Field(
+        None, description='With source "user": whether the learner\'s value is the built-in one'
+    )
+    note: str | None = Field(
+        None,
+        description="Where they differ: the learner's value against the terms' sum, in words",
+    )
 
 
 class StrategyCost(BaseModel):

@@ -34,7 +34,9 @@ def lifespan_with(warm_up: Callable[[], None] | None):
             await app.state.limiter.start(warm_up)
         except Exception:  # a failed warm-up only costs the first request its speed
             log.exception("warm-up failed")
-        app.state.sandbox.start_soon()  # the program workers warm up meanwhile
+        # the program workers warm up in the background (a few seconds, once): the server
+        # answers meanwhile, and a program that comes first waits for them
+        app.state.sandbox.start_soon()
         freeze_long_lived()  # before the first request: collections skip the startup's objects
         yield
 

@@ -12,6 +12,7 @@ import { checkRows, firstSelection, gradientMaps, heat, rich, states, verdictLin
 import { fromQuery, hideLines, placeholders, queryFor } from "./program-state.js";
 import { ProgramTrainer } from "./program-train.js";
 import { attachFollow } from "./program-follow.js";
+import { InputsForm } from "./program-inputs.js";
 
 const $ = (id) => document.getElementById(id);
 const PRESETS = JSON.parse($("program-presets").textContent);
@@ -25,6 +26,9 @@ const BLANK = {
   seed: 0,
   dtype: "float32",
 };
+// the blank start as a preset of the page's own: `?preset=blank` while unchanged, so the menu
+// keeps saying "A blank start" until the learner edits it
+const STARTS = [...PRESETS, { id: "blank", title: "A blank start: write your own", request: BLANK }];
 
 let program = null; // the POST /api/program body on screen
 let presetId = null; // the preset it came from, while unchanged
@@ -41,7 +45,7 @@ const forward = new CodeEditor($("forward-editor"), { label: "Forward", onInput:
 const backward = new CodeEditor($("backward-editor"), { label: "Backward", onInput: (t) => edit({ backward: t }) });
 
 function preset() {
-  return PRESETS.find((p) => p.id === presetId) || null;
+  return STARTS.find((p) => p.id === presetId) || null;
 }
 
 // --------------------------------------------------------------------------- state
@@ -78,8 +82,7 @@ function load(next, id) {
   presetId = id;
   forward.value = program.forward;
   backward.value = program.backward || "";
-  $("inputs").value = JSON.stringify(program.inputs, null, 1);
-  $("inputs-summary").textContent = `(${Object.keys(program.inputs).length})`;
+  showInputs(program.inputs, null);
   $("seed").value = program.seed ?? 0;
   $("dtype").value = program.dtype ?? "float32";
   $("loss-name").textContent = program.loss || "loss";
@@ -355,11 +358,22 @@ function view(list) {
   $("show-todo").setAttribute("aria-selected", String(list));
 }
 
+/** The inputs in the form and the JSON box, except the one being typed in (`from`). */
+function showInputs(inputs, from) {
+  if (from !== "json") $("inputs").value = JSON.stringify(inputs, null, 1);
+  if (from !== "form") inputsForm.set(inputs);
+  $("inputs-summary").textContent = inputs && typeof inputs === "object" ? `(${Object.keys(inputs).length})` : "";
+}
+const inputsForm = new InputsForm($("inputs-form"), (inputs) => {
+  $("inputs-error").textContent = "";
+  showInputs(inputs, "form");
+  edit({ inputs });
+});
 $("inputs").addEventListener("input", () => {
   try {
     const inputs = JSON.parse($("inputs").value);
     $("inputs-error").textContent = "";
-    $("inputs-summary").textContent = inputs && typeof inputs === "object" ? `(${Object.keys(inputs).length})` : "";
+    showInputs(inputs, "json");
     edit({ inputs });
   } catch (err) {
     $("inputs-error").textContent = `Not JSON yet: ${err.message}`;
@@ -371,19 +385,11 @@ $("seed").addEventListener("input", () => {
 });
 $("dtype").addEventListener("change", () => edit({ dtype: $("dtype").value }));
 $("preset").addEventListener("change", () => {
-  if ($("preset").value === "blank") {
-    load(structuredClone(BLANK), null);
-    trainer.defaults(null);
-    $("preset").value = "blank";
-    writeURL();
-    run();
-    return;
-  }
-  const p = PRESETS.find((x) => x.id === $("preset").value);
+  const p = STARTS.find((x) => x.id === $("preset").value);
   if (!p) return;
   load(structuredClone(p.request), p.id);
-  trainer.defaults(p.train);
-  history.replaceState(null, "", `/program?preset=${encodeURIComponent(p.id)}`);
+  trainer.defaults(p.train || null);
+  writeURL();
   run();
 });
 $("exercise-link").addEventListener("click", exerciseLink);
@@ -401,7 +407,7 @@ const trainer = new ProgramTrainer({
   },
 });
 
-const start = await fromQuery(location.search, PRESETS);
+const start = await fromQuery(location.search, STARTS);
 load(start.program, start.presetId && !start.hide ? start.presetId : null);
 trainer.defaults(PRESETS.find((p) => p.id === start.presetId)?.train);
 present(presenting);
