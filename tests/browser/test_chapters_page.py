@@ -75,13 +75,18 @@ def test_a_conv_training_shows_val_accuracy_and_an_rnn_samples_names(watched):
     assert w.errors == []
 
 
+def select_map(w, preset_id: str, name: str):
+    """The preset's page with `name`'s gradient maps drawn."""
+    open_program(w, f"?preset={preset_id}")
+    w.page.click(f'#checks tbody tr[data-name="{name}"]')
+    w.page.wait_for_function(f"() => document.body.dataset.maps === '{name}'")
+    return w.page
+
+
 @pytest.mark.browser
 def test_clicking_the_gpt_attention_weight_map_follows_an_entry(watched):
     w = watched
-    open_program(w, "?preset=gpt")
-    page = w.page
-    page.click('#checks tbody tr[data-name="Wq"]')
-    page.wait_for_function("() => document.body.dataset.maps === 'Wq'")
+    page = select_map(w, "gpt", "Wq")
     # a click on cell (row 3, col 5) of the manual map: Plotly's own click event
     page.evaluate("""() => {
         const el = document.getElementById('map-manual');
@@ -99,9 +104,6 @@ def test_clicking_the_gpt_attention_weight_map_follows_an_entry(watched):
 @pytest.mark.browser
 def test_a_4d_gradient_map_names_its_fold(watched):
     w = watched
-    open_program(w, "?preset=gpt")
-    page = w.page
-    page.click('#checks tbody tr[data-name="att"]')
-    page.wait_for_function("() => document.body.dataset.maps === 'att'")
+    page = select_map(w, "gpt", "att")
     assert "drawn folded as (32·4·8, 8)" in page.inner_text("#selected-note")
     assert w.errors == []
