@@ -107,3 +107,20 @@ def test_a_4d_gradient_map_names_its_fold(watched):
     page = select_map(w, "gpt", "att")
     assert "drawn folded as (32·4·8, 8)" in page.inner_text("#selected-note")
     assert w.errors == []
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize(
+    "preset_id, hide, written",
+    [("gpt", "dWq,dwpe", "34 of 36"), ("conv", "dw", "8 of 9"), ("rnn", "dWhy", "9 of 10")],
+)
+def test_exercise_links_hide_lines_of_the_new_chapters(watched, preset_id, hide, written):
+    w = watched
+    open_program(w, f"?preset={preset_id}&hide={hide}")
+    page = w.page
+    assert verdict(w) == "incomplete"
+    assert written in page.inner_text("#verdict")
+    backward = page.input_value("#backward-editor textarea")
+    for name in hide.split(","):
+        assert f"# TODO: write {name}" in backward and f"{name} = " not in backward
+    assert w.errors == []
