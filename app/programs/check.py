@@ -243,15 +243,11 @@ def _slip_hint(
 ) -> str | None:
     """The classic slips of these exercises, recognized from the numbers and the code."""
     spelled = main.spelling.get(name, name)
-    reads = plan.forward_reads.get(name, [])
     lines = main.lines.get(name, [])
-    scale = _scale(manual, auto)
+    reads = plan.forward_reads.get(name, [])
     if len(reads) > 1 and len(lines) == 1:
-        return (
-            f"{name} is used by {len(reads)} forward lines ({', '.join(map(str, reads))}): its "
-            f"gradient is the sum of what each use sends back. Did one use's share get lost? "
-            f"Accumulate the second with `{spelled} += ...`"
-        )
+        return code_hint(name, spelled, lines, plan)
+    scale = _scale(manual, auto)
     if scale is not None:
         for n in sorted({d for t in main.forward.values() if isinstance(t, Traced)
                          for d in t.t.shape if d > 2}):  # fmt: skip
@@ -262,6 +258,20 @@ def _slip_hint(
                         "correction. The forward's variance and the backward must divide by "
                         "the same n - 1 (or n)"
                     )
+    return code_hint(name, spelled, lines, plan)
+
+
+def code_hint(name: str, spelled: str, lines: list[int], plan: Plan) -> str | None:
+    """The slips read from the code alone (no numbers), for a gradient that fails: a tensor
+    used twice whose gradient is written once, tanh's derivative taken from its input. The
+    exported file carries these for its failing gradients (app/export/program.py)."""
+    reads = plan.forward_reads.get(name, [])
+    if len(reads) > 1 and len(lines) == 1:
+        return (
+            f"{name} is used by {len(reads)} forward lines ({', '.join(map(str, reads))}): its "
+            f"gradient is the sum of what each use sends back. Did one use's share get lost? "
+            f"Accumulate the second with `{spelled} += ...`"
+        )
     for stmt in plan.forward.body:
         if not isinstance(stmt, ast.Assign) or not isinstance(stmt.targets[0], ast.Name):
             continue

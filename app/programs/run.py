@@ -20,6 +20,7 @@ from app.ops.cancel import RunCancelled, cancel_token, is_allocation_failure
 from app.ops.making import Maker
 from app.ops.precision import single_precision_as
 from app.ops.traced import Traced
+from app.programs import follow
 from app.programs.check import (
     Outcome,
     check_table,
@@ -35,14 +36,25 @@ from app.programs.plan import (
     Plan,
     ProgramRefused,
     admit,
+    admit_follow,
     detached,
     error_context,
+    followed_tensor,
     line_reads,
 )
 from app.programs.schemas import ProgramRequest
 
 # the program endpoint reaches the dry run through this module (`programs.admit`, `.Plan`)
-__all__ = ["Plan", "ProgramRefused", "admit", "answer", "execute_once", "run", "run_backward"]
+__all__ = [
+    "Plan",
+    "ProgramRefused",
+    "admit",
+    "admit_follow",
+    "answer",
+    "execute_once",
+    "run",
+    "run_backward",
+]
 
 
 # --------------------------------------------------------------------------- the real run
@@ -172,7 +184,25 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         return low[0]
 
     with cancel_token(cancel):
-        return answer(req, plan, main, rerun, (after_run - start) * 1e3, lower)
+        out = answer(req, plan, main, rerun, (after_run - start) * 1e3, lower)
+        if req.follow is not None:
+            out["follow"] = follow_element(req, plan, main, check)
+        return out
+
+
+def follow_element(req: ProgramRequest, plan: Plan, main: Outcome,
+                   check: Callable[[], None]) -> dict[str, Any] | None:  # fmt: skip
+    """The contract's `follow` (app/programs/follow.py); null when the backward did not write
+    that gradient."""
+    tensor = followed_tensor(req.follow.grad, set(plan.has_grad))
+    if tensor is None or tensor not in main.manual:
+        return None
+    index = tuple(req.follow.index)
+    grad = main.manual[tensor]
+    if len(index) != grad.dim() or any(i >= s for i, s in zip(index, grad.shape)):
+        return None
+    maker = Maker("cpu", DTYPES[req.dtype], torch.Generator().manual_seed(req.seed))
+    return follow.follow(plan, main.forward, main.manual, maker, tensor, index, check)
 
 
 def answer(
