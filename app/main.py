@@ -9,6 +9,7 @@ from app import schemas, server
 from app.api import broadcast, bugs, docs, export, pages, program, run, train
 from app.engine import data
 from app.programs.schemas import ProgramRequest, ProgramTrainRequest
+from app.sandbox.allocator import release_memory
 from app.server import assets
 from app.server.timing import ServerTimingMiddleware
 from app.settings import Settings, get_settings
@@ -43,7 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)
     # outermost: the server's share of a wait, compression included, for the browser
     app.add_middleware(ServerTimingMiddleware)
-    data.warm()  # the shipped datasets, parsed in a background thread (once per process)
+    # the shipped datasets, parsed in a background thread (once per process); the parse's
+    # temporaries (~100 MB for MNIST's text) are free but still held by that thread's malloc
+    # arena (the trim threshold is high), so the thread hands them back
+    data.warm(after=release_memory)
     assets.warm()  # the Plotly bundle's gzip, made once in the background
     app.mount("/static", assets.VersionedStatic(directory=ROOT / "static"), name="static")
     for module in (run, train, program, broadcast, bugs, export, pages, docs):

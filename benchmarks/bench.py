@@ -1,21 +1,30 @@
-"""Broadprop against the article's own script, measured in one run on this machine.
+"""Broadprop against the article's own computation, measured in one process, side by side.
 
-    .venv/bin/python benchmarks/bench.py            # or: ./scripts/bench
+    .venv/bin/python benchmarks/bench.py            # or: ./scripts/bench   (about 30-60 s)
+    .venv/bin/python benchmarks/bench.py --full     # and memory, payload, batch growth
 
-Starts `python -m app` on a free loopback port (tests/servers.py: LiveServer) and prints, as ratios measured in this
-run (the machine is shared and noisy, so only ratios within one run mean anything):
-- the API round trip for the article's run, per strategy, against the article's script done
-  in-process (randn, forward, the literal broadcast backward, autograd, compare): warm (the
-  median of interleaved rounds) and cold (each side's first);
-- the server's peak extra memory per request (VmHWM over VmRSS, /proc), each on a fresh
-  server, and the article script's own, measured in a fresh process;
-- the response payload;
-- batch 1k / 5k / 20k, to show how time and memory grow.
+The anchor is what a learner waits for in a warm notebook: the article's computation run in
+this very process (randn inputs, forward, the literal broadcast backward, autograd, the
+comparison; `article_script`). Beside it, in interleaved rounds (so drifts in the machine's load
+hit every side alike), the same run asked of Broadprop two ways:
+- `live`: `python -m app` on a free loopback port (tests/servers.py: LiveServer), as served
+  (the connection guard on), over one kept-alive connection: the way a user waits;
+- `in-process`: the same app in this process through Starlette's TestClient (no sockets):
+  the server's own share.
+Each row prints warm (the median of the rounds) and cold (each side's first, after start-up),
+and its ratio to the anchor: the article's run (`{}`) and `strategy: matmul` against the
+article's computation; makemore exercise 1 (`POST /api/program`) against the same work done
+in-process (benchmarks/program_bench.py: `plain_script`). Only ratios within one run mean
+anything on a shared machine; the load average is printed beside them.
+
+`--full` adds, each on a fresh server: the peak extra memory of a request (VmHWM over VmRSS,
+/proc) beside the article script's own, the payload, and batch 1k / 5k / 20k.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import http.client
 import json
 import os
@@ -100,26 +109,26 @@ class Server(LiveServer):
 
     busy = 0  # 503s asked again (a machine busy with other work), reported at the end
 
-    def post(self, body: dict) -> tuple[float, int, bytes]:
+    def post(self, body: dict, path: str = "/api/run") -> tuple[float, int, bytes]:
         """One request, asked again after its Retry-After while the server answers 503 (it
         does when a busy machine cannot give a run its CPU time): the time is the answered
         request's."""
         for _ in range(10):
-            elapsed, status, payload, retry_after = self._post_once(body)
+            elapsed, status, payload, retry_after = self._post_once(body, path)
             if status != 503:
                 break
             Server.busy += 1
             time.sleep(float(retry_after or 1))
         return elapsed, status, payload
 
-    def _post_once(self, body: dict) -> tuple[float, int, bytes, str | None]:
+    def _post_once(self, body: dict, path: str) -> tuple[float, int, bytes, str | None]:
         """One request on the kept-alive connection; when the server has closed it (its
         keep-alive timeout passed while this machine was busy elsewhere), a new one."""
         data = json.dumps(body).encode()
         for attempt in range(2):
             start = time.perf_counter()
             try:
-                self.http.request("POST", "/api/run", data, {"content-type": "application/json"})
+                self.http.request("POST", path, data, {"content-type": "application/json"})
                 response = self.http.getresponse()
                 payload = response.read()
                 elapsed = time.perf_counter() - start
@@ -182,105 +191,196 @@ def fmt_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / MB:.1f} MB"
 
 
+class InProcess:
+    """The same app in this process, through Starlette's TestClient (no sockets): `post` as
+    `Server.post`, timed around the call."""
+
+    def __init__(self) -> None:
+        from fastapi.testclient import TestClient
+
+        from app.main import create_app
+
+        self.client = TestClient(create_app())
+        self.client.__enter__()  # the lifespan: lanes, warm-up, sandbox workers
+
+    def post(self, body: dict, path: str = "/api/run") -> tuple[float, int, bytes]:
+        start = time.perf_counter()
+        response = self.client.post(path, json=body)
+        elapsed = time.perf_counter() - start
+        return elapsed, response.status_code, response.content
+
+    def close(self) -> None:
+        self.client.__exit__(None, None, None)
+
+
+class Row:
+    """One side of the comparison: a name, its cold (first) time and its warm ones."""
+
+    def __init__(self, name: str, call, target: float | None = None) -> None:
+        self.name, self.call, self.target = name, call, target
+        self.cold = self.timed_call()
+        self.warm: list[float] = []
+
+    def timed_call(self) -> float:
+        start = time.perf_counter()
+        self.call()
+        return time.perf_counter() - start
+
+    def line(self, anchor: Row) -> str:
+        warm, base = statistics.median(self.warm), statistics.median(anchor.warm)
+        ratio = warm / base
+        verdict = ""
+        if self.target is not None:
+            verdict = f"(target <= {self.target}x: {'PASS' if ratio <= self.target else 'MISS'})"
+        return (
+            f"  {self.name:<36}{warm * 1e3:8.1f} ms  {ratio:6.2f}x  "
+            f"{self.cold * 1e3:8.1f} ms  {self.cold / anchor.cold:6.2f}x  {verdict}"
+        )
+
+
+def api_call(side, body: dict, path: str = "/api/run"):
+    def call() -> None:
+        _, status, _ = side.post(body, path)
+        assert status == 200, (path, body, status)
+
+    return call
+
+
+def interleave(rows: list[Row], rounds: int) -> None:
+    """`rounds` rounds of every row, one after the other (one warm-up round first)."""
+    for r in range(rounds + 1):
+        for row in rows:
+            t = row.timed_call()
+            if r:
+                row.warm.append(t)
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    anchor, *others = rows
+    print(title)
+    print(f"  {'':<36}{'warm':>11}  {'ratio':>7}  {'cold':>11}  {'ratio':>7}")
+    print(anchor.line(anchor))
+    for row in others:
+        print(row.line(anchor))
+
+
+def makemore():
+    """The makemore exercise-1 request and the same work in-process (program_bench)."""
+    from program_bench import STUDENT_BACKWARD, plain_script
+
+    from app.programs import presets
+    from app.programs.inputs import make_inputs
+    from app.programs.schemas import ProgramRequest
+
+    request = {**presets.preset("makemore")["request"], "backward": STUDENT_BACKWARD}
+    made = make_inputs(ProgramRequest(**request).inputs, 0, "float32")
+
+    def script() -> None:
+        assert plain_script(made)
+
+    return request, script
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument("--full", action="store_true", help="memory, payload, batch growth")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
 
-    server = Server()
+    # the two servers start side by side (the live one in a thread while this one starts)
+    starting = concurrent.futures.ThreadPoolExecutor(1).submit(Server)
+    local = InProcess()
+    live = starting.result()
     try:
-        strategies = ["broadcast", "einsum", "matmul"]
-        # cold: each side's first (the server's first request per strategy, after its own
-        # start-up warm-up; the script's first call in this process)
-        cold_script = timed(article_script)
-        cold = {s: server.post({"strategy": s})[0] for s in strategies}
-        for _ in range(2):  # warm both sides up
-            article_script()
-            for s in strategies:
-                server.post({"strategy": s})
-        script_times, api_times = [], {s: [] for s in strategies}
-        for _ in range(args.repeats):  # interleaved, so drifts in load hit both sides alike
-            script_times.append(timed(article_script))
-            for s in strategies:
-                elapsed, status, payload = server.post({"strategy": s})
-                assert status == 200
-                api_times[s].append(elapsed)
-        script = statistics.median(script_times)
-        _, _, payload = server.post({})
-        article = json.loads(payload)
-        assert article["check"]["all_close"], "the article's run does not pass its own check"
-
-        print(f"Broadprop benchmark, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"median of {args.repeats} interleaved rounds, "
-              f"load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
-        print("Article's run (batch 1000, 784 -> 50 -> 1, mse); warm: the median, cold: the first")
-        print(f"  {'':<33}{'warm':>10}  {'x script':>8}   {'cold':>10}  {'x script':>8}")
-        print(f"  article's script in-process      {script * 1e3:7.1f} ms     1.00x   "
-              f"{cold_script * 1e3:7.1f} ms     1.00x")  # fmt: skip
-        targets = {"broadcast": 0.3, "matmul": 0.15}
-        results = {}
-        for s in strategies:
-            t = statistics.median(api_times[s])
-            ratio = t / script
-            target = targets.get(s)
-            verdict = (
-                ""
-                if target is None
-                else f"(target <= {target}x: {'PASS' if ratio <= target else 'MISS'})"
-            )
-            results[s] = ratio
-            print(f"  API round trip, {s:<9}        {t * 1e3:7.1f} ms    {ratio:5.2f}x   "
-                  f"{cold[s] * 1e3:7.1f} ms    {cold[s] / cold_script:5.2f}x  {verdict}")  # fmt: skip
-
-        server_peak = fresh_server_peak_extra({})
-        script_peak = article_script_peak_extra()
-        verdict = (
-            ""
-            if server_peak is None
-            else f"(target <= 32 MB: {'PASS' if server_peak <= 32e6 else 'MISS'})"
-        )
-        print(
-            f"\n  server peak extra memory, default strategy   {fmt_bytes(server_peak)} {verdict}"
-        )
-        print(f"  article's script peak extra memory           {fmt_bytes(script_peak)}")
-        print(f"  response payload                             {len(payload) / 1e3:.1f} KB "
-              f"(target < 300 KB: {'PASS' if len(payload) < 300e3 else 'MISS'})")  # fmt: skip
-
-        print("\nHow it grows with the batch (API round trip; server peak extra memory)")
-        print("  (first: the first request at this size on this server; warm: the least of 3 more)")
-        print(f"  {'batch':>6} {'strategy':<10} {'first':>9} {'warm':>9} {'x script':>9} "
-              f"{'peak extra':>11}")  # fmt: skip
-        for batch in (1000, 5000, 20000):
-            for s in ("broadcast", "matmul"):
-                body = {"batch": batch, "strategy": s}
-                first = server.post(body)[0]
-                t = min(server.post(body)[0] for _ in range(3))
-                peak = fresh_server_peak_extra(body)
-                print(
-                    f"  {batch:>6} {s:<10} {first * 1e3:7.1f}ms {t * 1e3:7.1f}ms "
-                    f"{t / script:8.2f}x {fmt_bytes(peak):>11}"
-                )
-                if batch == 20000 and s == "broadcast":
-                    ok = t / script <= 8 and (peak is None or peak <= 400e6)
-                    print(f"  {'':>6} target at 20000: <= 8x the article's script and <= 400 MB: "
-                          f"{'PASS' if ok else 'MISS'}")  # fmt: skip
-
-        _, _, payload = server.post({"compare": True})
-        compare = json.loads(payload)["compare"]
-        print("\nThe server's own comparison (compare: true, article's run)")
-        for name, row in compare["strategies"].items():
-            print(f"  {name:<10} backward {row['backward_ms']:7.2f} ms   "
-                  f"peak extra {fmt_bytes(row['peak_extra_bytes'])}")  # fmt: skip
-        print(f"  the literal broadcast product would take "
-              f"{fmt_bytes(compare['literal_broadcast_bytes'])}; chunks are capped at "
-              f"{fmt_bytes(compare['chunk_bytes'])}")  # fmt: skip
+        # cold: each side's first (the script's first call in this process; each server's
+        # first request, after its own start-up warm-up)
+        article = [
+            Row("article's computation, in-process", article_script),
+            Row("POST /api/run {}, live", api_call(live, {}), 0.3),
+            Row("POST /api/run {}, in-process", api_call(local, {})),
+            Row("POST /api/run matmul, live", api_call(live, {"strategy": "matmul"}), 0.15),
+            Row("POST /api/run matmul, in-process", api_call(local, {"strategy": "matmul"})),
+        ]
+        request, script = makemore()
+        program = [
+            Row("makemore exercise 1, in-process", script),
+            Row("POST /api/program, live", api_call(live, request, "/api/program"), 4),
+            Row("POST /api/program, in-process", api_call(local, request, "/api/program")),
+        ]
+        interleave(article, args.repeats)
+        interleave(program, args.repeats)
+        _, _, payload = live.post({})
+        assert json.loads(payload)["check"]["all_close"], "the article's run fails its check"
+        _, _, program_payload = live.post(request, "/api/program")
     finally:
-        server.close()
+        local.close()
+    took = time.perf_counter() - started
+    print(f"Broadprop benchmark, {os.cpu_count()} cores, torch {torch.__version__}, median of "
+          f"{args.repeats} interleaved rounds, load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after ({took:.0f} s)\n")  # fmt: skip
+    print_table("Article's run (batch 1000, 784 -> 50 -> 1, mse) against the article's "
+                "computation in this process", article)  # fmt: skip
+    print()
+    print_table("makemore exercise 1 (26 gradients, batch 32) against the same work in this "
+                "process", program)  # fmt: skip
+    print(f"\n  payload: article {len(payload) / 1e3:.1f} KB (target < 300 KB: "
+          f"{'PASS' if len(payload) < 300e3 else 'MISS'}), makemore "
+          f"{len(program_payload) / 1e3:.1f} KB")  # fmt: skip
+    try:
+        if args.full:
+            full(live)
+    finally:
+        live.close()
     if Server.busy:
         print(f"\n({Server.busy} answers were 503, the machine too busy to run them in time, "
               "and were asked again after their Retry-After)")  # fmt: skip
     return 0
+
+
+def full(server: Server) -> None:
+    """Memory (fresh servers), batch growth, the server's own strategy comparison."""
+    script = statistics.median(timed(article_script) for _ in range(3))
+    server_peak = fresh_server_peak_extra({})
+    script_peak = article_script_peak_extra()
+    verdict = (
+        ""
+        if server_peak is None
+        else f"(target <= 32 MB: {'PASS' if server_peak <= 32e6 else 'MISS'})"
+    )
+    print(f"\n  server peak extra memory, default strategy   {fmt_bytes(server_peak)} {verdict}")
+    print(f"  article's script peak extra memory           {fmt_bytes(script_peak)}")
+
+    print("\nHow it grows with the batch (API round trip; server peak extra memory)")
+    print("  (first: the first request at this size on this server; warm: the least of 3 more)")
+    print(f"  {'batch':>6} {'strategy':<10} {'first':>9} {'warm':>9} {'x script':>9} "
+          f"{'peak extra':>11}")  # fmt: skip
+    for batch in (1000, 5000, 20000):
+        for s in ("broadcast", "matmul"):
+            body = {"batch": batch, "strategy": s}
+            first = server.post(body)[0]
+            t = min(server.post(body)[0] for _ in range(3))
+            peak = fresh_server_peak_extra(body)
+            print(
+                f"  {batch:>6} {s:<10} {first * 1e3:7.1f}ms {t * 1e3:7.1f}ms "
+                f"{t / script:8.2f}x {fmt_bytes(peak):>11}"
+            )
+            if batch == 20000 and s == "broadcast":
+                ok = t / script <= 8 and (peak is None or peak <= 400e6)
+                print(f"  {'':>6} target at 20000: <= 8x the article's script and <= 400 MB: "
+                      f"{'PASS' if ok else 'MISS'}")  # fmt: skip
+
+    _, _, payload = server.post({"compare": True})
+    compare = json.loads(payload)["compare"]
+    print("\nThe server's own comparison (compare: true, article's run)")
+    for name, row in compare["strategies"].items():
+        print(f"  {name:<10} backward {row['backward_ms']:7.2f} ms   "
+              f"peak extra {fmt_bytes(row['peak_extra_bytes'])}")  # fmt: skip
+    print(f"  the literal broadcast product would take "
+          f"{fmt_bytes(compare['literal_broadcast_bytes'])}; chunks are capped at "
+          f"{fmt_bytes(compare['chunk_bytes'])}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -85,3 +85,36 @@ def article_reference(seed: int = 0, batch: int = 1000, n_in: int = 784, n_hidde
     loss = (out.squeeze(-1) - target).pow(2).mean()
     loss.backward()
     return loss.item(), {n: t.grad for n, t in leaves.items()}
+
+
+class OpCount:
+    """Every op a learner's formula makes (app.ops.traced.Traced._make: on meta tensors in
+    the dry run, on real ones in the run), counted while the fixture lives: the work a
+    request did, a count that a loaded machine cannot change (tests assert it, never times)."""
+
+    def __init__(self) -> None:
+        self.ops = 0
+        self.real = 0  # of which on real tensors (the run's, not the dry run's)
+
+    def take(self, real: bool = False) -> int:
+        """The ops (`real`: on real tensors only) since the last `take`; both counts back
+        to 0."""
+        ops = self.real if real else self.ops
+        self.ops = self.real = 0
+        return ops
+
+
+@pytest.fixture
+def op_count(monkeypatch) -> OpCount:
+    from app.ops.traced import Traced
+
+    count = OpCount()
+    make = Traced._make
+
+    def counted(self, t, *args, **kwargs):
+        count.ops += 1
+        count.real += not t.is_meta
+        return make(self, t, *args, **kwargs)
+
+    monkeypatch.setattr(Traced, "_make", counted)
+    return count

@@ -63,3 +63,40 @@ def test_the_test_client_imports_without_a_deprecation_warning():
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _readme_pictures() -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(docs/screenshots/([^)]+)\)", (ROOT / "README.md").read_text())
+
+
+def test_every_readme_picture_is_kept_and_made_by_the_screenshot_script():
+    """Issue 35.17: two pictures the README embedded were gitignored and made by nothing."""
+    import ast
+
+    source = (ROOT / "tests" / "browser" / "screenshots.py").read_text()
+    tables = {
+        t.id: ast.literal_eval(node.value)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Name) and t.id in ("README_PICTURES", "MADE_BY_TESTS")
+    }
+    made = {**tables["README_PICTURES"], **tables["MADE_BY_TESTS"]}
+    pictures = _readme_pictures()
+    assert pictures, "the README embeds no screenshots?"
+    for picture in pictures:
+        assert picture in made, f"{picture}: not made by tests/browser/screenshots.py"
+        path = ROOT / "docs" / "screenshots" / picture
+        assert path.is_file(), f"{picture} is missing"
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", str(path)], cwd=ROOT, capture_output=True
+        )
+        assert ignored.returncode == 1, f"{picture} is gitignored: a fresh clone lacks it"
+
+
+def test_the_readmes_count_of_hostile_formulas_is_the_lists():
+    """Issue 35.18: the README said 90 hostile formulas when the list had 103."""
+    from tests.lab.test_lab_hostile import HOSTILE
+
+    (said,) = re.findall(r"fires (\d+) hostile formulas", (ROOT / "README.md").read_text())
+    assert int(said) == len(HOSTILE)

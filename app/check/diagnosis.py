@@ -36,6 +36,7 @@ the reference), so it prints the same sentence for a scale, a sign or a transpos
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -416,6 +417,8 @@ def has_repeats(key: Any) -> bool:
                and k.dtype != torch.bool]  # fmt: skip
     if not tensors:
         return False
+    if math.prod(torch.broadcast_shapes(*(t.shape for t in tensors))) <= 1:
+        return False  # one position (an embedding loop's `dC[Xb[k, j]] += ...`): no repeat
     rows = torch.stack([t.reshape(-1) for t in torch.broadcast_tensors(*tensors)], 1)
     return rows.shape[0] > 1 and torch.unique(rows, dim=0).shape[0] < rows.shape[0]
 

@@ -22,6 +22,7 @@ from app.cost.work import (
     MATMUL_FLOPS,
     WORK_LIMIT_S,
     Work,
+    interpret_s,
 )
 from app.cost.work import estimate as estimate_work
 from app.engine.follow import followable, view_shape
@@ -39,7 +40,9 @@ class Admitted:
     """An accepted run: what it is estimated to take, and the traces it was planned from
     (the run shows them: made once per request)."""
 
-    seconds: float  # without the rounding recheck, which only a failing check runs
+    # what weighs the run for the lanes: without the rounding recheck, which only a failing
+    # check runs, and with the Python its formulas take (work.interpret_s)
+    seconds: float
     bytes: int
     traces: Traces
 
@@ -60,7 +63,8 @@ def admit(cfg, settings) -> Admitted:
         per_row = estimate_bytes(plan(cfg.model_copy(update={"batch": 1})), settings.chunk_bytes)
         refuse_over_budget(cfg, estimate, per_row, settings.memory_budget_bytes)
     seconds = refuse_too_much_work(run, settings.chunk_bytes)
-    return Admitted(seconds.total - seconds.recheck, estimate.total, traces)
+    lane_s = seconds.total - seconds.recheck + interpret_s(cfg)
+    return Admitted(lane_s, estimate.total, traces)
 
 
 def _refuse(kind: str, field: str, msg: str, cfg, **ctx) -> None:

@@ -230,3 +230,13 @@ def dry_run_s(cfg) -> float:
     anything is parsed); 0 without formulas."""
     sources = getattr(cfg, "formulas", None) or {}
     return DRY_RUN_S_PER_CHAR * sum(len(key) + len(source) for key, source in sources.items())
+
+
+def interpret_s(cfg) -> float:
+    """Seconds of Python the run itself spends in the learner's formulas, whatever the size of
+    their tensors: the evaluator walks them again on the real tensors, about as long as their
+    dry run (the largest body, 42 formulas on a batch of 2: 0.34 s dry run, 0.5 s run, where
+    `estimate` counts 0.07 s of tensor work). Not part of the work limit; it weighs a run for
+    the lanes (app/server/lanes.py), so that a run of long formulas, heavy for the GIL however
+    small its config, never takes a light run's slot."""
+    return dry_run_s(cfg)

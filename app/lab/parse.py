@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 
 from app.lab.allowlist import (
     ATTRIBUTES,
@@ -251,4 +252,27 @@ def _unknown_attribute(node: ast.Attribute, source: str) -> str:
 
 
 def source_segment(source: str, node: ast.AST) -> str:
-    return (ast.get_source_segment(source, node) or "").strip()
+    """The code of `node` as written. An ASCII source (the usual) is cut from its lines, split
+    once per source: ast.get_source_segment splits the whole text on every call, which a
+    training pays at every in-place write of every step."""
+    if not _plain(source) or getattr(node, "end_lineno", None) is None:
+        return (ast.get_source_segment(source, node) or "").strip()
+    lines = source_lines(source)
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first][node.col_offset : node.end_col_offset].strip()
+    parts = [lines[first][node.col_offset :], *lines[first + 1 : last],
+             lines[last][: node.end_col_offset]]  # fmt: skip
+    return "".join(parts).strip()
+
+
+@lru_cache(maxsize=64)
+def _plain(source: str) -> bool:
+    """ASCII with no line breaks but CR and LF: str.splitlines numbers its lines as ast does."""
+    return source.isascii() and not any(c in source for c in "\v\f\x1c\x1d\x1e")
+
+
+@lru_cache(maxsize=64)
+def source_lines(source: str) -> tuple[str, ...]:
+    """The source's lines with their endings (as ast numbers them, for a `_plain` source)."""
+    return tuple(source.splitlines(keepends=True))

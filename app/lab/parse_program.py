@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.lab.allowlist import BUILTINS, NAMESPACES, NODES, FormulaError
-from app.lab.parse import _PARSE_LOCK, check_tree, source_segment
+from app.lab.parse import _PARSE_LOCK, check_tree, source_lines, source_segment
 
 MAX_PROGRAM_CHARS = 20_000  # per text (forward, backward)
 MAX_PROGRAM_NODES = 12_000
@@ -47,7 +47,7 @@ class Program:
 
     def code(self, stmt: ast.stmt) -> str:
         """The statement's first line as written (a loop's header, not its body)."""
-        return self.source.splitlines()[stmt.lineno - 1].strip()
+        return source_lines(self.source)[stmt.lineno - 1].strip()
 
 
 def parse_program(source: str, which: str) -> Program:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ import orjson
 import torch
 
 from app.lab.statements import Executed, ProgramError, parse_program
+from app.notebook.forward import Forward, assigned
 from app.ops.traced import Traced
 from app.programs.check import Outcome
 from app.programs.plan import GRAD_PREFIX, GRAD_SUFFIX, Plan, detached
@@ -127,6 +128,26 @@ def _tensors(namespace: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
+def _reached(loss: Any) -> Callable[[torch.Tensor], bool] | None:
+    """Whether a tensor is in the loss's graph: a name an older forward left in the kernel
+    (the `t` of an earlier `for t in [...]: t.retain_grad()`) is no tensor of this loss's.
+    None where the loss is not a tensor with a graph."""
+    if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+        return None
+    nodes: set[int] = set()
+    leaves: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in nodes:
+            continue
+        nodes.add(id(node))
+        if (variable := getattr(node, "variable", None)) is not None:  # AccumulateGrad: a leaf
+            leaves.add(id(variable))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return lambda t: id(t) in leaves if t.is_leaf else id(t.grad_fn) in nodes
+
+
 def _grad(t: torch.Tensor) -> torch.Tensor | None:
     """`t.grad`, without PyTorch's warning about a non-leaf that did not retain it."""
     return t.grad if (t.is_leaf or t.retains_grad) else None
@@ -162,12 +183,15 @@ def check(
     *,
     loss: str = "loss",
     max_cells: int = 4096,
+    forward: Forward | None = None,
 ) -> Report:
     """Check the backward text against the namespace's tensors and their `.grad`.
 
     `report.all_close` is the verdict; `report.answer` is the check exactly as POST
     /api/program answers it; `report.written` holds the names the text wrote (gradients as
-    the learner spelled them, and helpers), to put back in the namespace.
+    the learner spelled them, and helpers), to put back in the namespace. `forward`: what a
+    `%%forward` cell ran, where the namespace still holds what it left (its shape flow is
+    drawn, its text read for the hints).
     """
     start = time.perf_counter()
     try:
@@ -176,13 +200,23 @@ def check(
         return Report(None, refused=f"line {err.line} of the backward: {err}")
     every = _tensors(namespace)
     needs_grad = {n for n, t in every.items() if t.requires_grad and t.is_floating_point()}
+    # a tensor outside the loss's graph (an older forward's) is a row only where the text
+    # writes its gradient, and then its .grad is not this loss's: run the backward again
+    reached = _reached(namespace.get(loss))
+    stale = {n for n in needs_grad if reached is not None and not reached(every[n])}
+    needs_grad -= stale - _grad_targets(backward, stale)
+    # what this text writes is its own, not the forward's, even where an earlier cell (or
+    # this one, run before) left the name in the kernel; a forward tensor stays refused
+    own = assigned(program) - needs_grad
+    earlier = {GRAD_PREFIX + n for n in needs_grad}  # gradients earlier cells left, read only
     canonical = _canonical(every, _grad_targets(backward, needs_grad))
-    tensors = {n: t for n, t in every.items() if canonical[n] == n}
+    tensors = {n: t for n, t in every.items() if canonical[n] == n and n not in own | earlier}
     has_grad = [n for n in tensors if n in needs_grad]
     env: dict[str, Any] = {
         n: v
         for n, v in namespace.items()
         if not n.startswith("_")
+        and n not in own
         and (isinstance(v, (bool, int, float)) or (isinstance(v, torch.Tensor) and n in every))
     }
     env = {n: detached(Traced(v, n)) if isinstance(v, torch.Tensor) else v for n, v in env.items()}
@@ -199,6 +233,11 @@ def check(
         rerun=False,
         known=frozenset(tensors),
     )
+    if forward is not None and forward.current(namespace):
+        plan.forward, plan.forward_lines = forward.program, forward.lines
+        plan.forward_reads = forward.reads
+        plan.intermediates = [n for n in forward.assigned if n in tensors]
+        plan.known = frozenset([*tensors, *forward.inputs, *forward.assigned])
     bwd, error = run_backward(plan, env, lambda: None)
     plan.backward_lines = _traced_lines(plan, env, bwd.executed)
     written: dict[str, Any] = {}
@@ -210,14 +249,15 @@ def check(
     missing: list[MissingGrad] = []
     autograd: dict[str, torch.Tensor] = {}
     for name in has_grad:
-        g = _grad(tensors[name])
+        g = None if name in stale else _grad(tensors[name])
         if g is not None:
             autograd[name] = g.detach()
         elif name in bwd.gradients:
             t = tensors[name]
             missing.append(
                 MissingGrad(name, bwd.spelling.get(name, GRAD_PREFIX + name),
-                            "backward" if t.is_leaf or t.retains_grad else "retain_grad")
+                            "backward" if t.is_leaf or t.retains_grad or name in stale
+                            else "retain_grad")
             )  # fmt: skip
     plan.has_grad = [n for n in has_grad if n in autograd]
     loss_value = namespace.get(loss)

@@ -212,3 +212,38 @@ def _table(answer: dict[str, Any]) -> str:
         f'<table class="checks" style="border-collapse:collapse;font-size:12.5px">'
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
+
+
+# --------------------------------------------------------------------------- %%forward
+
+
+def forward_summary(answer: dict[str, Any]) -> str:
+    """One line: the loss, and which tensors now hold a gradient for the backward."""
+    kept = [n for n, t in answer["tensors"].items() if t["role"] in ("param", "intermediate")]
+    return (f"Broadprop forward: loss {num(answer['loss'])} · {len(answer['forward'])} lines · "
+            f"{len(kept)} tensors keep their gradient: {', '.join(kept)}")  # fmt: skip
+
+
+def forward_plain(answer: dict[str, Any]) -> str:
+    lines = [forward_summary(answer)]
+    for line in answer["forward"]:
+        out = line["steps"][-1]["output"] if line["steps"] else None
+        lines.append(f"  {line['line']:>3}  {line['code']:<48} {shape(out) if out else ''}")
+    return "\n".join(lines)
+
+
+def forward_page(answer: dict[str, Any]) -> str:
+    """The forward's lines with each one's shape, as the widget's shape flow lists them."""
+    rows = []
+    for line in answer["forward"]:
+        out = line["steps"][-1]["output"] if line["steps"] else None
+        reads = ", ".join(line.get("reads", []))
+        rows.append(f"<tr><td>{line['line']}</td><td><code>{escape(line['code'])}</code></td>"
+                    f"<td>{escape(reads)}</td><td>{shape(out) if out else ''}</td></tr>")  # fmt: skip
+    head = "".join(f"<th>{t}</th>" for t in ("line", "code", "reads", "shape"))
+    return (
+        '<div class="broadprop-static" style="font:13px/1.45 system-ui,sans-serif">'
+        f'<p style="font-weight:600">{escape(forward_summary(answer))}</p>'
+        '<table class="forward" style="border-collapse:collapse;font-size:12.5px">'
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )

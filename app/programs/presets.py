@@ -176,6 +176,256 @@ def _cs231n(n: int = 64, d: int = 32, hidden: int = 50, classes: int = 10) -> di
     }
 
 
+# --------------------------------------------------------------------------- the new chapters
+# (v4): a GPT block, a conv net and an RNN, each with its backward worked from the maths
+
+# one transformer block on names, nanoGPT's shapes: every position predicts the next character
+GPT_FORWARD = """\
+B, T = Xb.shape
+V, C = wte.shape
+nh = 4                                             # heads
+hs = C // nh                                       # head size
+tok = F.embedding(Xb, wte)                         # (B, T, C) token embeddings
+pos = F.embedding(torch.arange(T), wpe)            # (T, C) position embeddings
+x = tok + pos                                      # (B, T, C)
+xn = F.layer_norm(x, (C,), ln1_g, ln1_b)
+q = (xn @ Wq).view(B, T, nh, hs).transpose(1, 2)   # (B, nh, T, hs)
+k = (xn @ Wk).view(B, T, nh, hs).transpose(1, 2)   # (B, nh, T, hs)
+v = (xn @ Wv).view(B, T, nh, hs).transpose(1, 2)   # (B, nh, T, hs)
+mask = torch.tril(torch.ones(T, T))                # a position sees itself and the past
+att = (q @ k.transpose(-2, -1)) * hs ** -0.5       # (B, nh, T, T)
+att = att.masked_fill(mask == 0, float('-inf'))
+p = F.softmax(att, dim=-1)                         # (B, nh, T, T), 0 above the diagonal
+y = (p @ v).transpose(1, 2).reshape(B, T, C)       # the heads side by side
+a = y @ Wo + bo                                    # (B, T, C)
+x1 = x + a                                         # residual
+xn2 = F.layer_norm(x1, (C,), ln2_g, ln2_b)
+hpre = xn2 @ W1 + b1                               # (B, T, 4C)
+h = torch.relu(hpre)
+m = h @ W2 + b2                                    # (B, T, C)
+x2 = x1 + m                                        # residual
+xf = F.layer_norm(x2, (C,), lnf_g, lnf_b)
+logits = xf @ wte.T                                # (B, T, V): the head is the token embedding
+loss = F.cross_entropy(logits.view(B * T, V), Yb.view(B * T))
+"""
+
+GPT_BACKWARD = """\
+# cross-entropy at every position: softmax minus one-hot, averaged over the B*T positions
+dlogits = (F.softmax(logits, -1) - F.one_hot(Yb, num_classes=V)) / (B * T)
+# the tied head: wte's gradient has two parts, this one and the lookup's (at the end)
+dxf = dlogits @ wte                                # (B, T, C)
+dwte = dlogits.view(B * T, V).T @ xf.view(B * T, C)
+# final layernorm: xhat = (x2 - mean) / sqrt(var + eps), then * g + b
+mu = x2.mean(-1, keepdim=True)
+rstd = (x2.var(-1, keepdim=True, unbiased=False) + 1e-5) ** -0.5
+xhat = (x2 - mu) * rstd
+dlnf_g = (dxf * xhat).sum((0, 1))
+dlnf_b = dxf.sum((0, 1))
+dxhat = dxf * lnf_g
+dx2 = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+# residual x2 = x1 + m: the gradient flows into both branches unchanged
+dm = dx2.clone()
+dx1 = dx2.clone()
+# the MLP
+dh = dm @ W2.T
+dW2 = h.view(B * T, -1).T @ dm.view(B * T, C)
+db2 = dm.sum((0, 1))
+dhpre = dh * (hpre > 0)
+dxn2 = dhpre @ W1.T
+dW1 = xn2.view(B * T, C).T @ dhpre.view(B * T, -1)
+db1 = dhpre.sum((0, 1))
+# second layernorm, into the residual stream's second part
+mu = x1.mean(-1, keepdim=True)
+rstd = (x1.var(-1, keepdim=True, unbiased=False) + 1e-5) ** -0.5
+xhat = (x1 - mu) * rstd
+dln2_g = (dxn2 * xhat).sum((0, 1))
+dln2_b = dxn2.sum((0, 1))
+dxhat = dxn2 * ln2_g
+dx1 += rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+# residual x1 = x + a
+da = dx1.clone()
+dx = dx1.clone()
+# the attention's output projection
+dy = da @ Wo.T
+dWo = y.view(B * T, C).T @ da.view(B * T, C)
+dbo = da.sum((0, 1))
+# attention: y = p @ v per head; softmax's backward row by row; masked entries have p = 0
+dyh = dy.view(B, T, nh, hs).transpose(1, 2)        # (B, nh, T, hs)
+dp = dyh @ v.transpose(-2, -1)
+dv = p.transpose(-2, -1) @ dyh
+datt = p * (dp - (p * dp).sum(-1, keepdim=True))
+dq = (datt @ k) * hs ** -0.5
+dk = (datt.transpose(-2, -1) @ q) * hs ** -0.5
+# the heads back side by side: (B, nh, T, hs) -> (B*T, C)
+dq2 = dq.transpose(1, 2).reshape(B * T, C)
+dk2 = dk.transpose(1, 2).reshape(B * T, C)
+dv2 = dv.transpose(1, 2).reshape(B * T, C)
+dWq = xn.view(B * T, C).T @ dq2
+dWk = xn.view(B * T, C).T @ dk2
+dWv = xn.view(B * T, C).T @ dv2
+dxn = (dq2 @ Wq.T + dk2 @ Wk.T + dv2 @ Wv.T).view(B, T, C)
+# first layernorm
+mu = x.mean(-1, keepdim=True)
+rstd = (x.var(-1, keepdim=True, unbiased=False) + 1e-5) ** -0.5
+xhat = (x - mu) * rstd
+dln1_g = (dxn * xhat).sum((0, 1))
+dln1_b = dxn.sum((0, 1))
+dxhat = dxn * ln1_g
+dx += rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+# the embeddings: every position of every sequence adds into its row
+dtok = dx.clone()
+dpos = dx.sum(0)
+dwpe = dpos.clone()                                # position t is row t, once per sequence
+dwte.index_add_(0, Xb.view(-1), dtok.view(B * T, C))
+"""
+
+# CS231n's conv layer through im2col (F.unfold), relu, 2x2 max-pool, an affine head, softmax
+CONV_FORWARD = """\
+N = X.shape[0]
+K = w.shape[0]                                     # filters
+H, W = X.shape[2], X.shape[3]
+cols = F.unfold(X, 3, padding=1)                   # (N, 1*3*3, H*W): every 3x3 patch a column
+out = (w.view(K, -1) @ cols).view(N, K, H, W) + b.view(1, K, 1, 1)
+r = out.relu()
+pooled, idx = F.max_pool2d(r, 2, return_indices=True)    # (N, K, H/2, W/2)
+flat = pooled.view(N, -1)
+scores = flat @ W2 + b2                            # (N, 10)
+loss = F.cross_entropy(scores, y)
+"""
+
+CONV_BACKWARD = """\
+# softmax loss: the probabilities, minus one at the right class, over N
+dscores = F.softmax(scores, 1)
+dscores[range(N), y] -= 1
+dscores /= N
+dW2 = flat.T @ dscores
+db2 = dscores.sum(0)
+dflat = dscores @ W2.T
+dpooled = dflat.view(pooled.shape)
+# max-pool: each window's gradient goes back to the one place its max came from
+dr = torch.zeros_like(r).view(N, K, -1)
+dr.scatter_add_(2, idx.view(N, K, -1), dpooled.view(N, K, -1))
+dr = dr.view(N, K, H, W)
+# relu lets the gradient through where it let the value through
+dout = dr * (out > 0)
+db = dout.sum((0, 2, 3))
+# out = w @ cols: each filter's gradient sums its patches times the upstream gradient
+dw = (dout.view(N, K, -1) @ cols.transpose(1, 2)).sum(0).view(w.shape)
+"""
+
+# a vanilla tanh RNN through time (min-char-rnn's maths), every position predicting the next
+RNN_FORWARD = """\
+B, T = Xb.shape
+V, E = Cemb.shape
+Hd = Whh.shape[0]
+emb = Cemb[Xb]                                     # (B, T, E)
+h = torch.zeros(B, Hd)
+hs = torch.zeros(B, T, Hd)
+for t in range(T):
+    h = torch.tanh(emb[:, t] @ Wxh + h @ Whh + bh)
+    hs[:, t] = h
+logits = hs @ Why + by                             # (B, T, V)
+loss = F.cross_entropy(logits.view(B * T, V), Yb.view(B * T))
+"""
+
+RNN_BACKWARD = """\
+# cross-entropy at every position: softmax minus one-hot, averaged over the B*T positions
+dlogits = (F.softmax(logits, -1) - F.one_hot(Yb, num_classes=V)) / (B * T)
+dWhy = hs.view(B * T, Hd).T @ dlogits.view(B * T, V)
+dby = dlogits.sum((0, 1))
+dhs = dlogits @ Why.T                              # (B, T, Hd)
+dh = dhs[:, -1]                                    # h after the loop is the last step's
+# back through time: h_t feeds the output at t and the next step's h
+prev = torch.cat([torch.zeros(B, 1, Hd), hs[:, :-1]], 1)     # h_{t-1} for every t
+dWxh = torch.zeros_like(Wxh)
+dWhh = torch.zeros_like(Whh)
+dbh = torch.zeros_like(bh)
+demb = torch.zeros_like(emb)
+dhnext = torch.zeros(B, Hd)
+for t in reversed(range(T)):
+    dh_t = dhs[:, t] + dhnext
+    dhraw = (1 - hs[:, t] ** 2) * dh_t             # through tanh
+    dWxh += emb[:, t].T @ dhraw
+    dWhh += prev[:, t].T @ dhraw
+    dbh += dhraw.sum(0)
+    demb[:, t] = dhraw @ Wxh.T
+    dhnext = dhraw @ Whh.T
+# the embedding: each row of Cemb gets every gradient of the places it was picked
+dCemb = torch.zeros_like(Cemb)
+dCemb.index_add_(0, Xb.view(-1), demb.view(B * T, E))
+"""
+
+
+def _names_inputs(block_size: int, rows: int, sequence: bool) -> dict[str, Any]:
+    target = "Yseq" if sequence else "Y"
+    return {
+        "Xb": {"data": "names", "field": "X", "block_size": block_size, "rows": rows},
+        "Yb": {"data": "names", "field": target, "block_size": block_size, "rows": rows},
+    }
+
+
+def _gpt(block_size: int = 8, n: int = 32, C: int = 32) -> dict[str, Any]:
+    vocab = 27
+    ln = {"shape": [C], "scale": 0.1, "offset": 1.0}  # gains near 1, biases near 0: every
+    bias = {"shape": [C], "scale": 0.1}  # gradient exercised from the first step
+    return {
+        "inputs": {
+            **_names_inputs(block_size, n, True),
+            "wte": {"shape": [vocab, C], "scale": 0.1},
+            "wpe": {"shape": [block_size, C], "scale": 0.1},
+            "ln1_g": ln,
+            "ln1_b": bias,
+            "Wq": {"shape": [C, C], "scale": C**-0.5},
+            "Wk": {"shape": [C, C], "scale": C**-0.5},
+            "Wv": {"shape": [C, C], "scale": C**-0.5},
+            "Wo": {"shape": [C, C], "scale": 0.5 * C**-0.5},
+            "bo": bias,
+            "ln2_g": ln,
+            "ln2_b": bias,
+            "W1": {"shape": [C, 4 * C], "scale": C**-0.5},
+            "b1": {"shape": [4 * C], "scale": 0.1},
+            "W2": {"shape": [4 * C, C], "scale": 0.5 * (4 * C) ** -0.5},
+            "b2": bias,
+            "lnf_g": ln,
+            "lnf_b": bias,
+        },  # fmt: skip
+        "forward": GPT_FORWARD,
+        "backward": GPT_BACKWARD,
+    }
+
+
+def _conv(n: int = 16, filters: int = 8) -> dict[str, Any]:
+    return {
+        "inputs": {
+            "X": {"data": "mnist", "field": "X", "rows": n},
+            "y": {"data": "mnist", "field": "Y", "rows": n},
+            "w": {"shape": [filters, 1, 3, 3], "scale": (2 / 9) ** 0.5},  # kaiming: fan-in 9
+            "b": {"shape": [filters], "scale": 0.1},
+            "W2": {"shape": [filters * 14 * 14, 10], "scale": (filters * 196) ** -0.5},
+            "b2": {"shape": [10], "scale": 0.1},
+        },
+        "forward": CONV_FORWARD,
+        "backward": CONV_BACKWARD,
+    }
+
+
+def _rnn(block_size: int = 8, n: int = 32, emb: int = 16, hidden: int = 64) -> dict[str, Any]:
+    vocab = 27
+    return {
+        "inputs": {
+            **_names_inputs(block_size, n, True),
+            "Cemb": {"shape": [vocab, emb]},
+            "Wxh": {"shape": [emb, hidden], "scale": emb**-0.5},
+            "Whh": {"shape": [hidden, hidden], "scale": 0.5 * hidden**-0.5},
+            "bh": {"shape": [hidden], "scale": 0.1},
+            "Why": {"shape": [hidden, vocab], "scale": 0.1 * hidden**-0.5},
+            "by": {"shape": [vocab], "scale": 0.1},
+        },
+        "forward": RNN_FORWARD,
+        "backward": RNN_BACKWARD,
+    }
+
+
 PRESETS = [
     {
         "id": "article",
@@ -196,6 +446,30 @@ PRESETS = [
         "title": "A two-layer net with a softmax loss and L2 regularization",
         "source": "in the manner of CS231n's two-layer net assignment",
         "request": _cs231n(),
+    },
+    {
+        "id": "gpt",
+        "title": "One transformer block on names: token and position embeddings, layernorm, "
+        "causal multi-head self-attention, residuals, an MLP, a head tied to the embedding",
+        "source": "in the manner of nanoGPT and makemore's later parts; written from the maths",
+        "request": _gpt(),
+        "train": {"steps": 2000, "lr": 0.5, "batch": 32, "seed": 0},
+    },
+    {
+        "id": "conv",
+        "title": "A conv net on MNIST: a 3x3 conv layer through F.unfold, relu, 2x2 max-pool, "
+        "a linear head, softmax loss",
+        "source": "in the manner of CS231n's convolutional networks assignment (im2col)",
+        "request": _conv(),
+        "train": {"steps": 500, "lr": 0.1, "batch": 32, "seed": 0},
+    },
+    {
+        "id": "rnn",
+        "title": "A vanilla tanh RNN through time on names, every position predicting the "
+        "next character",
+        "source": "in the manner of min-char-rnn and CS231n's RNN assignment",
+        "request": _rnn(),
+        "train": {"steps": 2000, "lr": 0.5, "batch": 32, "seed": 0},
     },
 ]
 

@@ -20,6 +20,7 @@ from app.ops.cancel import RunCancelled, cancel_token, is_allocation_failure
 from app.ops.making import Maker
 from app.ops.precision import single_precision_as
 from app.ops.traced import Traced
+from app.programs import follow
 from app.programs.check import (
     Outcome,
     check_table,
@@ -35,32 +36,51 @@ from app.programs.plan import (
     Plan,
     ProgramRefused,
     admit,
+    admit_follow,
     detached,
     error_context,
+    followed_tensor,
     line_reads,
 )
 from app.programs.schemas import ProgramRequest
 
 # the program endpoint reaches the dry run through this module (`programs.admit`, `.Plan`)
-__all__ = ["Plan", "ProgramRefused", "admit", "answer", "execute_once", "run", "run_backward"]
+__all__ = [
+    "Plan",
+    "ProgramRefused",
+    "admit",
+    "admit_follow",
+    "answer",
+    "execute_once",
+    "run",
+    "run_backward",
+]
 
 
 # --------------------------------------------------------------------------- the real run
 
 
 def execute_once(
-    req: ProgramRequest, plan: Plan, dtype: torch.dtype, check: Callable[[], None]
+    req: ProgramRequest,
+    plan: Plan,
+    dtype: torch.dtype,
+    check: Callable[[], None],
+    made: tuple[dict[str, Any], torch.Tensor] | None = None,
 ) -> Outcome:
-    g = torch.Generator().manual_seed(req.seed)  # the run's one generator: inputs, then draws
-    made = make_inputs(req.inputs, req.seed, req.dtype, generator=g)
+    """The program run once in `dtype`. `made`: its inputs and the generator's state after
+    them (`made_inputs`), shared by the run's executions: each takes fresh float leaves and
+    a generator of its own from that state (made here when not given)."""
+    inputs_made, state = made if made is not None else made_inputs(req)
+    g = torch.Generator()  # the run's one generator: inputs, then draws
+    g.set_state(state)
     # the program's own tensors in this pass's dtype; its draws in the run's (so the float64
     # recheck of a float32 run sees the same numbers, widened)
     maker = Maker("cpu", dtype, g, draw_dtype=DTYPES[req.dtype])
     inputs: dict[str, Any] = {}
-    for name, value in made.items():
+    for name, value in inputs_made.items():
         if isinstance(value, torch.Tensor):
             if value.is_floating_point():
-                value = value.to(dtype)
+                value = value.to(dtype, copy=True)  # a leaf of this execution's own
                 if name in plan.has_grad:
                     value.requires_grad_()
             value = Traced(value, name)
@@ -102,6 +122,14 @@ def execute_once(
     )
 
 
+def made_inputs(req: ProgramRequest) -> tuple[dict[str, Any], torch.Tensor]:
+    """The program's inputs, made from its seed, and the generator's state after them (where
+    the program's own draws go on)."""
+    g = torch.Generator().manual_seed(req.seed)
+    made = make_inputs(req.inputs, req.seed, req.dtype, generator=g)
+    return made, g.get_state()
+
+
 def run_backward(
     plan: Plan, env: dict[str, Any], check: Callable[[], None], maker: Maker | None = None
 ) -> tuple[BackwardRun, ProgramError | None]:
@@ -134,13 +162,15 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
 
     start = time.perf_counter()
     dtype = DTYPES[req.dtype]
+    # the inputs once (a value input's nested list becomes a tensor once, not per execution)
+    made = made_inputs(req)
     with cancel_token(cancel):  # polled after every op as well as between statements
-        main = execute_once(req, plan, dtype, check)
+        main = execute_once(req, plan, dtype, check, made)
         after_run = time.perf_counter()
         rerun = None
         if plan.rerun:  # the same formulas in float64 throughout (`.float()` included)
             with single_precision_as(torch.float64):
-                rerun = execute_once(req, plan, torch.float64, check)
+                rerun = execute_once(req, plan, torch.float64, check, made)
 
     low: list[Outcome] = []  # the program in float32, once, for a float64 run's failures
 
@@ -150,11 +180,29 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         if req.dtype != "float64" or plan.seconds > PRECISION_RERUN_MAX_S:
             return None
         if not low:
-            low.append(execute_once(req, plan, torch.float32, check))
+            low.append(execute_once(req, plan, torch.float32, check, made))
         return low[0]
 
     with cancel_token(cancel):
-        return answer(req, plan, main, rerun, (after_run - start) * 1e3, lower)
+        out = answer(req, plan, main, rerun, (after_run - start) * 1e3, lower)
+        if req.follow is not None:
+            out["follow"] = follow_element(req, plan, main, check)
+        return out
+
+
+def follow_element(req: ProgramRequest, plan: Plan, main: Outcome,
+                   check: Callable[[], None]) -> dict[str, Any] | None:  # fmt: skip
+    """The contract's `follow` (app/programs/follow.py); null when the backward did not write
+    that gradient."""
+    tensor = followed_tensor(req.follow.grad, set(plan.has_grad))
+    if tensor is None or tensor not in main.manual:
+        return None
+    index = tuple(req.follow.index)
+    grad = main.manual[tensor]
+    if len(index) != grad.dim() or any(i >= s for i, s in zip(index, grad.shape)):
+        return None
+    maker = Maker("cpu", DTYPES[req.dtype], torch.Generator().manual_seed(req.seed))
+    return follow.follow(plan, main.forward, main.manual, maker, tensor, index, check)
 
 
 def answer(

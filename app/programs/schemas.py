@@ -58,12 +58,15 @@ class InputSpec(BaseModel):
         f"of at most {MAX_VALUE_ENTRIES} entries, or one number (a plain Python number, "
         "such as a batch size n)",
     )
-    data: Literal["names"] | None = Field(
+    data: Literal["names", "mnist", "digits"] | None = Field(
         None,
-        description="Character contexts (X) and next characters (Y) from the US Census "
-        "first-name lists of the `names` package: lower-cased, '.' as start/end, 27 symbols",
+        description="names: character contexts (X, (rows, block_size)), next characters (Y, "
+        "(rows,)) or the character after every position (Yseq, (rows, block_size)) from the "
+        "US Census first-name lists of the `names` package: lower-cased, '.' as start/end, 27 "
+        "symbols. mnist / digits: images (X, (rows, 1, 28, 28) / (rows, 1, 8, 8) in [0, 1]) "
+        "and labels (Y, (rows,) int64) of the training part, shuffled with the seed",
     )
-    field: Literal["X", "Y"] | None = None
+    field: Literal["X", "Y", "Yseq"] | None = None
     block_size: Annotated[int, Field(strict=True, ge=1, le=MAX_BLOCK)] = 3
     rows: Annotated[int, Field(strict=True, ge=1, le=MAX_ROWS)] = 32
 
@@ -74,6 +77,9 @@ class InputSpec(BaseModel):
             raise ValueError("give exactly one of: shape (with init), value, or data (with field)")
         if self.data is not None and self.field is None:
             raise ValueError('data input needs field: "X" (contexts) or "Y" (next characters)')
+        if self.data in ("mnist", "digits") and self.field == "Yseq":
+            raise ValueError(f'{self.data} has field "X" (images) or "Y" (labels); Yseq is '
+                             "the names' targets at every position")  # fmt: skip
         if self.shape is not None:
             if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
                 raise ValueError(
@@ -88,7 +94,9 @@ class InputSpec(BaseModel):
 
     @property
     def integer(self) -> bool:
-        if self.data is not None or self.init == "randint":
+        if self.data is not None:
+            return self.data == "names" or self.field == "Y"
+        if self.init == "randint":
             return True
         if self.value is not None:
             return _all_ints(self.value)
@@ -136,6 +144,19 @@ def _all_ints(value: Any) -> bool:
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]
 
 
+class ProgramFollow(BaseModel):
+    """One element of a written gradient to follow back to the terms that made it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grad: Annotated[str, Field(min_length=1, max_length=66)] = Field(
+        description="The gradient as the backward writes it (dWq, Wq.g) or its tensor (Wq)"
+    )
+    index: list[Annotated[int, Field(strict=True, ge=0)]] = Field(
+        max_length=MAX_INPUT_DIMS + 2, description="The element's index in that gradient"
+    )
+
+
 class ProgramRequest(BaseModel):
     """A network written as lines: the inputs it reads, its forward (ending with the scalar
     loss) and the learner's backward. Every gradient the backward writes (`d<name>` or
@@ -165,6 +186,11 @@ class ProgramRequest(BaseModel):
     dtype: DType = "float32"
     max_cells: Annotated[int, Field(strict=True, ge=1, le=MAX_CELLS)] = Field(
         4096, description="Each gradient heatmap is block-downsampled to at most this many cells"
+    )
+    follow: ProgramFollow | None = Field(
+        None,
+        description="Answer `follow`: the line that last wrote this element of a gradient and "
+        "the terms of its last reduction (at most 4096 listed; terms_total and sum cover all)",
     )
 
     @field_validator("inputs")

@@ -8,7 +8,10 @@ no_grad: no autograd anywhere, so a wrong backward trains as wrongly as it is wr
 
 A names program (an input `{"data": "names", ...}`) trains on random minibatches of the names
 data's training part (`names_data(..., draw=g)`), is validated on its val part, and is sampled
-from. Its batch size is its data inputs' `rows`; a plain-number input equal to those rows (the
+from (a sequence model's `logits` (B, T, V): the prediction after the last position). An image
+program (`{"data": "mnist" | "digits", ...}`) trains on minibatches of its data's training part
+the same way and is validated on the held-out part, with its accuracy when the forward names
+its class scores `logits` or `scores`. Its batch size is its data inputs' `rows`; a plain-number input equal to those rows (the
 program's `n`) is the batch size too, and changes with it. Any other program trains on its own
 inputs, whole (the same batch every step), with no validation.
 
@@ -35,8 +38,8 @@ from app.ops.cancel import RunCancelled
 from app.ops.making import Maker
 from app.ops.traced import Traced
 from app.programs import run as programs
-from app.programs.inputs import ALPHABET, DTYPES, make_inputs, names_data
-from app.programs.plan import ForwardRun, Plan, detached
+from app.programs.inputs import ALPHABET, DTYPES, data_fields, data_rows, make_inputs
+from app.programs.plan import ForwardRun, Plan, ProgramRefused, detached
 from app.programs.schemas import ProgramRequest
 from app.runs.train import stop_reason
 
@@ -45,6 +48,7 @@ SAMPLE_ROWS = 256  # the sampling batch: the names being drawn plus training con
 SAMPLES = 20  # names drawn at the end (10 at each evaluation)
 MAX_NAME = 20  # characters a sampled name may reach before it is cut
 LOGITS = "logits"
+SCORES = ("logits", "scores")  # an image program's class scores (CS231n says scores): accuracy
 DRAW_SEED_OFFSET = 1  # minibatches: manual_seed(seed + 1); samples: seed + 2
 
 
@@ -60,20 +64,27 @@ class Setup:
     seed: int
     eval_every: int
     report_every: int
-    names: NamesTask | None
+    names: DataTask | None  # a data program's task (names or digits); None: no data
 
 
 @dataclass
-class NamesTask:
-    """A names program: where the data goes in, and the plans at the other batch sizes."""
+class DataTask:
+    """A data program (names or digits): where the data goes in, and the plans at the other
+    batch sizes."""
 
     x_input: str
     y_input: str | None
     block_size: int
     val: ProgramRequest
     val_plan: Plan
-    sample: ProgramRequest | None  # the program at SAMPLE_ROWS
+    sample: ProgramRequest | None  # the program at SAMPLE_ROWS (names only)
     sample_forward: Program | None  # its forward up to `logits`; None: no line assigns it
+    data: str = "names"  # "names", "mnist" or "digits"
+    scores: str | None = None  # an image program's class scores, for its accuracy
+
+    @property
+    def images(self) -> bool:
+        return self.data != "names"
 
 
 def resized(req: ProgramRequest, rows: int) -> ProgramRequest:
@@ -109,16 +120,25 @@ def prepare(
     if data:
         step_req = resized(program, batch)
         x_input = next((n for n, s in data.items() if s.field == "X"), None)
-        y_input = next((n for n, s in data.items() if s.field == "Y"), None)
-        block = data[x_input].block_size if x_input else next(iter(data.values())).block_size
+        y_input = next((n for n, s in data.items() if s.field in ("Y", "Yseq")), None)
+        first = data[x_input] if x_input else next(iter(data.values()))
+        kind = first.data
+        if any(s.data != kind for s in data.values()):
+            raise ProgramRefused("inputs", None, "a training reads one data set: every data "
+                                 "input names the same `data`", "data")  # fmt: skip
         # the val pass and sampling run the forward only: their dry runs skip the backward
         forward_only = program.model_copy(update={"backward": ""})
-        val = resized(forward_only, VAL_ROWS)
+        val = resized(forward_only, min(VAL_ROWS, data_rows(kind, "val")))
+        val_plan = admit(val)
         sample = sample_forward = None
-        if x_input is not None:
+        if x_input is not None and kind == "names":
             sample = resized(forward_only, SAMPLE_ROWS)
             sample_forward = _up_to(admit(sample).forward, LOGITS)
-        names = NamesTask(x_input or "", y_input, block, val, admit(val), sample, sample_forward)
+        scores = None
+        if kind != "names":
+            scores = next((n for n in SCORES if n in val_plan.intermediates), None)
+        names = DataTask(x_input or "", y_input, first.block_size, val, val_plan, sample,
+                         sample_forward, kind, scores)  # fmt: skip
     plan = admit(step_req)
     return Setup(
         program=program,
@@ -185,11 +205,17 @@ class Trainer:
         made = dict(self.base)
         if names is not None:
             rows = self.setup.step.inputs[names.x_input or names.y_input].rows
-            X, Y = names_data(names.block_size, rows, self.setup.program.seed, "train", self.draw)
-            for name, spec in self.setup.step.inputs.items():
-                if spec.data is not None:
-                    made[name] = X if spec.field == "X" else Y
+            fields = data_fields(names.data, names.block_size, rows, self.setup.program.seed,
+                                 "train", self.draw)  # fmt: skip
+            self._put(made, self.setup.step, fields)
         return made
+
+    def _put(self, made: dict[str, Any], req: ProgramRequest, fields: dict[str, torch.Tensor]):
+        """The data inputs' tensors from one draw of every field (images in the run's dtype)."""
+        for name, spec in req.inputs.items():
+            if spec.data is not None:
+                t = fields[spec.field]
+                made[name] = t.to(self.dtype) if t.is_floating_point() else t
 
     def step(self) -> tuple[float, dict[str, torch.Tensor], ProgramError | None]:
         """One forward and the learner's backward: (loss, gradients written, error)."""
@@ -203,32 +229,40 @@ class Trainer:
 
     def loss_on(self, req: ProgramRequest, plan: Plan, part: str) -> float:
         """The loss on VAL_ROWS fixed rows of `part` (a forward only)."""
+        return self.measure(req, plan, part)[0]
+
+    def measure(self, req: ProgramRequest, plan: Plan, part: str) -> tuple[float, float | None]:
+        """(loss, accuracy) on the fixed rows of `part` (a forward only); the accuracy of an
+        image program whose forward names its class scores (`logits` or `scores`), else None."""
         names = self.setup.names
         made = make_inputs(req.inputs, req.seed, req.dtype)
-        X, Y = names_data(names.block_size, _rows(req, names), req.seed, part)
-        for name, spec in req.inputs.items():
-            if spec.data is not None:
-                made[name] = X if spec.field == "X" else Y
+        fields = data_fields(names.data, names.block_size, _rows(req, names), req.seed, part)
+        self._put(made, req, fields)
         fwd = _forward(plan.forward, _scope(made, self.params), self.check, self.maker)
-        return fwd.scope[req.loss].t.item()
+        accuracy = None
+        if names.scores is not None:
+            scores = fwd.scope[names.scores].t
+            if scores.dim() == 2 and scores.shape[0] == fields["Y"].shape[0]:
+                accuracy = (scores.argmax(1) == fields["Y"]).double().mean().item()
+        return fwd.scope[req.loss].t.item(), accuracy
 
     def samples(self, count: int) -> list[str]:
         """`count` names drawn from the network as it is now (see the module's docstring)."""
         names = self.setup.names
         req = names.sample
         made = make_inputs(req.inputs, req.seed, req.dtype)
-        X, Y = names_data(names.block_size, SAMPLE_ROWS, req.seed, "train")
-        X = X.clone()
+        fields = data_fields("names", names.block_size, SAMPLE_ROWS, req.seed, "train")
+        X = fields["X"].clone()
         context = torch.zeros(count, names.block_size, dtype=torch.int64)
         out: list[list[int]] = [[] for _ in range(count)]
         live = torch.ones(count, dtype=torch.bool)
         for _ in range(MAX_NAME):
             X[:count] = context
-            for name, spec in req.inputs.items():
-                if spec.data is not None:
-                    made[name] = X if spec.field == "X" else Y
+            self._put(made, req, {**fields, "X": X})
             fwd = _forward(names.sample_forward, _scope(made, self.params), self.check, self.maker)
             logits = fwd.scope[LOGITS].t[:count].double()
+            if logits.dim() == 3:  # a sequence model: the prediction after the last position
+                logits = logits[:, -1]
             probs = torch.softmax(logits, -1)
             nxt = torch.multinomial(probs, 1, generator=self.sampler).squeeze(1)
             for i in range(count):
@@ -243,7 +277,7 @@ class Trainer:
         return ["".join(ALPHABET[i] for i in word) for word in out]
 
 
-def _rows(req: ProgramRequest, names: NamesTask) -> int:
+def _rows(req: ProgramRequest, names: DataTask) -> int:
     return req.inputs[names.x_input or names.y_input].rows
 
 
@@ -253,7 +287,8 @@ def train(
     time_limit_s: float | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """("step", {step, loss, batch_loss, steps_per_s, and every `eval_every` steps val_loss
-    and samples}) every `report_every` steps and after the last, then ("done", {...})."""
+    and samples}) every `report_every` steps and after the last, then ("done", {...}). The
+    first step's val_loss (and val_accuracy) is the starting weights', like its loss."""
     start = time.perf_counter()
 
     def check() -> None:
@@ -291,6 +326,13 @@ def train(
         last = loss
         loss_sum, since = loss_sum + loss, since + 1
         finite = math.isfinite(loss)
+        start_val = None
+        if step == 1 and names is not None:  # the first val loss: the starting weights'
+            try:
+                start_val = t.measure(names.val, names.val_plan, "val")
+            except RunCancelled:
+                stopped = "stopped"
+                break
         if finite:
             for name in trained:
                 t.params[name].sub_(grads[name].to(t.params[name].dtype), alpha=setup.lr)
@@ -306,7 +348,10 @@ def train(
             loss_sum, since = 0.0, 0
             try:
                 if evaluate and names is not None:
-                    event["val_loss"] = _finite(t.loss_on(names.val, names.val_plan, "val"))
+                    val_loss, accuracy = start_val or t.measure(names.val, names.val_plan, "val")
+                    event["val_loss"] = _finite(val_loss)
+                    if accuracy is not None:
+                        event["val_accuracy"] = accuracy
                     if sampling and finite:
                         event["samples"] = _samples(t, SAMPLES // 2)
             except RunCancelled:
@@ -329,7 +374,10 @@ def train(
     try:
         if names is not None and step:
             done["train_loss"] = _finite(t.loss_on(names.val, names.val_plan, "train"))
-            done["val_loss"] = _finite(t.loss_on(names.val, names.val_plan, "val"))
+            val_loss, accuracy = t.measure(names.val, names.val_plan, "val")
+            done["val_loss"] = _finite(val_loss)
+            if accuracy is not None:
+                done["val_accuracy"] = accuracy
             if sampling and stopped != "diverged":
                 done["samples"] = _samples(t, SAMPLES)
     except RunCancelled:

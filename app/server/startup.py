@@ -8,7 +8,6 @@ import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-import anyio
 import h11
 import torch
 import uvicorn
@@ -35,10 +34,9 @@ def lifespan_with(warm_up: Callable[[], None] | None):
             await app.state.limiter.start(warm_up)
         except Exception:  # a failed warm-up only costs the first request its speed
             log.exception("warm-up failed")
-        try:  # the program workers, warm before the first request (a few seconds, once)
-            await anyio.to_thread.run_sync(app.state.sandbox.start)
-        except Exception:  # a program then starts its worker itself
-            log.exception("the sandbox's workers did not start")
+        # the program workers warm up in the background (a few seconds, once): the server
+        # answers meanwhile, and a program that comes first waits for them
+        app.state.sandbox.start_soon()
         freeze_long_lived()  # before the first request: collections skip the startup's objects
         yield
 

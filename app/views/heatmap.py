@@ -54,15 +54,20 @@ def block_mean(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Tensor
     return pooled[0, 0]  # (ceil(rows / row_block), ceil(cols / col_block))
 
 
-def stats(t: torch.Tensor) -> dict[str, float]:
+def stats(
+    t: torch.Tensor, min_max: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> dict[str, float]:
     """Exact over the whole tensor; sums accumulate in float64 so the mean and norm do not
-    round, without a float64 copy of the tensor. A tensor with no entries (a program's
-    `x[range(0)]`) has none to describe: all four are 0."""
+    round, without a float64 copy of the tensor. `min_max`: the blocks' own minima and maxima
+    (`block_min_max`), when a heatmap made them: the tensor's are theirs, without two more
+    passes over it. A tensor with no entries (a program's `x[range(0)]`) has none to
+    describe: all four are 0."""
     if t.numel() == 0:
         return {"min": 0.0, "max": 0.0, "mean": 0.0, "norm": 0.0}
+    low, high = min_max if min_max is not None else (t, t)
     return {
-        "min": t.min().item(),
-        "max": t.max().item(),
+        "min": low.min().item(),
+        "max": high.max().item(),
         "mean": t.sum(dtype=torch.float64).item() / t.numel(),
         "norm": torch.linalg.vector_norm(t, dtype=torch.float64).item(),
     }
@@ -111,7 +116,11 @@ def block_extreme(t2: torch.Tensor, row_block: int, col_block: int) -> torch.Ten
     can average away against another."""
     if row_block == col_block == 1:
         return t2
-    low, high = block_min_max(t2, row_block, col_block)
+    return extreme_of(*block_min_max(t2, row_block, col_block))
+
+
+def extreme_of(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Of each block's smallest and largest entry, the one of larger magnitude."""
     return torch.where(low.abs() > high.abs(), low, high)
 
 
@@ -180,19 +189,28 @@ def gradient_view(
     max_cells: int,
     reference: torch.Tensor | None = None,
     tolerance: tuple[float, float] | None = None,
+    difference: bool = True,
 ) -> dict:
     """Stats and heatmap of a gradient; with `reference` (autograd's), its heatmap on the
-    same blocks and the difference's; with the check's `tolerance` (rtol, atol) too, the
-    difference in units of the tolerance (each block's largest)."""
+    same blocks and the difference's (`difference`: /api/run's `diff_heatmap`; the program
+    page draws the tolerance's only); with the check's `tolerance` (rtol, atol) too, the
+    difference in units of the tolerance (each block's largest). One pass of block minima and
+    maxima gives both the heatmap's extremes and the stats' min and max."""
     t2 = as_2d(t.detach())
     rows, cols = t2.shape
     blocks = block_sizes(rows, cols, max_cells)
-    st = stats(t)
+    whole = blocks == (1, 1)
+    low_high = None if whole or t.numel() == 0 else block_min_max(t2, *blocks)
+    st = stats(t, low_high)
     view = {
         "shape": list(t.shape),
         "stats": st,
         "heatmap": _heatmap(
-            block_mean(t2, *blocks), *blocks, rows, cols, block_extreme(t2, *blocks)
+            block_mean(t2, *blocks),
+            *blocks,
+            rows,
+            cols,
+            None if low_high is None else extreme_of(*low_high),
         ),
         "nonfinite": count_nonfinite(t, st),
     }
@@ -202,10 +220,38 @@ def gradient_view(
             block_mean(r2, *blocks), *blocks, rows, cols, block_extreme(r2, *blocks)
         )
         diff = t2 - r2
-        view["diff_heatmap"] = _heatmap(block_extreme(diff, *blocks), *blocks, rows, cols)
+        if difference:
+            view["diff_heatmap"] = _heatmap(block_extreme(diff, *blocks), *blocks, rows, cols)
         if tolerance is not None:
             ratio = tolerance_ratio(diff, r2, *tolerance)
             view["tolerance_heatmap"] = _heatmap(block_max(ratio, *blocks), *blocks, rows, cols)
+    return view
+
+
+def significant(z: np.ndarray, digits: int) -> np.ndarray:
+    """`z` rounded to `digits` significant digits, in its own dtype: orjson then writes each
+    number as that short decimal ("0.0092189" for 0.009218882). Non-finite entries and 0
+    are kept as they are."""
+    wide = z.astype(np.float64)
+    scaled = np.isfinite(wide) & (wide != 0)
+    magnitude = np.floor(np.log10(np.abs(np.where(scaled, wide, 1.0))))
+    scale = 10.0 ** (digits - 1 - magnitude)
+    return np.where(scaled, np.round(wide * scale) / scale, wide).astype(z.dtype)
+
+
+def at_precision(view: dict, digits: int) -> dict:
+    """A gradient view's heatmaps (z and extremes) at `digits` significant digits, in place:
+    the page shows 4 (its hover's `.4g`); one more keeps each entry within 5e-5 of its
+    value, inside the check's float32 rtol (1e-4) for a reader of a full-size map."""
+    for key in ("heatmap", "reference_heatmap", "diff_heatmap", "tolerance_heatmap"):
+        heatmap = view.get(key)
+        if heatmap is None:
+            continue
+        for part in ("z", "extreme"):
+            if part in heatmap:
+                heatmap[part] = significant(heatmap[part], digits)
+    if "autograd" in view:
+        at_precision(view["autograd"], digits)
     return view
 
 

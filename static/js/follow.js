@@ -90,7 +90,16 @@ export class FollowPanel {
     this.fromBlock = request.block || null;
     this.selected = request;
     this.follow = null;
+    this.scroll = true; // asked for by a click: shown once filled, not while empty
     this.load(config);
+  }
+
+  /** Bring the filled panel into view (its top below the sticky header: scroll-margin-top). */
+  reveal() {
+    if (!this.scroll) return;
+    this.scroll = false;
+    const top = this.el.getBoundingClientRect().top;
+    if (top < 72 || top > window.innerHeight * 0.6) this.el.scrollIntoView({ block: "start" });
   }
 
   /** After a run is drawn: follow the selection in that run (its gradients may have changed). */
@@ -106,6 +115,7 @@ export class FollowPanel {
       this.follow = data.follow;
       this.selected = { grad: data.follow.grad, index: data.follow.index };
       this.draw(data);
+      this.reveal();
     } catch (err) {
       if (err.name === "AbortError" || this.controller !== mine) return;
       // an element the new config lacks (batch made smaller, a layer removed): say so, keep nothing
@@ -116,12 +126,14 @@ export class FollowPanel {
       this.onMark(null);
       this.el.dataset.state = "error";
       this.el.replaceChildren(this.head("Cannot follow this element"), h("p", { class: "notice bad" }, msg));
+      this.reveal();
     }
     this.onChange();
   }
 
   clear(notify = true) {
     this.controller?.abort();
+    this.scroll = false;
     this.selected = this.follow = null;
     this.el.hidden = true;
     this.el.replaceChildren();
@@ -194,7 +206,7 @@ export class FollowPanel {
         diff != null ? h("span", { class: diff <= bound ? "ok" : "bad" },
           ` · difference ${short(diff)}${bound != null ? (diff <= bound ? `, rounding (≤ ${short(bound)})` : `, beyond rounding (${short(bound)})`) : ""}`) : null),
       // your formula in place: the terms are the built-in formula's; say so where they differ
-      f.note ? h("p", { class: "follow-note bad" }, f.note) : null,
+      f.note ? h("p", { class: "follow-note bad" }, f.note) : "", // replaceChildren writes a null as "null"
     );
     drawFollowChart(chart, f, { ref, names, present: document.body.classList.contains("present") });
     this.onMark(f);

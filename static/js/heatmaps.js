@@ -65,6 +65,16 @@ function ticks(n, px) {
   return { tickmode: "linear", tick0: 0, dtick: step };
 }
 
+/** A drawn cell in the tensor's own terms: `row 3, col 5`, or a block's ranges (downsampled),
+ * `rows 0–19, cols 40–59`; a 1-D tensor as `b1[4]` or `b1[40–59]`. */
+export function cellLabel(name, dims, hm, row, col) {
+  const span = (i, b, n) => (b > 1 ? `${i * b}–${Math.min(n, (i + 1) * b) - 1}` : String(i));
+  const cols = span(col, hm.col_block, hm.cols);
+  if (dims.length <= 1) return `${name}[${cols}]`;
+  const plural = (b) => (b > 1 ? "s" : "");
+  return `row${plural(hm.row_block)} ${span(row, hm.row_block, hm.rows)}, col${plural(hm.col_block)} ${cols}`;
+}
+
 const maxAbs = (...xs) => Math.max(1e-30, ...xs.filter((v) => v != null && Number.isFinite(v)).map(Math.abs));
 
 /** The difference divided by the check's tolerance, cell by cell: atol + rtol·|autograd|,
@@ -153,7 +163,9 @@ export class Heatmaps {
       c.card.classList.toggle("failing", badge.length > 0);
       c.notes.replaceChildren(...badge, ...notices);
       c.spec = spec(name, g, view, hm, data, room);
+      if (c.hit && (c.hit.hm.row_block !== hm.row_block || c.hit.hm.col_block !== hm.col_block || c.hit.hm.rows !== hm.rows || c.hit.hm.cols !== hm.cols)) c.cursor = null;
       c.hit = { name, g, hm };
+      c.spec.layout.shapes = this.shapes(c);
       c.card.style.width = `${c.spec.layout.width + 18}px`;
       c.chart.style.height = `${c.spec.layout.height}px`;
       c.drawn = false;
@@ -171,11 +183,16 @@ export class Heatmaps {
     this.cards.clear();
     this.visible.clear();
     for (const name of names) {
-      const chart = h("div", { class: "chart heatmap", id: `heatmap-${name}`, "data-name": name, role: "img", "aria-label": `Heatmap of the gradient of ${name}` });
+      const keys = this.onCell ? ": arrow keys move between cells, Enter follows one" : "";
+      const chart = h("div", { class: "chart heatmap", id: `heatmap-${name}`, "data-name": name, role: "img",
+        "aria-label": `Heatmap of the gradient of ${name}${keys}`, ...(this.onCell ? { tabindex: "0" } : {}) });
       const head = h("figcaption", {});
       const notes = h("div", { class: "notes" });
-      const card = h("figure", { class: "heatmap-card", "data-name": name }, head, notes, chart);
-      this.cards.set(name, { card, chart, head, notes, spec: null, drawn: false });
+      const readout = h("p", { class: "cell-readout", "aria-live": "polite", hidden: true });
+      const card = h("figure", { class: "heatmap-card", "data-name": name }, head, notes, chart, readout);
+      const c = { card, chart, head, notes, readout, spec: null, drawn: false, cursor: null, mark: null };
+      if (this.onCell) this.keyboard(c);
+      this.cards.set(name, c);
     }
     this.container.replaceChildren(...[...this.cards.values()].map((c) => c.card));
     for (const c of this.cards.values()) this.observer.observe(c.card);
@@ -202,9 +219,96 @@ export class Heatmaps {
         const pt = ev.points && ev.points[0];
         if (!pt || !Array.isArray(pt.pointNumber) || !c.hit) return;
         const [row, col] = pt.pointNumber; // the heatmap cell (a block, when downsampled)
-        this.onCell(c.hit.name, c.hit.g, c.hit.hm, row, col);
+        this.pickCell(c, row, col);
       });
     }
+  }
+
+  /** Follow cell (row, col) of card c: mark it, keep the keyboard's cursor there. */
+  pickCell(c, row, col) {
+    c.cursor = { row, col };
+    this.onCell(c.hit.name, c.hit.g, c.hit.hm, row, col);
+  }
+
+  /** The keyboard's way in: the chart takes focus (Tab), arrow keys move a dashed cursor over
+   * its cells (Home/End: the row's ends, PageUp/PageDown: 10 rows), Enter or Space follows the
+   * cell under it, as a click does. The readout below the chart says where the cursor is. */
+  keyboard(c) {
+    const MOVES = { ArrowLeft: [0, -1], ArrowRight: [0, 1], ArrowUp: [-1, 0], ArrowDown: [1, 0], PageUp: [-10, 0], PageDown: [10, 0] };
+    c.chart.addEventListener("focus", () => {
+      if (!c.hit) return;
+      c.cursor = c.cursor || (c.mark ? { ...c.mark } : { row: 0, col: 0 });
+      this.showCursor(c);
+    });
+    c.chart.addEventListener("blur", () => {
+      c.readout.hidden = true;
+      this.reshape(c);
+    });
+    c.chart.addEventListener("keydown", (ev) => {
+      if (!c.hit || !c.cursor || ev.altKey || ev.ctrlKey || ev.metaKey) return;
+      const nr = c.hit.hm.z.length, nc = c.hit.hm.z[0].length;
+      const { row, col } = c.cursor;
+      if (MOVES[ev.key]) {
+        const [dr, dc] = MOVES[ev.key];
+        c.cursor = { row: Math.max(0, Math.min(nr - 1, row + dr)), col: Math.max(0, Math.min(nc - 1, col + dc)) };
+      } else if (ev.key === "Home" || ev.key === "End") {
+        c.cursor = { row, col: ev.key === "Home" ? 0 : nc - 1 };
+      } else if (ev.key === "Enter" || ev.key === " ") {
+        this.pickCell(c, row, col);
+      } else return;
+      ev.preventDefault();
+      ev.stopPropagation(); // the page's own arrow keys (steps, presentation sections) wait
+      this.showCursor(c);
+    });
+  }
+
+  showCursor(c) {
+    const { row, col } = c.cursor;
+    const hm = c.hit.hm;
+    const v = hm.z[row]?.[col];
+    c.readout.hidden = false;
+    c.readout.dataset.row = String(row);
+    c.readout.dataset.col = String(col);
+    c.readout.textContent = `${cellLabel(c.hit.name, c.hit.g.shape, hm, row, col)}: ${v == null ? "no value" : num(v)} · Enter follows it`;
+    this.reshape(c);
+  }
+
+  /** Ring the followed element's cell (null clears): `index` is the tensor's own index. */
+  mark(name, index) {
+    for (const [n, c] of this.cards) {
+      const was = c.mark;
+      c.mark = null;
+      if (n === name && index && c.hit) {
+        const hm = c.hit.hm, dims = c.hit.g.shape;
+        let row = 0;
+        for (let d = 0; d < dims.length - 1; d++) row = row * dims[d] + index[d];
+        const col = index[index.length - 1] ?? 0;
+        c.mark = { row: Math.floor(row / hm.row_block), col: Math.floor(col / hm.col_block) };
+        c.chart.dataset.mark = `${c.mark.row},${c.mark.col}`;
+      } else delete c.chart.dataset.mark;
+      if (was || c.mark) this.reshape(c);
+    }
+  }
+
+  /** The marks on one chart: the followed cell (solid) and the keyboard's cursor (dashed). */
+  shapes(c) {
+    if (!c.hit) return [];
+    const hm = c.hit.hm, oneD = c.hit.g.shape.length <= 1;
+    const rect = ({ row, col }, line) => {
+      const x = [col * hm.col_block, Math.min(hm.cols, (col + 1) * hm.col_block)].map((v) => v - 0.5);
+      const y = oneD ? [-0.5, 0.5] : [row * hm.row_block, Math.min(hm.rows, (row + 1) * hm.row_block)].map((v) => v - 0.5);
+      return { type: "rect", xref: "x", yref: "y", x0: x[0], x1: x[1], y0: y[0], y1: y[1], line, fillcolor: "rgba(0,0,0,0)" };
+    };
+    const out = [];
+    if (c.mark) out.push(rect(c.mark, { color: "#111", width: 3 }));
+    if (c.cursor && document.activeElement === c.chart) out.push(rect(c.cursor, { color: "#0b5ed7", width: 2, dash: "dot" }));
+    return out;
+  }
+
+  reshape(c) {
+    if (!c.spec) return;
+    c.spec.layout.shapes = this.shapes(c);
+    if (c.drawn && window.Plotly) Plotly.relayout(c.chart, { shapes: c.spec.layout.shapes });
   }
 
   scheduleIdle() {
@@ -274,14 +378,14 @@ function spec(name, g, view, hm, data, room) {
     const zmax = hm.kind === "mean" && blocky ? maxAbs(...hm.z.flat()) : maxAbs(s.min, s.max, ...hm.z.flat());
     colour = { ...colour, zmin: -zmax, zmax };
   }
-  const blockWord = hm.kind === "extreme" ? "largest |·| in block" : "block mean";
+  const blockWord = hm.kind === "extreme" ? "largest |·| in the block" : "block mean";
+  // the hover names the cell's whole range: a block's centre is not where its largest value sits
+  const text = hm.z.map((row, i) => row.map((_, j) => cellLabel(name, g.shape, hm, i, j)));
   const trace = {
-    type: "heatmap", z, x: xs, y: oneD ? [-0.5, 0.5] : ys, ...colour,
+    type: "heatmap", z, x: xs, y: oneD ? [-0.5, 0.5] : ys, text, ...colour,
     colorbar: { thickness: 12, len: 1, outlinewidth: 0, tickformat: ".3~g", ...(oneD ? { nticks: 3 } : {}), ...(font ? { tickfont: { size: font } } : {}), ...colour.colorbar },
     hoverongaps: false,
-    hovertemplate: oneD
-      ? `${name}[%{x:.0f}]${blocky ? ` (${blockWord})` : ""}: ${what} %{z:.4g}<extra></extra>`
-      : `row %{y:.0f}, col %{x:.0f}${blocky ? ` (${blockWord})` : ""}<br>${what} %{z:.4g}<extra></extra>`,
+    hovertemplate: `%{text}${blocky ? ` (${blockWord})` : ""}<br>${what} %{z:.4g}<extra></extra>`,
   };
   if (colour.customdata) trace.hovertemplate = trace.hovertemplate.replace("%{z:.4g}", "%{customdata:.3g}");
   const layout = {

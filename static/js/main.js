@@ -50,26 +50,26 @@ const stepper = new Stepper({
   numbers: initial.page.numbers !== "0",
 });
 const lab = new Lab({ barEl: $("lab-bar"), onCheck: () => fromForm() });
+const heatmaps = new Heatmaps($("heatmaps"), (onScreen, all) => {
+  document.body.dataset.pending = String(onScreen);
+  document.body.dataset.pendingAll = String(all);
+  if (!onScreen && current) performance.mark("bp:drawn");
+}, (name, g, hm, row, col) => {
+  // a click, or Enter on the keyboard's cursor: the panel scrolls into view once it is filled
+  if (currentSent) follower.pick(cellRequest(name, g.shape, hm, row, col), currentSent);
+});
 const follower = new FollowPanel({
   el: $("follow-panel"),
   onChange: () => syncUrl(true),
   onMark: (follow) => {
     diagram.markFollow(follow);
+    heatmaps.mark(follow ? follow.grad.replace(/\.g$/, "") : null, follow ? follow.index : null); // the followed cell, ringed
     exporter.follow = follow ? { grad: follow.grad, index: follow.index } : null;
     $("diagram-follow").hidden = !follow;
     $("diagram-follow").replaceChildren(...(follow ? followNote(follow) : []));
   },
 });
 follower.set(initial.page.follow);
-const heatmaps = new Heatmaps($("heatmaps"), (onScreen, all) => {
-  document.body.dataset.pending = String(onScreen);
-  document.body.dataset.pendingAll = String(all);
-  if (!onScreen && current) performance.mark("bp:drawn");
-}, (name, g, hm, row, col) => {
-  if (!currentSent) return;
-  follower.pick(cellRequest(name, g.shape, hm, row, col), currentSent);
-  follower.el.scrollIntoView({ block: "nearest", behavior: "smooth" });
-});
 const presenter = new Presenter({
   toggle: $("present-toggle"), drawerToggle: $("config-toggle"),
   onChange: () => {

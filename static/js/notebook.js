@@ -1,7 +1,8 @@
 // The notebook widget behind %%backward (app/notebook/widget.py, an anywidget): the program
 // page's own views of one answer of POST /api/program's shape: the verdict, the check table,
 // the shape flow (with %%forward), each backward line's shapes, and the selected gradient's
-// maps. Plotly is asked of the kernel once per page, by the first widget that draws a map.
+// maps (for a %%forward cell, no check yet: its shape flow alone). Plotly is asked of the
+// kernel once per page, by the first widget that draws a map.
 import { h, shape } from "./format.js";
 import { drawFlow } from "./program-diagram.js";
 import { checkRows, firstSelection, gradientMaps, heat, states, verdictLine } from "./program-view.js";
@@ -28,10 +29,10 @@ function loadPlotly(model) {
 
 const HEAD = ["gradient", "line", "shape wanted", "made", "exact", "allclose", "max diff", "state"];
 
-function lineShapes(data) {
-  return h("ol", { class: "lines" }, ...data.backward.map((line) => {
+function lineShapes(lines, st = {}) {
+  return h("ol", { class: "lines" }, ...lines.map((line) => {
     const out = line.steps?.length ? line.steps[line.steps.length - 1].output : null;
-    return h("li", { "data-line": line.line, class: line.grad_of ? `grad st-${states(data.check)[line.grad_of] || "helper"}` : "helper" },
+    return h("li", { "data-line": line.line, class: line.grad_of ? `grad st-${st[line.grad_of] || "helper"}` : "helper" },
       h("span", { class: "num" }, String(line.line)), h("code", {}, line.code), h("span", { class: "shape" }, out ? shape(out) : ""),
       line.runs > 1 ? h("span", { class: "muted" }, ` ×${line.runs}`) : null);
   }));
@@ -47,7 +48,15 @@ function render({ model, el }) {
     const notes = model.get("notes") || [];
     root.replaceChildren();
     for (const note of notes) root.append(h("p", { class: "note bad" }, note));
-    if (!data || !data.check) return;
+    if (!data || !data.forward) return;
+    if (!data.check) { // a %%forward cell: its shape flow, before any gradient is written
+      const flow = h("div", { class: "flow" });
+      root.append(h("p", { class: "verdict-line", "data-verdict": "forward" }, `Forward ran · loss ${data.loss == null ? "–" : data.loss.toPrecision(5)} · now write the backward under %%backward`),
+        h("details", { open: true }, h("summary", {}, "Shape flow"), flow),
+        h("details", {}, h("summary", {}, "Each forward line's shape"), lineShapes(data.forward)));
+      drawFlow(flow, data);
+      return;
+    }
     const st = states(data.check);
     if (!selected || !(selected in data.check.tensors)) selected = firstSelection(data);
     const [kind, html] = verdictLine(data, st);
@@ -63,7 +72,7 @@ function render({ model, el }) {
       root.append(h("details", { open: true }, h("summary", {}, "Shape flow"), flow));
       drawFlow(flow, data, { states: st, selected, onSelect: select });
     }
-    root.append(h("details", {}, h("summary", {}, "Each backward line's shape"), lineShapes(data)));
+    root.append(h("details", {}, h("summary", {}, "Each backward line's shape"), lineShapes(data.backward, st)));
     const title = h("p", { class: "maps-title" });
     const maps = { manual: h("div", { class: "map" }), auto: h("div", { class: "map" }), difference: h("div", { class: "map" }) };
     root.append(title, h("div", { class: "maps" },

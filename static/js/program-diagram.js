@@ -57,7 +57,9 @@ function costly(line, tensors) {
 /** Rows and places, in px. */
 export function flowLayout(data) {
   const tensors = data.tensors;
-  const lines = data.forward.filter((f) => f.target in tensors);
+  // a line that unpacks (`pooled, idx = F.max_pool2d(...)`) draws a node per name it makes
+  const lines = data.forward.flatMap((f) => f.target.split(", ").filter((t) => t in tensors)
+    .map((t, i) => (t === f.target ? f : { ...f, target: t, steps: i ? [] : f.steps })));
   const layer = {};
   const readers = {};
   for (const f of lines) {

@@ -39,6 +39,15 @@ export class ProgramTrainer {
     return body;
   }
 
+  /** The form's fields from a preset's `train` defaults (the page's own defaults otherwise). */
+  defaults(train) {
+    for (const name of FIELDS) {
+      const el = this.form.elements[name];
+      if (!el.dataset.initial) el.dataset.initial = el.value;
+      el.value = train && train[name] != null ? train[name] : el.dataset.initial;
+    }
+  }
+
   clear() {
     if (window.Plotly) Plotly.purge(this.curves);
     this.curves.dataset.runs = "0";
@@ -83,6 +92,13 @@ export class ProgramTrainer {
     Plotly.extendTraces(this.curves, { x: [points.map((p) => p.step), val.map((p) => p.step)], y: [points.map((p) => p.loss), val.map((p) => p.val_loss)] }, traces);
   }
 
+  showAccuracy(accuracy, when) {
+    $("accuracy-box").hidden = false;
+    $("accuracy").textContent = `${(100 * accuracy).toFixed(1)}%`;
+    $("accuracy-when").textContent = `of the held-out images, ${when}`;
+    this.panel.dataset.accuracy = accuracy.toFixed(4);
+  }
+
   showSamples(names, when) {
     if (!names) return;
     $("samples-box").hidden = false;
@@ -120,7 +136,9 @@ export class ProgramTrainer {
         if (event === "step") {
           this.addPoint(traces, data);
           this.bar.value = data.step;
-          const val = data.val_loss == null ? "" : ` · val loss ${num(data.val_loss, 4)}`;
+          const val = (data.val_loss == null ? "" : ` · val loss ${num(data.val_loss, 4)}`)
+            + (data.val_accuracy == null ? "" : ` · val accuracy ${(100 * data.val_accuracy).toFixed(1)}%`);
+          if (data.val_accuracy != null) this.showAccuracy(data.val_accuracy, `at step ${data.step}`);
           this.status.textContent = `step ${data.step} / ${body.steps} · loss ${num(data.loss, 4)}${val} · ${Math.round(data.steps_per_s)} steps/s`;
           if (data.samples) this.showSamples(data.samples, `at step ${data.step}`);
           this.panel.dataset.step = data.step;
@@ -152,7 +170,9 @@ export class ProgramTrainer {
     const why = data.stopped ? ` (stopped: ${data.stopped.replace("_", " ")})` : "";
     const losses = data.val_loss != null
       ? `train loss ${num(data.train_loss, 4)} · val loss ${num(data.val_loss, 4)}`
+        + (data.val_accuracy != null ? ` · val accuracy ${(100 * data.val_accuracy).toFixed(1)}%` : "")
       : `loss ${num(data.loss, 4)}`;
+    if (data.val_accuracy != null) this.showAccuracy(data.val_accuracy, `after ${data.steps} steps`);
     const fixed = data.fixed.length
       ? ` Held fixed: ${data.fixed.map((n) => `${n} (${data.fixed_why[n]})`).join("; ")}.`
       : "";

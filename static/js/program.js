@@ -11,6 +11,8 @@ import { drawFlow } from "./program-diagram.js";
 import { checkRows, firstSelection, gradientMaps, heat, rich, states, verdictLine } from "./program-view.js";
 import { fromQuery, hideLines, placeholders, queryFor } from "./program-state.js";
 import { ProgramTrainer } from "./program-train.js";
+import { attachFollow } from "./program-follow.js";
+import { InputsForm } from "./program-inputs.js";
 
 const $ = (id) => document.getElementById(id);
 const PRESETS = JSON.parse($("program-presets").textContent);
@@ -24,6 +26,9 @@ const BLANK = {
   seed: 0,
   dtype: "float32",
 };
+// the blank start as a preset of the page's own: `?preset=blank` while unchanged, so the menu
+// keeps saying "A blank start" until the learner edits it
+const STARTS = [...PRESETS, { id: "blank", title: "A blank start: write your own", request: BLANK }];
 
 let program = null; // the POST /api/program body on screen
 let presetId = null; // the preset it came from, while unchanged
@@ -40,7 +45,7 @@ const forward = new CodeEditor($("forward-editor"), { label: "Forward", onInput:
 const backward = new CodeEditor($("backward-editor"), { label: "Backward", onInput: (t) => edit({ backward: t }) });
 
 function preset() {
-  return PRESETS.find((p) => p.id === presetId) || null;
+  return STARTS.find((p) => p.id === presetId) || null;
 }
 
 // --------------------------------------------------------------------------- state
@@ -77,8 +82,7 @@ function load(next, id) {
   presetId = id;
   forward.value = program.forward;
   backward.value = program.backward || "";
-  $("inputs").value = JSON.stringify(program.inputs, null, 1);
-  $("inputs-summary").textContent = `(${Object.keys(program.inputs).length})`;
+  showInputs(program.inputs, null);
   $("seed").value = program.seed ?? 0;
   $("dtype").value = program.dtype ?? "float32";
   $("loss-name").textContent = program.loss || "loss";
@@ -198,8 +202,19 @@ function draw(answer) {
     showLineError("backward", e.line, e.message, e.operands, e.hint);
   }
   drawFlow($("flow"), data, { states: st, selected, onSelect: select });
+  fitFlow();
   maps();
   exportState();
+}
+
+/** A flow wider than its column (a GPT block: 40 names, side branches) gets the page's whole
+ * width: the check and the flow stack instead of sitting side by side. */
+function fitFlow() {
+  const two = $("flow-card").parentElement;
+  two.classList.remove("stacked");
+  const flow = $("flow");
+  two.classList.toggle("stacked", flow.scrollWidth > flow.clientWidth + 4);
+  document.body.dataset.flow = two.classList.contains("stacked") ? "stacked" : "beside";
 }
 
 function setVerdict(kind, html) {
@@ -226,7 +241,7 @@ function todo(st) {
 }
 
 function forwardLine(name) {
-  return data.forward.find((f) => f.target === name)?.line ?? null;
+  return data.forward.find((f) => f.target.split(", ").includes(name))?.line ?? null;
 }
 
 /** Marks in both panes: the first failure's lines, the line that cannot run, the hidden
@@ -267,6 +282,7 @@ async function maps() {
   const g = name && data.gradients[name];
   const t = name && data.tensors[name];
   $("selected-title").textContent = name ? `Gradient of ${name}` : "Gradient";
+  $("follow-box").hidden = true;
   if (!name || !g) {
     $("selected-note").textContent = name ? `${name} has no gradient (${t?.role ?? "not a tensor"})` : "Click a name in the diagram or a row of the check.";
     for (const id of ["map-manual", "map-autograd", "map-difference"]) {
@@ -283,6 +299,10 @@ async function maps() {
   if (selected !== name || data.gradients[name] !== g) return;
   const { manual, auto, difference, zmax } = gradientMaps(data, name);
   heat($("map-manual"), manual, { zmax });
+  if (manual) {
+    attachFollow($("map-manual"), { program: () => program, name, shape: g.shape, heatmap: manual, box: $("follow-box"),
+      onLine: (line) => backward.reveal(line) });
+  }
   heat($("map-autograd"), auto, { zmax });
   heat($("map-difference"), difference, { tolerance: true });
   document.body.dataset.maps = name;
@@ -336,11 +356,22 @@ function view(list) {
   $("show-todo").setAttribute("aria-selected", String(list));
 }
 
+/** The inputs in the form and the JSON box, except the one being typed in (`from`). */
+function showInputs(inputs, from) {
+  if (from !== "json") $("inputs").value = JSON.stringify(inputs, null, 1);
+  if (from !== "form") inputsForm.set(inputs);
+  $("inputs-summary").textContent = inputs && typeof inputs === "object" ? `(${Object.keys(inputs).length})` : "";
+}
+const inputsForm = new InputsForm($("inputs-form"), (inputs) => {
+  $("inputs-error").textContent = "";
+  showInputs(inputs, "form");
+  edit({ inputs });
+});
 $("inputs").addEventListener("input", () => {
   try {
     const inputs = JSON.parse($("inputs").value);
     $("inputs-error").textContent = "";
-    $("inputs-summary").textContent = inputs && typeof inputs === "object" ? `(${Object.keys(inputs).length})` : "";
+    showInputs(inputs, "json");
     edit({ inputs });
   } catch (err) {
     $("inputs-error").textContent = `Not JSON yet: ${err.message}`;
@@ -352,24 +383,18 @@ $("seed").addEventListener("input", () => {
 });
 $("dtype").addEventListener("change", () => edit({ dtype: $("dtype").value }));
 $("preset").addEventListener("change", () => {
-  if ($("preset").value === "blank") {
-    load(structuredClone(BLANK), null);
-    $("preset").value = "blank";
-    writeURL();
-    run();
-    return;
-  }
-  const p = PRESETS.find((x) => x.id === $("preset").value);
+  const p = STARTS.find((x) => x.id === $("preset").value);
   if (!p) return;
   load(structuredClone(p.request), p.id);
-  history.replaceState(null, "", `/program?preset=${encodeURIComponent(p.id)}`);
+  trainer.defaults(p.train || null);
+  writeURL();
   run();
 });
 $("exercise-link").addEventListener("click", exerciseLink);
 $("present").addEventListener("click", () => (present(!presenting), writeURL()));
 for (const b of document.querySelectorAll(".share [data-format]")) b.addEventListener("click", () => download(b.dataset.format));
 
-new ProgramTrainer({
+const trainer = new ProgramTrainer({
   program: () => program,
   describe: () => {
     const c = data?.check;
@@ -380,7 +405,8 @@ new ProgramTrainer({
   },
 });
 
-const start = await fromQuery(location.search, PRESETS);
+const start = await fromQuery(location.search, STARTS);
 load(start.program, start.presetId && !start.hide ? start.presetId : null);
+trainer.defaults(PRESETS.find((p) => p.id === start.presetId)?.train);
 present(presenting);
 run();

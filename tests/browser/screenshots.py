@@ -4,7 +4,9 @@
     .venv/bin/python tests/browser/screenshots.py OUTDIR [--only state ...]  # every state's
 
 Without OUTDIR only the README's pictures are written, in docs/screenshots (page, new-ops,
-lab, data-panel, train-panel); `--only` narrows either to the states named."""
+lab, data-panel, train-panel, follow-panel, program); `--only` narrows either to the states
+named. Every picture the README embeds is made here (or by the test named in MADE_BY_TESTS):
+tests/test_readme.py fails on one that is not, or that git does not keep."""
 
 import argparse
 import shutil
@@ -44,12 +46,16 @@ STATES = {  # name: (query, what to do after load[, (width, height)])
     # image data, then 2,000 steps of training: the panels themselves are the pictures
     "data": ("?data=mnist&loss=cross_entropy&init=kaiming&hidden=50&batch=64", "data"),
     # one x.g element followed back to its 50 products (the panel is the README's picture)
-    "follow": ("?follow=x.g:3,100", "follow"),
+    "follow": ("?follow=x.g:3,100", "follow", (1280, 1600)),
     "train": (
         "?data=mnist&loss=cross_entropy&init=kaiming&init_scale=0.1&hidden=20&batch=64",
         "train",
     ),
+    # the program page: makemore with tanh's derivative taken from its input (README program.png)
+    "program": ("program?preset=makemore", "program", (1440, 1100)),
 }
+# the program state's slip: the first failure marked at its row and at its line
+TANH_SLIP = ("dhpreact = (1.0 - h ** 2) * dh", "dhpreact = (1.0 - hpreact ** 2) * dh")
 PANELS = {"data": "#data-panel", "train": "#train-panel", "follow": "#follow-panel"}
 # the README's pictures: file -> the state that makes it
 README_PICTURES = {
@@ -58,7 +64,11 @@ README_PICTURES = {
     "lab.png": "lab-exercise",
     "data-panel.png": "data",
     "train-panel.png": "train",
+    "follow-panel.png": "follow",
+    "program.png": "program",
 }
+# README pictures a browser test makes as it checks what they show
+MADE_BY_TESTS = {"notebook-widget.png": "tests/browser/test_notebook_widget.py"}
 
 
 def wait_drawn(page) -> None:
@@ -90,6 +100,21 @@ def lab(page, action: str, out: Path) -> None:
         page.evaluate(
             "window.scrollTo(0, document.querySelector('#h-grads').closest('section').offsetTop - 96)"
         )
+
+
+def program(page) -> None:
+    """makemore with the tanh slip: the check marks it first, its line in the pane."""
+    runs = page.evaluate("() => Number(document.body.dataset.runs || 0)")
+    area = page.locator("#backward-editor textarea")
+    area.fill(area.input_value().replace(*TANH_SLIP))
+    page.wait_for_function(
+        f"() => Number(document.body.dataset.runs || 0) > {runs}"
+        " && document.body.dataset.state === 'ready'",
+        timeout=90_000,
+    )
+    page.set_viewport_size({"width": 1440, "height": 1560})  # the check's marked row too
+    page.evaluate("window.scrollTo(0, 0)")
+    page.wait_for_timeout(300)
 
 
 def main() -> None:
@@ -138,6 +163,8 @@ def main() -> None:
                 if action == "step":
                     for _ in range(3):
                         page.keyboard.press("ArrowRight")
+                if action == "program":
+                    program(page)
                 if action == "train":
                     page.fill("#t-steps", "2000")
                     page.click("#train-start")
@@ -148,6 +175,7 @@ def main() -> None:
                 page.wait_for_timeout(300)
                 if action in PANELS:  # the panel alone, without the sticky header over it
                     page.add_style_tag(content=".top { position: static; }")
+                    page.wait_for_timeout(300)  # laid out again before the panel's box is read
                     page.locator(PANELS[action]).screenshot(path=out / f"{name}-panel.png")
                 page.screenshot(path=out / f"{name}.png")
                 if name == "default":

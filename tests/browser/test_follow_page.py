@@ -154,3 +154,95 @@ def test_a_config_without_the_element_says_so_and_drops_it(watched):
     page.wait_for_function("() => !location.search.includes('follow=')", timeout=10_000)
     assert page.locator("#diagram-follow").is_hidden()
     assert_clean(w, allowed=[r"status of 422"])
+
+
+def follow_state(page) -> dict:
+    """Where the panel sits once filled, which cell each chart marks, and the keyboard readout."""
+    return page.evaluate(
+        """() => { const p = document.querySelector('#follow-panel').getBoundingClientRect();
+            const marks = Object.fromEntries([...document.querySelectorAll('.heatmap-card .chart')]
+                .filter(c => c.dataset.mark).map(c => [c.dataset.name, c.dataset.mark]));
+            return { top: p.top, viewport: innerHeight, marks }; }"""
+    )
+
+
+def shapes(page, name: str) -> list[dict]:
+    return page.evaluate(
+        "(name) => (document.getElementById(`heatmap-${name}`).layout.shapes || [])"
+        ".map(s => ({x0: s.x0, x1: s.x1, y0: s.y0, y1: s.y1, dash: s.line.dash || null}))",
+        name,
+    )
+
+
+@pytest.mark.browser
+def test_issue_35_6_a_click_marks_its_cell_and_the_filled_panel_comes_into_view(watched):
+    """35.6: the panel's top used to sit at the viewport's bottom edge (scrolled while still
+    empty), and nothing said which cell had been clicked."""
+    w = watched
+    w.open()
+    page = w.page
+    page.evaluate("window.scrollTo(0, 0)")
+    click_cell(page, "x", 10, 20)  # the article's x.g (1000, 784): a downsampled cell
+    wait_followed(page)
+    page.wait_for_timeout(200)
+    s = follow_state(page)
+    assert 60 <= s["top"] <= s["viewport"] * 0.6, s  # its top in view, below the sticky header
+    assert s["marks"] == {"x": "10,20"}, s  # the clicked block, not another
+    # the block's edges, in index units: rows r0..r1-1, cols c0..c1-1
+    ys, xs = page.evaluate(
+        "() => { const d = document.getElementById('heatmap-x').data[0];"
+        " return [[d.y[10], d.y[11]], [d.x[20], d.x[21]]]; }"
+    )
+    (r0, r1), (c0, c1) = [[int(v + 0.5) for v in e] for e in (ys, xs)]
+    assert r1 - r0 > 1 and c1 - c0 > 1, (ys, xs)
+    p = panel(page)
+    assert "null" not in p["text"]  # a note left out is nothing, not the word "null"
+    i, j = map(int, p["index"].split(","))
+    assert r0 <= i < r1 and c0 <= j < c1  # the followed element lies in that block
+    (ring,) = shapes(page, "x")  # one solid ring, on the block's edges
+    assert (ring["x0"], ring["x1"], ring["y0"], ring["y1"]) == (xs[0], xs[1], ys[0], ys[1])
+    # the tooltip names the block's ranges, not its centre (its largest value sits elsewhere)
+    text = page.evaluate("() => document.getElementById('heatmap-x').data[0].text[10][20]")
+    assert text == f"rows {r0}–{r1 - 1}, cols {c0}–{c1 - 1}"
+    template = page.evaluate("() => document.getElementById('heatmap-x').data[0].hovertemplate")
+    assert "%{text} (largest |·| in the block)" in template and "%{x" not in template
+    # closing the panel takes the ring away
+    page.click(".follow-close")
+    page.wait_for_function("() => !document.querySelector('.heatmap-card .chart[data-mark]')")
+    assert shapes(page, "x") == []
+    assert_clean(w)
+
+
+@pytest.mark.browser
+def test_issue_35_5_heatmap_cells_are_reachable_by_keyboard(watched):
+    """35.5: follow needed a mouse. Tab reaches a map, arrows move a cursor, Enter follows."""
+    w = watched
+    w.open(SMALL)
+    page = w.page
+    label = page.get_attribute("#heatmap-x", "aria-label")
+    assert "arrow keys" in label and "Enter" in label
+    # Tab from the control just before the maps lands on a chart
+    page.locator('input[name="grad-cells"][value="mean"]').focus()
+    for _ in range(20):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.classList.contains('heatmap')"):
+            break
+    first = page.evaluate("() => document.activeElement.dataset.name")
+    assert first, "Tab never reached a heatmap"
+    page.locator("#heatmap-x").focus()
+    readout = page.locator('.heatmap-card[data-name="x"] .cell-readout')
+    assert readout.is_visible() and readout.inner_text().startswith("row 0, col 0: ")
+    for key in ("ArrowDown", "ArrowDown", "ArrowRight", "ArrowRight", "ArrowRight"):
+        page.keyboard.press(key)
+    assert readout.inner_text().startswith("row 2, col 3: ")
+    assert [s["dash"] for s in shapes(page, "x")] == ["dot"]  # the cursor, dashed
+    url_before = page.url
+    page.keyboard.press("Enter")
+    wait_followed(page)
+    p = panel(page)
+    assert p["grad"] == "x.g" and p["index"] == "2,3"
+    assert "follow=x.g:2,3" in page.url and page.url != url_before
+    page.wait_for_function("() => document.getElementById('heatmap-x').dataset.mark === '2,3'")
+    # ring and cursor on the same cell, and the arrow keys did not move the step-through
+    assert sorted(str(s["dash"]) for s in shapes(page, "x")) == ["None", "dot"]
+    assert_clean(w)

@@ -249,3 +249,116 @@ def test_a_phone_verdict_ends_without_a_dangling_separator(browser, server):
         assert not page.inner_text("#verdict").rstrip().endswith("·")
     finally:
         context.close()
+
+
+@pytest.mark.browser
+def test_issue_35_12_a_blank_start_stays_a_blank_start_until_it_is_edited(watched):
+    """35.12: "A blank start" turned into "(edited: your own)" at its first URL write."""
+    w = watched
+    open_program(w, "?preset=makemore")
+    page = w.page
+    before = runs(w)
+    page.select_option("#preset", "blank")
+    wait_run(w, before)
+    page.wait_for_function("() => location.search === '?preset=blank'")
+    page.wait_for_timeout(400)  # past the debounce: any later URL write has happened
+    assert page.input_value("#preset") == "blank"
+    page.reload()
+    wait_run(w, 0)
+    assert page.input_value("#preset") == "blank"
+    assert "# TODO: write dW, db" in page.input_value("#backward-editor textarea")
+    edit(w, "backward", "dh = 2 * h\ndW = x.T @ dh\n# TODO: write db\n")
+    page.wait_for_function("() => location.search.startsWith('?p=')")
+    assert page.input_value("#preset") == ""  # now it is the learner's own
+    assert w.errors == []
+
+
+def form_row(page, name: str):
+    return page.locator(f"#inputs-form tr[data-name='{name}']")
+
+
+@pytest.mark.browser
+def test_issue_35_11_inputs_have_a_form_that_edits_the_program(watched):
+    """35.11: the Inputs box was raw JSON. The form shows each input's kind and only the fields
+    that kind reads, each with its help; it and the JSON edit the same inputs."""
+    w = watched
+    open_program(w, "?preset=makemore")
+    page = w.page
+    page.click("#inputs-box summary")
+    names = page.eval_on_selector_all("#inputs-form tbody tr", "rs => rs.map(r => r.dataset.name)")
+    assert names == list(MAKEMORE["inputs"])  # the preset's order
+    # each kind shows its own fields: names data, a value, randn with its scale
+    xb = form_row(page, "Xb")
+    assert xb.locator("select[name=kind]").input_value() == "names"
+    assert xb.locator("[name=block_size]").input_value() == "3"
+    assert xb.locator("[name=shape]").count() == 0
+    assert form_row(page, "n").locator("select[name=kind]").input_value() == "value"
+    assert page.get_attribute("#inputs-form th[title]:text('grad')", "title").startswith(
+        "Gets a gradient"
+    )
+    # the blank start: untick b's gradient, make it zeros; the JSON and the check follow
+    before = runs(w)
+    page.select_option("#preset", "blank")
+    wait_run(w, before)
+    assert page.locator("#checks tr[data-name='b']").count() == 1
+    before = runs(w)
+    form_row(page, "b").locator("select[name=kind]").select_option("zeros")
+    form_row(page, "b").locator("input[name=grad]").uncheck()
+    wait_run(w, before)
+    page.wait_for_function(
+        "() => JSON.parse(document.getElementById('inputs').value).b.grad === false"
+    )
+    assert json.loads(page.input_value("#inputs"))["b"] == {
+        "shape": [2], "init": "zeros", "grad": False,
+    }  # fmt: skip
+    page.wait_for_function("() => !document.querySelector(\"#checks tr[data-name='b']\")")
+    # a bad shape is said at its field and nothing is sent
+    before = runs(w)
+    form_row(page, "W").locator("input[name=shape]").fill("3, x")
+    assert "W: shape" in page.inner_text("#input-form-error")
+    assert form_row(page, "W").locator("input[name=shape]").get_attribute("aria-invalid") == "true"
+    form_row(page, "W").locator("input[name=shape]").fill("3, 2")
+    wait_run(w, before)
+    assert page.inner_text("#input-form-error") == ""
+    # an input added counts, and the JSON box edits the form back
+    page.click("#input-add")
+    assert page.inner_text("#inputs-summary") == "(4)"
+    page.fill("#inputs", json.dumps({"x": {"shape": [4, 3], "grad": False},
+                                     "W": {"shape": [3, 2]}, "b": {"shape": [2]}}))  # fmt: skip
+    page.wait_for_function("() => document.querySelectorAll('#inputs-form tbody tr').length === 3")
+    assert form_row(page, "x").locator("input[name=grad]").is_checked() is False
+    assert [e for e in w.errors if "422" not in e] == []
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [1280, 390])
+def test_issue_35_13_sampled_names_are_all_in_view_inside_the_train_card(browser, server, width):
+    """35.13: the sampled names were clipped by the Train card's edge (a list that scrolled in
+    340 px, with no sign of it)."""
+    from tests.browser.conftest import Watched
+
+    context = browser.new_context(viewport={"width": width, "height": 844})
+    context.route(lambda url: not url.startswith(server + "/"), lambda route: route.abort())
+    context.set_default_timeout(120_000)
+    w = Watched(context.new_page(), server)
+    try:
+        open_program(w, "?preset=makemore")
+        page = w.page
+        page.fill("#pt-steps", "20")
+        page.click("#train-start")
+        page.wait_for_function(
+            "() => document.getElementById('train-panel').dataset.state === 'done'"
+        )
+        box = page.evaluate(
+            """() => { const ol = document.getElementById('samples');
+                const card = document.getElementById('train-panel').getBoundingClientRect();
+                const items = [...ol.querySelectorAll('li')].map(li => li.getBoundingClientRect());
+                return { n: items.length, scrolls: ol.scrollHeight > ol.clientHeight + 1,
+                         out: items.filter(r => r.bottom > card.bottom || r.right > card.right
+                                                || r.left < card.left).length,
+                         cut: [...ol.querySelectorAll('li')].filter(li => li.scrollWidth > li.clientWidth + 1).length }; }"""
+        )
+        assert box["n"] >= 10 and not box["scrolls"] and box["out"] == 0 and box["cut"] == 0, box
+        page.locator("#train-panel").screenshot(path=f"/tmp/train-samples-{width}.png")
+    finally:
+        context.close()

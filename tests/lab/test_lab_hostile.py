@@ -11,7 +11,6 @@ import os
 import string
 import sys
 import threading
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -187,20 +186,23 @@ def article_run(client) -> dict:
     return body
 
 
-def test_hostile_battery(client, watch, tmp_path, monkeypatch):
+# The most ops a refused or fuzzed formula may make, dry run and run together: refused at the
+# door or within its first lines, never by running until the deadline (a formula of 2,000
+# characters makes a few hundred, the battery at most about 40)
+MOST_OPS = 500
+
+
+def test_hostile_battery(client, watch, tmp_path, monkeypatch, op_count):
     assert len(HOSTILE) >= 40
     monkeypatch.chdir(tmp_path)
     before = article_run(client)
-    slowest = 0.0
     watch.on = True
     try:
         for source in HOSTILE:
-            start = time.perf_counter()
+            op_count.take()
             response = client.post("/api/run", json={**SMALL, "formulas": {"x.g": source}})
-            elapsed = time.perf_counter() - start
-            slowest = max(slowest, elapsed)
             assert 400 <= response.status_code < 500, (source[:80], response.text[:300])
-            assert elapsed < 2, (source[:80], elapsed)
+            assert op_count.take() <= MOST_OPS, source[:80]
             if response.status_code == 422:
                 (detail,) = response.json()["detail"]
                 assert detail["loc"][:2] == ["body", "formulas"], detail
@@ -270,24 +272,29 @@ TOKENS = [
 ]  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    # op_count is taken afresh by each example
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     st.one_of(
         st.lists(st.sampled_from(TOKENS), max_size=30).map("".join),
         st.text(alphabet=string.printable, max_size=120),
     )
 )
-def test_fuzz_never_crashes_the_server(client, source):
+def test_fuzz_never_crashes_the_server(client, op_count, source):
     """Random token soup and random text: always a 200 or the learner's 422 at the formula's
-    key (never a 5xx, nor a 422 at the body that an engine error could be turned into),
-    quickly."""
-    start = time.perf_counter()
+    key (never a 5xx, nor a 422 at the body that an engine error could be turned into), with
+    little work (ops counted, not timed)."""
+    op_count.take()
     response = client.post("/api/run", json={**SMALL, "formulas": {"x.g": source}})
     assert response.status_code in (200, 422), response.text
     if response.status_code == 422:
         (detail,) = response.json()["detail"]
         assert detail["loc"] == ["body", "formulas", "x.g"], detail
-    assert time.perf_counter() - start < 2
+    assert op_count.take() <= MOST_OPS, source
     if response.status_code == 200:
         assert response.json()["formulas"]["x.g"]["shape"] == [4, 3]
 

@@ -69,3 +69,35 @@ def test_a_leaf_whose_backward_never_ran_asks_for_loss_backward(net):
         "dW: W has no .grad yet: run `loss.backward()` after the forward, then this cell again"
     ]
     assert not report.all_close
+
+
+def test_a_text_runs_again_over_the_names_it_left_and_a_later_one_reads_them(net):
+    """A notebook cell is run twice, and cells build on each other: what a text writes is its
+    own even where the kernel already holds the name; earlier gradients stay readable."""
+    first = check(RIGHT, net)
+    net.update(first.written)
+    again = check(RIGHT, net)
+    assert again.all_close and again.answer["backward_error"] is None
+    net.update(again.written)
+    later = check("dout = (1 - out**2) * dh\ndW = x.T @ dout\n", net)  # reads dh, a slip
+    assert later.first_failure == "out" and later["W"]["after"] == "out"
+    assert {n for n, r in later.check["tensors"].items() if r["written"]} == {"out", "W"}
+    assert "dh" not in later.answer["tensors"]  # an earlier gradient is not an input of this text
+    # a forward tensor is still the forward's
+    refused = check("h = 2 * h\n", net)
+    assert "h is the forward's" in refused.answer["backward_error"]["message"]
+
+
+def test_a_tensor_an_older_forward_left_is_no_tensor_of_this_loss(net):
+    """After the forward runs again, the kernel may still hold the old run's tensors under
+    other names (an earlier loop's `t`): they are not rows of this loss's check."""
+    net["old_h"] = torch.tanh(net["x"] @ net["W"])  # requires grad, not in loss's graph
+    net["old_h"].retain_grad()
+    (net["old_h"] ** 2).sum().backward()
+    net["W"].grad = None
+    net["b"].grad = None
+    net["loss"] = (torch.tanh(net["x"] @ net["W"] + net["b"]) ** 2).sum()
+    net["loss"].backward()
+    report = check("dW = x.T @ x[:, :3]\n", net)
+    assert "old_h" not in report.check["tensors"]
+    assert {"W", "b"} <= set(report.check["tensors"])

@@ -7,15 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parents[2]
-MIME = "application/vnd.broadprop.check+json"
-WIDGET = "application/vnd.jupyter.widget-view+json"
+from tests.notebook.kernel import MIME, ROOT, WIDGET, displays, execute, notebook
 
 SETUP = """\
 import torch
@@ -68,35 +64,13 @@ dW1 = x.T @ dhpre2
 """
 
 
-def _notebook() -> nbformat.NotebookNode:
-    cells = [SETUP, FORWARD, RIGHT_AND_WRONG, KEPT, NO_RETAIN, MISSING]
-    return nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-
-
 @pytest.fixture(scope="module")
 def ran() -> nbformat.NotebookNode:
-    nb = _notebook()
-    before = os.environ.get("PYTHONPATH")
-    # the kernel imports this checkout's broadprop, whichever checkout the venv installed
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [before])])
-    try:
-        NotebookClient(
-            nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
-        ).execute()
-    finally:
-        if before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = before
-    return nb
-
-
-def _displays(cell: nbformat.NotebookNode) -> list[dict]:
-    return [o["data"] for o in cell.outputs if o["output_type"] == "display_data"]
+    return execute(notebook(SETUP, FORWARD, RIGHT_AND_WRONG, KEPT, NO_RETAIN, MISSING), 60)
 
 
 def test_the_cell_gives_one_bundle_with_the_widget_the_page_the_summary_and_the_check(ran):
-    (data,) = _displays(ran.cells[2])
+    (data,) = displays(ran.cells[2])
     assert set(data) == {WIDGET, "text/html", "text/plain", MIME}
     assert data[WIDGET]["model_id"]
     assert "<table" in data["text/html"] and "<svg" in data["text/html"]
@@ -105,7 +79,7 @@ def test_the_cell_gives_one_bundle_with_the_widget_the_page_the_summary_and_the_
 
 
 def test_the_check_is_post_api_programs_answer_with_a_verdict_per_tensor(ran):
-    (data,) = _displays(ran.cells[2])
+    (data,) = displays(ran.cells[2])
     answer = data[MIME]
     assert set(answer) >= {"loss", "tensors", "forward", "backward", "check", "gradients",
                            "backward_error", "timing"}  # fmt: skip
@@ -136,7 +110,7 @@ def test_the_names_the_cell_writes_stay_in_the_kernel(ran):
 def test_a_gradient_of_a_tensor_with_no_grad_gets_one_line_saying_what_to_add(ran):
     cell = ran.cells[5]
     assert not [o for o in cell.outputs if o["output_type"] == "error"]  # never a traceback
-    (data,) = _displays(cell)
+    (data,) = displays(cell)
     plain = data["text/plain"]
     assert "dhpre2: hpre2 has no .grad to check against: add `hpre2.retain_grad()`" in plain
     assert "before `loss2.backward()`" in plain

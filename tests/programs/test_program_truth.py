@@ -183,3 +183,43 @@ def test_the_api_page_names_the_program_routes_and_their_body_limit():
     ):
         assert route in text, route
     assert "1 MiB" in text and "check.all_close" in text
+
+
+def test_the_exported_script_says_the_first_failure_and_its_hint_in_the_pages_order(
+    client, tmp_path
+):
+    """35.9: the file listed failures in another order, with no first failure and no hint."""
+    import subprocess
+    import sys
+
+    slip = MAKEMORE["backward"].replace(
+        "dhpreact = (1.0 - h ** 2) * dh", "dhpreact = (1.0 - hpreact ** 2) * dh"
+    )
+    assert slip != MAKEMORE["backward"]
+    page = post(client, slip)["check"]
+    first = page["first_failure"]
+    assert first == "hpreact"
+    hint = page["tensors"][first]["hint"]
+    assert hint and "1 - h**2, not 1 - hpreact**2" in hint
+    response = client.post("/api/export", json={"program": {**MAKEMORE, "backward": slip},
+                                                "format": "py"})  # fmt: skip
+    assert response.status_code == 200, response.text[:300]
+    path = tmp_path / "broadprop_program.py"
+    path.write_text(response.text)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout.splitlines()
+    # every written gradient, in the page's order (by the line that finishes it)
+    rows = [line.split()[0] for line in out if " exact: " in line]
+    assert rows == [n for n, r in page["tensors"].items() if r["written"]]
+    # the first failure marked on its row, and said at the end with the page's hint
+    (marked,) = [line for line in out if "<- first failure" in line]
+    line = page["tensors"][first]["lines"]
+    assert marked.startswith("hpreact ") and f"(line {line[0]})" in marked
+    later = [n for n, r in page["tensors"].items() if r.get("after") == first]
+    assert later and all(
+        any(o.startswith(n + " ") and "<- uses dhpreact" in o for o in out) for n in later
+    )
+    end = out.index(next(o for o in out if o.startswith("first failure: dhpreact")))
+    assert f"backward line {line[0]}" in out[end] and "fix it first" in out[end]
+    assert hint in out[end + 1]

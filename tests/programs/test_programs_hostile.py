@@ -7,8 +7,6 @@ from strings) and the server's answers unchanged afterwards."""
 
 from __future__ import annotations
 
-import time
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -80,18 +78,20 @@ def _request(which: str, source: str) -> dict:
     return {"inputs": INPUTS, "forward": FORWARD, "backward": source}
 
 
-def test_hostile_programs_get_a_4xx_quickly_and_change_nothing(client, watch, tmp_path):  # noqa: F811
+def test_hostile_programs_get_a_4xx_before_running_and_change_nothing(client, watch, tmp_path):  # noqa: F811
     baseline = client.post("/api/program", json=_request("backward", "dy = torch.ones_like(y)"))
     assert baseline.status_code == 200
     watch.seen.clear()
     watch.on = True
     try:
         for which, source in HOSTILE:
-            start = time.perf_counter()
             r = client.post("/api/program", json=_request(which, source))
-            took = time.perf_counter() - start
             assert 400 <= r.status_code < 500, (source, r.status_code, r.text[:300])
-            assert took < 2.0, (source, took)
+            # refused by the checks before any run (the validation, the dry run, the
+            # estimates: type program_*), never by running until the deadline: the work is
+            # bounded by what the checks read, whatever the machine's load (no timing)
+            if r.status_code == 422:
+                assert all(d["type"].startswith("program_") for d in r.json()["detail"]), source
             loc = r.json()["detail"][0]["loc"] if r.status_code == 422 else None
             if loc is not None and len(loc) >= 2 and loc[1] in ("forward", "backward"):
                 assert loc[1] == which, (source, loc)
@@ -113,7 +113,8 @@ def test_the_battery_covers_what_the_issue_names():
 
 def test_a_program_stops_at_its_deadline_mid_way():
     """A loop of cheap lines that passes the work estimate is still stopped by the run's
-    deadline between statements (not after the whole loop)."""
+    deadline (the interpreter polls it between statements: tests/lab/test_lab_deadline.py
+    counts the polls; nothing here is timed)."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -122,12 +123,9 @@ def test_a_program_stops_at_its_deadline_mid_way():
     app = create_app(Settings(run_deadline_s=0.05, allowed_hosts="testserver"))
     backward = "for k in range(4000):\n    dx = torch.ones_like(x) * k\n"
     with TestClient(app) as c:
-        start = time.perf_counter()
         r = c.post("/api/program", json=_request("backward", backward))
-        took = time.perf_counter() - start
     assert r.status_code in (422, 503), r.text[:300]
     assert "deadline" in r.text or r.status_code == 503
-    assert took < 5.0
 
 
 # --------------------------------------------------------------------------- fuzz

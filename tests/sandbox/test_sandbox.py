@@ -347,3 +347,14 @@ def test_n12_follow_on_a_wrong_formula_says_whose_terms_it_shows(client):
     body["formulas"] = {"w1.g": "x.T @ l1.g"}
     f = client.post("/api/run", json=body).json()["follow"]
     assert f["agrees"] is True and "note" not in f
+
+
+@pytest.mark.parametrize("call", ["torch.sum()", "torch.exp()", "F.softmax()"])
+def test_n11_a_call_with_missing_arguments_never_names_our_own_functions(client, call):
+    body = {"inputs": {"x": {"shape": [3]}}, "forward": f"y = {call}\nloss = x.sum()",
+            "backward": ""}  # fmt: skip
+    r = post(client, body)
+    assert r.status_code == 422
+    message = r.json()["detail"][0]["msg"]
+    assert "Traced" not in message and "self" not in message and "lambda" not in message
+    assert "arguments do not fit" in message and "the tensor" in message

@@ -126,6 +126,46 @@ def test_the_pacer_steps_aside_while_a_run_is_in_flight_and_stops_when_cancelled
         pace()
 
 
+def test_a_run_of_long_formulas_is_weighed_by_their_python_not_its_config():
+    """The flood of issue 34: 42 long formulas on a tiny config were costed at 0.07 s and
+    took the light runs' lane; their Python (about their dry run's) now weighs them out of it,
+    while a short formula on the same config stays light. The work limit is unchanged."""
+    settings = Settings()
+    heavy = admission.admit(RunRequest(**SMALL, formulas=long_formulas()), settings)
+    light = admission.admit(RunRequest(**SMALL, formulas=long_formulas(1)), settings)
+    assert heavy.seconds > lanes.SMALL_RUN_S >= light.seconds
+    assert admission.admit(RunRequest(), settings).seconds <= lanes.SMALL_RUN_S  # the article
+
+
+def test_a_run_of_long_formulas_steps_aside_between_them_while_a_light_run_is_in_flight(
+    monkeypatch,
+):
+    """Counted, not timed: the run calls its pacer once before each learner formula, and the
+    route's pacer sleeps (the GIL free) only while a light run is in flight, a bounded wait."""
+    from app.api import run as route
+    from app.engine import network, pipeline
+
+    cfg = RunRequest(**SMALL, formulas=long_formulas(5))
+    calls: list[int] = []
+    reset = network.PACE.set(lambda: calls.append(1))
+    try:
+        pipeline.run(cfg, 4 << 20)
+    finally:
+        network.PACE.reset(reset)
+    # once per formula in its dry run (the trace) and in each backward pass that runs it
+    # (the run's, and its rerun in float64)
+    assert len(calls) >= 5 + 5 and len(calls) % 5 == 0
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(route.time, "sleep", sleeps.append)
+    pace = route._steps_aside(CancelToken())
+    pace()
+    assert sleeps == []  # no light run: on at once
+    monkeypatch.setattr(route.Light, "in_flight", 1)
+    pace()
+    assert sum(sleeps) == pytest.approx(lanes.PACE_YIELD_S)
+
+
 # --- training takes turns -------------------------------------------------------------------
 
 TINY_TRAINING = {"batch": 40, "in_features": 3, "hidden": [4], "train_batch": 8, "seed": 2}
