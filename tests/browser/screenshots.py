@@ -4,7 +4,7 @@
     .venv/bin/python tests/browser/screenshots.py OUTDIR [--only state ...]  # every state's
 
 Without OUTDIR only the README's pictures are written, in docs/screenshots (page, new-ops,
-lab, data-panel, train-panel, follow-panel, program); `--only` narrows either to the states
+lab, data-panel, train-panel, follow-panel, program, program-gpt); `--only` narrows either to the states
 named. Every picture the README embeds is made here (or by the test named in MADE_BY_TESTS):
 tests/test_readme.py fails on one that is not, or that git does not keep."""
 
@@ -53,6 +53,7 @@ STATES = {  # name: (query, what to do after load[, (width, height)])
     ),
     # the program page: makemore with tanh's derivative taken from its input (README program.png)
     "program": ("program?preset=makemore", "program", (1440, 1100)),
+    "program-gpt": ("program?preset=gpt", None, (1440, 1100)),  # the README's GPT preset
 }
 # the program state's slip: the first failure marked at its row and at its line
 TANH_SLIP = ("dhpreact = (1.0 - h ** 2) * dh", "dhpreact = (1.0 - hpreact ** 2) * dh")
@@ -66,6 +67,7 @@ README_PICTURES = {
     "train-panel.png": "train",
     "follow-panel.png": "follow",
     "program.png": "program",
+    "program-gpt.png": "program-gpt",
 }
 # README pictures a browser test makes as it checks what they show
 MADE_BY_TESTS = {"notebook-widget.png": "tests/browser/test_notebook_widget.py"}
