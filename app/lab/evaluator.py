@@ -1,17 +1,18 @@
-"""Running a checked formula over `Traced` operands.
+"""The lab's expression evaluator: an allowlisted `ast` expression over `Traced` operands.
 
-`evaluate` runs the formula (`app.lab.parse`) over `Traced` operands: on meta tensors it is
-the dry run (shapes, bytes and work before anything is allocated, and the trace in the same
-step format as every built-in op); on real tensors it computes. Shape errors are caught
-before torch sees them and explained with both operands right-aligned and a hint
-(`app.lab.hints`).
+`Evaluator` evaluates one expression at a time and asks whoever runs it (`Names`) what a name
+means: a formula's `Evaluation` (app/lab/evaluation.py, `evaluate`) or a program's
+interpreter (app/lab/statements.py). On meta tensors it is the dry run (shapes, bytes and
+work before anything is allocated, and the trace in the same step format as every built-in
+op); on real tensors it computes. Shape errors are caught before torch sees them and
+explained with both operands right-aligned and a hint (`app.lab.hints`).
 """
 
 from __future__ import annotations
 
 import ast
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, Protocol
 
 import torch
@@ -37,35 +38,28 @@ from app.lab.allowlist import (
     literal_exponent,
 )
 from app.lab.builtins import PythonBuiltins
-from app.lab.parse import Formula, source_segment
+from app.lab.parse import source_segment
 from app.ops.broadcast import BroadcastError, broadcast_rule
-from app.ops.cancel import check_cancelled, is_allocation_failure
+from app.ops.cancel import is_allocation_failure
 from app.ops.joining import TensorList
 from app.ops.making import MakeError, Maker
-from app.ops.traced import COMPARISONS, Traced, _merge_steps
+from app.ops.traced import COMPARISONS, Traced
 
 # --------------------------------------------------------------------------- evaluation
 
 
 class Names(Protocol):
-    """What the evaluator asks of whoever runs it: what a name means, and what a write may do.
-    A formula's `Evaluation` answers for a formula; a program's interpreter
+    """What the evaluator asks of whoever runs it: the value of a bare name (`name`) and of a
+    gradient read as `<name>.g` (`gradient`), what an in-place method (a trailing _) may
+    write (`before_write`, `after_write`), and where a tensor it makes goes (`maker`). A
+    formula's `Evaluation` answers for a formula; a program's interpreter
     (app.lab.statements.Interpreter) for its lines."""
 
-    def name(self, node: ast.Name) -> Any:
-        """The value of a bare name (`x`, `h`)."""
-
-    def gradient(self, node: ast.Attribute) -> Any:
-        """The value of a gradient read as `<name>.g`."""
-
-    def before_write(self, node: ast.AST, target: ast.expr, value: Any) -> None:
-        """Before an in-place method (a trailing _) writes `target`'s tensor `value`."""
-
-    def after_write(self, target: ast.expr, value: Any) -> None:
-        """After an in-place method wrote `target`'s tensor."""
-
-    def maker(self) -> Maker:
-        """Where a tensor the expression makes goes (device, float dtype)."""
+    def name(self, node: ast.Name) -> Any: ...
+    def gradient(self, node: ast.Attribute) -> Any: ...
+    def before_write(self, node: ast.AST, target: ast.expr, value: Any) -> None: ...
+    def after_write(self, target: ast.expr, value: Any) -> None: ...
+    def maker(self) -> Maker: ...
 
 
 class Evaluator(PythonBuiltins):
@@ -478,95 +472,6 @@ def _is_literal(node: ast.AST) -> bool:
     return isinstance(node, ast.Constant) and is_number(node.value)
 
 
-# --------------------------------------------------------------------------- a formula
-
-
-class Evaluation:
-    """One evaluation of a formula over named `Traced` operands: its lines' locals, then its
-    result, each by an `Evaluator` that asks this evaluation what a name means (`Names`)."""
-
-    def __init__(
-        self,
-        formula: Formula,
-        tensors: Mapping[str, Traced],
-        grads: Mapping[str, Traced],
-        pending: Mapping[str, str],
-    ):
-        self.formula = formula
-        self.tensors = tensors  # the run's tensors, by trace name
-        self.grads = grads  # gradients computed before this one, by tensor name
-        self.pending = pending  # gradients of the run not available here: name -> why
-        self.locals: dict[str, Any] = {}
-        self.evaluator = Evaluator(formula.source, self)
-
-    def run(self) -> Traced:
-        for name, node in self.formula.locals:
-            check_cancelled()  # between lines (and after every op, in Traced._make)
-            base = name.removesuffix(".g")
-            if base in self.tensors or base in NAMESPACES:
-                raise FormulaError(
-                    f"`{name} = ...`: {base} is the run's own; choose another local name", "name"
-                )
-            if name != base and base not in self.locals:
-                raise FormulaError(
-                    f"`{name} = ...`: define the local {base} before its gradient", "name"
-                )
-            value = self.evaluator.eval(node)
-            if not isinstance(value, Traced):
-                self.locals[name] = value
-            elif name != base:  # a local's gradient: defined after the local, as in the code
-                self.locals[name] = value.named(name, grad_of=self.locals[base])
-            else:
-                self.locals[name] = value.named(name)
-        value = self.evaluator.eval(self.formula.result)
-        if not isinstance(value, Traced):
-            raise FormulaError(
-                f"{_what(value)}, not a tensor of the gradient's shape", "result_shape"
-            )
-        # every line runs, used or not: its steps are the formula's cost and its trace
-        made = [v.steps for v in self.locals.values() if isinstance(v, Traced)]
-        steps = _merge_steps(*made, value.steps, self.evaluator.take_made_steps())
-        return Traced(value.t, value.expr, value.prec, steps, value.bindings)
-
-    # ---- what a name means in a formula
-
-    def name(self, node: ast.Name) -> Any:
-        if node.id in self.locals:
-            return self.locals[node.id]
-        if node.id in self.tensors:
-            return self.tensors[node.id]
-        fail = self.evaluator.fail
-        if node.id in NAMESPACES:
-            fail(node, f"{node.id} is only for calls such as torch.einsum(...)", "not_allowed")
-        names = ", ".join(self.tensors)
-        fail(node, f"the run has no tensor or local named {node.id}; it has: {names}", "name")
-
-    def gradient(self, node: ast.Attribute) -> Traced:
-        fail = self.evaluator.fail
-        if not isinstance(node.value, ast.Name):
-            fail(node, ".g is read on a tensor's name, as in l1.g", "not_allowed")
-        name = node.value.id
-        if f"{name}.g" in self.locals:
-            return self.locals[f"{name}.g"]
-        if name in self.grads:
-            return self.grads[name]
-        if name in self.pending:
-            fail(node, self.pending[name], "name")
-        have = ", ".join(f"{n}.g" for n in self.grads) or "none"
-        fail(node, f"the run has no gradient {name}.g; available here: {have}", "name")
-
-    def before_write(self, node: ast.AST, target: ast.expr, value: Any) -> None:
-        """An in-place method: a formula never writes."""
-        self.evaluator.fail(node, "in-place methods (a trailing _) are not allowed: formulas "
-                            "never write", "not_allowed")  # fmt: skip
-
-    def after_write(self, target: ast.expr, value: Any) -> None:
-        """Never reached: `before_write` refuses every write."""
-
-    def maker(self) -> Maker:
-        return maker_over([*self.tensors.values(), *self.grads.values()])
-
-
 def maker_over(operands: Iterable[Any]) -> Maker:
     """Where a tensor an expression makes goes: the device of the values it reads (meta in
     the dry run) and their float dtype (the first float tensor's)."""
@@ -577,30 +482,7 @@ def maker_over(operands: Iterable[Any]) -> Maker:
     return Maker(device="meta" if meta else "cpu", dtype=dtype)
 
 
-def evaluate(
-    formula: Formula,
-    tensors: Mapping[str, Traced],
-    grads: Mapping[str, Traced],
-    pending: Mapping[str, str] | None = None,
-) -> Traced:
-    """The formula's value over `Traced` operands (meta: the dry run; real: the numbers).
-
-    `tensors` are the run's tensors by name, `grads` the gradients it may use (by tensor
-    name, each a `Traced` named `<name>.g`), `pending` why the run's other gradients are not
-    available to it."""
-    return Evaluation(formula, tensors, grads, pending or {}).run()
-
-
 def _range_expr(r: range) -> str:
     if r.step != 1:
         return f"torch.arange({r.start}, {r.stop}, {r.step})"
     return f"torch.arange({r.stop})" if r.start == 0 else f"torch.arange({r.start}, {r.stop})"
-
-
-def _what(value: Any) -> str:
-    """What a formula gave instead of a tensor, in the learner's words (never a repr)."""
-    if isinstance(value, Pair):
-        return "the formula gives a pair (values, indices), as .max(dim) does: pick one, e.g. [0]"
-    if isinstance(value, tuple):
-        return f"the formula gives a tuple of {len(value)}"
-    return f"the formula gives the number {value!r}"

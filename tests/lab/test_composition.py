@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from app.lab.allowlist import FormulaError
-from app.lab.evaluator import Evaluation, Evaluator, maker_over
+from app.lab.evaluation import Evaluation
+from app.lab.evaluator import Evaluator, maker_over
 from app.lab.parse import parse
 from app.lab.statements import Interpreter, parse_program
 from app.ops.making import Maker
