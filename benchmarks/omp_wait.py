@@ -24,7 +24,7 @@ def hog() -> None:
 
 
 def measure(cfg, label: str) -> None:
-    from app.engine import pipeline
+    from app.runs import pipeline
 
     out: dict[str, float] = {}
 

@@ -25,7 +25,7 @@ class LiveServer:
     """Started and healthy on construction (RuntimeError with the server's last words if it
     does not come up within `start_s`); `env`: BROADPROP_* settings for it."""
 
-    def __init__(self, start_s: float = 60, **env: str) -> None:
+    def __init__(self, start_s: float = 120, **env: str) -> None:
         self.port = free_port()
         # a file, not a pipe: a chatty server must never block on a pipe nobody reads
         self._log = tempfile.TemporaryFile()

@@ -38,10 +38,11 @@ def setup_cell(req: ProgramRequest) -> str:
         f"g = torch.Generator().manual_seed({req.seed})",
     ]
     params = []
+    if any(spec.data is not None for spec in req.inputs.values()):
+        lines.append("from app.programs.inputs import names_data  # makemore's contexts")
     for name, spec in req.inputs.items():
         if spec.data is not None:
             part = 0 if spec.field == "X" else 1
-            lines.append("from app.programs.inputs import names_data  # makemore's contexts")
             lines.append(f"{name} = names_data({spec.block_size}, {spec.rows}, {req.seed})[{part}]")
         elif spec.value is not None:
             lines.append(f"{name} = {spec.value!r}")

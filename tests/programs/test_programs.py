@@ -503,8 +503,12 @@ def test_an_exported_program_checks_itself_as_the_server_did(
     if verdict:
         failing = {n for n, row in server["check"]["tensors"].items() if row["written"]
                    and not row["allclose"]}  # fmt: skip
-        named = done.stdout.strip().splitlines()[-1]
+        # the failing names, then the first failure and why (as the page orders them)
+        (named,) = [
+            ln for ln in done.stdout.splitlines() if ln.startswith("differs from autograd:")
+        ]
         assert all(n in named for n in failing), named
+        assert done.stdout.strip().splitlines()[-2].startswith("first failure: ")
 
 
 def test_a_program_exports_as_a_valid_notebook(client):

@@ -143,7 +143,8 @@ def test_a_run_of_long_formulas_steps_aside_between_them_while_a_light_run_is_in
     """Counted, not timed: the run calls its pacer once before each learner formula, and the
     route's pacer sleeps (the GIL free) only while a light run is in flight, a bounded wait."""
     from app.api import run as route
-    from app.engine import network, pipeline
+    from app.engine import network
+    from app.runs import pipeline
 
     cfg = RunRequest(**SMALL, formulas=long_formulas(5))
     calls: list[int] = []
