@@ -12,7 +12,8 @@ from typing import Any
 from app.check import reference, tolerance
 from app.check.recheck import RECHECK_MAX_BYTES
 from app.engine.tensors import input_specs
-from app.export.lines import module_body
+from app.export import frames
+from app.export.lines import framed, module_body
 
 # --------------------------------------------------------------------------- the reference
 
@@ -109,13 +110,12 @@ def check_statements(
         + f"{RECHECK_MAX_BYTES >> 20} MiB of tensors and gradients) to rerun a failing check",
         "",
         "",
-        f"def manual_gradients({', '.join(names)}):",
-        '    """The forward and backward statements above, again, as a function: the rounding',
-        '    recheck runs them on the tensors in the other precision."""',
-        *(f"    {line}" for line in manual_pass),
-        "    return {",
-        *(f'        "{c.name}": {c.manual},' for c in checks),
-        "    }",
+        *framed(
+            frames.manual_gradients,
+            TENSORS=", ".join(names),
+            MANUAL_PASS=manual_pass,
+            GRADIENTS="{\n" + "".join(f'    "{c.name}": {c.manual},\n' for c in checks) + "}",
+        ),
         "",
         "",
         "manual = {",

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+import io
 import re
-from collections.abc import Sequence
+import textwrap
+import tokenize
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -198,3 +201,39 @@ def _strip(lines: list[str]) -> list[str]:
     while lines and not lines[-1].strip():
         lines = lines[:-1]
     return lines
+
+
+def framed(frame: Callable, **marks: str | list[str]) -> list[str]:
+    """A frame's source (app/export/frames.py, `inspect.getsource`) with its marks filled: a
+    line that is a mark alone gets the mark's lines (a list), indented as the mark; a mark
+    inside a line is replaced by its text (a str; a later line of it indented as that line).
+    Every mark given must be in the frame, and every mark in the frame given."""
+    source = textwrap.dedent(inspect.getsource(frame)).rstrip("\n")
+    lines = source.split("\n")
+    known = set(getattr(inspect.getmodule(frame), "MARKS", ())) | set(marks)
+    used: set[str] = set()
+    inline: dict[int, list[tuple[int, int, str]]] = {}  # row -> (start, end, text), in order
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.string in known:
+            used.add(tok.string)
+            inline.setdefault(tok.start[0] - 1, []).append((tok.start[1], tok.end[1], tok.string))
+    if used != set(marks):
+        absent, unfilled = sorted(set(marks) - used), sorted(used - set(marks))
+        raise ValueError(f"{frame.__name__}: marks not in it {absent}, marks not given {unfilled}")
+    out: list[str] = []
+    for row, line in enumerate(lines):
+        indent = line[: len(line) - len(line.lstrip())]
+        found = inline.get(row, [])
+        if len(found) == 1 and line.strip() == found[0][2]:
+            block = marks[found[0][2]]
+            if not isinstance(block, list):
+                raise ValueError(f"{found[0][2]} stands alone in {frame.__name__}: give it lines")
+            out += textwrap.indent("\n".join(block), indent).split("\n") if block else []
+            continue
+        for start, end, mark in reversed(found):
+            text = marks[mark]
+            if not isinstance(text, str):
+                raise ValueError(f"{mark} is inside a line of {frame.__name__}: give it text")
+            line = line[:start] + text.replace("\n", "\n" + indent) + line[end:]
+        out += line.split("\n")
+    return out

@@ -5,10 +5,10 @@ checks every written gradient cmp()-style. The script exits 0 exactly when every
 gradient matches.
 
 The learner's lines are copied verbatim: they passed the allowlist, and every call they make
-means in PyTorch what it meant on the server (app/lab/statements.py). They run inside a
-function `program(dtype)`: in the run's dtype, and again in float64 to measure the rounding
-both sides carry exactly where the server reruns (`Plan.rerun`, app/programs/plan.py). The
-check itself is Broadprop's code, embedded: app/check/tolerance.py, the diagnosis's `explain`
+means in PyTorch what it meant on the server (app/lab/statements.py). They run inside the
+function `program(DTYPE)`, app/export/frames.py's own source with the lines set in as data: in
+the run's dtype, and again in float64 to measure the rounding both sides carry exactly where
+the server reruns (`Plan.rerun`, app/programs/plan.py). The check itself is Broadprop's code, embedded: app/check/tolerance.py, the diagnosis's `explain`
 and app/export/witness.py.
 """
 
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import textwrap
 
 import nbformat
 
 from app.check import diagnosis, tolerance
-from app.export import witness
-from app.export.lines import module_body
+from app.export import frames, witness
+from app.export.lines import framed, module_body
 from app.programs import run as programs
 from app.programs.check import code_hint
 from app.programs.diagnose import gradient_reads
@@ -42,7 +41,7 @@ MEDIA_TYPES = {"py": "text/x-python; charset=utf-8", "ipynb": "application/x-ipy
 
 def _inputs_code(req: ProgramRequest, has_grad: list[str]) -> list[str]:
     """The inputs, made as app/programs/inputs.py makes them, in the order given."""
-    lines = [f"g = torch.Generator().manual_seed({req.seed})"]
+    lines = []  # after the frame's generator `g`, seeded with req.seed
     for name, spec in req.inputs.items():
         if spec.data is not None:
             part = {"X": 0, "Y": 1, "Yseq": 2}[spec.field]
@@ -91,9 +90,7 @@ def sections(req: ProgramRequest, plan: programs.Plan) -> list[dict[str, str]]:
     uses_names = any(s.data is not None for s in req.inputs.values())
     grad_inputs = [n for n in req.inputs if n in plan.has_grad]
     retain = [n for n in plan.has_grad if n not in req.inputs]
-    forward = textwrap.indent(req.forward.strip("\n"), "    ")
     # leading blank lines kept: the script's backward lines count as the server's do
-    backward = textwrap.indent(req.backward.rstrip() or "pass", "        ")
     detach = [*req.inputs, *plan.intermediates]
     rerun_note = (
         "rerun in float64 to measure the rounding both sides carry, as the server does"
@@ -117,36 +114,19 @@ import torch.nn.functional as F
 RUN_DTYPE = DTYPE = {dtype}
 RERUN = {plan.rerun!r}  # {rerun_note}
 '''
-    body = [
-        "def program(DTYPE):",
-        '    """Inputs, forward, autograd and your backward, in precision DTYPE."""',
-        "    torch.set_default_dtype(torch.float32)  # the inputs are drawn as the server draws them",
-        textwrap.indent("\n".join(inputs), "    "),
-        *(f"    {n} = {n}.to(DTYPE).requires_grad_()" for n in grad_inputs),
-        "    # tensors the program makes take the run's dtype, and its draws (torch.rand, randn,",
-        "    # F.dropout) continue the inputs' generator, as on the server",
-        "    torch.set_default_dtype(DTYPE)",
-        "    torch.set_rng_state(g.get_state())",
-        "    torch.set_grad_enabled(True)",
-        "    # ---- your forward",
-        forward,
-        *(f"    {n}.retain_grad()" for n in retain),
-        f"    {req.loss}.backward()",
-        "    autograd = {" + ", ".join(f"{n!r}: _grad({n})" for n in plan.has_grad) + "}",
-        "    # ---- your backward: no autograd, on detached copies",
-        "    torch.set_grad_enabled(False)",
-        *(f"    {n} = {n}.detach() if isinstance({n}, torch.Tensor) else {n}" for n in detach),
-        "    cmp = _skip  # a notebook's own check lines: the check below covers them",
-        "    first = sys._getframe().f_lineno + 2  # the line of your backward's line 1",
-        "    try:",
-        backward,
-        "    except Exception as error:  # as on the server: the lines before it are checked",
-        "        _stopped(error, first)",
-        "    manual = _written({"
-        + ", ".join(f"{t!r}: lambda: {spelled}" for t, spelled in written.items())
-        + "})",
-        f"    return {req.loss}.item(), manual, autograd",
-    ]
+    body = framed(
+        frames.program,
+        SEED=str(req.seed),
+        INPUTS=inputs,
+        LEAVES=[f"{n} = {n}.to(DTYPE).requires_grad_()" for n in grad_inputs],
+        FORWARD=req.forward.strip("\n").split("\n"),
+        RETAIN=[f"{n}.retain_grad()" for n in retain],
+        LOSS=req.loss,
+        AUTOGRAD="{" + ", ".join(f"{n!r}: _grad({n})" for n in plan.has_grad) + "}",
+        DETACH=[f"{n} = {n}.detach() if isinstance({n}, torch.Tensor) else {n}" for n in detach],
+        BACKWARD=(req.backward.rstrip() or "pass").split("\n"),
+        WRITTEN=repr(written),
+    )
     check = f"\n\n{SCRIPT_END}\n"
     reads = {t: sorted(r) for t, r in gradient_reads(plan).items() if r}
     where = _lines(plan)

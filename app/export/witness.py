@@ -104,14 +104,16 @@ def _stopped(error, first):
     STOPPED.append(line)
 
 
-def _written(gradients):
-    """The gradients your backward wrote before it stopped (all of them, when it ran):
-    `gradients` maps each tensor to a function reading its gradient's name."""
+def _written(scope, spelled):
+    """The gradients your backward wrote before it stopped (all of them, when it ran): each
+    tensor's gradient read from `scope` (the program's locals) by the name your backward gives
+    it (`spelled`: `dW1`, or `W1.g`)."""
     out = {}
-    for name, value in gradients.items():
+    for name, spelling in spelled.items():
+        base, _, attribute = spelling.partition(".")
         try:
-            out[name] = value()
-        except (NameError, AttributeError):  # never written: the backward stopped before
+            out[name] = getattr(scope[base], attribute) if attribute else scope[base]
+        except (KeyError, AttributeError):  # never written: the backward stopped before
             pass
     return out
 

@@ -1,6 +1,6 @@
 """Python's own functions a formula or program calls: `range`, `len`, `float('-inf')`, `int`,
 `reversed(range(T))`, each on what it means in Python and bounded (a range at most
-`MAX_RANGE` long). A mixin of the evaluator (`app.lab.evaluator.Evaluation`)."""
+`MAX_RANGE` long). A mixin of the expression evaluator (`app.lab.evaluator.Evaluator`)."""
 
 from __future__ import annotations
 

@@ -1,18 +1,19 @@
-"""Running a checked formula over `Traced` operands.
+"""The lab's expression evaluator: an allowlisted `ast` expression over `Traced` operands.
 
-`evaluate` runs the formula (`app.lab.parse`) over `Traced` operands: on meta tensors it is
-the dry run (shapes, bytes and work before anything is allocated, and the trace in the same
-step format as every built-in op); on real tensors it computes. Shape errors are caught
-before torch sees them and explained with both operands right-aligned and a hint
-(`app.lab.hints`).
+`Evaluator` evaluates one expression at a time and asks whoever runs it (`Names`) what a name
+means: a formula's `Evaluation` (app/lab/evaluation.py, `evaluate`) or a program's
+interpreter (app/lab/statements.py). On meta tensors it is the dry run (shapes, bytes and
+work before anything is allocated, and the trace in the same step format as every built-in
+op); on real tensors it computes. Shape errors are caught before torch sees them and
+explained with both operands right-aligned and a hint (`app.lab.hints`).
 """
 
 from __future__ import annotations
 
 import ast
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn, Protocol
 
 import torch
 
@@ -37,61 +38,40 @@ from app.lab.allowlist import (
     literal_exponent,
 )
 from app.lab.builtins import PythonBuiltins
-from app.lab.parse import Formula, source_segment
+from app.lab.parse import source_segment
 from app.ops.broadcast import BroadcastError, broadcast_rule
-from app.ops.cancel import check_cancelled, is_allocation_failure
+from app.ops.cancel import is_allocation_failure
 from app.ops.joining import TensorList
 from app.ops.making import MakeError, Maker
-from app.ops.traced import COMPARISONS, Traced, _merge_steps
+from app.ops.traced import COMPARISONS, Traced
 
 # --------------------------------------------------------------------------- evaluation
 
 
-class Evaluation(PythonBuiltins):
-    """One evaluation of a formula over named `Traced` operands."""
+class Names(Protocol):
+    """What the evaluator asks of whoever runs it: the value of a bare name (`name`) and of a
+    gradient read as `<name>.g` (`gradient`), what an in-place method (a trailing _) may
+    write (`before_write`, `after_write`), and where a tensor it makes goes (`maker`). A
+    formula's `Evaluation` answers for a formula; a program's interpreter
+    (app.lab.statements.Interpreter) for its lines."""
 
-    def __init__(
-        self,
-        formula: Formula,
-        tensors: Mapping[str, Traced],
-        grads: Mapping[str, Traced],
-        pending: Mapping[str, str],
-    ):
-        self.formula = formula
-        self.source = formula.source
-        self.tensors = tensors  # the run's tensors, by trace name
-        self.grads = grads  # gradients computed before this one, by tensor name
-        self.pending = pending  # gradients of the run not available here: name -> why
-        self.locals: dict[str, Any] = {}
+    def name(self, node: ast.Name) -> Any: ...
+    def gradient(self, node: ast.Attribute) -> Any: ...
+    def before_write(self, node: ast.AST, target: ast.expr, value: Any) -> None: ...
+    def after_write(self, target: ast.expr, value: Any) -> None: ...
+    def maker(self) -> Maker: ...
 
-    def run(self) -> Traced:
-        for name, node in self.formula.locals:
-            check_cancelled()  # between lines (and after every op, in Traced._make)
-            base = name.removesuffix(".g")
-            if base in self.tensors or base in NAMESPACES:
-                raise FormulaError(
-                    f"`{name} = ...`: {base} is the run's own; choose another local name", "name"
-                )
-            if name != base and base not in self.locals:
-                raise FormulaError(
-                    f"`{name} = ...`: define the local {base} before its gradient", "name"
-                )
-            value = self.eval(node)
-            if not isinstance(value, Traced):
-                self.locals[name] = value
-            elif name != base:  # a local's gradient: defined after the local, as in the code
-                self.locals[name] = value.named(name, grad_of=self.locals[base])
-            else:
-                self.locals[name] = value.named(name)
-        value = self.eval(self.formula.result)
-        if not isinstance(value, Traced):
-            raise FormulaError(
-                f"{_what(value)}, not a tensor of the gradient's shape", "result_shape"
-            )
-        # every line runs, used or not: its steps are the formula's cost and its trace
-        made = [v.steps for v in self.locals.values() if isinstance(v, Traced)]
-        steps = _merge_steps(*made, value.steps, self.take_made_steps())
-        return Traced(value.t, value.expr, value.prec, steps, value.bindings)
+
+class Evaluator(PythonBuiltins):
+    """Evaluates one expression's `ast` over `Traced` operands, asking `names` what a name
+    means and what a write may do. One method per node type; a node it does not know is
+    refused."""
+
+    def __init__(self, source: str, names: Names):
+        self.source = source
+        self.names = names
+        self.made_steps: list = []  # the steps of every tensor made since the last take
+        self._made_ids: set[int] = set()
 
     def eval(self, node: ast.AST) -> Any:
         handler = _HANDLERS.get(type(node))
@@ -99,7 +79,7 @@ class Evaluation(PythonBuiltins):
             self.fail(node, "not allowed here", "not_allowed")
         return getattr(self, handler)(node)
 
-    def fail(self, node: ast.AST, message: str, kind: str = "formula", **details: Any):
+    def fail(self, node: ast.AST, message: str, kind: str = "formula", **details: Any) -> NoReturn:
         segment = source_segment(self.source, node)
         raise FormulaError(f"`{segment}`: {message}", kind, expr=segment, **details)
 
@@ -111,18 +91,11 @@ class Evaluation(PythonBuiltins):
         return node.value
 
     def _Name(self, node: ast.Name) -> Any:
-        if node.id in self.locals:
-            return self.locals[node.id]
-        if node.id in self.tensors:
-            return self.tensors[node.id]
-        if node.id in NAMESPACES:
-            self.fail(node, f"{node.id} is only for calls such as torch.einsum(...)", "not_allowed")
-        names = ", ".join(self.tensors)
-        self.fail(node, f"the run has no tensor or local named {node.id}; it has: {names}", "name")
+        return self.names.name(node)
 
     def _Attribute(self, node: ast.Attribute) -> Any:
         if node.attr == "g":
-            return self._gradient(node)
+            return self.names.gradient(node)
         if isinstance(node.value, ast.Name) and node.value.id == "torch" and node.attr in DTYPES:
             return DTYPES[node.attr]
         if isinstance(node.value, ast.Name) and node.value.id == "math":
@@ -141,31 +114,18 @@ class Evaluation(PythonBuiltins):
                 "not_allowed",
             )
         if isinstance(value, Pair):
-            self._pair_misused(node)
+            self.pair_misused(node)
         if node.attr not in ATTRIBUTES or not isinstance(value, Traced):
             self.fail(node, f".{node.attr} must be called, on a tensor", "not_allowed")
-        return self._apply(node, ATTRIBUTES[node.attr], value)
+        return self.apply(node, ATTRIBUTES[node.attr], value)
 
-    def _pair_misused(self, node: ast.AST) -> None:
+    def pair_misused(self, node: ast.AST) -> None:
         self.fail(
             node,
             "x.max(dim) and x.min(dim) give (values, indices), as in PyTorch: take "
             "x.max(dim).values (or x.amax(dim)) for the numbers",
             "not_allowed",
         )
-
-    def _gradient(self, node: ast.Attribute) -> Traced:
-        if not isinstance(node.value, ast.Name):
-            self.fail(node, ".g is read on a tensor's name, as in l1.g", "not_allowed")
-        name = node.value.id
-        if f"{name}.g" in self.locals:
-            return self.locals[f"{name}.g"]
-        if name in self.grads:
-            return self.grads[name]
-        if name in self.pending:
-            self.fail(node, self.pending[name], "name")
-        have = ", ".join(f"{n}.g" for n in self.grads) or "none"
-        self.fail(node, f"the run has no gradient {name}.g; available here: {have}", "name")
 
     # ---- operators
 
@@ -183,7 +143,7 @@ class Evaluation(PythonBuiltins):
         symbol = OPERATORS[type(node.op)]
         left, right = self.eval(node.left), self.eval(node.right)
         if isinstance(left, Pair) or isinstance(right, Pair):
-            self._pair_misused(node)
+            self.pair_misused(node)
         if symbol == "**":
             return self._power(node, left, right)
         if symbol in ("//", "%"):
@@ -195,27 +155,27 @@ class Evaluation(PythonBuiltins):
         if symbol == "@" and not (isinstance(left, Traced) and isinstance(right, Traced)):
             self.fail(node, "@ multiplies two tensors", "not_allowed")
         if is_number(left) and is_number(right):
-            return self._number(node, symbol, left, right)
+            return self.number(node, symbol, left, right)
         if not all(isinstance(v, Traced) or is_number(v) for v in (left, right)):
             self.fail(node, f"{symbol} takes tensors and numbers", "not_allowed")
         if symbol == "@":
             return self._matmul(node, left, right)
         if isinstance(left, Traced) and isinstance(right, Traced):
-            self._check_broadcast(node, symbol, left, right)
+            self.check_broadcast(node, symbol, left, right)
         ops = {"+": _add, "-": _sub, "*": _mul, "/": _div}
-        return self._apply(node, ops[symbol], left, right)
+        return self.apply(node, ops[symbol], left, right)
 
     def _power(self, node: ast.BinOp, base: Any, exponent: Any) -> Any:
         if not is_number(exponent) or not _is_literal(node.right):
             self.fail(node, "the exponent must be a literal number, as in x ** 2", "not_allowed")
         exponent = literal_exponent(exponent)
         if isinstance(base, Traced):
-            return self._apply(node, lambda b: b**exponent, base)
+            return self.apply(node, lambda b: b**exponent, base)
         if is_number(base):
-            return self._number(node, "**", base, exponent)
+            return self.number(node, "**", base, exponent)
         self.fail(node, "** takes a tensor or a number", "not_allowed")
 
-    def _number(self, node: ast.AST, symbol: str, a: float, b: float) -> float:
+    def number(self, node: ast.AST, symbol: str, a: float, b: float) -> float:
         """Arithmetic on Python numbers, bounded: operands are at most MAX_INT and exponents
         at most MAX_EXPONENT, so no result is ever a huge integer."""
         try:
@@ -234,7 +194,7 @@ class Evaluation(PythonBuiltins):
             self.fail(node, f"the result is above {MAX_INT}", "not_allowed")
         return value
 
-    def _check_broadcast(self, node: ast.AST, symbol: str, left: Traced, right: Traced) -> None:
+    def check_broadcast(self, node: ast.AST, symbol: str, left: Traced, right: Traced) -> None:
         try:
             broadcast_rule(left.shape, right.shape)
         except BroadcastError as err:
@@ -264,7 +224,7 @@ class Evaluation(PythonBuiltins):
                     {"expr": e, "shape": list(s)} for e, s in zip(exprs, (left.shape, right.shape))
                 ],
             )
-        return self._apply(node, _matmul, left, right)
+        return self.apply(node, _matmul, left, right)
 
     def _Compare(self, node: ast.Compare) -> Any:
         op = COMPARE_OPS[type(node.ops[0])]
@@ -275,7 +235,7 @@ class Evaluation(PythonBuiltins):
         if not isinstance(left, Traced):
             self.fail(node, "put the tensor on the left of a comparison", "not_allowed")
         if isinstance(right, Traced):
-            self._check_broadcast(
+            self.check_broadcast(
                 ast.BinOp(left=node.left, op=ast.Mult(), right=node.comparators[0]),
                 COMPARISONS[op],
                 left,
@@ -283,13 +243,13 @@ class Evaluation(PythonBuiltins):
             )
         elif not is_number(right):
             self.fail(node, "a tensor compares with a tensor or a number", "not_allowed")
-        return self._apply(node, lambda a, b: a.compare(op, b), left, right)
+        return self.apply(node, lambda a, b: a.compare(op, b), left, right)
 
     # ---- indexing
 
     def _Subscript(self, node: ast.Subscript) -> Any:
         value = self.eval(node.value)
-        index = self._index(node.slice)
+        index = self.subscript(node.slice)
         parts = index if isinstance(index, tuple) else (index,)
         if isinstance(value, Pair):  # (values, indices)[0]
             if not is_int(index) or index not in (0, 1, -1, -2):
@@ -298,7 +258,7 @@ class Evaluation(PythonBuiltins):
         if any(isinstance(p, (Traced, range)) for p in parts):
             if not isinstance(value, Traced):
                 self.fail(node, "only tensors are indexed by tensors", "not_allowed")
-            return self._apply(node, self._advanced_index, value, parts)
+            return self.apply(node, self.advanced_index, value, parts)
         if not all(p is None or p is Ellipsis or is_int(p) or isinstance(p, slice) for p in parts):
             self.fail(node, "index with whole numbers, slices, None, ... and tensors only",
                       "not_allowed")  # fmt: skip
@@ -306,7 +266,7 @@ class Evaluation(PythonBuiltins):
             isinstance(value, TensorList) or any(isinstance(v, Traced) for v in value)
         ):  # a list of tensors, or split's pieces: hs[t], hs[-1], hs[1:]
             if is_int(index):
-                return self._apply(node, lambda v: v[index], value)
+                return self.apply(node, lambda v: v[index], value)
             if isinstance(index, slice):
                 return TensorList(value[index])
             self.fail(node, "a list of tensors is indexed by a whole number or a slice",
@@ -314,18 +274,18 @@ class Evaluation(PythonBuiltins):
         if isinstance(value, (tuple, list)):  # a shape
             if not is_int(index):
                 self.fail(node, "a shape is indexed by one whole number", "not_allowed")
-            return self._apply(node, lambda v: v[index], value)
+            return self.apply(node, lambda v: v[index], value)
         if not isinstance(value, Traced):
             self.fail(node, "only tensors and shapes can be indexed", "not_allowed")
-        return self._apply(node, lambda v: v[index], value)
+        return self.apply(node, lambda v: v[index], value)
 
-    def _index(self, node: ast.AST) -> Any:
+    def subscript(self, node: ast.AST) -> Any:
         """An index: a tuple's parts may be tensors and ranges (`logprobs[range(n), Yb]`)."""
         if isinstance(node, ast.Tuple):
             return tuple(self.eval(e) for e in node.elts)
         return self.eval(node)
 
-    def _advanced_index(self, value: Traced, parts: tuple) -> Traced:
+    def advanced_index(self, value: Traced, parts: tuple) -> Traced:
         """Indexing with tensors as torch does it; `range(n)` is `torch.arange(n)`."""
         converted = []
         for p in parts:
@@ -389,7 +349,7 @@ class Evaluation(PythonBuiltins):
         else:
             value = self.eval(func.value)
             if isinstance(value, Pair):
-                self._pair_misused(node)
+                self.pair_misused(node)
             if isinstance(value, list):
                 method = LIST_METHODS.get(func.attr)
                 if method is None or not isinstance(value, TensorList):
@@ -402,10 +362,10 @@ class Evaluation(PythonBuiltins):
                 if not isinstance(value, Traced):
                     self.fail(node, f".{func.attr}() is called on a tensor", "not_allowed")
             if method.writes:
-                self.before_write(node, func.value, value)
+                self.names.before_write(node, func.value, value)
             receiver = (value,)
         if method.made:
-            receiver = (self.maker(), *receiver)
+            receiver = (self.names.maker(), *receiver)
         args = [self._argument(a) for a in node.args]
         kwargs = {}
         for kw in node.keywords:
@@ -417,17 +377,14 @@ class Evaluation(PythonBuiltins):
             if arg in kwargs:
                 self.fail(node, f"keyword {arg}= is given twice", "not_allowed")
             kwargs[arg] = self._argument(kw.value)
-        result = self._apply(node, method.call, *receiver, *args, **kwargs)
+        result = self.apply(node, method.call, *receiver, *args, **kwargs)
         if method.writes:
-            self.after_write(func.value, result)
+            self.names.after_write(func.value, result)
         return result
 
     def _made(self, value: Any) -> None:
         """Every step an op makes is costed, even one whose value is dropped (`(huge, x)[1]`,
         `[huge, x][1]`): the steps of each tensor made, kept until the line is costed."""
-        if not hasattr(self, "made_steps"):
-            self.made_steps: list = []
-            self._made_ids: set[int] = set()
         values = value if isinstance(value, (list, tuple)) else (value,)
         for v in values:
             if isinstance(v, Traced):
@@ -438,37 +395,9 @@ class Evaluation(PythonBuiltins):
 
     def take_made_steps(self) -> list:
         """The steps made since the last call (a statement's, for its cost)."""
-        steps = getattr(self, "made_steps", [])
+        steps = self.made_steps
         self.made_steps, self._made_ids = [], set()
         return steps
-
-    def before_write(self, node: ast.AST, target: ast.expr, value: Any) -> None:
-        """An in-place method: a formula never writes (a program's interpreter decides)."""
-        self.fail(node, "in-place methods (a trailing _) are not allowed: formulas never write",
-                  "not_allowed")  # fmt: skip
-
-    def after_write(self, target: ast.expr, value: Any) -> None:
-        """After an in-place method wrote `target`'s tensor (a program rebinds the name)."""
-
-    def maker(self) -> Maker:
-        """Where a tensor the formula makes goes: the run's device and float dtype (its
-        first float tensor's)."""
-        tensors = [v.t for v in self.operands() if isinstance(v, Traced)]
-        floats = [t for t in tensors if t.is_floating_point()]
-        meta = bool(tensors) and tensors[0].is_meta
-        dtype = floats[0].dtype if floats else torch.float32
-        return Maker(device="meta" if meta else "cpu", dtype=dtype)
-
-    def operands(self) -> list[Any]:
-        """The values a formula reads: the run's tensors and gradients."""
-        return [*self.tensors.values(), *self.grads.values()]
-
-    def device(self) -> torch.Tensor:
-        """A tensor on the run's device (meta in the dry run), for what a formula makes."""
-        for value in (*self.tensors.values(), *self.grads.values()):
-            if isinstance(value, Traced):
-                return value.t
-        return torch.empty(0)
 
     def _argument(self, node: ast.AST) -> Any:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -479,7 +408,7 @@ class Evaluation(PythonBuiltins):
 
     # ---- applying an operation
 
-    def _apply(self, node: ast.AST, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def apply(self, node: ast.AST, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one allowed operation; torch's own complaints become the learner's message."""
         try:
             result = fn(*args, **kwargs)
@@ -498,8 +427,7 @@ class Evaluation(PythonBuiltins):
             self.fail(node, first_line, "shape" if "size" in first_line else "formula")
 
 
-# node type -> the method that evaluates it (looked up on the instance, so a subclass such
-# as app.lab.statements.Interpreter can say what a name means)
+# node type -> the evaluator's method that evaluates it
 _HANDLERS: dict[type, str] = {
     node: f"_{node.__name__}"
     for node in (
@@ -544,30 +472,17 @@ def _is_literal(node: ast.AST) -> bool:
     return isinstance(node, ast.Constant) and is_number(node.value)
 
 
-def evaluate(
-    formula: Formula,
-    tensors: Mapping[str, Traced],
-    grads: Mapping[str, Traced],
-    pending: Mapping[str, str] | None = None,
-) -> Traced:
-    """The formula's value over `Traced` operands (meta: the dry run; real: the numbers).
-
-    `tensors` are the run's tensors by name, `grads` the gradients it may use (by tensor
-    name, each a `Traced` named `<name>.g`), `pending` why the run's other gradients are not
-    available to it."""
-    return Evaluation(formula, tensors, grads, pending or {}).run()
+def maker_over(operands: Iterable[Any]) -> Maker:
+    """Where a tensor an expression makes goes: the device of the values it reads (meta in
+    the dry run) and their float dtype (the first float tensor's)."""
+    tensors = [v.t for v in operands if isinstance(v, Traced)]
+    floats = [t for t in tensors if t.is_floating_point()]
+    meta = bool(tensors) and tensors[0].is_meta
+    dtype = floats[0].dtype if floats else torch.float32
+    return Maker(device="meta" if meta else "cpu", dtype=dtype)
 
 
 def _range_expr(r: range) -> str:
     if r.step != 1:
         return f"torch.arange({r.start}, {r.stop}, {r.step})"
     return f"torch.arange({r.stop})" if r.start == 0 else f"torch.arange({r.start}, {r.stop})"
-
-
-def _what(value: Any) -> str:
-    """What a formula gave instead of a tensor, in the learner's words (never a repr)."""
-    if isinstance(value, Pair):
-        return "the formula gives a pair (values, indices), as .max(dim) does: pick one, e.g. [0]"
-    if isinstance(value, tuple):
-        return f"the formula gives a tuple of {len(value)}"
-    return f"the formula gives the number {value!r}"

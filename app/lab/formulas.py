@@ -16,7 +16,7 @@ import torch
 
 from app.lab import hints
 from app.lab.allowlist import FormulaError
-from app.lab.evaluator import evaluate
+from app.lab.evaluation import evaluate
 from app.lab.parse import Formula, parse
 from app.ops.traced import Traced
 from app.refusal import Refused

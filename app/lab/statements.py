@@ -26,14 +26,14 @@ is its own steps, and a long program costs in proportion to its length.
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from app.lab.allowlist import FormulaError, Pair, is_number
-from app.lab.evaluator import Evaluation
+from app.lab.evaluator import Evaluator, maker_over
 from app.lab.parse import source_segment
 from app.lab.parse_program import AUG, Program, ProgramError, is_cmp, parse_program
 from app.ops.joining import TensorList
@@ -61,10 +61,12 @@ class Executed:
     grad_of: str | None = None  # a backward line: the tensor whose gradient it writes
 
 
-class Interpreter(Evaluation):
+class Interpreter:
     """Runs a checked program over a scope of names (meta tensors: the dry run; real: the
-    numbers). Subclasses decide what a name means (`resolve`) and what an assignment writes
-    (`assign`)."""
+    numbers). Its expressions are the formula lab's `Evaluator`, which asks this interpreter
+    what a name means (`name`, `gradient`: `resolve`) and what a write may do
+    (`before_write`, `after_write`); subclasses decide what a name means (`resolve`) and
+    what an assignment writes (`assign`)."""
 
     def __init__(
         self,
@@ -79,10 +81,7 @@ class Interpreter(Evaluation):
         self._maker = maker
         self.source = program.source
         self.scope = scope
-        self.locals = scope  # the evaluator's `torch.arange` check reads it
-        self.tensors: Mapping[str, Any] = scope
-        self.grads: Mapping[str, Any] = {}
-        self.pending: Mapping[str, str] = {}
+        self.evaluator = Evaluator(program.source, self)
         self.protected = protected
         self._protected_ptrs = {
             t.untyped_storage().data_ptr() for t in protected if not t.is_meta and t.numel()
@@ -97,8 +96,16 @@ class Interpreter(Evaluation):
 
     # ---- statements
 
-    def run(self) -> None:  # type: ignore[override]
+    def run(self) -> None:
         self._block(self.program.body)
+
+    def eval(self, node: ast.AST) -> Any:
+        """An expression's value, by the evaluator."""
+        return self.evaluator.eval(node)
+
+    def fail(self, node: ast.AST, message: str, kind: str = "formula", **details: Any) -> NoReturn:
+        """Refuse `node` with `message` (a FormulaError quoting the node's source)."""
+        self.evaluator.fail(node, message, kind, **details)
 
     def _block(self, body: tuple[ast.stmt, ...] | list[ast.stmt]) -> None:
         for stmt in body:
@@ -169,7 +176,7 @@ class Interpreter(Evaluation):
     def _statement(self, stmt: ast.Assign | ast.AugAssign | ast.Expr) -> None:
         self._count(1, stmt)
         self._last_steps: list[Step] = []
-        self.take_made_steps()  # (a line before that stopped half way leaves nothing here)
+        self.evaluator.take_made_steps()  # (a line before that stopped half way leaves nothing here)
         if isinstance(stmt, ast.Expr):  # `hs.append(h)`, `dW.index_add_(0, ids, dY)`
             value = self.eval(stmt.value)
             if isinstance(value, Traced):
@@ -200,7 +207,7 @@ class Interpreter(Evaluation):
 
     def _record(self, stmt: ast.stmt, name: str) -> None:
         entry = self.executed.get(stmt.lineno)
-        made = self.take_made_steps()  # every op of the line, its dropped values' too
+        made = self.evaluator.take_made_steps()  # every op of the line, its dropped values' too
         steps = sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
         if entry is None:
             entry = self.executed[stmt.lineno] = Executed(
@@ -255,13 +262,13 @@ class Interpreter(Evaluation):
             self.fail(target, f"{name} is not a tensor; only tensors take indexed writes",
                       "not_allowed")  # fmt: skip
         self._writable(target, name, current)
-        index = self._index(target.slice)
+        index = self.evaluator.subscript(target.slice)
         parts = index if isinstance(index, tuple) else (index,)
         if not current.t.is_meta:  # checked in the dry run: write, as PyTorch does
             self._write(stmt, current, parts, symbol, value)
             self.rebind(name, current)
             return name
-        part = self._apply(target, self._advanced_index if _advanced(parts) else _basic_index,
+        part = self.evaluator.apply(target, self.evaluator.advanced_index if _advanced(parts) else _basic_index,
                            current, parts)  # fmt: skip
         if symbol is not None:
             updated = self._binary(stmt, symbol, part, value)
@@ -311,27 +318,27 @@ class Interpreter(Evaluation):
             getattr(piece, _IN_PLACE[symbol])(update)
             current.t[key] = piece
 
-        self._apply(stmt, write)
+        self.evaluator.apply(stmt, write)
 
     def _in_place(self, stmt: ast.stmt, t: torch.Tensor, symbol: str, value: Any) -> None:
         other = value.t if isinstance(value, Traced) else value
-        self._apply(stmt, lambda: getattr(t, _IN_PLACE[symbol])(other))
+        self.evaluator.apply(stmt, lambda: getattr(t, _IN_PLACE[symbol])(other))
 
     def _binary(self, stmt: ast.stmt, symbol: str, left: Any, right: Any) -> Any:
         node = ast.BinOp(left=getattr(stmt, "target", stmt), op=_op_node(symbol), right=stmt.value)
         ast.copy_location(node, stmt)
         node.end_lineno, node.end_col_offset = stmt.end_lineno, stmt.end_col_offset
         if is_number(left) and is_number(right):
-            return self._number(node, symbol, left, right)
+            return self.evaluator.number(node, symbol, left, right)
         if isinstance(left, Pair) or isinstance(right, Pair):
-            self._pair_misused(node)
+            self.evaluator.pair_misused(node)
         if not all(isinstance(v, Traced) or is_number(v) for v in (left, right)):
             self.fail(stmt, f"{symbol}= takes tensors and numbers", "not_allowed")
         if isinstance(left, Traced) and isinstance(right, Traced):
-            self._check_broadcast(node, symbol, left, right)
+            self.evaluator.check_broadcast(node, symbol, left, right)
         ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
                "/": lambda a, b: a / b}  # fmt: skip
-        return self._apply(node, ops[symbol], left, right)
+        return self.evaluator.apply(node, ops[symbol], left, right)
 
     def _fits(self, stmt: ast.stmt, name: str, current: Traced, made: Any) -> None:
         """In place, the result keeps the target's shape and dtype (PyTorch refuses a
@@ -389,7 +396,11 @@ class Interpreter(Evaluation):
             self.rebind(name, self.resolve(target, name))
 
     def maker(self) -> Maker:
-        return self._maker if self._maker is not None else super().maker()
+        return self._maker if self._maker is not None else maker_over(self.operands())
+
+    def operands(self) -> list[Any]:
+        """The values the program reads (where a tensor it makes goes, without a maker)."""
+        return list(self.scope.values())
 
     # ---- what subclasses decide
 
@@ -436,17 +447,15 @@ class Interpreter(Evaluation):
                     {"in_place": True})  # fmt: skip
         self._last_steps.append(step)
 
-    # ---- names
+    # ---- names, as the evaluator asks for them
 
-    def _Name(self, node: ast.Name) -> Any:
+    def name(self, node: ast.Name) -> Any:
         return self.resolve(node, node.id)
 
-    def _Attribute(self, node: ast.Attribute) -> Any:
-        if node.attr == "g":
-            if not isinstance(node.value, ast.Name):
-                self.fail(node, ".g is read on a tensor's name, as in out.g", "not_allowed")
-            return self.resolve(node, f"{node.value.id}.g")
-        return super()._Attribute(node)
+    def gradient(self, node: ast.Attribute) -> Any:
+        if not isinstance(node.value, ast.Name):
+            self.fail(node, ".g is read on a tensor's name, as in out.g", "not_allowed")
+        return self.resolve(node, f"{node.value.id}.g")
 
 
 def _is_grad(node: ast.AST) -> bool:

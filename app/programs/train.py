@@ -25,7 +25,6 @@ assigns `logits`; the next character is drawn from softmax(logits) of each name'
 from __future__ import annotations
 
 import ast
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from app.programs import run as programs
 from app.programs.inputs import ALPHABET, DTYPES, data_fields, data_rows, make_inputs
 from app.programs.plan import ForwardRun, Plan, ProgramRefused, detached
 from app.programs.schemas import ProgramRequest
-from app.runs.train import stop_reason
+from app.runs.loop import Cadence, Failed, Stop, finite_or_none, loop
 
 VAL_ROWS = 2000  # rows of the val part (and of a fixed train block) a loss is measured on
 SAMPLE_ROWS = 256  # the sampling batch: the names being drawn plus training contexts
@@ -288,7 +287,8 @@ def train(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """("step", {step, loss, batch_loss, steps_per_s, and every `eval_every` steps val_loss
     and samples}) every `report_every` steps and after the last, then ("done", {...}). The
-    first step's val_loss (and val_accuracy) is the starting weights', like its loss."""
+    first step's val_loss (and val_accuracy) is the starting weights', like its loss. The
+    loop is app/runs/loop.py's; `ProgramSteps` says what a step computes."""
     start = time.perf_counter()
 
     def check() -> None:
@@ -296,94 +296,114 @@ def train(
             raise RunCancelled("the training was stopped")
 
     t = Trainer(setup, check)
+    s = ProgramSteps(t, start)
     names = setup.names
-    sampling = names is not None and names.sample_forward is not None
-    trained: list[str] | None = None
-    fixed: dict[str, str] = {}
-    step, stopped, loss_sum, since, last = 0, None, 0.0, 0, math.nan
-    backward_error = None
-    while step < setup.steps:
-        stopped = stop_reason(should_stop, start, time_limit_s)
-        if stopped:
-            break
-        try:
-            loss, grads, error = t.step()
-        except RunCancelled:
-            stopped = "stopped"
-            break
-        except ProgramError as err:
-            yield "error", {"detail": f"the forward failed at line {err.line}: {err}"}
-            return
-        if trained is None:  # the first step decides what the backward trains
-            trained, fixed = _decide(t.params, grads)
-            backward_error = programs._error_entry(error) if error else None
-        missing = [n for n in trained if n not in grads or grads[n].shape != t.params[n].shape]
-        if missing:
-            yield "error", {"detail": f"step {step + 1}: the backward did not write "
-                            f"{', '.join(missing)} this time"}  # fmt: skip
-            return
-        step += 1
-        last = loss
-        loss_sum, since = loss_sum + loss, since + 1
-        finite = math.isfinite(loss)
-        start_val = None
-        if step == 1 and names is not None:  # the first val loss: the starting weights'
-            try:
-                start_val = t.measure(names.val, names.val_plan, "val")
-            except RunCancelled:
-                stopped = "stopped"
-                break
-        if finite:
-            for name in trained:
-                t.params[name].sub_(grads[name].to(t.params[name].dtype), alpha=setup.lr)
-        report = step == 1 or step % setup.report_every == 0 or step == setup.steps
-        evaluate = step == 1 or step % setup.eval_every == 0 or step == setup.steps
-        if report or evaluate or not finite:
-            event: dict[str, Any] = {
-                "step": step,
-                "loss": _finite(loss_sum / since),  # the mean since the last event
-                "batch_loss": _finite(loss),
-                "steps_per_s": step / (time.perf_counter() - start),
-            }
-            loss_sum, since = 0.0, 0
-            try:
-                if evaluate and names is not None:
-                    val_loss, accuracy = start_val or t.measure(names.val, names.val_plan, "val")
-                    event["val_loss"] = _finite(val_loss)
-                    if accuracy is not None:
-                        event["val_accuracy"] = accuracy
-                    if sampling and finite:
-                        event["samples"] = _samples(t, SAMPLES // 2)
-            except RunCancelled:
-                stopped = "stopped"
-                break
-            yield "step", event
-        if not finite:
-            stopped = "diverged"
-            break
-
+    outcome = yield from loop(
+        s,
+        setup.steps,
+        start=start,
+        report_every=setup.report_every,
+        eval_every=setup.eval_every,
+        should_stop=should_stop,
+        time_limit_s=time_limit_s,
+        kind="step",
+    )
+    if outcome is None:  # an "error" event said why
+        return
+    step, stopped = outcome.steps, outcome.stopped
     done: dict[str, Any] = {
         "steps": step,
         "stopped": stopped,
-        "loss": _finite(last),
-        "trained": trained or [],
-        "fixed": sorted(fixed),
-        "fixed_why": fixed,
-        "backward_error": backward_error,
+        "loss": finite_or_none(outcome.last_loss),
+        "trained": s.trained or [],
+        "fixed": sorted(s.fixed),
+        "fixed_why": s.fixed,
+        "backward_error": s.backward_error,
     }
     try:
         if names is not None and step:
-            done["train_loss"] = _finite(t.loss_on(names.val, names.val_plan, "train"))
+            done["train_loss"] = finite_or_none(t.loss_on(names.val, names.val_plan, "train"))
             val_loss, accuracy = t.measure(names.val, names.val_plan, "val")
-            done["val_loss"] = _finite(val_loss)
+            done["val_loss"] = finite_or_none(val_loss)
             if accuracy is not None:
                 done["val_accuracy"] = accuracy
-            if sampling and stopped != "diverged":
+            if s.sampling and stopped != "diverged":
                 done["samples"] = _samples(t, SAMPLES)
     except RunCancelled:
         done["stopped"] = "stopped"
     done["seconds"] = time.perf_counter() - start
     yield "done", done
+
+
+class ProgramSteps:
+    """A program's training steps (app/runs/loop.py's `Steps`): the learner's forward and
+    backward on a minibatch, plain SGD on what the first step's backward wrote, and at each
+    evaluation the val loss (the starting weights' at step 1) and names sampled."""
+
+    def __init__(self, t: Trainer, start: float):
+        self.t, self.start = t, start
+        names = t.setup.names
+        self.sampling = names is not None and names.sample_forward is not None
+        self.trained: list[str] | None = None  # the first step decides what the backward trains
+        self.fixed: dict[str, str] = {}
+        self.backward_error: dict[str, Any] | None = None
+        self.grads: dict[str, torch.Tensor] = {}
+        self.start_val: tuple[float, float | None] | None = None
+
+    def step(self, number: int) -> float:
+        t = self.t
+        try:
+            loss, grads, error = t.step()
+        except RunCancelled:
+            raise Stop("stopped") from None
+        except ProgramError as err:
+            raise Failed(f"the forward failed at line {err.line}: {err}") from None
+        if self.trained is None:  # the first step decides what the backward trains
+            self.trained, self.fixed = _decide(t.params, grads)
+            self.backward_error = programs._error_entry(error) if error else None
+        missing = [n for n in self.trained
+                   if n not in grads or grads[n].shape != t.params[n].shape]  # fmt: skip
+        if missing:
+            raise Failed(f"step {number}: the backward did not write {', '.join(missing)} "
+                         "this time")  # fmt: skip
+        self.grads = grads
+        return loss
+
+    def before_update(self, step: int, reporting: bool) -> None:
+        names = self.t.setup.names
+        self.start_val = None
+        if step == 1 and names is not None:  # the first val loss: the starting weights'
+            try:
+                self.start_val = self.t.measure(names.val, names.val_plan, "val")
+            except RunCancelled:
+                raise Stop("stopped") from None
+
+    def update(self) -> None:
+        params, lr = self.t.params, self.t.setup.lr
+        for name in self.trained or []:
+            params[name].sub_(self.grads[name].to(params[name].dtype), alpha=lr)
+
+    def report(self, cadence: Cadence, loss: float | None, batch_loss: float | None) -> dict:
+        event: dict[str, Any] = {
+            "step": cadence.step,
+            "loss": loss,  # the mean since the last event
+            "batch_loss": batch_loss,
+            "steps_per_s": cadence.step / (time.perf_counter() - self.start),
+        }
+        names = self.t.setup.names
+        try:
+            if cadence.evaluate and names is not None:
+                val_loss, accuracy = self.start_val or self.t.measure(
+                    names.val, names.val_plan, "val"
+                )
+                event["val_loss"] = finite_or_none(val_loss)
+                if accuracy is not None:
+                    event["val_accuracy"] = accuracy
+                if self.sampling and cadence.finite:
+                    event["samples"] = _samples(self.t, SAMPLES // 2)
+        except RunCancelled:
+            raise Stop("stopped") from None
+        return event
 
 
 def _samples(t: Trainer, count: int) -> list[str] | None:
@@ -411,7 +431,3 @@ def _decide(
         else:
             trained.append(name)
     return trained, fixed
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None

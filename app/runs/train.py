@@ -24,6 +24,7 @@ from app.engine.network import Network
 from app.engine.tensors import data_name, examples, input_specs, make_tensors
 from app.ops import Context
 from app.ops.cancel import RunCancelled
+from app.runs.loop import Cadence, Stop, finite_or_none, loop
 from app.runs.pipeline import learner_formulas
 from app.views.heatmap import gradient_view, unit_images
 
@@ -94,18 +95,6 @@ class SGD:
             p.add_(g, alpha=-self.lr)
 
 
-def stop_reason(
-    should_stop: Callable[[], bool], start: float, time_limit_s: float | None
-) -> str | None:
-    """Why a training stops before its next step: "stopped" (asked: its client went away),
-    "time_limit" (BROADPROP_TRAIN_TIME_LIMIT_S passed since `start`), or None to go on."""
-    if should_stop():
-        return "stopped"
-    if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-        return "time_limit"
-    return None
-
-
 def train(
     cfg,
     chunk_bytes: int,
@@ -120,65 +109,81 @@ def train(
     step's cancel token (a fresh `step_cancel()` per step, checked between its ops and chunks:
     a per-step deadline) turns set ("step_deadline"). `every_step`: also yield
     ("step", {"step": n}) after every step with no progress event, so that a caller may
-    pause between any two steps (the server gives its run slot back there)."""
+    pause between any two steps (the server gives its run slot back there). The loop is
+    app/runs/loop.py's; `NetworkSteps` says what a step computes."""
     start = time.perf_counter()
-    tensors = make_tensors(cfg)
-    names = [s.name for s in input_specs(cfg) if s.role == "param"]
-    params = {n: tensors[n].clone() for n in names}  # updated in place
-    w1_before = params["w1"].clone()
-    parts = split(cfg, tensors)
-    net = Network.from_config(cfg)
-    # the manual backward with the request's strategy; training needs no x.g, and no second
-    # formula (cross_entropy's fused form) for a gradient
-    ctx = Context(cfg.strategy, chunk_bytes, variants=False, skip=frozenset({"x"}))
-    # the learner's, replacing the built-in ones; not those of the gradients training skips
-    # (x.g) unless another formula reads them
-    formulas = needed_formulas(learner_formulas(cfg, net), ctx.skip)
-    optimizer = SGD(params, cfg.lr, cfg.momentum)
-    batches = minibatches(parts.x_train.shape[0], cfg.train_batch, cfg.seed)
+    t = NetworkSteps(cfg, chunk_bytes, step_cancel, start)
+    outcome = yield from loop(
+        t,
+        cfg.steps,
+        start=start,
+        report_every=cfg.eval_every,  # every report evaluates
+        eval_every=cfg.eval_every,
+        should_stop=should_stop,
+        time_limit_s=time_limit_s,
+        kind="progress",
+        between=every_step,
+    )
+    yield "done", done(cfg, t.net, t.parts, t.params, t.w1_before, outcome.steps,
+                       outcome.stopped, start)  # fmt: skip
 
-    step, stopped, loss_sum, since = 0, None, 0.0, 0
-    while step < cfg.steps:
-        stopped = stop_reason(should_stop, start, time_limit_s)
-        if stopped:
-            break
-        idx = next(batches)
-        batch = {"x": parts.x_train[idx], "target": parts.t_train[idx], **params}
-        ctx.cancel = step_cancel() if step_cancel is not None else None
+
+class NetworkSteps:
+    """A Network's training steps (app/runs/loop.py's `Steps`): the manual forward and
+    backward on a minibatch, SGD (+ momentum), and at each report the step's gradients
+    checked against autograd (before the update) and the validation loss (after it)."""
+
+    def __init__(self, cfg, chunk_bytes: int, step_cancel: Callable[[], Any] | None,
+                 start: float):  # fmt: skip
+        self.cfg, self.step_cancel, self.start = cfg, step_cancel, start
+        tensors = make_tensors(cfg)
+        names = [s.name for s in input_specs(cfg) if s.role == "param"]
+        self.params = {n: tensors[n].clone() for n in names}  # updated in place
+        self.w1_before = self.params["w1"].clone()
+        self.parts = split(cfg, tensors)
+        self.net = Network.from_config(cfg)
+        # the manual backward with the request's strategy; training needs no x.g, and no
+        # second formula (cross_entropy's fused form) for a gradient
+        self.ctx = Context(cfg.strategy, chunk_bytes, variants=False, skip=frozenset({"x"}))
+        # the learner's, replacing the built-in ones; not those of the gradients training
+        # skips (x.g) unless another formula reads them
+        self.formulas = needed_formulas(learner_formulas(cfg, self.net), self.ctx.skip)
+        self.optimizer = SGD(self.params, cfg.lr, cfg.momentum)
+        self.batches = minibatches(self.parts.x_train.shape[0], cfg.train_batch, cfg.seed)
+        self.batch: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.checked: dict[str, Any] | None = None
+
+    def step(self, number: int) -> float:
+        idx = next(self.batches)
+        self.batch = {"x": self.parts.x_train[idx], "target": self.parts.t_train[idx],
+                      **self.params}  # fmt: skip
+        self.ctx.cancel = self.step_cancel() if self.step_cancel is not None else None
         try:
-            env = net.forward(batch, ctx)
-            grads = net.backward(env, ctx, formulas)  # the manual gradients
+            env = self.net.forward(self.batch, self.ctx)
+            self.grads = self.net.backward(env, self.ctx, self.formulas)  # the manual gradients
         except RunCancelled:
-            stopped = "step_deadline"
-            break
-        step += 1
-        loss = env["loss"].item()
-        loss_sum, since = loss_sum + loss, since + 1
-        finite = math.isfinite(loss)
-        report = step == 1 or step % cfg.eval_every == 0 or step == cfg.steps or not finite
-        # checked before the update: autograd sees the weights these gradients are for
-        event = check(cfg, batch, grads, params) if report else None
-        if finite:
-            optimizer.step(grads)
-        if event is not None:
-            val_loss, accuracy = evaluate(net, parts, params, cfg)  # after the update
-            event.update(
-                step=step,
-                loss=_finite(loss_sum / since),  # the mean over the steps since the last event
-                batch_loss=_finite(loss),
-                val_loss=_finite(val_loss),
-                val_accuracy=accuracy,
-                steps_per_s=step / (time.perf_counter() - start),
-            )
-            loss_sum, since = 0.0, 0
-            yield "progress", event
-        elif every_step:
-            yield "step", {"step": step}
-        if not finite:
-            stopped = "diverged"
-            break
+            raise Stop("step_deadline") from None
+        return env["loss"].item()
 
-    yield "done", done(cfg, net, parts, params, w1_before, step, stopped, start)
+    def before_update(self, step: int, reporting: bool) -> None:
+        # checked before the update: autograd sees the weights these gradients are for
+        self.checked = check(self.cfg, self.batch, self.grads, self.params) if reporting else None
+
+    def update(self) -> None:
+        self.optimizer.step(self.grads)
+
+    def report(self, cadence: Cadence, loss: float | None, batch_loss: float | None) -> dict:
+        val_loss, accuracy = evaluate(self.net, self.parts, self.params, self.cfg)  # updated
+        return {
+            **(self.checked or {}),
+            "step": cadence.step,
+            "loss": loss,  # the mean over the steps since the last event
+            "batch_loss": batch_loss,
+            "val_loss": finite_or_none(val_loss),
+            "val_accuracy": accuracy,
+            "steps_per_s": cadence.step / (time.perf_counter() - self.start),
+        }
 
 
 GRAD_NAME = re.compile(r"\b([A-Za-z_]\w*)\.g\b")
@@ -216,8 +221,10 @@ def check(cfg, batch, grads, params) -> dict[str, Any]:
     # inf or NaN on either side: the numbers overflowed, which says nothing about the formulas
     finite = all(bool(t.isfinite().all()) for n in params for t in (grads[n], reference[n]))
     return {
-        "grad_norms": {n: _finite(torch.linalg.vector_norm(grads[n]).item()) for n in params},
-        "max_rel_err": _finite(max(rel)) if all(r is not None for r in rel) else None,
+        "grad_norms": {
+            n: finite_or_none(torch.linalg.vector_norm(grads[n]).item()) for n in params
+        },
+        "max_rel_err": finite_or_none(max(rel)) if all(r is not None for r in rel) else None,
         "all_close": all(c["allclose"] for c in checks.values()),
         "overflow": not finite,
     }
@@ -236,13 +243,9 @@ def done(cfg, net, parts, params, w1_before, step, stopped, start) -> dict[str, 
     return {
         "steps": step,
         "stopped": stopped,
-        "val_loss": _finite(val_loss),
+        "val_loss": finite_or_none(val_loss),
         "val_accuracy": accuracy,
         "seconds": time.perf_counter() - start,
         "weights": weights,
         "weights_before": before,
     }
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None

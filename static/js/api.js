@@ -47,7 +47,7 @@ function showQueued(seconds) {
  * waited out ("queued"), and an answer that is not ok throws ApiError with the body read.
  * `body`: sent as JSON (POST) when given; otherwise a GET. Gives the ok Response.
  */
-export async function request(url, { body, signal } = {}) {
+async function request(url, { body, signal } = {}) {
   const init = body === undefined ? { signal } : {
     method: "POST",
     headers: { "content-type": "application/json" },
@@ -85,14 +85,14 @@ async function postJSON(url, body, signal) {
 
 /** A streamed answer (server-sent events): once the server has taken the request, an async
  * iterator of its {event, data}. */
-export async function stream(url, body, signal) {
+async function stream(url, body, signal) {
   const res = await request(url, { body, signal });
   return events(res.body);
 }
 
 /** A file from the server, saved under the name the server gives it (Content-Disposition),
  * else `fallback`. Gives the name it was saved as. */
-export async function download(url, body, fallback, signal) {
+async function download(url, body, fallback, signal) {
   const res = await request(url, { body, signal });
   const name = filename(res.headers.get("content-disposition")) || fallback;
   save(await res.blob(), name);
@@ -100,7 +100,7 @@ export async function download(url, body, fallback, signal) {
 }
 
 /** The file name of a Content-Disposition header (RFC 6266's filename*= first), or null. */
-export function filename(disposition) {
+function filename(disposition) {
   const text = disposition || "";
   const star = /filename\*\s*=\s*(?:UTF-8|utf-8)''([^;]+)/.exec(text);
   if (star) {
@@ -124,16 +124,13 @@ function save(blob, name) {
   setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }
 
-/** Fields a panel adds to every run (e.g. the formula lab's `formulas`), beside the form's. */
-export const extras = {};
-
 // The page always asks for autograd's heatmaps too, for the manual / autograd / difference switch.
-export const run = (config, signal) => postJSON("/api/run", { ...config, ...extras, reference_heatmaps: true }, signal);
+export const run = (config, signal) => postJSON("/api/run", { ...config, reference_heatmaps: true }, signal);
 /** One element followed back to its terms (`follow`: {grad, index} or {grad, block}), in the
  * run of `config` (the lab's formulas included): only the `follow` key is read, so nothing
  * else is asked for (one heatmap cell, no finite differences, no strategy comparison). */
 export const followRun = (config, follow, signal) =>
-  postJSON("/api/run", { ...config, ...extras, follow, max_cells: 1, reference_heatmaps: false, fd_samples: 0, compare: false }, signal);
+  postJSON("/api/run", { ...config, follow, max_cells: 1, reference_heatmaps: false, fd_samples: 0, compare: false }, signal);
 export const broadcast = (a, b, signal) => postJSON("/api/broadcast", { a, b }, signal);
 
 /** The bug gallery (GET /api/bugs), for the lab's "Break it" menu. */
@@ -193,7 +190,7 @@ export function errorText(err) {
 }
 
 /** Server-sent events from a fetch body: yields {event, data} as each one completes. */
-export async function* events(body) {
+async function* events(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {

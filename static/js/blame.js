@@ -4,7 +4,7 @@
 // because it uses it.
 
 /** The check of one gradient (a leaf's, or an intermediate's such as l1.g), or null. */
-export function verdictOf(data, name) {
+function verdictOf(data, name) {
   const c = data.check;
   return c.tensors?.[name] ?? c.intermediates?.[name] ?? null;
 }
@@ -28,7 +28,7 @@ export function blame(data) {
 }
 
 /** The root a gradient's error comes from (following "uses" back to a cause). */
-export function rootOf(wrong, name) {
+function rootOf(wrong, name) {
   let n = name;
   for (let i = 0; i < 64 && wrong.get(n); i++) n = wrong.get(n);
   return n;

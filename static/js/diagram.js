@@ -26,7 +26,7 @@ const MAX_STRETCH = 70; // px a column may widen to fill a wide container
 
 /** Columns: tensors in order of first use in the forward pass; each tensor gets one column
  * per backward entry computing its gradient (or one, if none). Leftover entries go last. */
-export function layout(data) {
+function layout(data) {
   const order = [];
   const seen = new Set();
   const add = (name) => !seen.has(name) && (seen.add(name), order.push(name));
@@ -67,7 +67,7 @@ const labelHeight = (text, size) => text.split("<br>").length * size * LINE;
 /** Where everything goes, in px. Steps of a column are spaced by their own label and marker
  * heights; columns are spaced so that no step label, column head or forward label meets the
  * next one, then widened (up to MAX_STRETCH each) to fill `minWidth`. */
-export function geometry(data, lay, minWidth = 0) {
+function geometry(data, lay, minWidth = 0) {
   const maxBytes = Math.max(1, ...data.backward.flatMap((b) => b.steps.filter((st) => st.broadcast).map((st) => st.bytes)));
   const diamond = (b) => DIAMOND_MIN + (DIAMOND_MAX - DIAMOND_MIN) * Math.sqrt(Math.min(1, b / maxBytes));
   const isParam = (name) => isParamLike(data.tensors[name]?.role);
@@ -165,7 +165,7 @@ export function geometry(data, lay, minWidth = 0) {
 }
 
 /** Flat list of backward steps in execution order, with where each is drawn. */
-export function flatSteps(data, geo) {
+function flatSteps(data, geo) {
   const byEntry = {};
   for (const c of geo.cols) if (c.entry != null) byEntry[c.entry] = c;
   const out = [];

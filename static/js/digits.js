@@ -1,14 +1,10 @@
 // Image data drawn as images: the batch's first digits with their labels, and a first layer's
 // weights (or their gradient) as one small image per unit, each set tiled into one Plotly
 // heatmap (a grid of tiles with a one-pixel gap), so 50 units draw as fast as one.
+import { DIVERGING, INK } from "./colours.js";
 import { h, num } from "./format.js";
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 
-const DIVERGING = [
-  [0, "#2166ac"], [0.25, "#67a9cf"], [0.45, "#d1e5f0"], [0.5, "#f7f7f7"],
-  [0.55, "#fddbc7"], [0.75, "#ef8a62"], [1, "#b2182b"],
-];
-const INK = [[0, "#ffffff"], [1, "#111111"]];
 const GAP = 1;
 const projector = () => document.body.classList.contains("present"); // 18 px text
 
@@ -24,7 +20,7 @@ export function dropDataOwned(config) {
 
 /** Flat images (n, h*w) -> one z matrix of `cols` tiles a row, null between tiles, and the
  * hover text of every cell (which tile, which pixel). */
-export function mosaic(images, [rows, cols], perRow, label, rowGap = GAP) {
+function mosaic(images, [rows, cols], perRow, label, rowGap = GAP) {
   const n = images.length;
   const across = Math.min(n, perRow);
   const down = Math.ceil(n / across);
@@ -63,7 +59,7 @@ export function drawUnitImages(el, images, shape, { title = "", perRow = 10, til
 }
 
 /** The digits themselves: ink on white, each with its label above it. */
-export function drawDigits(el, view, count = 20) {
+function drawDigits(el, view, count = 20) {
   const images = view.images.slice(0, count);
   const [rows, cols] = view.image_shape;
   const perRow = 10;

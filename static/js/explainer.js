@@ -4,7 +4,7 @@ import { reductionText, ruleTable } from "./align.js";
 import { bytes, h, shape } from "./format.js";
 
 /** "(1000, 1, 50)", "1000,1,50", "1000 1 50", "()" -> [1000, 1, 50]; text it cannot read -> null. */
-export function parseShape(text) {
+function parseShape(text) {
   const t = text.trim().replace(/^[([]/, "").replace(/[)\]]$/, "").trim();
   if (t === "") return [];
   const parts = t.split(/[\s,]+/).filter(Boolean);

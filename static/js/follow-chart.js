@@ -19,7 +19,7 @@ function termAxis(follow) {
 }
 
 /** Plotly's data and layout. */
-export function followSpec(follow, { ref, names, present = false, width = 640 }) {
+function followSpec(follow, { ref, names, present = false, width = 640 }) {
   const font = present ? 18 : 12;
   const { x, title } = termAxis(follow);
   const products = follow.terms.map((t) => t.product);

@@ -11,16 +11,16 @@ import { h, shape } from "./format.js";
 const TERMS_LISTED = 8; // terms written out in words; the chart shows every one sent
 
 /** "x.g:3,100" -> {grad: "x.g", index: [3, 100]}; anything else -> null. */
-export function parseFollow(text) {
+function parseFollow(text) {
   const m = /^([A-Za-z_]\w*\.g):(\d+(?:,\d+)*)$/.exec(String(text || "").trim());
   return m ? { grad: m[1], index: m[2].split(",").map(Number) } : null;
 }
 
 /** {grad, index} -> "x.g:3,100" (the URL's form). */
-export const formatFollow = (sel) => (sel && sel.index ? `${sel.grad}:${sel.index.join(",")}` : null);
+const formatFollow = (sel) => (sel && sel.index ? `${sel.grad}:${sel.index.join(",")}` : null);
 
 /** A tensor's 2-D heatmap view (leading dims flattened) at (row, col) -> its own index. */
-export function viewIndex(dims, row, col) {
+function viewIndex(dims, row, col) {
   if (dims.length <= 1) return [col];
   const idx = [];
   for (const n of dims.slice(0, -1).reverse()) (idx.unshift(row % n), (row = Math.floor(row / n)));

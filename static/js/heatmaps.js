@@ -10,6 +10,7 @@
 // deeper on a log scale, so rounding noise never looks saturated and a wrong formula lights up.
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 import { blame, blameText } from "./blame.js";
+import { DIVERGING, toleranceScale } from "./colours.js";
 import { h, num, shape } from "./format.js";
 
 export const VIEWS = {
@@ -18,21 +19,10 @@ export const VIEWS = {
   difference: { label: "manual − autograd", title: (n) => `|${n}.g − ${n}.grad| ÷ tolerance` },
 };
 
-// Blue for negative, white at zero, red for positive.
-const DIVERGING = [
-  [0, "#2166ac"], [0.25, "#67a9cf"], [0.45, "#d1e5f0"], [0.5, "#f7f7f7"],
-  [0.55, "#fddbc7"], [0.75, "#ef8a62"], [1, "#b2182b"],
-];
-// The tolerance-scaled difference on [-3, 3]: pale within ±1 (passes), strong beyond.
-const TOLERANCE = [
-  [0, "#2166ac"], [1 / 3 - 0.001, "#92c5de"], [1 / 3, "#e7ecf2"], [0.5, "#ffffff"],
-  [2 / 3, "#f2ece7"], [2 / 3 + 0.001, "#f4a582"], [1, "#b2182b"],
-];
-const TOL_RANGE = 3;
 
 /** Which cells a view draws: downsampled maps draw each block's entry of largest magnitude
  * (`extreme`, sign kept) so that no extreme averages away; `cells: "mean"` draws block means. */
-export function viewHeatmap(g, view, cells = "extreme") {
+function viewHeatmap(g, view, cells = "extreme") {
   const hm = view === "autograd" ? g.reference_heatmap : view === "difference" ? g.tolerance_heatmap || g.diff_heatmap : g.heatmap;
   if (view !== "difference" && cells === "extreme" && hm.extreme) return { ...hm, z: hm.extreme, kind: "extreme" };
   return { ...hm, kind: view === "difference" ? "extreme" : "mean" };
@@ -67,7 +57,7 @@ function ticks(n, px) {
 
 /** A drawn cell in the tensor's own terms: `row 3, col 5`, or a block's ranges (downsampled),
  * `rows 0–19, cols 40–59`; a 1-D tensor as `b1[4]` or `b1[40–59]`. */
-export function cellLabel(name, dims, hm, row, col) {
+function cellLabel(name, dims, hm, row, col) {
   const span = (i, b, n) => (b > 1 ? `${i * b}–${Math.min(n, (i + 1) * b) - 1}` : String(i));
   const cols = span(col, hm.col_block, hm.cols);
   if (dims.length <= 1) return `${name}[${cols}]`;
@@ -77,13 +67,13 @@ export function cellLabel(name, dims, hm, row, col) {
 
 const maxAbs = (...xs) => Math.max(1e-30, ...xs.filter((v) => v != null && Number.isFinite(v)).map(Math.abs));
 
-/** The difference divided by the check's tolerance, cell by cell: atol + rtol·|autograd|,
+/** |difference| divided by the check's tolerance, cell by cell: atol + rtol·|autograd|,
  * with autograd's value of the same cell (its block mean where downsampled: approximate). */
 function toleranceScaled(diff, ref, check) {
   return diff.z.map((row, i) => row.map((d, j) => {
     if (d == null) return null;
     const a = ref ? Math.abs(ref.z[i][j] ?? 0) : 0;
-    return d / ((check.atol ?? 0) + check.rtol * a || 1e-30);
+    return Math.abs(d) / ((check.atol ?? 0) + check.rtol * a || 1e-30);
   }));
 }
 
@@ -353,24 +343,11 @@ function spec(name, g, view, hm, data, room) {
   let z = hm.z;
   let colour = { colorscale: DIVERGING, zmid: 0 };
   let what = view === "difference" ? "difference" : "value";
-  if (view === "difference" && g.tolerance_heatmap) {
-    // <= 1 as it is (pale), above 1 as 1 + log10 (red, deeper by the decade)
-    z = hm.z.map((row) => row.map((r) => (r == null ? null : r <= 1 ? r : 1 + Math.log10(r))));
-    const top = Math.max(TOL_RANGE, ...z.flat().filter((v) => v != null));
-    const edge = 1 / top;
-    const tickvals = [0, 0.5, 1];
-    for (let v = 2; v <= top; v += Math.max(1, Math.ceil((top - 1) / 5))) tickvals.push(v);
-    colour = {
-      customdata: hm.z, zmin: 0, zmax: top,
-      colorscale: [[0, "#f8f9fa"], [edge, "#ced4da"], [Math.min(1, edge + 1e-6), "#fcbba1"], [Math.min(1, edge + (1 - edge) / 3), "#fb6a4a"], [1, "#99000d"]],
-      colorbar: { tickvals, ticktext: tickvals.map((v) => (v <= 1 ? String(v) : `1e${v - 1}`)) },
-    };
-    what = "|difference| ÷ tolerance";
-  } else if (view === "difference") {
+  if (view === "difference") {
+    // the server's |difference| ÷ tolerance, or (an older answer) the same from the maps
     const check = data.check.tensors[name] || { rtol: 0, atol: 0 };
-    z = toleranceScaled(hm, g.reference_heatmap, check);
-    colour = { colorscale: TOLERANCE, zmin: -TOL_RANGE, zmax: TOL_RANGE, zmid: 0 };
-    what = "difference / tolerance";
+    ({ z, colour } = toleranceScale(g.tolerance_heatmap ? hm.z : toleranceScaled(hm, g.reference_heatmap, check)));
+    what = "|difference| ÷ tolerance";
   } else {
     const s = g.stats;
     // block means are far smaller than the extremes: on the tensor's range they would look

@@ -18,7 +18,7 @@ export function labFromQuery(search) {
 }
 
 /** The config's query string with the lab's state appended (sorted: one URL per state). */
-export function labQuery(base, formulas, hidden) {
+function labQuery(base, formulas, hidden) {
   const parts = Object.keys(formulas).sort().map((k) => `${PREFIX}${k}=${encodeURIComponent(formulas[k])}`);
   if (hidden.length) parts.push(`hide=${[...hidden].sort().join(",")}`);
   if (!parts.length) return base;
@@ -34,7 +34,7 @@ function ticks(text) {
 
 /** A formula's 422 drawn at the formula: the sentence, the hint, and the shapes right-aligned
  * with the clashing dim marked (or the shape wanted against the shape made). */
-export function formulaError(d, hideHint = false) {
+function formulaError(d, hideHint = false) {
   const ctx = d.ctx || {};
   const first = String(d.msg || "invalid").split("\n")[0];
   const cut = first.indexOf("; ");

@@ -75,7 +75,7 @@ class T {
   }
 }
 
-export function broadcastShape(a, b) {
+function broadcastShape(a, b) {
   const n = Math.max(a.length, b.length);
   const out = [];
   for (let i = 0; i < n; i++) {
@@ -105,7 +105,7 @@ function binary(a, b, op) {
 }
 
 /** Evaluates a step's expression against the run's values (tensors, and gradients as `.g`). */
-export function evaluate(expr, values) {
+function evaluate(expr, values) {
   const toks = expr.match(/\d+\.\d+|\d+|[A-Za-z_]\w*|\.|\(|\)|,|=|\*\*|[-+*/@]/g) || [];
   let i = 0;
   const peek = () => toks[i];
@@ -214,7 +214,7 @@ export function evaluate(expr, values) {
 
 /** A tensor as tables: 0-2 dims as one table, 3 dims as one table per leading index.
  * `marks`: per entry, a class (e.g. "stretched") or null; `sumDims`: dims to be summed away. */
-export function tensorTables(t, title, { marks = null, sumDims = [] } = {}) {
+function tensorTables(t, title, { marks = null, sumDims = [] } = {}) {
   const shp = t.shape.length === 0 ? [1, 1] : t.shape.length === 1 ? [1, t.shape[0]] : t.shape;
   const slices = shp.length === 2 ? [[]] : [...Array(shp[0]).keys()].map((k) => [k]);
   const [r, c] = shp.slice(-2);

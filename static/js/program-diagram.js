@@ -55,7 +55,7 @@ function costly(line, tensors) {
 }
 
 /** Rows and places, in px. */
-export function flowLayout(data) {
+function flowLayout(data) {
   const tensors = data.tensors;
   // a line that unpacks (`pooled, idx = F.max_pool2d(...)`) draws a node per name it makes
   const lines = data.forward.flatMap((f) => f.target.split(", ").filter((t) => t in tensors)

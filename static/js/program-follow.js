@@ -10,7 +10,7 @@ const SHOWN = 12; // terms listed on the page (the answer holds up to 4096)
 
 /** The element of a tensor of `shape` that heatmap cell (row, col) starts: the heatmap is the
  * tensor as (-1, last dim), block-averaged (row_block x col_block). */
-export function cellIndex(shape, hm, row, col) {
+function cellIndex(shape, hm, row, col) {
   const cols = shape.length ? shape[shape.length - 1] : 1;
   let flat = row * (hm.row_block || 1) * cols + col * (hm.col_block || 1);
   const index = [];
@@ -28,7 +28,7 @@ function termRow(term) {
 }
 
 /** The answer's `follow`, drawn into `box`. */
-export function showFollow(box, f) {
+function showFollow(box, f) {
   box.hidden = false;
   if (!f || f.line == null) {
     box.replaceChildren(h("p", { class: "muted" }, f ? `${f.grad}[${f.index.join(", ")}] = ${num(f.value, 5)}: no line of the backward writes it` : "That gradient is not written."));

@@ -27,7 +27,7 @@ const HELP = {
 };
 
 /** An input spec -> its kind. */
-export function kindOf(spec) {
+function kindOf(spec) {
   if (spec.data) return "names";
   if (spec.value !== undefined && spec.value !== null) return "value";
   return spec.init || "randn";

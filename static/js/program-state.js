@@ -7,23 +7,14 @@
 // A hidden block leaves one placeholder comment (`# TODO: write dW1`), so the page can tell
 // that something is still to write.
 
-export const PLACEHOLDER = "# TODO: write";
+const PLACEHOLDER = "# TODO: write";
 const ASSIGN = /^\s*([A-Za-z_]\w*(?:\.g)?)\s*(?:\[.*\])?\s*(?:[-+*/]?=)(?!=)/;
 
 /** The name a backward line assigns or writes into (`dW1`, `W1.g`, `dlogprobs` of
  * `dlogprobs[range(n), Yb] = ...`), or null. */
-export function assigned(line) {
+function assigned(line) {
   const m = ASSIGN.exec(line);
   return m ? m[1] : null;
-}
-
-/** The tensor a gradient name stands for: dW1 -> W1, W1.g -> W1 (null for a helper, given
- * the set of tensors that have a gradient). */
-export function gradOf(name, tensors) {
-  if (!name) return null;
-  if (name.endsWith(".g")) return name.slice(0, -2);
-  if (name.startsWith("d") && tensors.has(name.slice(1))) return name.slice(1);
-  return null;
 }
 
 /** Statements as blocks of lines: a top-level line and the indented lines under it (a loop). */
@@ -105,13 +96,13 @@ async function through(bytes, stream) {
 
 /** A program as the `p=` value: deflate-raw JSON, base64url ("j" + plain base64url JSON where
  * the browser has no CompressionStream). */
-export async function pack(program) {
+async function pack(program) {
   const json = new TextEncoder().encode(JSON.stringify(program));
   if (typeof CompressionStream === "undefined") return `j${b64url(json)}`;
   return `z${b64url(await through(json, new CompressionStream("deflate-raw")))}`;
 }
 
-export async function unpack(text) {
+async function unpack(text) {
   const kind = text[0];
   const bytes = unb64url(text.slice(1));
   const json = kind === "z" ? await through(bytes, new DecompressionStream("deflate-raw")) : bytes;

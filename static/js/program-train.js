@@ -3,11 +3,11 @@
 // frame, as train.js does), sampled names as they come, and each training kept on the chart
 // beside the earlier ones, labelled, so a wrong backward's curve sits next to a right one's.
 import * as api from "./api.js";
+import { SERIES } from "./colours.js";
 import { esc, num } from "./format.js";
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
 
 const $ = (id) => document.getElementById(id);
-const COLOURS = ["#1c7ed6", "#e8590c", "#2f9e44", "#9c36b5", "#1098ad", "#f08c00"];
 const FIELDS = ["steps", "batch", "lr", "seed"];
 
 export class ProgramTrainer {
@@ -56,7 +56,7 @@ export class ProgramTrainer {
 
   /** Two traces for this training (train, val), added to the chart. */
   addTraces(label) {
-    const colour = COLOURS[this.runs % COLOURS.length];
+    const colour = SERIES[this.runs % SERIES.length];
     this.runs += 1;
     const run = this.runs;
     const line = (name, dash, width) => ({ x: [], y: [], name, mode: "lines", line: { color: colour, width, dash } });

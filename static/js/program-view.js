@@ -1,6 +1,7 @@
 // A program's answer (POST /api/program) drawn: each gradient's state, the verdict line, the
 // check's rows and the gradient maps. The program page (program.js) and the notebook widget
 // (notebook.js, behind %%backward) draw with these same functions.
+import { DIVERGING, toleranceScale } from "./colours.js";
 import { esc, h, num, shape } from "./format.js";
 
 /** Each gradient's state: match, suspect, first (the first failure), after (wrong, and
@@ -123,9 +124,6 @@ export function firstSelection(data) {
 
 // --------------------------------------------------------------------------- gradient maps
 
-export const DIVERGING = [[0, "#2166ac"], [0.25, "#67a9cf"], [0.45, "#d1e5f0"], [0.5, "#f7f7f7"], [0.55, "#fddbc7"], [0.75, "#ef8a62"], [1, "#b2182b"]];
-export const TOLERANCE = [[0, "#ffffff"], [1 / 3, "#e7ecf2"], [1 / 3 + 0.001, "#f4a582"], [1, "#b2182b"]];
-
 /** The three maps of a name's gradient: manual, autograd, and the difference in units of
  * the tolerance; one colour scale for the first two. */
 export function gradientMaps(data, name) {
@@ -146,9 +144,12 @@ export function heat(el, hm, { zmax, tolerance }) {
   }
   el.querySelector(":scope > .empty")?.remove(); // Plotly's own nodes stay: react reuses them
   const oneD = hm.z.length === 1;
-  const trace = tolerance
-    ? { type: "heatmap", z: hm.z, zmin: 0, zmax: 3, colorscale: TOLERANCE, colorbar: { thickness: 10, tickvals: [0, 1, 2, 3] } }
-    : { type: "heatmap", z: hm.z, zmid: 0, zmin: -zmax, zmax, colorscale: DIVERGING, colorbar: { thickness: 10 } };
+  let trace = { type: "heatmap", z: hm.z, zmid: 0, zmin: -zmax, zmax, colorscale: DIVERGING, colorbar: { thickness: 10 } };
+  if (tolerance) { // the main page's scale of |difference| ÷ tolerance (colours.js)
+    const { z, colour } = toleranceScale(hm.z);
+    trace = { type: "heatmap", z, ...colour, colorbar: { thickness: 10, ...colour.colorbar },
+      hovertemplate: "|difference| ÷ tolerance %{customdata:.3g}<extra></extra>" };
+  }
   Plotly.react(el, [trace], {
     height: oneD ? 120 : 260, margin: { l: 34, r: 8, t: 6, b: 26 }, yaxis: { autorange: "reversed" }, paper_bgcolor: "#fff",
   }, { displayModeBar: false, responsive: true, staticPlot: false });

@@ -8,13 +8,13 @@ import { toJSON } from "./format.js";
 export { toJSON }; // main.js's comparisons; it lives in format.js, so api.js needs no form
 
 export const FIELDS = JSON.parse(document.getElementById("run-fields").textContent);
-export const DEFAULTS = Object.fromEntries(FIELDS.map((f) => [f.name, f.default]));
+const DEFAULTS = Object.fromEntries(FIELDS.map((f) => [f.name, f.default]));
 
 const INT = /^\s*-?\d+\s*$/;
 
 /** Text from a URL or an input -> the value the API expects; unparsable text is sent as it is,
  * so that the server's 422 names the field. */
-export function parseValue(field, text) {
+function parseValue(field, text) {
   const t = String(text).trim();
   switch (field.kind) {
     case "int":
@@ -40,7 +40,7 @@ export function parseValue(field, text) {
 }
 
 /** A value -> its text in the URL and in the form: lists as "4,3", [] as "". */
-export function formatValue(value) {
+function formatValue(value) {
   return Array.isArray(value) ? value.join(",") : String(value);
 }
 
@@ -59,7 +59,7 @@ export function configFromQuery(search) {
 // `numbers` (0: hide the values of a small run's step), `follow` (x.g:3,100: the element
 // followed back to its terms, static/js/follow.js), `recipe` (article: real data with the
 // article's init and loss, asked for; see recipe.js).
-export const PAGE_PARAMS = ["step", "view", "cells", "present", "numbers", "follow", "recipe"];
+const PAGE_PARAMS = ["step", "view", "cells", "present", "numbers", "follow", "recipe"];
 
 /** The page state a query string asks for (strings; absent ones are left out). */
 export function pageFromQuery(search) {

@@ -7,6 +7,7 @@
 // itself (an overflow is the numbers', never the formulas').
 import { errorsByField, train as trainRun } from "./api.js";
 import { dropDataOwned, drawUnitImages } from "./digits.js";
+import { DIVERGING, SERIES } from "./colours.js";
 import { h, num } from "./format.js";
 import { labFromQuery } from "./lab.js";
 import { loadPlotly, plotlyReady } from "./plotly-ready.js";
@@ -22,7 +23,6 @@ const statusEl = $("train-status");
 const curves = $("train-curves");
 const TRAIN_FIELDS = [...form.querySelectorAll("input")].map((i) => i.name);
 let controller = null;
-const COLOURS = ["#1c7ed6", "#e8590c", "#2f9e44", "#ae3ec9", "#f59f00", "#0c8599"];
 const KEEP = 6; // runs kept on the chart and in the table
 let runs = []; // {n, label, gradients, settings, colour, traces: [index...], accuracy, final}
 let runCount = 0;
@@ -254,7 +254,7 @@ function drawWeights(done) {
     } else {
       const z = view.heatmap.z;
       const zmax = Math.max(1e-30, ...z.flat().filter((v) => v != null).map(Math.abs));
-      Plotly.newPlot(el, [{ type: "heatmap", z, zmid: 0, zmin: -zmax, zmax, colorscale: "RdBu", reversescale: true }],
+      Plotly.newPlot(el, [{ type: "heatmap", z, zmid: 0, zmin: -zmax, zmax, colorscale: DIVERGING }],
         { width: 360, height: 300, margin: { l: 40, r: 10, t: 8, b: 30 }, yaxis: { autorange: "reversed" } },
         { displayModeBar: false });
     }
@@ -275,7 +275,7 @@ async function start() {
   divergedEl.hidden = true;
   uncheckedWarning();
   const run = {
-    n: ++runCount, gradients: gradientsLabel(config), colour: COLOURS[(runCount - 1) % COLOURS.length],
+    n: ++runCount, gradients: gradientsLabel(config), colour: SERIES[(runCount - 1) % SERIES.length],
     settings: settingsLabel(config),
     traces: [], accuracy: null, final: null, differed: 0, checked: 0, overflowed: 0, norms: null, state: "running",
   };

@@ -15,7 +15,7 @@ import torch
 from app.cost import admission, work
 from app.cost.admission import admit
 from app.cost.plan import plan
-from app.lab.evaluator import evaluate
+from app.lab.evaluation import evaluate
 from app.lab.formulas import formula_cost
 from app.lab.parse import parse
 from app.ops.traced import Traced
@@ -86,7 +86,7 @@ def peak_rss_growth(source: str) -> tuple[int, int]:
     on real tensors, in a process of its own, the resident set sampled every 0.5 ms."""
     code = f"""
 import json, os, threading, time, torch
-from app.lab.evaluator import evaluate
+from app.lab.evaluation import evaluate
 from app.lab.parse import parse
 from app.lab.formulas import formula_cost
 from app.ops.traced import Traced

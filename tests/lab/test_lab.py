@@ -13,7 +13,7 @@ from app.check.autograd import autograd_gradients
 from app.engine.network import Network
 from app.engine.tensors import make_tensors
 from app.lab.allowlist import FormulaError
-from app.lab.evaluator import evaluate
+from app.lab.evaluation import evaluate
 from app.lab.parse import parse
 from app.ops import Context
 from app.ops.traced import Traced

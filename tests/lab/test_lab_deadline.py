@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.lab.evaluator import evaluate
+from app.lab.evaluation import evaluate
 from app.lab.parse import parse
 from app.main import create_app
 from app.ops.cancel import RunCancelled, cancel_token, check_cancelled

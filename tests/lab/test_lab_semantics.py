@@ -75,7 +75,7 @@ def test_var_and_std_mean_what_torch_means(client):
         ("x.var(0, unbiased=False)", x.var(0, unbiased=False)),
         ("x.std(0, correction=0)", x.std(0, correction=0)),
     ]:
-        from app.lab.evaluator import evaluate
+        from app.lab.evaluation import evaluate
         from app.lab.parse import parse
         from app.ops.traced import Traced
 
