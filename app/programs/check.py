@@ -27,6 +27,7 @@ from app.check.tolerance import TOLERANCES, compare, noise_between
 from app.lab import hints
 from app.lab.statements import ProgramError
 from app.ops.traced import Traced
+from app.programs import slips
 from app.programs.plan import GRAD_PREFIX, Plan
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS
@@ -138,7 +139,10 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
             if name in unrechecked:
                 row["recheck"] = _recheck_note(name, main, rerun_error)
             if not row["allclose"]:
-                row["hint"] = _slip_hint(name, manual, auto, plan, main)
+                def close(g: torch.Tensor, h: torch.Tensor, noise: float = noise) -> bool:
+                    return bool(compare(g.to(h.dtype), h, rounding_noise=noise)["allclose"])
+
+                row["hint"] = _slip_hint(name, manual, auto, plan, main, close)
         if first_failure is None and (not row["allclose"]):
             first_failure = name
         rows[name] = row
@@ -239,12 +243,21 @@ def recheck_float64(table: dict[str, Any], main: Outcome, low: Outcome) -> dict[
 
 
 def _slip_hint(
-    name: str, manual: torch.Tensor, auto: torch.Tensor, plan: Plan, main: Outcome
+    name: str,
+    manual: torch.Tensor,
+    auto: torch.Tensor,
+    plan: Plan,
+    main: Outcome,
+    close: slips.Close,
 ) -> str | None:
-    """The classic slips of these exercises, recognized from the numbers and the code."""
+    """The classic slips of these exercises, recognized from the numbers and the code (the
+    chapters after the MLP: app/programs/slips.py)."""
     spelled = main.spelling.get(name, name)
     lines = main.lines.get(name, [])
-    reads = plan.forward_reads.get(name, [])
+    found = slips.numbers_hint(name, manual, auto, plan, main, close)
+    if found:
+        return found
+    reads = slips.tensor_uses(plan, name)
     if len(reads) > 1 and len(lines) == 1:
         return code_hint(name, spelled, lines, plan)
     scale = _scale(manual, auto)
@@ -265,7 +278,10 @@ def code_hint(name: str, spelled: str, lines: list[int], plan: Plan) -> str | No
     """The slips read from the code alone (no numbers), for a gradient that fails: a tensor
     used twice whose gradient is written once, tanh's derivative taken from its input. The
     exported file carries these for its failing gradients (app/export/program.py)."""
-    reads = plan.forward_reads.get(name, [])
+    found = slips.loop_hint(name, spelled, lines, plan)
+    if found:
+        return found
+    reads = slips.tensor_uses(plan, name)
     if len(reads) > 1 and len(lines) == 1:
         return (
             f"{name} is used by {len(reads)} forward lines ({', '.join(map(str, reads))}): its "

@@ -27,6 +27,7 @@ from app.lab.allowlist import FormulaError, Pair
 from app.ops.traced import Traced
 from app.programs.check import Outcome
 from app.programs.plan import GRAD_PREFIX, GRAD_SUFFIX, ForwardRun, Plan
+from app.programs.slips import tensor_uses, tied_hint
 
 PRECISION_RERUN_MAX_S = 0.6  # the float32 rerun that `precision` needs, for runs under this
 # a line that draws random numbers cannot be evaluated again to the same values
@@ -77,6 +78,8 @@ def diagnose_table(
             return bool(compare(g.to(h.dtype), h, rounding_noise=noise)["allclose"])
 
         row["diagnosis"] = diagnose(G, R, close, ev)
+        if row["diagnosis"]["kind"] == "missing_branch":  # a tied head or embedding named
+            row["hint"] = tied_hint(name, row["diagnosis"]["missing"], plan, main) or row["hint"]
     link_roots([rows], lambda n: main.spelling.get(n, GRAD_PREFIX + n))
     return table
 
@@ -161,7 +164,7 @@ def gradient_reads(plan: Plan) -> dict[str, set[str]]:
 def branch_parts(plan: Plan, main: Outcome, name: str) -> dict[str, torch.Tensor] | str | None:
     """What each forward line that reads `name` sends back to it: `{target: part}`, the parts
     autograd's gradient sums; a str says why there is no split."""
-    lines = plan.forward_reads.get(name, [])
+    lines = tensor_uses(plan, name)
     if len(lines) < 2:
         return None
     if len(lines) > MAX_PARTS:

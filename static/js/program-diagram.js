@@ -14,6 +14,7 @@ const ROW = 52; // px from one row's top to the next
 const GAP = 14; // px between boxes in a row
 const PAD = 10;
 const NOTE_FONT = 10.5;
+const MAX_NOTES = 4; // a row's notes written; the rest counted
 
 let measurer = null;
 function textWidth(text, size, bold = false) {
@@ -31,27 +32,79 @@ function el(tag, attrs = {}, text = null) {
 
 const sameShape = (a, b) => Array.isArray(a) && Array.isArray(b) && a.length === b.length && a.every((d, i) => d === b[i]);
 
-/** What a forward line does that costs: its broadcasts and reductions, and which of the
- * names it reads each one stretches or sums (matched by shape). */
-function costly(line, tensors) {
+/** The dims' names a line's shape comment gives (`# (B, nh, T, hs)`), when its rank is the
+ * target's: the 4-D shapes of attention read as the chapter writes them. */
+export function dimNames(line, tensors) {
+  const m = /#\s*\(([A-Za-z_][\w]*(?:\s*,\s*[\w*·]+)*)\)/.exec(line.code || "");
+  if (!m) return null;
+  const names = m[1].split(",").map((d) => d.trim());
+  const rank = tensors[line.target]?.shape?.length;
+  return names.length === rank ? names : null;
+}
+
+const UNFOLD_TIP = (st) => {
+  const [n, ckk, l] = st.output;
+  return `F.unfold lays the input out as ${st.layout || "(N, C·kh·kw, L)"} = ${shape(st.output)}: ` +
+    `for each of the N = ${n} images, one column per position of the sliding window (L = ${l} ` +
+    `positions), each column holding the C·kh·kw = ${ckk} values under the window, channel by ` +
+    `channel, then row by row of the kernel. A conv is then one matmul: (K, C·kh·kw) @ cols.`;
+};
+
+/** What a forward line does that costs or reshapes: its broadcasts (with the alignment: the
+ * mask's (T, T) as (1, 1, T, T) over (B, nh)), reductions, views and transposes (a head
+ * split), and unfold's layout; and which of the names it reads each one stretches or sums
+ * (matched by shape). `dims`: the dims' names of the line's output, when known. */
+function costly(line, tensors, dims = null) {
   const notes = [];
   const edges = {};
+  const named = (ds, out) => (dims && dims.length === out.length ? ds.map((d) => dims[d]) : ds.map((d) => `dim ${d}`));
   for (const st of line.steps || []) {
     if (st.broadcast) {
       ["a", "b"].forEach((side, k) => {
         const info = st.broadcast[side];
         if (!info || !info.expanded || !info.expanded.length) return;
         const from = st.inputs[k];
-        notes.push({ kind: "bcast", text: `broadcast ${shape(from)} → ${shape(st.output)} · ${bytes(st.bytes)}` });
+        const over = named(info.expanded, st.output).join(", ");
+        const aligned = info.aligned && !sameShape(info.aligned, from) ? ` as ${shape(info.aligned)}` : "";
+        notes.push({
+          kind: "bcast",
+          text: `broadcast ${shape(from)}${aligned} over ${over} → ${shape(st.output)} · ${bytes(st.bytes)}`,
+          title: `${st.op || "broadcast"}: ${shape(from)} is right-aligned to ${shape(info.aligned || from)} and ` +
+            `repeated over ${over} (no copy is made); its gradient sums over ${named(info.grad_sum_dims || info.expanded, st.output).join(", ")}`,
+        });
         for (const r of line.reads || []) if (sameShape(tensors[r]?.shape, from)) edges[r] = "bcast";
       });
     } else if (st.action === "reduce") {
-      const dims = st.reduced_dims ? ` dim ${st.reduced_dims.join(", ")}` : "";
-      notes.push({ kind: "sum", text: `${st.op || "sum"}${dims} → ${shape(st.output)}` });
+      const rd = st.reduced_dims ? ` dim ${st.reduced_dims.join(", ")}` : "";
+      notes.push({ kind: "sum", text: `${st.op || "sum"}${rd} → ${shape(st.output)}` });
       for (const r of line.reads || []) if (!edges[r] && sameShape(tensors[r]?.shape, st.inputs[0])) edges[r] = "sum";
+    } else if (st.layout) {
+      notes.push({ kind: "layout", text: `${st.op} → ${st.layout} = ${shape(st.output)} ⓘ`, title: UNFOLD_TIP(st) });
+    } else if (st.op === "transpose" || st.op === "permute") {
+      const args = /\.(?:transpose|permute)\(([^()]*)\)$/.exec(st.expr || "");
+      const how = args ? `(${args[1]})` : "";
+      notes.push({ kind: "view", text: `${st.op}${how} ${shape(st.inputs[0])} → ${shape(st.output)}`, title: `${st.op}${how}: the same numbers, the dims swapped (a view, no copy)` });
+    } else if (["view", "reshape"].includes(st.op) && st.inputs?.[0] && st.inputs[0].length !== st.output.length && st.output.length >= 3) {
+      const split = st.output.length > st.inputs[0].length;
+      notes.push({
+        kind: "view",
+        text: `${st.op} ${shape(st.inputs[0])} → ${shape(st.output)}${split ? " (split)" : " (merge)"}`,
+        title: `${st.op}: the same numbers in the same order, ${split ? "one dim split into several (the heads: C = nh · hs)" : "dims merged into one"}`,
+      });
     }
   }
   return { notes, edges };
+}
+
+/** A row's notes, the same text once (`×3` for q, k and v's identical head splits). */
+function merged(notes) {
+  const out = [];
+  for (const nt of notes) {
+    const same = out.find((o) => o.text === nt.text && o.kind === nt.kind);
+    if (same) same.count += 1;
+    else out.push({ ...nt, count: 1 });
+  }
+  return out.map((nt) => (nt.count > 1 ? { ...nt, text: `${nt.text} ×${nt.count}` } : nt));
 }
 
 /** Rows and places, in px. */
@@ -79,14 +132,18 @@ function flowLayout(data) {
     (rows[layer[name]] ||= { inputs: [], main: [], notes: [] })[side].push(name);
   };
   inputs.forEach((n) => add(n, "inputs", null));
+  const dimsOf = {}; // a name's dims as a shape comment names them, from any line writing it
+  for (const f of lines) dimsOf[f.target] ||= dimNames(f, tensors);
   for (const f of lines) {
     add(f.target, "main", f);
-    const { notes, edges } = costly(f, tensors);
+    const { notes, edges } = costly(f, tensors, dimsOf[f.target]);
+    node[f.target].dims = dimsOf[f.target];
     node[f.target].notes = notes;
     node[f.target].edges = edges;
     rows[layer[f.target]].notes.push(...notes);
   }
   for (let r = 0; r < rows.length; r++) rows[r] ||= { inputs: [], main: [], notes: [] };
+  for (const row of rows) row.notes = merged(row.notes);
   // the main column starts right of the widest row of inputs
   const inputW = Math.max(0, ...rows.map((row) => row.inputs.reduce((s, n) => s + node[n].w + GAP, 0)));
   const mainX = PAD + inputW + (inputW ? 10 : 0);
@@ -112,7 +169,7 @@ function flowLayout(data) {
     }
     row.notesX = x + 4;
     row.y = y;
-    const noteW = Math.max(0, ...row.notes.slice(0, 3).map((nt) => textWidth(nt.text, NOTE_FONT)));
+    const noteW = Math.max(0, ...row.notes.slice(0, MAX_NOTES).map((nt) => textWidth(nt.text, NOTE_FONT)));
     width = Math.max(width, row.notesX + noteW + PAD);
   });
   return { rows, node, width: Math.ceil(width), height: PAD * 2 + rows.length * ROW - (ROW - NODE_H) };
@@ -158,7 +215,8 @@ export function drawFlow(host, data, { states = {}, selected = null, onSelect = 
     if (n.x == null) continue;
     const state = states[n.name] || "none";
     const g = el("g", { class: `node role-${n.role} st-${state}${selected === n.name ? " selected" : ""}`, transform: `translate(${n.x},${n.y})`, tabindex: 0, role: "button", "data-name": n.name, "aria-label": `${n.name} ${n.sub}` });
-    g.append(el("title", {}, `${n.name} ${n.sub}${n.line ? ` · line ${n.line.line}: ${n.line.code}` : ` · ${n.role}`}`));
+    const dims = n.dims ? ` = (${n.dims.join(", ")})` : "";
+    g.append(el("title", {}, `${n.name} ${n.sub}${dims}${n.line ? ` · line ${n.line.line}: ${n.line.code}` : ` · ${n.role}`}`));
     g.append(el("rect", { width: n.w, height: NODE_H, rx: 5 }));
     g.append(el("text", { x: n.w / 2, y: 13, class: "name" }, n.name));
     g.append(el("text", { x: n.w / 2, y: 26, class: "sub" }, n.sub));
@@ -169,10 +227,14 @@ export function drawFlow(host, data, { states = {}, selected = null, onSelect = 
   svg.append(nodes);
   const notes = el("g", { class: "notes" });
   for (const row of lay.rows) {
-    const shown = row.notes.slice(0, 3);
-    const top = row.y + NODE_H / 2 - ((shown.length - 1) * 12) / 2 + 4;
-    shown.forEach((nt, i) => notes.append(el("text", { x: row.notesX, y: top + i * 12, class: `note ${nt.kind}` }, nt.text)));
-    if (row.notes.length > 3) notes.lastChild.textContent += ` (+${row.notes.length - 3} more)`;
+    const shown = row.notes.slice(0, MAX_NOTES);
+    const top = row.y + NODE_H / 2 - ((shown.length - 1) * 11) / 2 + 4;
+    shown.forEach((nt, i) => {
+      const t = el("text", { x: row.notesX, y: top + i * 11, class: `note ${nt.kind}`, "data-kind": nt.kind }, nt.text);
+      if (nt.title) t.append(el("title", {}, nt.title));
+      notes.append(t);
+    });
+    if (row.notes.length > MAX_NOTES) notes.lastChild.firstChild.textContent += ` (+${row.notes.length - MAX_NOTES} more)`;
   }
   svg.append(notes);
   host.replaceChildren(svg);
