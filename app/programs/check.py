@@ -139,6 +139,7 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
             if name in unrechecked:
                 row["recheck"] = _recheck_note(name, main, rerun_error)
             if not row["allclose"]:
+
                 def close(g: torch.Tensor, h: torch.Tensor, noise: float = noise) -> bool:
                     return bool(compare(g.to(h.dtype), h, rounding_noise=noise)["allclose"])
 

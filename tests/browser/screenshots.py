@@ -70,7 +70,11 @@ README_PICTURES = {
     "program-gpt.png": "program-gpt",
 }
 # README pictures a browser test makes as it checks what they show
-MADE_BY_TESTS = {"notebook-widget.png": "tests/browser/test_notebook_widget.py"}
+MADE_BY_TESTS = {
+    "notebook-widget.png": "tests/browser/test_notebook_widget.py",
+    "notebook-jupyterlab.png": "tests/notebook/test_jupyterlab.py",
+    "notebook-jupyterlab-widget.png": "tests/notebook/test_jupyterlab.py",
+}
 
 
 def wait_drawn(page) -> None:

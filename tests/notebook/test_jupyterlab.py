@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -134,6 +135,24 @@ def lab(tmp_path_factory):
 
 
 def test_jupyterlab_draws_the_check_table_and_a_heatmap_with_nothing_fetched(lab):
+    """In a thread of its own: Playwright's sync API refuses a thread with a running asyncio
+    loop, which an earlier nbclient test in the same pytest worker may have left."""
+    failures: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            _drive(lab)
+        except BaseException as e:  # re-raised in the test's own thread
+            failures.append(e)
+
+    thread = threading.Thread(target=drive, name="jupyterlab-browser")
+    thread.start()
+    thread.join()
+    if failures:
+        raise failures[0]
+
+
+def _drive(lab):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
