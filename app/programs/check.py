@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,31 +28,11 @@ from app.lab import hints
 from app.lab.statements import ProgramError
 from app.ops.traced import Traced
 from app.programs import slips
+from app.programs.outcome import Outcome
 from app.programs.plan import GRAD_PREFIX, Plan
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS
 from app.views.heatmap import at_precision, gradient_view, response_max_cells
-
-
-@dataclass
-class Outcome:
-    """One pass over real tensors: the forward's values, autograd's gradients, the
-    learner's, and where the backward stopped."""
-
-    inputs: dict[str, Any]
-    forward: dict[str, Any]
-    loss: float
-    autograd: dict[str, torch.Tensor]
-    manual: dict[str, torch.Tensor]
-    lines: dict[str, list[int]]
-    spelling: dict[str, str]
-    helpers: dict[str, Any]
-    error: ProgramError | None
-    # each gradient's rounding noise where no float64 rerun of the forward exists (the
-    # notebook: its forward ran in the kernel, so only the backward is rerun in float64)
-    rounding: dict[str, float] | None = None
-    dropped: dict[str, torch.Tensor] = field(default_factory=dict)  # see BackwardRun.dropped
-
 
 # --------------------------------------------------------------------------- the check
 

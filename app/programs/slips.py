@@ -15,17 +15,14 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from app.lab.hints import fmt_shape
 from app.ops.traced import Traced
+from app.programs.outcome import Outcome
 from app.programs.plan import GRAD_PREFIX, GRAD_SUFFIX, Plan
-
-if TYPE_CHECKING:  # (check.py imports this module)
-    from app.programs.check import Outcome
 
 Close = Callable[[torch.Tensor, torch.Tensor], bool]
 

@@ -34,7 +34,7 @@ const sameShape = (a, b) => Array.isArray(a) && Array.isArray(b) && a.length ===
 
 /** The dims' names a line's shape comment gives (`# (B, nh, T, hs)`), when its rank is the
  * target's: the 4-D shapes of attention read as the chapter writes them. */
-export function dimNames(line, tensors) {
+function dimNames(line, tensors) {
   const m = /#\s*\(([A-Za-z_][\w]*(?:\s*,\s*[\w*·]+)*)\)/.exec(line.code || "");
   if (!m) return null;
   const names = m[1].split(",").map((d) => d.trim());

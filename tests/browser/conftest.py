@@ -44,8 +44,11 @@ def _missing(what: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """One Chromium per module. Not per session: while Playwright's sync API is open it keeps
+    an asyncio loop running on the main thread, and a later module on the same pytest-xdist
+    worker that calls asyncio.run (or starts Playwright itself) would fail."""
     if not Path(CHROMIUM).exists():
         _missing(f"no Chromium at {CHROMIUM}")
     try:
