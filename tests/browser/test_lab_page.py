@@ -29,6 +29,10 @@ def check(w, key: str, text: str) -> None:
 def tolerance_maps(page) -> dict[str, float]:
     """name -> the largest |manual - autograd| / tolerance its difference map draws."""
     page.check('input[name="grad-view"][value="difference"]')
+    page.wait_for_function(  # every map redrawn as the difference view
+        """() => [...document.querySelectorAll('.heatmap-card .chart')].every(
+             c => c.data && c.data[0] && c.data[0].customdata)"""
+    )
     return page.evaluate(
         """() => Object.fromEntries([...document.querySelectorAll('.heatmap-card .chart')].map(
              c => [c.closest('.heatmap-card').dataset.name,
