@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -35,7 +36,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]  # fmt: skip
-SHOTS = ROOT / "docs" / "screenshots"
+# the README's pictures are retaken with BROADPROP_SCREENSHOTS=1; a plain run keeps its
+# screenshots apart (a test run must not rewrite tracked files)
+SHOTS = (
+    ROOT / "docs" / "screenshots"
+    if os.environ.get("BROADPROP_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "broadprop-screenshots"
+)
 KERNEL = "broadprop-test"
 
 
