@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from app.cost.budget import human_bytes
-from app.ops.cancel import RunCancelled
+from app.ops.cancel import RunCancelled, is_allocation_failure
 from app.refusal import Refused
 from app.sandbox import jobs
 from app.sandbox.allocator import release_memory, tune_allocator
@@ -151,14 +151,11 @@ def _answer(
         conn.send(("refused", refused.errors()))
     except RunCancelled:
         conn.send(("stopped", deadline.reason or "deadline", deadline.used_s()))
-    except MemoryError as e:
-        conn.send(("memory", _allocation_detail(e)))
-        return False
-    except RuntimeError as e:
-        if not _is_allocation_failure(e):
+    except (MemoryError, RuntimeError) as e:
+        if isinstance(e, MemoryError) or is_allocation_failure(e):  # the hard limit's
+            conn.send(("memory", _allocation_detail(e)))
+        else:  # our bug: the server logs it and answers 500
             conn.send(("error", _described(e)))
-            return False
-        conn.send(("memory", _allocation_detail(e)))
         return False
     except Exception as e:  # our bug: the server logs it and answers 500
         conn.send(("error", _described(e)))
@@ -167,11 +164,6 @@ def _answer(
         if reply:
             conn.send((tag, *value) if isinstance(value, tuple) else (tag, value))
     return True
-
-
-def _is_allocation_failure(e: RuntimeError) -> bool:
-    text = str(e).lower()
-    return "alloc" in text or "memory" in text
 
 
 def _allocation_detail(e: BaseException) -> str:
