@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import re
 import threading
 from pathlib import Path
 from urllib.parse import parse_qs
 
-import plotly
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 from starlette.types import Scope
@@ -22,7 +22,10 @@ from starlette.types import Scope
 ROOT = Path(__file__).resolve().parents[2]
 STATIC = ROOT / "static"
 VENDOR = ROOT / "vendor"  # scripts/_setup.sh puts the npm cartesian bundle here (ignored by git)
-FULL_PLOTLY = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+# found, not imported: the Python package itself is of no use to the server
+FULL_PLOTLY = (
+    Path(importlib.util.find_spec("plotly").origin).parent / "package_data" / "plotly.min.js"
+)
 IMMUTABLE = "public, max-age=31536000, immutable"
 # `from "./x.js"`, `import "./x.js"`, `import("./x.js")`: relative module specifiers only
 IMPORT = re.compile(r"""((?:\bfrom|\bimport)\s*\(?\s*["'])(\.{1,2}/[^"'?]+\.js)(["'])""")
