@@ -24,7 +24,13 @@ from starlette.types import Message
 
 from app.ops import spare
 from app.ops.cancel import CancelToken
-from app.sandbox.allocator import TRIM_DELAY_S, TRIM_MIN_BYTES, release_memory, tune_allocator
+from app.sandbox.allocator import (
+    IDLE_TRIM_S,
+    TRIM_DELAY_S,
+    TRIM_MIN_BYTES,
+    release_memory,
+    tune_allocator,
+)
 from app.sandbox.pool import wall_limit_s
 from app.settings import Settings
 
@@ -229,6 +235,8 @@ class RunLimiter:
         self.trainings = trainings or TRAININGS_PER_SLOT * slots
         self.in_flight = 0
         self._release_pending = False
+        self._idle_release_pending = False
+        self._last_run_end = 0.0
         self._tasks: set[asyncio.Task] = set()
         self._semaphores: weakref.WeakKeyDictionary[Any, dict[str, anyio.Semaphore]] = (
             weakref.WeakKeyDictionary()
@@ -296,8 +304,10 @@ class RunLimiter:
                     return await lane.run_sync(fn, *args)
                 return await self._watched(lane, fn, args, cancel, receive)
         finally:
-            if self.trim and memory_bytes >= TRIM_MIN_BYTES:
-                self._release_soon()
+            if self.trim:
+                if memory_bytes >= TRIM_MIN_BYTES:
+                    self._release_soon()
+                self._release_when_idle()
 
     @asynccontextmanager
     async def slot(
@@ -396,6 +406,29 @@ class RunLimiter:
                     await anyio.to_thread.run_sync(release_memory)
             finally:
                 self._release_pending = False
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._tasks.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._tasks.discard)
+
+    def _release_when_idle(self) -> None:
+        """Give every run's free pages back (the lane threads' malloc arenas keep them: the
+        trim threshold is high) once no run has ended for IDLE_TRIM_S and none is in flight."""
+        self._last_run_end = time.monotonic()
+        if self._idle_release_pending:
+            return  # the pending release waits for this run's end too
+        self._idle_release_pending = True
+
+        async def later() -> None:
+            try:
+                while True:
+                    wait = self._last_run_end + IDLE_TRIM_S - time.monotonic()
+                    if wait <= 0 and not self.in_flight:
+                        break
+                    await asyncio.sleep(max(wait, 0.5))
+                await anyio.to_thread.run_sync(release_memory)
+            finally:
+                self._idle_release_pending = False
 
         task = asyncio.get_running_loop().create_task(later())
         self._tasks.add(task)  # held until done (the loop keeps only weak references)
