@@ -13,6 +13,7 @@ what start-up does not pay, the first request would.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -55,6 +56,7 @@ def makemore_body() -> dict:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     load = os.getloadavg()[0]
     server = LiveServer()
     try:
