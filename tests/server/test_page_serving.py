@@ -80,9 +80,7 @@ def _imports_from(entry: str) -> set[str]:
     while todo:
         path = todo.pop()
         text = (static / path).read_text(encoding="utf-8")
-        for spec in re.findall(
-            r"""(?:from|import)\s*\(?\s*["'](\.{1,2}/[^"']+\.js)["']""", text
-        ):
+        for spec in re.findall(r"""(?:from|import)\s*\(?\s*["'](\.{1,2}/[^"']+\.js)["']""", text):
             name = posixpath.normpath(posixpath.join(posixpath.dirname(path), spec))
             if name not in found:
                 found.add(name)
