@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from app.cost.plan import RunPlan, heatmap_cap
 from app.engine.tensors import input_specs, layer_sizes, lead_shape
-from app.ops.linear import chunk_rows
+from app.ops.linear import chunk_rows, chunks_in_flight
 from app.views.heatmap import JSON_BYTES_PER_CELL
 
 
@@ -35,11 +35,13 @@ class Estimate:
 def chunk_peak(
     n_rows: int, fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int, strategy: str
 ) -> int:
-    """Peak bytes of one linear layer's broadcast product under `strategy`: one chunk."""
+    """Peak bytes of one linear layer's broadcast product under `strategy`: the chunks in
+    flight (the run's and its spare thread's)."""
     if strategy != "broadcast":
         return 0
     rows = min(n_rows, chunk_rows(fan_in, fan_out, itemsize, chunk_bytes))
-    return rows * fan_in * fan_out * itemsize
+    row_bytes = fan_in * fan_out * itemsize
+    return chunks_in_flight(n_rows, rows, row_bytes, chunk_bytes) * rows * row_bytes
 
 
 VIEW_ACTIONS = frozenset({"unsqueeze", "squeeze", "reshape"})  # views: no new memory

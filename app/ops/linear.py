@@ -124,15 +124,36 @@ class Linear(Op):
                 x_g[chunk] = formulas[x_name]().t  # (rows, in)
             return formulas[w_name]().t  # (in, out): this chunk's share of the sum over rows
 
-        # chunks side by side on the lane's spare core, if any; their shares added in order
-        spare.in_order(range(0, n, rows), chunk_share, w_g.add_, ctx.check)
+        # chunks side by side on the lane's spare core, if any, when two fit in the cap (a
+        # single row's product can be bigger than half of it); their shares added in order
+        side_by_side = chunks_in_flight(
+            n, rows, fan_in * fan_out * g2.element_size(), ctx.chunk_bytes
+        )
+        spare.in_order(range(0, n, rows), chunk_share, w_g.add_, ctx.check, side_by_side > 1)
         return x_g, w_g.to(w.dtype)
 
 
 MAX_CHUNK_ROWS = 4096  # a chunk's own sum over rows stays short, so it rounds little
 
 
+# A run and its spare thread (app/ops/spare.py) may each hold a chunk's product at once: each
+# chunk gets its share of the cap, so what is in flight stays within `chunk_bytes` with a spare
+# or without, and the chunks (and so the sums' order) are the same either way
+CHUNKS_IN_FLIGHT = 2
+
+
+def chunks_in_flight(n_rows: int, rows: int, row_bytes: int, chunk_bytes: int) -> int:
+    """How many chunks of `rows` may be computed at once: two (the run's and its spare's)
+    when there are two and both fit in the cap, else one."""
+    return (
+        CHUNKS_IN_FLIGHT
+        if n_rows > rows and CHUNKS_IN_FLIGHT * rows * row_bytes <= chunk_bytes
+        else 1
+    )
+
+
 def chunk_rows(fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int) -> int:
-    """Rows per chunk: as many (in, out) product rows as fit in `chunk_bytes`, at least one
-    and at most MAX_CHUNK_ROWS."""
-    return min(MAX_CHUNK_ROWS, max(1, chunk_bytes // (fan_in * fan_out * itemsize)))
+    """Rows per chunk: as many (in, out) product rows as fit in `chunk_bytes` shared by the
+    CHUNKS_IN_FLIGHT chunks, at least one and at most MAX_CHUNK_ROWS."""
+    share = chunk_bytes // CHUNKS_IN_FLIGHT
+    return min(MAX_CHUNK_ROWS, max(1, share // (fan_in * fan_out * itemsize)))

@@ -237,6 +237,7 @@ class RunLimiter:
         self._release_pending = False
         self._idle_release_pending = False
         self._last_run_end = 0.0
+        self.release: Callable[[], object] = release_memory  # gives free pages back
         self._tasks: set[asyncio.Task] = set()
         self._semaphores: weakref.WeakKeyDictionary[Any, dict[str, anyio.Semaphore]] = (
             weakref.WeakKeyDictionary()
@@ -403,7 +404,7 @@ class RunLimiter:
             try:
                 await asyncio.sleep(TRIM_DELAY_S)
                 if not self.in_flight:
-                    await anyio.to_thread.run_sync(release_memory)
+                    await anyio.to_thread.run_sync(self.release)
             finally:
                 self._release_pending = False
 
@@ -426,7 +427,7 @@ class RunLimiter:
                     if wait <= 0 and not self.in_flight:
                         break
                     await asyncio.sleep(max(wait, 0.5))
-                await anyio.to_thread.run_sync(release_memory)
+                await anyio.to_thread.run_sync(self.release)
             finally:
                 self._idle_release_pending = False
 

@@ -36,21 +36,24 @@ def test_parts_fold_in_the_keys_order_whoever_made_them(with_spare):
     assert len(set(made_by.values())) == 2, "the spare took no part"
 
 
-def test_the_spare_stays_within_its_bound_ahead_of_the_fold(with_spare):
-    folded: list[int] = []
-    ahead: list[int] = []
+def test_each_part_is_folded_by_the_thread_that_made_it_in_the_keys_order(with_spare):
+    """No part crosses threads (what one thread allocates, it frees): the thread that made
+    part k folds it, once part k - 1 is folded."""
+    made_by: dict[int, int] = {}
+    folds: list[tuple[int, int]] = []
     me = threading.get_ident()
 
     def compute(k: int) -> int:
-        if threading.get_ident() == me:
-            time.sleep(0.02)  # this thread slow: the spare runs ahead, up to its bound
-        ahead.append(k - len(folded))
+        made_by[k] = threading.get_ident()
+        time.sleep(0.004 if made_by[k] == me else 0.001)  # the spare runs faster
         return k
 
-    spare.in_order(range(30), compute, folded.append, lambda: None)
-    assert folded == list(range(30))
-    assert max(ahead) <= spare.AHEAD
-    assert max(ahead) > 1, "the spare never ran ahead: the bound was not exercised"
+    spare.in_order(
+        range(30), compute, lambda k: folds.append((k, threading.get_ident())), lambda: None
+    )
+    assert [k for k, _ in folds] == list(range(30))
+    assert all(made_by[k] == thread for k, thread in folds)
+    assert len(set(made_by.values())) == 2
 
 
 def test_a_part_that_fails_on_the_spare_raises_on_the_run_thread(with_spare):
