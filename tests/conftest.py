@@ -24,6 +24,11 @@ def pytest_configure(config):
         "app_settings(raise_server_exceptions=True, **settings): the `client` fixture of this "
         "module serves an app made with these Settings",
     )
+    config.addinivalue_line(
+        "markers",
+        "fresh_page: the `watched` fixture gives this test a browser tab of its own (a test "
+        "that adds a route, an init script or a handler to the tab)",
+    )
     # xdist hands out groups by their test count unless told not to: a module of 169 quick
     # tests would go before a browser module of 6 slow ones, and a long one would come last
     if hasattr(config.option, "loadscopereorder"):
