@@ -145,9 +145,12 @@ def watched(request, shared_context, server, _kept_page):
         page = shared_context.new_page()
     w = Watched(page, server)
     yield w
-    w.detach()
     if fresh or request.node.stash.get(_FAILED, False):
         page.close()
-    else:
-        page.mouse.move(0, 0)  # no hover carried into the next test
-        _kept_page["page"] = page
+        return
+    # End the test's document within the site (its late answers and console messages end
+    # with it, recorded here, not in the next test), where the renderer stays.
+    page.goto(f"{server}/healthz")
+    page.mouse.move(0, 0)  # no hover carried into the next test
+    w.detach()
+    _kept_page["page"] = page
