@@ -90,6 +90,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def server() -> str:
+    """Base URL of a live `python -m app` (tests/servers.py) with the default settings but
+    one torch thread a run, started once per test process and shared by the browser tests
+    and any test that only needs a server as served: two OpenMP threads per run, beside the
+    other test process and a browser on two cores, spin more than they compute (a 2-second
+    training takes a minute)."""
+    from tests.servers import LiveServer
+
+    live = LiveServer(BROADPROP_TORCH_THREADS="1")
+    yield live.base
+    live.stop()
+
+
+@pytest.fixture(scope="session")
 def _default_client() -> TestClient:
     with TestClient(create_app()) as c:
         yield c

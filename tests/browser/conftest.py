@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import LiveServer
-
 CHROMIUM = os.environ.get("BROADPROP_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -18,14 +16,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def server() -> str:
-    """Base URL of a live server, started for the session and stopped after it."""
-    live = LiveServer()
-    yield live.base
-    live.stop()
 
 
 REQUIRE_BROWSER = os.environ.get("BROADPROP_REQUIRE_BROWSER") == "1"  # set by scripts/test
