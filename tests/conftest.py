@@ -27,20 +27,83 @@ def pytest_configure(config):
         "app_settings(raise_server_exceptions=True, **settings): the `client` fixture of this "
         "module serves an app made with these Settings",
     )
+    config.addinivalue_line(
+        "markers",
+        "fresh_page: the `watched` fixture gives this test a browser tab of its own (a test "
+        "that adds a route, an init script or a handler to the tab)",
+    )
+    # xdist hands out groups by their test count unless told not to: a module of 169 quick
+    # tests would go before a browser module of 6 slow ones, and a long one would come last
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+    if getattr(config.option, "loadgroup", False):  # set on an xdist worker
+        config.pluginmanager.register(_GroupSuffix(), "broadprop-xdist-group-suffix")
 
 
+def _heavy_first(item) -> int:
+    """A group's place in the queue: the long groups first (the load group, then the browser
+    and notebook modules), so that the two workers never end on one long group each."""
+    if item.get_closest_marker("load") is not None:
+        return 0
+    if "browser" in item.keywords or "notebook" in item.keywords:
+        return 1
+    return 2
+
+
+class _GroupSuffix:
+    """pytest-xdist's worker names an item's group by appending "@group" to its node id, in
+    its own pytest_collection_modifyitems, through the attribute pytest before 9.2 kept the
+    id in (`_nodeid`). pytest 9.2 keeps a structured id (`_id`), so the suffix is lost and
+    every test is scheduled on its own: modules split over both workers, their module-scoped
+    servers and browsers started twice, and the load group no longer alone
+    (pytest-dev/pytest-xdist#1386). After xdist's hook, this adds the suffix where it is
+    missing."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        if not config.getvalue("loadgroup"):
+            return
+        for item in items:
+            mark = item.get_closest_marker("xdist_group")
+            if mark is None or "@" in item.nodeid.rsplit("]", 1)[-1] or not hasattr(item, "_id"):
+                continue
+            from _pytest.nodeid import NodeId
+
+            group = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+            item._id = NodeId.parse(f"{item.nodeid}@{group}")
+
+
+# tryfirst: the group must be marked before pytest-xdist's worker reads the marks
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Browser tests and load tests are `slow`: `-m "not slow"` is the fast lane.
 
     Under pytest-xdist (`--dist loadgroup`, as ./scripts/test runs), a module's tests stay on
     one worker, so its module-scoped app and server start once; the load tests, which measure
-    a server from outside, share one group and so never run beside each other."""
+    a server from outside, share one group and so never run beside each other. The groups
+    are handed out in the items' order (pytest_configure turns off xdist's reordering by
+    test count), long ones first."""
     for item in items:
         is_load = item.get_closest_marker("load") is not None
         if "browser" in item.keywords or is_load:
             item.add_marker(pytest.mark.slow)
         group = "load" if is_load else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=_heavy_first)  # stable: within a class, the collection's order
+
+
+@pytest.fixture(scope="session")
+def server() -> str:
+    """Base URL of a live `python -m app` (tests/servers.py) with the default settings but
+    one torch thread a run, started once per test process and shared by the browser tests
+    and any test that only needs a server as served: two OpenMP threads per run, beside the
+    other test process and a browser on two cores, spin more than they compute (a 2-second
+    training takes a minute)."""
+    from tests.servers import LiveServer
+
+    live = LiveServer(BROADPROP_TORCH_THREADS="1")
+    yield live.base
+    live.stop()
 
 
 @pytest.fixture(scope="session")

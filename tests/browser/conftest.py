@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import LiveServer
-
 CHROMIUM = os.environ.get("BROADPROP_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -18,14 +16,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def server() -> str:
-    """Base URL of a live server, started for the session and stopped after it."""
-    live = LiveServer()
-    yield live.base
-    live.stop()
 
 
 REQUIRE_BROWSER = os.environ.get("BROADPROP_REQUIRE_BROWSER") == "1"  # set by scripts/test
@@ -70,9 +60,18 @@ class Watched:
         self.base = base
         self.requests: list[str] = []
         self.errors: list[str] = []
-        page.on("request", lambda r: self.requests.append(r.url))
-        page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
-        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self._listeners = [
+            ("request", lambda r: self.requests.append(r.url)),
+            ("console", lambda m: m.type == "error" and self.errors.append(m.text)),
+            ("pageerror", lambda e: self.errors.append(str(e))),
+        ]
+        for event, listener in self._listeners:
+            page.on(event, listener)
+
+    def detach(self) -> None:
+        """Stop recording (the page goes on to another test)."""
+        for event, listener in self._listeners:
+            self.page.remove_listener(event, listener)
 
     def open(self, query: str = "") -> None:
         self.page.goto(f"{self.base}/{query}")
@@ -94,13 +93,54 @@ class Watched:
         ]
 
 
-@pytest.fixture
-def watched(browser, server):
+@pytest.fixture(scope="module")
+def shared_context(browser, server):
+    """One browser context for a module's `watched` pages (the page stores nothing: no
+    cookies, no web storage)."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     # Anything bound elsewhere is refused (and recorded), so a stray request cannot hang a test.
     context.route(lambda url: not url.startswith(server + "/"), lambda route: route.abort())
     context.set_default_timeout(60_000)  # the machine is shared; a slow run is not a failure
-    page = context.new_page()
+    yield context
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def _kept_page() -> dict:
+    return {}
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.stash[_FAILED] = True  # the `watched` fixture replaces the tab
+    return report
+
+
+@pytest.fixture
+def watched(request, shared_context, server, _kept_page):
+    """A page in the module's context, recorded while the test runs. The module's tests
+    share one tab, each opening its own URL in it: a navigation within the site keeps the
+    renderer and its compiled scripts (Plotly's among them), where a new tab starts both anew
+    (about 0.6 s more a page). A test that changes the tab itself (a route, an init script, a
+    dialog or request handler of its own) is marked `fresh_page` and gets a tab of its own;
+    after a failure the tab is replaced."""
+    fresh = request.node.get_closest_marker("fresh_page") is not None
+    page = None if fresh else _kept_page.pop("page", None)
+    if page is None or page.is_closed():
+        page = shared_context.new_page()
     w = Watched(page, server)
     yield w
-    context.close()
+    if fresh or request.node.stash.get(_FAILED, False):
+        page.close()
+        return
+    # End the test's document within the site (its late answers and console messages end
+    # with it, recorded here, not in the next test), where the renderer stays.
+    page.goto(f"{server}/healthz")
+    page.mouse.move(0, 0)  # no hover carried into the next test
+    w.detach()
+    _kept_page["page"] = page

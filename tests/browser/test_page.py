@@ -185,6 +185,7 @@ def test_stepping_moves_the_highlight(watched):
 
 
 @pytest.mark.browser
+@pytest.mark.fresh_page  # a dialog handler of its own
 def test_a_bad_field_shows_its_error_next_to_it(watched):
     w = watched
     dialogs = []

@@ -104,6 +104,7 @@ def test_budget_error_shows_under_the_field_that_was_changed(watched):
     assert_clean(w, allowed=[r"status of 422"])
 
 
+@pytest.mark.fresh_page  # a request handler of its own
 def test_seed_beyond_2_to_the_53_is_sent_exactly(watched):
     w = watched
     w.open(SMALL)

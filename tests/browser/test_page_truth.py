@@ -10,8 +10,6 @@ from conftest import Watched
 from test_lab_page import REFUSED, check, line
 from test_page import assert_clean
 
-from tests.servers import LiveServer
-
 NET = "?batch=8&in_features=6&hidden=4"
 
 
@@ -202,18 +200,9 @@ def test_a_phone_with_mnist_data_never_scrolls_sideways(browser, server):
 # --- training -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def one_thread_server():
-    """A server whose runs use one torch thread: on a shared machine two OpenMP threads per
-    training step make a 2-second training take a minute."""
-    live = LiveServer(BROADPROP_TORCH_THREADS="1")
-    yield live.base
-    live.stop()
-
-
 @pytest.mark.browser
-def test_mnist_starts_from_settings_that_train_and_reaches_85_percent(browser, one_thread_server):
-    base = one_thread_server
+def test_mnist_starts_from_settings_that_train_and_reaches_85_percent(browser, server):
+    base = server  # its runs use one torch thread (tests/conftest.py)
     context = new_context(browser, base, 1280, 800)
     page = context.new_page()
     errors: list[str] = []

@@ -188,6 +188,7 @@ def test_downloads_keep_the_server_name_and_a_refused_one_says_why(watched):
 
 
 @pytest.mark.browser
+@pytest.mark.fresh_page  # a route of its own
 def test_the_program_page_waits_out_a_busy_server(watched):
     w = watched
     page = w.page

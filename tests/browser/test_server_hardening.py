@@ -3,6 +3,8 @@
 
 import pytest
 
+pytestmark = pytest.mark.fresh_page  # each test adds an init script or a route to its tab
+
 LISTEN = """document.addEventListener('securitypolicyviolation',
     e => (window.__csp = window.__csp || []).push(e.violatedDirective + ' ' + e.blockedURI));"""
 

@@ -23,6 +23,7 @@ from app.check.diagnosis import (
 )
 from app.check.tolerance import compare
 from app.programs import presets
+from tests.scripts import run_script
 
 BACKWARD = presets.MAKEMORE_BACKWARD
 DC_LOOP = """\
@@ -354,16 +355,13 @@ def test_a_correct_random_program_is_never_diagnosed(client, layers, rows, width
 
 @pytest.mark.slow
 def test_the_exported_script_prints_the_diagnosis(client, tmp_path):
-    import subprocess
-    import sys
-
     body = {**presets.preset("makemore")["request"], "backward": BACKWARD.replace(
         "dbnmeani = -dbndiff.sum(0, keepdim=True)", "dbnmeani = -dbndiff.mean(0, keepdim=True)")}  # fmt: skip
     r = client.post("/api/export", json={"program": body, "format": "py"})
     assert r.status_code == 200
     path = tmp_path / "program.py"
     path.write_text(r.text)
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    done = run_script([path], timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]
     out = done.stdout
     assert "why: dbnmeani is autograd's gradient times 1/n (n = 32)" in out

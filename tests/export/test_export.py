@@ -8,8 +8,6 @@ import io
 import math
 import random
 import re
-import subprocess
-import sys
 from contextlib import redirect_stdout
 
 import nbformat
@@ -25,6 +23,7 @@ from app.export.lines import module_body
 from app.ops import Context
 from app.runs import pipeline
 from app.schemas import RunRequest
+from tests.scripts import run_script
 
 # runs every exported script and notebook in a process of its own
 pytestmark = pytest.mark.slow
@@ -94,24 +93,14 @@ def runs(client):
 
 @pytest.fixture(scope="module")
 def scripts(client, tmp_path_factory):
-    """Each config's script, run in a fresh Python process (all at once)."""
+    """Each config's script, run as `python <name>.py` in its folder (tests/scripts.py)."""
     folder = tmp_path_factory.mktemp("scripts")
-    procs = {}
+    done = {}
     for name, config in CONFIGS.items():
         response = _export(client, config, "py")
         path = folder / f"{name}.py"
         path.write_text(response.text)
-        procs[name] = subprocess.Popen(
-            [sys.executable, path.name],
-            cwd=folder,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    done = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        done[name] = run_script([path.name], cwd=folder, timeout=300)
     return done
 
 

@@ -12,6 +12,7 @@ from app.programs import train as training
 from app.programs.inputs import all_contexts, data_fields, image_data, make_inputs
 from app.programs.run import admit
 from app.programs.schemas import ProgramRequest
+from tests.scripts import run_script
 
 CHAPTERS = ["gpt", "conv", "rnn"]
 DATA = {"gpt": "names", "conv": "mnist", "rnn": "names"}
@@ -271,16 +272,13 @@ def test_follow_names_a_gradient_and_an_index_inside_it(client):
 def test_each_chapter_exports_a_script_that_reaches_the_servers_verdict(
     client, tmp_path, preset_id
 ):
-    import subprocess
-    import sys
-
     request = request_of(preset_id)
     server = client.post("/api/program", json=request).json()
     r = client.post("/api/export", json={"program": request, "format": "py"})
     assert r.status_code == 200, r.text[:300]
     path = tmp_path / "program.py"
     path.write_text(r.text)
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    done = run_script([path], timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"loss {server['loss']}" in done.stdout  # the same data, the same numbers
     assert f"all {len(server['check']['tensors'])} written gradients match" in done.stdout
@@ -288,5 +286,5 @@ def test_each_chapter_exports_a_script_that_reaches_the_servers_verdict(
                                                                  BROKEN[preset_id][1])}  # fmt: skip
     r = client.post("/api/export", json={"program": broken, "format": "py"})
     path.write_text(r.text)
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    done = run_script([path], timeout=300)
     assert done.returncode != 0

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from app.programs.inputs import make_inputs
 from app.programs.schemas import ProgramRequest
+from tests.scripts import run_script
 
 
 def post(client, inputs: dict, forward: str, backward: str, dtype: str = "float64", **kw):
@@ -498,9 +499,6 @@ EXPORT_BACKWARD = RNN_BACKWARD.replace(
 def test_an_exported_rnn_with_dropout_runs_the_same_program_in_plain_pytorch(
     client, tmp_path, dtype
 ):
-    import subprocess
-    import sys
-
     request = {"inputs": RNN_INPUTS, "forward": EXPORT_FORWARD, "backward": EXPORT_BACKWARD,
                "dtype": dtype}  # fmt: skip
     server = post(client, RNN_INPUTS, EXPORT_FORWARD, EXPORT_BACKWARD, dtype)
@@ -509,7 +507,7 @@ def test_an_exported_rnn_with_dropout_runs_the_same_program_in_plain_pytorch(
     assert r.status_code == 200, r.text[:300]
     path = tmp_path / "program.py"
     path.write_text(r.text)
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    done = run_script([path], timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"loss {server['loss']}" in done.stdout
 

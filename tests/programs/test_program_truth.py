@@ -18,6 +18,7 @@ from app.programs import run as programs_run
 from app.programs.schemas import ProgramRequest
 from app.server.errors import stopped
 from app.server.lanes import Stopped
+from tests.scripts import run_script
 
 MAKEMORE = presets.preset("makemore")["request"]
 LOOP = MAKEMORE["backward"][MAKEMORE["backward"].index("dC = torch.zeros_like(C)") :]
@@ -189,8 +190,6 @@ def test_the_exported_script_says_the_first_failure_and_its_hint_in_the_pages_or
     client, tmp_path
 ):
     """35.9: the file listed failures in another order, with no first failure and no hint."""
-    import subprocess
-    import sys
 
     slip = MAKEMORE["backward"].replace(
         "dhpreact = (1.0 - h ** 2) * dh", "dhpreact = (1.0 - hpreact ** 2) * dh"
@@ -206,7 +205,7 @@ def test_the_exported_script_says_the_first_failure_and_its_hint_in_the_pages_or
     assert response.status_code == 200, response.text[:300]
     path = tmp_path / "broadprop_program.py"
     path.write_text(response.text)
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    done = run_script([path], timeout=300)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     out = done.stdout.splitlines()
     # every written gradient, in the page's order (by the line that finishes it)

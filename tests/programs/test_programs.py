@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch
 from app.programs import presets
 from app.programs.inputs import make_inputs
 from app.programs.schemas import ProgramRequest
+from tests.scripts import run_script
 
 STUDENT_BACKWARD = """\
 # Exercise 1: backprop through the whole thing manually, one variable at a time
@@ -473,7 +473,7 @@ def test_a_value_input_bigger_than_other_routes_take_is_accepted_here(client):
 def _run_script(text: str, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / "program.py"
     path.write_text(text)
-    return subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    return run_script([path], timeout=120)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from app.main import create_app
 from app.ops.cancel import CancelToken
 from app.programs.schemas import ProgramRequest
 from app.settings import Settings
+from tests.scripts import run_script
 
 # a 500 must fail an assertion, not the request
 pytestmark = pytest.mark.app_settings(raise_server_exceptions=False)
@@ -309,8 +310,6 @@ def test_n10_a_module_or_builtin_is_never_rebound(client, line):
 def test_n10_the_export_stops_where_the_server_stops(client, tmp_path):
     """N10: a backward that stops at a shape error: the server checks the lines before it;
     the exported script says the same line cannot run, checks the same gradients, exits 1."""
-    import subprocess
-    import sys
 
     body = {
         "inputs": {"x": {"shape": [4, 3]}, "w": {"shape": [3, 2]}},
@@ -324,7 +323,7 @@ def test_n10_the_export_stops_where_the_server_stops(client, tmp_path):
     assert script.status_code == 200
     path = tmp_path / "program.py"
     path.write_text(script.text)
-    run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    run = run_script([path], timeout=120)
     assert run.returncode == 1, run.stderr[-500:]
     assert "backward line 3 cannot run" in run.stdout
     checked = sorted(line.split()[0] for line in run.stdout.splitlines() if " exact: " in line)

@@ -104,33 +104,29 @@ def test_only_the_test_clients_defaults_are_taken_for_it(kwargs, headers):
 
 
 @pytest.mark.load
-def test_no_socket_passes_for_the_test_client():
+def test_no_socket_passes_for_the_test_client(server):
     """Over a real socket to `python -m app` (uvicorn, whose proxy headers are on for
     127.0.0.1: it turns `X-Forwarded-For: testclient:50000` into that very scope client), a
     DNS-rebinding page that also names itself testserver still gets 400."""
     import http.client
+    from urllib.parse import urlsplit
 
-    from tests.servers import LiveServer
+    port = urlsplit(server).port
 
-    live = LiveServer()
-    try:
+    def get(headers: dict[str, str]) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/healthz", headers=headers)
+        status = conn.getresponse().status
+        conn.close()
+        return status
 
-        def get(headers: dict[str, str]) -> int:
-            conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=30)
-            conn.request("GET", "/healthz", headers=headers)
-            status = conn.getresponse().status
-            conn.close()
-            return status
-
-        assert get({"Host": f"127.0.0.1:{live.port}"}) == 200  # served as it should be
-        for forged in (
-            {"Host": "testserver"},
-            {"Host": "testserver", "X-Forwarded-For": "testclient:50000"},
-            {"Host": "testserver", "Forwarded": "for=testclient"},
-        ):
-            assert get(forged) == 400, forged
-    finally:
-        live.stop()
+    assert get({"Host": f"127.0.0.1:{port}"}) == 200  # served as it should be
+    for forged in (
+        {"Host": "testserver"},
+        {"Host": "testserver", "X-Forwarded-For": "testclient:50000"},
+        {"Host": "testserver", "Forwarded": "for=testclient"},
+    ):
+        assert get(forged) == 400, forged
 
 
 # --- Origin and content type ------------------------------------------------------------

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from app.schemas import RunResponse
+from tests.scripts import run_script
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -391,9 +390,7 @@ def test_the_exported_script_prints_the_followed_elements_check(client, tmp_path
     assert response.status_code == 200, response.text
     path = tmp_path / "run.py"
     path.write_text(response.text)
-    done = subprocess.run(
-        [sys.executable, path.name], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
+    done = run_script([path.name], cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     api = post_follow(
         client,
