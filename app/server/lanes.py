@@ -173,8 +173,8 @@ def lanes_for(slots: int, torch_threads: int) -> dict[str, Lane]:
             default = torch.get_num_threads()
             # the small lane: as many one-thread runs at once as the large lane has threads
             # each with a spare thread for its run's independent pieces (app/ops/spare.py)
-            # where there is a second core: a lone small run then takes both
-            small = Lane("small", slots * torch_threads, 1, spares=usable_cores() > 1)
+            # where a run may use two threads: a lone small run then takes both cores
+            small = Lane("small", slots * torch_threads, 1, spares=torch_threads > 1)
             large = Lane("large", slots, torch_threads)
             # the learner's formulas' dry runs: Python on meta tensors, one at a time
             dry = Lane("dry", DRY_RUN_SLOTS, 1)
