@@ -32,7 +32,7 @@ from app.programs.outcome import Outcome
 from app.programs.plan import GRAD_PREFIX, Plan
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS
-from app.views.heatmap import at_precision, gradient_view, response_max_cells
+from app.views.heatmap import at_precision_all, gradient_view, response_max_cells
 
 # --------------------------------------------------------------------------- the check
 
@@ -335,7 +335,7 @@ def tensor_table(req: ProgramRequest, plan: Plan, main: Outcome) -> dict[str, An
     return table
 
 
-# the heatmaps' numbers, in significant digits (app/views/heatmap.py: at_precision): the
+# the heatmaps' numbers, in significant digits (app/views/heatmap.py: at_precision_all): the
 # makemore answer's maps in 26% fewer bytes
 HEATMAP_DIGITS = 5
 
@@ -363,5 +363,6 @@ def gradient_views(req: ProgramRequest, plan: Plan, main: Outcome, table: dict) 
         else:
             view = gradient_view(auto, cells)
             view["source"] = "autograd"
-        views[name] = at_precision(view, HEATMAP_DIGITS)
+        views[name] = view
+    at_precision_all(list(views.values()), HEATMAP_DIGITS)
     return views

@@ -176,14 +176,16 @@ class BackwardRun(Interpreter):
         super()._write(stmt, current, parts, symbol, value)
         if symbol not in ("+", "-") or current.t.is_meta:
             return
-        tensor = next((n for n, g in self.gradients.items() if g.t is current.t), None)
         keys = tuple(
             p.t if isinstance(p, Traced) else torch.arange(p.start, p.stop, p.step)
             if isinstance(p, range) else p
             for p in parts
         )  # fmt: skip
         key = keys[0] if len(keys) == 1 else keys
-        if tensor is None or not has_repeats(key):
+        if not has_repeats(key):
+            return
+        tensor = next((n for n, g in self.gradients.items() if g.t is current.t), None)
+        if tensor is None:
             return
         update = value.t if isinstance(value, Traced) else torch.tensor(value)
         update = update.to(current.t.dtype) * (1 if symbol == "+" else -1)
