@@ -208,7 +208,8 @@ class Interpreter:
     def _record(self, stmt: ast.stmt, name: str) -> None:
         entry = self.executed.get(stmt.lineno)
         made = self.evaluator.take_made_steps()  # every op of the line, its dropped values' too
-        steps = sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
+        steps = (sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
+                 if made or self._last_steps else [])  # (a real run's lines make none)  # fmt: skip
         if entry is None:
             entry = self.executed[stmt.lineno] = Executed(
                 stmt.lineno, self.program.code(stmt), name, steps

@@ -350,10 +350,12 @@ def gradient_views(req: ProgramRequest, plan: Plan, main: Outcome, table: dict) 
         auto = main.autograd[name]
         if row["written"] and row["shape_ok"] and main.manual[name].is_floating_point():
             tol = (row["rtol"], row["atol"]) if row.get("atol") is not None else None
-            # no diff_heatmap: the program page draws the difference in units of the
-            # tolerance (tolerance_heatmap), and the contract lists neither
+            # autograd's map and the difference's, where asked (the page asks); no
+            # diff_heatmap: the program page draws the difference in units of the tolerance
+            # (tolerance_heatmap), and the contract lists neither
+            reference = auto if req.reference_heatmaps else None
             view = gradient_view(
-                main.manual[name].to(auto.dtype), cells, auto, tol, difference=False
+                main.manual[name].to(auto.dtype), cells, reference, tol, difference=False
             )
             view["source"] = "manual"
         elif row["written"] and main.manual[name].is_floating_point():
