@@ -275,8 +275,9 @@ def check(
         error=error,
         rounding=_rounding(plan, env, bwd.gradients, autograd),
     )
+    # the widget draws autograd's map and the difference's beside the learner's
     req = ProgramRequest(forward="", backward=backward, loss=_loss_name(loss), max_cells=max_cells,
-                         reference_heatmaps=True)  # the widget draws autograd's and the difference's
+                         reference_heatmaps=True)  # fmt: skip
     body = answer(req, plan, main, None, (time.perf_counter() - start) * 1e3)
     return Report(body, written=written, missing_grad=missing)
 
