@@ -255,11 +255,17 @@ class Evaluator(PythonBuiltins):
             if not is_int(index) or index not in (0, 1, -1, -2):
                 self.fail(node, "(values, indices) is indexed by 0 or 1", "not_allowed")
             return value[index]
-        if any(isinstance(p, (Traced, range)) for p in parts):
+        advanced, basic = False, True  # (one pass over the parts: every loop step's index)
+        for p in parts:
+            if isinstance(p, (Traced, range)):
+                advanced = True
+            elif not (p is None or p is Ellipsis or is_int(p) or isinstance(p, slice)):
+                basic = False
+        if advanced:
             if not isinstance(value, Traced):
                 self.fail(node, "only tensors are indexed by tensors", "not_allowed")
             return self.apply(node, self.advanced_index, value, parts)
-        if not all(p is None or p is Ellipsis or is_int(p) or isinstance(p, slice) for p in parts):
+        if not basic:
             self.fail(node, "index with whole numbers, slices, None, ... and tensors only",
                       "not_allowed")  # fmt: skip
         if isinstance(value, (list, tuple)) and (

@@ -195,7 +195,8 @@ class BackwardRun(Interpreter):
     def _record(self, stmt: ast.stmt, name: str) -> None:
         """Which gradients the line wrote (assigned, or changed in place), and where."""
         super()._record(stmt, name)
-        written = [t for t in map(self.grad_of, name.split(", ")) if t in self.gradients]
+        names = name.split(", ") if ", " in name else (name,)  # `a, b = ...` writes two
+        written = [t for t in map(self.grad_of, names) if t in self.gradients]
         self.executed[stmt.lineno].grad_of = written[0] if written else None
         for tensor in written:
             lines = self.lines.setdefault(tensor, [])
@@ -223,6 +224,9 @@ class Plan:
     forward_reads: dict[str, list[int]] = field(default_factory=dict)
     known: frozenset[str] = frozenset()  # the inputs' and the forward's names
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of has_grad's tensors
+    # what every answer of this plan says alike (its lines' entries), made at its first answer:
+    # a plan is kept for the program posted again (app/programs/admission.py)
+    answered: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _tensors(value: Any) -> list[Traced]:
