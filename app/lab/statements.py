@@ -304,10 +304,11 @@ class Interpreter:
 
     def _write(
         self, stmt: ast.stmt, current: Traced, parts: tuple, symbol: str | None, value: Any
-    ) -> None:
+    ) -> Any:
         """`t[key] = value`, or `t[key] op= value` as Python runs it: read the indexed part
-        (a view for a basic index, a copy for an advanced one), update it, write it back."""
-        raw = tuple(_raw(p, current.t) for p in parts)
+        (a view for a basic index, a copy for an advanced one), update it, write it back.
+        Returns the key it wrote through (tensors and ranges as torch takes them)."""
+        raw = tuple([_raw(p, current.t) for p in parts])
         key = raw[0] if len(raw) == 1 else raw
         update = value.t if isinstance(value, Traced) else value
 
@@ -320,6 +321,7 @@ class Interpreter:
             current.t[key] = piece
 
         self.evaluator.apply(stmt, write)
+        return key
 
     def _in_place(self, stmt: ast.stmt, t: torch.Tensor, symbol: str, value: Any) -> None:
         other = value.t if isinstance(value, Traced) else value
