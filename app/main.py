@@ -8,6 +8,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from app import schemas, server
 from app.api import broadcast, bugs, docs, export, pages, program, run, train
 from app.engine import data
+from app.ops import meta_kernels
 from app.programs.schemas import ProgramRequest, ProgramTrainRequest
 from app.sandbox.allocator import release_memory
 from app.server import assets
@@ -29,6 +30,7 @@ def warm_up() -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """`settings`: the server's limits (default: from BROADPROP_* environment variables)."""
+    meta_kernels.use_native()  # the dry runs on C++ meta kernels (app/ops/meta_kernels.py)
     app = FastAPI(
         title="Broadprop",
         version="1.0",

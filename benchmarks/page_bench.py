@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))  # run as a script: tests.* from the repository ro
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 from tests.servers import LiveServer  # noqa: E402
 
-TARGET_CHANGE_FRONT_MS = 80  # default config: field change, total minus server time
-TARGET_FIRST_LOAD_MS = 1200
+TARGET_CHANGE_MS = 100  # default config: a field change to on screen, server included
+TARGET_FIRST_LOAD_MS = 600
 
 # A page that is not drawn within this (an error shown instead, a run refused on a busy
 # machine) ends the benchmark with what the page says, rather than waiting forever.
@@ -217,12 +217,15 @@ def main() -> int:
         print(f"  {label:<30} {total:>7.0f}ms {srv:>7.0f}ms {total - srv:>8.0f}ms {every:>9.0f}ms")
     default = rows[0]
     first = rows[-1]
-    ok_change = default[1] - default[2] <= TARGET_CHANGE_FRONT_MS
+    ok_change = default[1] <= TARGET_CHANGE_MS
     ok_load = first[1] <= TARGET_FIRST_LOAD_MS
     print(
-        f"  target: change, default, front end <= {TARGET_CHANGE_FRONT_MS} ms: "
-        f"{'PASS' if ok_change else 'MISS'}; first load <= {TARGET_FIRST_LOAD_MS} ms: "
-        f"{'PASS' if ok_load else 'MISS'}"
+        f"  change, default, on screen {default[1]:.0f} ms in total "
+        f"(target <= {TARGET_CHANGE_MS} ms: {'PASS' if ok_change else 'MISS'})"
+    )
+    print(
+        f"  first load {first[1]:.0f} ms (target <= {TARGET_FIRST_LOAD_MS} ms: "
+        f"{'PASS' if ok_load else 'MISS'})"
     )
     return 0 if ok_change and ok_load else 1
 

@@ -14,10 +14,13 @@ from fastapi.testclient import TestClient
 os.environ.setdefault("BROADPROP_RUN_DEADLINE_S", "600")
 
 from app.main import create_app  # noqa: E402  (after the environment it reads)
+from app.ops import meta_kernels  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
 
 def pytest_configure(config):
+    # as the server and its workers do: every test dry-runs on the same meta kernels
+    meta_kernels.use_native()
     config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker")
     config.addinivalue_line(
         "markers",

@@ -13,6 +13,8 @@ from app.server import assets
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).resolve().parents[2] / "templates")
 templates.env.globals["asset"] = assets.asset_url  # {{ asset('js/main.js') }}: a versioned URL
+# {% for url in preload_modules('js/main.js') %}: every module those import, to fetch at once
+templates.env.globals["preload_modules"] = assets.preload_modules
 # `tojson` keeps a dict's order: a program's inputs are made in the order given (so sorted
 # keys would draw other numbers than the preset's request as sent)
 templates.env.policies["json.dumps_kwargs"] = {"sort_keys": False}

@@ -32,7 +32,6 @@ import tokenize
 from collections.abc import Sequence
 from typing import Any
 
-import nbformat
 import torch
 
 from app.check.recheck import recheck_of
@@ -376,6 +375,8 @@ def to_script(parts: list[Section], name: str, needs: str = "torch") -> str:
 
 def to_notebook(parts: list[Section]) -> str:
     """nbformat v4, validated, no outputs: a markdown cell before each code cell."""
+    import nbformat  # here: jsonschema under it costs the server 23 MB and 1.5 s at start
+
     nb = nbformat.v4.new_notebook()
     for i, section in enumerate(parts):
         heading = "#" if i == 0 else "##"

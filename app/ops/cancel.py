@@ -32,6 +32,23 @@ def cancel_token(token: Any) -> Iterator[None]:
         _CANCEL.reset(reset)
 
 
+def current_token() -> Any:
+    """The current run's token (see `cancel_token`), or None."""
+    return _CANCEL.get()
+
+
+class FlagOnly:
+    """A token seen from a thread that is not the run's (app/ops/spare.py): `is_set()` reads
+    the flag only, so that thread's polls never start or read the deadline's clock."""
+
+    def __init__(self, token: Any) -> None:
+        self._token = token
+
+    def is_set(self) -> bool:
+        was_set = getattr(self._token, "was_set", None)
+        return was_set() if was_set is not None else self._token.is_set()
+
+
 def check_cancelled() -> None:
     """Raise RunCancelled if the current run's token (see `cancel_token`) is set; else nothing.
     Cheap: called after every op computed on real tensors."""
@@ -55,9 +72,15 @@ class CancelToken:
         self.cpu_deadline_s = math.inf
         self._cpu_start: float | None = None
         self._cpu_thread: int | None = None  # the run's thread: the only clock that counts
+        self._lent_s = 0.0  # CPU time the run's pieces took on a spare thread (`lend`)
 
     def arm(self, cpu_deadline_s: float) -> None:
         self.cpu_deadline_s = cpu_deadline_s
+
+    def lend(self, cpu_s: float) -> None:
+        """Count `cpu_s` of another thread's CPU time (a piece of this run computed on a spare,
+        app/ops/spare.py) toward the deadline."""
+        self._lent_s += cpu_s
 
     def set(self, reason: str) -> None:
         if not self._event.is_set():
@@ -75,12 +98,14 @@ class CancelToken:
             here = threading.get_ident()
             if self._cpu_thread is None:
                 self._cpu_thread, self._cpu_start = here, time.thread_time()
-            elif here == self._cpu_thread and (
-                time.thread_time() - self._cpu_start > self.cpu_deadline_s  # type: ignore[operator]
-            ):
+            elif here == self._cpu_thread and self._used_s() > self.cpu_deadline_s:
                 self.set("deadline")
                 return True
         return False
+
+    def _used_s(self) -> float:
+        """The run thread's CPU time since its first poll, and what spares lent."""
+        return time.thread_time() - self._cpu_start + self._lent_s  # type: ignore[operator]
 
     def was_set(self) -> bool:
         """Whether the token was set (by the limiter, a client gone, or a deadline the run's

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from app.ops import spare
 from app.ops.base import Context, Op, Trail, sum_formula
 from app.ops.functional import unbroadcast
 from app.ops.traced import Traced
@@ -109,8 +110,8 @@ class Linear(Op):
         w_g = torch.zeros_like(w, dtype=torch.float64)  # (in, out)
         x_name, w_name, b_name = self.inputs
         w_t, b_t = Traced.leaf(w, w_name), Traced.leaf(b, b_name)
-        for start in range(0, n, rows):
-            ctx.check()
+
+        def chunk_share(start: int) -> torch.Tensor:
             chunk = slice(start, start + rows)
             formulas = self.backward(
                 Traced.leaf(g2[chunk], f"{self.output}.g"),
@@ -121,7 +122,10 @@ class Linear(Op):
             )
             if x_g is not None:
                 x_g[chunk] = formulas[x_name]().t  # (rows, in)
-            w_g += formulas[w_name]().t  # this chunk's share of the sum over rows
+            return formulas[w_name]().t  # (in, out): this chunk's share of the sum over rows
+
+        # chunks side by side on the lane's spare core, if any; their shares added in order
+        spare.in_order(range(0, n, rows), chunk_share, w_g.add_, ctx.check)
         return x_g, w_g.to(w.dtype)
 
 

@@ -27,7 +27,7 @@ from app.engine.network import Network
 from app.engine.tensors import data_name, input_specs, lead_shape, make_tensors
 from app.engine.traces import learner_sources, trace
 from app.lab.formulas import LearnerFormula, bind
-from app.ops import Context
+from app.ops import Context, spare
 from app.ops.cancel import cancel_token
 from app.runs.compare import compare_strategies
 from app.schemas import MAX_FOLLOW_TERMS
@@ -63,6 +63,10 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
 
     start = time.perf_counter()
     tensors = make_tensors(cfg)
+    # autograd's reference reads only the tensors: on the lane's spare core (if any), beside
+    # the manual forward and backward
+    inter: dict[str, torch.Tensor] = {}
+    reference_made = spare.alongside(autograd_gradients, cfg, tensors, inter)
     ctx = Context(strategy=cfg.strategy, chunk_bytes=chunk_bytes, cancel=cancel)
     env = net.forward(tensors, ctx)
     after_forward = time.perf_counter()
@@ -83,8 +87,7 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
             )
         return other_precision[dtype]
 
-    inter: dict[str, torch.Tensor] = {}
-    reference = autograd_gradients(cfg, tensors, inter)
+    reference = reference_made.result()
     ctx.check()
     check = check_against(cfg, grads, reference, inter)
     recheck = recheck_of(cfg, forward_trace)  # the one rule, weighed from shapes

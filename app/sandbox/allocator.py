@@ -10,6 +10,9 @@ from collections.abc import Callable
 
 TRIM_MIN_BYTES = 32 << 20  # runs estimated at least this big give their memory back after
 TRIM_DELAY_S = 0.5  # after the run: its answer is sent, its last tensors collected
+# Any run's free pages go back once the server has had no run for this long: memory at rest
+# stays low, and a user clicking through the page (runs seconds apart) keeps the warm pages
+IDLE_TRIM_S = 10.0
 
 
 def _libc_function(name: str, argtypes: list) -> Callable[..., int] | None:

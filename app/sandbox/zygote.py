@@ -9,6 +9,9 @@ import torch
 
 torch.set_num_threads(1)
 
-from app.sandbox import worker  # noqa: E402  (after the thread count)
+from app.ops import meta_kernels  # noqa: E402  (after the thread count)
+from app.sandbox import worker  # noqa: E402
+
+meta_kernels.use_native()  # the dry runs on C++ meta kernels (app/ops/meta_kernels.py)
 
 worker.warm_up()

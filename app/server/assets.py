@@ -7,22 +7,30 @@ it has (`Cache-Control: immutable`). An unversioned or outdated URL is served `n
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import importlib.util
+import math
+import posixpath
 import re
 import threading
-from pathlib import Path
+import time
+from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs
 
-import plotly
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import Scope
 
 ROOT = Path(__file__).resolve().parents[2]
 STATIC = ROOT / "static"
 VENDOR = ROOT / "vendor"  # scripts/_setup.sh puts the npm cartesian bundle here (ignored by git)
-FULL_PLOTLY = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+# found, not imported: the Python package itself is of no use to the server
+FULL_PLOTLY = (
+    Path(importlib.util.find_spec("plotly").origin).parent / "package_data" / "plotly.min.js"
+)
 IMMUTABLE = "public, max-age=31536000, immutable"
 # `from "./x.js"`, `import "./x.js"`, `import("./x.js")`: relative module specifiers only
 IMPORT = re.compile(r"""((?:\bfrom|\bimport)\s*\(?\s*["'])(\.{1,2}/[^"'?]+\.js)(["'])""")
@@ -84,14 +92,57 @@ def serve_file(path: Path, accept_encoding: str, cache_control: str = IMMUTABLE)
     return Response(raw, media_type="text/javascript", headers=headers)
 
 
+VERSION_TTL_S = 1.0  # an edit shows in the URLs within a second; a page's requests share one
+_version: tuple[float, str] = (-math.inf, "")
+
+
 def asset_version() -> str:
-    """A short hash of every static file's name, size and mtime (a stat per file: cheap)."""
+    """A short hash of every static file's name, size and mtime (a stat per file), taken at
+    most once a second: a page load asks for it once per file it fetches."""
+    global _version
+    now = time.monotonic()
+    if now - _version[0] < VERSION_TTL_S:
+        return _version[1]
     h = hashlib.sha1()
     for p in sorted(STATIC.rglob("*")):
         if p.is_file():
             st = p.stat()
             h.update(f"{p.relative_to(STATIC)}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:12]
+    _version = (now, h.hexdigest()[:12])
+    return _version[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _module(path: str, version: str) -> tuple[bytes, bytes]:
+    """A JS module's text with `?v=<version>` on its relative imports, and its gzip: made once
+    per version, not per request."""
+    text = (STATIC / path).read_text(encoding="utf-8")
+    raw = IMPORT.sub(lambda m: f"{m[1]}{m[2]}?v={version}{m[3]}", text).encode()
+    return raw, gzip.compress(raw, compresslevel=6, mtime=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _imports_of(path: str, version: str) -> tuple[str, ...]:
+    """The static paths a module imports (relative imports, resolved)."""
+    text = (STATIC / path).read_text(encoding="utf-8")
+    base = PurePosixPath(path).parent
+    return tuple(posixpath.normpath(str(base / m[2])) for m in IMPORT.finditer(text))
+
+
+def preload_modules(*entries: str) -> list[str]:
+    """Versioned URLs of every module the entries import, directly or not (the entries
+    excepted), for `<link rel="modulepreload">`: the browser fetches the whole graph at once
+    instead of one level of imports per round trip."""
+    version = asset_version()
+    seen: list[str] = []
+    todo = list(entries)
+    while todo:
+        path = todo.pop(0)
+        for imported in _imports_of(path, version):
+            if imported not in seen and imported not in entries:
+                seen.append(imported)
+                todo.append(imported)
+    return [f"/static/{p}?v={version}" for p in seen]
 
 
 def asset_url(path: str) -> str:
@@ -110,12 +161,11 @@ class VersionedStatic(StaticFiles):
         asked = parse_qs(scope.get("query_string", b"").decode()).get("v", [None])[0]
         cache = IMMUTABLE if asked == version else "no-cache"
         if path.endswith(".js") and response.status_code == 200:
-            text = (STATIC / path).read_text(encoding="utf-8")
-            text = IMPORT.sub(lambda m: f"{m[1]}{m[2]}?v={version}{m[3]}", text)
-            return Response(
-                text,
-                media_type="text/javascript",
-                headers={"Cache-Control": cache},
-            )
+            raw, packed = _module(path, version)
+            headers = {"Cache-Control": cache, "Vary": "Accept-Encoding"}
+            if "gzip" in Headers(scope=scope).get("accept-encoding", ""):
+                headers["Content-Encoding"] = "gzip"
+                return Response(packed, media_type="text/javascript", headers=headers)
+            return Response(raw, media_type="text/javascript", headers=headers)
         response.headers["Cache-Control"] = cache
         return response

@@ -22,8 +22,15 @@ import anyio
 import torch
 from starlette.types import Message
 
+from app.ops import spare
 from app.ops.cancel import CancelToken
-from app.sandbox.allocator import TRIM_DELAY_S, TRIM_MIN_BYTES, release_memory, tune_allocator
+from app.sandbox.allocator import (
+    IDLE_TRIM_S,
+    TRIM_DELAY_S,
+    TRIM_MIN_BYTES,
+    release_memory,
+    tune_allocator,
+)
 from app.sandbox.pool import wall_limit_s
 from app.settings import Settings
 
@@ -92,13 +99,16 @@ class Lane:
     backward took 0.9-1.2 s instead of 0.35 s whenever a second team was alive (the first
     large runs on a fresh server: the warm-up's thread and the run's). Kept threads make one
     team per large-lane thread, warmed at startup; small-lane threads run torch on one thread
-    (their runs gain little from more) and have no team at all. A run's lane follows from its
+    (their runs gain little from more) and have no team at all; on a machine with a second
+    core each has a spare thread instead, for its run's independent pieces, each on one torch
+    thread too (app/ops/spare.py). A run's lane follows from its
     config alone, so a config always runs with the same thread count: the same answer, bit
     for bit (a 2-thread matmul rounds differently from a 1-thread one)."""
 
-    def __init__(self, name: str, slots: int, torch_threads: int) -> None:
+    def __init__(self, name: str, slots: int, torch_threads: int, spares: bool = False) -> None:
         self.name = name
         self.torch_threads = torch_threads
+        self.spares = spares
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         for i in range(slots):
             started = threading.Event()
@@ -113,6 +123,8 @@ class Lane:
     def _serve(self, started: threading.Event) -> None:
         torch.get_num_threads()  # settles this thread's count: set_num_threads below stays its own
         torch.set_num_threads(self.torch_threads)
+        name = threading.current_thread().name
+        spare.attach(spare.Spare(f"{name}-spare") if self.spares else None)
         started.set()
         while True:
             future, fn, args = self._jobs.get()
@@ -160,7 +172,9 @@ def lanes_for(slots: int, torch_threads: int) -> dict[str, Lane]:
         if (slots, torch_threads) not in _lanes:
             default = torch.get_num_threads()
             # the small lane: as many one-thread runs at once as the large lane has threads
-            small = Lane("small", slots * torch_threads, 1)
+            # each with a spare thread for its run's independent pieces (app/ops/spare.py)
+            # where there is a second core: a lone small run then takes both
+            small = Lane("small", slots * torch_threads, 1, spares=usable_cores() > 1)
             large = Lane("large", slots, torch_threads)
             # the learner's formulas' dry runs: Python on meta tensors, one at a time
             dry = Lane("dry", DRY_RUN_SLOTS, 1)
@@ -221,6 +235,8 @@ class RunLimiter:
         self.trainings = trainings or TRAININGS_PER_SLOT * slots
         self.in_flight = 0
         self._release_pending = False
+        self._idle_release_pending = False
+        self._last_run_end = 0.0
         self._tasks: set[asyncio.Task] = set()
         self._semaphores: weakref.WeakKeyDictionary[Any, dict[str, anyio.Semaphore]] = (
             weakref.WeakKeyDictionary()
@@ -288,8 +304,10 @@ class RunLimiter:
                     return await lane.run_sync(fn, *args)
                 return await self._watched(lane, fn, args, cancel, receive)
         finally:
-            if self.trim and memory_bytes >= TRIM_MIN_BYTES:
-                self._release_soon()
+            if self.trim:
+                if memory_bytes >= TRIM_MIN_BYTES:
+                    self._release_soon()
+                self._release_when_idle()
 
     @asynccontextmanager
     async def slot(
@@ -388,6 +406,29 @@ class RunLimiter:
                     await anyio.to_thread.run_sync(release_memory)
             finally:
                 self._release_pending = False
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._tasks.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._tasks.discard)
+
+    def _release_when_idle(self) -> None:
+        """Give every run's free pages back (the lane threads' malloc arenas keep them: the
+        trim threshold is high) once no run has ended for IDLE_TRIM_S and none is in flight."""
+        self._last_run_end = time.monotonic()
+        if self._idle_release_pending:
+            return  # the pending release waits for this run's end too
+        self._idle_release_pending = True
+
+        async def later() -> None:
+            try:
+                while True:
+                    wait = self._last_run_end + IDLE_TRIM_S - time.monotonic()
+                    if wait <= 0 and not self.in_flight:
+                        break
+                    await asyncio.sleep(max(wait, 0.5))
+                await anyio.to_thread.run_sync(release_memory)
+            finally:
+                self._idle_release_pending = False
 
         task = asyncio.get_running_loop().create_task(later())
         self._tasks.add(task)  # held until done (the loop keeps only weak references)

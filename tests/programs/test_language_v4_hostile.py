@@ -128,7 +128,9 @@ def test_hostile_uses_of_the_new_ops_get_a_4xx_quickly_and_change_nothing(client
             r = client.post("/api/program", json=body)
             took = time.perf_counter() - start
             assert 400 <= r.status_code < 500, (source, r.status_code, r.text[:300])
-            assert took < 2.0, (source, took)
+            # a hang guard, not a speed figure (those live in benchmarks/sandbox.py): that no
+            # real work ran is what `watch` asserts below
+            assert took < 30, (source, took)
             loc = r.json()["detail"][0]["loc"]
             assert loc[1] == which, (source, loc)
     finally:

@@ -321,3 +321,28 @@ def test_a_lane_job_cancelled_while_running_is_asked_to_stop_and_waited_for():
         return list(ran)  # the cancel returned only once the job had ended
 
     assert in_own_loop(scenario) == ["ended"]
+
+
+def test_free_pages_go_back_once_the_server_is_idle(monkeypatch):
+    """Every run's free pages are given back once no run has ended for IDLE_TRIM_S and none is
+    in flight: once for a burst of runs, not while runs keep coming."""
+    from app.server import lanes
+
+    released: list[float] = []
+    monkeypatch.setattr(lanes, "IDLE_TRIM_S", 1.0)
+    monkeypatch.setattr(lanes, "release_memory", lambda: released.append(time.monotonic()))
+    limiter = RunLimiter(slots=1, wait_s=5)
+
+    async def scenario():
+        last = 0.0
+        for _ in range(4):  # runs 0.02 s apart: never idle for 1 s
+            await limiter.run(lambda: None, work_s=0.01)
+            last = time.monotonic()
+            await anyio.sleep(0.02)
+        assert released == []
+        await anyio.sleep(2.5)
+        return last
+
+    last = in_own_loop(scenario)
+    assert len(released) == 1
+    assert released[0] - last >= 1.0

@@ -67,3 +67,41 @@ def test_downsampled_heatmaps_carry_block_extremes(client):
     assert "extreme" in x["reference_heatmap"]
     small = client.post("/api/run", json={"batch": 4, "in_features": 3}).json()
     assert "extreme" not in small["gradients"]["x"]["heatmap"]
+
+
+def _imports_from(entry: str) -> set[str]:
+    """Every module `entry` imports, directly or not, read from the files themselves."""
+    import posixpath
+    from pathlib import Path
+
+    static = Path(__file__).resolve().parents[2] / "static"
+    found: set[str] = set()
+    todo = [entry]
+    while todo:
+        path = todo.pop()
+        text = (static / path).read_text(encoding="utf-8")
+        for spec in re.findall(r"""(?:from|import)\s*\(?\s*["'](\.{1,2}/[^"']+\.js)["']""", text):
+            name = posixpath.normpath(posixpath.join(posixpath.dirname(path), spec))
+            if name not in found:
+                found.add(name)
+                todo.append(name)
+    return found
+
+
+@pytest.mark.parametrize(
+    "page, entries", [("/", ["js/main.js", "js/train.js"]), ("/program", ["js/program.js"])]
+)
+def test_a_page_preloads_its_whole_module_graph_at_once(client, page, entries):
+    """<link rel="modulepreload"> for every module the page's scripts import, at the current
+    version: the browser asks for them all at once instead of one level per round trip."""
+    html = client.get(page).text
+    preloaded = re.findall(r'<link rel="modulepreload" href="/static/([^"?]+)\?v=(\w+)">', html)
+    wanted = set().union(*(_imports_from(e) for e in entries)) - set(entries)
+    assert {path for path, _ in preloaded} == wanted
+    assert len(preloaded) == len(wanted) > 5
+    version = re.search(r'src="/static/js/[^"?]+\?v=(\w+)"', html)[1]
+    assert {v for _, v in preloaded} == {version}
+    for path, v in preloaded:
+        response = client.get(f"/static/{path}?v={v}")
+        assert response.status_code == 200, path
+        assert response.headers["cache-control"].endswith("immutable"), path

@@ -1,0 +1,136 @@
+"""A run's spare core (app/ops/spare.py): pieces side by side, the same answer bit for bit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from app.ops import spare
+from app.ops.cancel import CancelToken, RunCancelled, cancel_token, check_cancelled
+from app.runs import pipeline
+from app.schemas import RunRequest
+
+
+@pytest.fixture
+def with_spare():
+    helper = spare.Spare("test-spare")
+    spare.attach(helper)
+    yield helper
+    spare.attach(None)
+
+
+def test_parts_fold_in_the_keys_order_whoever_made_them(with_spare):
+    made_by: dict[int, str] = {}
+    folded: list[int] = []
+
+    def compute(k: int) -> int:
+        made_by[k] = threading.current_thread().name
+        time.sleep(0.002)  # both threads get turns
+        return k
+
+    spare.in_order(range(40), compute, folded.append, lambda: None)
+    assert folded == list(range(40))
+    assert len(set(made_by.values())) == 2, "the spare took no part"
+
+
+def test_the_spare_stays_within_its_bound_ahead_of_the_fold(with_spare):
+    folded: list[int] = []
+    ahead: list[int] = []
+    me = threading.get_ident()
+
+    def compute(k: int) -> int:
+        if threading.get_ident() == me:
+            time.sleep(0.02)  # this thread slow: the spare runs ahead, up to its bound
+        ahead.append(k - len(folded))
+        return k
+
+    spare.in_order(range(30), compute, folded.append, lambda: None)
+    assert folded == list(range(30))
+    assert max(ahead) <= spare.AHEAD
+    assert max(ahead) > 1, "the spare never ran ahead: the bound was not exercised"
+
+
+def test_a_part_that_fails_on_the_spare_raises_on_the_run_thread(with_spare):
+    def compute(k: int) -> int:
+        if threading.current_thread().name.startswith("test-spare"):
+            raise ValueError(f"part {k}")
+        time.sleep(0.005)
+        return k
+
+    with pytest.raises(ValueError, match="part"):
+        spare.in_order(range(20), compute, lambda _: None, lambda: None)
+
+
+def test_without_a_spare_everything_is_computed_here():
+    names = set()
+    spare.in_order(
+        range(5), lambda k: names.add(threading.current_thread().name), lambda _: None, lambda: None
+    )
+    assert names == {threading.current_thread().name}
+    assert spare.alongside(lambda a, b: a + b, 2, 3).result() == 5
+
+
+def test_the_spare_sees_the_token_as_a_flag_and_lends_its_cpu_time(with_spare):
+    token = CancelToken()
+    token.arm(0.05)
+    token.is_set()  # this thread polls first: the deadline's clock is this thread's
+
+    def busy() -> bool:
+        end = time.thread_time() + 0.1
+        while time.thread_time() < end:
+            pass
+        check_cancelled()  # a flag read only: never the spare's own clock
+        return True
+
+    with cancel_token(token):
+        assert spare.alongside(busy).result()
+    assert not token.was_set()
+    assert token.is_set(), "0.1 s lent by the spare did not count toward a 0.05 s deadline"
+    assert token.reason == "deadline"
+
+
+def test_a_set_token_stops_the_spares_parts(with_spare):
+    token = CancelToken()
+    made = []
+
+    def compute(k: int) -> int:
+        made.append(k)
+        if k == 3:
+            token.set("disconnect")
+        check_cancelled()
+        return k
+
+    def check() -> None:
+        if token.is_set():
+            raise RunCancelled("stopped")
+
+    with cancel_token(token), pytest.raises(RunCancelled):
+        spare.in_order(range(200), compute, lambda _: None, check)
+    assert len(made) < 20
+
+
+@pytest.mark.parametrize("body", [{}, {"batch": 64, "hidden": [30, 20]}, {"dtype": "float64"}])
+def test_a_run_with_a_spare_answers_exactly_as_without(body):
+    """The broadcast's chunks split between two threads and autograd's reference beside the
+    backward: every gradient, every check figure the same, bit for bit."""
+    cfg = RunRequest(**body)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small lane's run: one torch thread on either side
+    try:
+        alone = pipeline.run(cfg, 1 << 20)
+        spare.attach(spare.Spare("run-spare"))
+        side_by_side = pipeline.run(cfg, 1 << 20)
+    finally:
+        spare.attach(None)
+        torch.set_num_threads(threads)
+    for name, view in alone["gradients"].items():
+        other = side_by_side["gradients"][name]
+        assert view["stats"] == other["stats"], name
+        assert view["heatmap"]["z"].tobytes() == other["heatmap"]["z"].tobytes(), name
+    for name, row in alone["check"]["tensors"].items():
+        other = side_by_side["check"]["tensors"][name]
+        assert row["max_abs_err"] == other["max_abs_err"], name
+        assert row["allclose"] is True and other["allclose"] is True, name
