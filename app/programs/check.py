@@ -177,7 +177,9 @@ class _Comparisons:
         self.strict: dict[str, dict | None] | None = None  # the float64 rerun's, when asked
 
     def _rounding_noises(self) -> dict[str, float]:
-        """`_rounding_noise` of every gradient: how far both sides move in float64."""
+        """Every gradient's rounding noise: how far both sides move between the run's
+        precision and float64 (`noise_between`; a gradient that cancels to about 0, a bias
+        before a batchnorm, is then judged by its rounding, not by its own tiny scale)."""
         noises = dict.fromkeys(self.pairs, 0.0)
         quads, names = [], []
         for name, (m, a) in self.pairs.items():
@@ -199,23 +201,27 @@ class _Comparisons:
         return dict(self.results[name])
 
     def suspect(self, name: str) -> dict | None:
-        """`float64_suspect` of the rerun's gradient (every one within tolerance, at once)."""
+        """The float64 rerun's comparison of a gradient within tolerance when it fails at
+        float64's own rounding (the float32 noise times FINER: app/check/suspect.py), else
+        None; None too when the rerun's gradient is not a float tensor of autograd's shape.
+        Every such gradient's at the first call."""
         if self.strict is None:
             self.strict = {}
-            asked = [n for n, r in self.results.items() if r["allclose"] and n in self.rerun.manual]
             judged = []
-            for n in asked:
-                m64, a64 = self.rerun.manual[n], self.rerun.autograd[n]
-                if m64.shape != a64.shape or not m64.is_floating_point():
-                    self.strict[n] = None  # (float64_suspect does not judge it)
+            for n, result in self.results.items():
+                m64 = self.rerun_manual.get(n)  # (in autograd's shape, as `pairs`)
+                if not result["allclose"] or m64 is None:
+                    continue
+                if m64.shape != self.rerun.autograd[n].shape or not m64.is_floating_point():
+                    self.strict[n] = None  # not judged
                 else:
                     judged.append(n)
-            pairs = [(self.rerun.manual[n].to(self.rerun.autograd[n].dtype),
+            pairs = [(self.rerun_manual[n].to(self.rerun.autograd[n].dtype),
                       self.rerun.autograd[n]) for n in judged]  # fmt: skip
             results = compare_many(pairs, [self.noises[n] * FINER for n in judged])
             for n, result in zip(judged, results):
                 self.strict[n] = None if result["allclose"] else result
-        return self.strict[name]
+        return self.strict.get(name)
 
 
 def _rechecked(name: str, main: Outcome, rerun: Outcome) -> bool:

@@ -183,6 +183,19 @@ def test_dbnmeani_without_keepdim_is_the_same_entries(client):
     assert "keepdim=True" in row["shape_note"]
 
 
+def test_a_gradient_of_the_same_entries_is_judged_suspect_in_float64_too(client):
+    """dbnmeani written as (64,) for bnmeani's (1, 64) is compared in bnmeani's shape, in
+    float32 and in the float64 rerun alike: 1e-6 off passes float32's tolerance and is
+    suspect in float64."""
+    line = "dbnmeani = (-dbndiff).sum(0)"
+    assert line in STUDENT_BACKWARD
+    backward = STUDENT_BACKWARD.replace(line, line + " * 1.000001")
+    body = client.post("/api/program", json=makemore_request(backward=backward)).json()
+    row = body["check"]["tensors"]["bnmeani"]
+    assert row["made"] == [64] and row["allclose"] and row["suspect"], row
+    assert "bnmeani" in body["check"]["suspects"]
+
+
 def test_autograd_and_tolerance_maps_come_where_asked_and_the_heatmap_is_the_same(client):
     """The contract's answer has `heatmap` for every gradient; autograd's map and the
     tolerance's (the page's other two) come with reference_heatmaps, as /api/run's do."""
