@@ -415,10 +415,13 @@ def has_repeats(key: Any) -> bool:
     keys = key if isinstance(key, tuple) else (key,)
     tensors = [k for k in keys if isinstance(k, torch.Tensor) and not k.is_floating_point()
                and k.dtype != torch.bool]  # fmt: skip
-    if not tensors:
+    if all(t.numel() <= 1 for t in tensors):
+        # one position (an embedding loop's `dC[Xb[k, j]] += ...`): no repeat. (Indices that
+        # broadcast together pick more than one position only if one of them has more than
+        # one entry; torch.broadcast_shapes costs ~10 us, once per loop iteration here.)
         return False
     if math.prod(torch.broadcast_shapes(*(t.shape for t in tensors))) <= 1:
-        return False  # one position (an embedding loop's `dC[Xb[k, j]] += ...`): no repeat
+        return False
     rows = torch.stack([t.reshape(-1) for t in torch.broadcast_tensors(*tensors)], 1)
     return rows.shape[0] > 1 and torch.unique(rows, dim=0).shape[0] < rows.shape[0]
 

@@ -6,11 +6,11 @@ and measure rounding the only way each kind of run can:
 
 - a run (`mark_suspects`) has the built-in formula for every gradient a learner replaced: its
   error against autograd on the same tensors is what rounding gives here, at no extra pass;
-- a program (`float64_suspect`) has no built-in formula to hold the learner's lines against,
-  so it reruns them in float64 (app/programs/plan.py decides when, from the program's
-  estimated seconds, as a run's recheck is decided from its bytes): float64's own rounding is
-  the float32 noise 2**-29 finer, and a formula that is not exactly the derivative still
-  differs far above it.
+- a program has no built-in formula to hold the learner's lines against, so it reruns them in
+  float64 (app/programs/plan.py decides when, from the program's estimated seconds, as a
+  run's recheck is decided from its bytes): float64's own rounding is the float32 noise
+  2**-29 finer (FINER), and a formula that is not exactly the derivative still differs far
+  above it (app/programs/check.py `_Comparisons.suspect`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-from app.check.tolerance import compare, max_abs_diff
+from app.check.tolerance import max_abs_diff
 from app.ops.base import split_variant
 
 # A run's gradient within tolerance is `suspect` when its error is over SUSPECT_RATIO times the
@@ -61,14 +61,3 @@ def mark_suspects(
                 suspects.append(key)
     check["suspects"] = suspects
     return check
-
-
-def float64_suspect(manual64: torch.Tensor, autograd64: torch.Tensor, noise: float) -> dict | None:
-    """A program's gradient that passed in float32, judged again in float64: the float64
-    rerun's comparison when it fails at float64's own rounding (`noise`, the float32 rounding
-    both sides carry, scaled by FINER), else None. Not judged (None) when the rerun's
-    gradient is not a float tensor of autograd's shape."""
-    if manual64.shape != autograd64.shape or not manual64.is_floating_point():
-        return None
-    strict = compare(manual64.to(autograd64.dtype), autograd64, rounding_noise=noise * FINER)
-    return None if strict["allclose"] else strict

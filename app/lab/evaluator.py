@@ -77,7 +77,7 @@ class Evaluator(PythonBuiltins):
         handler = _HANDLERS.get(type(node))
         if handler is None:  # a node the tree check allows, but not where a value goes
             self.fail(node, "not allowed here", "not_allowed")
-        return getattr(self, handler)(node)
+        return handler(self, node)
 
     def fail(self, node: ast.AST, message: str, kind: str = "formula", **details: Any) -> NoReturn:
         segment = source_segment(self.source, node)
@@ -255,11 +255,17 @@ class Evaluator(PythonBuiltins):
             if not is_int(index) or index not in (0, 1, -1, -2):
                 self.fail(node, "(values, indices) is indexed by 0 or 1", "not_allowed")
             return value[index]
-        if any(isinstance(p, (Traced, range)) for p in parts):
+        advanced, basic = False, True  # (one pass over the parts: every loop step's index)
+        for p in parts:
+            if isinstance(p, (Traced, range)):
+                advanced = True
+            elif not (p is None or p is Ellipsis or is_int(p) or isinstance(p, slice)):
+                basic = False
+        if advanced:
             if not isinstance(value, Traced):
                 self.fail(node, "only tensors are indexed by tensors", "not_allowed")
             return self.apply(node, self.advanced_index, value, parts)
-        if not all(p is None or p is Ellipsis or is_int(p) or isinstance(p, slice) for p in parts):
+        if not basic:
             self.fail(node, "index with whole numbers, slices, None, ... and tensors only",
                       "not_allowed")  # fmt: skip
         if isinstance(value, (list, tuple)) and (
@@ -395,6 +401,8 @@ class Evaluator(PythonBuiltins):
 
     def take_made_steps(self) -> list:
         """The steps made since the last call (a statement's, for its cost)."""
+        if not self.made_steps:  # a real run's ops make no steps (twice a statement)
+            return []
         steps = self.made_steps
         self.made_steps, self._made_ids = [], set()
         return steps
@@ -427,9 +435,10 @@ class Evaluator(PythonBuiltins):
             self.fail(node, first_line, "shape" if "size" in first_line else "formula")
 
 
-# node type -> the evaluator's method that evaluates it
-_HANDLERS: dict[type, str] = {
-    node: f"_{node.__name__}"
+# node type -> the evaluator's method that evaluates it, as a plain function of (evaluator,
+# node): one dict look-up a node (a subclass that overrides a handler must extend this table)
+_HANDLERS: dict[type, Callable[[Evaluator, Any], Any]] = {
+    node: getattr(Evaluator, f"_{node.__name__}")
     for node in (
         ast.Constant,
         ast.Name,

@@ -208,7 +208,8 @@ class Interpreter:
     def _record(self, stmt: ast.stmt, name: str) -> None:
         entry = self.executed.get(stmt.lineno)
         made = self.evaluator.take_made_steps()  # every op of the line, its dropped values' too
-        steps = sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
+        steps = (sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
+                 if made or self._last_steps else [])  # (a real run's lines make none)  # fmt: skip
         if entry is None:
             entry = self.executed[stmt.lineno] = Executed(
                 stmt.lineno, self.program.code(stmt), name, steps
@@ -303,10 +304,11 @@ class Interpreter:
 
     def _write(
         self, stmt: ast.stmt, current: Traced, parts: tuple, symbol: str | None, value: Any
-    ) -> None:
+    ) -> Any:
         """`t[key] = value`, or `t[key] op= value` as Python runs it: read the indexed part
-        (a view for a basic index, a copy for an advanced one), update it, write it back."""
-        raw = tuple(_raw(p, current.t) for p in parts)
+        (a view for a basic index, a copy for an advanced one), update it, write it back.
+        Returns the key it wrote through (tensors and ranges as torch takes them)."""
+        raw = tuple([_raw(p, current.t) for p in parts])
         key = raw[0] if len(raw) == 1 else raw
         update = value.t if isinstance(value, Traced) else value
 
@@ -319,6 +321,7 @@ class Interpreter:
             current.t[key] = piece
 
         self.evaluator.apply(stmt, write)
+        return key
 
     def _in_place(self, stmt: ast.stmt, t: torch.Tensor, symbol: str, value: Any) -> None:
         other = value.t if isinstance(value, Traced) else value

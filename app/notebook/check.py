@@ -275,7 +275,9 @@ def check(
         error=error,
         rounding=_rounding(plan, env, bwd.gradients, autograd),
     )
-    req = ProgramRequest(forward="", backward=backward, loss=_loss_name(loss), max_cells=max_cells)
+    # the widget draws autograd's map and the difference's beside the learner's
+    req = ProgramRequest(forward="", backward=backward, loss=_loss_name(loss), max_cells=max_cells,
+                         reference_heatmaps=True)  # fmt: skip
     body = answer(req, plan, main, None, (time.perf_counter() - start) * 1e3)
     return Report(body, written=written, missing_grad=missing)
 

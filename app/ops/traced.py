@@ -394,9 +394,10 @@ class Traced:
     def __getitem__(self, index: Any) -> Traced:
         """Basic indexing only (ints, slices, None, ...): a view, traced as `index`."""
         parts = index if isinstance(index, tuple) else (index,)
-        if not all(_is_basic_index(p) for p in parts):
-            raise TypeError("only ints, slices, None and ... can index a tensor here")
-        text = ", ".join(_fmt_index(p) for p in parts) if parts else "()"
+        for p in parts:
+            if not _is_basic_index(p):
+                raise TypeError("only ints, slices, None and ... can index a tensor here")
+        text = ", ".join([_fmt_index(p) for p in parts]) if parts else "()"
         expr = f"{self._wrapped(ATOM)}[{text}]"
         return self._make(self.t[index], expr, ATOM, "index", "getitem", [self])
 

@@ -17,13 +17,17 @@ def admit_program(request: ProgramRequest, settings) -> programs.Plan:
     """The dry run on meta tensors: a 422 at the line for anything refused. An accepted
     program's plan is kept (the page posts the same program again as its views change)."""
     try:
-        plan = _program_plan(request.model_dump_json(exclude={"follow"}),
+        plan = _program_plan(request.model_dump_json(exclude=VIEW_FIELDS),
                              settings.memory_budget_bytes)  # fmt: skip
         if request.follow is not None:  # a click on another element: the same plan
             programs.admit_follow(request, plan)
         return plan
     except programs.ProgramRefused as err:
         refuse_program(err)
+
+
+# what a request asks to be shown, not what runs: the same program's plan serves them all
+VIEW_FIELDS = frozenset({"follow", "reference_heatmaps"})
 
 
 @lru_cache(maxsize=64)  # a plan holds its program's trace: shapes and steps, tens of KB

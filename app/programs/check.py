@@ -8,7 +8,7 @@ differ from a run's check (app/check/autograd.py), because a program has no buil
   in float64 whenever it is float32 and cheap (app/programs/plan.py `Plan.rerun`, by
   estimated seconds: a program's sizes are only known by running it), since the rerun is
   also its only measure of rounding for `suspect`;
-- the suspect verdict: app/check/suspect.py `float64_suspect`, not `mark_suspects` (its
+- the suspect verdict: the float64 rerun's (`_Comparisons.suspect`), not `mark_suspects` (its
   docstring says why).
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from app.check.suspect import FINER, float64_suspect
+from app.check.batched import compare_many, noise_many
+from app.check.suspect import FINER
 from app.check.tolerance import TOLERANCES, compare, noise_between
 from app.lab import hints
 from app.lab.statements import ProgramError
@@ -32,7 +33,7 @@ from app.programs.outcome import Outcome
 from app.programs.plan import GRAD_PREFIX, Plan
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS
-from app.views.heatmap import at_precision, gradient_view, response_max_cells
+from app.views.heatmap import at_precision_all, gradient_view, response_max_cells
 
 # --------------------------------------------------------------------------- the check
 
@@ -52,6 +53,7 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
     # the loss's own gradient is 1: checked only when the backward writes it
     unwritten = [n for n in reversed(plan.has_grad) if n not in main.manual and n != loss_name]
     order = written + unwritten
+    numbers = _Comparisons(main, rerun, written)  # every comparison below, made at once
     rows: dict[str, dict[str, Any]] = {}
     first_failure = None
     for name in order:
@@ -93,12 +95,8 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
                        max_rel_err=None, rtol=rtol, atol=None)  # fmt: skip
             row["hint"] = f"{main.spelling.get(name)} is an integer tensor: a gradient is float"
         else:
-            noise = (
-                main.rounding.get(name, 0.0)
-                if main.rounding is not None
-                else _rounding_noise(name, main, rerun)
-            )
-            result = compare(manual.to(auto.dtype), auto, rounding_noise=noise)
+            noise = numbers.noise(name)
+            result = numbers.compare(name)
             if noise:
                 result["rounding_noise"] = noise
             row.update(result, shape_ok=True)
@@ -106,7 +104,7 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
             if rerun is not None and result["allclose"] and name in rerun.manual:
                 # app/check/suspect.py: a sum that cancels to 0 is still noise in float64, a
                 # dropped eps is far above it
-                strict = float64_suspect(rerun.manual[name], rerun.autograd[name], noise)
+                strict = numbers.suspect(name)
                 if strict is not None:
                     row["suspect"] = True
                     row["float64_rel_err"] = strict["max_rel_err"]
@@ -144,6 +142,88 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
     }
 
 
+class _Comparisons:
+    """The numbers of a program's check, every gradient's at once (app/check/batched.py:
+    the same numbers as one `compare` and `noise_between` a gradient, in a few numpy passes):
+    each written gradient's rounding noise and comparison with autograd, and, for those
+    within tolerance, the float64 rerun's (`suspect`). A gradient is taken as `check_table`
+    takes it: in autograd's shape when it holds the same entries; one that is still of
+    another shape, or not a float tensor, has none of these."""
+
+    def __init__(self, main: Outcome, rerun: Outcome | None, written: list[str]) -> None:
+        self.main, self.rerun = main, rerun
+        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (manual, autograd)
+        self.rerun_manual: dict[str, torch.Tensor] = {}
+        for name in written:
+            manual, auto = main.manual[name], main.autograd[name]
+            m64 = rerun.manual.get(name) if rerun is not None else None
+            if tuple(manual.shape) != tuple(auto.shape) and _same_entries(manual.shape,
+                                                                          auto.shape):  # fmt: skip
+                manual = manual.reshape(auto.shape)
+                m64 = m64.reshape(auto.shape) if m64 is not None else None
+            if tuple(manual.shape) != tuple(auto.shape) or not manual.is_floating_point():
+                continue
+            self.pairs[name] = (manual, auto)
+            if m64 is not None:
+                self.rerun_manual[name] = m64
+        if main.rounding is not None:
+            self.noises = {n: main.rounding.get(n, 0.0) for n in self.pairs}
+        else:
+            self.noises = self._rounding_noises()
+        names = list(self.pairs)
+        results = compare_many([(m.to(a.dtype), a) for m, a in self.pairs.values()],
+                               [self.noises[n] for n in names])  # fmt: skip
+        self.results = dict(zip(names, results))
+        self.strict: dict[str, dict | None] | None = None  # the float64 rerun's, when asked
+
+    def _rounding_noises(self) -> dict[str, float]:
+        """Every gradient's rounding noise: how far both sides move between the run's
+        precision and float64 (`noise_between`; a gradient that cancels to about 0, a bias
+        before a batchnorm, is then judged by its rounding, not by its own tiny scale)."""
+        noises = dict.fromkeys(self.pairs, 0.0)
+        quads, names = [], []
+        for name, (m, a) in self.pairs.items():
+            m64 = self.rerun_manual.get(name)
+            if m64 is None or m.shape != m64.shape or not m64.is_floating_point():
+                continue
+            if m.numel() == 0:  # an empty gradient (of an `x[range(0)]`) carries no rounding
+                continue
+            quads.append(((m, m64), (a, self.rerun.autograd[name])))
+            names.append(name)
+        for name, noise in zip(names, noise_many(quads)):
+            noises[name] = noise if math.isfinite(noise) else 0.0
+        return noises
+
+    def noise(self, name: str) -> float:
+        return self.noises[name]
+
+    def compare(self, name: str) -> dict[str, Any]:
+        return dict(self.results[name])
+
+    def suspect(self, name: str) -> dict | None:
+        """The float64 rerun's comparison of a gradient within tolerance when it fails at
+        float64's own rounding (the float32 noise times FINER: app/check/suspect.py), else
+        None; None too when the rerun's gradient is not a float tensor of autograd's shape.
+        Every such gradient's at the first call."""
+        if self.strict is None:
+            self.strict = {}
+            judged = []
+            for n, result in self.results.items():
+                m64 = self.rerun_manual.get(n)  # (in autograd's shape, as `pairs`)
+                if not result["allclose"] or m64 is None:
+                    continue
+                if m64.shape != self.rerun.autograd[n].shape or not m64.is_floating_point():
+                    self.strict[n] = None  # not judged
+                else:
+                    judged.append(n)
+            pairs = [(self.rerun_manual[n].to(self.rerun.autograd[n].dtype),
+                      self.rerun.autograd[n]) for n in judged]  # fmt: skip
+            results = compare_many(pairs, [self.noises[n] * FINER for n in judged])
+            for n, result in zip(judged, results):
+                self.strict[n] = None if result["allclose"] else result
+        return self.strict.get(name)
+
+
 def _rechecked(name: str, main: Outcome, rerun: Outcome) -> bool:
     """Whether the float64 rerun ran every line that writes `name`, as the run did."""
     if name not in rerun.manual or rerun.lines.get(name) != main.lines.get(name):
@@ -174,27 +254,11 @@ def _same_entries(a: tuple, b: tuple) -> bool:
     return [d for d in a if d != 1] == [d for d in b if d != 1]
 
 
-def _rounding_noise(name: str, main: Outcome, rerun: Outcome | None) -> float:
-    """The rounding error both sides carry: how far each moves between the run's precision
-    and float64. A gradient that cancels to about 0 (a bias before a batchnorm) is then
-    judged by its rounding, not by its own tiny scale."""
-    if rerun is None or name not in rerun.manual:
-        return 0.0
-    m, m64 = main.manual[name], rerun.manual[name]
-    a, a64 = main.autograd[name], rerun.autograd[name]
-    if m.shape != m64.shape or not m.is_floating_point() or not m64.is_floating_point():
-        return 0.0
-    if m.numel() == 0:  # an empty gradient (of an `x[range(0)]`) carries no rounding
-        return 0.0
-    noise = noise_between(((m, m64), (a, a64)))
-    return noise if math.isfinite(noise) else 0.0
-
-
 def recheck_float64(table: dict[str, Any], main: Outcome, low: Outcome) -> dict[str, Any]:
     """A float64 run's failures judged again, knowing its rounding: a gradient that cancels to
     about 0 (a bias before a batchnorm) is rounding noise on both sides, as in float32. The
     same program in float32 (`low`) measures how far rounding moves each side; float64's own
-    rounding is that, 2**-29 finer (the mirror of `_rounding_noise`'s float64 rerun). A slip,
+    rounding is that, 2**-29 finer (the mirror of `_Comparisons`' float64 rerun). A slip,
     a `.float()` included, stands far above it."""
     rows = table["tensors"]
     for name, row in rows.items():
@@ -335,7 +399,7 @@ def tensor_table(req: ProgramRequest, plan: Plan, main: Outcome) -> dict[str, An
     return table
 
 
-# the heatmaps' numbers, in significant digits (app/views/heatmap.py: at_precision): the
+# the heatmaps' numbers, in significant digits (app/views/heatmap.py: at_precision_all): the
 # makemore answer's maps in 26% fewer bytes
 HEATMAP_DIGITS = 5
 
@@ -350,10 +414,12 @@ def gradient_views(req: ProgramRequest, plan: Plan, main: Outcome, table: dict) 
         auto = main.autograd[name]
         if row["written"] and row["shape_ok"] and main.manual[name].is_floating_point():
             tol = (row["rtol"], row["atol"]) if row.get("atol") is not None else None
-            # no diff_heatmap: the program page draws the difference in units of the
-            # tolerance (tolerance_heatmap), and the contract lists neither
+            # autograd's map and the difference's, where asked (the page asks); no
+            # diff_heatmap: the program page draws the difference in units of the tolerance
+            # (tolerance_heatmap), and the contract lists neither
+            reference = auto if req.reference_heatmaps else None
             view = gradient_view(
-                main.manual[name].to(auto.dtype), cells, auto, tol, difference=False
+                main.manual[name].to(auto.dtype), cells, reference, tol, difference=False
             )
             view["source"] = "manual"
         elif row["written"] and main.manual[name].is_floating_point():
@@ -363,5 +429,6 @@ def gradient_views(req: ProgramRequest, plan: Plan, main: Outcome, table: dict) 
         else:
             view = gradient_view(auto, cells)
             view["source"] = "autograd"
-        views[name] = at_precision(view, HEATMAP_DIGITS)
+        views[name] = view
+    at_precision_all(list(views.values()), HEATMAP_DIGITS)
     return views

@@ -120,8 +120,9 @@ class BackwardRun(Interpreter):
         return None
 
     def resolve(self, node: ast.AST, name: str) -> Any:
-        if name in self.scope and not _tensors(self.forward.get(name)):
-            return self.scope[name]  # a loop's name or a number of its own shadows the forward's
+        if name in self.scope:  # a loop's name or a number of its own shadows the forward's
+            if name not in self.forward or not _tensors(self.forward[name]):
+                return self.scope[name]
         if name in self.forward:
             return self.forward[name]
         tensor = self.grad_of(name)
@@ -170,30 +171,27 @@ class BackwardRun(Interpreter):
 
     def _write(
         self, stmt: ast.stmt, current: Traced, parts: tuple, symbol: str | None, value: Any
-    ) -> None:
+    ) -> Any:
         """An indexed write, as the interpreter runs it; `g[ids] += v` into a gradient with
         repeated ids also keeps what the one write per index lost (real tensors only)."""
-        super()._write(stmt, current, parts, symbol, value)
+        key = super()._write(stmt, current, parts, symbol, value)  # (a range as an arange)
         if symbol not in ("+", "-") or current.t.is_meta:
-            return
-        tensor = next((n for n, g in self.gradients.items() if g.t is current.t), None)
-        keys = tuple(
-            p.t if isinstance(p, Traced) else torch.arange(p.start, p.stop, p.step)
-            if isinstance(p, range) else p
-            for p in parts
-        )  # fmt: skip
-        key = keys[0] if len(keys) == 1 else keys
-        if tensor is None or not has_repeats(key):
-            return
-        update = value.t if isinstance(value, Traced) else torch.tensor(value)
-        update = update.to(current.t.dtype) * (1 if symbol == "+" else -1)
-        delta = one_write_delta(tuple(current.t.shape), key, update)
-        self.dropped[tensor] = self.dropped[tensor] + delta if tensor in self.dropped else delta
+            return key
+        tensor = None
+        if has_repeats(key):
+            tensor = next((n for n, g in self.gradients.items() if g.t is current.t), None)
+        if tensor is not None:
+            update = value.t if isinstance(value, Traced) else torch.tensor(value)
+            update = update.to(current.t.dtype) * (1 if symbol == "+" else -1)
+            delta = one_write_delta(tuple(current.t.shape), key, update)
+            self.dropped[tensor] = self.dropped[tensor] + delta if tensor in self.dropped else delta
+        return key
 
     def _record(self, stmt: ast.stmt, name: str) -> None:
         """Which gradients the line wrote (assigned, or changed in place), and where."""
         super()._record(stmt, name)
-        written = [t for t in map(self.grad_of, name.split(", ")) if t in self.gradients]
+        names = name.split(", ") if ", " in name else (name,)  # `a, b = ...` writes two
+        written = [t for t in map(self.grad_of, names) if t in self.gradients]
         self.executed[stmt.lineno].grad_of = written[0] if written else None
         for tensor in written:
             lines = self.lines.setdefault(tensor, [])
@@ -221,6 +219,9 @@ class Plan:
     forward_reads: dict[str, list[int]] = field(default_factory=dict)
     known: frozenset[str] = frozenset()  # the inputs' and the forward's names
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of has_grad's tensors
+    # what every answer of this plan says alike (its lines' entries), made at its first answer:
+    # a plan is kept for the program posted again (app/programs/admission.py)
+    answered: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _tensors(value: Any) -> list[Traced]:

@@ -234,16 +234,26 @@ def answer(
     return {
         "loss": main.loss,
         "tensors": tensor_table(req, plan, main),
-        "forward": [
-            {**_line_entry(e), "reads": line_reads(plan, e.line)}
-            for e in plan.forward_lines.values()
-        ],
-        "backward": [_line_entry(e) for e in plan.backward_lines.values()],
+        **_line_entries(plan),
         "check": table,
         "gradients": gradient_views(req, plan, main, table),
         "backward_error": _error_entry(error) if error is not None else None,
         "timing": {"run_ms": run_ms, "check_ms": (after_check - before_check) * 1e3},
     }
+
+
+def _line_entries(plan: Plan) -> dict[str, list[dict[str, Any]]]:
+    """The answer's `forward` and `backward`: the dry run's traces, the same in every answer
+    of the plan, so made once (read-only afterwards: the answer is only serialized)."""
+    if "lines" not in plan.answered:
+        plan.answered["lines"] = {
+            "forward": [
+                {**_line_entry(e), "reads": line_reads(plan, e.line)}
+                for e in plan.forward_lines.values()
+            ],
+            "backward": [_line_entry(e) for e in plan.backward_lines.values()],
+        }
+    return plan.answered["lines"]
 
 
 def _line_entry(entry: Executed) -> dict[str, Any]:

@@ -187,6 +187,14 @@ class ProgramRequest(BaseModel):
     max_cells: Annotated[int, Field(strict=True, ge=1, le=MAX_CELLS)] = Field(
         4096, description="Each gradient heatmap is block-downsampled to at most this many cells"
     )
+    reference_heatmaps: StrictBool = Field(
+        False,
+        description="Also send, for every gradient the backward wrote in autograd's shape, "
+        "autograd's heatmap on the same blocks (`reference_heatmap`) and the difference in "
+        "units of the check's tolerance (`tolerance_heatmap`: each block's largest "
+        "|manual - autograd| / (atol + rtol |autograd|); at most 1 passes), as /api/run's "
+        "`reference_heatmaps`. The page asks for them; `heatmap` is always sent.",
+    )
     follow: ProgramFollow | None = Field(
         None,
         description="Answer `follow`: the line that last wrote this element of a gradient and "

@@ -243,16 +243,37 @@ def at_precision(view: dict, digits: int) -> dict:
     """A gradient view's heatmaps (z and extremes) at `digits` significant digits, in place:
     the page shows 4 (its hover's `.4g`); one more keeps each entry within 5e-5 of its
     value, inside the check's float32 rtol (1e-4) for a reader of a full-size map."""
-    for key in ("heatmap", "reference_heatmap", "diff_heatmap", "tolerance_heatmap"):
-        heatmap = view.get(key)
-        if heatmap is None:
-            continue
-        for part in ("z", "extreme"):
-            if part in heatmap:
-                heatmap[part] = significant(heatmap[part], digits)
-    if "autograd" in view:
-        at_precision(view["autograd"], digits)
+    at_precision_all([view], digits)
     return view
+
+
+HEATMAP_KEYS = ("heatmap", "reference_heatmap", "diff_heatmap", "tolerance_heatmap")
+
+
+def at_precision_all(views: list[dict], digits: int) -> None:
+    """`at_precision` over many views at once, in place: every map's numbers rounded in one
+    pass per dtype (a program's 26 gradients have 78 small maps; one numpy pass over all of
+    them instead of a dozen numpy calls per map). Entry by entry the same numbers."""
+    slots: list[tuple[dict, str]] = []  # (heatmap, "z" or "extreme")
+    pending = list(views)
+    while pending:
+        view = pending.pop()
+        for key in HEATMAP_KEYS:
+            heatmap = view.get(key)
+            if heatmap is not None:
+                slots.extend((heatmap, part) for part in ("z", "extreme") if part in heatmap)
+        if "autograd" in view:
+            pending.append(view["autograd"])
+    by_dtype: dict[np.dtype, list[tuple[dict, str]]] = {}
+    for slot in slots:
+        by_dtype.setdefault(slot[0][slot[1]].dtype, []).append(slot)
+    for group in by_dtype.values():
+        arrays = [heatmap[part] for heatmap, part in group]
+        flat = significant(np.concatenate([a.reshape(-1) for a in arrays]), digits)
+        start = 0
+        for (heatmap, part), a in zip(group, arrays):
+            heatmap[part] = flat[start : start + a.size].reshape(a.shape)
+            start += a.size
 
 
 SMALL_VALUES_MAX = 64  # entries per tensor (8 x 8): a run small enough to show its numbers

@@ -138,8 +138,12 @@ export async function bugs(signal) {
   return (await request("/api/bugs", { signal })).json();
 }
 
-/** POST /api/program: a program checked line by line. */
-export const program = (body, signal) => postJSON("/api/program", body, signal);
+/** POST /api/program: a program checked line by line. The page always asks for autograd's
+ * heatmaps and the difference's too, for its three maps of the selected gradient. */
+export const program = (body, signal) => postJSON("/api/program", { reference_heatmaps: true, ...body }, signal);
+/** One element of a program's gradient followed back to its terms: only `follow` is read. */
+export const followProgram = (body, follow, signal) =>
+  postJSON("/api/program", { ...body, follow, reference_heatmaps: false }, signal);
 /** POST /api/program/train and POST /api/train: training, streamed. */
 export const trainProgram = (body, signal) => stream("/api/program/train", body, signal);
 export const train = (config, signal) => stream("/api/train", config, signal);

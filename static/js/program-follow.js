@@ -55,7 +55,7 @@ export function attachFollow(el, { program, name, shape, heatmap, box, onLine })
     box.hidden = false;
     box.replaceChildren(h("p", { class: "muted" }, `Following ${name}[${index.join(", ")}]…`));
     try {
-      const answer = await api.program({ ...program(), follow: { grad: name, index } });
+      const answer = await api.followProgram(program(), { grad: name, index });
       showFollow(box, answer.follow);
       if (answer.follow?.line) onLine(answer.follow.line);
     } catch (err) {

@@ -183,6 +183,41 @@ def test_dbnmeani_without_keepdim_is_the_same_entries(client):
     assert "keepdim=True" in row["shape_note"]
 
 
+def test_a_gradient_of_the_same_entries_is_judged_suspect_in_float64_too(client):
+    """dbnmeani written as (64,) for bnmeani's (1, 64) is compared in bnmeani's shape, in
+    float32 and in the float64 rerun alike: 1e-6 off passes float32's tolerance and is
+    suspect in float64."""
+    line = "dbnmeani = (-dbndiff).sum(0)"
+    assert line in STUDENT_BACKWARD
+    backward = STUDENT_BACKWARD.replace(line, line + " * 1.000001")
+    body = client.post("/api/program", json=makemore_request(backward=backward)).json()
+    row = body["check"]["tensors"]["bnmeani"]
+    assert row["made"] == [64] and row["allclose"] and row["suspect"], row
+    assert "bnmeani" in body["check"]["suspects"]
+
+
+def test_autograd_and_tolerance_maps_come_where_asked_and_the_heatmap_is_the_same(client):
+    """The contract's answer has `heatmap` for every gradient; autograd's map and the
+    tolerance's (the page's other two) come with reference_heatmaps, as /api/run's do."""
+    slip = STUDENT_BACKWARD.replace("dbnvar = (-0.5*", "dbnvar = (-0.6*")  # one wrong gradient
+    plain = client.post("/api/program", json=makemore_request(backward=slip))
+    asked = client.post("/api/program", json=makemore_request(backward=slip,
+                                                               reference_heatmaps=True))  # fmt: skip
+    assert plain.status_code == 200 and asked.status_code == 200
+    plain, asked = plain.json(), asked.json()
+    assert plain["check"] == asked["check"] and not plain["check"]["all_close"]
+    for name, view in plain["gradients"].items():
+        assert "reference_heatmap" not in view and "tolerance_heatmap" not in view, name
+        full = asked["gradients"][name]
+        assert view["heatmap"] == full["heatmap"] and view["stats"] == full["stats"], name
+        if view["source"] == "manual":
+            assert {"reference_heatmap", "tolerance_heatmap"} <= full.keys(), name
+    wrong = asked["gradients"]["bnvar"]["tolerance_heatmap"]["z"]
+    assert max(v for row in wrong for v in row) > 1  # the failing one lights up
+    assert len(client.post("/api/program", json=makemore_request(
+        backward=slip, reference_heatmaps="yes")).json()["detail"]) == 1  # strict bool  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("forward_change", "backward", "grad"),
     [
