@@ -129,15 +129,7 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
         "tensors": info,
         "forward": forward_trace,
         "backward": backward_trace,
-        "gradients": {
-            n: gradient_view(
-                grads[n],
-                cells,
-                reference[n] if cfg.reference_heatmaps else None,
-                _tolerance(check["tensors"].get(n)),
-            )
-            for n in leaves
-        },
+        "gradients": _views(cfg, leaves, grads, reference, check, cells),
         "check": check,
         "formulas": {
             f"{e['grad']}.g": {
@@ -176,6 +168,25 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
     if values is not None:
         result["values"] = values
     return result
+
+
+def _views(cfg, leaves: list[str], grads, reference, check, cells: int) -> dict[str, Any]:
+    """Each gradient's stats and maps; the largest on the lane's spare core (if any) while
+    this thread draws the others (x.g's maps are most of the views' time)."""
+
+    def view(n: str) -> dict[str, Any]:
+        return gradient_view(
+            grads[n],
+            cells,
+            reference[n] if cfg.reference_heatmaps else None,
+            _tolerance(check["tensors"].get(n)),
+        )
+
+    largest = max(leaves, key=lambda n: grads[n].numel())
+    aside = spare.alongside(view, largest)
+    views = {n: view(n) for n in leaves if n != largest}
+    views[largest] = aside.result()
+    return {n: views[n] for n in leaves}  # in the leaves' order
 
 
 def _diagnose(
