@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from app.cost.plan import RunPlan, heatmap_cap
 from app.engine.tensors import input_specs, layer_sizes, lead_shape
-from app.ops.linear import chunk_rows, chunks_in_flight
+from app.ops.linear import CHUNKS_IN_FLIGHT, chunk_rows, chunks_in_flight
 from app.views.heatmap import JSON_BYTES_PER_CELL
 
 
@@ -39,9 +39,12 @@ def chunk_peak(
     flight (the run's and its spare thread's)."""
     if strategy != "broadcast":
         return 0
-    rows = min(n_rows, chunk_rows(fan_in, fan_out, itemsize, chunk_bytes))
+    # the larger of one whole-cap chunk (no spare) and two half-cap ones (with a spare)
+    alone = min(n_rows, chunk_rows(fan_in, fan_out, itemsize, chunk_bytes))
+    half = min(n_rows, chunk_rows(fan_in, fan_out, itemsize, chunk_bytes, CHUNKS_IN_FLIGHT))
     row_bytes = fan_in * fan_out * itemsize
-    return chunks_in_flight(n_rows, rows, row_bytes, chunk_bytes) * rows * row_bytes
+    side_by_side = chunks_in_flight(n_rows, half, row_bytes, chunk_bytes) * half * row_bytes
+    return max(alone * row_bytes, side_by_side)
 
 
 VIEW_ACTIONS = frozenset({"unsqueeze", "squeeze", "reshape"})  # views: no new memory

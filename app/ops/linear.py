@@ -103,7 +103,8 @@ class Linear(Op):
         fits in `ctx.chunk_bytes`: the same numbers without the full (N, in, out)
         intermediate. The cancel token is checked before each chunk."""
         n, (fan_in, fan_out) = g2.shape[0], w.shape
-        rows = chunk_rows(fan_in, fan_out, g2.element_size(), ctx.chunk_bytes)
+        in_flight = CHUNKS_IN_FLIGHT if spare.available() else 1
+        rows = chunk_rows(fan_in, fan_out, g2.element_size(), ctx.chunk_bytes, in_flight)
         x_g = torch.empty_like(x2) if want_x else None  # (N, in)
         # the chunks' partial sums add up in float64: one float32 sum over a million rows
         # would round far more than autograd's matmul does
@@ -136,9 +137,11 @@ class Linear(Op):
 MAX_CHUNK_ROWS = 4096  # a chunk's own sum over rows stays short, so it rounds little
 
 
-# A run and its spare thread (app/ops/spare.py) may each hold a chunk's product at once: each
-# chunk gets its share of the cap, so what is in flight stays within `chunk_bytes` with a spare
-# or without, and the chunks (and so the sums' order) are the same either way
+# A run with a spare thread (app/ops/spare.py; a small lane's run) may hold two chunks' products
+# at once, its own and its spare's: each chunk then gets half the cap, so what is in flight
+# stays within `chunk_bytes`. A run without one (a large lane's, a worker's) keeps whole-cap
+# chunks: more, smaller parallel regions cost its torch threads a wake-up each. A config always
+# runs in the same lane, so it is always cut into the same chunks: the same answer, bit for bit.
 CHUNKS_IN_FLIGHT = 2
 
 
@@ -152,8 +155,10 @@ def chunks_in_flight(n_rows: int, rows: int, row_bytes: int, chunk_bytes: int) -
     )
 
 
-def chunk_rows(fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int) -> int:
+def chunk_rows(
+    fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int, in_flight: int = 1
+) -> int:
     """Rows per chunk: as many (in, out) product rows as fit in `chunk_bytes` shared by the
-    CHUNKS_IN_FLIGHT chunks, at least one and at most MAX_CHUNK_ROWS."""
-    share = chunk_bytes // CHUNKS_IN_FLIGHT
+    `in_flight` chunks, at least one and at most MAX_CHUNK_ROWS."""
+    share = chunk_bytes // in_flight
     return min(MAX_CHUNK_ROWS, max(1, share // (fan_in * fan_out * itemsize)))
