@@ -250,7 +250,7 @@ def at_precision(view: dict, digits: int) -> dict:
 HEATMAP_KEYS = ("heatmap", "reference_heatmap", "diff_heatmap", "tolerance_heatmap")
 
 
-def at_precision_all(views: list[dict], digits: int) -> None:
+def at_precision_all(views: list[dict], digits: int, keys: tuple[str, ...] = HEATMAP_KEYS) -> None:
     """`at_precision` over many views at once, in place: every map's numbers rounded in one
     pass per dtype (a program's 26 gradients have 78 small maps; one numpy pass over all of
     them instead of a dozen numpy calls per map). Entry by entry the same numbers."""
@@ -258,7 +258,7 @@ def at_precision_all(views: list[dict], digits: int) -> None:
     pending = list(views)
     while pending:
         view = pending.pop()
-        for key in HEATMAP_KEYS:
+        for key in keys:
             heatmap = view.get(key)
             if heatmap is not None:
                 slots.extend((heatmap, part) for part in ("z", "extreme") if part in heatmap)
