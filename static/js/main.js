@@ -123,9 +123,20 @@ function showErrors(errs, changed = []) {
   if (named.length) presenter.openDrawer();
 }
 
+// A run shorter than this shows no spinner and no faded cards: fading every card and back
+// repaints the whole page twice (software compositing here), work that competed with a
+// 40 ms run for the same cores, and a flash that says nothing
+const BUSY_SHOWN_AFTER_MS = 150;
+let busyTimer = null;
+
 function setLoading(on) {
-  $("loading").hidden = !on;
-  main.classList.toggle("busy", on);
+  clearTimeout(busyTimer);
+  const show = (shown) => {
+    $("loading").hidden = !shown;
+    main.classList.toggle("busy", shown);
+  };
+  if (on) busyTimer = setTimeout(() => show(true), BUSY_SHOWN_AFTER_MS);
+  else show(false);
   main.setAttribute("aria-busy", on ? "true" : "false");
   document.body.dataset.state = on ? "loading" : current ? "ready" : "empty";
 }
