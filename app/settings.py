@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     # (a name without a port matches on the serving port); "*" accepts any (unsafe).
     allowed_hosts: str = ""
     memory_budget_bytes: int = Field(1 << 30, ge=1 << 20)  # per run, checked before allocating
-    chunk_bytes: int = Field(4 << 20, ge=1 << 16)  # cap on the broadcast products materialized at once
+    chunk_bytes: int = Field(4 << 20, ge=1 << 16)  # cap on broadcast products held at once
     max_body_bytes: int = Field(64 << 10, ge=1024)  # request bodies over this get 413
     max_concurrent_runs: int = Field(0, ge=0)  # 0: derived from the cores
     torch_threads: int = Field(0, ge=0)  # per run; 0: derived from the cores
