@@ -393,6 +393,13 @@ class RunLimiter:
             self._trainings[loop] = anyio.Semaphore(self.trainings)
         return self._trainings[loop]
 
+    def _start(self, coroutine) -> None:
+        """`coroutine` as a task of its own, held until done (the loop keeps only weak
+        references to its tasks)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _release_soon(self) -> None:
         """Give memory back once the answer has gone out (TRIM_DELAY_S later) and no run is
         in flight; one pending release at a time."""
@@ -408,9 +415,7 @@ class RunLimiter:
             finally:
                 self._release_pending = False
 
-        task = asyncio.get_running_loop().create_task(later())
-        self._tasks.add(task)  # held until done (the loop keeps only weak references)
-        task.add_done_callback(self._tasks.discard)
+        self._start(later())
 
     def _release_when_idle(self) -> None:
         """Give every run's free pages back (the lane threads' malloc arenas keep them: the
@@ -431,9 +436,7 @@ class RunLimiter:
             finally:
                 self._idle_release_pending = False
 
-        task = asyncio.get_running_loop().create_task(later())
-        self._tasks.add(task)  # held until done (the loop keeps only weak references)
-        task.add_done_callback(self._tasks.discard)
+        self._start(later())
 
     async def _watched(
         self,
