@@ -71,6 +71,7 @@ def attach(spare: Spare | None) -> None:
 
 
 def available() -> bool:
+    """Whether this thread's runs have a spare (a small lane's thread on a two-thread run)."""
     return getattr(_local, "spare", None) is not None
 
 
