@@ -127,10 +127,9 @@ class Linear(Op):
 
         # chunks side by side on the lane's spare core, if any, when two fit in the cap (a
         # single row's product can be bigger than half of it); their shares added in order
-        side_by_side = chunks_in_flight(
-            n, rows, fan_in * fan_out * g2.element_size(), ctx.chunk_bytes
-        )
-        spare.in_order(range(0, n, rows), chunk_share, w_g.add_, ctx.check, side_by_side > 1)
+        row_bytes = fan_in * fan_out * g2.element_size()
+        side_by_side = in_flight > 1 and chunks_in_flight(n, rows, row_bytes, ctx.chunk_bytes) > 1
+        spare.in_order(range(0, n, rows), chunk_share, w_g.add_, ctx.check, side_by_side)
         return x_g, w_g.to(w.dtype)
 
 

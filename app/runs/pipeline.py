@@ -32,6 +32,7 @@ from app.ops.cancel import cancel_token
 from app.runs.compare import compare_strategies
 from app.schemas import MAX_FOLLOW_TERMS
 from app.views.heatmap import (
+    HEATMAP_KEYS,
     MAX_IMAGES,
     at_precision_all,
     data_view,
@@ -195,7 +196,7 @@ def _views(cfg, leaves: list[str], grads, reference, check, cells: int) -> dict[
 
 
 REFERENCE_DIGITS = 5
-REFERENCE_MAPS = ("reference_heatmap", "diff_heatmap", "tolerance_heatmap")
+REFERENCE_MAPS = tuple(key for key in HEATMAP_KEYS if key != "heatmap")  # autograd's and after
 
 
 def _diagnose(

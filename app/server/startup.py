@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from app.sandbox.allocator import freeze_long_lived, release_memory
+from app.sandbox.allocator import freeze_long_lived
 from app.server.errors import limit_log_rates
 from app.settings import Settings
 
@@ -38,7 +38,6 @@ def lifespan_with(warm_up: Callable[[], None] | None):
         # answers meanwhile, and a program that comes first waits for them
         app.state.sandbox.start_soon()
         freeze_long_lived()  # before the first request: collections skip the startup's objects
-        release_memory()  # what the warm-up's tensors left in the allocator's arenas
         yield
 
     return lifespan
