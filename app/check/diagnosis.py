@@ -412,6 +412,8 @@ def one_write_delta(shape: tuple[int, ...], key: Any, update: torch.Tensor) -> t
 def has_repeats(key: Any) -> bool:
     """Whether an advanced index writes some position twice (integer index tensors; a slice
     or a mask never repeats one)."""
+    if not isinstance(key, tuple) and (not isinstance(key, torch.Tensor) or key.numel() <= 1):
+        return False  # one index of one position (an embedding loop's `dC[Xb[k, j]] += ...`)
     keys = key if isinstance(key, tuple) else (key,)
     tensors = [k for k in keys if isinstance(k, torch.Tensor) and not k.is_floating_point()
                and k.dtype != torch.bool]  # fmt: skip

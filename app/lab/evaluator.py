@@ -257,6 +257,8 @@ class Evaluator(PythonBuiltins):
             return value[index]
         advanced, basic = False, True  # (one pass over the parts: every loop step's index)
         for p in parts:
+            if type(p) is int:  # (the common case: a loop's index)
+                continue
             if isinstance(p, (Traced, range)):
                 advanced = True
             elif not (p is None or p is Ellipsis or is_int(p) or isinstance(p, slice)):
@@ -283,12 +285,12 @@ class Evaluator(PythonBuiltins):
             return self.apply(node, lambda v: v[index], value)
         if not isinstance(value, Traced):
             self.fail(node, "only tensors and shapes can be indexed", "not_allowed")
-        return self.apply(node, lambda v: v[index], value)
+        return self.apply(node, _item, value, index)
 
     def subscript(self, node: ast.AST) -> Any:
         """An index: a tuple's parts may be tensors and ranges (`logprobs[range(n), Yb]`)."""
         if isinstance(node, ast.Tuple):
-            return tuple(self.eval(e) for e in node.elts)
+            return tuple([self.eval(e) for e in node.elts])
         return self.eval(node)
 
     def advanced_index(self, value: Traced, parts: tuple) -> Traced:
@@ -420,7 +422,8 @@ class Evaluator(PythonBuiltins):
         """Run one allowed operation; torch's own complaints become the learner's message."""
         try:
             result = fn(*args, **kwargs)
-            self._made(result)
+            if type(result) is not Traced or result.steps:  # (a real run's tensor has none)
+                self._made(result)
             return result
         except FormulaError as err:
             if err.details.get("expr"):
@@ -469,6 +472,10 @@ def _mul(a: Any, b: Any) -> Any:
 
 def _div(a: Any, b: Any) -> Any:
     return a / b
+
+
+def _item(value: Traced, index: Any) -> Traced:
+    return value[index]
 
 
 def _matmul(a: Traced, b: Traced) -> Traced:

@@ -26,6 +26,7 @@ is its own steps, and a long program costs in proportion to its length.
 from __future__ import annotations
 
 import ast
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -93,6 +94,8 @@ class Interpreter:
         self.remaining = executed_limit
         self.executed: dict[int, Executed] = {}
         self.on_statement: Callable[[Executed, list[Step]], None] | None = None
+        self._skipped = _check_lines(program.body)  # `cmp(...)` lines, found once, not per run
+        self._last_writable: weakref.ref | None = None  # the real tensor last found writable
 
     # ---- statements
 
@@ -110,10 +113,10 @@ class Interpreter:
     def _block(self, body: tuple[ast.stmt, ...] | list[ast.stmt]) -> None:
         for stmt in body:
             self.check()
-            if is_cmp(stmt):
+            if stmt in self._skipped:
                 continue
             try:
-                if isinstance(stmt, ast.For):
+                if type(stmt) is ast.For:
                     self._for(stmt)
                 else:
                     self._statement(stmt)
@@ -208,6 +211,9 @@ class Interpreter:
     def _record(self, stmt: ast.stmt, name: str) -> None:
         entry = self.executed.get(stmt.lineno)
         made = self.evaluator.take_made_steps()  # every op of the line, its dropped values' too
+        if entry is not None and not made and not self._last_steps and self.on_statement is None:
+            entry.runs += 1  # a loop's line again, on real tensors: nothing else to keep
+            return
         steps = (sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
                  if made or self._last_steps else [])  # (a real run's lines make none)  # fmt: skip
         if entry is None:
@@ -384,7 +390,13 @@ class Interpreter:
             while chain[-1]._base is not None and len(chain) < 8:
                 chain.append(chain[-1]._base)
             return any(id(c) in self._protected_ids for c in chain)
-        return t.numel() > 0 and t.untyped_storage().data_ptr() in self._protected_ptrs
+        last = self._last_writable
+        if last is not None and last() is t:  # a loop writing one tensor: its storage is known
+            return False
+        if t.numel() > 0 and t.untyped_storage().data_ptr() in self._protected_ptrs:
+            return True
+        self._last_writable = weakref.ref(t)  # (weak: a rebound name still frees its tensor)
+        return False
 
     # ---- in-place methods (`dW.index_add_(...)`, `att.masked_fill_(...)`)
 
@@ -459,6 +471,17 @@ class Interpreter:
         if not isinstance(node.value, ast.Name):
             self.fail(node, ".g is read on a tensor's name, as in out.g", "not_allowed")
         return self.resolve(node, f"{node.value.id}.g")
+
+
+def _check_lines(body: tuple[ast.stmt, ...] | list[ast.stmt]) -> set[ast.stmt]:
+    """The statements of a body and its loops' that `_block` skips: a notebook's `cmp(...)`."""
+    found = set()
+    for stmt in body:
+        if is_cmp(stmt):
+            found.add(stmt)
+        elif isinstance(stmt, ast.For):
+            found |= _check_lines(stmt.body)
+    return found
 
 
 def _is_grad(node: ast.AST) -> bool:

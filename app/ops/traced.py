@@ -394,10 +394,14 @@ class Traced:
     def __getitem__(self, index: Any) -> Traced:
         """Basic indexing only (ints, slices, None, ...): a view, traced as `index`."""
         parts = index if isinstance(index, tuple) else (index,)
+        shown = []
         for p in parts:
-            if not _is_basic_index(p):
-                raise TypeError("only ints, slices, None and ... can index a tensor here")
-        text = ", ".join([_fmt_index(p) for p in parts]) if parts else "()"
+            if type(p) is not int:  # (an int is the common case: a loop's index)
+                if not _is_basic_index(p):
+                    raise TypeError("only ints, slices, None and ... can index a tensor here")
+                p = _fmt_index(p)
+            shown.append(str(p))
+        text = ", ".join(shown) if parts else "()"
         expr = f"{self._wrapped(ATOM)}[{text}]"
         return self._make(self.t[index], expr, ATOM, "index", "getitem", [self])
 

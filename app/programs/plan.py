@@ -107,17 +107,29 @@ class BackwardRun(Interpreter):
         # tensor name -> what its indexed `+=` lost to one write per repeated index (the
         # `dropped_duplicates` diagnosis; app/check/diagnosis.py)
         self.dropped: dict[str, torch.Tensor] = {}
+        self._grad_names: dict[str, str | None] = {}  # name -> grad_of(name), as asked
+        self._writes: dict[ast.stmt, tuple[str, ...]] = {}  # statement -> the gradients it names
 
     def operands(self) -> list[Any]:
         return [*self.forward.values(), *self.scope.values()]
 
     def grad_of(self, name: str) -> str | None:
         """The tensor whose gradient `name` is, or None for a helper."""
-        if name.endswith(GRAD_SUFFIX):
-            return name.removesuffix(GRAD_SUFFIX)
-        if name.startswith(GRAD_PREFIX) and name[1:] in self.has_grad:
-            return name[1:]
-        return None
+        tensor = self._grad_names.get(name, _UNSEEN)  # (asked several times a statement)
+        if tensor is _UNSEEN:
+            tensor = self._grad_names[name] = _grad_of(name, self.has_grad)
+        return tensor
+
+    def name(self, node: ast.Name) -> Any:
+        """`resolve`'s two common answers first (a loop's name, a forward tensor): a loop
+        body reads several names every iteration."""
+        name = node.id
+        if name in self.scope:
+            if name not in self.forward:
+                return self.scope[name]
+        elif name in self.forward:
+            return self.forward[name]
+        return self.resolve(node, name)
 
     def resolve(self, node: ast.AST, name: str) -> Any:
         if name in self.scope:  # a loop's name or a number of its own shadows the forward's
@@ -190,8 +202,11 @@ class BackwardRun(Interpreter):
     def _record(self, stmt: ast.stmt, name: str) -> None:
         """Which gradients the line wrote (assigned, or changed in place), and where."""
         super()._record(stmt, name)
-        names = name.split(", ") if ", " in name else (name,)  # `a, b = ...` writes two
-        written = [t for t in map(self.grad_of, names) if t in self.gradients]
+        named = self._writes.get(stmt)
+        if named is None:  # (a statement's target names are the same every time it runs)
+            names = name.split(", ") if ", " in name else (name,)  # `a, b = ...` writes two
+            named = self._writes[stmt] = tuple(t for t in map(self.grad_of, names) if t is not None)
+        written = [t for t in named if t in self.gradients]
         self.executed[stmt.lineno].grad_of = written[0] if written else None
         for tensor in written:
             lines = self.lines.setdefault(tensor, [])
@@ -222,6 +237,17 @@ class Plan:
     # what every answer of this plan says alike (its lines' entries), made at its first answer:
     # a plan is kept for the program posted again (app/programs/admission.py)
     answered: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+_UNSEEN = object()
+
+
+def _grad_of(name: str, has_grad: set[str]) -> str | None:
+    if name.endswith(GRAD_SUFFIX):
+        return name.removesuffix(GRAD_SUFFIX)
+    if name.startswith(GRAD_PREFIX) and name[1:] in has_grad:
+        return name[1:]
+    return None
 
 
 def _tensors(value: Any) -> list[Traced]:
