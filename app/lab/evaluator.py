@@ -70,10 +70,13 @@ class Evaluator(PythonBuiltins):
     def __init__(self, source: str, names: Names):
         self.source = source
         self.names = names
+        self._name = names.name  # (bound once: a name is the node read most often)
         self.made_steps: list = []  # the steps of every tensor made since the last take
         self._made_ids: set[int] = set()
 
     def eval(self, node: ast.AST) -> Any:
+        if type(node) is ast.Name:  # (what `_Name` does, one call fewer)
+            return self._name(node)
         handler = _HANDLERS.get(type(node))
         if handler is None:  # a node the tree check allows, but not where a value goes
             self.fail(node, "not allowed here", "not_allowed")
@@ -270,6 +273,8 @@ class Evaluator(PythonBuiltins):
         if not basic:
             self.fail(node, "index with whole numbers, slices, None, ... and tensors only",
                       "not_allowed")  # fmt: skip
+        if type(value) is Traced:  # (what the last line below does, without the list checks)
+            return self.apply(node, _item, value, index)
         if isinstance(value, (list, tuple)) and (
             isinstance(value, TensorList) or any(isinstance(v, Traced) for v in value)
         ):  # a list of tensors, or split's pieces: hs[t], hs[-1], hs[1:]
@@ -422,8 +427,8 @@ class Evaluator(PythonBuiltins):
         """Run one allowed operation; torch's own complaints become the learner's message."""
         try:
             result = fn(*args, **kwargs)
-            if type(result) is not Traced or result.steps:  # (a real run's tensor has none)
-                self._made(result)
+            if result is not None and (type(result) is not Traced or result.steps):
+                self._made(result)  # (a real run's tensor has no steps; a write gives None)
             return result
         except FormulaError as err:
             if err.details.get("expr"):

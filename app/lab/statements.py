@@ -181,7 +181,7 @@ class Interpreter:
         self._last_steps: list[Step] = []
         self.evaluator.take_made_steps()  # (a line before that stopped half way leaves nothing here)
         if isinstance(stmt, ast.Expr):  # `hs.append(h)`, `dW.index_add_(0, ids, dY)`
-            value = self.eval(stmt.value)
+            value = self.evaluator.eval(stmt.value)
             if isinstance(value, Traced):
                 self._note(value)
             receiver = stmt.value.func.value
@@ -189,7 +189,7 @@ class Interpreter:
                     or _is_grad(receiver) else source_segment(self.source, receiver))  # fmt: skip
         elif isinstance(stmt, ast.Assign):
             target = stmt.targets[0]
-            value = self.eval(stmt.value)
+            value = self.evaluator.eval(stmt.value)
             if isinstance(target, ast.Tuple):
                 self._unpack(stmt, target, value)
                 name = ", ".join(self._target_name(e) for e in target.elts)
@@ -200,7 +200,7 @@ class Interpreter:
                 self.assign(stmt, name, value)
         else:
             symbol = AUG[type(stmt.op)]
-            value = self.eval(stmt.value)
+            value = self.evaluator.eval(stmt.value)
             if isinstance(stmt.target, ast.Subscript):
                 name = self._write_index(stmt, stmt.target, symbol, value)
             else:
@@ -208,12 +208,13 @@ class Interpreter:
                 self._augment(stmt, name, symbol, value)
         self._record(stmt, name)
 
-    def _record(self, stmt: ast.stmt, name: str) -> None:
+    def _record(self, stmt: ast.stmt, name: str) -> Executed:
+        """The statement's entry in `executed`, made at its first run, counted at each."""
         entry = self.executed.get(stmt.lineno)
         made = self.evaluator.take_made_steps()  # every op of the line, its dropped values' too
         if entry is not None and not made and not self._last_steps and self.on_statement is None:
             entry.runs += 1  # a loop's line again, on real tensors: nothing else to keep
-            return
+            return entry
         steps = (sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
                  if made or self._last_steps else [])  # (a real run's lines make none)  # fmt: skip
         if entry is None:
@@ -224,6 +225,7 @@ class Interpreter:
         if self.on_statement is not None:
             self.on_statement(entry, steps)
         self._last_steps = []
+        return entry
 
     def _target_name(self, target: ast.expr) -> str:
         if isinstance(target, ast.Name):
@@ -433,7 +435,8 @@ class Interpreter:
 
     def atom(self, name: str, value: Any) -> Any:
         if isinstance(value, Traced):
-            self._note(value)
+            if value.steps:
+                self._note(value)
             return Traced(value.t, name)
         if isinstance(value, Pair):
             return Pair(tuple(self.atom(f"{name}[{i}]", v) for i, v in enumerate(value)))

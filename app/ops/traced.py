@@ -403,7 +403,7 @@ class Traced:
             shown.append(str(p))
         text = ", ".join(shown) if parts else "()"
         expr = f"{self._wrapped(ATOM)}[{text}]"
-        return self._make(self.t[index], expr, ATOM, "index", "getitem", [self])
+        return made(self.t[index], expr, "index", "getitem", (self,))
 
     def __pow__(self, exponent: float) -> Traced:
         t = self.t.pow(exponent)

@@ -199,19 +199,24 @@ class BackwardRun(Interpreter):
             self.dropped[tensor] = self.dropped[tensor] + delta if tensor in self.dropped else delta
         return key
 
-    def _record(self, stmt: ast.stmt, name: str) -> None:
+    def _record(self, stmt: ast.stmt, name: str) -> Executed:
         """Which gradients the line wrote (assigned, or changed in place), and where."""
-        super()._record(stmt, name)
+        entry = super()._record(stmt, name)
         named = self._writes.get(stmt)
         if named is None:  # (a statement's target names are the same every time it runs)
             names = name.split(", ") if ", " in name else (name,)  # `a, b = ...` writes two
-            named = self._writes[stmt] = tuple(t for t in map(self.grad_of, names) if t is not None)
+            named = tuple(t for t in map(self.grad_of, names) if t is not None)
+            self._writes[stmt] = named
+        if not named:  # a helper's line
+            entry.grad_of = None
+            return entry
         written = [t for t in named if t in self.gradients]
-        self.executed[stmt.lineno].grad_of = written[0] if written else None
+        entry.grad_of = written[0] if written else None
         for tensor in written:
             lines = self.lines.setdefault(tensor, [])
             if stmt.lineno not in lines:
                 lines.append(stmt.lineno)
+        return entry
 
 
 # --------------------------------------------------------------------------- the plan
