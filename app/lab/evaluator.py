@@ -274,7 +274,7 @@ class Evaluator(PythonBuiltins):
             self.fail(node, "index with whole numbers, slices, None, ... and tensors only",
                       "not_allowed")  # fmt: skip
         if type(value) is Traced:  # (what the last line below does, without the list checks)
-            return self.apply(node, _item, value, index)
+            return self.apply(node, Traced.__getitem__, value, index)
         if isinstance(value, (list, tuple)) and (
             isinstance(value, TensorList) or any(isinstance(v, Traced) for v in value)
         ):  # a list of tensors, or split's pieces: hs[t], hs[-1], hs[1:]
@@ -290,12 +290,14 @@ class Evaluator(PythonBuiltins):
             return self.apply(node, lambda v: v[index], value)
         if not isinstance(value, Traced):
             self.fail(node, "only tensors and shapes can be indexed", "not_allowed")
-        return self.apply(node, _item, value, index)
+        return self.apply(node, lambda v: v[index], value)
 
     def subscript(self, node: ast.AST) -> Any:
         """An index: a tuple's parts may be tensors and ranges (`logprobs[range(n), Yb]`)."""
-        if isinstance(node, ast.Tuple):
-            return tuple([self.eval(e) for e in node.elts])
+        if isinstance(node, ast.Tuple):  # (a name, the common part, straight to the names)
+            return tuple(
+                [self._name(e) if type(e) is ast.Name else self.eval(e) for e in node.elts]
+            )
         return self.eval(node)
 
     def advanced_index(self, value: Traced, parts: tuple) -> Traced:
@@ -477,10 +479,6 @@ def _mul(a: Any, b: Any) -> Any:
 
 def _div(a: Any, b: Any) -> Any:
     return a / b
-
-
-def _item(value: Traced, index: Any) -> Traced:
-    return value[index]
 
 
 def _matmul(a: Traced, b: Traced) -> Traced:

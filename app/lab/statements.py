@@ -316,17 +316,17 @@ class Interpreter:
         """`t[key] = value`, or `t[key] op= value` as Python runs it: read the indexed part
         (a view for a basic index, a copy for an advanced one), update it, write it back.
         Returns the key it wrote through (tensors and ranges as torch takes them)."""
-        raw = tuple([_raw(p, current.t) for p in parts])
-        key = raw[0] if len(raw) == 1 else raw
+        t = current.t
+        key = _raw(parts[0], t) if len(parts) == 1 else tuple([_raw(p, t) for p in parts])
         update = value.t if isinstance(value, Traced) else value
 
         def write() -> None:
             if symbol is None:
-                current.t[key] = update
+                t[key] = update
                 return
-            piece = current.t[key]
+            piece = t[key]
             getattr(piece, _IN_PLACE[symbol])(update)
-            current.t[key] = piece
+            t[key] = piece
 
         self.evaluator.apply(stmt, write)
         return key

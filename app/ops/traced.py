@@ -568,8 +568,11 @@ def made(
     any operands, or none (`torch.zeros(3, 4)`)."""
     if not t.is_meta:  # computing, not tracing: the numbers need no steps
         check_cancelled()  # a learner's formula is many ops: the deadline can stop it here
-        named = [o.bindings for o in operands if o.bindings]
-        return Traced(t, expr, prec, None, _merge_steps(*named) if named else [])
+        for o in operands:
+            if o.bindings:  # (rare: a formula's named intermediates)
+                named = [o.bindings for o in operands if o.bindings]
+                return Traced(t, expr, prec, None, _merge_steps(*named))
+        return Traced(t, expr, prec)
     step = Step(
         action=action,
         op=op,
