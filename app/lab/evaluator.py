@@ -39,7 +39,7 @@ from app.lab.allowlist import (
 )
 from app.lab.builtins import PythonBuiltins
 from app.lab.parse import source_segment
-from app.ops.broadcast import BroadcastError, broadcast_rule
+from app.ops.broadcast import BroadcastError, broadcast_shape
 from app.ops.cancel import is_allocation_failure
 from app.ops.joining import TensorList
 from app.ops.making import MakeError, Maker
@@ -199,7 +199,7 @@ class Evaluator(PythonBuiltins):
 
     def check_broadcast(self, node: ast.AST, symbol: str, left: Traced, right: Traced) -> None:
         try:
-            broadcast_rule(left.shape, right.shape)
+            broadcast_shape(left.shape, right.shape)  # (the rule itself is the trace's)
         except BroadcastError as err:
             exprs = [source_segment(self.source, n) for n in (node.left, node.right)]
             self.fail(
@@ -429,8 +429,11 @@ class Evaluator(PythonBuiltins):
         """Run one allowed operation; torch's own complaints become the learner's message."""
         try:
             result = fn(*args, **kwargs)
-            if result is not None and (type(result) is not Traced or result.steps):
-                self._made(result)  # (a real run's tensor has no steps; a write gives None)
+            if type(result) is Traced:
+                if result.steps:  # (a real run's tensors have none)
+                    self._made(result)
+            elif type(result) not in _PLAIN:  # (a write's None, a size: nothing made)
+                self._made(result)
             return result
         except FormulaError as err:
             if err.details.get("expr"):
@@ -463,6 +466,9 @@ _HANDLERS: dict[type, Callable[[Evaluator, Any], Any]] = {
         ast.Call,
     )  # fmt: skip
 }
+
+
+_PLAIN = frozenset({type(None), int, float, bool})  # what an op gives that holds no tensor
 
 
 def _add(a: Any, b: Any) -> Any:

@@ -111,9 +111,10 @@ class Interpreter:
         self.evaluator.fail(node, message, kind, **details)
 
     def _block(self, body: tuple[ast.stmt, ...] | list[ast.stmt]) -> None:
+        check, skipped = self.check, self._skipped
         for stmt in body:
-            self.check()
-            if stmt in self._skipped:
+            check()
+            if stmt in skipped:
                 continue
             try:
                 if type(stmt) is ast.For:
@@ -144,10 +145,11 @@ class Interpreter:
         needed = self._statements(stmt, iterations)
         if needed > self.remaining:
             self._count(needed, stmt)
+        check, scope, name, body = self.check, self.scope, stmt.target.id, stmt.body
         for i in iterations:
-            self.check()
-            self.scope[stmt.target.id] = i
-            self._block(stmt.body)
+            check()
+            scope[name] = i
+            self._block(body)
 
     def _statements(self, stmt: ast.For, iterations: range) -> int:
         """Statements the whole loop will run, nested loops' iterations included. A nested
@@ -177,9 +179,12 @@ class Interpreter:
         return len(iterations) * per_pass
 
     def _statement(self, stmt: ast.Assign | ast.AugAssign | ast.Expr) -> None:
-        self._count(1, stmt)
+        self.remaining -= 1
+        if self.remaining < 0:
+            self._count(0, stmt)  # (refuses: one statement over)
         self._last_steps: list[Step] = []
-        self.evaluator.take_made_steps()  # (a line before that stopped half way leaves nothing here)
+        if self.evaluator.made_steps:  # (a line before that stopped half way leaves nothing)
+            self.evaluator.take_made_steps()
         if isinstance(stmt, ast.Expr):  # `hs.append(h)`, `dW.index_add_(0, ids, dY)`
             value = self.evaluator.eval(stmt.value)
             if isinstance(value, Traced):

@@ -50,9 +50,11 @@ def operand_rule(shape: Shape, result: Shape) -> OperandRule:
     return OperandRule(aligned, expanded, grad_sum)
 
 
-def broadcast_rule(a: Sequence[int], b: Sequence[int]) -> BroadcastRule:
-    """The result shape of `a op b`, and for each operand how it was stretched to get there."""
+def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> Shape:
+    """The result shape of `a op b` (BroadcastError where they cannot broadcast)."""
     a, b = tuple(a), tuple(b)
+    if a == b:  # (the common case, and it always broadcasts)
+        return a
     ndim = max(len(a), len(b))
     a_aligned = (1,) * (ndim - len(a)) + a
     b_aligned = (1,) * (ndim - len(b)) + b
@@ -61,5 +63,11 @@ def broadcast_rule(a: Sequence[int], b: Sequence[int]) -> BroadcastRule:
         if sa != sb and sa != 1 and sb != 1:
             raise BroadcastError(d - ndim, sa, sb)
         result.append(sb if sa == 1 else sa)
-    result_shape = tuple(result)
+    return tuple(result)
+
+
+def broadcast_rule(a: Sequence[int], b: Sequence[int]) -> BroadcastRule:
+    """The result shape of `a op b`, and for each operand how it was stretched to get there."""
+    a, b = tuple(a), tuple(b)
+    result_shape = broadcast_shape(a, b)
     return BroadcastRule(result_shape, operand_rule(a, result_shape), operand_rule(b, result_shape))

@@ -213,7 +213,9 @@ class BackwardRun(Interpreter):
         written = [t for t in named if t in self.gradients]
         entry.grad_of = written[0] if written else None
         for tensor in written:
-            lines = self.lines.setdefault(tensor, [])
+            lines = self.lines.get(tensor)
+            if lines is None:
+                lines = self.lines[tensor] = []
             if stmt.lineno not in lines:
                 lines.append(stmt.lineno)
         return entry
