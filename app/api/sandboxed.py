@@ -36,11 +36,17 @@ async def run_program(http: Request) -> Response:
         call = _Call(http, worker, settings)
         try:
             worker.send(("program", body, settings))
-            _, seconds, _ = await call.reply()  # ("admitted", seconds, bytes)
+            _, seconds, _, rerun = await call.reply()  # ("admitted", seconds, bytes, rerun)
             # the run itself holds a run slot like any other run, in the lane its work says
             async with limiter.slot(seconds):
-                threads = 1 if seconds <= SMALL_RUN_S else limiter.torch_threads
-                worker.send(("go", threads))
+                small = seconds <= SMALL_RUN_S
+                # a small run's spare core (as app/ops/spare.py gives a run's pieces): its
+                # float64 rerun in an idle worker, beside the run
+                helper = sandbox.lend() if rerun and small and limiter.torch_threads > 1 else None
+                if helper is None:
+                    worker.send(("go", 1 if small else limiter.torch_threads, False))
+                else:
+                    await _rerun_beside(http, call, helper, body, settings, sandbox)
                 answer = await call.reply()
         except BaseException:
             if call.clean:
@@ -50,6 +56,31 @@ async def run_program(http: Request) -> Response:
             raise
         sandbox.give(worker)
     return Response(answer[1], media_type="application/json")
+
+
+async def _rerun_beside(http: Request, call: _Call, helper: Worker, body: bytes,
+                        settings: Settings, sandbox: Sandbox) -> None:  # fmt: skip
+    """Start the run in `call`'s worker and its float64 rerun in `helper` at once, then relay
+    the rerun to the run's worker: its payload, or None (that worker then reruns itself) when
+    the helper could not make it. Either way the run's worker gets exactly one ("rerun", ...)."""
+    call.worker.send(("go", 1, True))
+    helper_call = _Call(http, helper, settings)
+    payload = None
+    try:
+        helper.send(("rerun", body, settings))
+        _, payload = await helper_call.reply()  # ("reran", payload or None)
+    except Stopped as stopped:
+        if stopped.reason == "disconnect":  # the client left: the run's worker is ended too
+            call.clean = False
+            raise
+    except WorkerLost:  # its pipe broke: it cannot serve again
+        helper_call.clean = False
+    except (Refused, RuntimeError):  # the run's worker does it all itself
+        pass
+    finally:
+        (sandbox.give if helper_call.clean else sandbox.discard)(helper)
+    sandbox.reran += payload is not None
+    call.worker.send(("rerun", payload))
 
 
 class _Call:
@@ -95,7 +126,7 @@ class _Call:
             raise self._lost(outcome["error"])
         reply = outcome["reply"]
         kind = reply[0]
-        if kind in ("admitted", "ok", "prepared"):
+        if kind in ("admitted", "ok", "prepared", "reran"):
             return reply
         if kind == "refused":
             raise Refused(reply[1])

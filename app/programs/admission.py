@@ -17,7 +17,7 @@ def admit_program(request: ProgramRequest, settings) -> programs.Plan:
     """The dry run on meta tensors: a 422 at the line for anything refused. An accepted
     program's plan is kept (the page posts the same program again as its views change)."""
     try:
-        plan = _program_plan(request.model_dump_json(exclude=VIEW_FIELDS),
+        plan = _program_plan(request.model_dump_json(exclude=PLAN_FREE_FIELDS),
                              settings.memory_budget_bytes)  # fmt: skip
         if request.follow is not None:  # a click on another element: the same plan
             programs.admit_follow(request, plan)
@@ -26,8 +26,10 @@ def admit_program(request: ProgramRequest, settings) -> programs.Plan:
         refuse_program(err)
 
 
-# what a request asks to be shown, not what runs: the same program's plan serves them all
-VIEW_FIELDS = frozenset({"follow", "reference_heatmaps"})
+# what the dry run never reads: what a request asks to be shown, and the seed (the dry run
+# is on meta tensors: shapes only, never numbers). The same program's plan serves them all: the
+# page posts the same program again as its views change, or with a new seed
+PLAN_FREE_FIELDS = frozenset({"follow", "reference_heatmaps", "seed"})
 
 
 @lru_cache(maxsize=64)  # a plan holds its program's trace: shapes and steps, tens of KB

@@ -51,6 +51,7 @@ __all__ = [
     "admit",
     "admit_follow",
     "answer",
+    "execute_float64",
     "execute_once",
     "run",
     "run_backward",
@@ -153,8 +154,11 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
-    """The program's answer: the contract's response (app/programs/schemas.py)."""
+def run(req: ProgramRequest, plan: Plan, cancel: Any = None,
+        rerun_beside: Callable[[], Outcome | None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The program's answer: the contract's response (app/programs/schemas.py).
+    `rerun_beside`: the float64 rerun made elsewhere at the same time (another sandbox worker:
+    app/sandbox/worker.py), asked for once the run is done; None from it: made here."""
 
     def check() -> None:
         if cancel is not None and cancel.is_set():
@@ -168,7 +172,9 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         main = execute_once(req, plan, dtype, check, made)
         after_run = time.perf_counter()
         rerun = None
-        if plan.rerun:  # the same formulas in float64 throughout (`.float()` included)
+        if plan.rerun and rerun_beside is not None:
+            rerun = rerun_beside()
+        if plan.rerun and rerun is None:
             with single_precision_as(torch.float64):
                 rerun = execute_once(req, plan, torch.float64, check, made)
 
@@ -188,6 +194,18 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None) -> dict[str, Any]:
         if req.follow is not None:
             out["follow"] = follow_element(req, plan, main, check)
         return out
+
+
+def execute_float64(req: ProgramRequest, plan: Plan, cancel: Any = None) -> Outcome:
+    """The program's float64 rerun on its own, as `run` makes it (the same inputs, made from
+    the seed): what another worker makes beside the run."""
+
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise RunCancelled("the run was stopped")
+
+    with cancel_token(cancel), single_precision_as(torch.float64):
+        return execute_once(req, plan, torch.float64, check)
 
 
 def follow_element(req: ProgramRequest, plan: Plan, main: Outcome,

@@ -18,6 +18,7 @@ from app.ops.cancel import cancel_token
 from app.programs import run as programs
 from app.programs import train as training
 from app.programs.admission import admit_program, refuse_program
+from app.programs.outcome import Outcome, outcome_of_payload, rerun_payload
 from app.programs.schemas import ProgramRequest, ProgramTrainRequest
 from app.refusal import Refused
 from app.settings import Settings
@@ -79,13 +80,27 @@ def admit(body: bytes, settings: Settings, cancel: Any) -> Admitted:
     return Admitted(request, plan, plan.seconds, plan.bytes)
 
 
-def run(admitted: Admitted, cancel: Any) -> bytes:
-    """The program's answer, as the JSON bytes the route sends."""
+def run(admitted: Admitted, cancel: Any,
+        rerun_beside: Callable[[], Outcome | None] | None = None) -> bytes:  # fmt: skip
+    """The program's answer, as the JSON bytes the route sends. `rerun_beside`: its float64
+    rerun, made by another worker (None from it: rerun here)."""
     try:
-        answer = programs.run(admitted.request, admitted.plan, cancel)
+        answer = programs.run(admitted.request, admitted.plan, cancel, rerun_beside)
     except ProgramError as err:  # the forward failed on real data (an index out of range)
         refuse_program(programs.ProgramRefused("forward", err.line, str(err), err.kind))
     return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def rerun(body: bytes, settings: Settings, cancel: Any) -> bytes | None:
+    """A program's float64 rerun, for the worker that runs it (`rerun_payload`); None where it
+    cannot travel (that worker then reruns itself)."""
+    admitted = admit(body, settings, cancel)
+    outcome = programs.execute_float64(admitted.request, admitted.plan, cancel)
+    return rerun_payload(outcome)
+
+
+def rerun_outcome(payload: bytes | None) -> Outcome | None:
+    return None if payload is None else outcome_of_payload(payload)
 
 
 def prepare_training(body: bytes, settings: Settings, cancel: Any) -> training.Setup:

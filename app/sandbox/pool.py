@@ -137,20 +137,28 @@ class Worker:
             self.conn.close()
 
 
+LENT_WAIT_S = 2.0  # how long a run waits for a lent worker's return rather than starting one
+
+
 class Sandbox:
     """`size` workers kept warm for program runs (`take`, `give`), and a fresh one for each
     training (`dedicated`). A worker given back dead or failed is replaced in the background,
-    so the next run finds one warm."""
+    so the next run finds one warm. An idle worker may also be lent to a run for a piece of
+    its work (`lend`: a small program's float64 rerun, beside its own run), for a few ms."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._idle: list[Worker] = []
         self._busy: set[Worker] = set()
+        self._lent: set[Worker] = set()
         self._starting = 0
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)  # a lent worker is back
         self._start_lock = threading.Lock()  # held while the first workers warm up
         self._started = False
         self.replaced = 0  # workers replaced after a kill or a failure (for tests and logs)
+        self.lent = 0  # workers lent for a piece of a run (for tests and logs)
+        self.reran = 0  # of them, reruns that came back and were used
 
     def start(self) -> None:
         """Start the pool's workers (once; blocking until they are warm, for every caller)."""
@@ -172,6 +180,9 @@ class Sandbox:
         """A warm worker (the one used last, whose caches are warmest), or a new one."""
         self.start()
         with self._lock:
+            # a lent worker is back within a run's few ms: waited for, not replaced by a
+            # fresh one (a fork and a warm-up, hundreds of ms)
+            self._returned.wait_for(lambda: self._idle or not self._lent, LENT_WAIT_S)
             while self._idle:
                 worker = self._idle.pop()
                 if worker.alive:
@@ -183,15 +194,30 @@ class Sandbox:
             self._busy.add(worker)
         return worker
 
+    def lend(self) -> Worker | None:
+        """An idle warm worker for a piece of a run, or None when none is idle now (never a
+        new one: the piece is then done by the run's own worker). Given back with `give`."""
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.alive:
+                    self._lent.add(worker)
+                    self.lent += 1
+                    return worker
+                worker.kill()
+        return None
+
     def give(self, worker: Worker) -> None:
         """A worker back after a job; a dead one is replaced."""
         with self._lock:
             self._busy.discard(worker)
+            self._lent.discard(worker)
+            if worker.alive and len(self._idle) < self.size:
+                self._idle.append(worker)
+                self._returned.notify_all()
+                return
+            self._returned.notify_all()
         if worker.alive:
-            with self._lock:
-                if len(self._idle) < self.size:
-                    self._idle.append(worker)
-                    return
             worker.kill()
             return
         self.discard(worker)
@@ -200,6 +226,8 @@ class Sandbox:
         """Kill `worker` and start its replacement in the background."""
         with self._lock:
             self._busy.discard(worker)
+            self._lent.discard(worker)
+            self._returned.notify_all()
         worker.kill()
         self.replaced += 1
         threading.Thread(target=self._replace, name="broadprop-sandbox-start", daemon=True).start()

@@ -9,10 +9,16 @@ Its limits, set here for each job:
   included, and nothing of any other process), polled between the program's statements and
   ops; the pool kills the process at its wall-clock limit if a poll never comes.
 
-Messages in: ("program", body, settings) then ("go", threads); ("train", body, settings) then
-("go",) and maybe ("stop",). Out: ("ready", pid) once; then per job ("admitted", seconds, bytes)
-and ("ok", json bytes), or ("refused", errors), ("stopped", reason, cpu_s), ("memory", detail),
-("error", detail); a training streams ("event", kind, payload) and ends with ("end",)."""
+Messages in: ("program", body, settings) then ("go", threads, beside) and, when `beside`, one
+("rerun", payload or None); ("rerun", body, settings); ("train", body, settings) then ("go",)
+and maybe ("stop",). Out: ("ready", pid) once; then per job ("admitted", seconds, bytes, rerun)
+and ("ok", json bytes), or ("reran", payload or None), or ("refused", errors), ("stopped",
+reason, cpu_s), ("memory", detail), ("error", detail); a training streams ("event", kind,
+payload) and ends with ("end",).
+
+A small program's float64 rerun may run in a second worker, lent by the pool while the first
+runs the program (`beside`): the edge relays its payload (app/programs/outcome.py
+`rerun_payload`) to the first worker, which uses it as its own rerun (None: it reruns itself)."""
 
 from __future__ import annotations
 
@@ -111,10 +117,10 @@ def _program(conn: Connection, baseline_vm: int, body: bytes, settings: Settings
     deadline = ProcessDeadline(settings.run_deadline_s)
     admitted: jobs.Admitted | None = None
 
-    def admit() -> tuple[float, int]:
+    def admit() -> tuple[float, int, bool]:
         nonlocal admitted
         admitted = jobs.admit(body, settings, deadline)
-        return admitted.seconds, admitted.bytes
+        return admitted.seconds, admitted.bytes, admitted.plan.rerun
 
     if not _answer(conn, deadline, admit, tag="admitted"):
         return False
@@ -123,8 +129,28 @@ def _program(conn: Connection, baseline_vm: int, body: bytes, settings: Settings
     go = conn.recv()
     if go[0] != "go":
         return True
-    torch.set_num_threads(go[1])
-    return _answer(conn, deadline, lambda: jobs.run(admitted, deadline))
+    _, threads, beside = go
+    torch.set_num_threads(threads)
+    taken = []
+
+    def rerun_beside() -> Any:
+        taken.append(True)
+        return jobs.rerun_outcome(conn.recv()[1])  # ("rerun", payload or None)
+
+    served = _answer(conn, deadline,
+                     lambda: jobs.run(admitted, deadline, rerun_beside if beside else None))  # fmt: skip
+    if served and beside and not taken:
+        conn.recv()  # the edge sends a rerun for every worker lent: read before the next job
+    return served
+
+
+def _rerun(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) -> bool:
+    """A program's float64 rerun for the worker running it (admitted again here: the same
+    body, the same plan), as the payload that worker takes in place of its own rerun."""
+    _limit_memory(baseline_vm + hard_memory_bytes(settings))
+    deadline = ProcessDeadline(settings.run_deadline_s)
+    torch.set_num_threads(1)  # a small run's, on the spare core
+    return _answer(conn, deadline, lambda: jobs.rerun(body, settings, deadline), tag="reran")
 
 
 def _train(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) -> bool:
@@ -241,4 +267,4 @@ def warm_up() -> None:
         pass
 
 
-_JOBS = {"program": _program, "train": _train}
+_JOBS = {"program": _program, "rerun": _rerun, "train": _train}

@@ -1,0 +1,181 @@
+"""A small program's float64 rerun made beside its run, in a second sandbox worker lent by the
+pool (app/sandbox/pool.py `lend`, app/api/sandboxed.py `_rerun_beside`): the answer is the one
+the run's own worker gives when it reruns itself, bit for bit; a helper that cannot make the
+rerun costs nothing but the time; a lent worker is waited for, never replaced."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.api import sandboxed
+from app.lab.allowlist import FormulaError
+from app.lab.statements import ProgramError
+from app.main import create_app
+from app.programs import presets
+from app.programs import run as programs_run
+from app.programs.outcome import Outcome, outcome_of_payload, rerun_payload
+from app.programs.schemas import ProgramRequest
+from app.sandbox.pool import Sandbox, WorkerLost
+from app.settings import Settings
+
+MAKEMORE = presets.preset("makemore")["request"]
+PROGRAMS = {
+    "makemore, the loop": MAKEMORE,
+    # a dropped eps: within float32's tolerance, only the float64 rerun calls it suspect
+    "a suspect": {
+        **MAKEMORE,
+        "backward": MAKEMORE["backward"].replace("(bnvar + 1e-5)", "bnvar", 1),
+    },  # fmt: skip
+    # an index out of range only the real data shows: both runs stop at the last line
+    "a stop on real data": {**MAKEMORE, "backward": MAKEMORE["backward"] + "\noops = C[Xb * 10]"},
+    "a wrong gradient": {
+        **MAKEMORE,
+        "backward": MAKEMORE["backward"].replace("dW2 = h.T @ dlogits", "dW2 = 2 * h.T @ dlogits"),
+    },  # fmt: skip
+}
+
+
+def _without_timing(answer: dict) -> dict:
+    return {k: v for k, v in answer.items() if k != "timing"}
+
+
+@pytest.fixture(scope="module")
+def two_threads():
+    """An app whose small runs have a spare core (two torch threads a run), so a program's
+    rerun is made beside it; and one with one thread, whose worker reruns itself."""
+    with (
+        TestClient(create_app(Settings(torch_threads=2))) as beside,
+        TestClient(create_app(Settings(torch_threads=1))) as alone,
+    ):
+        yield beside, alone
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_the_rerun_made_beside_gives_the_answer_made_alone(two_threads, name):
+    beside, alone = two_threads
+    sandbox = beside.app.state.sandbox
+    lent, reran = sandbox.lent, sandbox.reran
+    answer = beside.post("/api/program", json=PROGRAMS[name])
+    assert answer.status_code == 200, answer.text[:300]
+    assert (sandbox.lent, sandbox.reran) == (lent + 1, reran + 1)  # made beside, and used
+    lent = sandbox.lent
+    single = alone.post("/api/program", json=PROGRAMS[name])
+    assert sandbox.lent == lent  # one thread a run: no spare, the worker reran itself
+    assert _without_timing(answer.json()) == _without_timing(single.json())
+    # and the same as this process makes it, with no worker at all
+    req = ProgramRequest.model_validate(PROGRAMS[name])
+    here = programs_run.run(req, programs_run.admit(req, 2**31, 30.0))
+    assert _without_timing(answer.json())["check"] == here["check"]
+
+
+def test_the_cases_say_what_they_are_for(two_threads):
+    beside, _ = two_threads
+    checks = {n: beside.post("/api/program", json=p).json() for n, p in PROGRAMS.items()}
+    assert checks["makemore, the loop"]["check"]["all_close"]
+    suspects = checks["a suspect"]["check"]["suspects"]
+    assert "bnvar" in suspects and "W2" not in suspects  # (W2's line comes before the slip)
+    assert checks["a stop on real data"]["backward_error"]["line"] == len(
+        PROGRAMS["a stop on real data"]["backward"].splitlines())  # fmt: skip
+    assert checks["a wrong gradient"]["check"]["first_failure"] == "W2"
+
+
+def test_a_rerun_travels_with_its_stop_and_its_dtypes():
+    error = ProgramError(FormulaError("index 270 is out of bounds", "formula", expr="C[Xb]"), 7,
+                         "oops = C[Xb * 10]")  # fmt: skip
+    manual = {"w": torch.randn(3, 4, dtype=torch.float64).T, "ids": torch.arange(3)}
+    autograd = {"w": torch.randn(4, 3, dtype=torch.float64), "b": torch.ones(2)}
+    outcome = Outcome(inputs={}, forward={}, loss=1.5, autograd=autograd, manual=manual,
+                      lines={"w": [2, 5]}, spelling={}, helpers={}, error=error)  # fmt: skip
+    back = outcome_of_payload(rerun_payload(outcome))
+    assert back.loss == 1.5 and back.lines == {"w": [2, 5]}
+    assert set(back.manual) == {"w", "ids"} and set(back.autograd) == {"w"}  # only what's read
+    for name, t in manual.items():
+        assert back.manual[name].dtype == t.dtype and torch.equal(back.manual[name], t)
+    assert torch.equal(back.autograd["w"], autograd["w"])
+    assert isinstance(back.error, ProgramError)
+    assert (str(back.error), back.error.kind, back.error.line, back.error.code) == (
+        str(error), "formula", 7, "oops = C[Xb * 10]")  # fmt: skip
+    assert back.error.details == {"expr": "C[Xb]"}
+
+
+def test_a_rerun_numpy_cannot_carry_is_made_by_the_run_itself():
+    outcome = Outcome(inputs={}, forward={}, loss=0.0, autograd={},
+                      manual={"w": torch.ones(2, dtype=torch.bfloat16)}, lines={}, spelling={},
+                      helpers={}, error=None)  # fmt: skip
+    assert rerun_payload(outcome) is None
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+class _Fake:
+    """A worker as the pool and the edge see it, without a process."""
+
+    def __init__(self, name: str, fails: bool = False) -> None:
+        self.name, self.fails = name, fails
+        self.sent: list[tuple] = []
+        self.alive = True
+        self.pid = None
+
+    def send(self, message: tuple) -> None:
+        if self.fails:
+            raise WorkerLost("gone")
+        self.sent.append(message)
+
+    def receive(self, timeout: float | None) -> tuple:
+        raise WorkerLost("gone")
+
+    def kill(self) -> None:
+        self.alive = False
+
+
+def _pool(*workers: _Fake) -> Sandbox:
+    sandbox = Sandbox(len(workers))
+    sandbox._started = True
+    sandbox._idle.extend(workers)
+    return sandbox
+
+
+def test_a_lent_worker_is_waited_for_not_replaced_by_a_new_one():
+    a, b = _Fake("a"), _Fake("b")
+    sandbox = _pool(a, b)
+    run = sandbox.take()
+    helper = sandbox.lend()
+    assert {run, helper} == {a, b}
+    assert sandbox.lend() is None  # nothing idle: the run reruns itself, no worker is made
+    taken: dict = {}
+    thread = threading.Thread(target=lambda: taken.setdefault("w", sandbox.take()))
+    thread.start()
+    time.sleep(0.2)
+    assert thread.is_alive()  # waiting for the lent worker, not forking a new one
+    sandbox.give(helper)
+    thread.join(5)
+    assert taken["w"] is helper and sandbox.replaced == 0
+
+
+def test_a_helper_that_is_lost_leaves_the_run_to_rerun_itself():
+    run, helper = _Fake("run"), _Fake("helper", fails=True)
+    sandbox = _pool()
+    sandbox._lent.add(helper)
+
+    class Http:
+        async def receive(self) -> dict:
+            await anyio.sleep(60)  # the client stays
+            return {"type": "http.request"}
+
+    settings = Settings()
+    call = sandboxed._Call(Http(), run, settings)
+
+    async def main() -> None:
+        await sandboxed._rerun_beside(Http(), call, helper, b"{}", settings, sandbox)
+
+    anyio.run(main)
+    # the run's worker was told to go with a rerun coming, then got exactly one: None
+    assert run.sent == [("go", 1, True), ("rerun", None)]
+    assert call.clean and not helper.alive and sandbox.replaced == 1
