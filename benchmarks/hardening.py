@@ -223,7 +223,8 @@ def _healthz_stall(server: Server, body: dict, after_s: float = 1.5) -> tuple[in
 
 
 def gc_stall(fill: int = 60, repeats: int = 3) -> dict:
-    """The slowest /healthz around a default run (which releases memory afterwards), on a
+    """The slowest /healthz around a default run (a run over TRIM_MIN_BYTES releases memory
+    TRIM_DELAY_S after it; the default run's pages stay until the server is idle), on a
     server whose trace cache is empty and then after `fill` distinct traces of the largest
     formula body (the issue: 2.8-3.1 s with 256 cached), and the RSS the traces added."""
     server = Server()

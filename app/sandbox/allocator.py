@@ -8,8 +8,14 @@ import ctypes.util
 import gc
 from collections.abc import Callable
 
-TRIM_MIN_BYTES = 32 << 20  # runs estimated at least this big give their memory back after
+# Runs estimated at least this big give their memory back soon after (TRIM_DELAY_S): a big
+# run's hundreds of MB are not held for the next one. Smaller runs' pages stay for the next
+# run until the server is idle (IDLE_TRIM_S): handed back after every article run (~70 MB
+# estimated), each next run faulted them in again, a few ms of a 35 ms run
+TRIM_MIN_BYTES = 256 << 20
 TRIM_DELAY_S = 0.5  # after the run: its answer is sent, its last tensors collected
+# a sandbox worker whose resident set grew this much in a job gives it back at once
+WORKER_TRIM_MIN_BYTES = 32 << 20
 # Any run's free pages go back once the server has had no run for this long: memory at rest
 # stays low, and a user clicking through the page (runs seconds apart) keeps the warm pages
 IDLE_TRIM_S = 10.0

@@ -39,7 +39,7 @@ from app.refusal import Refused
 from app.sandbox import jobs
 from app.sandbox.allocator import (
     IDLE_TRIM_S,
-    TRIM_MIN_BYTES,
+    WORKER_TRIM_MIN_BYTES,
     YOUNG_GENERATIONS,
     release_memory,
     tune_allocator,
@@ -120,7 +120,7 @@ def serve(conn: Connection, warm: bool = True) -> None:
         # A small job's free pages stay for the next job until the worker has been idle a
         # while: handed back after every job, they were faulted in again by the next one
         # (1-2 ms of a makemore round trip). A big job's go back at once.
-        if _memory()[1] - baseline_rss > TRIM_MIN_BYTES:
+        if _memory()[1] - baseline_rss > WORKER_TRIM_MIN_BYTES:
             release_memory()
         else:
             trim_when_idle = True
