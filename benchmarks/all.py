@@ -19,18 +19,19 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench.py", "flood.py", "page_bench.py", "memory.py"]
+# each script with its arguments: bench.py's ratios over 15 interleaved rounds (its own default,
+# 5, moves by 10% between runs on a shared machine)
+SCRIPTS = [["bench.py", "--repeats", "15"], ["flood.py"], ["page_bench.py"], ["memory.py"]]
 
 
 def main() -> int:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     verdicts: list[tuple[str, str, float]] = []
-    for script in SCRIPTS:
+    for script, *arguments in SCRIPTS:
         load = os.getloadavg()[0]
         print(f"\n===== {script} (load average {load:.1f})", flush=True)
-        run = subprocess.run(
-            [sys.executable, str(HERE / script)], capture_output=True, text=True, cwd=HERE.parent
-        )
+        run = subprocess.run([sys.executable, str(HERE / script), *arguments],
+                             capture_output=True, text=True, cwd=HERE.parent)  # fmt: skip
         print(run.stdout, end="", flush=True)
         if run.returncode not in (0, 1):  # 1: a target missed, said in its report
             print(run.stderr[-3000:], file=sys.stderr)
