@@ -34,66 +34,109 @@ async def run_program(http: Request) -> Response:
     async with limiter.program_slot():
         worker = await anyio.to_thread.run_sync(sandbox.take)
         call = _Call(http, worker, settings)
+        waits_for_go = False  # admitted, and not yet told to go (or to stop)
         try:
             worker.send(("program", body, settings))
             _, seconds, _, rerun = await call.reply()  # ("admitted", seconds, bytes, rerun)
+            waits_for_go = True
             # the run itself holds a run slot like any other run, in the lane its work says
             async with limiter.slot(seconds):
                 small = seconds <= SMALL_RUN_S
                 # a small run's spare core (as app/ops/spare.py gives a run's pieces): its
                 # float64 rerun in an idle worker, beside the run
-                helper = sandbox.lend() if rerun and small and limiter.torch_threads > 1 else None
+                beside = rerun and small and limiter.torch_threads > 1
+                helper = sandbox.lend() if beside else None
                 if helper is None:
                     worker.send(("go", 1 if small else limiter.torch_threads, False))
+                    waits_for_go = False
                 else:
+                    waits_for_go = False  # (told to go in there, whatever happens)
                     await _rerun_beside(http, call, helper, body, settings, sandbox)
                 answer = await call.reply()
         except BaseException:
-            if call.clean:
-                sandbox.give(worker)
-            else:
-                sandbox.discard(worker)
+            if call.clean and waits_for_go:  # (503, or cancelled, before its go)
+                call.clean = _told_to_stop(worker)
+            (sandbox.give if call.clean else sandbox.discard)(worker)
             raise
         sandbox.give(worker)
     return Response(answer[1], media_type="application/json")
+
+
+def _told_to_stop(worker: Worker) -> bool:
+    """An admitted worker that will not run: told so (it then waits for its next job), or
+    False when it cannot hear it."""
+    try:
+        worker.send(("stop",))
+        return True
+    except WorkerLost:
+        return False
 
 
 async def _rerun_beside(http: Request, call: _Call, helper: Worker, body: bytes,
                         settings: Settings, sandbox: Sandbox) -> None:  # fmt: skip
     """Start the run in `call`'s worker and its float64 rerun in `helper` at once, then relay
     the rerun to the run's worker: its payload, or None (that worker then reruns itself) when
-    the helper could not make it. Either way the run's worker gets exactly one ("rerun", ...)."""
-    call.worker.send(("go", 1, True))
-    helper_call = _Call(http, helper, settings)
+    the helper could not make it. The run's worker, once told to go, gets exactly one
+    ("rerun", ...), or is not given back (`call.clean` False); the helper is given back only
+    once it has answered."""
+    helper_call = _Call(http, helper, settings, left_s=call.left_s)  # one wall limit for both
     payload = None
+    started = time.monotonic()
     try:
+        call.worker.send(("go", 1, True))
         helper.send(("rerun", body, settings))
-        _, payload = await helper_call.reply()  # ("reran", payload or None)
+        _, payload = await helper_call.reply(("reran",))  # ("reran", payload or None)
     except Stopped as stopped:
         if stopped.reason == "disconnect":  # the client left: the run's worker is ended too
             call.clean = False
             raise
-    except WorkerLost:  # its pipe broke: it cannot serve again
+    except WorkerLost:  # a pipe broke: that worker cannot serve again
         helper_call.clean = False
     except (Refused, RuntimeError):  # the run's worker does it all itself
         pass
+    except BaseException:  # cancelled: neither worker is where the protocol expects it
+        helper_call.clean = call.clean = False
+        raise
     finally:
+        if helper_call.replies == 0:  # never answered: mid-job, or never told its job
+            helper_call.clean = False
         (sandbox.give if helper_call.clean else sandbox.discard)(helper)
+    call.left_s -= time.monotonic() - started
     sandbox.reran += payload is not None
-    call.worker.send(("rerun", payload))
+    await _relay(call, payload)
+
+
+async def _relay(call: _Call, payload: bytes | None) -> None:
+    """Send the run's worker its rerun, off the event loop (the payload may be more than the
+    pipe holds: the send then lasts until the worker reads it), within its wall limit."""
+    started = time.monotonic()
+    with anyio.move_on_after(max(call.left_s, 0.01)) as scope:
+        try:
+            await anyio.to_thread.run_sync(call.worker.send, ("rerun", payload),
+                                           abandon_on_cancel=True)  # fmt: skip
+        except WorkerLost:  # it ended (its memory limit): call.reply() reads its last words
+            pass
+    call.left_s -= time.monotonic() - started
+    if scope.cancelled_caught:  # it never came to read its rerun: late, as a reply would be
+        cpu = call.worker.cpu_s()
+        call.worker.kill()
+        call.clean = False
+        raise call.lost(WorkerLate(cpu))
 
 
 class _Call:
     """One job's replies from a worker, under the job's wall-clock limit (the waits for a run
     slot excluded), and watching for the client to leave."""
 
-    def __init__(self, http: Request, worker: Worker, settings: Settings) -> None:
+    def __init__(self, http: Request, worker: Worker, settings: Settings,
+                 left_s: float | None = None) -> None:  # fmt: skip
         self.http, self.worker, self.settings = http, worker, settings
-        self.left_s = wall_limit_s(settings.run_deadline_s)
+        self.left_s = wall_limit_s(settings.run_deadline_s) if left_s is None else left_s
         self.clean = True  # the worker may serve again (it answered, or it refused)
+        self.replies = 0  # messages received
 
-    async def reply(self) -> tuple:
-        """The worker's next message, "admitted" or "ok"; anything else raised as the edge
+    async def reply(self, kinds: tuple[str, ...] = ("admitted", "ok", "prepared")) -> tuple:
+        """The worker's next message, one of `kinds`; anything else raised as the edge
         answers it (Refused: 422; Stopped: 422 or 503; a memory failure: 422)."""
         started = time.monotonic()
         outcome: dict[str, Any] = {}
@@ -123,10 +166,11 @@ class _Call:
             raise Stopped("disconnect", self.settings.run_deadline_s)
         if "error" in outcome:
             self.clean = False
-            raise self._lost(outcome["error"])
+            raise self.lost(outcome["error"])
         reply = outcome["reply"]
+        self.replies += 1
         kind = reply[0]
-        if kind in ("admitted", "ok", "prepared", "reran"):
+        if kind in kinds:
             return reply
         if kind == "refused":
             raise Refused(reply[1])
@@ -138,7 +182,7 @@ class _Call:
         log.error("a sandbox worker failed: %s", reply[1])
         raise RuntimeError("the program's worker failed")
 
-    def _lost(self, error: Exception) -> Exception:
+    def lost(self, error: Exception) -> Exception:
         deadline = self.settings.run_deadline_s
         if isinstance(error, WorkerLate):
             # its own CPU time tells a program too long from a machine too busy to run it

@@ -95,7 +95,10 @@ def rerun(body: bytes, settings: Settings, cancel: Any) -> bytes | None:
     """A program's float64 rerun, for the worker that runs it (`rerun_payload`); None where it
     cannot travel (that worker then reruns itself)."""
     admitted = admit(body, settings, cancel)
-    outcome = programs.execute_float64(admitted.request, admitted.plan, cancel)
+    try:
+        outcome = programs.execute_float64(admitted.request, admitted.plan, cancel)
+    except ProgramError:  # the forward fails on real data: the run says so, at its line
+        return None
     return rerun_payload(outcome)
 
 

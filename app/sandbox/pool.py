@@ -154,6 +154,7 @@ class Sandbox:
         self._starting = 0
         self._lock = threading.Lock()
         self._returned = threading.Condition(self._lock)  # a lent worker is back
+        self._waiting = 0  # runs waiting in `take` for a lent worker (never lent again first)
         self._start_lock = threading.Lock()  # held while the first workers warm up
         self._started = False
         self.replaced = 0  # workers replaced after a kill or a failure (for tests and logs)
@@ -182,7 +183,11 @@ class Sandbox:
         with self._lock:
             # a lent worker is back within a run's few ms: waited for, not replaced by a
             # fresh one (a fork and a warm-up, hundreds of ms)
-            self._returned.wait_for(lambda: self._idle or not self._lent, LENT_WAIT_S)
+            self._waiting += 1
+            try:
+                self._returned.wait_for(lambda: self._idle or not self._lent, LENT_WAIT_S)
+            finally:
+                self._waiting -= 1
             while self._idle:
                 worker = self._idle.pop()
                 if worker.alive:
@@ -198,7 +203,7 @@ class Sandbox:
         """An idle warm worker for a piece of a run, or None when none is idle now (never a
         new one: the piece is then done by the run's own worker). Given back with `give`."""
         with self._lock:
-            while self._idle:
+            while self._idle and not self._waiting:  # a run waiting for a worker goes first
                 worker = self._idle.pop()
                 if worker.alive:
                     self._lent.add(worker)

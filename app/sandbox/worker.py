@@ -153,13 +153,26 @@ def _program(conn: Connection, baseline_vm: int, body: bytes, settings: Settings
 
     def rerun_beside() -> Any:
         taken.append(True)
-        return jobs.rerun_outcome(conn.recv()[1])  # ("rerun", payload or None)
+        return jobs.rerun_outcome(_rerun_message(conn.recv()))
 
     served = _answer(conn, deadline,
                      lambda: jobs.run(admitted, deadline, rerun_beside if beside else None))  # fmt: skip
     if served and beside and not taken:
-        conn.recv()  # the edge sends a rerun for every worker lent: read before the next job
+        # the edge sends a rerun for every run told it comes: read before the next job
+        return conn.recv()[0] == "rerun"  # (anything else: out of step, so the worker ends)
     return served
+
+
+def _rerun_message(message: tuple) -> bytes | None:
+    """The payload of the edge's ("rerun", payload or None); anything else is a protocol
+    slip (RuntimeError: the worker reports it and ends), never a payload to unpickle."""
+    if (
+        len(message) != 2
+        or message[0] != "rerun"
+        or not isinstance(message[1], (bytes, type(None)))
+    ):
+        raise RuntimeError(f"expected the float64 rerun, got {str(message[0])[:40]!r}")
+    return message[1]
 
 
 def _rerun(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) -> bool:

@@ -179,3 +179,45 @@ def test_a_helper_that_is_lost_leaves_the_run_to_rerun_itself():
     # the run's worker was told to go with a rerun coming, then got exactly one: None
     assert run.sent == [("go", 1, True), ("rerun", None)]
     assert call.clean and not helper.alive and sandbox.replaced == 1
+
+
+def test_a_forward_that_fails_on_real_data_costs_no_worker(two_threads):
+    # an index past the table only the real data shows: the run's 422 at the line; the
+    # helper's rerun stops at the same line and is given back, not replaced
+    beside, _ = two_threads
+    sandbox = beside.app.state.sandbox
+    forward = MAKEMORE["forward"].replace("C[Xb]", "C[Xb * 10]", 1)
+    assert forward != MAKEMORE["forward"]
+    lent, replaced = sandbox.lent, sandbox.replaced
+    r = beside.post("/api/program", json={**MAKEMORE, "forward": forward})
+    assert r.status_code == 422, r.text[:300]
+    assert r.json()["detail"][0]["loc"][:2] == ["body", "forward"]
+    assert sandbox.lent == lent + 1 and sandbox.replaced == replaced
+    assert beside.post("/api/program", json=MAKEMORE).status_code == 200
+
+
+def test_only_a_rerun_is_taken_as_a_rerun():
+    from app.sandbox.worker import _rerun_message
+
+    assert _rerun_message(("rerun", None)) is None
+    assert _rerun_message(("rerun", b"payload")) == b"payload"
+    with pytest.raises(RuntimeError, match="expected the float64 rerun"):
+        _rerun_message(("program", b'{"inputs": {}}', Settings()))  # another job's message
+
+
+def test_a_run_waiting_for_a_worker_goes_before_a_rerun():
+    a, b = _Fake("a"), _Fake("b")
+    sandbox = _pool(a, b)
+    sandbox.take()
+    helper = sandbox.lend()
+    taken: dict = {}
+    thread = threading.Thread(target=lambda: taken.setdefault("w", sandbox.take()))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not sandbox._waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sandbox._waiting == 1
+    sandbox.give(helper)
+    assert sandbox.lend() is None  # the waiting run takes it, never a rerun first
+    thread.join(5)
+    assert taken["w"] is helper
