@@ -33,7 +33,13 @@ from app.programs.outcome import Outcome
 from app.programs.plan import GRAD_PREFIX, Plan
 from app.programs.schemas import ProgramRequest
 from app.schemas import MAX_RESPONSE_CELLS
-from app.views.heatmap import at_precision_all, gradient_view, response_max_cells
+from app.views.heatmap import (
+    add_reference,
+    at_precision_all,
+    gradient_view,
+    own_view,
+    response_max_cells,
+)
 
 # --------------------------------------------------------------------------- the check
 
@@ -47,12 +53,8 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
     if unrechecked:
         rerun = _without(rerun, unrechecked)
     rerun_error = rerun.error if rerun is not None else None
-    # in the order the gradients are finished (their last write): a gradient built over
-    # several lines (`dx = ...`, later `dx += ...`) comes after what its last line used
-    written = sorted(main.manual, key=lambda n: (max(main.lines.get(n, [10**9])), n))
-    # the loss's own gradient is 1: checked only when the backward writes it
-    unwritten = [n for n in reversed(plan.has_grad) if n not in main.manual and n != loss_name]
-    order = written + unwritten
+    order = _check_order(plan, main, loss_name)
+    written = [n for n in order if n in main.manual]
     numbers = _Comparisons(main, rerun, written)  # every comparison below, made at once
     rows: dict[str, dict[str, Any]] = {}
     first_failure = None
@@ -140,6 +142,16 @@ def check_table(plan: Plan, main: Outcome, rerun: Outcome | None, loss_name: str
         "first_failure": first_failure,
         "tensors": rows,
     }
+
+
+def _check_order(plan: Plan, main: Outcome, loss_name: str) -> list[str]:
+    """The check's rows: the gradients written, in the order they are finished (their last
+    write: a gradient built over several lines, `dx = ...` then `dx += ...`, comes after what
+    its last line used), then the unwritten ones from the loss back (the loss's own gradient
+    is 1: checked only when the backward writes it)."""
+    written = sorted(main.manual, key=lambda n: (max(main.lines.get(n, [10**9])), n))
+    unwritten = [n for n in reversed(plan.has_grad) if n not in main.manual and n != loss_name]
+    return written + unwritten
 
 
 class _Comparisons:
@@ -404,23 +416,47 @@ def tensor_table(req: ProgramRequest, plan: Plan, main: Outcome) -> dict[str, An
 HEATMAP_DIGITS = 5
 
 
-def gradient_views(req: ProgramRequest, plan: Plan, main: Outcome, table: dict) -> dict[str, Any]:
-    names = list(table["tensors"])
+def _view_cells(req: ProgramRequest, main: Outcome, names: list[str]) -> int:
     sizes = [main.autograd[n].numel() for n in names]
-    cells = response_max_cells(sizes, req.max_cells, 4, MAX_RESPONSE_CELLS)
+    return response_max_cells(sizes, req.max_cells, 4, MAX_RESPONSE_CELLS)
+
+
+def own_views(req: ProgramRequest, plan: Plan, main: Outcome) -> dict[str, Any]:
+    """What `gradient_views` draws of the run alone: each written float gradient of
+    autograd's shape (or its entries), on its own. Drawn while the float64 rerun is on its
+    way from another worker; `gradient_views` adds what the check decides."""
+    names = _check_order(plan, main, req.loss)
+    cells = _view_cells(req, main, names)
+    views = {}
+    for name in main.manual:
+        manual, auto = main.manual[name], main.autograd[name]
+        if tuple(manual.shape) != tuple(auto.shape) and _same_entries(manual.shape, auto.shape):
+            manual = manual.reshape(auto.shape)  # (as check_table takes it)
+        if tuple(manual.shape) == tuple(auto.shape) and manual.is_floating_point():
+            views[name] = own_view(manual.to(auto.dtype), cells)
+    return {"cells": cells, "views": views}
+
+
+def gradient_views(req: ProgramRequest, plan: Plan, main: Outcome, table: dict,
+                   drawn: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every checked tensor's view. `drawn`: `own_views` of this run, made before the check
+    (the same maps, drawn earlier)."""
+    names = list(table["tensors"])
+    cells = _view_cells(req, main, names)
+    ready = drawn["views"] if drawn is not None and drawn["cells"] == cells else {}
     views: dict[str, Any] = {}
     for name in names:
         row = table["tensors"][name]
         auto = main.autograd[name]
         if row["written"] and row["shape_ok"] and main.manual[name].is_floating_point():
             tol = (row["rtol"], row["atol"]) if row.get("atol") is not None else None
-            # autograd's map and the difference's, where asked (the page asks); no
-            # diff_heatmap: the program page draws the difference in units of the tolerance
-            # (tolerance_heatmap), and the contract lists neither
-            reference = auto if req.reference_heatmaps else None
-            view = gradient_view(
-                main.manual[name].to(auto.dtype), cells, reference, tol, difference=False
-            )
+            manual = main.manual[name].to(auto.dtype)
+            view = ready[name] if name in ready else own_view(manual, cells)
+            if req.reference_heatmaps:
+                # autograd's map and the tolerance's, where asked (the page asks); no
+                # diff_heatmap: the program page draws the difference in units of the
+                # tolerance (tolerance_heatmap), and the contract lists neither
+                add_reference(view, manual, cells, auto, tol, difference=False)
             view["source"] = "manual"
         elif row["written"] and main.manual[name].is_floating_point():
             view = gradient_view(main.manual[name], cells)

@@ -25,6 +25,7 @@ from app.programs.check import (
     Outcome,
     check_table,
     gradient_views,
+    own_views,
     recheck_float64,
     tensor_table,
 )
@@ -171,6 +172,8 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None,
     with cancel_token(cancel):  # polled after every op as well as between statements
         main = execute_once(req, plan, dtype, check, made)
         after_run = time.perf_counter()
+        # the gradients' own maps, while a rerun beside is on its way (made here either way)
+        drawn = own_views(req, plan, main)
         rerun = None
         if plan.rerun and rerun_beside is not None:
             rerun = rerun_beside()
@@ -190,7 +193,7 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None,
         return low[0]
 
     with cancel_token(cancel):
-        out = answer(req, plan, main, rerun, (after_run - start) * 1e3, lower)
+        out = answer(req, plan, main, rerun, (after_run - start) * 1e3, lower, drawn)
         if req.follow is not None:
             out["follow"] = follow_element(req, plan, main, check)
         return out
@@ -230,11 +233,13 @@ def answer(
     rerun: Outcome | None,
     run_ms: float,
     lower: Callable[[], Outcome | None] = lambda: None,
+    drawn: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The contract's response from a run's outcome: the check (with each failure's
     diagnosis), the traces and the views. POST /api/program answers it; the notebook's
     %%backward shows it (app/notebook). `lower`: the same program run in float32, made on
-    demand (None where it cannot be)."""
+    demand (None where it cannot be); `drawn`: the gradients' own maps, made earlier
+    (app/programs/check.py `own_views`)."""
     before_check = time.perf_counter()
     table = check_table(plan, main, rerun, req.loss)
     if not table["all_close"] and (float32 := lower()) is not None:
@@ -254,7 +259,7 @@ def answer(
         "tensors": tensor_table(req, plan, main),
         **_line_entries(plan),
         "check": table,
-        "gradients": gradient_views(req, plan, main, table),
+        "gradients": gradient_views(req, plan, main, table, drawn),
         "backward_error": _error_entry(error) if error is not None else None,
         "timing": {"run_ms": run_ms, "check_ms": (after_check - before_check) * 1e3},
     }

@@ -196,13 +196,22 @@ def gradient_view(
     page draws the tolerance's only); with the check's `tolerance` (rtol, atol) too, the
     difference in units of the tolerance (each block's largest). One pass of block minima and
     maxima gives both the heatmap's extremes and the stats' min and max."""
+    view = own_view(t, max_cells)
+    if reference is not None:
+        add_reference(view, t, max_cells, reference, tolerance, difference)
+    return view
+
+
+def own_view(t: torch.Tensor, max_cells: int) -> dict:
+    """`gradient_view` of `t` alone (no reference): what it is, whatever it is checked
+    against (a program's are drawn while its float64 rerun is still on its way)."""
     t2 = as_2d(t.detach())
     rows, cols = t2.shape
     blocks = block_sizes(rows, cols, max_cells)
     whole = blocks == (1, 1)
     low_high = None if whole or t.numel() == 0 else block_min_max(t2, *blocks)
     st = stats(t, low_high)
-    view = {
+    return {
         "shape": list(t.shape),
         "stats": st,
         "heatmap": _heatmap(
@@ -214,18 +223,30 @@ def gradient_view(
         ),
         "nonfinite": count_nonfinite(t, st),
     }
-    if reference is not None:
-        r2 = as_2d(reference.detach())
-        view["reference_heatmap"] = _heatmap(
-            block_mean(r2, *blocks), *blocks, rows, cols, block_extreme(r2, *blocks)
-        )
-        diff = t2 - r2
-        if difference:
-            view["diff_heatmap"] = _heatmap(block_extreme(diff, *blocks), *blocks, rows, cols)
-        if tolerance is not None:
-            ratio = tolerance_ratio(diff, r2, *tolerance)
-            view["tolerance_heatmap"] = _heatmap(block_max(ratio, *blocks), *blocks, rows, cols)
-    return view
+
+
+def add_reference(
+    view: dict,
+    t: torch.Tensor,
+    max_cells: int,
+    reference: torch.Tensor,
+    tolerance: tuple[float, float] | None = None,
+    difference: bool = True,
+) -> None:
+    """`gradient_view`'s maps against `reference`, added to `t`'s own view, on its blocks."""
+    t2 = as_2d(t.detach())
+    rows, cols = t2.shape
+    blocks = block_sizes(rows, cols, max_cells)
+    r2 = as_2d(reference.detach())
+    view["reference_heatmap"] = _heatmap(
+        block_mean(r2, *blocks), *blocks, rows, cols, block_extreme(r2, *blocks)
+    )
+    diff = t2 - r2
+    if difference:
+        view["diff_heatmap"] = _heatmap(block_extreme(diff, *blocks), *blocks, rows, cols)
+    if tolerance is not None:
+        ratio = tolerance_ratio(diff, r2, *tolerance)
+        view["tolerance_heatmap"] = _heatmap(block_max(ratio, *blocks), *blocks, rows, cols)
 
 
 def significant(z: np.ndarray, digits: int) -> np.ndarray:
