@@ -35,25 +35,39 @@ async def run_program(http: Request) -> Response:
         worker = await anyio.to_thread.run_sync(sandbox.take)
         call = _Call(http, worker, settings)
         waits_for_go = False  # admitted, and not yet told to go (or to stop)
+        beside: _Beside | None = None
         try:
             worker.send(("program", body, settings))
-            _, seconds, _, rerun = await call.reply()  # ("admitted", seconds, bytes, rerun)
+            # a small program's spare core, as a small run's (app/ops/spare.py): on a quiet
+            # server, an idle worker makes its float64 rerun from the start, admitting the
+            # body itself (it answers None at once where the run reruns no float64 or is not
+            # small: the same plan decides alike)
+            if limiter.torch_threads > 1 and not limiter.in_flight:
+                beside = _Beside.start(http, sandbox, body, settings)
+            try:
+                _, seconds, _, rerun = await call.reply()  # ("admitted", seconds, bytes, rerun)
+            except Exception:
+                if beside is not None:  # its own refusal, read before it goes back
+                    await beside.payload(call)
+                raise
             waits_for_go = True
             # the run itself holds a run slot like any other run, in the lane its work says
             async with limiter.slot(seconds):
                 small = seconds <= SMALL_RUN_S
-                # a small run's spare core (as app/ops/spare.py gives a run's pieces): its
-                # float64 rerun in an idle worker, beside the run
-                beside = rerun and small and limiter.torch_threads > 1
-                helper = sandbox.lend() if beside else None
-                if helper is None:
-                    worker.send(("go", 1 if small else limiter.torch_threads, False))
-                    waits_for_go = False
-                else:
-                    waits_for_go = False  # (told to go in there, whatever happens)
-                    await _rerun_beside(http, call, helper, body, settings, sandbox)
+                with_rerun = beside is not None and rerun and small
+                worker.send(("go", 1 if small else limiter.torch_threads, with_rerun))
+                waits_for_go = False
+                if beside is not None:
+                    started = time.monotonic()
+                    payload = await beside.payload(call)
+                    call.left_s -= time.monotonic() - started
+                    if with_rerun:
+                        sandbox.reran += payload is not None
+                        await _relay(call, payload)
                 answer = await call.reply()
         except BaseException:
+            if beside is not None:
+                beside.settle()
             if call.clean and waits_for_go:  # (503, or cancelled, before its go)
                 call.clean = _told_to_stop(worker)
             (sandbox.give if call.clean else sandbox.discard)(worker)
@@ -72,38 +86,55 @@ def _told_to_stop(worker: Worker) -> bool:
         return False
 
 
-async def _rerun_beside(http: Request, call: _Call, helper: Worker, body: bytes,
-                        settings: Settings, sandbox: Sandbox) -> None:  # fmt: skip
-    """Start the run in `call`'s worker and its float64 rerun in `helper` at once, then relay
-    the rerun to the run's worker: its payload, or None (that worker then reruns itself) when
-    the helper could not make it. The run's worker, once told to go, gets exactly one
-    ("rerun", ...), or is not given back (`call.clean` False); the helper is given back only
-    once it has answered."""
-    helper_call = _Call(http, helper, settings, left_s=call.left_s)  # one wall limit for both
-    payload = None
-    started = time.monotonic()
-    try:
-        call.worker.send(("go", 1, True))
-        helper.send(("rerun", body, settings))
-        _, payload = await helper_call.reply(("reran",))  # ("reran", payload or None)
-    except Stopped as stopped:
-        if stopped.reason == "disconnect":  # the client left: the run's worker is ended too
-            call.clean = False
-            raise
-    except WorkerLost:  # a pipe broke: that worker cannot serve again
-        helper_call.clean = False
-    except (Refused, RuntimeError):  # the run's worker does it all itself
-        pass
-    except BaseException:  # cancelled: neither worker is where the protocol expects it
-        helper_call.clean = call.clean = False
-        raise
-    finally:
-        if helper_call.replies == 0:  # never answered: mid-job, or never told its job
-            helper_call.clean = False
-        (sandbox.give if helper_call.clean else sandbox.discard)(helper)
-    call.left_s -= time.monotonic() - started
-    sandbox.reran += payload is not None
-    await _relay(call, payload)
+class _Beside:
+    """A worker lent for a program's float64 rerun, made beside the run from the start. It is
+    given back only once it has answered (`payload`), else ended (`settle`)."""
+
+    def __init__(self, http: Request, sandbox: Sandbox, worker: Worker, settings: Settings):
+        self.sandbox, self.worker = sandbox, worker
+        self.call = _Call(http, worker, settings)
+        self.settled = False
+
+    @classmethod
+    def start(cls, http: Request, sandbox: Sandbox, body: bytes,
+              settings: Settings) -> _Beside | None:  # fmt: skip
+        """A lent worker told its job, or None (no worker idle, or it could not be told)."""
+        worker = sandbox.lend()
+        if worker is None:
+            return None
+        beside = cls(http, sandbox, worker, settings)
+        try:
+            worker.send(("rerun", body, settings, SMALL_RUN_S))
+        except WorkerLost:
+            beside.settle()
+            return None
+        return beside
+
+    async def payload(self, run: _Call) -> bytes | None:
+        """Its rerun (None: not needed, or it could not make it: the run then reruns
+        itself); the worker goes back. The client leaving ends the run's worker too."""
+        if self.settled:
+            return None
+        payload = None
+        try:
+            _, payload = await self.call.reply(("reran",))  # ("reran", payload or None)
+        except Stopped as stopped:
+            if stopped.reason == "disconnect":
+                run.clean = False
+                raise
+        except (Refused, RuntimeError, WorkerLost):
+            pass
+        finally:
+            self.settle()
+        return payload
+
+    def settle(self) -> None:
+        """Back to the pool once it has answered; ended if it never did (mid-job)."""
+        if self.settled:
+            return
+        self.settled = True
+        clean = self.call.clean and self.call.replies > 0 and self.worker.alive
+        (self.sandbox.give if clean else self.sandbox.discard)(self.worker)
 
 
 async def _relay(call: _Call, payload: bytes | None) -> None:

@@ -91,10 +91,13 @@ def run(admitted: Admitted, cancel: Any,
     return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def rerun(body: bytes, settings: Settings, cancel: Any) -> bytes | None:
+def rerun(body: bytes, settings: Settings, cancel: Any, max_seconds: float) -> bytes | None:
     """A program's float64 rerun, for the worker that runs it (`rerun_payload`); None where it
+    is not wanted (no float64 rerun in the plan, or a run estimated over `max_seconds`) or
     cannot travel (that worker then reruns itself)."""
     admitted = admit(body, settings, cancel)
+    if not admitted.plan.rerun or admitted.seconds > max_seconds:
+        return None
     try:
         outcome = programs.execute_float64(admitted.request, admitted.plan, cancel)
     except ProgramError:  # the forward fails on real data: the run says so, at its line

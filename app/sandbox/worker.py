@@ -175,13 +175,17 @@ def _rerun_message(message: tuple) -> bytes | None:
     return message[1]
 
 
-def _rerun(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) -> bool:
+def _rerun(conn: Connection, baseline_vm: int, body: bytes, settings: Settings,
+           max_seconds: float) -> bool:  # fmt: skip
     """A program's float64 rerun for the worker running it (admitted again here: the same
-    body, the same plan), as the payload that worker takes in place of its own rerun."""
+    body, the same plan), as the payload that worker takes in place of its own rerun; None
+    at once for a program whose plan reruns no float64 or whose run is estimated over
+    `max_seconds` (not a small run: it reruns itself)."""
     _limit_memory(baseline_vm + hard_memory_bytes(settings))
     deadline = ProcessDeadline(settings.run_deadline_s)
     torch.set_num_threads(1)  # a small run's, on the spare core
-    return _answer(conn, deadline, lambda: jobs.rerun(body, settings, deadline), tag="reran")
+    return _answer(conn, deadline, lambda: jobs.rerun(body, settings, deadline, max_seconds),
+                   tag="reran")  # fmt: skip
 
 
 def _train(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) -> bool:

@@ -135,8 +135,9 @@ class _Fake:
         self.alive = False
 
 
-def _pool(*workers: _Fake) -> Sandbox:
-    sandbox = Sandbox(len(workers))
+def _pool(*workers: _Fake, size: int | None = None) -> Sandbox:
+    """A started pool of fakes (`size` 0: a worker discarded is never replaced by a real one)."""
+    sandbox = Sandbox(len(workers) if size is None else size)
     sandbox._started = True
     sandbox._idle.extend(workers)
     return sandbox
@@ -159,26 +160,39 @@ def test_a_lent_worker_is_waited_for_not_replaced_by_a_new_one():
     assert taken["w"] is helper and sandbox.replaced == 0
 
 
-def test_a_helper_that_is_lost_leaves_the_run_to_rerun_itself():
-    run, helper = _Fake("run"), _Fake("helper", fails=True)
-    sandbox = _pool()
-    sandbox._lent.add(helper)
+class _Http:
+    async def receive(self) -> dict:
+        await anyio.sleep(60)  # the client stays
+        return {"type": "http.request"}
 
-    class Http:
-        async def receive(self) -> dict:
-            await anyio.sleep(60)  # the client stays
-            return {"type": "http.request"}
 
-    settings = Settings()
-    call = sandboxed._Call(Http(), run, settings)
+def test_a_helper_that_cannot_be_told_its_job_is_ended_and_not_used():
+    helper = _Fake("helper", fails=True)
+    sandbox = _pool(helper, size=0)
+    assert sandboxed._Beside.start(_Http(), sandbox, b"{}", Settings()) is None
+    assert not helper.alive and sandbox.replaced == 1 and not sandbox._lent
 
-    async def main() -> None:
-        await sandboxed._rerun_beside(Http(), call, helper, b"{}", settings, sandbox)
 
-    anyio.run(main)
-    # the run's worker was told to go with a rerun coming, then got exactly one: None
-    assert run.sent == [("go", 1, True), ("rerun", None)]
-    assert call.clean and not helper.alive and sandbox.replaced == 1
+def test_a_helper_lost_mid_rerun_gives_none_and_is_replaced():
+    helper = _Fake("helper")  # told its job, then its pipe breaks (receive: WorkerLost)
+    sandbox = _pool(helper, size=0)
+    beside = sandboxed._Beside.start(_Http(), sandbox, b"{}", Settings())
+    assert beside is not None and helper.sent[0][0] == "rerun"
+    run = sandboxed._Call(_Http(), _Fake("run"), Settings())
+
+    async def main() -> bytes | None:
+        return await beside.payload(run)
+
+    assert anyio.run(main) is None  # the run reruns itself
+    assert run.clean and not helper.alive and sandbox.replaced == 1 and not sandbox._lent
+
+
+def test_a_helper_that_never_answered_is_ended_not_given_back():
+    helper = _Fake("helper")
+    sandbox = _pool(helper, size=0)
+    beside = sandboxed._Beside.start(_Http(), sandbox, b"{}", Settings())
+    beside.settle()  # (the request was cancelled: the helper may be mid-job)
+    assert not helper.alive and helper not in sandbox._idle and sandbox.replaced == 1
 
 
 def test_a_forward_that_fails_on_real_data_costs_no_worker(two_threads):
@@ -221,3 +235,25 @@ def test_a_run_waiting_for_a_worker_goes_before_a_rerun():
     assert sandbox.lend() is None  # the waiting run takes it, never a rerun first
     thread.join(5)
     assert taken["w"] is helper
+
+
+def test_a_refused_program_reads_the_helpers_refusal_too(two_threads):
+    # the helper, started before the run's dry run says no, says no as well and goes back
+    beside, _ = two_threads
+    sandbox = beside.app.state.sandbox
+    lent, reran, replaced = sandbox.lent, sandbox.reran, sandbox.replaced
+    r = beside.post(
+        "/api/program", json={**MAKEMORE, "forward": MAKEMORE["forward"] + "\nx = nope * 2"}
+    )
+    assert r.status_code == 422, r.text[:300]
+    assert (sandbox.lent, sandbox.reran, sandbox.replaced) == (lent + 1, reran, replaced)
+    assert beside.post("/api/program", json=MAKEMORE).status_code == 200
+
+
+def test_a_float64_program_needs_no_rerun_and_its_helper_answers_at_once(two_threads):
+    beside, _ = two_threads
+    sandbox = beside.app.state.sandbox
+    lent, reran, replaced = sandbox.lent, sandbox.reran, sandbox.replaced
+    r = beside.post("/api/program", json={**MAKEMORE, "dtype": "float64"})
+    assert r.status_code == 200 and r.json()["check"]["all_close"]
+    assert (sandbox.lent, sandbox.reran, sandbox.replaced) == (lent + 1, reran, replaced)
