@@ -35,32 +35,40 @@ async def run_program(http: Request) -> Response:
         worker = await anyio.to_thread.run_sync(sandbox.take)
         call = _Call(http, worker, settings)
         waits_for_go = False  # admitted, and not yet told to go (or to stop)
+        running = False  # told to go, or started by itself
         beside: _Beside | None = None
         try:
-            worker.send(("program", body, settings))
+            # a quiet server (no run in flight) lets a small program start as soon as it is
+            # admitted, without a round trip for its run slot (taken meanwhile, for the count)
+            quiet = not limiter.in_flight
             # a small program's spare core, as a small run's (app/ops/spare.py): on a quiet
             # server, an idle worker makes its float64 rerun from the start, admitting the
             # body itself (it answers None at once where the run reruns no float64 or is not
             # small: the same plan decides alike)
-            if limiter.torch_threads > 1 and not limiter.in_flight:
+            if quiet and limiter.torch_threads > 1:
                 beside = _Beside.start(http, sandbox, body, settings)
+            worker.send(("program", body, settings, SMALL_RUN_S if quiet else None,
+                         beside is not None))  # fmt: skip
             try:
-                _, seconds, _, rerun = await call.reply()  # ("admitted", seconds, bytes, rerun)
+                # ("admitted", seconds, bytes, rerun, started, with the rerun from beside)
+                _, seconds, _, rerun, started, with_rerun = await call.reply()
             except Exception:
                 if beside is not None:  # its own refusal, read before it goes back
                     await beside.payload(call)
                 raise
-            waits_for_go = True
+            waits_for_go = not started
+            running = started  # (a worker running when an error comes is not given back)
             # the run itself holds a run slot like any other run, in the lane its work says
             async with limiter.slot(seconds):
                 small = seconds <= SMALL_RUN_S
-                with_rerun = beside is not None and rerun and small
-                worker.send(("go", 1 if small else limiter.torch_threads, with_rerun))
-                waits_for_go = False
+                if not started:
+                    with_rerun = beside is not None and rerun and small
+                    worker.send(("go", 1 if small else limiter.torch_threads, with_rerun))
+                    waits_for_go, running = False, True
                 if beside is not None:
-                    started = time.monotonic()
+                    waited_from = time.monotonic()
                     payload = await beside.payload(call)
-                    call.left_s -= time.monotonic() - started
+                    call.left_s -= time.monotonic() - waited_from
                     if with_rerun:
                         sandbox.reran += payload is not None
                         await _relay(call, payload)
@@ -70,6 +78,8 @@ async def run_program(http: Request) -> Response:
                 beside.settle()
             if call.clean and waits_for_go:  # (503, or cancelled, before its go)
                 call.clean = _told_to_stop(worker)
+            elif running and call.replies < 2:  # mid-run (its slot refused, or cancelled)
+                call.clean = False
             (sandbox.give if call.clean else sandbox.discard)(worker)
             raise
         sandbox.give(worker)

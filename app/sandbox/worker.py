@@ -128,26 +128,36 @@ def serve(conn: Connection, warm: bool = True) -> None:
             return  # the pool sees the pipe close and starts another
 
 
-def _program(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) -> bool:
+def _program(conn: Connection, baseline_vm: int, body: bytes, settings: Settings,
+             go_under_s: float | None = None, beside: bool = False) -> bool:  # fmt: skip
     """Admit (decode, validate, dry-run), say what the run will take, and run once the server
-    says go (with the threads of the run slot it took). One CPU deadline covers both."""
+    says go (with the threads of the run slot it took). One CPU deadline covers both.
+    `go_under_s`: a quiet server's leave to start at once, on one thread, a run estimated at
+    most this long (said in the "admitted" message; its rerun comes from beside when
+    `beside` and the plan reruns in float64)."""
     _limit_memory(baseline_vm + hard_memory_bytes(settings))
     deadline = ProcessDeadline(settings.run_deadline_s)
     admitted: jobs.Admitted | None = None
+    started = False
 
-    def admit() -> tuple[float, int, bool]:
-        nonlocal admitted
+    def admit() -> tuple[float, int, bool, bool, bool]:
+        nonlocal admitted, started, beside
         admitted = jobs.admit(body, settings, deadline)
-        return admitted.seconds, admitted.bytes, admitted.plan.rerun
+        started = go_under_s is not None and admitted.seconds <= go_under_s
+        beside = started and beside and admitted.plan.rerun
+        return admitted.seconds, admitted.bytes, admitted.plan.rerun, started, beside
 
     if not _answer(conn, deadline, admit, tag="admitted"):
         return False
     if admitted is None:  # refused or stopped: the worker is ready for another job
         return True
-    go = conn.recv()
-    if go[0] != "go":
-        return True
-    _, threads, beside = go
+    if started:
+        threads = 1  # a small run's
+    else:
+        go = conn.recv()
+        if go[0] != "go":
+            return True
+        _, threads, beside = go
     torch.set_num_threads(threads)
     taken = []
 
