@@ -58,27 +58,29 @@ async def run_program(http: Request) -> Response:
                 raise
             waits_for_go = not started
             running = started  # (a worker running when an error comes is not given back)
+            if beside is not None and not with_rerun:  # it says None: back before any wait
+                await beside.payload(call)
             # the run itself holds a run slot like any other run, in the lane its work says
             async with limiter.slot(seconds):
-                small = seconds <= SMALL_RUN_S
-                if not started:
-                    with_rerun = beside is not None and rerun and small
-                    worker.send(("go", 1 if small else limiter.torch_threads, with_rerun))
+                if not started:  # (not small, or not a quiet server: no rerun beside)
+                    small = seconds <= SMALL_RUN_S
+                    worker.send(("go", 1 if small else limiter.torch_threads, False))
                     waits_for_go, running = False, True
-                if beside is not None:
+                if with_rerun:
                     waited_from = time.monotonic()
                     payload = await beside.payload(call)
                     call.left_s -= time.monotonic() - waited_from
-                    if with_rerun:
-                        sandbox.reran += payload is not None
-                        await _relay(call, payload)
+                    sandbox.reran += payload is not None
+                    await _relay(call, payload)
                 answer = await call.reply()
         except BaseException:
             if beside is not None:
                 beside.settle()
             if call.clean and waits_for_go:  # (503, or cancelled, before its go)
                 call.clean = _told_to_stop(worker)
-            elif running and call.replies < 2:  # mid-run (its slot refused, or cancelled)
+            elif call.replies == 0 or (running and call.replies < 2):
+                # mid-job: cancelled before its admission was read (that reply may have been
+                # read and lost), or running when its slot was refused or it was cancelled
                 call.clean = False
             (sandbox.give if call.clean else sandbox.discard)(worker)
             raise
@@ -103,6 +105,7 @@ class _Beside:
     def __init__(self, http: Request, sandbox: Sandbox, worker: Worker, settings: Settings):
         self.sandbox, self.worker = sandbox, worker
         self.call = _Call(http, worker, settings)
+        self.sent_at = time.monotonic()  # its wall limit counts from its job, not its wait
         self.settled = False
 
     @classmethod
@@ -126,6 +129,9 @@ class _Beside:
         if self.settled:
             return None
         payload = None
+        # the helper's wall limit from when it was told its job, and never past the run's
+        since_sent = time.monotonic() - self.sent_at
+        self.call.left_s = max(min(self.call.left_s - since_sent, run.left_s), 0.01)
         try:
             _, payload = await self.call.reply(("reran",))  # ("reran", payload or None)
         except Stopped as stopped:

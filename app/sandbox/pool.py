@@ -137,14 +137,16 @@ class Worker:
             self.conn.close()
 
 
-LENT_WAIT_S = 2.0  # how long a run waits for a lent worker's return rather than starting one
+# how long a run waits for a lent worker's return rather than starting one (a lend lasts a
+# small program's admission and rerun: tens of ms)
+LENT_WAIT_S = 2.0
 
 
 class Sandbox:
     """`size` workers kept warm for program runs (`take`, `give`), and a fresh one for each
     training (`dedicated`). A worker given back dead or failed is replaced in the background,
     so the next run finds one warm. An idle worker may also be lent to a run for a piece of
-    its work (`lend`: a small program's float64 rerun, beside its own run), for a few ms."""
+    its work (`lend`: a small program's float64 rerun, beside its own run), for tens of ms."""
 
     def __init__(self, size: int) -> None:
         self.size = size

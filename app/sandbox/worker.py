@@ -9,16 +9,18 @@ Its limits, set here for each job:
   included, and nothing of any other process), polled between the program's statements and
   ops; the pool kills the process at its wall-clock limit if a poll never comes.
 
-Messages in: ("program", body, settings) then ("go", threads, beside) and, when `beside`, one
-("rerun", payload or None); ("rerun", body, settings); ("train", body, settings) then ("go",)
-and maybe ("stop",). Out: ("ready", pid) once; then per job ("admitted", seconds, bytes, rerun)
-and ("ok", json bytes), or ("reran", payload or None), or ("refused", errors), ("stopped",
-reason, cpu_s), ("memory", detail), ("error", detail); a training streams ("event", kind,
-payload) and ends with ("end",).
+Messages in: ("program", body, settings, go_under_s, beside), then ("go", threads, False) or
+("stop",) unless it started at once, and one ("rerun", payload or None) when it said it takes
+its rerun from beside; ("rerun", body, settings, max_seconds); ("train", body, settings) then
+("go",) and maybe ("stop",). Out: ("ready", pid) once; then per job ("admitted", seconds,
+bytes, rerun, started, with_rerun) and ("ok", json bytes), or ("reran", payload or None), or
+("refused", errors), ("stopped", reason, cpu_s), ("memory", detail), ("error", detail); a
+training streams ("event", kind, payload) and ends with ("end",).
 
-A small program's float64 rerun may run in a second worker, lent by the pool while the first
-runs the program (`beside`): the edge relays its payload (app/programs/outcome.py
-`rerun_payload`) to the first worker, which uses it as its own rerun (None: it reruns itself)."""
+On a quiet server a small program starts as soon as it is admitted (`go_under_s`), and its
+float64 rerun may run in a second worker, lent by the pool from the start (`beside`): the
+edge relays that worker's payload (app/programs/outcome.py `rerun_payload`) to the first,
+which uses it as its own rerun (None: it reruns itself)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ rerun costs nothing but the time; a lent worker is waited for, never replaced.""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+import types
 
 import anyio
 import pytest
@@ -257,3 +259,45 @@ def test_a_float64_program_needs_no_rerun_and_its_helper_answers_at_once(two_thr
     r = beside.post("/api/program", json={**MAKEMORE, "dtype": "float64"})
     assert r.status_code == 200 and r.json()["check"]["all_close"]
     assert (sandbox.lent, sandbox.reran, sandbox.replaced) == (lent + 1, reran, replaced)
+
+
+class _SlowAdmission(_Fake):
+    """A worker whose admission arrives after the request was cancelled."""
+
+    def receive(self, timeout: float | None) -> tuple:
+        time.sleep(0.3)
+        return ("admitted", 0.01, 0, True, True, False)
+
+
+class _Limiter:
+    torch_threads, in_flight = 1, 0
+
+    @contextlib.asynccontextmanager
+    async def program_slot(self):
+        yield
+
+    @contextlib.asynccontextmanager
+    async def slot(self, seconds: float):
+        yield
+
+
+def test_a_request_cancelled_before_its_admission_is_read_ends_its_worker():
+    # the admission read by the waiting thread after the cancellation is lost: the worker
+    # (maybe already running, started at once) must never go back to the pool
+    worker = _SlowAdmission("run")
+    sandbox = _pool(worker, size=0)
+
+    class Http(_Http):
+        app = types.SimpleNamespace(state=types.SimpleNamespace(
+            settings=Settings(), limiter=_Limiter(), sandbox=sandbox))  # fmt: skip
+
+        async def body(self) -> bytes:
+            return b"{}"
+
+    async def main() -> None:
+        with anyio.move_on_after(0.1):
+            await sandboxed.run_program(Http())
+
+    anyio.run(main)
+    assert worker.sent[0][0] == "program"
+    assert not worker.alive and worker not in sandbox._idle and sandbox.replaced == 1
