@@ -175,10 +175,9 @@ class _Call:
     """One job's replies from a worker, under the job's wall-clock limit (the waits for a run
     slot excluded), and watching for the client to leave."""
 
-    def __init__(self, http: Request, worker: Worker, settings: Settings,
-                 left_s: float | None = None) -> None:  # fmt: skip
+    def __init__(self, http: Request, worker: Worker, settings: Settings) -> None:
         self.http, self.worker, self.settings = http, worker, settings
-        self.left_s = wall_limit_s(settings.run_deadline_s) if left_s is None else left_s
+        self.left_s = wall_limit_s(settings.run_deadline_s)
         self.clean = True  # the worker may serve again (it answered, or it refused)
         self.replies = 0  # messages received
 
