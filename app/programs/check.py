@@ -167,13 +167,12 @@ class _Comparisons:
         self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (manual, autograd)
         self.rerun_manual: dict[str, torch.Tensor] = {}
         for name in written:
-            manual, auto = main.manual[name], main.autograd[name]
+            auto = main.autograd[name]
+            manual = _in_shape_of(main.manual[name], auto)
             m64 = rerun.manual.get(name) if rerun is not None else None
-            if tuple(manual.shape) != tuple(auto.shape) and _same_entries(manual.shape,
-                                                                          auto.shape):  # fmt: skip
-                manual = manual.reshape(auto.shape)
-                m64 = m64.reshape(auto.shape) if m64 is not None else None
-            if tuple(manual.shape) != tuple(auto.shape) or not manual.is_floating_point():
+            if manual is not main.manual[name] and m64 is not None:  # reshaped: both alike
+                m64 = m64.reshape(auto.shape)
+            if not _comparable(manual, auto):
                 continue
             self.pairs[name] = (manual, auto)
             if m64 is not None:
@@ -259,6 +258,19 @@ def _recheck_note(name: str, main: Outcome, error: ProgramError | None) -> str:
         f"checked in the run's dtype only: the float64 recheck of {main.spelling.get(name, name)} "
         f"could not run{where} ({why}), so it says nothing about the formula"
     )
+
+
+def _in_shape_of(t: torch.Tensor, auto: torch.Tensor) -> torch.Tensor:
+    """`t` in autograd's shape where it holds the same entries (as `check_table` takes a
+    gradient), else as it is."""
+    if tuple(t.shape) != tuple(auto.shape) and _same_entries(t.shape, auto.shape):
+        return t.reshape(auto.shape)
+    return t
+
+
+def _comparable(manual: torch.Tensor, auto: torch.Tensor) -> bool:
+    """A gradient the check compares entry by entry: autograd's shape, a float tensor."""
+    return tuple(manual.shape) == tuple(auto.shape) and manual.is_floating_point()
 
 
 def _same_entries(a: tuple, b: tuple) -> bool:
@@ -429,10 +441,9 @@ def own_views(req: ProgramRequest, plan: Plan, main: Outcome) -> dict[str, Any]:
     cells = _view_cells(req, main, names)
     views = {}
     for name in main.manual:
-        manual, auto = main.manual[name], main.autograd[name]
-        if tuple(manual.shape) != tuple(auto.shape) and _same_entries(manual.shape, auto.shape):
-            manual = manual.reshape(auto.shape)  # (as check_table takes it)
-        if tuple(manual.shape) == tuple(auto.shape) and manual.is_floating_point():
+        auto = main.autograd[name]
+        manual = _in_shape_of(main.manual[name], auto)
+        if _comparable(manual, auto):
             views[name] = own_view(manual.to(auto.dtype), cells)
     return {"cells": cells, "views": views}
 

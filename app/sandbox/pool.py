@@ -183,19 +183,17 @@ class Sandbox:
         """A warm worker (the one used last, whose caches are warmest), or a new one."""
         self.start()
         with self._lock:
-            # a lent worker is back within a run's few ms: waited for, not replaced by a
-            # fresh one (a fork and a warm-up, hundreds of ms)
+            # a lent worker is back within tens of ms: waited for, not replaced by a fresh
+            # one (a fork and a warm-up, hundreds of ms)
             self._waiting += 1
             try:
                 self._returned.wait_for(lambda: self._idle or not self._lent, LENT_WAIT_S)
             finally:
                 self._waiting -= 1
-            while self._idle:
-                worker = self._idle.pop()
-                if worker.alive:
-                    self._busy.add(worker)
-                    return worker
-                worker.kill()
+            worker = self._pop_idle()
+            if worker is not None:
+                self._busy.add(worker)
+                return worker
         worker = Worker().wait_ready()
         with self._lock:
             self._busy.add(worker)
@@ -205,13 +203,21 @@ class Sandbox:
         """An idle warm worker for a piece of a run, or None when none is idle now (never a
         new one: the piece is then done by the run's own worker). Given back with `give`."""
         with self._lock:
-            while self._idle and not self._waiting:  # a run waiting for a worker goes first
-                worker = self._idle.pop()
-                if worker.alive:
-                    self._lent.add(worker)
-                    self.lent += 1
-                    return worker
-                worker.kill()
+            if self._waiting:  # a run waiting for a worker goes first
+                return None
+            worker = self._pop_idle()
+            if worker is not None:
+                self._lent.add(worker)
+                self.lent += 1
+            return worker
+
+    def _pop_idle(self) -> Worker | None:
+        """The idle worker used last that is still alive (the lock held); dead ones ended."""
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.alive:
+                return worker
+            worker.kill()
         return None
 
     def give(self, worker: Worker) -> None:
