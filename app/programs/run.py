@@ -155,16 +155,23 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _stops_when(cancel: Any) -> Callable[[], None]:
+    """The check polled between a run's statements: RunCancelled once `cancel` is set."""
+
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise RunCancelled("the run was stopped")
+
+    return check
+
+
 def run(req: ProgramRequest, plan: Plan, cancel: Any = None,
         rerun_beside: Callable[[], Outcome | None] | None = None) -> dict[str, Any]:  # fmt: skip
     """The program's answer: the contract's response (app/programs/schemas.py).
     `rerun_beside`: the float64 rerun made elsewhere at the same time (another sandbox worker:
     app/sandbox/worker.py), asked for once the run is done; None from it: made here."""
 
-    def check() -> None:
-        if cancel is not None and cancel.is_set():
-            raise RunCancelled("the run was stopped")
-
+    check = _stops_when(cancel)
     start = time.perf_counter()
     dtype = DTYPES[req.dtype]
     # the inputs once (a value input's nested list becomes a tensor once, not per execution)
@@ -202,11 +209,7 @@ def run(req: ProgramRequest, plan: Plan, cancel: Any = None,
 def execute_float64(req: ProgramRequest, plan: Plan, cancel: Any = None) -> Outcome:
     """The program's float64 rerun on its own, as `run` makes it (the same inputs, made from
     the seed): what another worker makes beside the run."""
-
-    def check() -> None:
-        if cancel is not None and cancel.is_set():
-            raise RunCancelled("the run was stopped")
-
+    check = _stops_when(cancel)
     with cancel_token(cancel), single_precision_as(torch.float64):
         return execute_once(req, plan, torch.float64, check)
 
