@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 import time
 import urllib.request
@@ -155,7 +156,8 @@ def test_half_sent_requests_are_closed(server):
 
 def test_silent_sockets_stay_until_the_server_is_crowded():
     """A socket that sends nothing (a browser's spare one) outlives the request timeout while
-    few are open, and is used after; once over half the bound are open, silent ones go."""
+    few are open, and is used after; once over half the bound are open, silent ones go until
+    the server is no longer crowded, and those left still serve."""
     srv = Server(BROADPROP_REQUEST_TIMEOUT_S="1", BROADPROP_MAX_CONNECTIONS="8")
     try:
         spare = srv.connect()
@@ -165,8 +167,24 @@ def test_silent_sockets_stay_until_the_server_is_crowded():
         assert spare.recv(100).startswith(b"HTTP/1.1 200")
         spare.close()
         crowd = [srv.connect() for _ in range(6)]  # over half of 8
+        # Each silent socket's timer looks at the count when it fires: on a loaded machine
+        # the later ones may fire after the first closes are through, and see a server no
+        # longer crowded (a client's share then is 8 // 4 = 2). So: all but at most two go.
+        still_open = list(crowd)
+        end = time.monotonic() + 30
+        while len(still_open) > 2 and time.monotonic() < end:
+            readable, _, _ = select.select(still_open, [], [], 0.5)
+            still_open = [s for s in still_open if s not in readable or not closed_by_server(s, 1)]
+        assert len(still_open) <= 2, f"{len(still_open)} silent sockets kept on a crowded server"
+        for s in still_open:  # kept, and usable: they answer, or were closed in the meantime
+            s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n\r\n".encode())
+            s.settimeout(10)
+            try:
+                first = s.recv(100)
+            except ConnectionResetError:
+                first = b""
+            assert first == b"" or first.startswith(b"HTTP/1.1 200")
         for s in crowd:
-            assert closed_by_server(s, within_s=30)
             s.close()
     finally:
         srv.stop()
