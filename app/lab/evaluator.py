@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import math
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn, Protocol
 
@@ -275,19 +276,15 @@ class Evaluator(PythonBuiltins):
                       "not_allowed")  # fmt: skip
         if type(value) is Traced:  # (what the last line below does, without the list checks)
             return self.apply(node, Traced.__getitem__, value, index)
-        if isinstance(value, (list, tuple)) and (
-            isinstance(value, TensorList) or any(isinstance(v, Traced) for v in value)
-        ):  # a list of tensors, or split's pieces: hs[t], hs[-1], hs[1:]
-            if is_int(index):
-                return self.apply(node, lambda v: v[index], value)
-            if isinstance(index, slice):
-                return TensorList(value[index])
-            self.fail(node, "a list of tensors is indexed by a whole number or a slice",
-                      "not_allowed")  # fmt: skip
-        if isinstance(value, (tuple, list)):  # a shape
-            if not is_int(index):
-                self.fail(node, "a shape is indexed by one whole number", "not_allowed")
-            return self.apply(node, lambda v: v[index], value)
+        if isinstance(value, (list, tuple)):
+            if is_int(index):  # an element: a list's or split's (hs[t], hs[-1]), a shape's size
+                return self.apply(node, operator.getitem, value, index)
+            if isinstance(value, TensorList) or any(isinstance(v, Traced) for v in value):
+                if isinstance(index, slice):  # hs[1:]
+                    return TensorList(value[index])
+                self.fail(node, "a list of tensors is indexed by a whole number or a slice",
+                          "not_allowed")  # fmt: skip
+            self.fail(node, "a shape is indexed by one whole number", "not_allowed")
         if not isinstance(value, Traced):
             self.fail(node, "only tensors and shapes can be indexed", "not_allowed")
         return self.apply(node, lambda v: v[index], value)
@@ -295,9 +292,10 @@ class Evaluator(PythonBuiltins):
     def subscript(self, node: ast.AST) -> Any:
         """An index: a tuple's parts may be tensors and ranges (`logprobs[range(n), Yb]`)."""
         if isinstance(node, ast.Tuple):  # (a name, the common part, straight to the names)
-            return tuple(
-                [self._name(e) if type(e) is ast.Name else self.eval(e) for e in node.elts]
-            )
+            parts = []  # (a loop, not a comprehension: no function call per index)
+            for e in node.elts:
+                parts.append(self._name(e) if type(e) is ast.Name else self.eval(e))
+            return tuple(parts)
         return self.eval(node)
 
     def advanced_index(self, value: Traced, parts: tuple) -> Traced:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from app.lab.allowlist import BUILTINS, NAMESPACES, NODES, FormulaError
 from app.lab.parse import _PARSE_LOCK, check_tree, source_lines, source_segment
@@ -47,7 +48,18 @@ class Program:
 
     def code(self, stmt: ast.stmt) -> str:
         """The statement's first line as written (a loop's header, not its body)."""
-        return source_lines(self.source)[stmt.lineno - 1].strip()
+        return self._lines[stmt.lineno - 1]
+
+    @cached_property
+    def _lines(self) -> tuple[str, ...]:
+        """Each line as `code` shows it, stripped once (each run records every line)."""
+        return tuple(line.strip() for line in source_lines(self.source))
+
+    @cached_property
+    def check_lines(self) -> frozenset[ast.stmt]:
+        """The notebook's `cmp(...)` statements, loops' included, that a run skips: found
+        once per program, not per run (a kept plan's program runs every time it is posted)."""
+        return _check_lines(self.body)
 
 
 def parse_program(source: str, which: str) -> Program:
@@ -162,6 +174,16 @@ def is_cmp(stmt: ast.stmt) -> bool:
         and isinstance(value.func, ast.Name)
         and value.func.id in CHECK_CALLS
     )
+
+
+def _check_lines(body: tuple[ast.stmt, ...] | list[ast.stmt]) -> frozenset[ast.stmt]:
+    found: set[ast.stmt] = set()
+    for stmt in body:
+        if is_cmp(stmt):
+            found.add(stmt)
+        elif isinstance(stmt, ast.For):
+            found |= _check_lines(stmt.body)
+    return frozenset(found)
 
 
 # names a program reads but never assigns: the namespaces and builtins the language calls

@@ -36,7 +36,7 @@ import torch
 from app.lab.allowlist import FormulaError, Pair, is_number
 from app.lab.evaluator import Evaluator, maker_over
 from app.lab.parse import source_segment
-from app.lab.parse_program import AUG, Program, ProgramError, is_cmp, parse_program
+from app.lab.parse_program import AUG, Program, ProgramError, parse_program
 from app.ops.joining import TensorList
 from app.ops.making import Maker
 from app.ops.meta_index import meta_index
@@ -84,17 +84,17 @@ class Interpreter:
         self.scope = scope
         self.evaluator = Evaluator(program.source, self)
         self.protected = protected
-        self._protected_ptrs = {
-            t.untyped_storage().data_ptr() for t in protected if not t.is_meta and t.numel()
-        }
-        self._protected_ids = {id(p) for p in protected} | {
-            id(p._base) for p in protected if p._base is not None
-        }
+        # what `_is_protected` compares a write's target with, made at the first write that
+        # asks (a forward without in-place writes never asks); `protected` holds its tensors,
+        # so their storages are the same then as now
+        self._protected_ptrs: set[int] | None = None  # real tensors: their storages
+        self._protected_ids: set[int] | None = None  # meta tensors: themselves, their bases
         self.check = check or (lambda: None)
         self.remaining = executed_limit
         self.executed: dict[int, Executed] = {}
         self.on_statement: Callable[[Executed, list[Step]], None] | None = None
-        self._skipped = _check_lines(program.body)  # `cmp(...)` lines, found once, not per run
+        self._last_steps: list[Step] = []  # the statement's own steps (writes, dropped values)
+        self._skipped = program.check_lines  # `cmp(...)` lines, skipped
         self._last_writable: weakref.ref | None = None  # the real tensor last found writable
 
     # ---- statements
@@ -182,20 +182,18 @@ class Interpreter:
         self.remaining -= 1
         if self.remaining < 0:
             self._count(0, stmt)  # (refuses: one statement over)
-        self._last_steps: list[Step] = []
-        if self.evaluator.made_steps:  # (a line before that stopped half way leaves nothing)
+        if self._last_steps:  # (a line before that stopped half way leaves nothing)
+            self._last_steps = []
+        if self.evaluator.made_steps:
             self.evaluator.take_made_steps()
-        if isinstance(stmt, ast.Expr):  # `hs.append(h)`, `dW.index_add_(0, ids, dY)`
-            value = self.evaluator.eval(stmt.value)
-            if isinstance(value, Traced):
-                self._note(value)
-            receiver = stmt.value.func.value
-            name = (self._target_name(receiver) if isinstance(receiver, ast.Name)
-                    or _is_grad(receiver) else source_segment(self.source, receiver))  # fmt: skip
-        elif isinstance(stmt, ast.Assign):
+        kind = type(stmt)
+        if kind is ast.Assign:  # (the common statement first)
             target = stmt.targets[0]
             value = self.evaluator.eval(stmt.value)
-            if isinstance(target, ast.Tuple):
+            if type(target) is ast.Name:
+                name = target.id
+                self.assign(stmt, name, value)
+            elif isinstance(target, ast.Tuple):
                 self._unpack(stmt, target, value)
                 name = ", ".join(self._target_name(e) for e in target.elts)
             elif isinstance(target, ast.Subscript):
@@ -203,6 +201,13 @@ class Interpreter:
             else:
                 name = self._target_name(target)
                 self.assign(stmt, name, value)
+        elif kind is ast.Expr:  # `hs.append(h)`, `dW.index_add_(0, ids, dY)`
+            value = self.evaluator.eval(stmt.value)
+            if isinstance(value, Traced):
+                self._note(value)
+            receiver = stmt.value.func.value
+            name = (self._target_name(receiver) if isinstance(receiver, ast.Name)
+                    or _is_grad(receiver) else source_segment(self.source, receiver))  # fmt: skip
         else:
             symbol = AUG[type(stmt.op)]
             value = self.evaluator.eval(stmt.value)
@@ -229,7 +234,8 @@ class Interpreter:
         entry.runs += 1
         if self.on_statement is not None:
             self.on_statement(entry, steps)
-        self._last_steps = []
+        if self._last_steps:
+            self._last_steps = []
         return entry
 
     def _target_name(self, target: ast.expr) -> str:
@@ -324,16 +330,7 @@ class Interpreter:
         t = current.t
         key = _raw(parts[0], t) if len(parts) == 1 else tuple([_raw(p, t) for p in parts])
         update = value.t if isinstance(value, Traced) else value
-
-        def write() -> None:
-            if symbol is None:
-                t[key] = update
-                return
-            piece = t[key]
-            getattr(piece, _IN_PLACE[symbol])(update)
-            t[key] = piece
-
-        self.evaluator.apply(stmt, write)
+        self.evaluator.apply(stmt, _write_through, t, key, symbol, update)
         return key
 
     def _in_place(self, stmt: ast.stmt, t: torch.Tensor, symbol: str, value: Any) -> None:
@@ -393,6 +390,10 @@ class Interpreter:
 
     def _is_protected(self, t: torch.Tensor) -> bool:
         if t.is_meta:
+            if self._protected_ids is None:
+                self._protected_ids = {id(p) for p in self.protected} | {
+                    id(p._base) for p in self.protected if p._base is not None
+                }
             chain = [t]
             while chain[-1]._base is not None and len(chain) < 8:
                 chain.append(chain[-1]._base)
@@ -400,6 +401,12 @@ class Interpreter:
         last = self._last_writable
         if last is not None and last() is t:  # a loop writing one tensor: its storage is known
             return False
+        if self._protected_ptrs is None:
+            self._protected_ptrs = {
+                p.untyped_storage().data_ptr()
+                for p in self.protected
+                if not p.is_meta and p.numel()
+            }
         if t.numel() > 0 and t.untyped_storage().data_ptr() in self._protected_ptrs:
             return True
         self._last_writable = weakref.ref(t)  # (weak: a rebound name still frees its tensor)
@@ -481,17 +488,6 @@ class Interpreter:
         return self.resolve(node, f"{node.value.id}.g")
 
 
-def _check_lines(body: tuple[ast.stmt, ...] | list[ast.stmt]) -> set[ast.stmt]:
-    """The statements of a body and its loops' that `_block` skips: a notebook's `cmp(...)`."""
-    found = set()
-    for stmt in body:
-        if is_cmp(stmt):
-            found.add(stmt)
-        elif isinstance(stmt, ast.For):
-            found |= _check_lines(stmt.body)
-    return found
-
-
 def _is_grad(node: ast.AST) -> bool:
     return isinstance(node, ast.Attribute) and node.attr == "g" and isinstance(node.value, ast.Name)
 
@@ -504,13 +500,24 @@ def _basic_index(value: Traced, parts: tuple) -> Traced:
     return value[parts[0] if len(parts) == 1 else parts]
 
 
+def _write_through(t: torch.Tensor, key: Any, symbol: str | None, update: Any) -> None:
+    """`t[key] = update`, or `t[key] op= update` as Python runs it: read the indexed part (a
+    view for a basic index, a copy for an advanced one), update it in place, write it back."""
+    if symbol is None:
+        t[key] = update
+        return
+    piece = t[key]
+    getattr(piece, _IN_PLACE[symbol])(update)
+    t[key] = piece
+
+
 def _is_mask(part: Any) -> bool:
     return isinstance(part, torch.Tensor) and part.dtype == torch.bool
 
 
 def _raw(part: Any, like: torch.Tensor) -> Any:
-    if isinstance(part, Traced):
-        return meta_index(part.t)
+    if type(part) is Traced:
+        return meta_index(part.t) if part.t.is_meta else part.t
     if isinstance(part, range):
         return torch.arange(part.start, part.stop, part.step, device=like.device)
     return part

@@ -62,6 +62,7 @@ def _fmt_scalar(value: float | int | bool) -> str:
 
 
 _SEQ = itertools.count()
+_NONE: Any = ()  # a value's steps and bindings when it has none
 
 COMPARISONS = {"gt": ">", "lt": "<", "ge": ">=", "le": "<=", "eq": "==", "ne": "!="}
 
@@ -131,8 +132,10 @@ class Traced:
         self.t = t
         self.expr = expr
         self.prec = prec
-        self.steps = steps or []
-        self.bindings = bindings or []
+        # none: one shared empty tuple, not two new lists (a real run makes hundreds of
+        # values with neither; nothing appends to a value's lists, a tuple could not be)
+        self.steps = steps or _NONE
+        self.bindings = bindings or _NONE
 
     # ---- plumbing
 
@@ -299,7 +302,7 @@ class Traced:
             t = getattr(torch, op)(lhs.t, rhs.t)
             expr = f"{lhs._wrapped(prec)} {symbol} {rhs._wrapped(prec + 1)}"
             detail: dict[str, Any] = {}
-            if lhs.shape != rhs.shape:
+            if lhs.t.shape != rhs.t.shape:
                 if t.is_meta:  # the rule is for the trace only
                     detail["broadcast"] = broadcast_rule(lhs.shape, rhs.shape).as_dict()
                 action = "broadcast"

@@ -109,6 +109,10 @@ class BackwardRun(Interpreter):
         self.dropped: dict[str, torch.Tensor] = {}
         self._grad_names: dict[str, str | None] = {}  # name -> grad_of(name), as asked
         self._writes: dict[ast.stmt, tuple[str, ...]] = {}  # statement -> the gradients it names
+        # statement -> its entry's grad_of, once it has written every gradient it names and
+        # its line is noted: a loop's line again notes nothing new (a gradient once written
+        # stays written)
+        self._noted: dict[ast.stmt, str] = {}
 
     def operands(self) -> list[Any]:
         return [*self.forward.values(), *self.scope.values()]
@@ -210,6 +214,10 @@ class BackwardRun(Interpreter):
         if not named:  # a helper's line
             entry.grad_of = None
             return entry
+        noted = self._noted.get(stmt)
+        if noted is not None:
+            entry.grad_of = noted  # (a line of two statements is the last one's)
+            return entry
         written = [t for t in named if t in self.gradients]
         entry.grad_of = written[0] if written else None
         for tensor in written:
@@ -218,6 +226,8 @@ class BackwardRun(Interpreter):
                 lines = self.lines[tensor] = []
             if stmt.lineno not in lines:
                 lines.append(stmt.lineno)
+        if len(written) == len(named):
+            self._noted[stmt] = written[0]
         return entry
 
 
