@@ -125,14 +125,16 @@ class BackwardRun(Interpreter):
         return tensor
 
     def name(self, node: ast.Name) -> Any:
-        """`resolve`'s two common answers first (a loop's name, a forward tensor): a loop
-        body reads several names every iteration."""
+        """`resolve`'s three common answers first (a loop's name, a forward tensor, a gradient
+        written above, as `demb[k, j]`): a loop body reads several names every iteration."""
         name = node.id
         if name in self.scope:
             if name not in self.forward:
                 return self.scope[name]
         elif name in self.forward:
             return self.forward[name]
+        elif (tensor := self._grad_names.get(name)) in self.gradients:  # (None if unseen)
+            return self.gradients[tensor]
         return self.resolve(node, name)
 
     def resolve(self, node: ast.AST, name: str) -> Any:

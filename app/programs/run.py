@@ -104,10 +104,10 @@ def execute_once(
                 raise MemoryError(str(err)) from err
             raise ProgramError(FormulaError(_first_line(err), "formula"), 1, "") from None
     check()
-    autograd = {
-        n: (t.grad if t.grad is not None else torch.zeros_like(t)).detach()
-        for n, t in retained.items()
-    }
+    autograd = {}
+    for name, t in retained.items():
+        grad = t.grad  # (made without create_graph: it has no history to detach from)
+        autograd[name] = grad if grad is not None else torch.zeros_like(t)
     env = {n: detached(v) for n, v in fwd.scope.items()}
     bwd, error = run_backward(plan, env, check, maker)
     return Outcome(
