@@ -160,14 +160,13 @@ class Evaluator(PythonBuiltins):
             self.fail(node, "@ multiplies two tensors", "not_allowed")
         if is_number(left) and is_number(right):
             return self.number(node, symbol, left, right)
-        if not all(isinstance(v, Traced) or is_number(v) for v in (left, right)):
+        if not (_operand(left) and _operand(right)):
             self.fail(node, f"{symbol} takes tensors and numbers", "not_allowed")
         if symbol == "@":
             return self._matmul(node, left, right)
         if isinstance(left, Traced) and isinstance(right, Traced):
             self.check_broadcast(node, symbol, left, right)
-        ops = {"+": _add, "-": _sub, "*": _mul, "/": _div}
-        return self.apply(node, ops[symbol], left, right)
+        return self.apply(node, _ARITHMETIC[symbol], left, right)
 
     def _power(self, node: ast.BinOp, base: Any, exponent: Any) -> Any:
         if not is_number(exponent) or not _is_literal(node.right):
@@ -189,7 +188,7 @@ class Evaluator(PythonBuiltins):
                         self.fail(node, f"the result is above {MAX_INT}", "not_allowed")
                 value = a**b
             else:
-                value = {"+": _add, "-": _sub, "*": _mul, "/": _div}[symbol](a, b)
+                value = _ARITHMETIC[symbol](a, b)
         except (ZeroDivisionError, OverflowError) as err:
             self.fail(node, str(err), "not_allowed")
         if isinstance(value, complex):
@@ -487,6 +486,14 @@ def _div(a: Any, b: Any) -> Any:
 
 def _matmul(a: Traced, b: Traced) -> Traced:
     return a @ b
+
+
+_ARITHMETIC = {"+": _add, "-": _sub, "*": _mul, "/": _div}
+
+
+def _operand(value: Any) -> bool:
+    """What arithmetic takes: a tensor or a number."""
+    return isinstance(value, Traced) or is_number(value)
 
 
 def _is_literal(node: ast.AST) -> bool:

@@ -277,7 +277,9 @@ class Interpreter:
         """`name[index] = value` and `name[index] op= value`, as PyTorch runs them: read
         the indexed part, update it, write it back."""
         name = self._target_name(target.value)
-        current = self.resolve(target.value, name)
+        # (a bare name as the evaluator reads one: `name` is `resolve` with a fast path)
+        current = (self.name(target.value) if type(target.value) is ast.Name
+                   else self.resolve(target.value, name))  # fmt: skip
         if not isinstance(current, Traced):
             self.fail(target, f"{name} is not a tensor; only tensors take indexed writes",
                       "not_allowed")  # fmt: skip
