@@ -43,3 +43,23 @@ def test_the_dry_run_never_reads_the_seed():
         request = ProgramRequest.model_validate(preset["request"])
         plan = programs_run.admit(_SeedUnread(request), 2**31, 30.0)
         assert plan.has_grad, preset["id"]
+
+
+def test_a_plans_forward_is_walked_once_for_every_gradients_uses(monkeypatch):
+    """A failing program's hints ask each failing gradient's forward uses
+    (app/programs/slips.py `tensor_uses`): the forward's statements are walked once per plan,
+    not once per gradient and answer, and the answers are those of a fresh walk."""
+    from app.programs import slips
+
+    plan = programs_run.admit(ProgramRequest.model_validate(MAKEMORE), 1 << 30, 2.5)
+    walked = []
+    real_writes = slips._writes
+    monkeypatch.setattr(slips, "_writes", lambda stmt: walked.append(stmt) or real_writes(stmt))
+    names = list(plan.has_grad)
+    uses = {name: slips.tensor_uses(plan, name) for name in names}
+    assert len(walked) == len(plan.forward.body)
+    assert {name: slips.tensor_uses(plan, name) for name in names} == uses
+    assert len(walked) == len(plan.forward.body)  # asked again: not walked again
+    fresh = programs_run.admit(ProgramRequest.model_validate(MAKEMORE), 1 << 30, 2.5)
+    assert fresh is not plan and {name: slips.tensor_uses(fresh, name) for name in names} == uses
+    assert len(uses["bndiff"]) == 2  # bndiff2 = bndiff**2 and bnraw = bndiff * bnvar_inv
