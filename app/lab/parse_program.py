@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from app.lab.allowlist import BUILTINS, NAMESPACES, NODES, FormulaError
 from app.lab.parse import _PARSE_LOCK, check_tree, source_lines, source_segment
@@ -64,7 +64,16 @@ class Program:
 
 def parse_program(source: str, which: str) -> Program:
     """Read and check a forward or backward text against the allowlist; nothing runs.
-    ProgramError (with its line) for what cannot be read or is not allowed."""
+    ProgramError (with its line) for what cannot be read or is not allowed.
+
+    The same text gives the same Program (read and checked once: each edit of the backward
+    posts the unchanged forward again). A Program is frozen and nothing writes into its
+    statements; a refusal (an exception) is not kept, so it is read and refused again."""
+    return _parse_program(source, which)
+
+
+@lru_cache(maxsize=32)  # (source, which) -> its Program (at most 20,000 characters each)
+def _parse_program(source: str, which: str) -> Program:
     if len(source) > MAX_PROGRAM_CHARS:
         raise ProgramError(
             FormulaError(

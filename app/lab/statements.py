@@ -26,6 +26,7 @@ is its own steps, and a long program costs in proportion to its length.
 from __future__ import annotations
 
 import ast
+import operator
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from app.ops.traced import ATOM, Step, Traced
 
 MAX_EXECUTED = 10_000  # statements run, loops' iterations counted in full
 _IN_PLACE = {"+": "add_", "-": "sub_", "*": "mul_", "/": "div_"}
+_SEQ = operator.attrgetter("seq")  # a step's place in the order ops ran
 
 
 # --------------------------------------------------------------------------- running
@@ -96,6 +98,7 @@ class Interpreter:
         self._last_steps: list[Step] = []  # the statement's own steps (writes, dropped values)
         self._skipped = program.check_lines  # `cmp(...)` lines, skipped
         self._last_writable: weakref.ref | None = None  # the real tensor last found writable
+        self._binary_nodes: dict[ast.stmt, ast.BinOp] = {}  # `x op= v` as the node `x op v`
 
     # ---- statements
 
@@ -225,8 +228,10 @@ class Interpreter:
         if entry is not None and not made and not self._last_steps and self.on_statement is None:
             entry.runs += 1  # a loop's line again, on real tensors: nothing else to keep
             return entry
-        steps = (sorted(_unique([*self._last_steps, *made]), key=lambda step: step.seq)
-                 if made or self._last_steps else [])  # (a real run's lines make none)  # fmt: skip
+        if self._last_steps:  # each step once (a value noted twice shares its history)
+            steps = sorted({id(s): s for s in (*self._last_steps, *made)}.values(), key=_SEQ)
+        else:  # (the evaluator's steps are each once already; a real run's lines make none)
+            steps = sorted(made, key=_SEQ) if made else made
         if entry is None:
             entry = self.executed[stmt.lineno] = Executed(
                 stmt.lineno, self.program.code(stmt), name, steps
@@ -340,9 +345,13 @@ class Interpreter:
         self.evaluator.apply(stmt, lambda: getattr(t, _IN_PLACE[symbol])(other))
 
     def _binary(self, stmt: ast.stmt, symbol: str, left: Any, right: Any) -> Any:
-        node = ast.BinOp(left=getattr(stmt, "target", stmt), op=_op_node(symbol), right=stmt.value)
-        ast.copy_location(node, stmt)
-        node.end_lineno, node.end_col_offset = stmt.end_lineno, stmt.end_col_offset
+        node = self._binary_nodes.get(stmt)  # (the same every time a loop's line runs)
+        if node is None or node.op is not _OP_NODES[symbol]:
+            node = ast.BinOp(left=getattr(stmt, "target", stmt), op=_OP_NODES[symbol],
+                             right=stmt.value)  # fmt: skip
+            ast.copy_location(node, stmt)
+            node.end_lineno, node.end_col_offset = stmt.end_lineno, stmt.end_col_offset
+            self._binary_nodes[stmt] = node
         if is_number(left) and is_number(right):
             return self.evaluator.number(node, symbol, left, right)
         if isinstance(left, Pair) or isinstance(right, Pair):
@@ -351,9 +360,7 @@ class Interpreter:
             self.fail(stmt, f"{symbol}= takes tensors and numbers", "not_allowed")
         if isinstance(left, Traced) and isinstance(right, Traced):
             self.evaluator.check_broadcast(node, symbol, left, right)
-        ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-               "/": lambda a, b: a / b}  # fmt: skip
-        return self.evaluator.apply(node, ops[symbol], left, right)
+        return self.evaluator.apply(node, _BINARY[symbol], left, right)
 
     def _fits(self, stmt: ast.stmt, name: str, current: Traced, made: Any) -> None:
         """In place, the result keeps the target's shape and dtype (PyTorch refuses a
@@ -525,23 +532,12 @@ def _raw(part: Any, like: torch.Tensor) -> Any:
     return part
 
 
-def _op_node(symbol: str) -> ast.operator:
-    return {"+": ast.Add(), "-": ast.Sub(), "*": ast.Mult(), "/": ast.Div()}[symbol]
+_OP_NODES = {"+": ast.Add(), "-": ast.Sub(), "*": ast.Mult(), "/": ast.Div()}
+_BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 
 def _fmt(shape: tuple) -> str:
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
-
-
-def _unique(steps: list[Step]) -> list[Step]:
-    """Each step once, in the order it ran (a value noted twice shares its history)."""
-    seen: set[int] = set()
-    out = []
-    for step in steps:
-        if id(step) not in seen:
-            seen.add(id(step))
-            out.append(step)
-    return out
 
 
 __all__ = [

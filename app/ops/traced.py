@@ -585,6 +585,9 @@ def made(
         bytes=t.numel() * t.element_size(),
         detail=detail or {},
     )
-    steps = _merge_steps(*(o.steps for o in operands), [step])
-    bindings = _merge_steps(*(o.bindings for o in operands))
+    # (commonly no operand has steps or bindings: a program's names are atoms)
+    steps = _merge_steps(*(o.steps for o in operands), [step]) if any(
+        o.steps for o in operands) else [step]  # fmt: skip
+    bindings = _merge_steps(*(o.bindings for o in operands)) if any(
+        o.bindings for o in operands) else None  # fmt: skip
     return Traced(t, expr, prec, steps, bindings)

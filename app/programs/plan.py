@@ -292,25 +292,52 @@ class _Cost:
         self.seconds = 0.0
         self.peak_temp = 0
         self.kept = 0
+        # a step's content -> what it adds (`_of`): a loop's line makes the same steps anew
+        # every iteration, each read once as the trace's dict
+        self._costs: dict[tuple, tuple[float | None, float, int, int, int]] = {}
+
+    def _of(self, step: Step) -> tuple[float | None, float, int, int, int]:
+        """(matmul seconds or None, elementwise seconds, temporary bytes, bytes a list's
+        append keeps, bytes its result keeps) of one step, read from its dict as the trace
+        shows it: by content (every field the dict's reading looks at), so a step like one
+        seen before is read once."""
+        detail = step.detail
+        key = (step.action, step.op, tuple(step.inputs), step.output, step.bytes,
+               *map(detail.get, _COST_FIELDS, _ABSENT))  # fmt: skip
+        try:
+            cost = self._costs.get(key)
+        except TypeError:  # an unhashable field: read it every time
+            return self._read(step)
+        if cost is None:
+            cost = self._costs[key] = self._read(step)
+        return cost
+
+    def _read(self, step: Step) -> tuple[float | None, float, int, int, int]:
+        d = step.as_dict()
+        flops = formulas.step_flops(d)
+        matmul_s = _matmul_s(flops, self.itemsize) if flops else None
+        elementwise_s = _elementwise_s(formulas.step_work(d) * self.itemsize)
+        made = not formulas.is_view(d) and d["action"] != "write"
+        temp = d["bytes"] + d.get("temp_bytes", 0) if made else 0
+        return matmul_s, elementwise_s, temp, d.get("keeps", 0), d["bytes"] if made else 0
 
     def add(self, entry: Executed, steps: list[Step]) -> None:
         temp = 0
+        keeps = self.which != "forward"  # (the forward keeps every result already)
+        seconds = self.seconds
         for step in steps:
-            d = step.as_dict()
-            flops = formulas.step_flops(d)
-            if flops:  # matmuls and einsums at the BLAS rate, as the built-in strategies
-                self.seconds += _matmul_s(flops, self.itemsize)
-            self.seconds += _elementwise_s(formulas.step_work(d) * self.itemsize)
-            self.seconds += OP_S
-            if not formulas.is_view(d) and d["action"] != "write":
-                temp += d["bytes"] + d.get("temp_bytes", 0)
-            if self.which != "forward":  # (the forward keeps every result already)
-                self.kept += d.get("keeps", 0)  # a list's append keeps what it holds
+            matmul_s, elementwise_s, step_temp, step_keeps, _ = self._of(step)
+            if matmul_s is not None:  # matmuls and einsums at the BLAS rate, as the built-ins
+                seconds += matmul_s
+            seconds += elementwise_s
+            seconds += OP_S
+            temp += step_temp
+            if keeps:
+                self.kept += step_keeps  # a list's append keeps what it holds
+        self.seconds = seconds
         self.peak_temp = max(self.peak_temp, temp)
-        if entry.runs == 1 or self.which == "forward":
-            last = steps[-1].as_dict() if steps else None
-            if last is not None and not formulas.is_view(last) and last["action"] != "write":
-                self.kept += last["bytes"]
+        if (entry.runs == 1 or self.which == "forward") and steps:
+            self.kept += self._of(steps[-1])[4]
         if self.seconds > self.seconds_limit:
             raise ProgramRefused(
                 self.which,
@@ -380,6 +407,13 @@ def _gradients_made(
             budget_bytes=room,
         )
     return total
+
+
+# the detail fields a step's cost reads, and those that would stand in for its own fields
+# (its dict is its fields updated by its detail)
+_COST_FIELDS = ("view", "temp_bytes", "keeps", "flops", "index_product",
+                "action", "op", "inputs", "output", "bytes")  # fmt: skip
+_ABSENT = (_UNSEEN,) * len(_COST_FIELDS)  # (a field set to None is not one left out)
 
 
 def _mib(n: float) -> str:
