@@ -301,9 +301,9 @@ class _Cost:
         append keeps, bytes its result keeps) of one step, read from its dict as the trace
         shows it: by content (every field the dict's reading looks at), so a step like one
         seen before is read once."""
-        detail = step.detail
-        key = (step.action, step.op, tuple(step.inputs), step.output, step.bytes,
-               *map(detail.get, _COST_FIELDS, _ABSENT))  # fmt: skip
+        key = (step.action, step.op, tuple(step.inputs), step.output, step.bytes)
+        if step.detail:
+            key += tuple(map(step.detail.get, _COST_FIELDS, _ABSENT))
         try:
             cost = self._costs.get(key)
         except TypeError:  # an unhashable field: read it every time
