@@ -7,8 +7,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -357,3 +360,30 @@ def test_n11_a_call_with_missing_arguments_never_names_our_own_functions(client,
     message = r.json()["detail"][0]["msg"]
     assert "Traced" not in message and "self" not in message and "lambda" not in message
     assert "arguments do not fit" in message and "the tensor" in message
+
+
+def test_the_forkserver_starts_before_the_servers_imports_and_serves_the_workers():
+    """`python -m app` starts the sandbox's forkserver first (app/__main__.py): its preload
+    (torch, the interpreter) then runs beside the server's own imports. Starting it imports
+    nothing heavy here, and the pool's workers are then forked from it."""
+    code = (
+        "import sys, os\n"
+        "from multiprocessing import forkserver\n"
+        "from app.sandbox.pool import Worker, start_forkserver\n"
+        "start_forkserver()\n"
+        "pid = forkserver._forkserver._forkserver_pid\n"
+        "print('torch' in sys.modules, pid is not None and os.path.exists(f'/proc/{pid}'))\n"
+        "worker = Worker().wait_ready()\n"
+        "with open(f'/proc/{worker.pid}/stat') as f:\n"
+        "    parent = int(f.read().rsplit(')', 1)[1].split()[1])\n"
+        "print(parent == pid)\n"
+        "worker.kill()\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    # a new interpreter (not tests/scripts.py's fork of a warm one, which has torch loaded)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True", "True"]
+    main = (root / "app" / "__main__.py").read_text()
+    assert main.index("start_forkserver()") < main.index("from app.server.startup import")
