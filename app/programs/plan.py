@@ -55,7 +55,7 @@ class ForwardRun(Interpreter):
                  maker: Maker | None = None):  # fmt: skip
         protected = [v.t for v in inputs.values() if isinstance(v, Traced)]
         super().__init__(program, dict(inputs), protected, check, maker=maker)
-        self.input_names = set(inputs)
+        self.input_names = dict.fromkeys(inputs)  # in the request's order, as a refusal lists them
         self.assigned: list[str] = []
 
     def resolve(self, node: ast.AST, name: str) -> Any:

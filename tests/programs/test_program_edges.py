@@ -90,3 +90,16 @@ def test_var_over_a_stretched_tensor_is_costed_as_two_passes(client):
     assert detail["loc"][:2] == ["body", "formulas"], (
         detail
     )  # the run's work, named at its formulas
+
+
+def test_an_unknown_name_lists_the_known_inputs_in_the_requests_order(client):
+    """The refusal names what is known, inputs first in the order the request gives them (a
+    set gave them in hash order: the same program's 422 read differently on each server)."""
+    body = {
+        "inputs": {"zeta": {"shape": [2, 3]}, "alpha": {"shape": [2, 3]}, "mid": {"shape": [3]}},
+        "forward": "h = zeta * alpha\nloss = (h + nothere).sum()",
+        "backward": "dh = torch.ones_like(h)",
+    }
+    r = client.post("/api/program", json=body)
+    assert r.status_code == 422, r.text
+    assert "(known here: zeta, alpha, mid, h)" in r.json()["detail"][0]["msg"]
