@@ -80,11 +80,6 @@ def _writes(stmt: ast.stmt) -> set[str]:
     return out
 
 
-def _reads_values(stmt: ast.stmt, name: str) -> bool:
-    """Whether the statement reads `name`'s numbers somewhere (not only its shape)."""
-    return name in _value_reads(stmt)
-
-
 def _value_reads(stmt: ast.stmt) -> set[str]:
     """The names whose numbers the statement reads somewhere (not only their shape)."""
     root = stmt.value if isinstance(stmt, ast.Assign) else stmt
@@ -472,7 +467,7 @@ def _forward_recurrences(plan: Plan) -> dict[str, str | None]:
 
 
 def _read_in_forward_loop(plan: Plan, name: str) -> bool:
-    return any(isinstance(s, ast.For) and _reads_values(s, name) for s in plan.forward.body)
+    return any(isinstance(s, ast.For) and name in _value_reads(s) for s in plan.forward.body)
 
 
 def _backward_loops(plan: Plan) -> list[ast.For]:
