@@ -28,9 +28,32 @@ NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-def compare_many(pairs: Sequence[Pair], noises: Sequence[float]) -> list[dict]:
+class Flats:
+    """Each tensor's entries as a flat numpy array, made once for all the passes of one check
+    (a gradient is laid out three times: its comparison, its rounding noise, its float64
+    rerun's comparison; makemore's check made 208 arrays for 104 tensors). It holds every
+    tensor it was asked for, so no id is reused while it lives."""
+
+    def __init__(self) -> None:
+        self._made: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def __call__(self, t: torch.Tensor) -> np.ndarray:
+        made = self._made.get(id(t))
+        if made is None or made[0] is not t:
+            made = self._made[id(t)] = (t, t.detach().reshape(-1).numpy())
+        return made[1]
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().reshape(-1).numpy()
+
+
+def compare_many(
+    pairs: Sequence[Pair], noises: Sequence[float], flats: Flats | None = None
+) -> list[dict]:
     """`[compare(manual, reference, rounding_noise=noise) for ...]`, for pairs of one dtype
-    and shape each (the manual already in the reference's dtype)."""
+    and shape each (the manual already in the reference's dtype). `flats`: the check's own,
+    shared by its passes."""
     results: list[dict | None] = [None] * len(pairs)
     groups: dict[torch.dtype, list[int]] = {}
     for i, (m, r) in enumerate(pairs):
@@ -41,7 +64,7 @@ def compare_many(pairs: Sequence[Pair], noises: Sequence[float]) -> list[dict]:
     for dtype, members in groups.items():
         rtol, atol_scale = TOLERANCES[dtype]
         kind = NUMPY_DTYPES[dtype]
-        m, r, starts, sizes = _laid_out([pairs[i] for i in members])
+        m, r, starts, sizes = _laid_out([pairs[i] for i in members], flats=flats)
         abs_r = np.abs(r)
         scales = np.maximum.reduceat(abs_r, starts).tolist()  # max|reference|, NaN kept
         atols = [
@@ -64,9 +87,10 @@ def compare_many(pairs: Sequence[Pair], noises: Sequence[float]) -> list[dict]:
     return results  # type: ignore[return-value]
 
 
-def noise_many(quads: Sequence[tuple[Pair, Pair]]) -> list[float]:
+def noise_many(quads: Sequence[tuple[Pair, Pair]], flats: Flats | None = None) -> list[float]:
     """`[noise_between(pairs) for pairs in quads]`, each `pairs` being ((manual, manual in
-    the other precision), (autograd, autograd in the other precision))."""
+    the other precision), (autograd, autograd in the other precision)). `flats`: as
+    `compare_many`'s."""
     results: list[float | None] = [None] * len(quads)
     batched: list[int] = []
     for i, pairs in enumerate(quads):
@@ -80,7 +104,7 @@ def noise_many(quads: Sequence[tuple[Pair, Pair]]) -> list[float]:
     if batched:
         sides = []
         for side in (0, 1):  # the manual's move, then autograd's, as noise_between adds them
-            a, b, starts, _ = _laid_out([quads[i][side] for i in batched], np.float64)
+            a, b, starts, _ = _laid_out([quads[i][side] for i in batched], np.float64, flats)
             with np.errstate(invalid="ignore", over="ignore"):
                 sides.append(np.maximum.reduceat(np.abs(a - b), starts).tolist())
         for i, manual_move, autograd_move in zip(batched, *sides):
@@ -93,7 +117,7 @@ def _batchable(m: torch.Tensor, r: torch.Tensor) -> bool:
 
 
 def _laid_out(
-    pairs: Sequence[Pair], dtype: type | None = None
+    pairs: Sequence[Pair], dtype: type | None = None, flats: Flats | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     """Both sides of every pair end to end (as `dtype`, when given: float32 widens exactly),
     with where each pair starts and its size."""
@@ -102,7 +126,7 @@ def _laid_out(
     np.cumsum(sizes[:-1], out=starts[1:])
     sides = []
     for side in (0, 1):
-        flat = [pair[side].detach().reshape(-1).numpy() for pair in pairs]
+        flat = [(flats or _flat)(pair[side]) for pair in pairs]
         joined = np.concatenate(flat) if len(flat) > 1 else flat[0]
         sides.append(joined.astype(dtype, copy=False) if dtype is not None else joined)
     return sides[0], sides[1], starts, sizes

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from app.check.batched import compare_many, noise_many
+from app.check.batched import Flats, compare_many, noise_many
 from app.check.suspect import FINER
 from app.check.tolerance import TOLERANCES, compare, noise_between
 from app.lab import hints
@@ -164,6 +164,7 @@ class _Comparisons:
 
     def __init__(self, main: Outcome, rerun: Outcome | None, written: list[str]) -> None:
         self.main, self.rerun = main, rerun
+        self.flats = Flats()  # each tensor's entries as numpy once, for every pass below
         self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (manual, autograd)
         self.rerun_manual: dict[str, torch.Tensor] = {}
         for name in written:
@@ -183,7 +184,7 @@ class _Comparisons:
             self.noises = self._rounding_noises()
         names = list(self.pairs)
         results = compare_many([(m.to(a.dtype), a) for m, a in self.pairs.values()],
-                               [self.noises[n] for n in names])  # fmt: skip
+                               [self.noises[n] for n in names], self.flats)  # fmt: skip
         self.results = dict(zip(names, results))
         self.strict: dict[str, dict | None] | None = None  # the float64 rerun's, when asked
 
@@ -201,7 +202,7 @@ class _Comparisons:
                 continue
             quads.append(((m, m64), (a, self.rerun.autograd[name])))
             names.append(name)
-        for name, noise in zip(names, noise_many(quads)):
+        for name, noise in zip(names, noise_many(quads, self.flats)):
             noises[name] = noise if math.isfinite(noise) else 0.0
         return noises
 
@@ -229,7 +230,7 @@ class _Comparisons:
                     judged.append(n)
             pairs = [(self.rerun_manual[n].to(self.rerun.autograd[n].dtype),
                       self.rerun.autograd[n]) for n in judged]  # fmt: skip
-            results = compare_many(pairs, [self.noises[n] * FINER for n in judged])
+            results = compare_many(pairs, [self.noises[n] * FINER for n in judged], self.flats)
             for n, result in zip(judged, results):
                 self.strict[n] = None if result["allclose"] else result
         return self.strict.get(name)

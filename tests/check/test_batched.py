@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from app.check.batched import compare_many, noise_many
+from app.check.batched import Flats, compare_many, noise_many
 from app.check.tolerance import compare, noise_between
 
 
@@ -103,3 +103,27 @@ def test_noise_many_is_noise_between(seed):
         want = noise_between(quad)
         assert (math.isnan(noise) and math.isnan(want)) or noise == want, (noise, want)
     assert any(n > 0 for n in got)
+
+
+def test_a_checks_passes_share_each_tensors_entries_and_give_the_same_numbers():
+    """One Flats serves every pass of a check (comparison, rounding noise, the float64 rerun's
+    comparison): each tensor is laid out once, and each pass answers as without it."""
+    g = torch.Generator().manual_seed(3)
+    quads, pairs32, pairs64 = [], [], []
+    for shape in [(32, 64), (64,), (5, 7, 3)]:
+        m64 = torch.randn(shape, generator=g, dtype=torch.float64)
+        a64 = m64 + 1e-9 * torch.randn(shape, generator=g, dtype=torch.float64)
+        m32, a32 = m64.float(), a64.float()
+        quads.append(((m32, m64), (a32, a64)))
+        pairs32.append((m32, a32))
+        pairs64.append((m64, a64))
+    flats = Flats()
+    noises = noise_many(quads, flats)
+    shared = [*compare_many(pairs32, noises, flats), *compare_many(pairs64, noises, flats)]
+    alone = [*compare_many(pairs32, noises), *compare_many(pairs64, noises)]
+    assert noises == noise_many(quads)
+    assert all(_same(a, b) for a, b in zip(shared, alone)) and len(shared) == 6
+    assert len(flats._made) == 12  # four tensors a gradient, each laid out once
+    first = flats(pairs32[0][0])
+    compare_many(pairs32, noises, flats)
+    assert len(flats._made) == 12 and flats(pairs32[0][0]) is first  # asked again: kept
