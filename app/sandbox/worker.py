@@ -104,7 +104,10 @@ def serve(conn: Connection, warm: bool = True) -> None:
     if warm:
         warm_up()
     baseline_vm, baseline_rss = _memory()
-    conn.send(("ready", os.getpid()))
+    try:
+        conn.send(("ready", os.getpid()))
+    except OSError:  # the server went away while this worker started (its port was taken)
+        return
     trim_when_idle = False
     while True:
         try:

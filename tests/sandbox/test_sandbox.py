@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -387,3 +388,19 @@ def test_the_forkserver_starts_before_the_servers_imports_and_serves_the_workers
     assert out.stdout.split() == ["False", "True", "True"]
     main = (root / "app" / "__main__.py").read_text()
     assert main.index("start_forkserver()") < main.index("from app.server.startup import")
+
+
+def test_a_taken_port_ends_the_server_with_the_bind_error_and_nothing_else():
+    """`python -m app` on a port another process holds: uvicorn's bind error, exit code 3, and
+    no traceback from sandbox workers that were starting meanwhile (their server gone)."""
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**os.environ, "BROADPROP_HOST": "127.0.0.1",
+               "BROADPROP_PORT": str(taken.getsockname()[1])}  # fmt: skip
+        out = subprocess.run([sys.executable, "-m", "app"], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    said = out.stdout + out.stderr
+    assert out.returncode != 0 and "address already in use" in said
+    assert "Traceback" not in said, said[-2000:]
