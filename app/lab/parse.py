@@ -9,6 +9,7 @@ is no `eval`, `exec` or `compile`.
 from __future__ import annotations
 
 import ast
+import re
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -270,6 +271,16 @@ def source_segment(source: str, node: ast.AST) -> str:
 def _plain(source: str) -> bool:
     """ASCII with no line breaks but CR and LF: str.splitlines numbers its lines as ast does."""
     return source.isascii() and not any(c in source for c in "\v\f\x1c\x1d\x1e")
+
+
+def code_lines(source: str) -> list[str]:
+    """The source's lines as ast numbers them, without their endings: only LF, CRLF and CR
+    end a line (str.splitlines also breaks at a form feed, \x1c-\x1e, \x85 and \u2028,
+    which would shift every later line's number)."""
+    return _LINE_END.split(source)
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @lru_cache(maxsize=64)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 from app.lab.allowlist import BUILTINS, NAMESPACES, NODES, FormulaError
-from app.lab.parse import _PARSE_LOCK, check_tree, source_lines, source_segment
+from app.lab.parse import _PARSE_LOCK, check_tree, code_lines, source_segment
 
 MAX_PROGRAM_CHARS = 20_000  # per text (forward, backward)
 MAX_PROGRAM_NODES = 12_000
@@ -53,7 +53,7 @@ class Program:
     @cached_property
     def _lines(self) -> tuple[str, ...]:
         """Each line as `code` shows it, stripped once (each run records every line)."""
-        return tuple(line.strip() for line in source_lines(self.source))
+        return tuple(line.strip() for line in code_lines(self.source))
 
     @cached_property
     def check_lines(self) -> frozenset[ast.stmt]:
@@ -116,7 +116,7 @@ def _parse_program(source: str, which: str) -> Program:
 
 
 def _line(source: str, line: int) -> str:
-    lines = source.splitlines()
+    lines = code_lines(source)
     return lines[line - 1].strip() if 0 < line <= len(lines) else ""
 
 

@@ -103,3 +103,19 @@ def test_an_unknown_name_lists_the_known_inputs_in_the_requests_order(client):
     r = client.post("/api/program", json=body)
     assert r.status_code == 422, r.text
     assert "(known here: zeta, alpha, mid, h)" in r.json()["detail"][0]["msg"]
+
+
+@pytest.mark.parametrize("separator", ["\x0c", "\x1c", "\x85", "\u2028"])
+def test_a_line_is_named_as_python_numbers_it_whatever_the_separators_in_it(client, separator):
+    """Only LF, CRLF and CR end a line, as for Python: a form feed or another separator in a
+    comment (pasted from a notebook) must not shift the code the answer shows for later lines."""
+    body = {
+        "inputs": {"x": {"shape": [2, 3]}},
+        "forward": f"a = x * 2  # note{separator}page\nb = a + 1\nloss = b.sum()",
+        "backward": "db = torch.ones_like(b)\nda = db\ndx = 2 * da",
+    }
+    r = client.post("/api/program", json=body)
+    assert r.status_code == 200, r.text
+    codes = [entry["code"] for entry in r.json()["forward"]]
+    assert codes[1:] == ["b = a + 1", "loss = b.sum()"]
+    assert r.json()["check"]["all_close"]
