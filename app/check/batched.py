@@ -32,15 +32,18 @@ class Flats:
     """Each tensor's entries as a flat numpy array, made once for all the passes of one check
     (a gradient is laid out three times: its comparison, its rounding noise, its float64
     rerun's comparison; makemore's check made 208 arrays for 104 tensors). It holds every
-    tensor it was asked for, so no id is reused while it lives."""
+    tensor it was asked for, so no id is reused while it lives; a tensor whose entries are not
+    contiguous is laid out each time, so no copy is held beyond its pass."""
 
     def __init__(self) -> None:
         self._made: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
 
     def __call__(self, t: torch.Tensor) -> np.ndarray:
+        if not t.is_contiguous():  # its flat entries are a copy: made each time, not held
+            return _flat(t)
         made = self._made.get(id(t))
         if made is None or made[0] is not t:
-            made = self._made[id(t)] = (t, t.detach().reshape(-1).numpy())
+            made = self._made[id(t)] = (t, _flat(t))
         return made[1]
 
 

@@ -46,9 +46,12 @@ def start_forkserver() -> None:
     first program answered ~2.2 s after /healthz came up, as its forkserver started then)."""
     from multiprocessing import forkserver
 
-    _context()  # (its preload set)
-    with _without_main():
-        forkserver.ensure_running()
+    try:
+        _context()  # (its preload set)
+        with _without_main():
+            forkserver.ensure_running()
+    except (OSError, ValueError):  # no forkserver here: programs then fail as they would have
+        pass
 
 
 @contextmanager

@@ -53,6 +53,9 @@ def test_isa_l_is_what_compresses_where_it_is_a_dependency():
     # lost it; elsewhere zlib serves
     wanted = platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64")
     assert compression.DEFLATE.__name__ == ("isal.isal_zlib" if wanted else "zlib")
+    # and the responder compresses with it (Starlette's hook, overridden, still applies)
+    made = compression.GZipResponder(None, 1024, compresslevel=compression.LEVEL).compressor
+    assert type(made).__module__.startswith("isal" if wanted else "zlib"), type(made)
 
 
 @pytest.mark.parametrize("path, copies", [("/whole", 1), ("/streamed", 5)])
