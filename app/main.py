@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     server.install(app, settings or get_settings(), models=schemas, warm_up=warm_up,
                    body_models=(ProgramRequest, ProgramTrainRequest))  # fmt: skip
     # compresses JSON and HTML over 1 KB (the page's article run: 462 KB of JSON to ~160 KB),
-    # through ISA-L where installed: ~4x zlib's speed at its fastest level (app/server/compression.py)
+    # through ISA-L where installed: ~4x zlib's speed at its fastest level
+    # (app/server/compression.py)
     app.add_middleware(GZipMiddleware, minimum_size=1024)
     # outermost: the server's share of a wait, compression included, for the browser
     app.add_middleware(ServerTimingMiddleware)

@@ -39,8 +39,7 @@ def tensor_uses(plan: Plan, name: str) -> list[int]:
     top-level statement that wrote it) through its numbers: not the lines before a rebinding
     (`att = att.masked_fill(...)` reads the earlier `att`), nor a line that only reads its
     shape (`V, C = wte.shape`). A gradient is the sum of what these lines send back."""
-    body = list(plan.forward.body)
-    if not body:  # a notebook's forward ran in the kernel: only its reads are known
+    if not plan.forward.body:  # a notebook's forward ran in the kernel: only its reads are known
         return list(plan.forward_reads.get(name, []))
     statements = _forward_names(plan)
     last_write = max((line for line, writes, _ in statements if name in writes), default=0)

@@ -16,24 +16,26 @@ from starlette.middleware import gzip as starlette_gzip
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 
-def _deflate() -> tuple[ModuleType, int, int]:
-    """The compressor's module (zlib's interface), its level, and the body size from which it
-    runs in a thread rather than on the event loop (about a millisecond of work either way)."""
+def _deflate() -> tuple[ModuleType, int]:
+    """The compressor's module (zlib's interface) and the body size from which it runs in a
+    thread rather than on the event loop (about a millisecond of work either way)."""
     try:
         from isal import isal_zlib
 
-        return isal_zlib, 1, 512 << 10
+        return isal_zlib, 512 << 10
     except ImportError:  # a platform without its wheel: the standard library's
         import zlib
 
-        return zlib, 1, 128 << 10
+        return zlib, 128 << 10
 
 
-DEFLATE, LEVEL, THREAD_MINIMUM_BYTES = _deflate()
+DEFLATE, THREAD_MINIMUM_BYTES = _deflate()
+LEVEL = 1  # each one's fastest (ISA-L's 0 compresses less, for no time saved)
 
 
 class GZipResponder(starlette_gzip.GZipResponder):
-    """Starlette's responder with the compressor above."""
+    """Starlette's responder with the compressor above (its flushes are zlib's constants,
+    which ISA-L's compress object takes alike)."""
 
     @property
     def compressor(self):  # noqa: ANN201 (a zlib-like compress object)
@@ -42,10 +44,6 @@ class GZipResponder(starlette_gzip.GZipResponder):
                 self.compresslevel, DEFLATE.DEFLATED, 16 + DEFLATE.MAX_WBITS
             )  # (16 +: a gzip header and trailer, as Content-Encoding: gzip wants)
         return self._compressor
-
-    def _compress_body(self, body: bytes, more_body: bool) -> bytes:
-        flush = DEFLATE.Z_SYNC_FLUSH if more_body else DEFLATE.Z_FINISH
-        return self.compressor.compress(body) + self.compressor.flush(flush)
 
 
 class GZipMiddleware(starlette_gzip.GZipMiddleware):
