@@ -5,6 +5,7 @@ body; a worker that overruns is killed, and the server keeps answering."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,7 @@ from fastapi import Request, Response
 
 from app.cost.budget import human_bytes
 from app.refusal import Refused
-from app.sandbox.pool import Sandbox, Worker, WorkerLate, WorkerLost, wall_limit_s
+from app.sandbox.pool import Sandbox, Worker, WorkerLate, WorkerLost, rerun_pipe, wall_limit_s
 from app.sandbox.worker import hard_memory_bytes
 from app.server.lanes import SMALL_RUN_S, RunLimiter, Stopped
 from app.settings import Settings
@@ -32,7 +33,7 @@ async def run_program(http: Request) -> Response:
     sandbox: Sandbox = http.app.state.sandbox
     body = await http.body()
     async with limiter.program_slot():
-        worker = await anyio.to_thread.run_sync(sandbox.take)
+        worker = sandbox.take_idle() or await anyio.to_thread.run_sync(sandbox.take)
         call = _Call(http, worker, settings)
         waits_for_go = False  # admitted, and not yet told to go (or to stop)
         running = False  # told to go, or started by itself
@@ -46,32 +47,33 @@ async def run_program(http: Request) -> Response:
             # body itself (it answers None at once where the run reruns no float64 or is not
             # small: the same plan decides alike)
             if quiet and limiter.torch_threads > 1:
-                beside = _Beside.start(http, sandbox, body, settings)
-            worker.send(("program", body, settings, SMALL_RUN_S if quiet else None,
-                         beside is not None))  # fmt: skip
+                beside = _Beside.lend(http, sandbox, settings)
+            job = ("program", body, settings, SMALL_RUN_S if quiet else None, beside is not None)
+            if beside is None:
+                worker.send(job)
+            else:
+                beside.connect(worker, job)
             try:
                 # ("admitted", seconds, bytes, rerun, started, with the rerun from beside)
                 _, seconds, _, rerun, started, with_rerun = await call.reply()
             except Exception:
                 if beside is not None:  # its own refusal, read before it goes back
-                    await beside.payload(call)
+                    await beside.done(call)
                 raise
             waits_for_go = not started
             running = started  # (a worker running when an error comes is not given back)
             if beside is not None and not with_rerun:  # it says None: back before any wait
-                await beside.payload(call)
+                await beside.done(call)
             # the run itself holds a run slot like any other run, in the lane its work says
             async with limiter.slot(seconds):
                 if not started:  # (not small, or not a quiet server: no rerun beside)
                     small = seconds <= SMALL_RUN_S
-                    worker.send(("go", 1 if small else limiter.torch_threads, False))
+                    worker.send(("go", 1 if small else limiter.torch_threads))
                     waits_for_go, running = False, True
                 if with_rerun:
                     waited_from = time.monotonic()
-                    payload = await beside.payload(call)
+                    sandbox.reran += await beside.done(call)
                     call.left_s -= time.monotonic() - waited_from
-                    sandbox.reran += payload is not None
-                    await _relay(call, payload)
                 answer = await call.reply()
         except BaseException:
             if beside is not None:
@@ -99,8 +101,11 @@ def _told_to_stop(worker: Worker) -> bool:
 
 
 class _Beside:
-    """A worker lent for a program's float64 rerun, made beside the run from the start. It is
-    given back only once it has answered (`payload`), else ended (`settle`)."""
+    """A worker lent for a program's float64 rerun, made beside the run from the start. Its
+    payload goes straight to the run's worker, through a pipe of their own
+    (app/sandbox/pool.py `rerun_pipe`), never through the server. It is given back only once
+    it has answered (`done`), else ended (`settle`): its end of the pipe then closes, and the
+    run, reading no payload, reruns itself."""
 
     def __init__(self, http: Request, sandbox: Sandbox, worker: Worker, settings: Settings):
         self.sandbox, self.worker = sandbox, worker
@@ -109,31 +114,43 @@ class _Beside:
         self.settled = False
 
     @classmethod
-    def start(cls, http: Request, sandbox: Sandbox, body: bytes,
-              settings: Settings) -> _Beside | None:  # fmt: skip
-        """A lent worker told its job, or None (no worker idle, or it could not be told)."""
+    def lend(cls, http: Request, sandbox: Sandbox, settings: Settings) -> _Beside | None:
+        """A lent worker, not yet told its job (`connect`), or None when no worker is idle."""
         worker = sandbox.lend()
-        if worker is None:
-            return None
-        beside = cls(http, sandbox, worker, settings)
-        try:
-            worker.send(("rerun", body, settings, SMALL_RUN_S))
-        except WorkerLost:
-            beside.settle()
-            return None
-        return beside
+        return None if worker is None else cls(http, sandbox, worker, settings)
 
-    async def payload(self, run: _Call) -> bytes | None:
-        """Its rerun (None: not needed, or it could not make it: the run then reruns
-        itself); the worker goes back. The client leaving ends the run's worker too."""
+    def connect(self, run: Worker, job: tuple) -> None:
+        """Tell this worker its rerun, with the pipe's write end (one that cannot hear it is
+        settled at once), then the run's worker its `job`, with the read end (WorkerLost:
+        that worker is lost). The rerun goes first: float64 takes a little longer than the
+        run, and the run reads it only once its own pass and maps are done. The server keeps
+        neither end."""
+        read_end, write_end = rerun_pipe()
+        try:
+            self.sent_at = time.monotonic()
+            try:
+                self.worker.send(("rerun", job[1], self.call.settings, SMALL_RUN_S))
+                self.worker.send_fd(write_end)
+            except WorkerLost:
+                self.settle()
+            run.send(job)
+            run.send_fd(read_end)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+    async def done(self, run: _Call) -> bool:
+        """Wait for its answer: True when it wrote the rerun into the pipe, False when it
+        wrote none (not needed, or it could not make it: the run then reruns itself). The
+        worker goes back. The client leaving ends the run's worker too."""
         if self.settled:
-            return None
-        payload = None
+            return False
+        sent = False
         # the helper's wall limit from when it was told its job, and never past the run's
         since_sent = time.monotonic() - self.sent_at
         self.call.left_s = max(min(self.call.left_s - since_sent, run.left_s), 0.01)
         try:
-            _, payload = await self.call.reply(("reran",))  # ("reran", payload or None)
+            _, sent = await self.call.reply(("reran",))  # ("reran", whether it wrote one)
         except Stopped as stopped:
             if stopped.reason == "disconnect":
                 run.clean = False
@@ -142,7 +159,7 @@ class _Beside:
             pass
         finally:
             self.settle()
-        return payload
+        return bool(sent)
 
     def settle(self) -> None:
         """Back to the pool once it has answered; ended if it never did (mid-job)."""
@@ -151,24 +168,6 @@ class _Beside:
         self.settled = True
         clean = self.call.clean and self.call.replies > 0 and self.worker.alive
         (self.sandbox.give if clean else self.sandbox.discard)(self.worker)
-
-
-async def _relay(call: _Call, payload: bytes | None) -> None:
-    """Send the run's worker its rerun, off the event loop (the payload may be more than the
-    pipe holds: the send then lasts until the worker reads it), within its wall limit."""
-    started = time.monotonic()
-    with anyio.move_on_after(max(call.left_s, 0.01)) as scope:
-        try:
-            await anyio.to_thread.run_sync(call.worker.send, ("rerun", payload),
-                                           abandon_on_cancel=True)  # fmt: skip
-        except WorkerLost:  # it ended (its memory limit): call.reply() reads its last words
-            pass
-    call.left_s -= time.monotonic() - started
-    if scope.cancelled_caught:  # it never came to read its rerun: late, as a reply would be
-        cpu = call.worker.cpu_s()
-        call.worker.kill()
-        call.clean = False
-        raise call.lost(WorkerLate(cpu))
 
 
 class _Call:

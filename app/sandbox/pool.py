@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from multiprocessing import spawn
+from multiprocessing import reduction, spawn
 from typing import Any
 
 WORKER_START_S = 60.0  # a worker's fork and warm-up (a few hundred ms on a quiet machine)
@@ -109,6 +109,15 @@ class Worker:
         except (OSError, ValueError) as e:
             raise WorkerLost(str(e)) from None
 
+    def send_fd(self, fd: int) -> None:
+        """A file descriptor of this process, duplicated into the worker's (SCM_RIGHTS over
+        its socket, right after the message it belongs to): the worker takes it with
+        `multiprocessing.reduction.recv_handle`."""
+        try:
+            reduction.send_handle(self.conn, fd, self.pid)
+        except (OSError, ValueError) as e:
+            raise WorkerLost(str(e)) from None
+
     def receive(self, timeout: float | None) -> tuple:
         """The worker's next message; WorkerLate (and the worker killed) after `timeout`."""
         try:
@@ -152,6 +161,24 @@ class Worker:
             self.conn.close()
 
 
+RERUN_PIPE_BYTES = 1 << 20  # a small program's float64 rerun (makemore's: 369 KB) in one write
+
+
+def rerun_pipe() -> tuple[int, int]:
+    """(read end, write end) of a pipe from a lent worker to a run's worker, for the run's
+    float64 rerun: the payload goes from one worker to the other, not through the server.
+    Its capacity is raised where Linux allows, so that the lent worker's write ends at once
+    and it is free before the run reads (a bigger payload waits for the reader)."""
+    read_end, write_end = os.pipe()
+    try:
+        import fcntl
+
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, RERUN_PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):  # another OS, or a lower system limit
+        pass
+    return read_end, write_end
+
+
 # how long a run waits for a lent worker's return rather than starting one (a lend lasts a
 # small program's admission and rerun: tens of ms)
 LENT_WAIT_S = 2.0
@@ -193,6 +220,19 @@ class Sandbox:
     def start_soon(self) -> None:
         """`start` in the background (the server answers meanwhile; a program waits)."""
         threading.Thread(target=self.start, name="broadprop-sandbox-start", daemon=True).start()
+
+    def take_idle(self) -> Worker | None:
+        """`take` without blocking: the idle warm worker used last, or None when that would
+        wait (the pool still starting, none idle, or a run already waiting for one). The
+        edge calls it on the event loop, so that the common case needs no thread."""
+        if not self._started:
+            return None
+        with self._lock:
+            if self._waiting or not self._idle or not self._idle[-1].alive:
+                return None  # (a dead one is ended, and replaced, by `take`, off the loop)
+            worker = self._idle.pop()
+            self._busy.add(worker)
+            return worker
 
     def take(self) -> Worker:
         """A warm worker (the one used last, whose caches are warmest), or a new one."""

@@ -9,18 +9,20 @@ Its limits, set here for each job:
   included, and nothing of any other process), polled between the program's statements and
   ops; the pool kills the process at its wall-clock limit if a poll never comes.
 
-Messages in: ("program", body, settings, go_under_s, beside), then ("go", threads, False) or
-("stop",) unless it started at once, and one ("rerun", payload or None) when it said it takes
-its rerun from beside; ("rerun", body, settings, max_seconds); ("train", body, settings) then
+Messages in: ("program", body, settings, go_under_s, beside) (with beside, a pipe's read end
+follows, SCM_RIGHTS), then ("go", threads) or ("stop",) unless it started at once;
+("rerun", body, settings, max_seconds) and a pipe's write end; ("train", body, settings) then
 ("go",) and maybe ("stop",). Out: ("ready", pid) once; then per job ("admitted", seconds,
-bytes, rerun, started, with_rerun) and ("ok", json bytes), or ("reran", payload or None), or
-("refused", errors), ("stopped", reason, cpu_s), ("memory", detail), ("error", detail); a
-training streams ("event", kind, payload) and ends with ("end",).
+bytes, rerun, started, with_rerun) and ("ok", json bytes), or ("reran", whether it wrote its
+payload), or ("refused", errors), ("stopped", reason, cpu_s), ("memory", detail), ("error",
+detail); a training streams ("event", kind, payload) and ends with ("end",).
 
 On a quiet server a small program starts as soon as it is admitted (`go_under_s`), and its
-float64 rerun may run in a second worker, lent by the pool from the start (`beside`): the
-edge relays that worker's payload (app/programs/outcome.py `rerun_payload`) to the first,
-which uses it as its own rerun (None: it reruns itself)."""
+float64 rerun may run in a second worker, lent by the pool from the start (`beside`): that
+worker writes its payload (app/programs/outcome.py `rerun_payload`) into a pipe the server
+made between the two and kept no end of, and the first reads it in place of its own rerun
+(nothing to read, the pipe closed: it reruns itself). The payload never passes through the
+server."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import resource
 import time
 import traceback
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle
 from typing import Any
 
 import torch
@@ -140,10 +143,22 @@ def _program(conn: Connection, baseline_vm: int, body: bytes, settings: Settings
     `go_under_s`: a quiet server's leave to start at once, on one thread, a run estimated at
     most this long (said in the "admitted" message; its rerun comes from beside when
     `beside` and the plan reruns in float64)."""
+    # the pipe a lent worker writes this run's float64 rerun into, sent right after the job
+    rerun_pipe = Connection(recv_handle(conn), writable=False) if beside else None
+    try:
+        return _run_program(conn, baseline_vm, body, settings, go_under_s, rerun_pipe)
+    finally:
+        if rerun_pipe is not None:
+            rerun_pipe.close()  # a helper still writing sees it closed, and stops
+
+
+def _run_program(conn: Connection, baseline_vm: int, body: bytes, settings: Settings,
+                 go_under_s: float | None, rerun_pipe: Connection | None) -> bool:  # fmt: skip
     _limit_memory(baseline_vm + hard_memory_bytes(settings))
     deadline = ProcessDeadline(settings.run_deadline_s)
     admitted: jobs.Admitted | None = None
     started = False
+    beside = rerun_pipe is not None
 
     def admit() -> tuple[float, int, bool, bool, bool]:
         nonlocal admitted, started, beside
@@ -162,45 +177,45 @@ def _program(conn: Connection, baseline_vm: int, body: bytes, settings: Settings
         go = conn.recv()
         if go[0] != "go":
             return True
-        _, threads, beside = go
+        threads = go[1]  # (a run told to wait takes no rerun from beside)
     torch.set_num_threads(threads)
-    taken = []
 
-    def rerun_beside() -> Any:
-        taken.append(True)
-        return jobs.rerun_outcome(_rerun_message(conn.recv()))
-
-    served = _answer(conn, deadline,
-                     lambda: jobs.run(admitted, deadline, rerun_beside if beside else None))  # fmt: skip
-    if served and beside and not taken:
-        # the edge sends a rerun for every run told it comes: read before the next job
-        return conn.recv()[0] == "rerun"  # (anything else: out of step, so the worker ends)
-    return served
+    rerun_beside = (lambda: rerun_from(rerun_pipe)) if beside else None
+    return _answer(conn, deadline, lambda: jobs.run(admitted, deadline, rerun_beside))
 
 
-def _rerun_message(message: tuple) -> bytes | None:
-    """The payload of the edge's ("rerun", payload or None); anything else is a protocol
-    slip (RuntimeError: the worker reports it and ends), never a payload to unpickle."""
-    if (
-        len(message) != 2
-        or message[0] != "rerun"
-        or not isinstance(message[1], (bytes, type(None)))
-    ):
-        raise RuntimeError(f"expected the float64 rerun, got {str(message[0])[:40]!r}")
-    return message[1]
+def rerun_from(pipe: Connection) -> Any:
+    """The lent worker's rerun, read from its pipe; None when it wrote none (it closed its
+    end: not needed, or it could not make it) or ended mid-way: the run then reruns itself."""
+    try:
+        return jobs.rerun_outcome(pipe.recv_bytes())
+    except (EOFError, OSError):
+        return None
 
 
 def _rerun(conn: Connection, baseline_vm: int, body: bytes, settings: Settings,
            max_seconds: float) -> bool:  # fmt: skip
     """A program's float64 rerun for the worker running it (admitted again here: the same
-    body, the same plan), as the payload that worker takes in place of its own rerun; None
-    at once for a program whose plan reruns no float64 or whose run is estimated over
-    `max_seconds` (not a small run: it reruns itself)."""
-    _limit_memory(baseline_vm + hard_memory_bytes(settings))
-    deadline = ProcessDeadline(settings.run_deadline_s)
-    torch.set_num_threads(1)  # a small run's, on the spare core
-    return _answer(conn, deadline, lambda: jobs.rerun(body, settings, deadline, max_seconds),
-                   tag="reran")  # fmt: skip
+    body, the same plan), written into the pipe sent right after the job (read by that
+    worker in place of its own rerun; app/programs/outcome.py `rerun_payload`); answers
+    whether it wrote one. None is written at once for a program whose plan reruns no float64
+    or whose run is estimated over `max_seconds` (not a small run: it reruns itself)."""
+    with Connection(recv_handle(conn), readable=False) as pipe:  # to the run's worker
+        _limit_memory(baseline_vm + hard_memory_bytes(settings))
+        deadline = ProcessDeadline(settings.run_deadline_s)
+        torch.set_num_threads(1)  # a small run's, on the spare core
+
+        def rerun() -> bool:
+            payload = jobs.rerun(body, settings, deadline, max_seconds)
+            if payload is None:
+                return False
+            try:
+                pipe.send_bytes(payload)
+            except OSError:  # the run no longer reads (it failed, or it is over)
+                return False
+            return True
+
+        return _answer(conn, deadline, rerun, tag="reran")
 
 
 def _train(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) -> bool:

@@ -1,11 +1,13 @@
 """A small program's float64 rerun made beside its run, in a second sandbox worker lent by the
-pool (app/sandbox/pool.py `lend`, app/api/sandboxed.py `_rerun_beside`): the answer is the one
-the run's own worker gives when it reruns itself, bit for bit; a helper that cannot make the
-rerun costs nothing but the time; a lent worker is waited for, never replaced."""
+pool (app/sandbox/pool.py `lend`, app/api/sandboxed.py `_Beside`), its payload sent through a
+pipe between the two workers: the answer is the one the run's own worker gives when it reruns
+itself, bit for bit; a helper that cannot make the rerun costs nothing but the time; a lent
+worker is waited for, never replaced; the server keeps no end of the pipe."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import types
@@ -23,7 +25,8 @@ from app.programs import presets
 from app.programs import run as programs_run
 from app.programs.outcome import Outcome, outcome_of_payload, rerun_payload
 from app.programs.schemas import ProgramRequest
-from app.sandbox.pool import Sandbox, WorkerLost
+from app.sandbox.pool import Sandbox, WorkerLost, rerun_pipe
+from app.sandbox.worker import rerun_from
 from app.settings import Settings
 
 MAKEMORE = presets.preset("makemore")["request"]
@@ -130,6 +133,9 @@ class _Fake:
             raise WorkerLost("gone")
         self.sent.append(message)
 
+    def send_fd(self, fd: int) -> None:
+        self.send(("fd", os.fstat(fd).st_mode))
+
     def receive(self, timeout: float | None) -> tuple:
         raise WorkerLost("gone")
 
@@ -168,31 +174,38 @@ class _Http:
         return {"type": "http.request"}
 
 
+def _told(helper: _Fake, sandbox: Sandbox) -> sandboxed._Beside:
+    beside = sandboxed._Beside.lend(_Http(), sandbox, Settings())
+    assert beside is not None and beside.worker is helper
+    run = _Fake("run")
+    beside.connect(run, ("program", b"{}", Settings(), 0.25, True))
+    assert [m[0] for m in run.sent] == ["program", "fd"]  # the job, then the read end
+    return beside
+
+
 def test_a_helper_that_cannot_be_told_its_job_is_ended_and_not_used():
     helper = _Fake("helper", fails=True)
     sandbox = _pool(helper, size=0)
-    assert sandboxed._Beside.start(_Http(), sandbox, b"{}", Settings()) is None
-    assert not helper.alive and sandbox.replaced == 1 and not sandbox._lent
+    beside = _told(helper, sandbox)
+    assert beside.settled and not helper.alive and sandbox.replaced == 1 and not sandbox._lent
+    run = sandboxed._Call(_Http(), _Fake("run"), Settings())
+    assert anyio.run(beside.done, run) is False  # the run reruns itself
 
 
 def test_a_helper_lost_mid_rerun_gives_none_and_is_replaced():
     helper = _Fake("helper")  # told its job, then its pipe breaks (receive: WorkerLost)
     sandbox = _pool(helper, size=0)
-    beside = sandboxed._Beside.start(_Http(), sandbox, b"{}", Settings())
-    assert beside is not None and helper.sent[0][0] == "rerun"
+    beside = _told(helper, sandbox)
+    assert [m[0] for m in helper.sent] == ["rerun", "fd"]
     run = sandboxed._Call(_Http(), _Fake("run"), Settings())
-
-    async def main() -> bytes | None:
-        return await beside.payload(run)
-
-    assert anyio.run(main) is None  # the run reruns itself
+    assert anyio.run(beside.done, run) is False  # the run reruns itself
     assert run.clean and not helper.alive and sandbox.replaced == 1 and not sandbox._lent
 
 
 def test_a_helper_that_never_answered_is_ended_not_given_back():
     helper = _Fake("helper")
     sandbox = _pool(helper, size=0)
-    beside = sandboxed._Beside.start(_Http(), sandbox, b"{}", Settings())
+    beside = _told(helper, sandbox)
     beside.settle()  # (the request was cancelled: the helper may be mid-job)
     assert not helper.alive and helper not in sandbox._idle and sandbox.replaced == 1
 
@@ -212,13 +225,38 @@ def test_a_forward_that_fails_on_real_data_costs_no_worker(two_threads):
     assert beside.post("/api/program", json=MAKEMORE).status_code == 200
 
 
-def test_only_a_rerun_is_taken_as_a_rerun():
-    from app.sandbox.worker import _rerun_message
+def test_the_run_reads_a_rerun_a_closed_pipe_or_a_cut_one():
+    from multiprocessing.connection import Connection
 
-    assert _rerun_message(("rerun", None)) is None
-    assert _rerun_message(("rerun", b"payload")) == b"payload"
-    with pytest.raises(RuntimeError, match="expected the float64 rerun"):
-        _rerun_message(("program", b'{"inputs": {}}', Settings()))  # another job's message
+    outcome = Outcome(inputs={}, forward={}, loss=0.5, autograd={"w": torch.ones(3)},
+                      manual={"w": torch.ones(3)}, lines={"w": [1]}, spelling={}, helpers={},
+                      error=None)  # fmt: skip
+    payload = rerun_payload(outcome)
+    read_end, write_end = rerun_pipe()
+    with Connection(read_end, writable=False) as run, Connection(write_end, readable=False) as w:
+        w.send_bytes(payload)  # in one write: the pipe holds it before the run reads
+        got = rerun_from(run)
+        assert torch.equal(got.manual["w"], outcome.manual["w"]) and got.loss == 0.5
+    read_end, write_end = rerun_pipe()
+    with Connection(read_end, writable=False) as run:
+        os.close(write_end)  # the helper wrote nothing (not needed) and closed its end
+        assert rerun_from(run) is None
+    read_end, write_end = rerun_pipe()
+    with Connection(read_end, writable=False) as run:
+        os.write(write_end, len(payload).to_bytes(4, "big") + payload[:100])
+        os.close(write_end)  # the helper ended mid-write (killed at its limit)
+        assert rerun_from(run) is None
+
+
+def test_the_server_keeps_no_end_of_a_rerun_pipe(two_threads):
+    beside, _ = two_threads
+    sandbox = beside.app.state.sandbox
+    assert beside.post("/api/program", json=MAKEMORE).status_code == 200
+    before, reran = len(os.listdir("/proc/self/fd")), sandbox.reran
+    for _ in range(5):
+        assert beside.post("/api/program", json=MAKEMORE).status_code == 200
+    assert sandbox.reran == reran + 5  # every one made beside, through its own pipe
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_a_run_waiting_for_a_worker_goes_before_a_rerun():
