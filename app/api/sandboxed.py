@@ -72,7 +72,8 @@ async def run_program(http: Request) -> Response:
                     waits_for_go, running = False, True
                 if with_rerun:
                     waited_from = time.monotonic()
-                    sandbox.reran += await beside.done(call)
+                    sent = await beside.done(call)
+                    sandbox.reran += sent  # (read after the await: runs wait side by side)
                     call.left_s -= time.monotonic() - waited_from
                 answer = await call.reply()
         except BaseException:
@@ -112,12 +113,24 @@ class _Beside:
         self.call = _Call(http, worker, settings)
         self.sent_at = time.monotonic()  # its wall limit counts from its job, not its wait
         self.settled = False
+        self.pipe: tuple[int, int] = (-1, -1)  # (read end, write end), made by `lend`
 
     @classmethod
     def lend(cls, http: Request, sandbox: Sandbox, settings: Settings) -> _Beside | None:
-        """A lent worker, not yet told its job (`connect`), or None when no worker is idle."""
+        """A lent worker and its pipe, not yet told its job (`connect`); None when no worker
+        is idle, or no pipe can be made (out of descriptors): the run then reruns itself."""
+        try:
+            pipe = rerun_pipe()
+        except OSError:
+            return None
         worker = sandbox.lend()
-        return None if worker is None else cls(http, sandbox, worker, settings)
+        if worker is None:
+            os.close(pipe[0])
+            os.close(pipe[1])
+            return None
+        beside = cls(http, sandbox, worker, settings)
+        beside.pipe = pipe
+        return beside
 
     def connect(self, run: Worker, job: tuple) -> None:
         """Tell this worker its rerun, with the pipe's write end (one that cannot hear it is
@@ -125,7 +138,7 @@ class _Beside:
         that worker is lost). The rerun goes first: float64 takes a little longer than the
         run, and the run reads it only once its own pass and maps are done. The server keeps
         neither end."""
-        read_end, write_end = rerun_pipe()
+        read_end, write_end = self.pipe
         try:
             self.sent_at = time.monotonic()
             try:

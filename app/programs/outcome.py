@@ -58,7 +58,7 @@ def rerun_payload(outcome: Outcome) -> bytes | None:
 
 def outcome_of_payload(payload: bytes) -> Outcome:
     """`rerun_payload`'s outcome, with what the check does not read of a rerun left empty."""
-    sent = pickle.loads(payload)  # (from our own sandbox worker, through the server)
+    sent = pickle.loads(payload)  # (from our own sandbox worker, through its pipe)
     error = None
     if sent["error"] is not None:
         message, kind, details, line, code = sent["error"]

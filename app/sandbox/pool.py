@@ -1,5 +1,7 @@
 """The sandbox's workers as the server sees them: a few kept warm for program runs, and one of
-its own for each training. Blocking calls: the web edge runs them off its event loop."""
+its own for each training. Calls that may block (a worker's start, a wait for one, a reply)
+the web edge runs off its event loop; `take_idle`, `lend`, `give` and a job's sends do not
+wait (a send's message and a pipe's end fit in the socket's buffer)."""
 
 from __future__ import annotations
 
@@ -90,6 +92,10 @@ class Worker:
             self.process.start()
         child.close()
         self.ready = False
+        # `kill` may come from two threads at once (a client gone, seen by the event loop,
+        # while the thread waiting on the pipe sees it close): its end is closed once, never
+        # a second time after its number went to a new pipe or socket
+        self._closing = threading.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -157,8 +163,9 @@ class Worker:
             except ProcessLookupError:
                 pass
         self.process.join(5)
-        if not self.conn.closed:
-            self.conn.close()
+        with self._closing:
+            if not self.conn.closed:
+                self.conn.close()
 
 
 RERUN_PIPE_BYTES = 1 << 20  # a small program's float64 rerun (makemore's: 369 KB) in one write
@@ -169,7 +176,7 @@ def rerun_pipe() -> tuple[int, int]:
     float64 rerun: the payload goes from one worker to the other, not through the server.
     Its capacity is raised where Linux allows, so that the lent worker's write ends at once
     and it is free before the run reads (a bigger payload waits for the reader)."""
-    read_end, write_end = os.pipe()
+    read_end, write_end = os.pipe()  # (OSError when out of descriptors: no helper then)
     try:
         import fcntl
 
@@ -203,7 +210,7 @@ class Sandbox:
         self._started = False
         self.replaced = 0  # workers replaced after a kill or a failure (for tests and logs)
         self.lent = 0  # workers lent for a piece of a run (for tests and logs)
-        self.reran = 0  # of them, reruns that came back and were used
+        self.reran = 0  # of them, reruns written into the run's pipe (the run reads them)
 
     def start(self) -> None:
         """Start the pool's workers (once; blocking until they are warm, for every caller)."""

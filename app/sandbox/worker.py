@@ -169,6 +169,8 @@ def _run_program(conn: Connection, baseline_vm: int, body: bytes, settings: Sett
 
     if not _answer(conn, deadline, admit, tag="admitted"):
         return False
+    if rerun_pipe is not None and not beside:  # never read: a helper writing sees it closed
+        rerun_pipe.close()
     if admitted is None:  # refused or stopped: the worker is ready for another job
         return True
     if started:

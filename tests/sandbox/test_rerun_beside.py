@@ -43,6 +43,13 @@ PROGRAMS = {
         **MAKEMORE,
         "backward": MAKEMORE["backward"].replace("dW2 = h.T @ dlogits", "dW2 = 2 * h.T @ dlogits"),
     },  # fmt: skip
+    # a small run whose float64 rerun (5.8 MB) is more than its pipe holds: the helper's
+    # write waits for the run to read it
+    "a rerun bigger than its pipe": {
+        "inputs": {"x": {"shape": [4, 600]}, "W": {"shape": [600, 600]}},
+        "forward": "h = x @ W\nloss = h.sum()",
+        "backward": "dh = torch.ones_like(h)\ndW = x.T @ dh\ndx = dh @ W.T",
+    },
 }
 
 
@@ -257,6 +264,53 @@ def test_the_server_keeps_no_end_of_a_rerun_pipe(two_threads):
         assert beside.post("/api/program", json=MAKEMORE).status_code == 200
     assert sandbox.reran == reran + 5  # every one made beside, through its own pipe
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_an_idle_worker_is_taken_on_the_loop_only_when_take_would_not_wait():
+    a, b = _Fake("a"), _Fake("b")
+    sandbox = _pool(a, b)
+    assert sandbox.take_idle() is b and b in sandbox._busy  # the one used last
+    a.alive = False
+    assert sandbox.take_idle() is None  # a dead one is left to `take`, which replaces it
+    a.alive = True
+    sandbox._waiting = 1
+    assert sandbox.take_idle() is None  # a run already waiting goes first
+    sandbox._waiting = 0
+    assert sandbox.take_idle() is a
+    assert Sandbox(2).take_idle() is None  # not started: `take` starts it
+
+
+def test_no_pipe_no_helper(monkeypatch):
+    def out_of_descriptors() -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    sandbox = _pool(_Fake("helper"))
+    monkeypatch.setattr(sandboxed, "rerun_pipe", out_of_descriptors)
+    assert sandboxed._Beside.lend(_Http(), sandbox, Settings()) is None
+    assert sandbox.lent == 0 and len(sandbox._idle) == 1  # nothing lent, nothing ended
+
+
+def test_a_worker_killed_from_two_threads_closes_its_pipe_once():
+    from app.sandbox.pool import Worker
+
+    class Conn:
+        closed, closes = False, 0
+
+        def close(self) -> None:
+            time.sleep(0.05)  # (both threads inside at once, without the lock)
+            Conn.closes += 1
+            self.closed = True
+
+    worker = Worker.__new__(Worker)
+    worker.conn = Conn()
+    worker.process = types.SimpleNamespace(pid=None, exitcode=0, join=lambda timeout: None)
+    worker._closing = threading.Lock()
+    threads = [threading.Thread(target=worker.kill) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert Conn.closes == 1
 
 
 def test_a_run_waiting_for_a_worker_goes_before_a_rerun():
