@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from app.cost.plan import RunPlan, heatmap_cap
 from app.engine.tensors import input_specs, layer_sizes, lead_shape
-from app.ops.linear import CHUNKS_IN_FLIGHT, chunk_rows, chunks_in_flight
+from app.ops.linear import CHUNKS_IN_FLIGHT, chunk_rows, chunks_in_flight, shares_held
 from app.views.heatmap import JSON_BYTES_PER_CELL
 
 
@@ -36,14 +36,20 @@ def chunk_peak(
     n_rows: int, fan_in: int, fan_out: int, itemsize: int, chunk_bytes: int, strategy: str
 ) -> int:
     """Peak bytes of one linear layer's broadcast product under `strategy`: the chunks in
-    flight (the run's and its spare thread's)."""
+    flight (the run's and its spare thread's), and the (in, out) shares each thread holds
+    beyond the one it made (app/ops/linear.py `shares_held`)."""
     if strategy != "broadcast":
         return 0
     # the larger of one whole-cap chunk (no spare) and two half-cap ones (with a spare)
     alone = min(n_rows, chunk_rows(fan_in, fan_out, itemsize, chunk_bytes))
     half = min(n_rows, chunk_rows(fan_in, fan_out, itemsize, chunk_bytes, CHUNKS_IN_FLIGHT))
     row_bytes = fan_in * fan_out * itemsize
-    side_by_side = chunks_in_flight(n_rows, half, row_bytes, chunk_bytes) * half * row_bytes
+    in_flight = chunks_in_flight(n_rows, half, row_bytes, chunk_bytes)
+    side_by_side = in_flight * half * row_bytes
+    if in_flight > 1:
+        side_by_side += (
+            in_flight * (shares_held(fan_in, fan_out, itemsize) - 1) * (fan_in * fan_out * itemsize)
+        )
     return max(alone * row_bytes, side_by_side)
 
 

@@ -129,7 +129,8 @@ class Linear(Op):
         # single row's product can be bigger than half of it); their shares added in order
         row_bytes = fan_in * fan_out * g2.element_size()
         side_by_side = in_flight > 1 and chunks_in_flight(n, rows, row_bytes, ctx.chunk_bytes) > 1
-        spare.in_order(range(0, n, rows), chunk_share, w_g.add_, ctx.check, side_by_side)
+        hold = shares_held(fan_in, fan_out, g2.element_size())
+        spare.in_order(range(0, n, rows), chunk_share, w_g.add_, ctx.check, side_by_side, hold)
         return x_g, w_g.to(w.dtype)
 
 
@@ -142,6 +143,19 @@ MAX_CHUNK_ROWS = 4096  # a chunk's own sum over rows stays short, so it rounds l
 # chunks: more, smaller parallel regions cost its torch threads a wake-up each. A config always
 # runs in the same lane, so it is always cut into the same chunks: the same answer, bit for bit.
 CHUNKS_IN_FLIGHT = 2
+
+
+# With a spare, each thread may hold a few chunks' (in, out) shares made and not yet added (in
+# the chunks' order), so that the faster thread takes more chunks when the other's core is
+# shared with another process (spare.in_order): the article's 784 x 50 shares (157 KB), six a
+# thread; a share of over HELD_SHARES_BYTES is held alone, as before (the two threads then go
+# in lockstep).
+HELD_SHARES_BYTES = 1 << 20
+
+
+def shares_held(fan_in: int, fan_out: int, itemsize: int) -> int:
+    """How many (in, out) shares a thread may hold at once (at least the one it made)."""
+    return max(1, HELD_SHARES_BYTES // (fan_in * fan_out * itemsize))
 
 
 def chunks_in_flight(n_rows: int, rows: int, row_bytes: int, chunk_bytes: int) -> int:

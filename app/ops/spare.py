@@ -15,6 +15,7 @@ deadline counts the run's whole work.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextvars
 import threading
@@ -103,15 +104,19 @@ def in_order(
     fold: Callable[[T], None],
     check: Callable[[], None],
     share: bool = True,
+    hold: int = 1,
 ) -> None:
     """`fold(compute(key))` for every key, folded in the keys' order whoever computed each
     part: this thread and the spare take the next key in turn, and the thread that made a part
     folds it once the part before is folded, so a sum adds its parts in the same order with a
-    spare or without one. A part never outlives its thread's turn: memory a thread allocates
-    is freed by that thread, in the order it came (parts handed across threads fragmented
-    the allocator's heaps: 4 MiB products left 60-100 MB behind). `check` (the run's cancel
-    check) is called before each part this thread takes; the spare stops at a failed part or
-    once this thread stops. `share=False`: all on this thread."""
+    spare or without one. Memory a thread allocates is freed by that thread, in the order it
+    came (parts handed across threads fragmented the allocator's heaps: 4 MiB products left
+    60-100 MB behind). A thread may hold up to `hold` parts made and not yet folded, and
+    takes the next key meanwhile: with one, the two threads go in lockstep, each as slow as
+    the slower (a core shared with another process: the run's half there at half speed);
+    with a few small parts held (a broadcast's (in, out) shares), the faster takes more keys.
+    `check` (the run's cancel check) is called before each part this thread takes; the spare
+    stops at a failed part or once this thread stops. `share=False`: all on this thread."""
     spare_: Spare | None = getattr(_local, "spare", None) if share else None
     if spare_ is None or len(keys) < 2:
         for key in keys:
@@ -121,19 +126,35 @@ def in_order(
     turns = _Turns(len(keys))
 
     def take_turns(before_each: Callable[[], None]) -> None:
-        while True:
-            before_each()
-            i = turns.claim()
-            if i is None:
-                return
-            part = compute(keys[i])
-            if not turns.wait_for(i):
-                return  # stopped: the other thread failed
-            try:
-                fold(part)
-            finally:
-                del part
-                turns.folded(i)
+        held: collections.deque[tuple[int, T]] = collections.deque()  # made here, in order
+        try:
+            while True:
+                # fold what is this thread's turn; wait for a turn only with no room left
+                while held and (len(held) >= hold or turns.is_turn(held[0][0])):
+                    if not turns.wait_for(held[0][0]):
+                        return  # stopped: the other thread failed
+                    i, part = held.popleft()
+                    try:
+                        fold(part)
+                    finally:
+                        del part
+                        turns.folded(i)
+                before_each()
+                i = turns.claim()
+                if i is None:
+                    break
+                held.append((i, compute(keys[i])))
+            while held:  # no key left: the parts held, each at its turn
+                if not turns.wait_for(held[0][0]):
+                    return
+                i, part = held.popleft()
+                try:
+                    fold(part)
+                finally:
+                    del part
+                    turns.folded(i)
+        finally:
+            held.clear()  # (stopped: what is left is this thread's to free)
 
     def spare_share() -> None:
         try:
@@ -167,6 +188,11 @@ class _Turns:
                 return None
             self._next += 1
             return self._next - 1
+
+    def is_turn(self, i: int) -> bool:
+        """Whether part `i` may be folded now (every part before it is)."""
+        with self._changed:
+            return self._done >= i
 
     def wait_for(self, i: int) -> bool:
         """Wait for part `i`'s turn to fold; False if stopped meanwhile."""

@@ -56,6 +56,31 @@ def test_each_part_is_folded_by_the_thread_that_made_it_in_the_keys_order(with_s
     assert len(set(made_by.values())) == 2
 
 
+@pytest.mark.parametrize("hold", [1, 4])
+def test_a_thread_that_holds_parts_takes_more_when_the_other_is_slow(with_spare, hold):
+    """One part held (the lockstep): each thread takes every other key, whatever their speed.
+    A few held: the faster thread (here the spare, its core not shared) takes more keys;
+    every part still folded in the keys' order, by the thread that made it."""
+    made_by: dict[int, int] = {}
+    folds: list[tuple[int, int]] = []
+    me = threading.get_ident()
+
+    def compute(k: int) -> int:
+        made_by[k] = threading.get_ident()
+        time.sleep(0.004 if made_by[k] == me else 0.001)
+        return k
+
+    fold = lambda k: folds.append((k, threading.get_ident()))  # noqa: E731
+    spare.in_order(range(40), compute, fold, lambda: None, hold=hold)
+    assert [k for k, _ in folds] == list(range(40))
+    assert all(made_by[k] == thread for k, thread in folds)
+    by_spare = sum(thread != me for thread in made_by.values()) / 40
+    if hold == 1:
+        assert by_spare <= 0.6, by_spare
+    else:
+        assert by_spare >= 0.65, by_spare
+
+
 def test_a_part_that_fails_on_the_spare_raises_on_the_run_thread(with_spare):
     def compute(k: int) -> int:
         if threading.current_thread().name.startswith("test-spare"):
