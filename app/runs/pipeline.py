@@ -78,6 +78,15 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
     builtin: dict[str, torch.Tensor] | None = {} if formulas else None
     grads = net.backward(env, ctx, formulas, builtin)
     after_backward = time.perf_counter()
+    specs = input_specs(cfg)
+    leaves = [s.name for s in specs if s.role != "target"]
+    cells = heatmap_cap(cfg)  # max_cells, or fewer where the response would pass its bound
+    # the largest gradient's maps need nothing of the check unless autograd's are drawn
+    # beside them: on the spare core (if any) while this thread checks
+    largest = max(leaves, key=lambda n: grads[n].numel())
+    drawn = (
+        None if cfg.reference_heatmaps else spare.alongside(gradient_view, grads[largest], cells)
+    )
 
     other_precision: dict[torch.dtype, dict[str, torch.Tensor]] = {}
 
@@ -117,13 +126,10 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
         followed = follow(cfg.follow, net, env, grads, user, max_terms=MAX_FOLLOW_TERMS)
     after_follow = time.perf_counter()
 
-    specs = input_specs(cfg)
     info = {s.name: _info(env[s.name], s.role) for s in specs}
     for entry in forward_trace:
         role = "output" if entry["output"] in ("out", "loss") else "activation"
         info[entry["output"]] = _info(env[entry["output"]], role)
-    leaves = [s.name for s in specs if s.role != "target"]
-    cells = heatmap_cap(cfg)  # max_cells, or fewer where the response would pass its bound
     result = {
         # formulas only when given: the v1 config echo stays exactly as it was
         "config": _config_echo(cfg),
@@ -131,7 +137,7 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
         "tensors": info,
         "forward": forward_trace,
         "backward": backward_trace,
-        "gradients": _views(cfg, leaves, grads, reference, check, cells),
+        "gradients": _views(cfg, leaves, grads, reference, check, cells, (largest, drawn)),
         "check": check,
         "formulas": {
             f"{e['grad']}.g": {
@@ -172,9 +178,11 @@ def _run(cfg, chunk_bytes: int, cancel, traces: Traces) -> dict[str, Any]:
     return result
 
 
-def _views(cfg, leaves: list[str], grads, reference, check, cells: int) -> dict[str, Any]:
+def _views(cfg, leaves: list[str], grads, reference, check, cells: int,
+           drawn: tuple[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Each gradient's stats and maps; the largest on the lane's spare core (if any) while
-    this thread draws the others (x.g's maps are most of the views' time)."""
+    this thread draws the others (x.g's maps are most of the views' time). `drawn`: the
+    largest's name and its maps on their way (None: drawn here, with autograd's)."""
 
     def view(n: str) -> dict[str, Any]:
         return gradient_view(
@@ -184,8 +192,9 @@ def _views(cfg, leaves: list[str], grads, reference, check, cells: int) -> dict[
             _tolerance(check["tensors"].get(n)),
         )
 
-    largest = max(leaves, key=lambda n: grads[n].numel())
-    aside = spare.alongside(view, largest)
+    largest, aside = drawn
+    if aside is None:
+        aside = spare.alongside(view, largest)
     views = {n: view(n) for n in leaves if n != largest}
     views[largest] = aside.result()
     if cfg.reference_heatmaps:  # autograd's maps, the difference's and the tolerance's, drawn
