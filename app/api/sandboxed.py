@@ -108,12 +108,13 @@ class _Beside:
     it has answered (`done`), else ended (`settle`): its end of the pipe then closes, and the
     run, reading no payload, reruns itself."""
 
-    def __init__(self, http: Request, sandbox: Sandbox, worker: Worker, settings: Settings):
+    def __init__(self, http: Request, sandbox: Sandbox, worker: Worker, settings: Settings,
+                 pipe: tuple[int, int]) -> None:  # fmt: skip
         self.sandbox, self.worker = sandbox, worker
+        self.pipe = pipe  # (read end, write end): given away, and closed here, by `connect`
         self.call = _Call(http, worker, settings)
         self.sent_at = time.monotonic()  # its wall limit counts from its job, not its wait
         self.settled = False
-        self.pipe: tuple[int, int] = (-1, -1)  # (read end, write end), made by `lend`
 
     @classmethod
     def lend(cls, http: Request, sandbox: Sandbox, settings: Settings) -> _Beside | None:
@@ -128,9 +129,7 @@ class _Beside:
             os.close(pipe[0])
             os.close(pipe[1])
             return None
-        beside = cls(http, sandbox, worker, settings)
-        beside.pipe = pipe
-        return beside
+        return cls(http, sandbox, worker, settings, pipe)
 
     def connect(self, run: Worker, job: tuple) -> None:
         """Tell this worker its rerun, with the pipe's write end (one that cannot hear it is

@@ -127,10 +127,12 @@ def in_order(
 
     def take_turns(before_each: Callable[[], None]) -> None:
         held: collections.deque[tuple[int, T]] = collections.deque()  # made here, in order
+        keys_left = True
         try:
             while True:
-                # fold what is this thread's turn; wait for a turn only with no room left
-                while held and (len(held) >= hold or turns.is_turn(held[0][0])):
+                # fold what is this thread's turn; wait for a turn only with no room left, or
+                # no key left to take meanwhile
+                while held and (not keys_left or len(held) >= hold or turns.is_turn(held[0][0])):
                     if not turns.wait_for(held[0][0]):
                         return  # stopped: the other thread failed
                     i, part = held.popleft()
@@ -139,20 +141,14 @@ def in_order(
                     finally:
                         del part
                         turns.folded(i)
+                if not keys_left:
+                    return
                 before_each()
                 i = turns.claim()
                 if i is None:
-                    break
-                held.append((i, compute(keys[i])))
-            while held:  # no key left: the parts held, each at its turn
-                if not turns.wait_for(held[0][0]):
-                    return
-                i, part = held.popleft()
-                try:
-                    fold(part)
-                finally:
-                    del part
-                    turns.folded(i)
+                    keys_left = False
+                else:
+                    held.append((i, compute(keys[i])))
         finally:
             held.clear()  # (stopped: what is left is this thread's to free)
 
