@@ -46,10 +46,8 @@ def chunk_peak(
     row_bytes = fan_in * fan_out * itemsize
     in_flight = chunks_in_flight(n_rows, half, row_bytes, chunk_bytes)
     side_by_side = in_flight * half * row_bytes
-    if in_flight > 1:
-        side_by_side += (
-            in_flight * (shares_held(fan_in, fan_out, itemsize) - 1) * (fan_in * fan_out * itemsize)
-        )
+    if in_flight > 1:  # (a share is (in, out): the bytes of one row's product)
+        side_by_side += in_flight * (shares_held(fan_in, fan_out, itemsize) - 1) * row_bytes
     return max(alone * row_bytes, side_by_side)
 
 
