@@ -71,14 +71,17 @@ def noise_between(pairs):
     one per side. noise = |autograd - autograd'| + |manual - manual'|: by the triangle
     inequality, rounding alone cannot pull the two sides further apart than that; a wrong
     formula's error does not depend on the precision, so it stands far above it."""
-    return sum((a.double() - b.double()).abs().max().item() for a, b in pairs)
+    return sum(max_abs_diff(a, b, torch.float64) for a, b in pairs)
 
 
-def max_abs_diff(a, b):
-    """max|a - b|, chunk by chunk (0.0 when empty)."""
+def max_abs_diff(a, b, dtype=None):
+    """max|a - b|, chunk by chunk (0.0 when empty); `dtype`: both sides cast to it first,
+    a chunk at a time."""
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    return max(
-        ((flat_a[i : i + COMPARE_CHUNK] - flat_b[i : i + COMPARE_CHUNK]).abs().max().item()
-         for i in range(0, flat_b.numel(), COMPARE_CHUNK)),
-        default=0.0,
-    )  # fmt: skip
+    chunk_max = []
+    for i in range(0, flat_b.numel(), COMPARE_CHUNK):
+        part_a, part_b = flat_a[i : i + COMPARE_CHUNK], flat_b[i : i + COMPARE_CHUNK]
+        if dtype is not None:
+            part_a, part_b = part_a.to(dtype), part_b.to(dtype)
+        chunk_max.append((part_a - part_b).abs().max())
+    return torch.stack(chunk_max).max().item() if chunk_max else 0.0  # (NaN kept)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from app.ops import spare
+from app.ops import scratch, spare
 from app.ops.base import Context, Op, Trail, sum_formula
 from app.ops.functional import unbroadcast
 from app.ops.traced import Traced
@@ -111,6 +111,7 @@ class Linear(Op):
         w_g = torch.zeros_like(w, dtype=torch.float64)  # (in, out)
         x_name, w_name, b_name = self.inputs
         w_t, b_t = Traced.leaf(w, w_name), Traced.leaf(b, b_name)
+        products = scratch.PerThread()  # each thread's products in one reused buffer
 
         def chunk_share(start: int) -> torch.Tensor:
             chunk = slice(start, start + rows)
@@ -121,9 +122,10 @@ class Linear(Op):
                 b_t,
                 result=Traced.leaf(out2[chunk], self.output),
             )
-            if x_g is not None:
-                x_g[chunk] = formulas[x_name]().t  # (rows, in)
-            return formulas[w_name]().t  # (in, out): this chunk's share of the sum over rows
+            with products.lent():
+                if x_g is not None:
+                    x_g[chunk] = formulas[x_name]().t  # (rows, in)
+                return formulas[w_name]().t  # (in, out): this chunk's share of the sum over rows
 
         # chunks side by side on the lane's spare core, if any, when two fit in the cap (a
         # single row's product can be bigger than half of it); their shares added in order

@@ -127,3 +127,19 @@ def test_a_checks_passes_share_each_tensors_entries_and_give_the_same_numbers():
     first = flats(pairs32[0][0])
     compare_many(pairs32, noises, flats)
     assert len(flats._made) == 12 and flats(pairs32[0][0]) is first  # asked again: kept
+
+
+def test_noise_between_large_gradients_is_the_whole_float64_difference(monkeypatch):
+    """Cast and compared a pass at a time (no float64 copies of whole gradients): the same
+    as the whole cast's max|a - b|, NaN kept."""
+    from app.check import tolerance
+
+    monkeypatch.setattr(tolerance, "COMPARE_CHUNK", 1000)
+    a = torch.randn(300, 97)
+    b = a + torch.randn(300, 97) * 1e-6
+    wide = a.double(), (a.double() * (1 + 1e-7)).float().double()
+    pairs = [(a, b), (wide[0], wide[1].float())]
+    want = sum((x.double() - y.double()).abs().max().item() for x, y in pairs)
+    assert noise_between(pairs) == want
+    a[299, 96] = float("nan")
+    assert math.isnan(noise_between([(a, b)]))

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from app.views import heatmap
 from app.views.heatmap import block_extreme, block_max, block_mean, block_sizes, gradient_view
 
 
@@ -59,6 +60,26 @@ def test_gradient_view_stats_are_exact_and_nonfinite_counted():
     assert stats["min"] == clean.min().item() and stats["max"] == clean.max().item()
     assert stats["mean"] == pytest.approx(clean.double().mean().item(), rel=1e-12)
     assert stats["norm"] == pytest.approx(clean.double().norm().item(), rel=1e-12)
+
+
+def test_stats_of_a_large_float32_gradient_are_exact_in_passes(monkeypatch):
+    """The mean and norm of a gradient larger than one pass (the article's x.g: 784k
+    entries) accumulate in float64 pass by pass, no float64 copy of the whole: the same
+    numbers as the whole cast, to float64's rounding; non-finite entries still spread."""
+    monkeypatch.setattr(heatmap, "STATS_PASS_ENTRIES", 1000)  # 120 passes, the last short
+    t = torch.randn(300, 397) * 1e3 + 7.0  # (a mean far from 0: float32 sums would drift)
+    total, norm = heatmap.sum_and_norm(t)
+    assert total == pytest.approx(t.double().sum().item(), rel=1e-12)
+    assert norm == pytest.approx(t.double().norm().item(), rel=1e-12)
+    wide = t.double()  # float64 needs no cast: the norm's own scaling
+    assert heatmap.sum_and_norm(wide) == (wide.sum().item(), wide.norm().item())
+    t[250, 3] = float("inf")
+    assert heatmap.sum_and_norm(t) == (math.inf, math.inf)
+    t[2, 2] = float("nan")
+    assert all(math.isnan(v) for v in heatmap.sum_and_norm(t))
+    assert heatmap.sum_and_norm(torch.full((3, 4), 3e38)) == pytest.approx(
+        (3.6e39, 1.04e39), rel=0.01
+    )
 
 
 def test_reference_and_difference_heatmaps_share_the_blocks(client):
