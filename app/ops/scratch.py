@@ -68,7 +68,7 @@ class Scratch:
             shape = broadcast_shape(a.shape, b.shape)  # (broadcast_shapes imports sympy)
         except BroadcastError:
             return None  # torch's own error follows
-        dtype, n = torch.promote_types(a.dtype, b.dtype), math.prod(shape)
+        dtype, n = torch.result_type(a, b), math.prod(shape)  # (0-dim operands too)
         buffer = self._buffer
         if buffer is None or buffer.dtype != dtype or buffer.numel() < n:
             self._views.clear()

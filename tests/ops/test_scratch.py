@@ -65,6 +65,11 @@ def test_dtypes_and_sizes_follow_the_product():
         assert wide.dtype == torch.float64 and wide.shape == (6, 4, 3)
         mask = Traced.leaf(torch.rand(6, 1) > 0.5, "m") * Traced.leaf(torch.randn(4), "b")
         assert mask.t.dtype == torch.float32 and mask.t.shape == (6, 4)
+        del mask
+        # a 0-dim float64 operand does not widen a float32 tensor: torch's own promotion
+        zero_dim = torch.tensor(2.0, dtype=torch.float64)
+        scaled = (Traced.leaf(torch.randn(6, 4), "a") * Traced.leaf(zero_dim, "s")).t
+        assert scaled.dtype == torch.float32
 
 
 def test_shapes_that_cannot_broadcast_keep_torchs_own_error():
