@@ -9,8 +9,10 @@ worth of pages are touched (one thread: +10 MB for 2 MiB products; the article's
 fresh server: ~10 MB of its peak). A `Scratch` holds one buffer per thread instead, and every
 broadcast a formula makes while it is `lent` is written into it with `out=`.
 
-The buffer is handed out only while nothing else uses its storage (no view of an earlier
-product is alive): otherwise the product is allocated as usual. Same numbers either way.
+The buffer is handed out only while no product written on it earlier can be read (neither
+the tensor handed out nor any view of its storage is alive), otherwise the product is
+allocated as usual; and in the layout a fresh product would have. Same numbers either way,
+bit for bit.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import contextvars
 import math
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,8 +36,10 @@ _LENT: contextvars.ContextVar[Scratch | None] = contextvars.ContextVar("scratch"
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def _uses(t: torch.Tensor) -> int:
-    return _storage_use_count(t.untyped_storage()._cdata)  # (+1: the storage object asked)
+# a fresh product's (size, stride, dtype, numel) by its operands' shapes, strides and dtypes (False:
+# not one dense block, never written on a buffer); shared by every thread's scratch
+_LAYOUTS: dict[Any, tuple[torch.Size, tuple[int, ...], torch.dtype, int] | bool] = {}
+MAX_LAYOUTS = 256
 
 
 class Scratch:
@@ -43,40 +47,61 @@ class Scratch:
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None  # (capacity,)
-        # each product's place on the buffer, by its operands' shapes and dtypes: a linear
-        # layer's chunks make two kinds (x.g's and w.g's), in turn
+        self._storage_object: Any = None  # the buffer's storage, and its address for torch
+        self._storage = 0
+        # the tensor on the buffer handed out for each kind of product (a linear layer's
+        # chunks make two, x.g's and w.g's, in turn): the same one each time, no torch call
         self._views: dict[Any, torch.Tensor] = {}
         self._idle_uses = 0  # the storage's use count while no product holds it
+        self._idle_references = 0  # a view's reference count (`_references`) while idle
 
-    def out(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-        """Where `a * b` may be written: a tensor of its shape and dtype on the buffer, or
-        None while an earlier product on it is alive (or the two cannot broadcast).
+    def multiply(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """`a * b`, written on the buffer where it can be: in the layout torch gives a fresh
+        product (its shape, strides and dtype: contiguous for contiguous operands, else
+        learnt from the first fresh one of these operands' shapes, strides and dtypes), and
+        only while no product written earlier can still be read (`_out`)."""
+        contiguous = a.is_contiguous() and b.is_contiguous()
+        key = (a.shape, b.shape, a.dtype, b.dtype) if contiguous else (
+            a.shape, b.shape, a.dtype, b.dtype, a.stride(), b.stride())  # fmt: skip
+        layout = _LAYOUTS.get(key)
+        if layout is None and contiguous:
+            layout = _learn(key, _contiguous_layout(a, b))  # (what torch makes of these)
+        out = self._out(key, layout) if layout else None
+        if out is not None:
+            return torch.mul(a, b, out=out)  # (returns `out` itself)
+        made = torch.mul(a, b)  # (torch's own error where they cannot broadcast)
+        if layout is None:  # strided operands: the layout of this fresh one, for the next
+            _learn(key, (made.shape, made.stride(), made.dtype, made.numel()))
+        return made
 
-        A product handed out is one of `_views` itself, so it is alive while a reference to
-        it is (Python's count when idle: the dict's, `view` here and getrefcount's argument)
-        or a view of the storage is (the storage's count when idle: the buffer, `_views`)."""
-        for view in self._views.values():
-            if sys.getrefcount(view) > 3:
-                return None  # never written over while anything can still read it
-        if self._buffer is not None and _uses(self._buffer) != self._idle_uses:
-            return None
-        key = (a.shape, b.shape, a.dtype, b.dtype)
-        view = self._views.get(key)
-        if view is not None:  # (every chunk but the last)
-            return view
-        try:
-            shape = broadcast_shape(a.shape, b.shape)  # (broadcast_shapes imports sympy)
-        except BroadcastError:
-            return None  # torch's own error follows
-        dtype, n = torch.result_type(a, b), math.prod(shape)  # (0-dim operands too)
+    def _out(self, key: Any, layout: tuple) -> torch.Tensor | None:
+        """The buffer's tensor for `key`, or None while a product written earlier can still
+        be read: a tensor handed out is alive while anything references it (its reference
+        count over the idle one, measured by the same code when it was made), and any view
+        of it holds the buffer's storage (its use count over the idle one)."""
+        views = self._views
+        if views and (
+            _storage_use_count(self._storage) != self._idle_uses
+            or _references(views) != self._idle_references
+        ):
+            return None  # never written over while anything can still read it
+        out = views.get(key)
+        if out is not None:
+            return out
+        size, stride, dtype, n = layout
         buffer = self._buffer
         if buffer is None or buffer.dtype != dtype or buffer.numel() < n:
-            self._views.clear()
-            self._buffer = buffer = None  # (freed before the next is made)
+            views.clear()
+            self._buffer = self._storage_object = buffer = None  # (freed before the next)
             self._buffer = buffer = torch.empty(n, dtype=dtype)
-        view = self._views[key] = buffer[:n].view(shape)
-        self._idle_uses = _uses(buffer)
-        return view
+            # its storage object kept: its use count is read without making one each time
+            self._storage_object = buffer.untyped_storage()
+            self._storage = self._storage_object._cdata
+        views[key] = buffer.as_strided(size, stride)
+        del buffer
+        self._idle_uses = _storage_use_count(self._storage)  # the buffer, its views, storage
+        self._idle_references = _references(views)
+        return views[key]
 
     @contextlib.contextmanager
     def lent(self) -> Iterator[None]:
@@ -86,6 +111,45 @@ class Scratch:
             yield
         finally:
             _LENT.reset(token)
+
+
+def _references(views: dict[Any, torch.Tensor]) -> int:
+    """The most references any of `views` has (counted the same way whenever asked)."""
+    return max(sys.getrefcount(view) for view in views.values())
+
+
+def _learn(key: Any, layout: Any) -> Any:
+    """Keep `layout` for `key`'s products: False when it is not one dense block (a product
+    never written on a buffer), or when `key`'s operands cannot broadcast."""
+    if len(_LAYOUTS) >= MAX_LAYOUTS:
+        _LAYOUTS.clear()  # (a few kinds a layer: this only bounds a long-lived server)
+    if layout is not False and not _dense(layout[0], layout[1]):
+        layout = False
+    _LAYOUTS[key] = layout
+    return layout
+
+
+def _contiguous_layout(a: torch.Tensor, b: torch.Tensor) -> Any:
+    """The layout of `a * b` for contiguous operands: contiguous (torch's TensorIterator
+    lays its output out as its inputs are), in torch's result dtype; False where they
+    cannot broadcast."""
+    try:
+        size = broadcast_shape(a.shape, b.shape)  # (torch.broadcast_shapes imports sympy)
+    except BroadcastError:
+        return False
+    stride = tuple(math.prod(size[d + 1 :]) for d in range(len(size)))
+    return torch.Size(size), stride, torch.result_type(a, b), math.prod(size)  # (0-dim too)
+
+
+def _dense(size: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether a layout covers exactly prod(size) elements, each once (a permutation of a
+    contiguous one)."""
+    expected = 1  # the stride a dense layout's next dim has, dims taken from the innermost
+    for step, extent in sorted((st, sz) for sz, st in zip(size, stride) if sz != 1):
+        if step != expected:
+            return False
+        expected *= extent
+    return True
 
 
 class PerThread:
@@ -102,10 +166,9 @@ class PerThread:
         return scratch.lent()
 
 
-def product_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """Where the broadcast product `a * b` may be written: the lent scratch's buffer, or None
-    (no scratch lent, meta tensors, or the buffer in use)."""
+def multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a * b` (a broadcast), on the lent scratch's buffer where it can be."""
     scratch = _LENT.get()
     if scratch is None or _storage_use_count is None or a.is_meta or b.is_meta:
-        return None
-    return scratch.out(a, b)
+        return torch.mul(a, b)
+    return scratch.multiply(a, b)

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
+from app.ops import scratch
 from app.ops.broadcast import Shape, broadcast_rule
 from app.ops.cancel import check_cancelled
 from app.ops.copies import blas_copy_bytes
 from app.ops.meta_index import meta_index, meta_masked
 from app.ops.precision import single_precision
-from app.ops.scratch import product_out
 
 # Operator precedence, for parenthesizing generated expressions the way a person would.
 ADD, MUL, UNARY, ATOM = 1, 2, 3, 4
@@ -300,12 +300,11 @@ class Traced:
     ) -> Traced:
         if isinstance(other, Traced):
             lhs, rhs = (other, self) if reverse else (self, other)
-            # a chunked backward's product goes to its thread's reused buffer (scratch.py)
-            out = product_out(lhs.t, rhs.t) if op == "mul" and lhs.t.shape != rhs.t.shape else None
-            if out is None:
-                t = getattr(torch, op)(lhs.t, rhs.t)
+            if op == "mul" and lhs.t.shape != rhs.t.shape:
+                # a chunked backward's product goes to its thread's reused buffer (scratch.py)
+                t = scratch.multiply(lhs.t, rhs.t)
             else:
-                t = torch.mul(lhs.t, rhs.t, out=out)
+                t = getattr(torch, op)(lhs.t, rhs.t)
             expr = f"{lhs._wrapped(prec)} {symbol} {rhs._wrapped(prec + 1)}"
             detail: dict[str, Any] = {}
             if lhs.t.shape != rhs.t.shape:
