@@ -77,6 +77,9 @@ def noise_between(pairs):
 def max_abs_diff(a, b, dtype=None):
     """max|a - b|, chunk by chunk (0.0 when empty); `dtype`: both sides cast to it first,
     a chunk at a time."""
+    if a.shape != b.shape:  # (broadcasting, or torch's error: whole, as it always was)
+        a, b = (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
+        return (a - b).abs().max().item() if a.numel() and b.numel() else 0.0
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     chunk_max = []
     for i in range(0, flat_b.numel(), COMPARE_CHUNK):

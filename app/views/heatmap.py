@@ -82,7 +82,7 @@ STATS_PASS_ENTRIES = 1 << 16
 def sum_and_norm(t: torch.Tensor) -> tuple[float, float]:
     """The sum of `t`'s entries and their 2-norm, accumulated in float64, in passes of
     STATS_PASS_ENTRIES. (A float32 entry's square never overflows float64.)"""
-    if t.dtype == torch.float64:  # no cast: the norm's own scaling guards its squares
+    if t.dtype == torch.float64:  # nothing to cast
         return t.sum().item(), torch.linalg.vector_norm(t).item()
     total = squares = 0.0
     for part in t.reshape(-1).split(STATS_PASS_ENTRIES):

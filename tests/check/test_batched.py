@@ -143,3 +143,13 @@ def test_noise_between_large_gradients_is_the_whole_float64_difference(monkeypat
     assert noise_between(pairs) == want
     a[299, 96] = float("nan")
     assert math.isnan(noise_between([(a, b)]))
+
+
+def test_sides_of_different_shapes_are_compared_whole_as_torch_broadcasts_them():
+    """Never cut into passes of different lengths: broadcast as torch does, or its error."""
+    from app.check.tolerance import max_abs_diff
+
+    a, b = torch.randn(3, 4), torch.randn(4)
+    assert noise_between([(a, b)]) == (a.double() - b.double()).abs().max().item()
+    with pytest.raises(RuntimeError):
+        max_abs_diff(torch.randn(3, 4), torch.randn(5))

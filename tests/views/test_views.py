@@ -71,7 +71,7 @@ def test_stats_of_a_large_float32_gradient_are_exact_in_passes(monkeypatch):
     total, norm = heatmap.sum_and_norm(t)
     assert total == pytest.approx(t.double().sum().item(), rel=1e-12)
     assert norm == pytest.approx(t.double().norm().item(), rel=1e-12)
-    wide = t.double()  # float64 needs no cast: the norm's own scaling
+    wide = t.double()  # float64: summed as it is
     assert heatmap.sum_and_norm(wide) == (wide.sum().item(), wide.norm().item())
     t[250, 3] = float("inf")
     assert heatmap.sum_and_norm(t) == (math.inf, math.inf)
