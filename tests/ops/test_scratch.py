@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from app.ops import Context, scratch, spare
+from app.ops import Context, scratch
 from app.ops.linear import Linear
 from app.ops.traced import Traced
 
@@ -105,14 +105,6 @@ def test_shapes_that_cannot_broadcast_keep_torchs_own_error():
     buffer = scratch.Scratch()
     with buffer.lent(), pytest.raises(RuntimeError, match="must match"):
         product(torch.randn(3, 4), torch.randn(5, 3))
-
-
-@pytest.fixture
-def with_spare():
-    helper = spare.Spare("test-scratch-spare")
-    spare.attach(helper)
-    yield helper
-    spare.attach(None)
 
 
 @pytest.mark.parametrize("use_spare", [False, True])

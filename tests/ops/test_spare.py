@@ -14,14 +14,6 @@ from app.runs import pipeline
 from app.schemas import RunRequest
 
 
-@pytest.fixture
-def with_spare():
-    helper = spare.Spare("test-spare")
-    spare.attach(helper)
-    yield helper
-    spare.attach(None)
-
-
 def test_parts_fold_in_the_keys_order_whoever_made_them(with_spare):
     made_by: dict[int, str] = {}
     folded: list[int] = []
