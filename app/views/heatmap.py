@@ -58,9 +58,9 @@ def stats(
     t: torch.Tensor, min_max: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> dict[str, float]:
     """Exact over the whole tensor; sums accumulate in float64 so the mean and norm do not
-    round, without a float64 copy of the whole tensor (`sum_and_norm`). `min_max`: the blocks' own minima and maxima
-    (`block_min_max`), when a heatmap made them: the tensor's are theirs, without two more
-    passes over it. A tensor with no entries (a program's `x[range(0)]`) has none to
+    round, without a float64 copy of the whole tensor (`sum_and_norm`). `min_max`: the
+    blocks' own minima and maxima (`block_min_max`), when a heatmap made them: the tensor's
+    are theirs, without two more passes over it. A tensor with no entries (a program's `x[range(0)]`) has none to
     describe: all four are 0."""
     if t.numel() == 0:
         return {"min": 0.0, "max": 0.0, "mean": 0.0, "norm": 0.0}
