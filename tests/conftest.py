@@ -184,3 +184,14 @@ def op_count(monkeypatch) -> OpCount:
 
     monkeypatch.setattr(Traced, "_make", counted)
     return count
+
+
+@pytest.fixture
+def with_spare():
+    """This thread's runs with a spare thread attached (app/ops/spare.py), for the test."""
+    from app.ops import spare
+
+    helper = spare.Spare("test-spare")
+    spare.attach(helper)
+    yield helper
+    spare.attach(None)
