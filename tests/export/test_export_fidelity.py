@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import io
 import runpy
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -35,20 +37,16 @@ def script_status(text: str) -> tuple[int, str]:
     what it printed."""
     out = io.StringIO()
     status = 0
-    with contextlib.redirect_stdout(out):
+    # A folder of its own, removed afterwards: thousands of fuzz examples must not leave
+    # thousands of scripts in /tmp.
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(out):
+        script = Path(folder) / "exported.py"
+        script.write_text(text)
         try:
-            runpy.run_path(_write(text), run_name="__main__")
+            runpy.run_path(str(script), run_name="__main__")
         except SystemExit as e:
             status = int(e.code or 0)
     return status, out.getvalue()
-
-
-def _write(text: str) -> str:
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(text)
-    return f.name
 
 
 def verdicts(client, formulas: dict[str, str], seed: int = 0) -> tuple[bool, int] | None:
