@@ -132,21 +132,21 @@ class _Beside:
         return cls(http, sandbox, worker, settings, pipe)
 
     def connect(self, run: Worker, job: tuple) -> None:
-        """Tell this worker its rerun, with the pipe's write end (one that cannot hear it is
-        settled at once), then the run's worker its `job`, with the read end (WorkerLost:
-        that worker is lost). The rerun goes first: float64 takes a little longer than the
-        run, and the run reads it only once its own pass and maps are done. The server keeps
-        neither end."""
+        """Tell the run's worker its `job`, with the pipe's read end (WorkerLost: that worker
+        is lost), then this worker its rerun, with the write end (one that cannot hear it is
+        settled at once); each in one write. The run goes first: it is the longer path (its own pass, its maps,
+        then the check once the rerun is read), and each message wakes a worker that may take
+        the server's core for a while; sent second, the rerun still comes before the run
+        reads it (makemore: ~1 ms early). The server keeps neither end."""
         read_end, write_end = self.pipe
         try:
+            run.send_with_handle(job, read_end)
             self.sent_at = time.monotonic()
             try:
-                self.worker.send(("rerun", job[1], self.call.settings, SMALL_RUN_S))
-                self.worker.send_fd(write_end)
+                rerun = ("rerun", job[1], self.call.settings, SMALL_RUN_S)
+                self.worker.send_with_handle(rerun, write_end)
             except WorkerLost:
                 self.settle()
-            run.send(job)
-            run.send_fd(read_end)
         finally:
             os.close(read_end)
             os.close(write_end)
@@ -200,9 +200,7 @@ class _Call:
 
         async def wait() -> None:
             try:
-                outcome["reply"] = await anyio.to_thread.run_sync(
-                    self.worker.receive, max(self.left_s, 0.01)
-                )
+                outcome["reply"] = await self.worker.receive_on_loop(max(self.left_s, 0.01))
             except (WorkerLate, WorkerLost) as e:
                 outcome["error"] = e
             group.cancel_scope.cancel()
@@ -211,7 +209,7 @@ class _Call:
             while True:
                 if (await self.http.receive())["type"] == "http.disconnect":
                     outcome["gone"] = True
-                    self.worker.kill()  # the waiting thread sees the pipe close
+                    group.cancel_scope.cancel()  # (the read stops before the pipe closes)
                     return
 
         async with anyio.create_task_group() as group:
@@ -220,6 +218,7 @@ class _Call:
         self.left_s -= time.monotonic() - started
         if outcome.get("gone"):
             self.clean = False
+            self.worker.kill()
             raise Stopped("disconnect", self.settings.run_deadline_s)
         if "error" in outcome:
             self.clean = False

@@ -11,8 +11,12 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from multiprocessing import reduction, spawn
+from multiprocessing import spawn
 from typing import Any
+
+import anyio
+
+from app.sandbox import messages
 
 WORKER_START_S = 60.0  # a worker's fork and warm-up (a few hundred ms on a quiet machine)
 
@@ -115,12 +119,11 @@ class Worker:
         except (OSError, ValueError) as e:
             raise WorkerLost(str(e)) from None
 
-    def send_fd(self, fd: int) -> None:
-        """A file descriptor of this process, duplicated into the worker's (SCM_RIGHTS over
-        its socket, right after the message it belongs to): the worker takes it with
-        `multiprocessing.reduction.recv_handle`."""
+    def send_with_handle(self, message: tuple, fd: int) -> None:
+        """`message` and a duplicate of descriptor `fd` (this process's) for the worker, in
+        one write (app/sandbox/messages.py): the worker reads both with its next message."""
         try:
-            reduction.send_handle(self.conn, fd, self.pid)
+            messages.send_with_handle(self.conn, message, fd)
         except (OSError, ValueError) as e:
             raise WorkerLost(str(e)) from None
 
@@ -135,6 +138,21 @@ class Worker:
         except (EOFError, OSError, ValueError):
             self.kill()
             raise WorkerLost(f"exit code {self.process.exitcode}") from None
+
+    async def receive_on_loop(self, timeout: float | None) -> tuple:
+        """`receive` on the event loop, with no thread (app/sandbox/messages.py): a
+        program's three replies each took two thread wake-ups that way. A wait cut short by
+        a cancellation may leave half a reply unread: the edge never reuses a worker cut
+        off mid-reply; one past `timeout` is killed here."""
+        try:
+            with anyio.move_on_after(timeout):
+                return await messages.receive_on_loop(self.conn)
+        except (EOFError, OSError, ValueError, anyio.ClosedResourceError):
+            self.kill()
+            raise WorkerLost(f"exit code {self.process.exitcode}") from None
+        cpu = self.cpu_s()
+        self.kill()
+        raise WorkerLate(cpu)
 
     def cpu_s(self) -> float:
         """CPU time the process has used (user + system), from /proc; 0 if it is gone."""

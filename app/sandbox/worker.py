@@ -10,9 +10,9 @@ Its limits, set here for each job:
   ops; the pool kills the process at its wall-clock limit if a poll never comes.
 
 Messages in: ("program", body, settings, go_under_s, beside) (with beside, a pipe's read end
-follows, SCM_RIGHTS), then ("go", threads) or ("stop",) unless it started at once;
-("rerun", body, settings, max_seconds) and a pipe's write end; ("train", body, settings) then
-("go",) and maybe ("stop",). Out: ("ready", pid) once; then per job ("admitted", seconds,
+comes with it, SCM_RIGHTS: app/sandbox/messages.py), then ("go", threads) or ("stop",) unless
+it started at once; ("rerun", body, settings, max_seconds) with a pipe's write end;
+("train", body, settings) then ("go",) and maybe ("stop",). Out: ("ready", pid) once; then per job ("admitted", seconds,
 bytes, rerun, started, with_rerun) and ("ok", json bytes), or ("reran", whether it wrote its
 payload), or ("refused", errors), ("stopped", reason, cpu_s), ("memory", detail), ("error",
 detail); a training streams ("event", kind, payload) and ends with ("end",).
@@ -33,7 +33,6 @@ import resource
 import time
 import traceback
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle
 from typing import Any
 
 import torch
@@ -49,6 +48,7 @@ from app.sandbox.allocator import (
     release_memory,
     tune_allocator,
 )
+from app.sandbox.messages import receive_with_handles
 from app.settings import Settings
 
 HEADROOM_BYTES = 256 << 20  # torch's and Python's own allocations beside the budget's
@@ -118,11 +118,11 @@ def serve(conn: Connection, warm: bool = True) -> None:
                 release_memory()
                 trim_when_idle = False
                 continue
-            message = conn.recv()
+            message, handles = receive_with_handles(conn)
         except (EOFError, OSError):
             return
         kind, *args = message
-        keep = _JOBS[kind](conn, baseline_vm, *args)
+        keep = _JOBS[kind](conn, baseline_vm, handles, *args)
         _limit_memory(None)
         gc.collect(YOUNG_GENERATIONS)  # tensors a young reference cycle still holds
         # A small job's free pages stay for the next job until the worker has been idle a
@@ -136,15 +136,16 @@ def serve(conn: Connection, warm: bool = True) -> None:
             return  # the pool sees the pipe close and starts another
 
 
-def _program(conn: Connection, baseline_vm: int, body: bytes, settings: Settings,
-             go_under_s: float | None = None, beside: bool = False) -> bool:  # fmt: skip
+def _program(conn: Connection, baseline_vm: int, handles: list[int], body: bytes,
+             settings: Settings, go_under_s: float | None = None,
+             beside: bool = False) -> bool:  # fmt: skip
     """Admit (decode, validate, dry-run), say what the run will take, and run once the server
     says go (with the threads of the run slot it took). One CPU deadline covers both.
     `go_under_s`: a quiet server's leave to start at once, on one thread, a run estimated at
     most this long (said in the "admitted" message; its rerun comes from beside when
     `beside` and the plan reruns in float64)."""
-    # the pipe a lent worker writes this run's float64 rerun into, sent right after the job
-    rerun_pipe = Connection(recv_handle(conn), writable=False) if beside else None
+    # the pipe a lent worker writes this run's float64 rerun into, sent with the job
+    rerun_pipe = _pipe_end(handles, beside, writable=False)
     try:
         return _run_program(conn, baseline_vm, body, settings, go_under_s, rerun_pipe)
     finally:
@@ -195,14 +196,18 @@ def rerun_from(pipe: Connection) -> Any:
         return None
 
 
-def _rerun(conn: Connection, baseline_vm: int, body: bytes, settings: Settings,
-           max_seconds: float) -> bool:  # fmt: skip
+def _rerun(conn: Connection, baseline_vm: int, handles: list[int], body: bytes,
+           settings: Settings, max_seconds: float) -> bool:  # fmt: skip
     """A program's float64 rerun for the worker running it (admitted again here: the same
-    body, the same plan), written into the pipe sent right after the job (read by that
+    body, the same plan), written into the pipe sent with the job (read by that
     worker in place of its own rerun; app/programs/outcome.py `rerun_payload`); answers
     whether it wrote one. None is written at once for a program whose plan reruns no float64
     or whose run is estimated over `max_seconds` (not a small run: it reruns itself)."""
-    with Connection(recv_handle(conn), readable=False) as pipe:  # to the run's worker
+    pipe = _pipe_end(handles, True, readable=False)  # to the run's worker
+    if pipe is None:  # (none came with the job: nothing to write into)
+        conn.send(("reran", False))
+        return True
+    with pipe:
         _limit_memory(baseline_vm + hard_memory_bytes(settings))
         deadline = ProcessDeadline(settings.run_deadline_s)
         torch.set_num_threads(1)  # a small run's, on the spare core
@@ -220,7 +225,9 @@ def _rerun(conn: Connection, baseline_vm: int, body: bytes, settings: Settings,
         return _answer(conn, deadline, rerun, tag="reran")
 
 
-def _train(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) -> bool:
+def _train(conn: Connection, baseline_vm: int, handles: list[int], body: bytes,
+           settings: Settings) -> bool:  # fmt: skip
+    _pipe_end(handles, False)  # (a training is sent none)
     os.nice(TRAINING_NICENESS)
     _limit_memory(baseline_vm + hard_memory_bytes(settings))
     deadline = ProcessDeadline(settings.run_deadline_s)  # the dry runs' deadline
@@ -250,6 +257,15 @@ def _train(conn: Connection, baseline_vm: int, body: bytes, settings: Settings) 
         conn.send(("event", "error", {"detail": _memory_detail(settings)}))
     conn.send(("end",))
     return False  # a training's worker ends with it: its memory goes back to the system
+
+
+def _pipe_end(handles: list[int], wanted: bool, **mode: bool) -> Connection | None:
+    """The pipe's end that came with a job, as a Connection (`mode`: readable=False or
+    writable=False), when the job `wanted` one; any other descriptor is closed."""
+    end = Connection(handles[0], **mode) if wanted and handles else None
+    for extra in handles[1 if end is not None else 0 :]:
+        os.close(extra)
+    return end
 
 
 def _answer(

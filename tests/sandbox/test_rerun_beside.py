@@ -140,10 +140,11 @@ class _Fake:
             raise WorkerLost("gone")
         self.sent.append(message)
 
-    def send_fd(self, fd: int) -> None:
-        self.send(("fd", os.fstat(fd).st_mode))
+    def send_with_handle(self, message: tuple, fd: int) -> None:
+        self.send(message)
+        self.sent.append(("fd", os.fstat(fd).st_mode))
 
-    def receive(self, timeout: float | None) -> tuple:
+    async def receive_on_loop(self, timeout: float | None) -> tuple:
         raise WorkerLost("gone")
 
     def kill(self) -> None:
@@ -356,8 +357,8 @@ def test_a_float64_program_needs_no_rerun_and_its_helper_answers_at_once(two_thr
 class _SlowAdmission(_Fake):
     """A worker whose admission arrives after the request was cancelled."""
 
-    def receive(self, timeout: float | None) -> tuple:
-        time.sleep(0.3)
+    async def receive_on_loop(self, timeout: float | None) -> tuple:
+        await anyio.sleep(0.3)
         return ("admitted", 0.01, 0, True, True, False)
 
 
@@ -374,7 +375,7 @@ class _Limiter:
 
 
 def test_a_request_cancelled_before_its_admission_is_read_ends_its_worker():
-    # the admission read by the waiting thread after the cancellation is lost: the worker
+    # the admission, read only after the cancellation, is lost: the worker
     # (maybe already running, started at once) must never go back to the pool
     worker = _SlowAdmission("run")
     sandbox = _pool(worker, size=0)
