@@ -140,7 +140,12 @@ class _Beside:
         reads it (makemore: ~1 ms early). The server keeps neither end."""
         read_end, write_end = self.pipe
         try:
-            run.send_with_handle(job, read_end)
+            try:
+                run.send_with_handle(job, read_end)
+            except WorkerLost:  # this worker was told nothing: it goes back as it was
+                self.settled = True
+                self.sandbox.give(self.worker)
+                raise
             self.sent_at = time.monotonic()
             try:
                 rerun = ("rerun", job[1], self.call.settings, SMALL_RUN_S)
@@ -218,7 +223,7 @@ class _Call:
         self.left_s -= time.monotonic() - started
         if outcome.get("gone"):
             self.clean = False
-            self.worker.kill()
+            await anyio.to_thread.run_sync(self.worker.kill)  # (its reaping off the loop)
             raise Stopped("disconnect", self.settings.run_deadline_s)
         if "error" in outcome:
             self.clean = False

@@ -1,7 +1,8 @@
 """The sandbox's workers as the server sees them: a few kept warm for program runs, and one of
-its own for each training. Calls that may block (a worker's start, a wait for one, a reply)
-the web edge runs off its event loop; `take_idle`, `lend`, `give` and a job's sends do not
-wait (a send's message and a pipe's end fit in the socket's buffer)."""
+its own for each training. Calls that may block (a worker's start, a wait for one, a
+training's events, a kill's reaping) the web edge runs off its event loop; a program's replies
+are read on the loop as they come (`receive_on_loop`), and `take_idle`, `lend`, `give` and a
+job's sends do not wait (a send's message and a pipe's end fit in the socket's buffer)."""
 
 from __future__ import annotations
 
@@ -96,9 +97,9 @@ class Worker:
             self.process.start()
         child.close()
         self.ready = False
-        # `kill` may come from two threads at once (a client gone, seen by the event loop,
-        # while the thread waiting on the pipe sees it close): its end is closed once, never
-        # a second time after its number went to a new pipe or socket
+        # `kill` may come from two threads at once (a training's client gone, seen by the
+        # event loop, while the thread reading its events sees the pipe close): its end is
+        # closed once, never a second time after its number went to a new pipe or socket
         self._closing = threading.Lock()
 
     @property
@@ -143,15 +144,17 @@ class Worker:
         """`receive` on the event loop, with no thread (app/sandbox/messages.py): a
         program's three replies each took two thread wake-ups that way. A wait cut short by
         a cancellation may leave half a reply unread: the edge never reuses a worker cut
-        off mid-reply; one past `timeout` is killed here."""
+        off mid-reply; one past `timeout` is killed here (its reaping off the loop: a worker
+        holding a GB takes ~0.1 s to go). Nothing may kill a worker while its reply is
+        being read here: the loop would not hear its pipe close."""
         try:
             with anyio.move_on_after(timeout):
                 return await messages.receive_on_loop(self.conn)
         except (EOFError, OSError, ValueError, anyio.ClosedResourceError):
-            self.kill()
+            await anyio.to_thread.run_sync(self.kill)
             raise WorkerLost(f"exit code {self.process.exitcode}") from None
         cpu = self.cpu_s()
-        self.kill()
+        await anyio.to_thread.run_sync(self.kill)
         raise WorkerLate(cpu)
 
     def cpu_s(self) -> float:
@@ -174,16 +177,19 @@ class Worker:
     def alive(self) -> bool:
         return self.process.is_alive() and not self.conn.closed
 
-    def kill(self) -> None:
+    def kill(self, reap: bool = True) -> None:
+        """SIGKILL, and its end of the pipe closed; then (`reap`) wait for the process to be
+        gone (a worker holding a GB takes ~0.1 s: never on the event loop)."""
         if self.process.pid is not None and self.process.exitcode is None:
             try:
                 os.kill(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.process.join(5)
         with self._closing:
             if not self.conn.closed:
                 self.conn.close()
+        if reap:
+            self.process.join(5)
 
 
 RERUN_PIPE_BYTES = 1 << 20  # a small program's float64 rerun (makemore's: 369 KB) in one write
@@ -316,16 +322,20 @@ class Sandbox:
         self.discard(worker)
 
     def discard(self, worker: Worker) -> None:
-        """Kill `worker` and start its replacement in the background."""
+        """Kill `worker` and start its replacement in the background (its reaping there too:
+        the edge discards on its event loop)."""
         with self._lock:
             self._busy.discard(worker)
             self._lent.discard(worker)
             self._returned.notify_all()
-        worker.kill()
+        worker.kill(reap=False)
         self.replaced += 1
-        threading.Thread(target=self._replace, name="broadprop-sandbox-start", daemon=True).start()
+        threading.Thread(target=self._replace, args=(worker,), name="broadprop-sandbox-start",
+                         daemon=True).start()  # fmt: skip
 
-    def _replace(self) -> None:
+    def _replace(self, gone: Worker | None = None) -> None:
+        if gone is not None:
+            gone.kill()  # (reaped)
         with self._lock:
             if len(self._idle) + self._starting >= self.size:
                 return

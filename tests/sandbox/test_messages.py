@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from app.sandbox import messages
+from app.sandbox.pool import Worker, WorkerLate, WorkerLost
 
 
 @pytest.fixture
@@ -94,11 +95,39 @@ def test_a_reply_is_read_on_the_loop_as_it_comes(ends):
     assert len(ticks) > 20  # ~150 ms of pieces, the loop ticking every 2 ms meanwhile
 
 
-def test_a_reply_cut_short_is_an_eof(ends):
+@pytest.mark.parametrize("read", ["on the loop", "in the worker"])
+def test_a_message_cut_short_is_an_eof(ends, read):
     server, worker = ends
     os.write(worker.fileno(), (1000).to_bytes(4, "big") + b"only part")
     worker.close()
     with pytest.raises(EOFError):
-        anyio.run(messages.receive_on_loop, server)
-    with pytest.raises(EOFError):
-        messages.receive_with_handles(server)
+        if read == "on the loop":
+            anyio.run(messages.receive_on_loop, server)
+        else:
+            messages.receive_with_handles(server)
+
+
+def _replies(conn, how: str) -> None:
+    """A worker's stand-in: half a reply, then silence or an exit."""
+    os.write(conn.fileno(), (1000).to_bytes(4, "big") + b"half")
+    if how == "exits":
+        os._exit(0)
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("how", ["goes silent", "exits"])
+def test_a_worker_cut_off_mid_reply_is_ended(how):
+    # a real process (forked: it only writes and sleeps) that sends half a reply: past the
+    # timeout it is late, or lost once it exits; either way killed, its pipe closed
+    context = multiprocessing.get_context("fork")
+    worker = Worker.__new__(Worker)
+    worker.conn, child = context.Pipe(duplex=True)
+    worker.process = context.Process(target=_replies, args=(child, how), daemon=True)
+    worker.process.start()
+    child.close()
+    worker._closing = threading.Lock()
+    started = time.monotonic()
+    with pytest.raises(WorkerLate if how == "goes silent" else WorkerLost):
+        anyio.run(worker.receive_on_loop, 0.5)
+    assert time.monotonic() - started < 10
+    assert not worker.alive and worker.conn.closed and worker.process.exitcode is not None

@@ -7,6 +7,7 @@ worker is waited for, never replaced; the server keeps no end of the pipe."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import threading
 import time
@@ -142,12 +143,13 @@ class _Fake:
 
     def send_with_handle(self, message: tuple, fd: int) -> None:
         self.send(message)
-        self.sent.append(("fd", os.fstat(fd).st_mode))
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        self.sent.append(("fd", {os.O_RDONLY: "read end", os.O_WRONLY: "write end"}[access]))
 
     async def receive_on_loop(self, timeout: float | None) -> tuple:
         raise WorkerLost("gone")
 
-    def kill(self) -> None:
+    def kill(self, reap: bool = True) -> None:
         self.alive = False
 
 
@@ -187,7 +189,7 @@ def _told(helper: _Fake, sandbox: Sandbox) -> sandboxed._Beside:
     assert beside is not None and beside.worker is helper
     run = _Fake("run")
     beside.connect(run, ("program", b"{}", Settings(), 0.25, True))
-    assert [m[0] for m in run.sent] == ["program", "fd"]  # the job, then the read end
+    assert [m[0] for m in run.sent] == ["program", "fd"] and run.sent[1][1] == "read end"
     return beside
 
 
@@ -200,11 +202,24 @@ def test_a_helper_that_cannot_be_told_its_job_is_ended_and_not_used():
     assert anyio.run(beside.done, run) is False  # the run reruns itself
 
 
+def test_a_helper_is_given_back_whole_when_the_run_cannot_be_told():
+    # the run's job goes first: a run worker that cannot hear it leaves the helper untold,
+    # and that healthy worker goes back to the pool (not ended and forked again)
+    helper = _Fake("helper")
+    sandbox = _pool(helper)
+    beside = sandboxed._Beside.lend(_Http(), sandbox, Settings())
+    with pytest.raises(WorkerLost):
+        beside.connect(_Fake("run", fails=True), ("program", b"{}", Settings(), 0.25, True))
+    beside.settle()  # (what the edge's error path does)
+    assert helper.sent == [] and helper.alive and sandbox._idle == [helper]
+    assert sandbox.replaced == 0 and not sandbox._lent
+
+
 def test_a_helper_lost_mid_rerun_gives_none_and_is_replaced():
     helper = _Fake("helper")  # told its job, then its pipe breaks (receive: WorkerLost)
     sandbox = _pool(helper, size=0)
     beside = _told(helper, sandbox)
-    assert [m[0] for m in helper.sent] == ["rerun", "fd"]
+    assert [m[0] for m in helper.sent] == ["rerun", "fd"] and helper.sent[1][1] == "write end"
     run = sandboxed._Call(_Http(), _Fake("run"), Settings())
     assert anyio.run(beside.done, run) is False  # the run reruns itself
     assert run.clean and not helper.alive and sandbox.replaced == 1 and not sandbox._lent
