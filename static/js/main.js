@@ -10,9 +10,16 @@ const initialPage = pageFromQuery(location.search);
 const switchedConfig = trainableLink(configFromQuery(location.search), initialPage.recipe);
 const initial = { config: switchedConfig || configFromQuery(location.search), page: initialPage };
 let controller = new AbortController();
+/** Whether a view draws autograd's maps: the run is then asked for them (api.js `run`). */
+function wantsReferences(view) {
+  return view === "autograd" || view === "difference";
+}
+/** The view a run can show: one made without autograd's maps shows the manual ones. */
+const shownView = (data) => (!wantsReferences(view) || data.config?.reference_heatmaps ? view : "manual");
 performance.mark("bp:run-start");
 // in flight while the rest loads (a link with lab formulas waits for the lab to read them)
-const early = /(^|[?&])(f\.[^=&]+\.g|hide)=/.test(location.search) ? null : run(initial.config, controller.signal);
+const early = /(^|[?&])(f\.[^=&]+\.g|hide)=/.test(location.search) ? null
+  : run(initial.config, controller.signal, wantsReferences(initialPage.view));
 
 const [{ drawChecks }, { Diagram, legend, repeatsNote, strategyNote }, { Explainer }, { bytes, h, num }, { Heatmaps, VIEWS },
   { Stepper }, { Presenter }, { ExportButtons }, { Lab }, { drawDataPanel, dropDataOwned }, { FollowPanel, cellRequest, followNote }, { blame }] =
@@ -74,7 +81,7 @@ const presenter = new Presenter({
   toggle: $("present-toggle"), drawerToggle: $("config-toggle"),
   onChange: () => {
     diagram.scale = presenter.on ? PRESENT_SCALE : 1;
-    if (current) (diagram.draw(current), diagram.highlight(stepper.index), heatmaps.update(current, view, cells), drawDataPanel($("data-panel"), current));
+    if (current) (diagram.draw(current), diagram.highlight(stepper.index), heatmaps.update(current, shownView(current), cells), drawDataPanel($("data-panel"), current));
     follower.redraw();
     syncUrl(true);
   },
@@ -204,12 +211,21 @@ function draw(response) {
   $("diagram-notes").replaceChildren(...[strategyNote(data), repeatsNote(data)].filter(Boolean));
   stepper.load(data, diagram.steps, wantedStep);
   setView(view);
-  heatmaps.update(data, view, cells);
+  showMaps(data);
   drawChecks($("check"), data);
   lab.drawn();
   exporter.load(data, lab.hidden);
   drawDataPanel($("data-panel"), data);
   drawRecipe(data.config);
+}
+
+/** The heatmaps in the chosen view; a view that needs autograd's maps, on a run made
+ * without them (the view changed since it was asked), shows the manual maps until the same
+ * config's run with them is drawn. */
+function showMaps(data) {
+  const shown = shownView(data);
+  heatmaps.update(data, shown, cells);
+  if (shown !== view && currentSent) go(currentSent, null, false);
 }
 
 function drawRecipe(config) {
@@ -240,7 +256,7 @@ async function go(config, pending = null, withLab = true) {
   showErrors({});
   setLoading(true);
   try {
-    const data = await (pending || run(config, mine.signal));
+    const data = await (pending || run(config, mine.signal, wantsReferences(view)));
     if (controller !== mine) return;
     performance.mark("bp:response");
     currentSent = config;
@@ -305,7 +321,7 @@ window.addEventListener("popstate", fromUrl);
 $("heatmaps").addEventListener("bp:show-difference", () => {
   if (!current) return;
   setView("difference");
-  heatmaps.update(current, view, cells);
+  showMaps(current);
   syncUrl(true);
 });
 for (const input of document.querySelectorAll('input[name="grad-view"], input[name="grad-cells"]')) {
@@ -313,7 +329,7 @@ for (const input of document.querySelectorAll('input[name="grad-view"], input[na
     if (!current) return;
     if (input.name === "grad-view") setView(input.value);
     else cells = input.value;
-    heatmaps.update(current, view, cells);
+    showMaps(current);
     syncUrl(true);
   });
 }
@@ -334,7 +350,7 @@ window.addEventListener("resize", () => {
   if (window.innerWidth === lastWidth) return;
   lastWidth = window.innerWidth;
   clearTimeout(resizeTimer);
-  resizeTimer = setTimeout(() => current && (diagram.draw(current), diagram.highlight(stepper.index), heatmaps.update(current, view, cells)), 200);
+  resizeTimer = setTimeout(() => current && (diagram.draw(current), diagram.highlight(stepper.index), heatmaps.update(current, shownView(current), cells)), 200);
 });
 
 presenter.set(initial.page.present === "1");

@@ -2,6 +2,7 @@
 uvicorn server: it draws on load, follows its URL, re-runs on change, steps, shows errors in
 place, and asks nothing of any other origin."""
 
+import json
 import re
 
 import pytest
@@ -123,6 +124,7 @@ def test_heatmaps_switch_between_manual_autograd_and_difference(watched):
     manual = shown("w1")
     assert manual["view"] == "manual" and "manual" in manual["title"]
     page.check('input[name="grad-view"][value="autograd"]')
+    w.wait_drawn()  # (the manual view's run had no autograd maps: the same run, with them)
     autograd = shown("w1")
     assert autograd["view"] == "autograd" and "autograd" in autograd["title"]
     flat = lambda z: [v for row in z for v in row]  # noqa: E731
@@ -137,6 +139,41 @@ def test_heatmaps_switch_between_manual_autograd_and_difference(watched):
     assert max(abs(v) for v in flat(diff["z"])) <= 1
     # the caption states the difference, not the manual gradient's stats
     assert "max |manual − autograd|" in diff["title"] and "min " not in diff["title"]
+    assert_clean(w)
+
+
+@pytest.mark.browser
+def test_autograds_maps_are_asked_for_only_by_the_views_that_draw_them(watched):
+    # the manual view's run goes without autograd's and the difference's maps (the default
+    # run's answer 173 KB instead of 461 KB); a view that draws them asks the same run again
+    w = watched
+    page = w.page
+    asked: list[bool] = []
+
+    def record(request) -> None:
+        if request.url.endswith("/api/run") and '"follow"' not in (request.post_data or ""):
+            asked.append(json.loads(request.post_data)["reference_heatmaps"])
+
+    page.on("request", record)
+    try:
+        w.open(SMALL)
+        assert asked == [False]
+        view = "document.querySelector('#heatmap-w1').dataset.view"
+        page.check('input[name="grad-view"][value="autograd"]')
+        w.wait_drawn()
+        assert asked == [False, True] and page.evaluate(view) == "autograd"
+        page.check('input[name="grad-view"][value="difference"]')  # (already there)
+        w.wait_drawn()
+        assert asked == [False, True] and page.evaluate(view) == "difference"
+        page.evaluate("document.querySelector('#f-seed').value = '4'")  # (no focus: no blur)
+        page.dispatch_event("#f-seed", "change")
+        w.wait_drawn()
+        assert asked == [False, True, True] and page.evaluate(view) == "difference"
+        page.check('input[name="grad-view"][value="manual"]')  # drawn from what is here
+        w.wait_drawn()
+        assert asked == [False, True, True] and page.evaluate(view) == "manual"
+    finally:
+        page.remove_listener("request", record)
     assert_clean(w)
 
 

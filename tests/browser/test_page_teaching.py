@@ -77,6 +77,7 @@ def test_difference_view_is_scaled_by_the_tolerance_and_in_the_url(watched):
     page = w.page
     page.check('input[name="grad-view"][value="difference"]')
     page.wait_for_url(re.compile(r"view=difference"))
+    w.wait_drawn()  # (the run again, with autograd's maps: the manual view's went without)
     for name in ("x", "gamma1", "b1"):
         chart = page.evaluate(
             f"""() => {{ const c = document.querySelector('#heatmap-{name}');
