@@ -133,11 +133,12 @@ class _Beside:
 
     def connect(self, run: Worker, job: tuple) -> None:
         """Tell the run's worker its `job`, with the pipe's read end (WorkerLost: that worker
-        is lost), then this worker its rerun, with the write end (one that cannot hear it is
-        settled at once); each in one write. The run goes first: it is the longer path (its own pass, its maps,
-        then the check once the rerun is read), and each message wakes a worker that may take
-        the server's core for a while; sent second, the rerun still comes before the run
-        reads it (makemore: ~1 ms early). The server keeps neither end."""
+        is lost; this one, told nothing, goes back), then this worker its rerun, with the
+        write end (one that cannot hear it is settled at once); each in one write. The run
+        goes first: it is the longer path (its own pass, its maps, then the check once the
+        rerun is read), and each message wakes a worker that may take the server's core for
+        a while; sent second, the rerun still comes before the run reads it (makemore: ~1 ms
+        early). The server keeps neither end."""
         read_end, write_end = self.pipe
         try:
             try:

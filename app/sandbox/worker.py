@@ -12,10 +12,11 @@ Its limits, set here for each job:
 Messages in: ("program", body, settings, go_under_s, beside) (with beside, a pipe's read end
 comes with it, SCM_RIGHTS: app/sandbox/messages.py), then ("go", threads) or ("stop",) unless
 it started at once; ("rerun", body, settings, max_seconds) with a pipe's write end;
-("train", body, settings) then ("go",) and maybe ("stop",). Out: ("ready", pid) once; then per job ("admitted", seconds,
-bytes, rerun, started, with_rerun) and ("ok", json bytes), or ("reran", whether it wrote its
-payload), or ("refused", errors), ("stopped", reason, cpu_s), ("memory", detail), ("error",
-detail); a training streams ("event", kind, payload) and ends with ("end",).
+("train", body, settings) then ("go",) and maybe ("stop",). Out: ("ready", pid) once; then
+per job ("admitted", seconds, bytes, rerun, started, with_rerun) and ("ok", json bytes), or
+("reran", whether it wrote its payload), or ("refused", errors), ("stopped", reason, cpu_s),
+("memory", detail), ("error", detail); a training streams ("event", kind, payload) and ends
+with ("end",).
 
 On a quiet server a small program starts as soon as it is admitted (`go_under_s`), and its
 float64 rerun may run in a second worker, lent by the pool from the start (`beside`): that
