@@ -222,10 +222,18 @@ function draw(response) {
 /** The heatmaps in the chosen view; a view that needs autograd's maps, on a run made
  * without them (the view changed since it was asked), shows the manual maps until the same
  * config's run with them is drawn. */
-function showMaps(data) {
+function showMaps(data, rerun = true) {
   const shown = shownView(data);
   heatmaps.update(data, shown, cells);
-  if (shown !== view && currentSent) go(currentSent, null, false);
+  if (shown !== view && currentSent && rerun) go(currentSent, null, false);
+}
+
+/** The view switched (a radio, or a failing card's button): with a run in flight, its
+ * answer is drawn in the new view when it comes (again with autograd's maps if it was asked
+ * without them), so the config sent last is never replaced by the one on screen. */
+function viewChanged() {
+  showMaps(current, document.body.dataset.state !== "loading");
+  syncUrl(true);
 }
 
 function drawRecipe(config) {
@@ -243,7 +251,8 @@ function drawRecipe(config) {
 let lastSent = null;
 async function go(config, pending = null, withLab = true) {
   if (withLab) (config = { ...config, ...lab.request() }), lab.clearError();
-  const key = toJSON(config);
+  const references = wantsReferences(view);
+  const key = `${toJSON(config)}${references ? " with autograd's maps" : ""}`;
   if (!pending && key === lastSent && document.body.dataset.state === "loading") return;
   const changed = currentSent ? FIELDS.map((f) => f.name).filter((n) => toJSON(config[n]) !== toJSON(currentSent[n])) : [];
   lastSent = key;
@@ -256,7 +265,7 @@ async function go(config, pending = null, withLab = true) {
   showErrors({});
   setLoading(true);
   try {
-    const data = await (pending || run(config, mine.signal, wantsReferences(view)));
+    const data = await (pending || run(config, mine.signal, references));
     if (controller !== mine) return;
     performance.mark("bp:response");
     currentSent = config;
@@ -321,16 +330,14 @@ window.addEventListener("popstate", fromUrl);
 $("heatmaps").addEventListener("bp:show-difference", () => {
   if (!current) return;
   setView("difference");
-  showMaps(current);
-  syncUrl(true);
+  viewChanged();
 });
 for (const input of document.querySelectorAll('input[name="grad-view"], input[name="grad-cells"]')) {
   input.addEventListener("change", () => {
     if (!current) return;
     if (input.name === "grad-view") setView(input.value);
     else cells = input.value;
-    showMaps(current);
-    syncUrl(true);
+    viewChanged();
   });
 }
 document.addEventListener("keydown", (ev) => {

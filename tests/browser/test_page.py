@@ -178,6 +178,36 @@ def test_autograds_maps_are_asked_for_only_by_the_views_that_draw_them(watched):
 
 
 @pytest.mark.browser
+def test_a_view_switched_while_a_run_is_in_flight_keeps_that_run(watched):
+    # the autograd view chosen while a new config's run (asked without autograd's maps) is on
+    # its way: that config is drawn, in the autograd view, never the config shown before it
+    w = watched
+    page = w.page
+    asked: list[dict] = []
+
+    def record(request) -> None:
+        if request.url.endswith("/api/run") and '"follow"' not in (request.post_data or ""):
+            asked.append(json.loads(request.post_data))
+
+    w.open(SMALL)
+    page.on("request", record)
+    try:
+        page.evaluate(
+            """() => { const seed = document.querySelector('#f-seed');
+                seed.value = '9'; seed.dispatchEvent(new Event('change', {bubbles: true}));
+                const view = document.querySelector('input[name="grad-view"][value="autograd"]');
+                view.checked = true; view.dispatchEvent(new Event('change', {bubbles: true})); }"""
+        )
+        w.wait_drawn()
+    finally:
+        page.remove_listener("request", record)
+    assert [(r.get("seed"), r["reference_heatmaps"]) for r in asked] == [(9, False), (9, True)]
+    assert page.evaluate("document.querySelector('#heatmap-w1').dataset.view") == "autograd"
+    assert page.input_value("#f-seed") == "9" and "seed=9" in page.url
+    assert_clean(w)
+
+
+@pytest.mark.browser
 def test_stepping_moves_the_highlight(watched):
     w = watched
     w.open(SMALL)
