@@ -1,7 +1,7 @@
 // Wires the page: URL -> form -> POST /api/run -> diagram, step-through, heatmaps, checks.
 // The run's request starts first, before Plotly's bundle is parsed (it loads deferred, after
 // this module); everything but the heatmaps is drawn without Plotly.
-import { errorsByField, run } from "./api.js";
+import { errorsByField, errorText, run } from "./api.js";
 import { configFromForm, configFromQuery, configToForm, FIELDS, pageFromQuery, queryFromConfig, toJSON } from "./state.js";
 import { ARTICLE, recipeNote, TRAINS, trainable, trainableLink } from "./recipe.js";
 
@@ -16,6 +16,7 @@ function wantsReferences(view) {
 }
 /** The view a run can show: one made without autograd's maps shows the manual ones. */
 const shownView = (data) => (!wantsReferences(view) || data.config?.reference_heatmaps ? view : "manual");
+let mapsRefused = null; // the config (as sent) whose run with autograd's maps was refused
 performance.mark("bp:run-start");
 // in flight while the rest loads (a link with lab formulas waits for the lab to read them)
 const early = /(^|[?&])(f\.[^=&]+\.g|hide)=/.test(location.search) ? null
@@ -178,6 +179,8 @@ const staleNotes = ["heatmaps", "check"].map((id) => {
   $(id).before(el);
   return el;
 });
+const mapsNote = h("p", { class: "notice maps-note", role: "status", hidden: true });
+$("heatmaps").before(mapsNote);
 
 function summary(data) {
   const [verdictClass, verdictText] = verdict(data);
@@ -221,19 +224,49 @@ function draw(response) {
 
 /** The heatmaps in the chosen view; a view that needs autograd's maps, on a run made
  * without them (the view changed since it was asked), shows the manual maps until the same
- * config's run with them is drawn. */
-function showMaps(data, rerun = true) {
+ * run with them is drawn (`fetchMaps`). */
+function showMaps(data, fetch = true) {
   const shown = shownView(data);
   heatmaps.update(data, shown, cells);
-  if (shown !== view && currentSent && rerun) go(currentSent, null, false);
+  const sent = currentSent && toJSON(currentSent);
+  mapsNote.hidden = !(shown !== view && sent && sent === mapsRefused);
+  if (shown !== view && sent && fetch && sent !== mapsRefused) fetchMaps();
 }
 
 /** The view switched (a radio, or a failing card's button): with a run in flight, its
- * answer is drawn in the new view when it comes (again with autograd's maps if it was asked
- * without them), so the config sent last is never replaced by the one on screen. */
+ * answer is drawn in the new view when it comes (with autograd's maps fetched then if it was
+ * asked without them), so the config sent last is never replaced by the one on screen. */
 function viewChanged() {
   showMaps(current, document.body.dataset.state !== "loading");
   syncUrl(true);
+}
+
+/** The run on screen again, with autograd's maps: only its heatmaps change. The form, its
+ * errors and a stale state stay as they are (the learner's last input may be a refused one);
+ * a refusal of the maps (a config at the work limit, which they push over) is said at the
+ * heatmaps, and not asked again for that run. */
+let mapsController = null;
+async function fetchMaps() {
+  const sent = currentSent;
+  mapsController?.abort();
+  const mine = (mapsController = new AbortController());
+  setLoading(true);
+  try {
+    const data = await run(sent, mine.signal, true);
+    if (mapsController !== mine || currentSent !== sent) return;
+    // the same run again: only its gradients' views are taken, now with autograd's maps (the
+    // rest stays as drawn: the lab's lines, an exercise's hidden code)
+    current = { ...current, gradients: data.gradients, config: { ...current.config, reference_heatmaps: true } };
+    showMaps(current, false);
+  } catch (err) {
+    if (err.name === "AbortError" || mapsController !== mine) return;
+    mapsRefused = toJSON(sent);
+    mapsNote.textContent = `Autograd's maps for this run were refused (${errorText(err)}): `
+      + "the manual maps are shown.";
+    if (current && currentSent === sent) showMaps(current, false);
+  } finally {
+    if (mapsController === mine) (mapsController = null), runInFlight || setLoading(false);
+  }
 }
 
 function drawRecipe(config) {
@@ -249,6 +282,7 @@ function drawRecipe(config) {
 
 /** Run a config (what the form or URL says) and draw it; a newer run cancels an older one. */
 let lastSent = null;
+let runInFlight = false; // a run of `go` is on its way (the page shows it loading till then)
 async function go(config, pending = null, withLab = true) {
   if (withLab) (config = { ...config, ...lab.request() }), lab.clearError();
   const references = wantsReferences(view);
@@ -261,8 +295,10 @@ async function go(config, pending = null, withLab = true) {
     controller = new AbortController();
     performance.mark("bp:run-start");
   }
+  mapsController?.abort(); // (the run on screen is about to be replaced)
   const mine = controller;
   showErrors({});
+  runInFlight = true;
   setLoading(true);
   try {
     const data = await (pending || run(config, mine.signal, references));
@@ -285,7 +321,12 @@ async function go(config, pending = null, withLab = true) {
     }
     showErrors(errorsByField(err), changed);
   } finally {
-    if (controller === mine) setLoading(false);
+    if (controller === mine) {
+      runInFlight = false;
+      setLoading(!!mapsController);
+      // refused, or stopped: the run on screen stays, in the view chosen meanwhile
+      if (current && currentSent !== config && shownView(current) !== view) showMaps(current);
+    }
   }
 }
 

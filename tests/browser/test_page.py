@@ -208,6 +208,29 @@ def test_a_view_switched_while_a_run_is_in_flight_keeps_that_run(watched):
 
 
 @pytest.mark.browser
+def test_a_view_switch_after_a_refused_config_keeps_the_learners_input(watched):
+    # the autograd view asked for after the server refused the learner's last config: the
+    # maps come for the run on screen, and the refused input, its error and the stale note
+    # stay where they are (the config on screen is not run again as if it were the last ask)
+    w = watched
+    page = w.page
+    w.open(SMALL)
+    page.evaluate(
+        """() => { const f = document.querySelector('#f-in_features');
+            f.value = '0'; f.dispatchEvent(new Event('change', {bubbles: true})); }"""
+    )
+    w.wait_drawn()
+    assert page.inner_text("#err-in_features")
+    assert "stale" in page.get_attribute("#main", "class")
+    page.check('input[name="grad-view"][value="autograd"]')
+    w.wait_drawn()
+    assert page.evaluate("document.querySelector('#heatmap-w1').dataset.view") == "autograd"
+    assert page.input_value("#f-in_features") == "0" and page.inner_text("#err-in_features")
+    assert "stale" in page.get_attribute("#main", "class") and "view=autograd" in page.url
+    assert_clean(w, allowed=[r"status of 422"])  # (the browser logs the refused run)
+
+
+@pytest.mark.browser
 def test_stepping_moves_the_highlight(watched):
     w = watched
     w.open(SMALL)
