@@ -2,8 +2,10 @@
 uvicorn server: it draws on load, follows its URL, re-runs on change, steps, shows errors in
 place, and asks nothing of any other origin."""
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -142,38 +144,49 @@ def test_heatmaps_switch_between_manual_autograd_and_difference(watched):
     assert_clean(w)
 
 
+@contextlib.contextmanager
+def run_bodies(page) -> Iterator[list[dict]]:
+    """The bodies of the runs the page asks for meanwhile (a followed element's left out)."""
+    bodies: list[dict] = []
+
+    def record(request) -> None:
+        if request.url.endswith("/api/run") and '"follow"' not in (request.post_data or ""):
+            bodies.append(json.loads(request.post_data))
+
+    page.on("request", record)
+    try:
+        yield bodies
+    finally:
+        page.remove_listener("request", record)
+
+
+def asked_maps(bodies: list[dict]) -> list[bool]:
+    return [b["reference_heatmaps"] for b in bodies]
+
+
 @pytest.mark.browser
 def test_autograds_maps_are_asked_for_only_by_the_views_that_draw_them(watched):
     # the manual view's run goes without autograd's and the difference's maps (the default
     # run's answer 173 KB instead of 461 KB); a view that draws them asks the same run again
     w = watched
     page = w.page
-    asked: list[bool] = []
-
-    def record(request) -> None:
-        if request.url.endswith("/api/run") and '"follow"' not in (request.post_data or ""):
-            asked.append(json.loads(request.post_data)["reference_heatmaps"])
-
-    page.on("request", record)
-    try:
+    with run_bodies(page) as bodies:
         w.open(SMALL)
-        assert asked == [False]
+        assert asked_maps(bodies) == [False]
         view = "document.querySelector('#heatmap-w1').dataset.view"
         page.check('input[name="grad-view"][value="autograd"]')
         w.wait_drawn()
-        assert asked == [False, True] and page.evaluate(view) == "autograd"
+        assert asked_maps(bodies) == [False, True] and page.evaluate(view) == "autograd"
         page.check('input[name="grad-view"][value="difference"]')  # (already there)
         w.wait_drawn()
-        assert asked == [False, True] and page.evaluate(view) == "difference"
+        assert asked_maps(bodies) == [False, True] and page.evaluate(view) == "difference"
         page.evaluate("document.querySelector('#f-seed').value = '4'")  # (no focus: no blur)
         page.dispatch_event("#f-seed", "change")
         w.wait_drawn()
-        assert asked == [False, True, True] and page.evaluate(view) == "difference"
+        assert asked_maps(bodies) == [False, True, True] and page.evaluate(view) == "difference"
         page.check('input[name="grad-view"][value="manual"]')  # drawn from what is here
         w.wait_drawn()
-        assert asked == [False, True, True] and page.evaluate(view) == "manual"
-    finally:
-        page.remove_listener("request", record)
+        assert asked_maps(bodies) == [False, True, True] and page.evaluate(view) == "manual"
     assert_clean(w)
 
 
@@ -183,15 +196,8 @@ def test_a_view_switched_while_a_run_is_in_flight_keeps_that_run(watched):
     # its way: that config is drawn, in the autograd view, never the config shown before it
     w = watched
     page = w.page
-    asked: list[dict] = []
-
-    def record(request) -> None:
-        if request.url.endswith("/api/run") and '"follow"' not in (request.post_data or ""):
-            asked.append(json.loads(request.post_data))
-
     w.open(SMALL)
-    page.on("request", record)
-    try:
+    with run_bodies(page) as asked:
         page.evaluate(
             """() => { const seed = document.querySelector('#f-seed');
                 seed.value = '9'; seed.dispatchEvent(new Event('change', {bubbles: true}));
@@ -199,8 +205,6 @@ def test_a_view_switched_while_a_run_is_in_flight_keeps_that_run(watched):
                 view.checked = true; view.dispatchEvent(new Event('change', {bubbles: true})); }"""
         )
         w.wait_drawn()
-    finally:
-        page.remove_listener("request", record)
     assert [(r.get("seed"), r["reference_heatmaps"]) for r in asked] == [(9, False), (9, True)]
     assert page.evaluate("document.querySelector('#heatmap-w1').dataset.view") == "autograd"
     assert page.input_value("#f-seed") == "9" and "seed=9" in page.url
