@@ -160,6 +160,15 @@ def run_bodies(page) -> Iterator[list[dict]]:
         page.remove_listener("request", record)
 
 
+def change_field(page, field: str, value: str) -> None:
+    """A form field set and changed as a learner would (the change event, no blur after)."""
+    page.evaluate(
+        """([field, value]) => { const input = document.querySelector(`#f-${field}`);
+            input.value = value; input.dispatchEvent(new Event('change', {bubbles: true})); }""",
+        [field, value],
+    )
+
+
 def asked_maps(bodies: list[dict]) -> list[bool]:
     return [b["reference_heatmaps"] for b in bodies]
 
@@ -180,8 +189,7 @@ def test_autograds_maps_are_asked_for_only_by_the_views_that_draw_them(watched):
         page.check('input[name="grad-view"][value="difference"]')  # (already there)
         w.wait_drawn()
         assert asked_maps(bodies) == [False, True] and page.evaluate(view) == "difference"
-        page.evaluate("document.querySelector('#f-seed').value = '4'")  # (no focus: no blur)
-        page.dispatch_event("#f-seed", "change")
+        change_field(page, "seed", "4")
         w.wait_drawn()
         assert asked_maps(bodies) == [False, True, True] and page.evaluate(view) == "difference"
         page.check('input[name="grad-view"][value="manual"]')  # drawn from what is here
@@ -198,7 +206,7 @@ def test_a_view_switched_while_a_run_is_in_flight_keeps_that_run(watched):
     page = w.page
     w.open(SMALL)
     with run_bodies(page) as asked:
-        page.evaluate(
+        page.evaluate(  # in one task: the view changes while the seed's run is on its way
             """() => { const seed = document.querySelector('#f-seed');
                 seed.value = '9'; seed.dispatchEvent(new Event('change', {bubbles: true}));
                 const view = document.querySelector('input[name="grad-view"][value="autograd"]');
@@ -219,10 +227,7 @@ def test_a_view_switch_after_a_refused_config_keeps_the_learners_input(watched):
     w = watched
     page = w.page
     w.open(SMALL)
-    page.evaluate(
-        """() => { const f = document.querySelector('#f-in_features');
-            f.value = '0'; f.dispatchEvent(new Event('change', {bubbles: true})); }"""
-    )
+    change_field(page, "in_features", "0")
     w.wait_drawn()
     assert page.inner_text("#err-in_features")
     assert "stale" in page.get_attribute("#main", "class")
